@@ -19,7 +19,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)))
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", self.compute_inv_freq())
+
+    def compute_inv_freq(self, device=None) -> Tensor:
+        """The official frequencies; used when a checkpoint omits the buffer (some re-saved files do)."""
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
 
     def forward(self, positions: Tensor) -> Tensor:
         """positions: [N] (any dtype) -> angles [N, dim] in fp32, each frequency repeated for both halves."""

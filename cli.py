@@ -1,0 +1,142 @@
+"""`sa3-lora` command line. Each subcommand lives beside the code it drives; this file only wires them up.
+
+Heavy imports (torch, the engine) happen inside the handlers so `sa3-lora --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_info(args) -> int:
+    from .sa3.model import load_model
+
+    model = load_model(args.source, dtype=args.dtype, device=args.device, variant=args.variant,
+                       text_encoder=args.text_encoder, models_dir=args.models_dir)
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.modules.parameters())
+    print(json.dumps({
+        "source": model.source, "family": cfg.family, "objective": cfg.objective, "arc": cfg.is_arc,
+        "config_inferred": cfg.inferred, "sample_rate": cfg.sample_rate, "latent_dim": cfg.latent_dim,
+        "downsampling_ratio": cfg.downsampling_ratio, "max_seconds": cfg.sample_size / cfg.sample_rate,
+        "dit": {k: cfg.dit[k] for k in ("embed_dim", "depth", "num_heads", "num_memory_tokens") if k in cfg.dit},
+        "parameters": n_params, "dtype": str(model.dtype), "text_encoder": model.conditioner.conditioners["prompt"].has_text_encoder,
+    }, indent=1))
+    return 0
+
+
+def _cmd_download(args) -> int:
+    from .sa3.packs import download_pack
+
+    for variant in args.variant:
+        folder = download_pack(args.pack, variant, args.models_dir)
+        print(f"{args.pack} ({variant}): {folder}")
+    return 0
+
+
+def _cmd_packs(args) -> int:
+    from .sa3.packs import PACKS, local_packs
+
+    have = {(p, v): f for p, v, f in local_packs(args.models_dir)}
+    for pack in PACKS.values():
+        for variant in ("base", "arc"):
+            where = have.get((pack.name, variant))
+            print(f"{pack.name:16} {variant:4}  {pack.repo(variant):44} {where or '(not downloaded)'}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench_engine import run_bench
+
+    return run_bench(args)
+
+
+def _cmd_smoke(args) -> int:
+    from .quickstart import smoke
+
+    return smoke(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sa3-lora", description="SA3 LoRA Studio: train and use Stable Audio 3 "
+                                     "LoRA-family adapters from the command line.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def model_args(p):
+        p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
+        p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
+        p.add_argument("--text-encoder", default=None, help="T5Gemma folder or ComfyUI t5gemma_b_b_ul2.safetensors")
+        p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+        p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("info", help="load a model and print its configuration")
+    model_args(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("download", help="download a pack from the Hugging Face Hub (gated: accept the licence first)")
+    p.add_argument("pack", help="sa3-medium | sa3-small-music | sa3-small-sfx")
+    p.add_argument("--variant", nargs="+", default=["base", "arc"], choices=["base", "arc"])
+    p.add_argument("--models-dir", default=None)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("packs", help="list the packs and which are on disk")
+    p.add_argument("--models-dir", default=None)
+    p.set_defaults(func=_cmd_packs)
+
+    p = sub.add_parser("bench", help="print speed and memory figures")
+    bench_sub = p.add_subparsers(dest="bench_what", metavar="WHAT", required=True)
+    b = bench_sub.add_parser("engine", help="DiT forward time and peak memory for a config, length and dtype")
+    b.add_argument("--config", default="small-music",
+                   help="family name (small-music, small-sfx, medium), model_config.json path, or model folder")
+    b.add_argument("--seconds", type=float, default=10.0)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("smoke", help="load the tiny built-in model and run a forward + decode")
+    p.add_argument("--out", default="sa3-smoke")
+    p.set_defaults(func=_cmd_smoke)
+
+    for hook in _extension_hooks():
+        hook(sub)
+    return parser
+
+
+def _extension_hooks():
+    """Subcommands contributed by other parts of the pack (encoding, training, client), if present."""
+    hooks = []
+    try:
+        from .encoding.cli import add_dataset_parser, add_encode_parser
+
+        hooks += [add_encode_parser, add_dataset_parser]
+    except ImportError:
+        pass
+    return hooks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Our errors carry actionable messages; a traceback would bury them.
+        print(f"sa3-lora {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "Path"]
