@@ -49,15 +49,15 @@ def _cmd_packs(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench_engine import run_bench
+    from .sa3.bench import run_bench
 
     return run_bench(args)
 
 
-def _cmd_smoke(args) -> int:
-    from .quickstart import smoke
+def _cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
 
-    return smoke(args)
+    return run_quickstart(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("smoke", help="load the tiny built-in model and run a forward + decode")
-    p.add_argument("--out", default="sa3-smoke")
-    p.set_defaults(func=_cmd_smoke)
+    p = sub.add_parser("quickstart", help="the whole loop on a tiny built-in model (no downloads)")
+    p.add_argument("--out", default="quickstart-out", help="folder for the tiny model, dataset, run and outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_quickstart)
 
     for hook in _extension_hooks():
         hook(sub)

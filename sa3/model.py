@@ -338,7 +338,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: st
             if not any(k.startswith(DIT_PREFIX) for k in file.keys()):
                 raise CheckpointError(f"{weights.name} has no '{DIT_PREFIX}*' tensors: it is not a full SA3 checkpoint "
                                       "(a SAME-only autoencoder file loads with load_autoencoder()).")
-            cfg = infer_config(file.shapes, objective=objective, source=str(weights))
+            cfg = infer_config(file.shapes, objective=objective, source=str(weights),
+                               same_stride=config_overrides.pop("same_stride", None))
+    config_overrides.pop("same_stride", None)
     if objective is not None or config_overrides:
         cfg = cfg.with_overrides(objective=objective, **config_overrides)
     if cfg.objective not in ("rectified_flow", "rf_denoiser"):

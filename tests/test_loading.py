@@ -1,0 +1,107 @@
+"""Loading the official layouts through the public `load_model`, and every way a wrong file is refused clearly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sa3_lora_studio import load_model
+from sa3_lora_studio.sa3.loading import CheckpointError, SafetensorsFile
+
+
+def _copy_model(fixtures_dir, tmp_path, name="tiny-small"):
+    dst = tmp_path / name
+    shutil.copytree(fixtures_dir / name, dst)
+    return dst
+
+
+def test_hub_folder_loads_strictly_with_identical_tensors(fixtures_dir):
+    model = load_model(fixtures_dir / "tiny-small")
+    stored = load_file(str(fixtures_dir / "tiny-small" / "model.safetensors"))
+    ours = model.modules.state_dict()
+    assert set(ours) == set(stored)
+    for key, value in stored.items():
+        assert torch.equal(ours[key], value), key
+    assert model.config.objective == "rectified_flow" and not model.is_arc
+    assert load_model(fixtures_dir / "tiny-small-arc").is_arc
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_loads_keep_rope_and_fp16_autoencoder_in_fp32(fixtures_dir, dtype, expected):
+    model = load_model(fixtures_dir / "tiny-small", dtype=dtype)
+    assert model.dit.transformer.project_in.weight.dtype == expected
+    assert model.dit.transformer.rotary_pos_emb.inv_freq.dtype == torch.float32
+    ae_dtype = next(model.autoencoder.parameters()).dtype
+    assert ae_dtype == (torch.float32 if dtype == "fp16" else expected)
+
+
+def test_missing_key_is_named(fixtures_dir, tmp_path):
+    folder = _copy_model(fixtures_dir, tmp_path)
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["model.model.transformer.layers.0.self_attn.to_qkv.weight"]
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*1 missing key\(s\): model.model.transformer.layers.0.self_attn"):
+        load_model(folder)
+
+
+def test_unexpected_key_is_named(fixtures_dir, tmp_path):
+    folder = _copy_model(fixtures_dir, tmp_path)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.model.transformer.layers.7.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): model.model.transformer.layers.7.extra.weight"):
+        load_model(folder)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(fixtures_dir, tmp_path):
+    folder = _copy_model(fixtures_dir, tmp_path)
+    cfg = json.loads((folder / "model_config.json").read_text())
+    cfg["model"]["diffusion"]["config"]["num_memory_tokens"] = 5
+    (folder / "model_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"memory_tokens has shape \(4, 128\).*expects \(5, 128\)"):
+        load_model(folder)
+
+
+def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="pickle.*never unpickle"):
+        load_model(path)
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(b"\x80\x04\x95" + b"\x00" * 32)
+    with pytest.raises(CheckpointError, match="pickle"):
+        SafetensorsFile(raw)
+
+
+def test_truncated_file_says_download_again(fixtures_dir, tmp_path):
+    data = (fixtures_dir / "tiny-small" / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.*[Dd]ownload"):
+        load_model(cut)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        load_model(tmp_path / "empty.safetensors")
+
+
+def test_lora_file_passed_as_model_gets_its_own_message(fixtures_dir):
+    with pytest.raises(CheckpointError, match="LoRA/adapter file, not a model"):
+        load_model(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors")
+
+
+def test_unknown_source_name_lists_packs():
+    with pytest.raises(CheckpointError, match="sa3-medium, sa3-small-music"):
+        load_model("not-a-pack-or-file")
+
+
+def test_comfyui_single_file_checkpoint_loads_like_the_folder(fixtures_dir, tmp_path):
+    """ComfyUI keeps one .safetensors per model (no JSON); the config is inferred from the tensors."""
+    single = tmp_path / "stable_audio_3_tiny_base.safetensors"
+    shutil.copy(fixtures_dir / "tiny-small" / "model.safetensors", single)
+    folder_model = load_model(fixtures_dir / "tiny-small")
+    file_model = load_model(single, same_stride=4)
+    assert file_model.config.objective == "rectified_flow"
+    for key, value in folder_model.modules.state_dict().items():
+        assert torch.equal(file_model.modules.state_dict()[key], value), key
