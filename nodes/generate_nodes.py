@@ -1,0 +1,170 @@
+"""Generation nodes: text-to-audio, audio-to-audio, inpainting/continuation, and the spectrogram image."""
+
+from __future__ import annotations
+
+import torch
+
+from .comfy_bridge import CATEGORY, progress_callback
+
+SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
+
+
+def audio_output(waveform: torch.Tensor, sample_rate: int) -> dict:
+    """ComfyUI's AUDIO: {"waveform": [B, C, N] float CPU, "sample_rate": int}."""
+    return {"waveform": waveform.detach().float().cpu().contiguous(), "sample_rate": int(sample_rate)}
+
+
+def audio_input(audio: dict, name: str) -> tuple[torch.Tensor, int]:
+    """AUDIO dict -> (waveform [B, C, N] float, rate), cloned out of inference mode."""
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError(f"{name}: expected an AUDIO input ({{'waveform', 'sample_rate'}})")
+    wav = audio["waveform"]
+    if wav.dim() == 2:
+        wav = wav[None]
+    if wav.numel() == 0:
+        raise ValueError(f"{name}: the audio input is empty")
+    return wav.detach().clone().float(), int(audio["sample_rate"])
+
+
+def parse_regions(text: str) -> list[tuple[float, float]]:
+    """'4.0-8.0, 16-20' -> [(4.0, 8.0), (16.0, 20.0)] (seconds; each start < end)."""
+    regions = []
+    for part in [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]:
+        bits = part.split("-")
+        try:
+            if len(bits) != 2:
+                raise ValueError
+            start, end = float(bits[0]), float(bits[1])
+        except ValueError:
+            raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
+        if not 0 <= start < end:
+            raise ValueError(f"region {part!r}: need 0 <= start < end")
+        regions.append((start, end))
+    return regions
+
+
+def _common_inputs():
+    return {
+        "model": ("SA3_MODEL", {"tooltip": "From SA3 Load Pack."}),
+        "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to generate: genre, instruments, "
+                              "mood, BPM, key… Use your LoRA's trigger word if it has one."}),
+        "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid (only has an effect "
+                                       "when CFG > 1, i.e. on base models)."}),
+        "duration": ("FLOAT", {"default": 10.0, "min": 0.5, "max": 384.0, "step": 0.5, "tooltip": "Seconds of audio."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Same seed + settings = same audio."}),
+        "steps": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "0 = the model's default (ARC 8, base 50)."}),
+        "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 25.0, "step": 0.1, "tooltip": "Guidance scale; 0 = the "
+                          "model's default (ARC 1, base 7)."}),
+        "sampler": (SAMPLERS, {"default": "auto", "tooltip": "auto: ping-pong for ARC, Euler for base."}),
+        "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
+    }
+
+
+def _optional_inputs():
+    return {"loras": ("SA3_LORA_STACK", {"tooltip": "From SA3 Load LoRA (chain several to stack them)."})}
+
+
+def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, **extra):
+    waveform, rate = model.generate(
+        prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
+        cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
+        loras=loras, callback=progress_callback(steps or model.default_steps), **extra)
+    return (audio_output(waveform, rate),)
+
+
+class SA3Generate:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": _common_inputs(), "optional": _optional_inputs()}
+
+    RETURN_TYPES = ("AUDIO",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Text to audio with Stable Audio 3 (and any stacked LoRAs)."
+
+    def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras=None):
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras)
+
+
+class SA3AudioToAudio:
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = _common_inputs()
+        req["audio"] = ("AUDIO", {"tooltip": "Source audio (any sample rate and channel count)."})
+        req["noise_level"] = ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                              "How much to change: 1.0 ignores the source, lower keeps more of it."})
+        return {"required": req, "optional": _optional_inputs()}
+
+    RETURN_TYPES = ("AUDIO",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Audio to audio (style transfer / variation): the source is noised to `noise_level` and re-generated."
+
+    def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio,
+                 noise_level, loras=None):
+        init = audio_input(audio, "SA3 Audio to Audio")
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+                    init_audio=init, init_noise_level=noise_level)
+
+
+class SA3Inpaint:
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = _common_inputs()
+        req["audio"] = ("AUDIO", {"tooltip": "The source clip."})
+        req["regions"] = ("STRING", {"default": "4.0-8.0", "tooltip": "Seconds to regenerate, e.g. '4.0-8.0, 16-20'. "
+                                     "Ignored when continuation is on."})
+        req["continuation"] = ("BOOLEAN", {"default": False, "tooltip": "Continue the clip from its end up to "
+                                           "`duration` seconds instead of regenerating regions."})
+        req["paste_back"] = ("BOOLEAN", {"default": False, "tooltip": "Paste the source latents back outside the "
+                                         "regenerated regions after sampling (off = the official behaviour)."})
+        return {"required": req, "optional": _optional_inputs()}
+
+    RETURN_TYPES = ("AUDIO",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Inpainting (regenerate regions of a clip) and continuation (extend a clip), guided by the prompt."
+
+    def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio, regions,
+                 continuation, paste_back, loras=None):
+        source = audio_input(audio, "SA3 Inpaint")
+        if continuation:
+            source_seconds = source[0].shape[-1] / source[1]
+            if duration <= source_seconds:
+                raise ValueError(f"SA3 Inpaint: continuation needs duration > the source length ({source_seconds:.2f} s)")
+            spans = [(source_seconds, duration)]
+        else:
+            try:
+                spans = parse_regions(regions)
+            except ValueError as e:
+                raise ValueError(f"SA3 Inpaint: {e}") from None
+            if not spans:
+                raise ValueError("SA3 Inpaint: give at least one region, e.g. '4.0-8.0'")
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+                    inpaint_audio=source, inpaint_regions=spans, paste_back=paste_back)
+
+
+class SA3Spectrogram:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"audio": ("AUDIO",),
+                             "width": ("INT", {"default": 600, "min": 64, "max": 4096}),
+                             "height": ("INT", {"default": 120, "min": 32, "max": 2048})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "draw"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Tinted stereo spectrogram (red = bass, green = mids, blue = highs; left channel on top, mirrored)."
+
+    def draw(self, audio, width, height):
+        from ..sa3.spectrogram import tinted_spectrogram
+
+        wav, rate = audio_input(audio, "SA3 Spectrogram")
+        images = [torch.from_numpy(tinted_spectrogram(w, rate, width, height).copy()).float() / 255 for w in wav]
+        return (torch.stack(images),)  # IMAGE: [B, H, W, 3] in [0, 1]
+
+
+NODE_CLASS_MAPPINGS = {"SA3Generate": SA3Generate, "SA3AudioToAudio": SA3AudioToAudio, "SA3Inpaint": SA3Inpaint,
+                       "SA3Spectrogram": SA3Spectrogram}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3Generate": "SA3 Generate", "SA3AudioToAudio": "SA3 Audio to Audio",
+                              "SA3Inpaint": "SA3 Inpaint", "SA3Spectrogram": "SA3 Spectrogram"}
