@@ -1,0 +1,100 @@
+"""Run folders, path confinement, atomic index, event log and the background worker's per-run controls."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from sa3_lora_studio.training.events import EventLog, loss_by_timestep, read_events
+from sa3_lora_studio.training.runs import RunError, atomic_write_json, confine
+from sa3_lora_studio.training.worker import RunControl, TrainingWorker
+
+
+@pytest.mark.parametrize("attempt", ["../x", "a/../../x", "/etc/passwd", "..", "a\\..\\..\\x", "C:/x", "", "a\x00b"])
+def test_paths_that_leave_the_run_folder_are_refused(tmp_path, attempt):
+    with pytest.raises(RunError):
+        confine(tmp_path, attempt)
+
+
+def test_symlink_leaving_the_run_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(outside, run / "demos")
+    with pytest.raises(RunError, match="outside"):
+        confine(run, "demos/secret.txt")
+    (run / "ok.txt").write_text("fine")
+    assert confine(run, "ok.txt") == (run / "ok.txt").resolve()
+
+
+def test_atomic_write_leaves_old_or_new_never_half(tmp_path):
+    path = tmp_path / "index.json"
+    atomic_write_json(path, {"v": 1})
+    atomic_write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_event_log_reads_from_an_offset_and_skips_a_torn_last_line(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl", "r1")
+    log.emit("step", step=1, loss=0.5, samples=[[0.1, 0.4], [0.9, 0.6]])
+    log.emit("step", step=2, loss=0.4, samples=[[0.5, 0.3]])
+    events, offset = read_events(tmp_path / "events.jsonl")
+    assert [e["step"] for e in events] == [1, 2]
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"type": "step", "ste')  # a crash mid-write
+    more, offset2 = read_events(tmp_path / "events.jsonl", offset)
+    assert more == [] and offset2 == offset
+    log.emit("status", status="done")
+    _, offset3 = read_events(tmp_path / "events.jsonl", offset)
+    assert offset3 > offset
+
+
+def test_loss_by_timestep_bins_every_sample_by_its_noise_level():
+    events = [{"type": "step", "step": 1, "samples": [[0.05, 1.0], [0.95, 3.0], [1.0, 5.0]]},
+              {"type": "step", "step": 2, "samples": [[0.5, 2.0]]}]
+    series = loss_by_timestep(events, bins=5)
+    assert series[0]["loss"] == [1.0] and series[2]["loss"] == [2.0] and series[4]["loss"] == [3.0, 5.0]
+    assert series[4]["steps"] == [1, 1]
+
+
+def test_worker_runs_jobs_in_the_background_one_at_a_time_per_device():
+    order, running, overlap = [], set(), []
+    gate = threading.Event()
+
+    def job(run_id, control):
+        running.add(run_id)
+        if len(running) > 1:
+            overlap.append(set(running))
+        order.append(run_id)
+        gate.wait(2)
+        running.discard(run_id)
+
+    worker = TrainingWorker(job)
+    worker.submit("a")
+    worker.submit("b")
+    time.sleep(0.1)
+    assert order == ["a"] and worker.queued() == ["b"]  # the caller was not blocked
+    gate.set()
+    assert worker.join("a", 2)
+    deadline = time.time() + 2
+    while "b" not in order and time.time() < deadline:
+        time.sleep(0.01)
+    assert worker.join("b", 2) and order == ["a", "b"] and not overlap
+
+
+def test_run_control_stop_wakes_a_paused_run():
+    control = RunControl()
+    control.pause()
+    assert control.paused
+    t = threading.Thread(target=control.wait_while_paused)
+    t.start()
+    time.sleep(0.05)
+    assert t.is_alive()
+    control.request_stop()
+    t.join(1)
+    assert not t.is_alive() and control.stop.is_set()

@@ -1,0 +1,173 @@
+"""Run events: one JSON object per line in `events.jsonl`, the single format read by the panel, the nodes and the CLI.
+
+Event kinds (every event has `type`, `run`, `time`; step events carry the global step across resumes):
+    status      {status, error?}
+    step        {step, loss, lr, grad_norm, samples: [[t, loss], ...] (one pair per batch item), steps_per_s}
+    checkpoint  {step, path (relative to the run folder), state_path}
+    demo        {step, index, audio, image, settings}  (paths relative to the run folder)
+    error       {message}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(path), threading.Lock())
+
+
+class EventLog:
+    """Append-only JSONL event file with optional live listeners (ComfyUI's websocket, tests)."""
+
+    def __init__(self, path: str | Path, run_id: str, listeners: list[Callable[[dict], None]] | None = None):
+        self.path, self.run_id = Path(path), run_id
+        self.listeners = list(listeners or [])
+
+    def emit(self, type_: str, **payload) -> dict:
+        event = {"type": type_, "run": self.run_id, "time": round(time.time(), 3), **payload}
+        line = json.dumps(event, ensure_ascii=False, allow_nan=False, default=_jsonable) + "\n"
+        with _lock_for(self.path):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken browser connection must never stop training
+                pass
+        return event
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def read_events(path: str | Path, offset: int = 0, limit_bytes: int = 8 << 20) -> tuple[list[dict], int]:
+    """Events after byte `offset`, and the offset to continue from. A half-written last line is left for next time."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit_bytes)
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    events = []
+    for raw in data[: end + 1].splitlines():
+        try:
+            events.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write: skip it, keep the rest
+    return events, offset + end + 1
+
+
+def ema(values: list[float], alpha: float = 0.05) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else acc + alpha * (v - acc)
+        out.append(acc)
+    return out
+
+
+def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> list[dict]:
+    """Per-sample (t, loss) pairs binned into `bins` equal-width noise-level bins over [0, 1]; per bin the raw points
+    and an EMA-smoothed curve over steps: [{"lo", "hi", "steps": [...], "loss": [...], "smoothed": [...]}]."""
+    series = [{"lo": i / bins, "hi": (i + 1) / bins, "steps": [], "loss": []} for i in range(bins)]
+    for e in events:
+        if e.get("type") != "step":
+            continue
+        for t, loss in e.get("samples", []):
+            if loss is None or not math.isfinite(loss):
+                continue
+            i = min(bins - 1, max(0, int(t * bins)))
+            series[i]["steps"].append(e["step"])
+            series[i]["loss"].append(loss)
+    for s in series:
+        s["smoothed"] = ema(s["loss"], alpha)
+    return series
+
+
+def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for e in events:
+        if e.get("type") == "step" and e.get(key) is not None:
+            steps.append(e["step"])
+            values.append(e[key])
+    return steps, values
+
+
+def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int, int]]], width: int = 640,
+                 height: int = 320, title: str = "", log_y: bool = False):
+    """A simple line chart as an RGB uint8 array [H, W, 3] (for the `IMAGE` outputs of nodes)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(img)
+    pad_l, pad_r, pad_t, pad_b = 48, 12, 22, 22
+    xs = [x for _, s, _, _ in series for x in s]
+    ys = [y for _, _, v, _ in series for y in v if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+    draw.text((pad_l, 4), title, fill=(220, 220, 220))
+    if not xs or not ys:
+        draw.text((width // 2 - 30, height // 2), "no data yet", fill=(160, 160, 160))
+        return np.asarray(img)
+
+    def ty(y):
+        return math.log10(y) if log_y else y
+
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    lo, hi = ty(min(ys)), ty(max(ys))
+    hi = hi if hi > lo else lo + 1e-6
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
+    draw.rectangle([pad_l, pad_t, width - pad_r, height - pad_b], outline=(70, 70, 80))
+    for frac in (0.0, 0.5, 1.0):
+        val = lo + frac * (hi - lo)
+        label = f"{10 ** val:.3g}" if log_y else f"{val:.3g}"
+        y = pad_t + plot_h * (1 - frac)
+        draw.text((2, y - 6), label, fill=(170, 170, 170))
+    draw.text((pad_l, height - pad_b + 4), str(x0), fill=(170, 170, 170))
+    draw.text((width - pad_r - 40, height - pad_b + 4), str(x1), fill=(170, 170, 170))
+    legend_x = pad_l + 8
+    for name, steps, values, colour in series:
+        pts = [(pad_l + plot_w * (s - x0) / (x1 - x0), pad_t + plot_h * (1 - (ty(v) - lo) / (hi - lo)))
+               for s, v in zip(steps, values) if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        elif pts:
+            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+        if name:
+            draw.text((legend_x, pad_t + 4), name, fill=colour)
+            legend_x += 8 * len(name) + 16
+    return np.asarray(img)
+
+
+BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (171, 71, 188), (38, 198, 218),
+               (255, 238, 88), (141, 110, 99)]
+
+
+def loss_chart(events: list[dict]):
+    steps, loss = step_series(events, "loss")
+    return render_chart([("loss", steps, loss, (120, 120, 140)), ("smoothed", steps, ema(loss), (66, 165, 245))],
+                        title="training loss", log_y=True)
+
+
+def loss_by_timestep_chart(events: list[dict], bins: int = 5):
+    series = [(f"t {s['lo']:.1f}-{s['hi']:.1f}", s["steps"], s["smoothed"], BIN_COLOURS[i % len(BIN_COLOURS)])
+              for i, s in enumerate(loss_by_timestep(events, bins))]
+    return render_chart(series, title="loss by noise level (smoothed)", log_y=True)

@@ -1,0 +1,290 @@
+"""Training runs on disk: one folder per run, an atomically written index, and path confinement for every route.
+
+A run folder reads without our code:
+    <root>/<run_id>/config.json             the RunConfig (same schema as the node and `sa3-lora train --config`)
+    <root>/<run_id>/events.jsonl            append-only events (step, loss, samples, checkpoint, demo, error)
+    <root>/<run_id>/checkpoints/<name>-step=000400.safetensors   the adapter, SA3-native (loads everywhere)
+    <root>/<run_id>/checkpoints/<name>-step=000400.state.pt      optimiser, RNG states, data cursor, step
+    <root>/<run_id>/demos/step_000400/demo_0.{flac,png,json}
+    <root>/<run_id>/latest.json             the newest checkpoint, written last (temp + fsync + rename)
+    <root>/runs.json                        index of runs with their status (atomic)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
+ACTIVE = ("queued", "loading", "training", "demos", "paused")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
+
+
+class RunError(ValueError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, fsync, then rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def confine(root: Path, relative: str) -> Path:
+    """Resolve `relative` inside `root`, refusing absolute paths, `..`, and symlinks that lead outside `root`."""
+    if not relative or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative) or "\x00" in relative:
+        raise RunError(f"path {relative!r} is not a relative path inside the run folder")
+    parts = Path(relative.replace("\\", "/")).parts
+    if any(p == ".." for p in parts):
+        raise RunError(f"path {relative!r} leaves the run folder")
+    root = root.resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise RunError(f"path {relative!r} resolves outside the run folder")
+    return target
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    return slug[:60] or "run"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """One demo rendered every `demo_every` steps. prompt None = re-rolled from the dataset with the run's prompt
+    config; "" = unconditional. arc=True samples with the ARC pack's DiT weights (ping-pong)."""
+
+    prompt: str | None = None
+    arc: bool = False
+    cfg: float | None = None  # None = model default (base 7, ARC 1)
+    steps: int | None = None  # None = model default (base 50, ARC 8)
+    seed: int = 0
+    duration: float | None = None  # seconds; None = the training crop length
+    lora_strength: float = 1.0
+
+
+def default_demos() -> list[DemoSpec]:
+    """Like underfit's default set: base CFG 7 and 1, ARC CFG 1, and one unconditional."""
+    return [DemoSpec(None, False, 7.0, seed=1), DemoSpec(None, False, 1.0, seed=2), DemoSpec(None, True, 1.0, seed=3),
+            DemoSpec("", False, 7.0, seed=4)]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; one schema for the node, `sa3-lora train --config` and the panel."""
+
+    dataset: str
+    model: str = "sa3-small-music"  # pack name (base variant is used) or a model folder / checkpoint path
+    arc_model: str | None = None  # for ARC demos: pack name ("arc" variant) or path; None = the pack's ARC
+    name: str = ""
+    models_dir: str | None = None
+    prompt_config: dict = field(default_factory=dict)
+    adapter_type: str = "dora-rows"
+    rank: int = 16
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: str = "all"  # preset name: "all" (official) or "attention+ff" (underfit's dashboard default)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    steps: int = 1000
+    batch_size: int = 1
+    crop_seconds: float = 30.0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    timestep_sampler: str = "trunc_logit_normal"
+    ot_coupling: bool = True
+    inpaint_probabilities: tuple[float, float, float] = (0.1, 0.8, 0.1)  # segments, full generation, causal
+    mask_loss_weight: float = 1.0
+    cfg_dropout: float = 0.1
+    checkpoint_every: int = 200
+    demo_every: int = 200
+    demos: tuple[DemoSpec, ...] = ()
+    seed: int = 0
+    continue_from: str | None = None
+    reset_step: bool = False
+    device: str = "auto"
+    trigger_word: str = ""
+
+    def __post_init__(self):
+        from ..adapters import ADAPTER_TYPES  # noqa: PLC0415 (adapters/ owns the list)
+
+        def bad(field_name, why):
+            raise RunError(f"RunConfig.{field_name}: {why}")
+
+        if not self.dataset:
+            bad("dataset", "give the folder of an encoded dataset")
+        if self.adapter_type not in ADAPTER_TYPES:
+            bad("adapter_type", f"{self.adapter_type!r} is unknown; use one of {sorted(ADAPTER_TYPES)}")
+        if self.rank < 1:
+            bad("rank", "must be >= 1")
+        if self.steps < 1 or self.batch_size < 1:
+            bad("steps" if self.steps < 1 else "batch_size", "must be >= 1")
+        if self.crop_seconds <= 0:
+            bad("crop_seconds", "must be > 0")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"use one of {PRECISIONS}")
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS:
+            bad("timestep_sampler", f"use one of {TIMESTEP_SAMPLERS}")
+        if len(self.inpaint_probabilities) != 3 or abs(sum(self.inpaint_probabilities) - 1) > 1e-6:
+            bad("inpaint_probabilities", "three probabilities (segments, full, causal) summing to 1")
+        if not 0 <= self.cfg_dropout < 1:
+            bad("cfg_dropout", "must be in [0, 1)")
+        if self.checkpoint_every < 1 or self.demo_every < 0:
+            bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RunError(f"unknown run config field(s) {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("include", "exclude", "betas", "inpaint_probabilities"):
+            if key in data and data[key] is not None:
+                data[key] = tuple(data[key])
+        if "demos" in data:
+            data["demos"] = tuple(d if isinstance(d, DemoSpec) else DemoSpec(**d) for d in data["demos"] or ())
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["demos"] = [asdict(x) for x in self.demos]
+        return d
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class RunRegistry:
+    """Runs under one root folder. Thread-safe; the index `runs.json` is rewritten atomically on every change."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "runs.json"
+
+    def _read_index(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            data = []
+        return {r["id"]: r for r in data if isinstance(r, dict) and "id" in r}
+
+    def _write_index(self, runs: dict[str, dict]) -> None:
+        atomic_write_json(self.index_path, sorted(runs.values(), key=lambda r: r.get("created_at", 0)))
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return sorted(self._read_index().values(), key=lambda r: r.get("created_at", 0))
+
+    def get(self, run_id: str) -> dict:
+        with self._lock:
+            runs = self._read_index()
+            if run_id not in runs:
+                raise RunError(f"no run {run_id!r} in {self.root}")
+            return runs[run_id]
+
+    def create(self, config: RunConfig) -> str:
+        with self._lock:
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(config.name or Path(config.dataset).name)}-{uuid.uuid4().hex[:4]}"
+            folder = self.run_dir(run_id, must_exist=False)
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "demos").mkdir()
+            atomic_write_json(folder / "config.json", config.to_dict())
+            runs = self._read_index()
+            now = time.time()
+            runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": "queued", "step": 0,
+                            "total_steps": config.steps, "model": config.model, "adapter_type": config.adapter_type,
+                            "rank": config.rank, "created_at": now, "updated_at": now, "error": None}
+            self._write_index(runs)
+            return run_id
+
+    def update(self, run_id: str, **changes) -> dict:
+        with self._lock:
+            runs = self._read_index()
+            if run_id not in runs:
+                raise RunError(f"no run {run_id!r}")
+            if "status" in changes and changes["status"] not in STATUSES:
+                raise RunError(f"status {changes['status']!r} is not one of {STATUSES}")
+            runs[run_id].update(changes, updated_at=time.time())
+            self._write_index(runs)
+            return runs[run_id]
+
+    def delete(self, run_id: str) -> None:
+        import shutil
+
+        with self._lock:
+            runs = self._read_index()
+            folder = self.run_dir(run_id)
+            runs.pop(run_id, None)
+            self._write_index(runs)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
+        folder = confine(self.root, run_id)
+        if folder.parent != self.root.resolve():
+            raise RunError(f"run id {run_id!r} is not a run folder name")
+        if must_exist and not folder.is_dir():
+            raise RunError(f"no run folder for {run_id!r}")
+        return folder
+
+    def run_file(self, run_id: str, relative: str) -> Path:
+        """A file inside a run folder, confined (for routes serving demos, images and checkpoints)."""
+        path = confine(self.run_dir(run_id), relative)
+        if not path.is_file():
+            raise RunError(f"{relative!r} does not exist in run {run_id}")
+        return path
+
+    def config(self, run_id: str) -> RunConfig:
+        return RunConfig.from_dict(json.loads((self.run_dir(run_id) / "config.json").read_text(encoding="utf-8")))
+
+    def latest_checkpoint(self, run_id: str) -> dict | None:
+        try:
+            return json.loads((self.run_dir(run_id) / "latest.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def mark_interrupted_after_restart(self) -> list[str]:
+        """On start-up: runs that were active when the process died are `interrupted` (resumable in one action)."""
+        changed = []
+        with self._lock:
+            runs = self._read_index()
+            for run in runs.values():
+                if run.get("status") in ACTIVE:
+                    run["status"] = "interrupted"
+                    changed.append(run["id"])
+            if changed:
+                self._write_index(runs)
+        return changed
