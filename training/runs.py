@@ -218,7 +218,8 @@ class RunRegistry:
 
     def create(self, config: RunConfig) -> str:
         with self._lock:
-            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(config.name or Path(config.dataset).name)}-{uuid.uuid4().hex[:4]}"
+            label = slugify(config.name or Path(config.dataset).name)
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{uuid.uuid4().hex[:4]}"
             folder = self.run_dir(run_id, must_exist=False)
             (folder / "checkpoints").mkdir(parents=True)
             (folder / "demos").mkdir()
