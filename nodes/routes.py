@@ -1,0 +1,140 @@
+"""HTTP routes under /sa3/… on ComfyUI's own aiohttp server (no new listening socket).
+
+`route_table(get_manager)` returns plain aiohttp handlers so tests mount them on a real aiohttp app; inside ComfyUI
+`register_routes()` adds them to `PromptServer.instance.routes`. Every file path a route takes is confined to the
+run's folder by `RunRegistry.run_file` (no `..`, no absolute paths, no symlinks leaving the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from collections.abc import Callable
+
+from aiohttp import web
+
+from ..training.events import loss_by_timestep, read_events
+from ..training.runs import RunError
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Callable]]:
+    async def list_runs(request):
+        manager = get_manager()
+        runs = manager.registry.list()
+        for run in runs:
+            run["latest_checkpoint"] = manager.registry.latest_checkpoint(run["id"])
+        return web.json_response({"runs": runs})
+
+    async def get_run(request):
+        manager = get_manager()
+        run_id = request.match_info["run_id"]
+        try:
+            record = manager.registry.get(run_id)
+            config = manager.registry.config(run_id).to_dict()
+        except RunError as e:
+            return _error(404, str(e))
+        return web.json_response({"run": record, "config": config,
+                                  "latest_checkpoint": manager.registry.latest_checkpoint(run_id)})
+
+    async def get_events(request):
+        manager = get_manager()
+        run_id = request.match_info["run_id"]
+        try:
+            offset = int(request.query.get("offset", "0"))
+            if offset < 0:
+                raise ValueError
+            path = manager.registry.run_dir(run_id) / "events.jsonl"
+        except ValueError:
+            return _error(400, "offset must be a non-negative integer")
+        except RunError as e:
+            return _error(404, str(e))
+        events, next_offset = read_events(path, offset)
+        return web.json_response({"events": events, "offset": next_offset})
+
+    async def get_loss_by_timestep(request):
+        manager = get_manager()
+        run_id = request.match_info["run_id"]
+        try:
+            bins = max(1, min(20, int(request.query.get("bins", "5"))))
+            path = manager.registry.run_dir(run_id) / "events.jsonl"
+        except ValueError:
+            return _error(400, "bins must be an integer")
+        except RunError as e:
+            return _error(404, str(e))
+        events, _ = read_events(path, 0, limit_bytes=1 << 30)
+        return web.json_response({"bins": loss_by_timestep(events, bins)})
+
+    async def get_file(request):
+        manager = get_manager()
+        run_id = request.match_info["run_id"]
+        try:
+            path = manager.registry.run_file(run_id, request.query.get("path", ""))
+        except RunError as e:
+            return _error(404 if "does not exist" in str(e) or "no run" in str(e) else 403, str(e))
+        headers = {}
+        if request.query.get("download"):
+            headers["Content-Disposition"] = f'attachment; filename="{path.name}"'
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return web.FileResponse(path, headers={**headers, "Content-Type": ctype})
+
+    async def control(request):
+        manager = get_manager()
+        run_id, action = request.match_info["run_id"], request.match_info["action"]
+        body = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except json.JSONDecodeError:
+                body = {}
+        try:
+            result = manager.control(run_id, action, confirm=bool(body.get("confirm")))
+        except RunError as e:
+            return _error(409 if "not running" in str(e) or "already" in str(e) else 400, str(e))
+        return web.json_response({"ok": True, "run": result})
+
+    async def loaded_models(request):
+        from .model_nodes import loaded_models as cached
+
+        return web.json_response({"models": [list(map(str, key)) for key in cached()]})
+
+    async def unload_models(request):
+        from .model_nodes import unload_all
+
+        return web.json_response({"unloaded": unload_all()})
+
+    return [
+        ("GET", "/sa3/runs", list_runs),
+        ("GET", "/sa3/runs/{run_id}", get_run),
+        ("GET", "/sa3/runs/{run_id}/events", get_events),
+        ("GET", "/sa3/runs/{run_id}/loss_by_timestep", get_loss_by_timestep),
+        ("GET", "/sa3/runs/{run_id}/file", get_file),
+        ("POST", "/sa3/runs/{run_id}/{action}", control),
+        ("GET", "/sa3/models", loaded_models),
+        ("POST", "/sa3/models/unload", unload_models),
+    ]
+
+
+def add_routes(router, get_manager) -> None:
+    """Add the table to an aiohttp router or a `web.RouteTableDef`-like object with `.get`/`.post` decorators."""
+    for method, path, handler in route_table(get_manager):
+        if hasattr(router, "add_route"):
+            router.add_route(method, path, handler)
+        else:
+            getattr(router, method.lower())(path)(handler)
+
+
+def register_routes(get_manager) -> bool:
+    """Inside ComfyUI: mount on PromptServer's routes (ComfyUI mirrors them under /api/…)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    add_routes(instance.routes, get_manager)
+    return True

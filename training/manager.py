@@ -1,0 +1,86 @@
+"""The training manager: a run registry plus a background worker, and the control actions routes and nodes call.
+
+Inside ComfyUI one manager lives for the process (`nodes/training_nodes.py` creates it under the output folder);
+the CLI makes its own. Listeners receive every event (ComfyUI forwards them to the browser over its websocket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .events import EventLog
+from .runs import RunConfig, RunError, RunRegistry
+from .worker import RunControl, TrainingWorker
+
+ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
+
+
+class TrainingManager:
+    def __init__(self, root: str | Path, listeners: list[Callable[[dict], None]] | None = None,
+                 runs_per_device: int = 1, model_provider=None, auto_resume: bool = False):
+        self.registry = RunRegistry(root)
+        self.listeners = list(listeners or [])
+        self.model_provider = model_provider  # (spec, variant, dtype, device) -> SA3Model; shares loaded models
+        self.worker = TrainingWorker(self._run_job, per_device=runs_per_device)
+        interrupted = self.registry.mark_interrupted_after_restart()
+        if auto_resume:
+            for run_id in interrupted:
+                self.control(run_id, "restart")
+
+    def events_path(self, run_id: str) -> Path:
+        return self.registry.run_dir(run_id) / "events.jsonl"
+
+    def event_log(self, run_id: str) -> EventLog:
+        return EventLog(self.events_path(run_id), run_id, self.listeners)
+
+    def submit(self, config: RunConfig) -> str:
+        run_id = self.registry.create(config)
+        self.event_log(run_id).emit("status", status="queued")
+        self.worker.submit(run_id, device_key=config.device)
+        return run_id
+
+    def _run_job(self, run_id: str, control: RunControl) -> None:
+        from .trainer import run_training
+
+        run_training(self.registry, run_id, control, self.event_log(run_id), model_provider=self.model_provider)
+
+    def control(self, run_id: str, action: str, confirm: bool = False) -> dict:
+        """stop | pause | resume (continue a paused run) | save (checkpoint now) | restart (resume an interrupted,
+        stopped or failed run from its last checkpoint) | delete (needs confirm=True)."""
+        if action not in ACTIONS:
+            raise RunError(f"action {action!r} is not one of {ACTIONS}")
+        record = self.registry.get(run_id)
+        control = self.worker.controls.get(run_id)
+        running = self.worker.is_running(run_id) or run_id in self.worker.queued()
+        if action == "delete":
+            if not confirm:
+                raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
+            if control and running:
+                control.request_stop()
+                self.worker.join(run_id, 60)
+            self.registry.delete(run_id)
+            return {"id": run_id, "deleted": True}
+        if action == "restart":
+            if running:
+                raise RunError(f"run {run_id} is already {record['status']}")
+            self.registry.update(run_id, status="queued", error=None)
+            self.event_log(run_id).emit("status", status="queued")
+            config = self.registry.config(run_id)
+            self.worker.submit(run_id, device_key=config.device)
+            return self.registry.get(run_id)
+        if not control or not running:
+            raise RunError(f"run {run_id} is not running (status {record['status']}); use restart to resume it")
+        if action == "stop":
+            control.request_stop()
+        elif action == "pause":
+            control.pause()
+        elif action == "resume":
+            control.resume()
+        elif action == "save":
+            control.save_now.set()
+        return self.registry.get(run_id)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> dict:
+        self.worker.join(run_id, timeout)
+        return self.registry.get(run_id)
