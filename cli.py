@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extension_hooks():
     """Subcommands contributed by other parts of the pack (encoding, training, client), if present."""
-    hooks = []
+    from .api_client import add_queue_parser
+
+    hooks = [add_queue_parser]
     try:
         from .encoding.cli import add_dataset_parser, add_encode_parser
 
