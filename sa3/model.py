@@ -190,6 +190,18 @@ class SA3Model:
         """Move the T5Gemma encoder to CPU (it is needed once per prompt, the DiT at every step)."""
         self.conditioner.conditioners["prompt"].offload_text_encoder()
 
+    # --- generation ---
+    @property
+    def default_steps(self) -> int:
+        return 8 if self.is_arc else 50
+
+    def generate(self, prompt, **kwargs):
+        """Text-to-audio / audio-to-audio / inpainting; see `sa3.generate.generate` for every option.
+        Returns (waveform [B, 2, N] float in [-1, 1], sample_rate)."""
+        from .generate import generate
+
+        return generate(self, prompt, **kwargs)
+
     # --- DiT ---
     def velocity(self, x: Tensor, t: Tensor | float, conditioning: Conditioning, local_cond: Tensor | None = None,
                  padding_mask: Tensor | None = None, cfg_scale: float = 1.0, negative: Conditioning | None = None,

@@ -1,0 +1,225 @@
+"""`generate`: text-to-audio, audio-to-audio, inpainting and continuation, with LoRA stacks, base and ARC models.
+
+The flow mirrors the official `StableAudioModel.generate` so a seed gives the official result on CPU:
+1. length: requested duration + 6 s headroom, rounded up to whole latents and to the autoencoder's latent alignment,
+   capped at the model's native maximum (`sample_size` of its config: 120 s small, 380 s medium — NOT the official
+   `generate()` default cap of 120 s for every model);
+2. noise: `torch.randn([B, C, T])` from a CPU generator seeded with `seed` — the first draw, before anything else;
+3. conditioning (prompt + seconds; negative prompt for CFG), local inpaint conditioning (mask ‖ masked latents,
+   zeros for text-to-audio), padding mask (valid = the requested duration + 6 s);
+4. schedule (the config's sampling shift, else LogSNR rate 0; first step re-anchored to sigma_max, an official quirk
+   kept for parity) and sampler (base: Euler; ARC: ping-pong, one fresh noise draw per step);
+5. decode (chunked for long outputs), zero the audio past the valid region, clamp to [-1, 1], trim to the duration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import samplers as samplers_mod
+from . import schedules
+
+DEFAULTS = {  # per model kind: sampler, steps, CFG (the official docs and Gradio defaults)
+    "arc": ("pingpong", 8, 1.0),
+    "base": ("euler", 50, 7.0),
+}
+PADDING_SECONDS = 6.0
+
+
+def as_audio(audio, name: str) -> tuple[Tensor, int]:
+    """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([C, N] float, rate)."""
+    if isinstance(audio, dict):
+        wav, rate = audio["waveform"], audio["sample_rate"]
+    elif isinstance(audio, tuple | list) and len(audio) == 2:
+        a, b = audio
+        wav, rate = (b, a) if isinstance(a, int | float) and not torch.is_tensor(a) else (a, b)
+    else:
+        raise ValueError(f"{name}: give (waveform, sample_rate) or a ComfyUI AUDIO dict")
+    wav = torch.as_tensor(np.asarray(wav) if not torch.is_tensor(wav) else wav).float()
+    if wav.dim() == 3:
+        if wav.shape[0] != 1:
+            raise ValueError(f"{name}: one source clip is used for the whole batch; got a batch of {wav.shape[0]}")
+        wav = wav[0]
+    if wav.dim() == 1:
+        wav = wav[None]
+    if wav.numel() == 0:
+        raise ValueError(f"{name}: the audio is empty")
+    if not torch.isfinite(wav).all():
+        raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+    return wav, int(rate)
+
+
+def _broadcast(value, n: int, name: str) -> list:
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for a batch of {n}")
+        return list(value)
+    return [value] * n
+
+
+def audio_length(model, seconds: float, padding_s: float = PADDING_SECONDS) -> int:
+    """Audio samples to generate for `seconds` (official rounding), capped at the model's native maximum."""
+    cfg = model.config
+    ratio = cfg.downsampling_ratio
+    samples = int((seconds + padding_s) * cfg.sample_rate)
+    samples = math.ceil(samples / ratio) * ratio
+    align = ratio * cfg.latent_alignment
+    samples = math.ceil(samples / align) * align
+    if cfg.sample_size:
+        cap = (cfg.sample_size // align) * align
+        samples = min(samples, max(cap, align))
+    return samples
+
+
+def inpaint_latent_mask(model, regions: Sequence[tuple[float, float]], audio_samples: int, max_seconds: float,
+                        n_latents: int) -> Tensor:
+    """Official mask: 1 = keep, 0 = generate, built at audio rate from (start, end) seconds, zeroed past
+    max(seconds_total) (as in training), then nearest-interpolated to `n_latents`. Returns [1, T]."""
+    sr = model.config.sample_rate
+    mask = torch.ones(1, audio_samples)
+    for start, end in regions:
+        if end <= start:
+            raise ValueError(f"inpaint region ({start}, {end}): end must be after start")
+        mask[:, min(int(start * sr), audio_samples):min(int(end * sr), audio_samples)] = 0
+    effective = int(max_seconds * sr)
+    if 0 < effective < audio_samples:
+        mask[:, effective:] = 0
+    return F.interpolate(mask[:, None], size=n_latents, mode="nearest")[:, 0]
+
+
+def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
+    """Resample/stereo-ise a source clip, zero-pad or crop it to `audio_samples`, encode -> [1, C, T]."""
+    from .autoencoder import prepare_audio
+
+    wav, rate = as_audio(audio, name)
+    ae = model.autoencoder
+    wav = prepare_audio(wav[None], rate, model.sample_rate, ae.io_channels)[0]
+    out = wav.new_zeros(wav.shape[0], audio_samples)
+    n = min(audio_samples, wav.shape[-1])
+    out[:, :n] = wav[:, :n]
+    return model.encode_audio(out[None], model.sample_rate, chunked=False)
+
+
+def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+             duration: float | Sequence[float] = 10.0, seed: int | None = None, steps: int | None = None,
+             cfg_scale: float | None = None, sampler: str | None = None, batch_size: int | None = None,
+             init_audio=None, init_noise_level: float = 1.0, inpaint_audio=None,
+             inpaint_regions: Sequence[tuple[float, float]] | None = None, paste_back: bool = False,
+             loras=None, apg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+             padding_seconds: float = PADDING_SECONDS, chunked_decode: bool | None = None,
+             callback: Callable[[dict], None] | None = None, return_latents: bool = False,
+             truncate: bool = True) -> tuple[Tensor, int]:
+    """Generate audio. Returns (waveform [B, 2, N] float in [-1, 1] on CPU, sample_rate) — or (latents, rate) with
+    `return_latents`. Defaults follow the model kind: ARC = ping-pong, 8 steps, CFG 1; base = Euler, 50, CFG 7.
+
+    prompt / negative_prompt / duration: one value or one per batch item (seconds, <= the model's maximum).
+    init_audio: (waveform, rate) or AUDIO dict for audio-to-audio, noised to `init_noise_level` (1 = ignore it).
+    inpaint_audio + inpaint_regions: regenerate [(start_s, end_s), ...] of the source; continuation is a region from
+    the source's end to `duration`. paste_back puts the source latents back outside the regions after sampling.
+    loras: [{"path", "strength", "interval": (lo, hi)}] or loaded adapters, applied in order (see adapters/)."""
+    cfg = model.config
+    kind = "arc" if cfg.is_arc else "base"
+    default_sampler, default_steps, default_cfg = DEFAULTS[kind]
+    sampler = sampler or default_sampler
+    steps = int(steps or default_steps)
+    cfg_scale = float(default_cfg if cfg_scale is None else cfg_scale)
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = batch_size or len(prompts)
+    prompts = _broadcast(prompts[0] if len(prompts) == 1 else prompts, n, "prompt")
+    durations = [float(d) for d in _broadcast(duration, n, "duration")]
+    max_seconds = cfg.sample_size / cfg.sample_rate if cfg.sample_size else float("inf")
+    for d in durations:
+        if not 0 < d <= max_seconds:
+            raise ValueError(f"duration {d:g} s is outside (0, {max_seconds:.1f}] s, the model's native maximum")
+    if seed is None or seed < 0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if not 0 < init_noise_level <= 1:
+        raise ValueError("init_noise_level must be in (0, 1]")
+
+    device = model.device
+    audio_samples = audio_length(model, max(durations), padding_seconds)
+    n_latents = audio_samples // cfg.downsampling_ratio
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(n, cfg.latent_dim, n_latents, generator=generator)
+
+    cond = model.encode_text(prompts, durations)
+    negative = None
+    if negative_prompt is not None:
+        negative = model.encode_text(_broadcast(negative_prompt, n, "negative_prompt"), durations)
+
+    z_init = None
+    if init_audio is not None:
+        z_init = encode_source(model, init_audio, audio_samples, "init_audio").repeat(n, 1, 1).cpu()
+    mask = torch.zeros(n, 1, n_latents)
+    masked_input = torch.zeros(n, cfg.latent_dim, n_latents)
+    z_source = None
+    if inpaint_audio is not None:
+        if not inpaint_regions:
+            raise ValueError("inpaint_audio needs inpaint_regions [(start_s, end_s), ...]")
+        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio").repeat(n, 1, 1).cpu()
+        latent_mask = inpaint_latent_mask(model, inpaint_regions, audio_samples, max(durations), n_latents)
+        mask = latent_mask[:, None].expand(n, 1, n_latents).clone()
+        masked_input = z_source * mask
+    elif inpaint_regions:
+        raise ValueError("inpaint_regions given without inpaint_audio")
+    local_cond = torch.cat([mask, masked_input], dim=1).to(device)
+
+    effective = torch.tensor([math.ceil(int(d * cfg.sample_rate) / cfg.downsampling_ratio) for d in durations])
+    headroom = int(padding_seconds * cfg.sample_rate / cfg.downsampling_ratio)
+    valid = (effective + headroom).clamp(max=n_latents)
+    padding_mask = (torch.arange(n_latents)[None] < valid[:, None]).to(device)
+
+    sigma_max = init_noise_level if z_init is not None else 1.0
+    shift = schedules.sampling_shift_from_config(cfg.diffusion)
+    sigmas = schedules.build_schedule(steps, sigma_max=sigma_max, shift=shift,
+                                      effective_seq_len=effective if len(set(durations)) > 1 else int(effective[0]))
+    x = noise if z_init is None else z_init * (1 - sigma_max) + noise * sigma_max
+
+    session = _adapter_session(model, loras)
+
+    def model_fn(x_t: Tensor, sigma: Tensor) -> Tensor:
+        with session.at_sigma(float(sigma.reshape(-1)[0])):
+            return model.velocity(x_t.to(device), sigma.to(device), cond, local_cond, padding_mask, cfg_scale=cfg_scale,
+                                  negative=negative, apg_scale=apg_scale, cfg_interval=cfg_interval).cpu()
+
+    sample_fn = samplers_mod.get_sampler(sampler)
+    with torch.inference_mode(), session:
+        latents = sample_fn(model_fn, x, sigmas, callback=callback, generator=generator)
+    if paste_back and z_source is not None:
+        latents = mask * z_source + (1 - mask) * latents
+    if return_latents:
+        return latents, cfg.sample_rate
+    audio = model.decode_latents(latents, chunked=chunked_decode).cpu()
+    audio_mask = padding_mask.cpu()[:, None].repeat_interleave(cfg.downsampling_ratio, dim=-1)
+    audio = audio[..., : audio_mask.shape[-1]] * audio_mask[..., : audio.shape[-1]]
+    audio = audio.clamp(-1, 1)
+    if truncate and len(set(durations)) == 1:
+        audio = audio[..., : int(durations[0] * cfg.sample_rate)]
+    return audio, cfg.sample_rate
+
+
+class _NoAdapters:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def at_sigma(self, sigma: float):
+        return self
+
+
+def _adapter_session(model, loras):
+    if not loras:
+        return _NoAdapters()
+    from ..adapters import adapter_session  # the adapter stack applied per sampling step (see adapters/)
+
+    return adapter_session(model, loras)
