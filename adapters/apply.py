@@ -1,0 +1,473 @@
+"""Applying adapters to a SHARED base model without changing what anyone else computes.
+
+Design (measured in bench/adapters.py): `AdaptedModel(tree, uses)` builds a *view* of the module tree: the modules on
+the paths to adapted layers are shallow copies (no tensor is copied; every parameter and buffer is the base's own
+object), and each adapted Linear/Conv1d is replaced, in the view only, by an `AdaptedLayer` that holds the adapters'
+tensors and computes with the base weight. The base tree is never touched, so other users (other nodes, threads, a
+training run) keep computing the base model, and dropping the view is the unmerge: the base weights are bit-identical
+by construction. Three ways to compute an adapted layer:
+
+- "merged" (inference default): the chained effective weight is formed once into a private tensor per layer and
+  re-formed only for the layers whose adapter state (enabled, strength) changed, e.g. at an interval boundary.
+  Per-step cost equals the base model's; memory is one private copy per adapted weight.
+- "parametrized": recompute the chain at every forward, as the reference's torch parametrizations do (the
+  reference path, for tests and the benchmark).
+- "factored" (training default): a Linear's output as (x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ, times d, never forming W + s·BA;
+  the DoRA/BoRA row/column factors come from cached ‖W‖² and r-sized products (`maths.row_col_scales`). Earlier
+  adapters of a stack are merged into a private base for the last one. Conv1d layers form their weight.
+
+The view's `state_dict()` keys are the reference's parametrized keys (`<layer>.parametrizations.weight.original`,
+`<layer>.parametrizations.weight.<i>.lora_A`, ...), so an optimiser or a saver sees the official names.
+
+Gating follows the reference: adapter i on a *gated* layer (the DiT; not the seconds conditioner) is on iff
+lo <= sigma <= hi (sigma = t of the first batch item) and, here also, step >= skip_first_steps; among enabled
+adapters the layer filter (comma-separated lower-cased substrings with bracket ranges) disables matching layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .files import LoadedAdapter, weights_fingerprint
+from .maths import (
+    adapter_scale,
+    base_sq_norms,
+    check_adapter_type,
+    effective_weight,
+    factored_linear,
+    init_tensors,
+    svd_bases,
+    tensor_names,
+)
+from .targets import TARGET_TYPES, expand_pattern, parse_layer_filter, select_targets
+
+MODES = ("merged", "parametrized", "factored")
+
+
+class AdapterMismatch(ValueError):
+    """An adapter that does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class Root:
+    """A sub-module of the tree that adapter files address. path: where it is in the tree ("" = the tree itself);
+    layer paths in files are relative to it. gated: interval/step gating and the layer filter act on its layers
+    (the reference gates the DiT's layers, not the conditioner's). filter_strip: prefix removed from a layer path
+    before layer-filter matching (the reference matches names relative to the DiffusionTransformer)."""
+
+    path: str = ""
+    gated: bool = True
+    filter_strip: str = ""
+
+
+@dataclass
+class AdapterUse:
+    """One adapter in a stack with its runtime controls. interval: (lo, hi) over sigma in [0, 1], inclusive;
+    skip_first_steps: the adapter is off for sampling steps 0..N-1 (gated layers only)."""
+
+    adapter: LoadedAdapter
+    strength: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    skip_first_steps: int = 0
+    layer_filter: str = ""
+
+    def active_at(self, sigma: float | None, step: int | None) -> bool:
+        if sigma is not None and not (self.interval[0] <= sigma <= self.interval[1]):
+            return False
+        return step is None or step >= self.skip_first_steps
+
+
+@dataclass
+class ApplyReport:
+    """What applying a stack did: per adapter the number of layers applied and the file's layers that matched
+    nothing, plus warnings (also issued through `warnings.warn`)."""
+
+    applied: list[int] = field(default_factory=list)
+    unmatched: list[list[str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"adapter {i}: {n} layers" + (f", {len(u)} unmatched" if u else "")
+                 for i, (n, u) in enumerate(zip(self.applied, self.unmatched))]
+        return "; ".join(parts)
+
+
+def skip_steps_interval(sigmas: Sequence[float] | Tensor, n_skip: int) -> tuple[float, float]:
+    """A sigma interval that turns an adapter off for the first n_skip steps of a monotonically falling schedule
+    (sigmas[i] is used at step i): (0, sigmas[n_skip]). For schedules that rise again (re-anchored first step) use
+    `AdapterUse.skip_first_steps`, which counts steps."""
+    sigmas = [float(s) for s in sigmas]
+    if n_skip <= 0:
+        return (0.0, 1.0)
+    if n_skip >= len(sigmas) - 1:
+        return (0.0, -1.0)  # never on
+    return (0.0, sigmas[n_skip])
+
+
+# ---------------------------------------------------------------------------------------------------- per layer
+
+class AdapterSlot(nn.Module):
+    """One adapter on one layer: its tensors under the reference's names (lora_A, lora_B, M_xs, magnitude...;
+    -xs bases U, V as buffers) and its runtime state."""
+
+    def __init__(self, adapter_type: str, alpha: float, rank: int, tensors: dict[str, Tensor], trainable: bool,
+                 use_index: int = 0, layer: str = ""):
+        super().__init__()
+        self.adapter_type, self.alpha, self.rank = adapter_type, alpha, rank
+        self.use_index, self.layer = use_index, layer  # which adapter of the stack; layer path as in its file
+        for name in tensor_names(adapter_type):
+            value = tensors[name]
+            if trainable:
+                self.register_parameter(name, nn.Parameter(value.detach().float().clone(), requires_grad=True))
+            else:
+                self.register_buffer(name, value, persistent=True)
+        if "U" in tensors:
+            self.register_buffer("U", tensors["U"], persistent=True)
+            self.register_buffer("V", tensors["V"], persistent=True)
+        self.strength = 1.0
+        self.enabled = True
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = tensor_names(self.adapter_type) + (("U", "V") if self.adapter_type.endswith("-xs") else ())
+        return {n: getattr(self, n) for n in names}
+
+    def scale(self) -> Tensor:
+        return adapter_scale(self.alpha, self.rank, self.strength)
+
+    def state_key(self) -> tuple:
+        return (self.enabled, self.strength)
+
+
+class _Chain(nn.ModuleList):
+    """`parametrizations.weight`: the base weight as `original` (the base's own Parameter) and the slots in order."""
+
+    def __init__(self, original: nn.Parameter, slots: list[AdapterSlot]):
+        super().__init__(slots)
+        self.original = original
+
+
+class AdaptedLayer(nn.Module):
+    """A Linear/Conv1d of the view: the base layer's weight and bias (shared, never written) plus a chain of
+    adapter slots. Unknown attributes (in_features, kernel_size, ...) are read from the base layer."""
+
+    def __init__(self, base: nn.Module, slots: list[AdapterSlot], mode: str):
+        super().__init__()
+        object.__setattr__(self, "_base", base)  # not a submodule: its tensors are registered below under official names
+        self.parametrizations = nn.ModuleDict({"weight": _Chain(base.weight, slots)})
+        self._parameters["bias"] = base.bias  # shared (or None); set directly: the name also exists on the base
+        self.mode = mode
+        self._merged: Tensor | None = None
+        self._merged_key: tuple | None = None
+        self._base_sq: tuple[Tensor, Tensor] | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_base"), name)
+
+    @property
+    def slots(self) -> list[AdapterSlot]:
+        return list(self.parametrizations["weight"])
+
+    @property
+    def original(self) -> Tensor:
+        return self.parametrizations["weight"].original
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight (merged cache or recomputed)."""
+        return self._effective_weight(len(self.slots))
+
+    def state_key(self) -> tuple:
+        return tuple(s.state_key() for s in self.slots)
+
+    def _chain(self, w: Tensor, slots: Sequence[AdapterSlot]) -> Tensor:
+        for s in slots:
+            if s.enabled:
+                w = effective_weight(w, s.adapter_type, s.tensors(), s.scale())
+        return w
+
+    def _effective_weight(self, n_slots: int) -> Tensor:
+        """The chain over the first n_slots slots; merged mode caches the full chain without autograd."""
+        w = self.original.detach()
+        if self.mode == "merged" and n_slots == len(self.slots):
+            key = self.state_key()
+            if self._merged is None or self._merged_key != key:
+                with torch.no_grad():
+                    self._merged = self._chain(w, self.slots[:n_slots])
+                self._merged_key = key
+            return self._merged
+        if self.mode == "factored" and n_slots < len(self.slots):  # prefix of a stack: static, cached
+            key = tuple(s.state_key() for s in self.slots[:n_slots])
+            if self._merged is None or self._merged_key != key:
+                with torch.no_grad():
+                    self._merged = self._chain(w, self.slots[:n_slots])
+                    self._base_sq = None
+                self._merged_key = key
+            return self._merged
+        return self._chain(w, self.slots[:n_slots])
+
+    def remerge(self) -> bool:
+        """Re-form the merged weight if the adapter state changed; True if it did."""
+        if self.mode != "merged" or self._merged_key == self.state_key():
+            return False
+        self._effective_weight(len(self.slots))
+        return True
+
+    def unmerge(self) -> None:
+        """Drop the private merged weight (the base weight was never modified)."""
+        self._merged, self._merged_key, self._base_sq = None, None, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = object.__getattribute__(self, "_base")
+        slots = self.slots
+        if self.mode == "factored" and isinstance(base, nn.Linear) and slots and slots[-1].enabled:
+            w = self._effective_weight(len(slots) - 1)
+            if self._base_sq is None:
+                with torch.no_grad():
+                    self._base_sq = base_sq_norms(w.reshape(w.shape[0], -1))
+            last = slots[-1]
+            return factored_linear(x, w, self.bias, last.adapter_type, last.tensors(), last.scale(), self._base_sq)
+        w = self._effective_weight(len(slots))
+        if isinstance(base, nn.Conv1d):
+            return base._conv_forward(x, w, self.bias)
+        return nn.functional.linear(x, w, self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------- the view
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every tensor and child with `module`; its own child/parameter/buffer tables."""
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__ = dict(module.__dict__)
+    for table in ("_modules", "_parameters", "_buffers"):
+        new.__dict__[table] = type(module.__dict__[table])(module.__dict__[table])
+    return new
+
+
+def _view(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A view of `module` with the descendants at the given dotted paths replaced (paths relative to module)."""
+    if "" in replacements:
+        return replacements[""]
+    new = _shallow_copy(module)
+    by_child: dict[str, dict[str, nn.Module]] = {}
+    for path, repl in replacements.items():
+        head, _, rest = path.partition(".")
+        by_child.setdefault(head, {})[rest] = repl
+    for head, sub in by_child.items():
+        new._modules[head] = _view(module._modules[head], sub)
+    return new
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _check_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, name: str) -> None:
+    """The adapter's tensors must fit the layer's 2-D weight view [out, in]; error names the first bad layer."""
+    out_f, in_f = module.weight.shape[0], module.weight[0].numel()
+    t, r = adapter.layers[layer], adapter.rank
+    expect = {"lora_A": (r, in_f), "lora_B": (out_f, r), "M_xs": (r, r), "magnitude_r": (out_f,),
+              "magnitude_c": (in_f,)}
+    _, renorm = check_adapter_type(adapter.adapter_type)
+    expect["magnitude"] = (out_f,) if renorm == "rows" else (in_f,)
+    for key, value in t.items():
+        if key in expect and tuple(value.shape) != expect[key]:
+            raise AdapterMismatch(
+                f"{name}: {layer}.{key} is {tuple(value.shape)}, the loaded model expects {expect[key]} "
+                f"(layer weight {tuple(module.weight.shape)}). The adapter was trained on "
+                f"{adapter.metadata.get('base_pack', 'another model')}; load that model or another adapter.")
+    if adapter.is_xs and r > min(out_f, in_f):
+        raise AdapterMismatch(f"{name}: {layer} has rank {r} > min{(out_f, in_f)}; its -xs bases cannot exist here")
+
+
+class AdaptedModel:
+    """A stack of adapters applied to a shared module tree, as a view (`.module`); the tree is never modified.
+
+    tree: the module tree (for SA3 the full wrapper: `.model` = DiT wrapper, `.conditioner`).
+    uses: AdapterUse per adapter, applied in order (the reference's chain W -> P0(W) -> P1(P0(W))).
+    roots: the sub-modules that file layer paths are relative to (default: the tree itself, gated).
+    mode: "merged" | "parametrized" | "factored" (see the module docstring; default merged, factored when
+    trainable). trainable: the LAST adapter's tensors
+    become fp32 nn.Parameters with requires_grad (others stay frozen buffers)."""
+
+    def __init__(self, tree: nn.Module, uses: Sequence[AdapterUse | LoadedAdapter], roots: Sequence[Root] = (Root(),),
+                 mode: str | None = None, trainable: bool = False):
+        mode = mode or ("factored" if trainable else "merged")
+        if mode not in MODES or (trainable and mode == "merged"):
+            raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+        self.uses = [u if isinstance(u, AdapterUse) else AdapterUse(u) for u in uses]
+        self.roots, self.mode, self.trainable = tuple(roots), mode, trainable
+        self.report = ApplyReport()
+        self.layers: dict[str, AdaptedLayer] = {}  # full path in the tree -> adapted layer (view only)
+        self._gated: dict[str, str | None] = {}  # full path -> filter name (None = not gated)
+        self.sigma: float | None = None
+        self.step: int | None = None
+        slots_by_path: dict[str, list[AdapterSlot]] = {}
+        base_by_path: dict[str, nn.Module] = {}
+        for i, use in enumerate(self.uses):
+            a = use.adapter
+            name = a.name or f"adapter {i}"
+            applied, unmatched = 0, []
+            for layer in a.layers:
+                full, module, root = self._find(tree, layer)
+                if module is None:
+                    unmatched.append(layer)
+                    continue
+                _check_shapes(layer, module, a, name)
+                tensors = dict(a.layers[layer])
+                if a.is_xs:  # bases from the ORIGINAL base weight, as the reference does when stacking
+                    tensors["U"], tensors["V"] = (b.to(module.weight.device) for b in svd_bases(module.weight, a.rank))
+                slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,
+                                   use_index=i, layer=layer)
+                slot.strength = use.strength
+                slots_by_path.setdefault(full, []).append(slot)
+                base_by_path[full] = module
+                self._gated[full] = layer.removeprefix(root.filter_strip).lower() if root.gated else None
+                applied += 1
+            if applied == 0:
+                raise AdapterMismatch(
+                    f"{name}: none of its {len(a.layers)} layers (e.g. {next(iter(a.layers), '?')}) exists in this "
+                    f"model; it is for another model or another key layout")
+            if unmatched:
+                self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
+                           f"(e.g. {unmatched[0]})")
+            if a.is_xs and a.metadata.get("base_fingerprint"):
+                fp = weights_fingerprint({layer: self._find(tree, layer)[1].weight for layer in a.layers
+                                          if self._find(tree, layer)[1] is not None})
+                if fp != a.metadata["base_fingerprint"]:
+                    self._warn(
+                        f"{name}: this {a.adapter_type} adapter was trained on other base weights "
+                        f"({a.metadata.get('base_pack', 'fingerprint ' + a.metadata['base_fingerprint'])}). -xs files "
+                        f"store no SVD bases, so they are recomputed from these weights and the result differs from "
+                        f"what was trained (e.g. a base-model adapter on an ARC model). Use the matching model for "
+                        f"faithful results.")
+            self.report.applied.append(applied)
+            self.report.unmatched.append(unmatched)
+        for full, slots in slots_by_path.items():
+            self.layers[full] = AdaptedLayer(base_by_path[full], slots, mode)
+        self.module = _view(tree, self.layers)
+        self.update()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _find(self, tree: nn.Module, layer: str) -> tuple[str, nn.Module | None, Root]:
+        for root in self.roots:
+            full = _join(root.path, layer)
+            try:
+                module = tree.get_submodule(full)
+            except AttributeError:
+                continue
+            if isinstance(module, TARGET_TYPES):
+                return full, module, root
+        return "", None, self.roots[0]
+
+    def _warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    def slots(self, index: int) -> dict[str, AdapterSlot]:
+        """The slots of adapter `index`, by full layer path."""
+        return {full: s for full, layer in self.layers.items() for s in layer.slots if s.use_index == index}
+
+    # ------------------------------------------------------------------------------------------------ runtime
+    def update(self, sigma: float | Tensor | None = None, step: int | None = None) -> int:
+        """Set the gating state for the next forward (sigma: t of the first batch item; step: sampling step index)
+        and re-merge the layers whose state changed. Returns how many layers were re-merged."""
+        if isinstance(sigma, Tensor):
+            sigma = float(sigma.reshape(-1)[0])
+        self.sigma, self.step = sigma, step
+        changed = 0
+        filters = [parse_layer_filter(u.layer_filter) for u in self.uses]
+        for full, layer in self.layers.items():
+            gated_name = self._gated[full]
+            for s in layer.slots:
+                i = s.use_index
+                use = self.uses[i]
+                s.strength = use.strength
+                if gated_name is None:
+                    s.enabled = True
+                else:
+                    s.enabled = use.active_at(sigma, step) and not any(
+                        p in gated_name for f in filters[i] for p in expand_pattern(f))
+            changed += layer.remerge()
+        return changed
+
+    def set_strength(self, index: int, strength: float) -> int:
+        """Change one adapter's strength; re-merges the affected layers. Returns how many were re-merged."""
+        self.uses[index].strength = float(strength)
+        return self.update(self.sigma, self.step)
+
+    def unmerge(self) -> None:
+        """Drop every private merged weight (the next forward re-forms what it needs)."""
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+        self.mode = mode
+        for layer in self.layers.values():
+            layer.mode = mode
+            layer.unmerge()
+        self.update(self.sigma, self.step)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def parameters(self, index: int = -1) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `index` (default: the last), in layer order."""
+        index = index % len(self.uses)
+        return [p for s in self.slots(index).values() for p in s.parameters()]
+
+    def export(self, index: int = -1) -> LoadedAdapter:
+        """Adapter `index` as a LoadedAdapter (detached fp32 copies), layer paths as in its file."""
+        index = index % len(self.uses)
+        a = self.uses[index].adapter
+        layers = {}
+        for s in self.slots(index).values():
+            layers[s.layer] = {n: getattr(s, n).detach().float().clone() for n in tensor_names(a.adapter_type)}
+        return LoadedAdapter(a.adapter_type, a.rank, a.alpha, layers, dict(a.config), dict(a.metadata), a.name)
+
+
+# ---------------------------------------------------------------------------------------------------- new adapters
+
+def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | None = None,
+                roots: Sequence[Root] = (Root(),), include: Sequence[str] | None = None,
+                exclude: Sequence[str] | None = None, preset: str | None = None, dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> LoadedAdapter:
+    """A fresh adapter initialised exactly as the reference does (an identity until trained) on every Linear/Conv1d
+    of each root matching include/exclude (or a named preset; see targets.PRESETS). alpha defaults to rank.
+    -xs bases are not stored; the base weights' fingerprint is recorded in metadata for the -xs warning."""
+    check_adapter_type(adapter_type)
+    alpha = rank if alpha is None else alpha
+    layers: dict[str, dict[str, Tensor]] = {}
+    weights: dict[str, Tensor] = {}
+    for root in roots:
+        sub = tree.get_submodule(root.path) if root.path else tree
+        for name in select_targets(sub, include, exclude, preset):
+            w = sub.get_submodule(name).weight
+            if adapter_type.endswith("-xs") and rank > min(w.shape[0], w[0].numel()):
+                raise ValueError(f"rank {rank} > min{(w.shape[0], w[0].numel())} of {name}: -xs needs rank <= both")
+            t = init_tensors(adapter_type, w, rank, generator)
+            layers[name] = {k: v for k, v in t.items() if k not in ("U", "V")}
+            weights[name] = w
+    if not layers:
+        raise AdapterMismatch(f"no Linear/Conv1d layer matches include={include} exclude={exclude} preset={preset}")
+    config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout,
+              "include": list(include) if include is not None else None,
+              "exclude": list(exclude) if exclude is not None else None}
+    metadata = {"base_fingerprint": weights_fingerprint(weights)}
+    return LoadedAdapter(adapter_type, rank, alpha, layers, config, metadata)
+
+
+def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
+    """Full-path -> effective weight of every adapted layer (a copy), e.g. for export or inspection."""
+    return {full: layer.weight.detach().clone() for full, layer in view_layers.items()}
+
+
+__all__ = ["AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport", "MODES",
+           "Root", "merged_state", "new_adapter", "skip_steps_interval"]

@@ -1,0 +1,181 @@
+"""Adapter files: the SA3-native safetensors layout (read and write), the official trainer's Lightning `.ckpt`
+(read, safely), and the `LoadedAdapter` data object they produce.
+
+On disk (as the official `save_lora_safetensors` writes it): keys
+`<layer path>.parametrizations.weight.0.<name>` with the layer path relative to the DiT wrapper
+(`model.transformer.layers.3.self_attn.to_qkv`) or the conditioner (`conditioners.seconds_total.embedder.embedding.1`),
+name in lora_A/lora_B/M_xs/magnitude/magnitude_r/magnitude_c, every float tensor fp16, and header metadata
+`{"lora_config": json.dumps({rank, alpha, adapter_type, dropout, include, exclude})}`. We add our own string keys
+(`EXTRA_METADATA_KEYS`) beside it; other readers ignore them. -xs files carry no SVD bases (they are recomputed from
+the weights the file is applied to), so we record a fingerprint of the base weights they were trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .maths import TRAINABLE_NAMES, check_adapter_type, resolve_adapter_type, tensor_names
+
+EXTRA_METADATA_KEYS = ("base_pack", "base_fingerprint", "step", "epoch", "trigger_words", "created_by")
+CONFIG_KEYS = ("rank", "alpha", "adapter_type", "dropout", "include", "exclude")  # the official lora_config order
+_KEY = re.compile(r"^(?P<layer>.+)\.parametrizations\.weight\.(?P<index>\d+)\.(?P<name>[A-Za-z_]+)$")
+
+
+class AdapterFileError(ValueError):
+    """A file that is not a readable adapter (wrong format, unsafe pickle, no adapter tensors)."""
+
+
+@dataclass
+class LoadedAdapter:
+    """One adapter: resolved type, rank, alpha and per-layer tensors (fp32) keyed by layer path, as in the files.
+
+    layers: {"model.transformer.layers.0.self_attn.to_qkv": {"lora_A": [r, in], "lora_B": [out, r]}, ...}.
+    config: the lora_config dict as read (include/exclude/dropout kept for the writer); metadata: the other
+    header keys (strings)."""
+
+    adapter_type: str
+    rank: int
+    alpha: float
+    layers: dict[str, dict[str, Tensor]]
+    config: dict = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self):
+        check_adapter_type(self.adapter_type)
+        for layer, tensors in self.layers.items():
+            missing = set(tensor_names(self.adapter_type)) - set(tensors)
+            if missing:
+                raise AdapterFileError(f"{self.name or 'adapter'}: layer {layer} lacks {sorted(missing)} "
+                                       f"needed by adapter_type {self.adapter_type!r}")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank (times the strength at use)."""
+        return self.alpha / self.rank
+
+    @property
+    def is_xs(self) -> bool:
+        return self.adapter_type.endswith("-xs")
+
+    def lora_config(self) -> dict:
+        """The lora_config we write: the one read (order and extra keys kept), or the official key set."""
+        base = {"rank": self.rank, "alpha": self.alpha, "adapter_type": self.adapter_type, "dropout": 0.0,
+                "include": None, "exclude": None}
+        if not self.config:
+            return base
+        out = dict(self.config)
+        for k in ("rank", "alpha"):  # make missing values explicit only if they were missing
+            out.setdefault(k, base[k])
+        return out
+
+    def state_dict(self, index: int = 0) -> dict[str, Tensor]:
+        """Tensors under their official checkpoint keys (the U/V bases of -xs types are never included)."""
+        return {f"{layer}.parametrizations.weight.{index}.{name}": t[name]
+                for layer, t in self.layers.items() for name in tensor_names(self.adapter_type)}
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+def infer_rank(state: dict[str, Tensor]) -> int:
+    """The rank the reference infers: from the first lora_A [r, in], lora_B [out, r] or M_xs [r, r] in key order."""
+    for key, value in state.items():
+        if key.endswith(".lora_A") or key.endswith(".M_xs"):
+            return int(value.shape[0])
+        if key.endswith(".lora_B"):
+            return int(value.shape[1])
+    raise AdapterFileError("no lora_A / lora_B / M_xs tensors to infer the rank from")
+
+
+def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, metadata: dict | None = None,
+                       name: str = "") -> LoadedAdapter:
+    """Build a LoadedAdapter from checkpoint-keyed tensors and a lora_config dict (rank/alpha inferred if absent)."""
+    config = dict(config or {})
+    state = {k: v for k, v in state.items() if _KEY.match(k) and k.rsplit(".", 1)[1] in TRAINABLE_NAMES}
+    if not state:
+        raise AdapterFileError(f"{name or 'file'}: no adapter tensors (keys '<layer>.parametrizations.weight.0."
+                               f"lora_A' ...); is this a full model checkpoint rather than a LoRA?")
+    adapter_type = resolve_adapter_type(config.get("adapter_type"), state)
+    rank = config.get("rank")
+    rank = int(rank) if rank is not None else infer_rank(state)
+    alpha = config.get("alpha")
+    alpha = alpha if alpha is not None else rank  # reference: alpha defaults to the rank (scaling 1)
+    layers: dict[str, dict[str, Tensor]] = {}
+    indices = set()
+    for key, value in state.items():
+        m = _KEY.match(key)
+        indices.add(m["index"])
+        value = value.float() if value.is_floating_point() else value
+        if m["name"].startswith("magnitude") and value.dim() == 2:
+            value = value.reshape(-1)  # legacy [1, fan_in] / [fan_out, 1] magnitudes, squeezed as the reference does
+        layers.setdefault(m["layer"], {})[m["name"]] = value
+    if len(indices) > 1:
+        raise AdapterFileError(f"{name or 'file'}: keys use several parametrization indices {sorted(indices)}; "
+                               f"an adapter file holds one adapter at index 0")
+    return LoadedAdapter(adapter_type, rank, alpha, layers, config, dict(metadata or {}), name)
+
+
+def read_adapter_file(path: str | Path) -> LoadedAdapter:
+    """Read a `.safetensors` (SA3-native) or the official trainer's Lightning `.ckpt` adapter file.
+
+    `.ckpt` files are opened with `torch.load(weights_only=True)`: tensors and plain types only, never arbitrary
+    pickled objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter file")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+        config = json.loads(metadata.pop("lora_config")) if "lora_config" in metadata else {}
+        return adapter_from_state(state, config, metadata, path.stem)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
+        raise AdapterFileError(
+            f"{path.name}: refusing to load: it is not a tensors-only checkpoint (torch.load(weights_only=True) "
+            f"said: {str(e).splitlines()[0][:200]}). Unpickling arbitrary objects can run code. If you trust the "
+            f"file, convert it with the official convert_lora_ckpt_to_safetensors() and load the .safetensors.") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise AdapterFileError(f"{path.name}: expected a dict with 'state_dict' (the official trainer's LoRA .ckpt)")
+    config = ckpt.get("lora_config") or {}
+    return adapter_from_state(ckpt["state_dict"], dict(config), {}, path.stem)
+
+
+def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object) -> Path:
+    """Write the SA3-native safetensors: official keys and fp16 tensors, `lora_config` metadata as the official
+    writer produces it, plus our metadata keys (EXTRA_METADATA_KEYS, strings; lists/dicts as JSON)."""
+    unknown = set(extra) - set(EXTRA_METADATA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown metadata keys {sorted(unknown)}; use {EXTRA_METADATA_KEYS}")
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_config"}
+    for k, v in extra.items():
+        if v is not None:
+            metadata[k] = v if isinstance(v, str) else json.dumps(v)
+    metadata["lora_config"] = json.dumps(adapter.lora_config())
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in adapter.state_dict().items()}
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def weights_fingerprint(weights: dict[str, Tensor]) -> str:
+    """A short hash identifying base weights (the layers an adapter touches): names, shapes and an evenly strided
+    sample of up to 65536 fp32 values per tensor, so a multi-GB model hashes in well under a second."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name].detach().reshape(-1)
+        step = max(1, w.numel() // 65536)
+        h.update(f"{name}:{tuple(weights[name].shape)}".encode())
+        h.update(w[::step].float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,257 @@
+"""Adapter maths: the nine SA3 adapter types as a delta (low-rank or -xs) times a renorm (none/rows/cols/both).
+
+Every function takes and returns tensors. Weights are viewed as 2-D `[out, in]` (a Conv1d weight `[out, in, k]` as
+`[out, in·k]`); results are viewed back to the weight's shape. The op order of `effective_weight` follows the
+official `LoRAParametrization` forwards exactly, so our merged weights are bit-identical to the reference's.
+
+The factored forms at the bottom (`factored_linear`, `row_col_scales`) give the same layer output without forming
+`W + s·ΔW` at every forward: the low-rank path is `x·Aᵀ·Bᵀ`, and the DoRA/BoRA norms come from ‖W‖², `W·Aᵀ` and
+`B(AAᵀ)Bᵀ`. Training uses them; the merged inference path uses `effective_weight`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+EPS = 1e-12  # added to the norms by the reference (after the square root)
+
+# file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
+ADAPTER_TYPES = {
+    "lora": ("lowrank", "none"),
+    "dora-rows": ("lowrank", "rows"),
+    "dora-cols": ("lowrank", "cols"),
+    "bora": ("lowrank", "both"),
+    "lora-xs": ("xs", "none"),
+    "dora-rows-xs": ("xs", "rows"),
+    "dora-cols-xs": ("xs", "cols"),
+    "bora-xs": ("xs", "both"),
+}
+_DELTA_TENSORS = {"lowrank": ("lora_A", "lora_B"), "xs": ("M_xs",)}
+_RENORM_TENSORS = {"none": (), "rows": ("magnitude",), "cols": ("magnitude",), "both": ("magnitude_r", "magnitude_c")}
+TRAINABLE_NAMES = ("lora_A", "lora_B", "M_xs", "magnitude", "magnitude_r", "magnitude_c")
+
+
+def check_adapter_type(adapter_type: str) -> tuple[str, str]:
+    """The (delta form, renorm) pair of a resolved type string; a clear error otherwise."""
+    if adapter_type not in ADAPTER_TYPES:
+        raise ValueError(f"adapter_type={adapter_type!r} is unknown; use one of {sorted(ADAPTER_TYPES)} "
+                         f"(or the legacy alias 'dora')")
+    return ADAPTER_TYPES[adapter_type]
+
+
+def tensor_names(adapter_type: str) -> tuple[str, ...]:
+    """Names of the stored (trainable) tensors of one adapted layer, in the reference's registration order."""
+    delta, renorm = check_adapter_type(adapter_type)
+    return _DELTA_TENSORS[delta] + _RENORM_TENSORS[renorm]
+
+
+def resolve_adapter_type(adapter_type: str | None, tensors: dict[str, Tensor] | None = None) -> str:
+    """The one home of type resolution. Missing type -> "lora". The legacy alias "dora" becomes "dora-cols" when
+    the first `.magnitude` tensor is stored as [1, fan_in], "dora-rows" when [fan_out, 1] or 1-D (the reference
+    cannot tell a 1-D axis without the model and defaults to rows, the paper's variant)."""
+    adapter_type = adapter_type or "lora"
+    if adapter_type != "dora":
+        check_adapter_type(adapter_type)
+        return adapter_type
+    for key, value in (tensors or {}).items():
+        if key.endswith(".magnitude"):
+            if value.dim() == 2 and value.shape[0] == 1:
+                return "dora-cols"
+            break  # only the first magnitude decides, as the reference does
+    return "dora-rows"
+
+
+# ---------------------------------------------------------------------------------------------------- scale, deltas
+
+def adapter_scale(alpha: float, rank: int, strength: float) -> Tensor:
+    """alpha / rank · strength as the reference computes it: a Python float times a 0-dim fp32 strength buffer."""
+    return (alpha / rank) * torch.tensor(float(strength), dtype=torch.float32)
+
+
+def lowrank_delta(a: Tensor, b: Tensor) -> Tensor:
+    """a: [r, in], b: [out, r] -> [out, in] (unscaled)."""
+    return b @ a
+
+
+def xs_delta(u: Tensor, m: Tensor, v: Tensor) -> Tensor:
+    """LoRA-XS: frozen bases u [out, r], v [in, r] around a trainable core m [r, r] -> [out, in] (unscaled)."""
+    return u @ m.to(u.dtype) @ v.T
+
+
+def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Frozen -xs bases of a base weight w (any shape, viewed [out, in]): U [out, r], V [in, r] from an fp32 CPU SVD,
+    signs canonicalised so the largest-|.| entry of each U column is positive (the reference convention; the
+    singular values are not used)."""
+    u, _, vh = torch.linalg.svd(w.reshape(w.shape[0], -1).detach().cpu().float(), full_matrices=False)
+    peak = u.abs().argmax(dim=0)
+    signs = u[peak, torch.arange(u.shape[1])].sign()
+    signs[signs == 0] = 1
+    u, vh = u * signs[None, :], vh * signs[:, None]
+    return u[:, :rank].contiguous(), vh[:rank, :].T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------- renorms
+
+def renorm_rows(v: Tensor, magnitude: Tensor) -> Tensor:
+    """Give each output row of v [out, in] the length magnitude[out]."""
+    return v / (v.norm(dim=1, keepdim=True) + EPS) * magnitude.unsqueeze(1)  # reference op order: bit parity
+
+
+def renorm_cols(v: Tensor, magnitude: Tensor) -> Tensor:
+    """Give each input column of v [out, in] the length magnitude[in]."""
+    return v / (v.norm(dim=0, keepdim=True) + EPS) * magnitude.unsqueeze(0)
+
+
+def renorm_both(v: Tensor, magnitude_r: Tensor, magnitude_c: Tensor) -> Tensor:
+    """BoRA: rows to magnitude_r, then columns to magnitude_c."""
+    rows = magnitude_r.unsqueeze(1) * (v / (v.norm(dim=1, keepdim=True) + EPS))
+    return rows / (rows.norm(dim=0, keepdim=True) + EPS) * magnitude_c.unsqueeze(0)
+
+
+def delta_of(adapter_type: str, t: dict[str, Tensor]) -> Tensor:
+    """The unscaled [out, in] update of one layer; t holds the stored tensors (+ U, V for -xs)."""
+    delta, _ = check_adapter_type(adapter_type)
+    if delta == "lowrank":
+        return lowrank_delta(t["lora_A"], t["lora_B"])
+    return xs_delta(t["U"], t["M_xs"], t["V"])
+
+
+def effective_weight(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float) -> Tensor:
+    """One adapter applied to a weight w (Linear [out, in] or Conv1d [out, in, k]) -> a tensor of w's shape and dtype.
+
+    scale = alpha / rank · strength (`adapter_scale`). DoRA/BoRA renormalise at every scale != 0 and return w itself
+    at scale 0, as the reference does; plain LoRA/-xs multiply by 0."""
+    _, renorm = check_adapter_type(adapter_type)
+    delta = delta_of(adapter_type, t)
+    if renorm == "none":
+        return w + (scale * delta.view(w.shape)).to(w.dtype)
+    if float(scale) == 0.0:
+        return w
+    work_dtype = t["lora_A"].dtype if "lora_A" in t else t["U"].dtype  # norms in the adapter's (fp32) dtype
+    v = w.reshape(w.shape[0], -1).to(work_dtype) + scale * delta
+    if renorm == "rows":
+        out = renorm_rows(v, t["magnitude"])
+    elif renorm == "cols":
+        out = renorm_cols(v, t["magnitude"])
+    else:
+        out = renorm_both(v, t["magnitude_r"], t["magnitude_c"])
+    return out.view(w.shape).to(w.dtype)
+
+
+def chain_weight(w: Tensor, steps: list[tuple[str, dict[str, Tensor], Tensor | float]]) -> Tensor:
+    """Stacked adapters in order, the reference's chain semantics: W -> P0(W) -> P1(P0(W)) -> ...
+    steps: (adapter_type, tensors, scale) per enabled adapter."""
+    for adapter_type, t, scale in steps:
+        w = effective_weight(w, adapter_type, t, scale)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------- fresh init
+
+def init_tensors(adapter_type: str, w0: Tensor, rank: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Fresh trainable tensors exactly as the reference initialises them, so a fresh adapter is an identity:
+    A Kaiming-uniform (a=√5), B and M_xs zero, magnitudes = the base weight's row/column norms.
+    Also returns the frozen U, V for -xs types. w0: the ORIGINAL base weight (the reference uses it even when
+    stacking on top of other adapters)."""
+    delta, renorm = check_adapter_type(adapter_type)
+    w2 = w0.detach().reshape(w0.shape[0], -1)
+    fan_out, fan_in = w2.shape
+    t: dict[str, Tensor] = {}
+    if delta == "lowrank":
+        t["lora_A"] = torch.zeros(rank, fan_in, dtype=dtype, device=w0.device)
+        nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5), generator=generator)
+        t["lora_B"] = torch.zeros(fan_out, rank, dtype=dtype, device=w0.device)
+    else:
+        u, v = svd_bases(w0, rank)
+        t["M_xs"] = torch.zeros(rank, rank, dtype=dtype, device=w0.device)
+        t["U"], t["V"] = u.to(w0.device, dtype), v.to(w0.device, dtype)
+    if renorm == "rows":
+        t["magnitude"] = w2.norm(dim=1).to(dtype)
+    elif renorm == "cols":
+        t["magnitude"] = w2.norm(dim=0).to(dtype)
+    elif renorm == "both":
+        t["magnitude_r"], t["magnitude_c"] = w2.norm(dim=1).to(dtype), w2.norm(dim=0).to(dtype)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------- factored forms
+
+def _low_rank_factors(adapter_type: str, t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(down [r, in], up [out, r]) with delta = up @ down. For -xs: down = M·Vᵀ (r x in), up = U."""
+    delta, _ = check_adapter_type(adapter_type)
+    if delta == "lowrank":
+        return t["lora_A"], t["lora_B"]
+    return t["M_xs"].to(t["U"].dtype) @ t["V"].T, t["U"]
+
+
+def base_sq_norms(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared row [out] and column [in] norms of a base weight w [out, in]: cache them once per base weight."""
+    sq = w.float() * w.float()
+    return sq.sum(1), sq.sum(0)
+
+
+def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | float, dim: int,
+                         base_sq: Tensor | None = None, row_weights: Tensor | None = None) -> Tensor:
+    """Squared row (dim=1) or column (dim=0) norms of diag(g)·(W + s·up·down) without forming it, where g =
+    row_weights (rows: must be None): ‖g∘W‖² + 2s·<g²∘W, up·down> + s²·‖g∘(up·down)‖².
+    base_sq: the cached squared row/column norms of W (`base_sq_norms`), used when g is None."""
+    if dim == 1:
+        cross = ((w @ down.T) * up).sum(1)  # <W_i, (up·down)_i> = up_i · (W_i · downᵀ)
+        quad = ((up @ (down @ down.T)) * up).sum(1)  # ‖(up·down)_i‖² = up_i (down downᵀ) up_iᵀ
+        sq = (w * w).sum(1) if base_sq is None else base_sq
+        return sq + 2 * scale * cross + scale * scale * quad
+    if row_weights is None:
+        sq = (w * w).sum(0) if base_sq is None else base_sq
+        up_g = up
+    else:
+        g2 = row_weights * row_weights
+        sq, up_g = g2 @ (w * w), up * g2[:, None]
+    cross = ((up_g.T @ w) * down).sum(0)
+    quad = (((up.T @ up_g) @ down) * down).sum(0)
+    return sq + 2 * scale * cross + scale * scale * quad
+
+
+def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float,
+                   base_sq: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Per-row and per-column factors (d [out] or None, c [in] or None) with
+    effective_weight = diag(d) · (W + s·ΔW) · diag(c), computed from W, the factors and ‖W‖² only (exact maths; not
+    bit-identical to `effective_weight`, whose norms are taken on the formed matrix). w: [out, in] (2-D view).
+    base_sq: cached `base_sq_norms(w)`."""
+    _, renorm = check_adapter_type(adapter_type)
+    if renorm == "none":
+        return None, None
+    down, up = _low_rank_factors(adapter_type, t)
+    w = w.to(down.dtype)
+    rows_sq, cols_sq = base_sq if base_sq is not None else (None, None)
+    if renorm == "rows":
+        n = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq).clamp_min(0).sqrt()
+        return t["magnitude"] / (n + EPS), None
+    if renorm == "cols":
+        n = _sq_norms_plus_delta(w, down, up, scale, 0, cols_sq).clamp_min(0).sqrt()
+        return None, t["magnitude"] / (n + EPS)
+    n_r = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq).clamp_min(0).sqrt()
+    d = t["magnitude_r"] / (n_r + EPS)
+    n_c = _sq_norms_plus_delta(w, down, up, scale, 0, row_weights=d).clamp_min(0).sqrt()
+    return d, t["magnitude_c"] / (n_c + EPS)
+
+
+def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str, t: dict[str, Tensor],
+                    scale: Tensor | float, base_sq: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
+    y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule)."""
+    _, renorm = check_adapter_type(adapter_type)
+    if renorm != "none" and float(scale) == 0.0:
+        return nn.functional.linear(x, w, bias)
+    down, up = _low_rank_factors(adapter_type, t)
+    d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
+    if c is not None:
+        x = x * c.to(x.dtype)
+    y = nn.functional.linear(x, w) + scale * nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)),
+                                                                   up.to(x.dtype))
+    if d is not None:
+        y = y * d.to(y.dtype)
+    return y if bias is None else y + bias
