@@ -1,0 +1,140 @@
+"""Adapter files: reference files read, rewritten identically; our metadata; Lightning .ckpt read safely."""
+
+import json
+
+import pytest
+import torch
+from sa3_lora_studio.adapters import (
+    EXTRA_METADATA_KEYS,
+    AdaptedModel,
+    AdapterFileError,
+    Root,
+    adapter_from_state,
+    new_adapter,
+    read_adapter_file,
+    write_adapter_file,
+)
+from sa3_lora_studio.adapters.maths import ADAPTER_TYPES
+from safetensors import safe_open
+from torch import nn
+
+GOLDEN_FILES = [*ADAPTER_TYPES, "dora", "dora-legacy-2d-cols", "lora-include-exclude"]
+
+
+def _raw(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_reference_files_read_and_rewrite_to_the_same_keys_tensors_and_lora_config(fixtures_dir, golden_cases, tmp_path,
+                                                                                     name):
+    src = fixtures_dir / "golden" / "lora" / f"{name}.safetensors"
+    adapter = read_adapter_file(src)
+    types = golden_cases["lora.adapter_types"]["types"]
+    if name in types:
+        assert adapter.adapter_type == types[name]["resolved_adapter_type"]
+        if "n_adapted_layers" in types[name]:
+            assert len(adapter.layers) == types[name]["n_adapted_layers"]
+    assert (adapter.rank, adapter.alpha, adapter.scaling) == (4, 8, 2.0)
+    out = write_adapter_file(tmp_path / "again.safetensors", adapter)
+    (a, meta_a), (b, meta_b) = _raw(src), _raw(out)
+    if name == "dora-legacy-2d-cols":  # we store magnitudes 1-D, as the current reference writes them
+        a = {k: v.reshape(-1) if k.endswith("magnitude") else v for k, v in a.items()}
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and b[k].dtype == torch.float16 for k in a)
+    assert meta_b == meta_a  # {"lora_config": same JSON string}
+
+
+def test_include_exclude_file_lists_the_reference_layers(fixtures_dir, golden_cases):
+    case = golden_cases["lora.include_exclude"]
+    adapter = read_adapter_file(fixtures_dir / "golden" / "lora" / "lora-include-exclude.safetensors")
+    assert sorted(adapter.layers) == sorted(case["observed"]["adapted_layers"])
+    assert adapter.config["include"] == case["include"] and adapter.config["exclude"] == case["exclude"]
+
+
+class _Tree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.transformer = nn.Module()
+        self.model.transformer.layers = nn.ModuleList([nn.Linear(8, 12), nn.Linear(12, 8)])
+        self.model.preprocess_conv = nn.Conv1d(8, 8, 1, bias=False)
+        self.conditioners = nn.Module()
+        self.conditioners.seconds = nn.Linear(4, 8)
+
+
+@pytest.mark.parametrize("adapter_type", list(ADAPTER_TYPES))
+def test_written_file_has_the_official_writer_key_set_and_round_trips(tmp_path, adapter_type):
+    torch.manual_seed(0)
+    tree = _Tree()
+    adapter = new_adapter(tree, adapter_type, rank=2, alpha=4)
+    # what the reference saves: parametrized state-dict names with 'parametrizations' 4th from last and a trainable leaf
+    view = AdaptedModel(tree, [adapter], trainable=True).module
+    leaves = {"lora_A", "lora_B", "M_xs", "magnitude", "magnitude_r", "magnitude_c"}
+    official = {k for k in view.state_dict()
+                if len(k.split(".")) >= 4 and k.split(".")[-4] == "parametrizations" and k.split(".")[-1] in leaves}
+    path = write_adapter_file(tmp_path / "a.safetensors", adapter, base_pack="tiny", step=400, epoch=3,
+                              trigger_words=["zzq"], created_by="sa3_lora_studio")
+    tensors, meta = _raw(path)
+    assert set(tensors) == official
+    assert json.loads(meta["lora_config"]) == {"rank": 2, "alpha": 4, "adapter_type": adapter_type, "dropout": 0.0,
+                                               "include": None, "exclude": None}
+    assert list(json.loads(meta["lora_config"])) == ["rank", "alpha", "adapter_type", "dropout", "include", "exclude"]
+    assert set(meta) == {"lora_config", *EXTRA_METADATA_KEYS}
+    assert meta["step"] == "400" and json.loads(meta["trigger_words"]) == ["zzq"]
+    back = read_adapter_file(path)
+    assert back.metadata == {k: v for k, v in meta.items() if k != "lora_config"}
+    again = write_adapter_file(tmp_path / "b.safetensors", back)
+    t2, meta2 = _raw(again)
+    assert meta2 == meta and all(torch.equal(tensors[k], t2[k]) for k in tensors)
+    for layer, t in back.layers.items():
+        for k, v in t.items():
+            assert torch.equal(v, adapter.layers[layer][k].half().float())
+
+
+def test_missing_rank_and_alpha_are_inferred_as_the_reference_does():
+    state = {"a.parametrizations.weight.0.lora_A": torch.zeros(3, 5),
+             "a.parametrizations.weight.0.lora_B": torch.zeros(7, 3)}
+    adapter = adapter_from_state(state, {})
+    assert (adapter.adapter_type, adapter.rank, adapter.alpha) == ("lora", 3, 3)
+    xs = adapter_from_state({"a.parametrizations.weight.0.M_xs": torch.zeros(2, 2)}, {"adapter_type": "lora-xs",
+                                                                                       "alpha": 6})
+    assert (xs.rank, xs.alpha, xs.scaling) == (2, 6, 3.0)
+
+
+def test_lightning_ckpt_is_read_with_weights_only(tmp_path):
+    state = {"model.x.parametrizations.weight.0.lora_A": torch.randn(2, 4),
+             "model.x.parametrizations.weight.0.lora_B": torch.randn(3, 2)}
+    torch.save({"state_dict": state, "lora_config": {"rank": 2, "alpha": 2, "adapter_type": "lora"}},
+               tmp_path / "run-step=100.ckpt")
+    adapter = read_adapter_file(tmp_path / "run-step=100.ckpt")
+    assert adapter.name == "run-step=100" and torch.equal(adapter.layers["model.x"]["lora_A"], state[
+        "model.x.parametrizations.weight.0.lora_A"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run at unpickling",))
+
+
+def test_ckpt_with_arbitrary_objects_is_refused_with_a_clear_message(tmp_path):
+    torch.save({"state_dict": {}, "callback": _Evil()}, tmp_path / "bad.ckpt")
+    with pytest.raises(AdapterFileError, match="refusing to load.*weights_only"):
+        read_adapter_file(tmp_path / "bad.ckpt")
+
+
+def test_files_without_adapter_tensors_are_errors(tmp_path):
+    torch.save({"state_dict": {"model.x.weight": torch.zeros(2, 2)}}, tmp_path / "full.ckpt")
+    with pytest.raises(AdapterFileError, match="no adapter tensors"):
+        read_adapter_file(tmp_path / "full.ckpt")
+    with pytest.raises(FileNotFoundError):
+        read_adapter_file(tmp_path / "nothing.safetensors")
+
+
+def test_fresh_adapter_records_the_base_fingerprint_and_roots_prefix_paths():
+    torch.manual_seed(0)
+    tree = _Tree()
+    a = new_adapter(tree, "lora-xs", 2, roots=(Root("model"), Root("conditioners", gated=False)))
+    assert set(a.layers) == {"transformer.layers.0", "transformer.layers.1", "preprocess_conv", "seconds"}
+    assert len(a.metadata["base_fingerprint"]) == 16

@@ -1,0 +1,129 @@
+"""Adapter maths: reference effective weights (bit parity), fresh-init identity, factored forms, type resolution."""
+
+import json
+
+import pytest
+import torch
+from sa3_lora_studio.adapters import maths as M
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+TYPES = list(M.ADAPTER_TYPES)
+GOLDEN_FILES = TYPES + ["dora", "dora-legacy-2d-cols"]
+# the three layers whose effective weights the reference stored, as (golden name, layer path in the file)
+W_EFF_LAYERS = {
+    "to_local_embed0": "model.transformer.layers.0.to_local_embed.0",
+    "preprocess_conv": "model.preprocess_conv",
+    "seconds_linear_rows0to7": "conditioners.seconds_total.embedder.embedding.1",
+}
+
+
+def _base_key(layer: str) -> str:
+    return ("model." if layer.startswith("model.") else "conditioner.") + layer + ".weight"
+
+
+def _layer_tensors(state: dict, layer: str) -> dict:
+    prefix = layer + ".parametrizations.weight.0."
+    return {k[len(prefix):]: (v.float().reshape(-1) if "magnitude" in k else v.float())
+            for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", [t for t in GOLDEN_FILES if t != "dora-legacy-2d-cols"])
+def test_effective_weights_equal_the_reference_bit_for_bit(fixtures_dir, golden_cases, name):
+    case = golden_cases["lora.adapter_types"]["types"][name]
+    base = load_file(str(fixtures_dir / "tiny-small" / "model.safetensors"))
+    golden = load_file(str(fixtures_dir / "golden" / "lora_outputs.safetensors"))
+    with safe_open(str(fixtures_dir / "golden" / "lora" / f"{name}.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(f.metadata()["lora_config"])
+    adapter_type = M.resolve_adapter_type(config["adapter_type"], state)
+    assert adapter_type == case["resolved_adapter_type"]
+    for short, layer in W_EFF_LAYERS.items():
+        w = base[_base_key(layer)]
+        t = _layer_tensors(state, layer)
+        if adapter_type.endswith("-xs"):
+            t["U"], t["V"] = M.svd_bases(w, config["rank"])
+        w_eff = M.effective_weight(w, adapter_type, t, M.adapter_scale(config["alpha"], config["rank"], 1.0))
+        expected = golden[f"lora.{name}.s1.0.W_eff.{short}"]
+        assert torch.equal(w_eff[: expected.shape[0]], expected), (name, short)
+
+
+def test_legacy_dora_with_2d_column_magnitudes_resolves_to_dora_cols(fixtures_dir):
+    with safe_open(str(fixtures_dir / "golden" / "lora" / "dora-legacy-2d-cols.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    assert M.resolve_adapter_type("dora", state) == "dora-cols"
+    assert M.resolve_adapter_type("dora", {"x.magnitude": torch.ones(5, 1)}) == "dora-rows"
+    assert M.resolve_adapter_type("dora", {"x.magnitude": torch.ones(5)}) == "dora-rows"
+    assert M.resolve_adapter_type(None) == "lora"
+    with pytest.raises(ValueError, match="unknown"):
+        M.resolve_adapter_type("loha")
+
+
+def _layer(kind: str, out_f: int, in_f: int) -> nn.Module:
+    torch.manual_seed(out_f * 31 + in_f)
+    return nn.Linear(in_f, out_f) if kind == "linear" else nn.Conv1d(in_f, out_f, 3, padding=1)
+
+
+CASES = [(t, kind, rank) for t in TYPES for kind in ("linear", "conv1d") for rank in (1, 4)]
+
+
+def _randomised(t: dict, gen: torch.Generator) -> dict:
+    """A trained-looking adapter: B / M_xs random (so a test can fail), magnitudes perturbed."""
+    out = dict(t)
+    for k in ("lora_B", "M_xs"):
+        if k in out:
+            out[k] = torch.randn(out[k].shape, generator=gen) * 0.3
+    for k in ("magnitude", "magnitude_r", "magnitude_c"):
+        if k in out:
+            out[k] = out[k] * (1 + 0.1 * torch.randn(out[k].shape, generator=gen))
+    return out
+
+
+@pytest.mark.parametrize("adapter_type,kind,rank", CASES)
+def test_fresh_adapter_is_identity(adapter_type, kind, rank):
+    layer = _layer(kind, 12, 7)
+    t = M.init_tensors(adapter_type, layer.weight, rank, torch.Generator().manual_seed(0))
+    w_eff = M.effective_weight(layer.weight.detach(), adapter_type, t, M.adapter_scale(rank * 2, rank, 1.0))
+    assert torch.allclose(w_eff, layer.weight, atol=1e-6, rtol=1e-6)
+    if "lora_A" in t:  # Kaiming-uniform(a=√5) bound = 1/sqrt(fan_in)
+        assert t["lora_A"].abs().max() <= 1 / (layer.weight[0].numel() ** 0.5) and t["lora_A"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("adapter_type,kind,rank", CASES)
+def test_strength_zero_equals_no_adapter(adapter_type, kind, rank):
+    layer = _layer(kind, 9, 6)
+    t = _randomised(M.init_tensors(adapter_type, layer.weight, rank), torch.Generator().manual_seed(1))
+    w = layer.weight.detach()
+    assert torch.equal(M.effective_weight(w, adapter_type, t, M.adapter_scale(4, rank, 0.0)), w)
+    assert not torch.allclose(M.effective_weight(w, adapter_type, t, M.adapter_scale(4, rank, 1.0)), w)
+
+
+@pytest.mark.parametrize("adapter_type", TYPES)
+@pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
+def test_factored_linear_equals_the_formed_weight(adapter_type, strength):
+    """The cheap exact form (no W + s·BA formed; norms from ‖W‖², W·Aᵀ, B(AAᵀ)Bᵀ) matches the reference form."""
+    layer = _layer("linear", 24, 16)
+    gen = torch.Generator().manual_seed(2)
+    t = _randomised(M.init_tensors(adapter_type, layer.weight, 4), gen)
+    if adapter_type.endswith("-xs"):
+        t["U"], t["V"] = M.svd_bases(layer.weight, 4)
+    x = torch.randn(3, 5, 16, generator=gen)
+    scale = M.adapter_scale(8, 4, strength)
+    w = layer.weight.detach()
+    ref = nn.functional.linear(x, M.effective_weight(w, adapter_type, t, scale), layer.bias)
+    cached = M.base_sq_norms(w)
+    got = M.factored_linear(x, w, layer.bias, adapter_type, t, scale, cached)
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
+    assert torch.allclose(M.factored_linear(x, w, layer.bias, adapter_type, t, scale), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_svd_bases_are_sign_canonical_and_orthonormal():
+    w = torch.randn(10, 6, generator=torch.Generator().manual_seed(3))
+    u, v = M.svd_bases(w, 4)
+    assert u.shape == (10, 4) and v.shape == (6, 4)
+    assert torch.allclose(u.T @ u, torch.eye(4), atol=1e-5) and torch.allclose(v.T @ v, torch.eye(4), atol=1e-5)
+    peaks = u[u.abs().argmax(0), torch.arange(4)]
+    assert (peaks > 0).all()
+    u2, _ = M.svd_bases(-w, 4)  # the convention removes the SVD's sign freedom
+    assert torch.allclose(u2.abs(), u.abs(), atol=1e-5)
