@@ -26,6 +26,9 @@ adapters the layer filter (comma-separated lower-cased substrings with bracket r
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -240,6 +243,48 @@ class AdaptedLayer(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
 
+# ---------------------------------------------------------------------------------------------------- dispatch
+
+# Within `AdaptedModel.activate()`, calls to a base Linear/Conv1d in THIS thread/context are routed to its adapted
+# layer; everywhere else the base layer computes exactly what it always did. The routing is installed once per base
+# layer by switching its class to a dispatching subclass (as torch's parametrize does): isinstance checks, state_dict
+# keys, deepcopy (a copy has another id, so it is never routed) and pickling are unaffected.
+_ACTIVE: contextvars.ContextVar[dict[int, nn.Module] | None] = contextvars.ContextVar("sa3_active_adapters",
+                                                                                       default=None)
+_INSTALL_LOCK = threading.Lock()
+
+
+class _Dispatch:
+    def forward(self, *args, **kwargs):
+        active = _ACTIVE.get()
+        if active is not None:
+            layer = active.get(id(self))
+            if layer is not None:
+                return layer(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class DispatchLinear(_Dispatch, nn.Linear):
+    """An nn.Linear that an active adapter context may route to its adapted layer."""
+
+
+class DispatchConv1d(_Dispatch, nn.Conv1d):
+    """An nn.Conv1d that an active adapter context may route to its adapted layer."""
+
+
+_DISPATCH_CLASSES: dict[type, type] = {nn.Linear: DispatchLinear, nn.Conv1d: DispatchConv1d}
+
+
+def _install_dispatch(module: nn.Module) -> None:
+    with _INSTALL_LOCK:
+        cls = type(module)
+        if issubclass(cls, _Dispatch):
+            return
+        if cls not in _DISPATCH_CLASSES:  # a subclass of Linear/Conv1d: make (and cache) a routing subclass of it
+            _DISPATCH_CLASSES[cls] = type(f"Dispatch{cls.__name__}", (_Dispatch, cls), {})
+        module.__class__ = _DISPATCH_CLASSES[cls]
+
+
 # ---------------------------------------------------------------------------------------------------- the view
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -309,6 +354,8 @@ class AdaptedModel:
         self._gated: dict[str, str | None] = {}  # full path -> filter name (None = not gated)
         self.sigma: float | None = None
         self.step: int | None = None
+        self._last_sigma: float | None = None
+        self._auto_step: int | None = None
         slots_by_path: dict[str, list[AdapterSlot]] = {}
         base_by_path: dict[str, nn.Module] = {}
         for i, use in enumerate(self.uses):
@@ -417,6 +464,43 @@ class AdaptedModel:
             layer.unmerge()
         self.update(self.sigma, self.step)
 
+    @contextlib.contextmanager
+    def activate(self):
+        """Route the BASE tree's adapted layers to this stack in the current thread/context only:
+        `with stack.activate(): model.dit(...)` computes the adapted model; other threads and code outside the block
+        compute the base model. Nested activations of several stacks: the innermost wins for a layer."""
+        for layer in self.layers.values():
+            _install_dispatch(object.__getattribute__(layer, "_base"))
+        outer = _ACTIVE.get() or {}
+        token = _ACTIVE.set({**outer, **{id(object.__getattribute__(layer, "_base")): layer
+                                        for layer in self.layers.values()}})
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def __enter__(self):
+        self._activation = self.activate()
+        return self._activation.__enter__()
+
+    def __exit__(self, *exc):
+        return self._activation.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def at_sigma(self, sigma: float | Tensor, step: int | None = None):
+        """Gate for one model evaluation at diffusion time sigma (t of the first batch item) and, if given, sampling
+        step `step` (needed for `skip_first_steps`; when omitted, each new sigma value counts as a new step)."""
+        if isinstance(sigma, Tensor):
+            sigma = float(sigma.reshape(-1)[0])
+        if step is None:
+            if self._last_sigma is None or sigma != self._last_sigma:
+                self._auto_step = -1 if self._auto_step is None else self._auto_step
+                self._auto_step += 1
+            step = self._auto_step
+        self._last_sigma = sigma
+        self.update(sigma, step)
+        yield self
+
     # ------------------------------------------------------------------------------------------------ training
     def parameters(self, index: int = -1) -> list[nn.Parameter]:
         """The trainable tensors of adapter `index` (default: the last), in layer order."""
@@ -431,6 +515,60 @@ class AdaptedModel:
         for s in self.slots(index).values():
             layers[s.layer] = {n: getattr(s, n).detach().float().clone() for n in tensor_names(a.adapter_type)}
         return LoadedAdapter(a.adapter_type, a.rank, a.alpha, layers, dict(a.config), dict(a.metadata), a.name)
+
+
+# ---------------------------------------------------------------------------------------------------- sessions
+
+# Where SA3-native adapter files' layer paths live in the full checkpoint tree (the official
+# ConditionedDiffusionModelWrapper layout: `model` = DiT wrapper, `conditioner` = MultiConditioner). This is a fact of
+# the file format; adapters/ imports nothing from sa3/. The DiT's layers are gated and filtered by names relative to
+# the DiffusionTransformer (`transformer.layers.1...`); the conditioner's seconds Linear is never gated (reference).
+SA3_ROOTS = (Root("model", gated=True, filter_strip="model."), Root("conditioner", gated=False))
+
+_FILE_CACHE: dict[tuple[str, int, int], LoadedAdapter] = {}
+_FILE_CACHE_LOCK = threading.Lock()
+
+
+def load_adapter_cached(path) -> LoadedAdapter:
+    """read_adapter_file with a small cache keyed by (path, mtime, size); the returned object is shared: don't
+    modify its tensors."""
+    from pathlib import Path
+
+    from .files import read_adapter_file
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    with _FILE_CACHE_LOCK:
+        if key not in _FILE_CACHE:
+            if len(_FILE_CACHE) >= 16:
+                _FILE_CACHE.pop(next(iter(_FILE_CACHE)))
+            _FILE_CACHE[key] = read_adapter_file(p)
+        return _FILE_CACHE[key]
+
+
+def as_use(item) -> AdapterUse:
+    """An AdapterUse from a dict {"path" | "adapter", "strength", "interval": (lo, hi), "skip_first_steps",
+    "layer_filter"}, a path, a LoadedAdapter or an AdapterUse."""
+    if isinstance(item, AdapterUse):
+        return item
+    if isinstance(item, LoadedAdapter):
+        return AdapterUse(item)
+    if isinstance(item, dict):
+        adapter = item.get("adapter") or load_adapter_cached(item["path"])
+        interval = item.get("interval") or (0.0, 1.0)
+        return AdapterUse(adapter, float(item.get("strength", 1.0)), (float(interval[0]), float(interval[1])),
+                          int(item.get("skip_first_steps", 0) or 0), item.get("layer_filter", "") or "")
+    return AdapterUse(load_adapter_cached(item))
+
+
+def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str = "merged") -> AdaptedModel:
+    """The stack for one generation: `with adapter_session(model, loras) as s:` routes the model's adapted layers in
+    this thread; call `with s.at_sigma(t[0], step=i):` around each DiT evaluation. model: an object holding the
+    full tree as `.modules` (SA3Model) or the tree itself. Encode the conditioning INSIDE the session: the seconds
+    Linear of the conditioner is adapted too (never gated)."""
+    tree = model if isinstance(model, nn.Module) else model.modules
+    return AdaptedModel(tree, [as_use(x) for x in loras], roots, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------------- new adapters
@@ -469,5 +607,6 @@ def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
     return {full: layer.weight.detach().clone() for full, layer in view_layers.items()}
 
 
-__all__ = ["AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport", "MODES",
-           "Root", "merged_state", "new_adapter", "skip_steps_interval"]
+__all__ = ["SA3_ROOTS", "AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport",
+           "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "load_adapter_cached",
+           "merged_state", "new_adapter", "skip_steps_interval"]

@@ -288,3 +288,46 @@ def test_target_selection_uses_include_exclude_brackets_and_presets(tree):
         f"model.transformer.layers.{i}.{n}" for i in range(2) for n in ("self_attn.to_qkv", "self_attn.to_out", "ff")]
     with pytest.raises(ValueError, match="preset"):
         select_targets(dit, preset="nope")
+
+
+def test_activation_routes_the_base_tree_only_in_this_thread(tree, inputs):
+    import copy
+
+    base_out = tree(*inputs)
+    am = AdaptedModel(tree, [trained(tree, "dora-rows", 1)], ROOTS)
+    adapted = am.module(*inputs)
+    seen = {}
+    with am.activate():
+        assert torch.equal(tree(*inputs), adapted)
+        other = threading.Thread(target=lambda: seen.update(out=tree(*inputs)))
+        other.start()
+        other.join()
+        clone = copy.deepcopy(tree)
+        assert torch.equal(clone(*inputs), base_out)  # a copy of the base is a different model: never routed
+    assert torch.equal(seen["out"], base_out)
+    assert torch.equal(tree(*inputs), base_out)
+    assert isinstance(tree.model.model.to_timestep_embed, nn.Linear)
+    assert tree.state_dict().keys() == Tree().state_dict().keys()
+
+
+def test_session_dicts_gate_by_sigma_and_counted_steps(tree, inputs, tmp_path):
+    from sa3_lora_studio.adapters import adapter_session, read_adapter_file, write_adapter_file
+
+    a = trained(tree, "lora", 1)
+    path = write_adapter_file(tmp_path / "a.safetensors", a)
+    full = AdaptedModel(tree, [read_adapter_file(path)], ROOTS).module(*inputs)
+    session = adapter_session(tree, [{"path": str(path), "strength": 1.0, "interval": (0.0, 0.5),
+                                      "skip_first_steps": 0}], roots=ROOTS)
+    with session:
+        with session.at_sigma(torch.tensor([0.9, 0.1])):
+            off = tree(*inputs)
+        with session.at_sigma(0.4):
+            on = tree(*inputs)
+    assert not torch.allclose(off, full) and torch.equal(on, full)
+    skip = adapter_session(tree, [{"path": str(path), "skip_first_steps": 2}], roots=ROOTS)
+    with skip:
+        outs = []
+        for sigma in (1.0, 0.8, 0.6, 0.4):
+            with skip.at_sigma(sigma):
+                outs.append(tree(*inputs))
+    assert [torch.equal(o, full) for o in outs] == [False, False, True, True]
