@@ -80,10 +80,10 @@ class PromptConditioner(nn.Module):
             self.cache.clear()
 
     def load_text_encoder(self, source: str | Path, dtype: str | torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu") -> None:
+                          device: str | torch.device = "cpu", config=None) -> None:
         """Load T5Gemma from a Hugging Face folder or ComfyUI's `t5gemma_b_b_ul2.safetensors`, in `dtype` on
-        `device` (see `text.load_text_encoder`)."""
-        self.set_text_encoder(*load_text_encoder(source, dtype=dtype, device=device))
+        `device` (see `text.load_text_encoder`; `config` only matters for a single file of a non-standard size)."""
+        self.set_text_encoder(*load_text_encoder(source, dtype=dtype, device=device, config=config))
 
     @property
     def has_text_encoder(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -34,6 +35,7 @@ from .layers import rotate_half
 from .loading import CheckpointError, SafetensorsFile, describe_key_mismatch, load_into_meta_module, resolve_dtype
 
 SPIECE_KEY = "spiece_model"  # ComfyUI stores the SentencePiece model inside the weights file under this key
+CONFIG_METADATA_KEY = "t5gemma_config"  # our single files also carry the encoder config (ComfyUI's do not)
 _EMBED_KEY = "encoder.embed_tokens.weight"
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 
@@ -441,9 +443,14 @@ def load_t5gemma_encoder(weights: str | Path, config: T5GemmaConfig | None = Non
 
 
 def load_text_encoder(source: str | Path, dtype: str | torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> tuple[T5GemmaEncoder, PromptTokenizer]:
+                      device: str | torch.device = "cpu", config: T5GemmaConfig | dict | str | Path | None = None
+                      ) -> tuple[T5GemmaEncoder, PromptTokenizer]:
     """(encoder, tokenizer) from a Hugging Face folder (config.json, model.safetensors, tokenizer files) or from
-    ComfyUI's single file (weights + `spiece_model`; a model.safetensors inside an HF folder also works)."""
+    ComfyUI's single file (weights + `spiece_model`; a model.safetensors inside an HF folder also works).
+
+    A single file carries no config: `config` (a T5GemmaConfig, an HF config dict or config.json path) wins, then a
+    `t5gemma_config` JSON in the file's metadata (what `write_comfyui_text_encoder` stores), then the real
+    t5gemma-b-b-ul2 values (head_dim 64, query_pre_attn_scalar 64, ...) with sizes read from the tensors."""
     path = Path(source)
     if not path.exists():
         raise TextEncoderError(f"{path}: no such text encoder file or folder")
@@ -452,16 +459,27 @@ def load_text_encoder(source: str | Path, dtype: str | torch.dtype = torch.float
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TextEncoderError(f"{path}: no config.json; this is not a T5Gemma text encoder folder")
-        config = T5GemmaConfig.from_hf(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        encoder = load_t5gemma_encoder(_weights_in_folder(path), config, dtype, device)
+        if config is None:
+            config = path / "config.json"
+        encoder = load_t5gemma_encoder(_weights_in_folder(path), _as_config(config), dtype, device)
         return encoder, PromptTokenizer.from_folder(path)
-    encoder = load_t5gemma_encoder(path, None, dtype, device)
     file = SafetensorsFile(path)
+    if config is None and file.metadata.get(CONFIG_METADATA_KEY):
+        config = json.loads(file.metadata[CONFIG_METADATA_KEY])
+    encoder = load_t5gemma_encoder(path, _as_config(config), dtype, device)
     if SPIECE_KEY not in file.keys():
         raise TextEncoderError(f"{path.name} has T5Gemma weights but no '{SPIECE_KEY}' tokenizer tensor; use "
                                "ComfyUI's t5gemma_b_b_ul2.safetensors or the t5gemma-b-b-ul2 folder")
     model = file.read(SPIECE_KEY).contiguous().view(torch.uint8).numpy().tobytes()
     return encoder, PromptTokenizer.from_sentencepiece(model, source=f"{path.name}:{SPIECE_KEY}")
+
+
+def _as_config(config: T5GemmaConfig | dict | str | Path | None) -> T5GemmaConfig | None:
+    if config is None or isinstance(config, T5GemmaConfig):
+        return config
+    if isinstance(config, str | Path):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    return T5GemmaConfig.from_hf(config)
 
 
 def _has_spiece(path: Path) -> bool:
@@ -499,3 +517,87 @@ class TextEncoderCache:
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+
+
+# --------------------------------------------------------------------------------------------------- conversion
+
+
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb(field: int, value: int | float | str | bytes) -> bytes:
+    """One protobuf field: ints/bools as varints, floats as fixed32, str/bytes (and sub-messages) length-prefixed."""
+    if isinstance(value, float):
+        return _pb_varint(field << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):
+        return _pb_varint(field << 3) + _pb_varint(value)
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def sentencepiece_from_tokenizer_json(path: str | Path) -> bytes:
+    """A serialized SentencePiece BPE model equivalent to a Gemma-style tokenizer.json (BPE, byte fallback, spaces
+    as '▁', no pre-tokenizer, no dummy prefix), for writing ComfyUI-style single files.
+
+    Pieces keep their ids; a merged piece scores -(rank of the first merge producing it), so SentencePiece's
+    highest-score-first merging follows the merge list; `<0xNN>` pieces are BYTE, `<unk>` UNKNOWN, pad/bos/eos
+    CONTROL, other added tokens USER_DEFINED. Known difference: tokenizers also matches pad/bos/eos/unk written
+    literally in the text, SentencePiece never does (control pieces). ModelProto field numbers are those of
+    sentencepiece_model.proto; written by hand so protobuf is not needed."""
+    tok = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = tok["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise ValueError(f"{path}: only BPE tokenizers with byte fallback convert to SentencePiece")
+    vocab = model["vocab"]
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model["merges"]):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(a + b, r)
+    added = {t["content"] for t in tok.get("added_tokens", [])}
+    pieces = b""
+    for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if piece == "<unk>":
+            kind = 2  # UNKNOWN
+        elif piece in ("<pad>", "<bos>", "<eos>"):
+            kind = 3  # CONTROL
+        elif piece in added:
+            kind = 4  # USER_DEFINED
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            kind = 6  # BYTE
+        else:
+            kind = 1  # NORMAL
+        score = -float(rank.get(piece, len(rank) + 1)) if kind == 1 else 0.0
+        pieces += _pb(1, _pb(1, piece) + _pb(2, score) + _pb(3, kind))
+    ids = {name: vocab.get(f"<{name}>", -1) for name in ("unk", "bos", "eos", "pad")}
+    trainer = (_pb(3, 2) + _pb(4, len(vocab)) + _pb(35, 1)  # model_type BPE, vocab_size, byte_fallback
+               + b"".join(_pb(40 + i, ids[n]) + _pb(45 + i, f"<{n}>") for i, n in enumerate(ids) if ids[n] >= 0))
+    normalizer = _pb(1, "identity") + _pb(3, 0) + _pb(4, 0) + _pb(5, 1)  # no dummy prefix/space folding; ' ' -> '▁'
+    return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
+def write_comfyui_text_encoder(folder: str | Path, out: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+    """Write a Hugging Face T5Gemma folder as one ComfyUI-style file: `model.encoder.*` tensors plus the
+    SentencePiece model as the uint8 tensor `spiece_model` (from tokenizer.model, else converted from
+    tokenizer.json). dtype: None keeps the stored dtype."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    file = SafetensorsFile(_weights_in_folder(folder))
+    prefix = _encoder_prefix(file.keys())
+    if prefix is None:
+        raise TextEncoderError(f"{folder}: no T5Gemma encoder weights")
+    target = resolve_dtype(dtype) if dtype is not None else None
+    tensors = {"model." + k[len(prefix):]: file.read(k, target) for k in file.keys()
+               if k.startswith(prefix + "encoder.")}
+    spm_path = folder / "tokenizer.model"
+    spm = spm_path.read_bytes() if spm_path.is_file() else sentencepiece_from_tokenizer_json(folder / "tokenizer.json")
+    tensors[SPIECE_KEY] = torch.frombuffer(bytearray(spm), dtype=torch.uint8)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    save_file(tensors, str(out), metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.get("encoder", config))})
+    return Path(out)
