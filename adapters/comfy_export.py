@@ -1,0 +1,109 @@
+"""Export an adapter for ComfyUI's stock LoRA loader and its native SA3 model.
+
+ComfyUI addresses the DiT's weights as `diffusion_model.<path>` (path relative to the DiffusionTransformer, i.e. our
+file path without its `model.` prefix) and its generic LoRA adapter applies, per layer (comfy/weight_adapter):
+- `<x>.lora_up.weight` U [out, r], `<x>.lora_down.weight` D [r, in(, k)], `<x>.alpha` a:
+  W += strength · (a / r) · (U·D) viewed as W;
+- with `<x>.dora_scale` m: W' = (W + (a/r)·U·D) · m / (column norms of that + eps) when m's first dim is not
+  out_features (the input-axis branch; the output-axis branch takes the norms of the ORIGINAL W, which is not DoRA),
+  then blended linearly by strength;
+- `<x>.diff` Δ: W += strength · Δ.
+So the forms are chosen where the maths match ours exactly (up to ComfyUI's float32-eps in the norm):
+lora / lora-xs -> low rank (-xs as U·M and Vᵀ); dora-cols / dora-cols-xs on a Linear (or a k=1 Conv1d) at strength 1
+-> low rank + dora_scale; everything else (dora-rows, bora, their -xs, other strengths) -> the exact weight
+difference `diff` = W_eff - W in fp32. The conditioner's seconds Linear has no `diffusion_model.` key in ComfyUI
+and is skipped (reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .apply import SA3_ROOTS, Root
+from .files import LoadedAdapter
+from .maths import adapter_scale, check_adapter_type, effective_weight, svd_bases
+
+COMFY_PREFIX = "diffusion_model."
+
+
+@dataclass
+class ComfyExportReport:
+    """How each layer was written ("lowrank", "dora", "diff") and which layers were skipped, with the reason."""
+
+    forms: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for form in self.forms.values():
+            out[form] = out.get(form, 0) + 1
+        return out
+
+
+def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0,
+                  roots: Sequence[Root] = SA3_ROOTS, dit_root: str = "model",
+                  dit_prefix: str = "model.") -> tuple[dict[str, Tensor], ComfyExportReport]:
+    """The ComfyUI-keyed tensors of an adapter applied at `strength` to the weights in `tree` (for -xs bases and
+    exact differences). Layers of the root `dit_root` become `diffusion_model.<path without dit_prefix>`."""
+    _, renorm = check_adapter_type(adapter.adapter_type)
+    report = ComfyExportReport()
+    out: dict[str, Tensor] = {}
+    root_by_path = {r.path: r for r in roots}
+    if dit_root not in root_by_path:
+        raise ValueError(f"dit_root={dit_root!r} is not one of the roots {sorted(root_by_path)}")
+    dit = tree.get_submodule(dit_root) if dit_root else tree
+    for layer, t in adapter.layers.items():
+        try:
+            module = dit.get_submodule(layer)
+        except AttributeError:
+            report.skipped[layer] = "not a DiT layer (ComfyUI's SA3 LoRA keys cover diffusion_model.* only)"
+            continue
+        w = module.weight.detach().float()
+        key = COMFY_PREFIX + layer.removeprefix(dit_prefix)
+        t = dict(t)
+        if adapter.is_xs:
+            t["U"], t["V"] = svd_bases(w, adapter.rank)
+        if "lora_A" in t:
+            up, down = t["lora_B"], t["lora_A"]
+        else:
+            up, down = t["U"] @ t["M_xs"], t["V"].T.contiguous()
+        is_conv = w.dim() == 3
+        cols_ok = renorm == "cols" and strength == 1.0 and w.shape[0] != 1 and (not is_conv or w.shape[2] == 1)
+        if renorm == "none" or cols_ok:
+            if is_conv:
+                up, down = up[:, :, None], down.reshape(down.shape[0], w.shape[1], w.shape[2])
+            out[f"{key}.lora_up.weight"] = up.float().contiguous()
+            out[f"{key}.lora_down.weight"] = down.float().contiguous()
+            # ComfyUI scales by alpha / rank; a strength other than 1 is folded into alpha for plain low-rank types
+            alpha = adapter.alpha * (strength if renorm == "none" else 1.0)
+            out[f"{key}.alpha"] = torch.tensor(float(alpha))
+            if cols_ok:
+                out[f"{key}.dora_scale"] = t["magnitude"].float().reshape(1, -1, *([1] if is_conv else [])).contiguous()
+                report.forms[layer] = "dora"
+            else:
+                report.forms[layer] = "lowrank"
+        else:
+            w_eff = effective_weight(w, adapter.adapter_type, t, adapter_scale(adapter.alpha, adapter.rank, strength))
+            out[f"{key}.diff"] = (w_eff - w).contiguous()
+            report.forms[layer] = "diff"
+    if not out:
+        raise ValueError(f"{adapter.name or 'adapter'}: no layer of it is in the DiT; nothing to export for ComfyUI")
+    return out, report
+
+
+def export_for_comfyui(path: str | Path, adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0,
+                       roots: Sequence[Root] = SA3_ROOTS, dtype: torch.dtype = torch.float32) -> ComfyExportReport:
+    """Write `comfy_tensors` to a safetensors file for ComfyUI's `LoraLoaderModelOnly`. dtype: float type on disk
+    (fp32 default so `diff` layers stay exact; fp16 halves the size)."""
+    tensors, report = comfy_tensors(adapter, tree, strength, roots)
+    tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
+    metadata = {"created_by": "sa3_lora_studio", "sa3_adapter_type": adapter.adapter_type,
+                "sa3_strength": str(float(strength))}
+    save_file(tensors, str(path), metadata=metadata)
+    return report
