@@ -6,7 +6,7 @@ SA3 conditions on `last_hidden_state` of `google/t5gemma-b-b-ul2`'s encoder: a G
   - RMSNorm is computed in fp32 as x̂·(1 + w) and cast back;
   - every layer is pre-norm + post-norm around both attention and the GeGLU MLP;
   - attention logits are (q·k) · query_pre_attn_scalar^-0.5, soft-capped as c·tanh(s/c), then get an additive mask
-    bias of the dtype's minimum (not -inf: a fully padded row, i.e. an empty prompt, becomes a uniform average
+    bias of the fp32 minimum (not -inf: a fully padded row, i.e. an empty prompt, becomes a uniform average
     instead of NaN), softmax in fp32;
   - RoPE over the full head dim (rotate-half layout) at positions 0..L-1 whatever the padding.
 
@@ -154,11 +154,12 @@ def rope_cos_sin(n: int, head_dim: int, theta: float, dtype: torch.dtype, device
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def attention_bias(mask: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
+def attention_bias(mask: Tensor, window: int | None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Additive attention bias [B, 1, L, L]: 0 where key j is visible from query i, the dtype's minimum elsewhere.
 
     mask: [B, L] bool, True at real tokens (only keys are masked: padded queries still attend to real keys).
-    window: bidirectional sliding window, keys with |i - j| < window are visible (None: all).
+    window: bidirectional sliding window, keys with |i - j| < window are visible (None: all); transformers versions
+    differ on < or <=, which only matters past 4096 tokens.
     The minimum rather than -inf keeps a fully padded row finite: it softmaxes to a uniform average."""
     visible = mask[:, None, None, :]  # [B, 1, 1, L]
     if window is not None:
@@ -182,7 +183,7 @@ class T5GemmaSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor) -> Tensor:
-        """x: [B, L, hidden]; cos, sin: [L, head_dim]; bias: [B, 1, L, L] additive. Returns [B, L, hidden]."""
+        """x: [B, L, hidden]; cos, sin: [L, head_dim]; bias: [B, 1, L, L] fp32 additive. Returns [B, L, hidden]."""
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", d=self.head_dim)
@@ -194,7 +195,9 @@ class T5GemmaSelfAttention(nn.Module):
         logits = (q @ k.transpose(-1, -2)) * self.scale  # [B, H, L, L]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        weights = F.softmax(logits + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        # transformers adds the bias in the model dtype; in fp16 min + logit overflows to -inf and an empty prompt
+        # gives NaN, so add it in fp32 (identical for fp32, and for every row with at least one visible key).
+        weights = F.softmax(logits.float() + bias, dim=-1).to(q.dtype)
         return self.o_proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
 
 
@@ -266,7 +269,7 @@ class T5GemmaEncoder(nn.Module):
         biases = {}  # one bias per distinct window, shared by the layers that use it
         for layer in self.layers:
             if layer.window not in biases:
-                biases[layer.window] = attention_bias(attention_mask, layer.window, h.dtype)
+                biases[layer.window] = attention_bias(attention_mask, layer.window)
             h = layer(h, cos, sin, biases[layer.window])
         return self.norm(h)
 
