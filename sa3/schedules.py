@@ -221,13 +221,10 @@ def build_schedule(steps: int, sigma_max: float = 1.0, shift: Shift | None = DEF
         return t
     seq_len = effective_seq_len if effective_seq_len is not None else fallback_seq_len
     if isinstance(seq_len, Tensor):
-        seq_len = torch.clamp(seq_len.to(device).reshape(-1), min=1)[:, None]  # [B, 1]: avoid log(0)
-        t = t[None]  # [1, steps + 1]
-    elif seq_len is not None:
-        seq_len = max(int(seq_len), 1)
-    t = shift.shift(t, seq_len)
-    if seq_len is not None and isinstance(seq_len, Tensor):
-        t = t.expand(seq_len.shape[0], -1).clone()
+        seq_len = torch.clamp(seq_len.to(device).reshape(-1, 1), min=1)  # [B, 1], >= 1 to avoid log(0)
+        t = shift.shift(t[None], seq_len).expand(seq_len.shape[0], -1).clone()  # [B, steps + 1]
+    else:
+        t = shift.shift(t, None if seq_len is None else max(int(seq_len), 1))
     t[..., 0] = sigma_max  # re-anchor (see above)
     return t
 
