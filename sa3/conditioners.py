@@ -12,6 +12,7 @@ adapters never see them. `load_text_encoder` loads them; `offload_text_encoder` 
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Sequence
@@ -66,6 +67,26 @@ class PromptConditioner(nn.Module):
         self.__dict__["tokenizer"] = None
         self.cache = TextEncoderCache(cache_size)
         self._lock = threading.RLock()
+
+    # Copies share the frozen T5, tokenizer and cache (a deepcopy, e.g. for an EMA or a training copy, must not
+    # duplicate a 280M-parameter encoder); locks are recreated.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo):
+        for shared in (self.text_encoder, self.tokenizer, self.cache):
+            if shared is not None:
+                memo[id(shared)] = shared
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     # --- the text encoder ---
     def set_text_encoder(self, encoder: T5GemmaEncoder, tokenizer: PromptTokenizer) -> None:

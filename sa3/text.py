@@ -277,6 +277,33 @@ class T5GemmaEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------- tokenizers
 
 
+class _TokenizersBackend:
+    """text -> ids with a `tokenizers.Tokenizer`, special tokens left to PromptTokenizer (picklable)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
+class _SentencePieceBackend:
+    """text -> ids with plain SentencePiece `Encode()`; pickles as the serialized model."""
+
+    def __init__(self, model: bytes):
+        import sentencepiece as spm
+
+        self.model = model
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(model)
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self.sp.encode(text, out_type=int))
+
+    def __reduce__(self):
+        return (_SentencePieceBackend, (self.model,))
+
+
 class PromptTokenizer:
     """Text -> fixed-length ids and mask, like `AutoTokenizer(texts, truncation=True, max_length=L,
     padding="max_length")`.
@@ -331,7 +358,7 @@ class PromptTokenizer:
             return found if found is not None else (fallback[0] if fallback else None)
 
         pad_id = token_id("pad", [])
-        return cls(lambda text: tok.encode(text, add_special_tokens=False).ids,
+        return cls(_TokenizersBackend(tok),
                    pad_id=pad_id if pad_id is not None else 0,
                    bos_id=token_id("bos", post_bos), eos_id=token_id("eos", post_eos),
                    add_bos=config.get("add_bos_token", bool(post_bos)),
@@ -358,7 +385,7 @@ class PromptTokenizer:
             i = fn()
             return i if i >= 0 else (sp.piece_to_id(piece) if sp.piece_to_id(piece) != sp.unk_id() else None)
 
-        return cls(lambda text: list(sp.encode(text, out_type=int)), pad_id=pad_id,
+        return cls(_SentencePieceBackend(bytes(model)), pad_id=pad_id,
                    bos_id=special(sp.bos_id, "<bos>"), eos_id=special(sp.eos_id, "<eos>"),
                    add_bos=config.get("add_bos_token", False), add_eos=config.get("add_eos_token", False),
                    padding_side=config.get("padding_side", "left"),
@@ -500,6 +527,12 @@ class TextEncoderCache:
         self.size = size
         self.entries: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.lock = threading.Lock()
+
+    def __getstate__(self):  # pickled copies start empty (tensors may live on a GPU; the lock cannot be pickled)
+        return {"size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"])
 
     def get(self, key: tuple) -> tuple[Tensor, Tensor] | None:
         with self.lock:

@@ -181,3 +181,15 @@ def test_prompt_conditioner_accepts_the_official_config_keys():
     prompt = PromptConditioner(768, model_name="google/t5gemma-b-b-ul2", max_length=256, padding_mode="learned",
                                repo_id="stabilityai/stable-audio-3-medium-base", subfolder="t5gemma-b-b-ul2")
     assert prompt.padding_embedding.shape == (768,) and prompt.max_length == 256
+
+
+def test_copies_share_the_frozen_text_encoder_but_not_the_parameters(multi):
+    import copy
+    import pickle
+
+    clone = copy.deepcopy(multi)
+    prompt, cloned = multi.conditioners["prompt"], clone.conditioners["prompt"]
+    assert cloned.text_encoder is prompt.text_encoder and cloned.padding_embedding is not prompt.padding_embedding
+    restored = pickle.loads(pickle.dumps(multi))
+    emb, _ = restored.conditioners["prompt"](["dog barking next to a waterfall"], "cpu")
+    torch.testing.assert_close(emb, prompt(["dog barking next to a waterfall"], "cpu")[0], atol=0, rtol=0)
