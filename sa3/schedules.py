@@ -417,17 +417,20 @@ def generation_length(duration_s: float | Sequence[float], sample_rate: int, dow
     """Latent frames T to generate for the longest requested duration, as the official `generate` sizes it:
     int((s + padding_s)·sample_rate) samples, rounded up to whole latents, then to a multiple of `latent_alignment`
     latents (SAME-S attends in 2-latent chunks; officially chunk_size // stride of the encoder config, default
-    chunk_size 32), then capped at `max_latents`: pass the model's native maximum (sample_size // downsampling_ratio),
-    not the official generate() default of 120 s, so medium reaches 380 s. A duration <= 0 gives max_latents."""
+    chunk_size 32), then capped at `max_latents` floored to the alignment: pass the model's native maximum
+    (sample_size // downsampling_ratio), not the official generate() default of 120 s, so medium reaches 380 s.
+    (The reference caps in samples without re-aligning; the real sample sizes are aligned, so they agree.)
+    A duration <= 0 gives the cap."""
+    align = max(1, int(latent_alignment))
+    cap = None if max_latents is None else max(align, int(max_latents) // align * align)  # the cap stays aligned
     longest = max(_seconds_list(duration_s), default=0.0)
     if longest <= 0:
-        if max_latents is None:
+        if cap is None:
             raise ValueError("duration must be > 0 when no max_latents is given")
-        return int(max_latents)
+        return cap
     samples = _ceil_to(int((longest + padding_s) * sample_rate), downsampling_ratio)
-    samples = _ceil_to(samples, downsampling_ratio * max(1, int(latent_alignment)))
-    n_latents = samples // downsampling_ratio
-    return n_latents if max_latents is None else min(n_latents, int(max_latents))
+    n_latents = _ceil_to(samples, downsampling_ratio * align) // downsampling_ratio
+    return n_latents if cap is None else min(n_latents, cap)
 
 
 def effective_seq_len(seconds_total: float | Sequence[float] | Tensor, sample_rate: int,
@@ -460,6 +463,8 @@ def inpaint_latent_mask(regions: Sequence[tuple[float, float]], n_latents: int, 
     the region (source length, new duration)."""
     mask = torch.ones(1, 1, audio_samples)
     for start_s, end_s in regions:
+        if not end_s > start_s >= 0:
+            raise ValueError(f"inpaint region ({start_s}, {end_s}) s: need 0 <= start < end")
         start = min(int(start_s * sample_rate), audio_samples)
         end = min(int(end_s * sample_rate), audio_samples)
         mask[..., start:end] = 0

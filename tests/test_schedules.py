@@ -250,6 +250,7 @@ def test_generation_length_follows_the_official_alignment_and_the_e2e_fixture():
             assert n % align == 0 and n * 4096 >= (seconds + 6) * SR > (n - align) * 4096
     assert S.generation_length([3.0, 10.0], SR, 4096, 2) == S.generation_length(10.0, SR, 4096, 2)
     assert S.generation_length(0.0, SR, 4096, 2, max_latents=1300) == 1300
+    assert S.generation_length(500.0, SR, 4096, 2, max_latents=1301) == 1300  # a capped length stays aligned
 
 
 def test_medium_reaches_380_seconds_instead_of_the_official_120_second_default_cap():
@@ -285,3 +286,5 @@ def test_inpaint_latent_mask_handles_several_regions_and_zeroes_past_the_duratio
     mask = S.inpaint_latent_mask([(1.0, 2.0), (3.0, 3.5)], 10, 10 * 44100, 44100, seconds_total=[4.0, 8.0])
     assert mask[0, 0].tolist() == [1, 0, 1, 0, 1, 1, 1, 1, 0, 0]  # latent i takes the value at i seconds; past 8 s zeroed
     assert math.isclose(mask.sum().item(), 6)
+    with pytest.raises(ValueError, match="start < end"):
+        S.inpaint_latent_mask([(2.0, 1.0)], 10, 10 * 44100, 44100)
