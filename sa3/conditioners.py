@@ -142,7 +142,10 @@ class PromptConditioner(nn.Module):
         if todo:  # one batched T5 call for the prompts not cached yet
             ids, mask = self.tokenize(todo)
             hidden = self.encode_tokens(ids, mask, device)
-            fresh = {t: (hidden[i], mask[i].to(hidden.device)) for i, t in enumerate(todo)}
+            # Own copies, made outside inference mode: a cached row must not pin the whole batch, and must stay
+            # usable when a later call (training) runs with autograd on.
+            with torch.inference_mode(False):
+                fresh = {t: (hidden[i].clone(), mask[i].to(hidden.device).clone()) for i, t in enumerate(todo)}
             for text, value in fresh.items():
                 self.cache.put((text, self.max_length, self.text_encoder.dtype), value)
             found = [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
