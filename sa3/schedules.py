@@ -262,12 +262,13 @@ def sample_training_t(batch: int, sampler: str = "trunc_logit_normal", generator
     "trunc_logit_normal" (official default): one randn(batch) draw -> t = 1 - truncated_logit_normal(z).
     "logit_normal": sigmoid(randn(batch)). "uniform": rand(batch) (the reference uses a scrambled Sobol sequence;
     plain uniform draws keep the generator the only source of randomness)."""
+    device = generator.device if generator is not None else None  # draw where the generator lives
     if sampler == "trunc_logit_normal":
-        t = 1 - truncated_logit_normal(torch.randn(batch, generator=generator))
+        t = 1 - truncated_logit_normal(torch.randn(batch, generator=generator, device=device))
     elif sampler == "logit_normal":
-        t = torch.sigmoid(torch.randn(batch, generator=generator))
+        t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
     elif sampler == "uniform":
-        t = torch.rand(batch, generator=generator)
+        t = torch.rand(batch, generator=generator, device=device)
     else:
         raise ValueError(f"timestep sampler {sampler!r} is unknown; use one of {TRAINING_T_SAMPLERS}")
     return t if shift is None else shift.shift(t, seq_len)
@@ -324,7 +325,8 @@ def random_inpaint_mask(padding_mask: Tensor, generator: torch.Generator | None 
     - "causal": keep a prefix of length U{0..L}, generate the rest of the real part.
     With `mask_padding` (training with padding-masked attention) positions past L are 0 too for "segments" and
     "causal", so padding never looks like provided context. An item with L = 0 keeps all ones unless "full".
-    The masked input is x0 * mask."""
+    The masked input is x0 * mask. Draws come from `generator` (a CPU generator), one kind per item in order; the
+    reference uses Python's `random`, so only the distribution, not the exact masks, matches it."""
     if len(probabilities) != len(MASK_KINDS):
         raise ValueError(f"probabilities must give {MASK_KINDS} in that order; got {list(probabilities)}")
     if not math.isclose(sum(probabilities), 1.0, rel_tol=1e-6, abs_tol=1e-6):
