@@ -494,14 +494,19 @@ def load_text_encoder(source: str | Path, dtype: str | torch.dtype = torch.float
         encoder = load_t5gemma_encoder(_weights_in_folder(path), _as_config(config), dtype, device)
         return encoder, PromptTokenizer.from_folder(path)
     file = SafetensorsFile(path)
-    if config is None and file.metadata.get(CONFIG_METADATA_KEY):
-        config = json.loads(file.metadata[CONFIG_METADATA_KEY])
-    encoder = load_t5gemma_encoder(path, _as_config(config), dtype, device)
-    if SPIECE_KEY not in file.keys():
+    # The tokenizer is checked first so a file without one fails before 280M parameters are read. A full ComfyUI
+    # checkpoint that bundles the text encoder keeps it under a prefix (e.g. `text_encoders.<name>.`).
+    spiece = sorted((k for k in file.keys() if k == SPIECE_KEY or k.endswith("." + SPIECE_KEY)), key=len)
+    if not spiece:
+        if _encoder_prefix(file.keys()) is None:
+            load_t5gemma_encoder(path)  # raises the "holds no T5Gemma encoder" message
         raise TextEncoderError(f"{path.name} has T5Gemma weights but no '{SPIECE_KEY}' tokenizer tensor; use "
                                "ComfyUI's t5gemma_b_b_ul2.safetensors or the t5gemma-b-b-ul2 folder")
-    model = file.read(SPIECE_KEY).contiguous().view(torch.uint8).numpy().tobytes()
-    return encoder, PromptTokenizer.from_sentencepiece(model, source=f"{path.name}:{SPIECE_KEY}")
+    if config is None and file.metadata.get(CONFIG_METADATA_KEY):
+        config = json.loads(file.metadata[CONFIG_METADATA_KEY])
+    tokenizer = PromptTokenizer.from_sentencepiece(file.read(spiece[0]).contiguous().numpy().tobytes(),
+                                                   source=f"{path.name}:{spiece[0]}")
+    return load_t5gemma_encoder(path, _as_config(config), dtype, device), tokenizer
 
 
 def _as_config(config: T5GemmaConfig | dict | str | Path | None) -> T5GemmaConfig | None:

@@ -177,3 +177,15 @@ def test_a_file_that_is_not_a_text_encoder_is_rejected_clearly(fixtures_dir, t5_
         load_text_encoder(tmp_path / "bare.safetensors")
     with pytest.raises(TextEncoderError, match="no such"):
         load_text_encoder(tmp_path / "nothing-here")
+
+
+def test_text_encoder_bundled_under_a_prefix_in_a_checkpoint_is_found(hf, t5_dir, tmp_path):
+    path = write_comfyui_text_encoder(t5_dir, tmp_path / "te.safetensors")
+    tensors = {f"text_encoders.t5gemma.{k}": v for k, v in load_file(str(path)).items()}
+    tensors["model.model.some_dit_weight"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "checkpoint.safetensors"))
+    config = json.loads((t5_dir / "config.json").read_text())
+    encoder, tok = load_text_encoder(tmp_path / "checkpoint.safetensors", config=config)
+    ids, mask = tok.encode(["dog barking next to a waterfall"], 16)
+    with torch.no_grad():
+        assert torch.equal(encoder(ids, mask), hf[0](ids, mask))
