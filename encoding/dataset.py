@@ -1,0 +1,708 @@
+"""Pre-encoded datasets: encode a folder of audio to latents, import official/underfit datasets, open for training.
+
+Layout of a dataset folder DIR (readable by the official `PreEncodedDataset` as-is):
+
+    DIR/<relpath>.npy     latents [latent_dim, T] (float32 or float16), T = ceil(samples_at_44.1k / ratio)
+    DIR/<relpath>.json    official fields (prompt if any, seconds_total, seconds_start, padding_mask at latent
+                          rate, path, relpath, sample_rate, timestamps) + all metadata fields + ours
+                          (seconds_decoded, source_sample_rate, source_channels, decoder, content_hash, ...)
+    DIR/silence.npy       [1, latent_dim, N]: the encoding of digital silence, used to pad
+    DIR/dataset.json      the manifest: encoder used, latent rate, every file with hash/status/reason, totals,
+                          and "complete": true only once everything above is written (atomic replace)
+
+<relpath> keeps the audio extension (`a.wav.npy`, `a.flac.npy`), so same-stem files never collide. Relpaths are
+'/'-separated and Unicode NFC. `seconds_total` follows the official convention (ceil of the decoded length, an
+integer); the exact decoded duration is `seconds_decoded`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
+from .captions import lookup_metadata, nfc
+
+MANIFEST = "dataset.json"
+SILENCE = "silence.npy"
+FORMAT = "sa3-lora-dataset"
+FORMAT_VERSION = 1
+SILENCE_LATENTS = 64  # frames of encoded silence stored; loaders tile it when they need more
+DEFAULT_CHUNK_LATENTS = 1024  # bounds encoder memory for long files (about 95 s at 4096x downsampling)
+DEFAULT_OVERLAP_LATENTS = 16  # context each side of a chunk, discarded, so chunk seams match a whole-file encode
+
+
+class DatasetError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write via a temp file + os.replace: readers see the old or the new file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, as 'sha256:<hex>'."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def matches(relpath: str, patterns) -> bool:
+    """True when relpath equals a pattern, or matches it as a glob (on the relpath, or on the file name for
+    patterns without '/'). Exact names are compared first, so names with [brackets] work as explicit entries."""
+    name = relpath.rsplit("/", 1)[-1]
+    for p in patterns:
+        p = nfc(str(p)).replace("\\", "/")
+        if relpath == p or name == p or fnmatch.fnmatchcase(relpath, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)):
+            return True
+        if p.endswith("/") and relpath.startswith(p):  # a folder
+            return True
+    return False
+
+
+def encoder_identity(encoder) -> dict:
+    """What the manifest records about the encoder, with a fingerprint that changes when its weights do."""
+    ident = {
+        "name": str(getattr(encoder, "pack", None) or getattr(encoder, "source", None) or type(encoder).__name__),
+        "latent_dim": int(encoder.latent_dim),
+        "downsampling_ratio": int(encoder.downsampling_ratio),
+        "sample_rate": int(encoder.sample_rate),
+    }
+    fp = getattr(encoder, "fingerprint", None)
+    if fp is None and getattr(encoder, "autoencoder", None) is not None:
+        # Names, shapes and a sample of each tensor: cheap, and different for any other checkpoint.
+        h = hashlib.sha256()
+        for k, v in encoder.autoencoder.state_dict().items():
+            flat = v.detach().reshape(-1)[:64].float().cpu().numpy()
+            h.update(f"{k}{tuple(v.shape)}".encode())
+            h.update(flat.tobytes())
+        fp = h.hexdigest()[:24]
+    ident["fingerprint"] = str(fp if fp is not None else ident["name"])
+    return ident
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scanning
+
+
+@dataclass
+class ScanResult:
+    files: list[tuple[Path, str]] = field(default_factory=list)  # (path as found, NFC '/' relpath)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason) found while walking
+    excluded: list[str] = field(default_factory=list)
+
+
+def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ...] = ()) -> ScanResult:
+    """Every audio file under `folder` (by extension), sorted by relpath. Follows symlinks; directory loops are
+    reported once and not entered; AppleDouble `._*` files and hidden folders are ignored. include: when given,
+    only matching relpaths; exclude: matching relpaths are left out (see `matches`)."""
+    folder = Path(folder)
+    res = ScanResult()
+    seen_dirs = set()
+    skip_real = {os.path.realpath(s) for s in skip}
+    found = []
+
+    def walk(d: Path, rel: str) -> None:
+        try:
+            st = d.stat()
+        except OSError as e:
+            res.problems.append((rel or ".", f"unreadable folder ({e.strerror})"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            res.problems.append((rel, "symlink loop (folder already visited)"))
+            return
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            res.problems.append((rel or ".", f"unreadable folder ({e.strerror})"))
+            return
+        for e in entries:
+            r = f"{rel}/{nfc(e.name)}" if rel else nfc(e.name)
+            if e.name.startswith("._") or e.name.startswith(".sa3") or e.name.startswith(".") and e.is_dir():
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if os.path.realpath(e.path) in skip_real:
+                    continue
+                walk(Path(e.path), r)
+            elif os.path.splitext(e.name)[1].lower() in AUDIO_EXTENSIONS:
+                found.append((Path(e.path), r))
+
+    walk(folder, "")
+    for path, rel in sorted(found, key=lambda x: x[1]):
+        if (include and not matches(rel, include)) or (exclude and matches(rel, exclude)):
+            res.excluded.append(rel)
+        else:
+            res.files.append((path, rel))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoding one file
+
+
+def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int = DEFAULT_CHUNK_LATENTS,
+                    overlap_latents: int = DEFAULT_OVERLAP_LATENTS) -> np.ndarray:
+    """audio: [2, N] float32 at encoder.sample_rate -> latents [latent_dim, ceil(N / ratio)] float32.
+
+    Files longer than chunk_latents frames are encoded in chunks, each with overlap_latents frames of real
+    context on both sides that are then dropped, so memory is bounded and the whole true length is encoded
+    (nothing is truncated or padded beyond the last partial frame)."""
+    import torch
+
+    r = int(encoder.downsampling_ratio)
+    n_latents = math.ceil(audio.shape[-1] / r)
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    x = torch.nn.functional.pad(x, (0, n_latents * r - x.shape[-1]))  # zero tail up to the last frame boundary
+
+    def run(lo: int, hi: int) -> np.ndarray:
+        z = encoder.encode_audio(x[None, :, lo * r:hi * r], encoder.sample_rate)[0]
+        if z.shape[-1] < hi - lo:
+            raise DatasetError(f"encoder returned {z.shape[-1]} frames for {hi - lo} frames of audio")
+        return z[:, :hi - lo].float().cpu().numpy()
+
+    if n_latents <= chunk_latents:
+        return run(0, n_latents)
+    out = []
+    for start in range(0, n_latents, chunk_latents):
+        stop = min(start + chunk_latents, n_latents)
+        lo, hi = max(0, start - overlap_latents), min(n_latents, stop + overlap_latents)
+        out.append(run(lo, hi)[:, start - lo:stop - lo])
+    return np.concatenate(out, axis=1)
+
+
+def encode_silence(encoder, n_latents: int = SILENCE_LATENTS) -> np.ndarray:
+    """[1, latent_dim, n_latents] float32: the encoding of digital silence (the official silence.npy shape)."""
+    if hasattr(encoder, "silence_latents"):
+        z = np.asarray(encoder.silence_latents(n_latents), dtype=np.float32)
+        return z.reshape(1, z.shape[-2], z.shape[-1])
+    zeros = np.zeros((2, n_latents * int(encoder.downsampling_ratio)), np.float32)
+    return encode_waveform(encoder, zeros, chunk_latents=max(n_latents, 1))[None]
+
+
+def _output_paths(out_dir: Path, relpath: str) -> tuple[Path, Path]:
+    return out_dir / f"{relpath}.npy", out_dir / f"{relpath}.json"
+
+
+def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
+                 content_hash: str, chunk_latents: int, decoded=None) -> dict:
+    """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped')."""
+    rec = {"relpath": relpath, "hash": content_hash}
+    try:
+        audio, info = decoded if decoded is not None else load_audio(path, encoder.sample_rate, 2)
+        r = int(encoder.downsampling_ratio)
+        if audio.shape[-1] < r:
+            raise AudioFileError("too short", f"{info.seconds:.4f} s is less than one latent frame "
+                                 f"({r / encoder.sample_rate:.4f} s)")
+        latents = encode_waveform(encoder, audio, chunk_latents)
+        if not np.isfinite(latents).all():
+            raise AudioFileError("encoder produced NaN/inf")
+    except AudioFileError as e:
+        return {**rec, "status": "skipped", "reason": e.reason, "detail": e.detail}
+    warnings: list[str] = []
+    sources: dict[str, str] = {}
+    md = lookup_metadata(path, root, warnings=warnings, sources=sources)
+    n = latents.shape[-1]
+    npy_path, json_path = _output_paths(out_dir, relpath)
+    seconds = info.seconds
+    meta = {
+        **md,
+        "seconds_start": 0,
+        "seconds_total": int(math.ceil(audio.shape[-1] / encoder.sample_rate)),  # official: ceil(len / sr)
+        "padding_mask": [1] * n,
+        "path": str(Path(path).absolute()),
+        "relpath": relpath,
+        "timestamps": [0, int(audio.shape[-1])],
+        "sample_rate": int(encoder.sample_rate),
+        "seconds_decoded": round(seconds, 6),
+        "source_sample_rate": info.sample_rate,
+        "source_channels": info.channels,
+        "decoder": info.decoder,
+        "content_hash": content_hash,
+        "encoder_fingerprint": ident["fingerprint"],
+        "latent_dtype": dtype,
+        "metadata_sources": sources,
+    }
+    save_npy_atomic(npy_path, latents.astype(dtype))
+    write_json_atomic(json_path, meta)  # the JSON last: its presence means this file is done
+    rec.update(status="encoded", latents=f"{relpath}.npy", metadata=f"{relpath}.json", n_latents=n,
+               seconds=round(seconds, 6), source_sample_rate=info.sample_rate, source_channels=info.channels,
+               decoder=info.decoder)
+    if warnings:
+        rec["warnings"] = warnings
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker processes (one per device)
+
+_WORKER: dict = {}
+
+
+def _worker_init(factory, devices, counter) -> None:
+    import torch
+
+    with counter.get_lock():
+        rank = counter.value
+        counter.value += 1
+    device = devices[rank % len(devices)]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(devices))))
+    _WORKER["encoder"] = factory(device)
+    _WORKER["ident"] = encoder_identity(_WORKER["encoder"])
+
+
+def _worker_identity(_=None) -> dict:
+    return _WORKER["ident"]
+
+
+def _worker_silence(_=None) -> np.ndarray:
+    return encode_silence(_WORKER["encoder"])
+
+
+def _worker_encode(task: tuple) -> dict:
+    path, relpath, root, out_dir, dtype, content_hash, chunk_latents = task
+    return _encode_file(_WORKER["encoder"], _WORKER["ident"], Path(path), relpath, Path(root), Path(out_dir), dtype,
+                        content_hash, chunk_latents)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the folder encoder
+
+
+@dataclass
+class EncodeReport:
+    out_dir: Path
+    encoded: list[str] = field(default_factory=list)  # encoded in this run
+    reused: list[str] = field(default_factory=list)  # unchanged since a previous run
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
+    excluded: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0  # audio seconds in the dataset
+
+    @property
+    def complete(self) -> bool:
+        return not self.interrupted
+
+    def summary(self) -> str:
+        lines = [f"{self.out_dir}: {len(self.encoded)} encoded, {len(self.reused)} unchanged, "
+                 f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded; "
+                 f"{self.seconds / 60:.1f} min of audio" + (" (INTERRUPTED: run again to continue)"
+                                                            if self.interrupted else "")]
+        lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _load_manifest(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> dict | None:
+    """A finished earlier encode of this exact content with this encoder, read from its per-file JSON (so a run
+    killed before its manifest was written still resumes)."""
+    npy_path, json_path = _output_paths(out_dir, relpath)
+    if not npy_path.is_file():
+        return None
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
+            or meta.get("latent_dtype", "float32") != dtype):
+        return None
+    return {"relpath": relpath, "hash": content_hash, "status": "encoded", "latents": f"{relpath}.npy",
+            "metadata": f"{relpath}.json", "n_latents": len(meta.get("padding_mask", [])),
+            "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
+            "source_sample_rate": meta.get("source_sample_rate"), "source_channels": meta.get("source_channels"),
+            "decoder": meta.get("decoder")}
+
+
+def _remove_outputs(out_dir: Path, relpath: str) -> None:
+    for p in _output_paths(out_dir, relpath):
+        p.unlink(missing_ok=True)
+    d = (out_dir / relpath).parent
+    while d != out_dir and d.is_dir() and not any(d.iterdir()):  # tidy emptied folders
+        d.rmdir()
+        d = d.parent
+
+
+def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, encoder_factory: Callable | None = None,
+                  devices: list[str] | None = None, include=(), exclude=(), dtype: str = "float32",
+                  force: bool = False, progress: Callable[[dict], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None, chunk_latents: int = DEFAULT_CHUNK_LATENTS,
+                  model_info: dict | None = None) -> EncodeReport:
+    """Encode every audio file under `folder` into the dataset folder `out_dir` (module docstring for the layout).
+
+    encoder: an object with encode_audio(waveform [B, 2, N], sample_rate) -> [B, D, T], latent_dim, sample_rate,
+      downsampling_ratio (e.g. an SA3Model); or encoder_factory(device) -> encoder with `devices` (one worker
+      process per entry, e.g. ["cuda:0", "cuda:1"] or ["cpu", "cpu"]), files shared out among them; the output
+      is the same as with one process.
+    include/exclude: globs or explicit relpaths (see `matches`). dtype: "float32" | "float16" for the latents.
+    force: re-encode everything; otherwise files whose content hash (and encoder and dtype) are unchanged are
+      kept, and outputs of files that are gone or now excluded are removed.
+    progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
+    should_stop(): polled between files; when it returns True (or on KeyboardInterrupt) the finished files and an
+      incomplete manifest are kept, and a re-run continues from there.
+    Bad files are skipped with a reason (report.skipped and the manifest); the rest is still encoded."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype={dtype!r}: use 'float32' or 'float16'")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder")
+    if (encoder is None) == (encoder_factory is None):
+        raise ValueError("give exactly one of encoder= or encoder_factory=")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scan = scan_folder(folder, include, exclude, skip=(out_dir,))
+    report = EncodeReport(out_dir=out_dir, excluded=scan.excluded)
+    old = _load_manifest(out_dir) or {}
+    old_files = {f["relpath"]: f for f in old.get("files", []) if isinstance(f, dict) and "relpath" in f}
+
+    pool = None
+    if encoder_factory is not None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
+        devices = list(devices or ["cpu"])
+        pool = ctx.Pool(len(devices), initializer=_worker_init,
+                        initargs=(encoder_factory, devices, ctx.Value("i", 0)))
+    try:
+        ident = pool.apply(_worker_identity) if pool else encoder_identity(encoder)
+        silence_path = out_dir / SILENCE
+        if force or not silence_path.is_file() or old.get("encoder", {}).get("fingerprint") != ident["fingerprint"]:
+            silence = pool.apply(_worker_silence) if pool else encode_silence(encoder)
+            save_npy_atomic(silence_path, silence.astype(dtype))
+
+        # Hash files and decide what is already done.
+        records: dict[str, dict] = {}
+        todo: list[tuple[Path, str, str]] = []
+        for path, rel in scan.files:
+            try:
+                size = check_readable(path)
+                st = os.stat(path)
+                prev = old_files.get(rel, {})
+                if prev.get("hash") and prev.get("size") == size and prev.get("mtime_ns") == st.st_mtime_ns:
+                    h = prev["hash"]  # unchanged size and mtime: trust the recorded hash
+                else:
+                    h = file_hash(path)
+            except AudioFileError as e:
+                records[rel] = {"relpath": rel, "status": "skipped", "reason": e.reason, "detail": e.detail}
+                continue
+            except OSError as e:
+                records[rel] = {"relpath": rel, "status": "skipped", "reason": "unreadable", "detail": str(e)}
+                continue
+            done = None if force else _reusable(out_dir, rel, h, ident, dtype)
+            if done is not None:
+                records[rel] = {**done, "size": size, "mtime_ns": st.st_mtime_ns}
+                report.reused.append(rel)
+            else:
+                todo.append((path, rel, h))
+                records[rel] = {"relpath": rel, "hash": h, "size": size, "mtime_ns": st.st_mtime_ns,
+                                "status": "pending"}
+        for rel, reason in scan.problems:
+            records.setdefault(rel, {"relpath": rel, "status": "skipped", "reason": reason})
+
+        # Outputs of files that disappeared or are now excluded go away.
+        for rel, prev in old_files.items():
+            if rel not in records and prev.get("status") == "encoded":
+                _remove_outputs(out_dir, rel)
+                report.removed.append(rel)
+
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "complete": False,
+            "source_folder": str(folder.absolute()), "include": [str(p) for p in include],
+            "exclude": [str(p) for p in exclude], "encoder": ident, "model": model_info or {},
+            "latent_dim": ident["latent_dim"], "sample_rate": ident["sample_rate"],
+            "downsampling_ratio": ident["downsampling_ratio"],
+            "latent_rate": ident["sample_rate"] / ident["downsampling_ratio"], "dtype": dtype, "silence": SILENCE,
+            "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+        def flush(complete: bool) -> None:
+            files = [records[k] for k in sorted(records)]
+            enc = [f for f in files if f["status"] == "encoded"]
+            report.seconds = float(sum(f.get("seconds") or 0 for f in enc))
+            manifest.update(
+                complete=complete, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), files=files,
+                totals={"files": len(files), "encoded": len(enc),
+                        "skipped": sum(f["status"] == "skipped" for f in files),
+                        "pending": sum(f["status"] == "pending" for f in files), "excluded": len(scan.excluded),
+                        "seconds": round(report.seconds, 3), "minutes": round(report.seconds / 60, 3),
+                        "n_latents": sum(int(f.get("n_latents") or 0) for f in enc)})
+            write_json_atomic(out_dir / MANIFEST, manifest)
+
+        flush(False)
+        n, last_flush = len(todo), time.monotonic()
+
+        def finish(i: int, rec: dict) -> None:
+            nonlocal last_flush
+            prev = records[rec["relpath"]]
+            records[rec["relpath"]] = {**rec, "size": prev.get("size"), "mtime_ns": prev.get("mtime_ns")}
+            if rec["status"] == "encoded":
+                report.encoded.append(rec["relpath"])
+            else:
+                _remove_outputs(out_dir, rec["relpath"])  # a file that went bad must not keep stale latents
+            if progress is not None:
+                progress({"i": i, "n": n, "relpath": rec["relpath"], "status": rec["status"],
+                          **({"reason": rec["reason"]} if "reason" in rec else {}),
+                          **({"seconds": rec["seconds"]} if "seconds" in rec else {})})
+            if time.monotonic() - last_flush > 10:
+                flush(False)
+                last_flush = time.monotonic()
+
+        try:
+            if pool is not None:
+                tasks = [(str(p), rel, str(folder), str(out_dir), dtype, h, chunk_latents) for p, rel, h in todo]
+                for i, rec in enumerate(pool.imap_unordered(_worker_encode, tasks)):
+                    finish(i + 1, rec)
+                    if should_stop is not None and should_stop():
+                        report.interrupted = True
+                        break
+            else:
+                # Decode the next file on a thread while the encoder works on this one.
+                with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                    def decode(k):
+                        try:
+                            return load_audio(todo[k][0], encoder.sample_rate, 2)
+                        except AudioFileError as e:
+                            return e
+                    ahead = ex.submit(decode, 0) if todo else None
+                    for i, (path, rel, h) in enumerate(todo):
+                        if should_stop is not None and should_stop():
+                            report.interrupted = True
+                            break
+                        decoded = ahead.result()
+                        ahead = ex.submit(decode, i + 1) if i + 1 < n else None
+                        if isinstance(decoded, AudioFileError):
+                            rec = {"relpath": rel, "hash": h, "status": "skipped", "reason": decoded.reason,
+                                   "detail": decoded.detail}
+                        else:
+                            rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h, chunk_latents,
+                                               decoded=decoded)
+                        finish(i + 1, rec)
+                    if ahead is not None:
+                        ahead.cancel()
+        except KeyboardInterrupt:
+            report.interrupted = True
+            flush(False)
+            raise
+        report.skipped = [(f["relpath"], f["reason"]) for f in map(records.get, sorted(records))
+                          if f["status"] == "skipped"]
+        flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
+        return report
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a dataset (ours, official pre_encode_dataset.py output, underfit)
+
+
+@dataclass
+class EncodedDataset:
+    """An encoded dataset on disk. entries: manifest records of usable files (status 'encoded'), each with
+    'relpath', 'latents', 'metadata' (paths relative to root), 'n_latents', 'seconds'."""
+
+    root: Path
+    manifest: dict
+    entries: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.manifest.get("sample_rate", 44100))
+
+    @property
+    def downsampling_ratio(self) -> int | None:
+        return self.manifest.get("downsampling_ratio")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [f for f in self.manifest.get("files", []) if f.get("status") == "skipped"]
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(e.get("seconds") or 0 for e in self.entries))
+
+    def latents(self, i: int) -> np.ndarray:
+        """[latent_dim, T] as stored (float32 or float16)."""
+        z = np.load(self.root / self.entries[i]["latents"])
+        return z[0] if z.ndim == 3 else z
+
+    def metadata(self, i: int) -> dict:
+        return json.loads((self.root / self.entries[i]["metadata"]).read_text(encoding="utf-8"))
+
+    def silence(self) -> np.ndarray | None:
+        """[latent_dim, N] encoded silence, or None when the dataset has none."""
+        p = self.root / self.manifest.get("silence", SILENCE)
+        if not p.is_file():
+            return None
+        z = np.load(p)
+        return z.reshape(z.shape[-2], z.shape[-1])
+
+    def prompt_items(self) -> list[tuple[str, dict]]:
+        """[(relpath, metadata)] for prompt composition and previews."""
+        return [(e["relpath"], self.metadata(i)) for i, e in enumerate(self.entries)]
+
+
+def _scan_pre_encoded(root: Path) -> tuple[dict, list[dict]]:
+    """Find .npy + .json pairs under root (official or underfit layout) and describe them as manifest records."""
+    details: dict = {}
+    for cand in (root / "details.json", root.parent / "details.json"):
+        if cand.is_file():
+            try:
+                details = json.loads(cand.read_text(encoding="utf-8"))
+                break
+            except ValueError:
+                pass
+    files, latent_dim = [], None
+    for npy in sorted(root.rglob("*.npy")):
+        rel_npy = nfc(npy.relative_to(root).as_posix())
+        if npy.name == SILENCE or any(part.startswith(".") for part in npy.relative_to(root).parts):
+            continue
+        rel = rel_npy[:-4]
+        rec = {"relpath": rel, "latents": rel_npy, "metadata": f"{rel}.json"}
+        js = npy.with_suffix(".json")
+        try:
+            meta = json.loads(js.read_text(encoding="utf-8"))
+            z = np.load(npy, mmap_mode="r")
+            shape = z.shape[1:] if z.ndim == 3 else z.shape
+            if len(shape) != 2:
+                raise ValueError(f"latents have shape {z.shape}, expected [latent_dim, T]")
+            if latent_dim is None:
+                latent_dim = int(shape[0])
+            elif shape[0] != latent_dim:
+                raise ValueError(f"latent_dim {shape[0]} differs from the dataset's {latent_dim}")
+        except (OSError, ValueError) as e:
+            files.append({**rec, "status": "skipped", "reason": "unreadable pre-encoded pair", "detail": str(e)})
+            continue
+        mask = meta.get("padding_mask") or [1] * int(shape[1])
+        n_valid = int(sum(1 for m in mask if m))
+        files.append({**rec, "status": "encoded", "n_latents": n_valid, "hash": file_hash(npy),
+                      "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
+                      "source_relpath": meta.get("src_relpath") or meta.get("relpath")})
+    if latent_dim is None:
+        raise DatasetError(f"{root}: no .npy + .json latent pairs found (nor a {MANIFEST})")
+    ratio = details.get("downsampling_ratio") or (4096 if latent_dim == 256 else None)  # every SAME model is 4096x
+    sr = int(details.get("sample_rate", 44100))
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "complete": True, "imported_from": str(root.absolute()),
+        "origin": "underfit" if details else "official-pre-encode",
+        "encoder": {"name": str(details.get("model", "unknown")), "latent_dim": latent_dim,
+                    "downsampling_ratio": ratio, "sample_rate": sr, "fingerprint": "imported"},
+        "model": {k: details[k] for k in ("model", "scale", "half") if k in details},
+        "latent_dim": latent_dim, "sample_rate": sr, "downsampling_ratio": ratio,
+        "latent_rate": sr / ratio if ratio else None, "silence": SILENCE, "files": files,
+    }
+    enc = [f for f in files if f["status"] == "encoded"]
+    secs = sum(float(f.get("seconds") or 0) for f in enc)
+    manifest["totals"] = {"files": len(files), "encoded": len(enc), "skipped": len(files) - len(enc),
+                          "pending": 0, "excluded": 0, "seconds": round(secs, 3), "minutes": round(secs / 60, 3),
+                          "n_latents": sum(f["n_latents"] for f in enc)}
+    return manifest, files
+
+
+def _underfit_latent_root(src: Path) -> Path:
+    """underfit keeps latents in <dataset>/latents/<model>/; accept the dataset folder or the latents folder."""
+    lat = src / "latents"
+    if lat.is_dir() and not any(src.glob("*.npy")):
+        models = [d for d in sorted(lat.iterdir()) if d.is_dir()]
+        if len(models) == 1:
+            return models[0]
+        if models:
+            raise DatasetError(f"{src}: latents for several models ({', '.join(d.name for d in models)}); "
+                               f"import one of the folders under {lat}")
+    return src
+
+
+def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> EncodedDataset:
+    """Adopt a dataset made by the official `pre_encode_dataset.py` or by underfit, without re-encoding.
+
+    Writes a dataset.json describing the existing .npy/.json pairs into `src` (or, with out_dir, hard-links or
+    copies the pairs and silence.npy into out_dir first and writes the manifest there)."""
+    src = _underfit_latent_root(Path(src))
+    manifest, _ = _scan_pre_encoded(src)
+    root = src
+    if out_dir is not None:
+        root = Path(out_dir)
+        for f in manifest["files"] + [{"latents": SILENCE}]:
+            for key in ("latents", "metadata"):
+                if key in f and (src / f[key]).is_file():
+                    dst = root / f[key]
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.unlink(missing_ok=True)
+                    try:
+                        os.link(src / f[key], dst)
+                    except OSError:
+                        shutil.copy2(src / f[key], dst)
+    write_json_atomic(root / MANIFEST, manifest)
+    return load_dataset(root)
+
+
+def load_dataset(path: str | Path) -> EncodedDataset:
+    """Open an encoded dataset folder: ours (dataset.json), or an official/underfit one (described on the fly,
+    nothing written). Raises DatasetError when there is nothing usable."""
+    root = Path(path)
+    manifest = _load_manifest(root)
+    if manifest is None or manifest.get("format") != FORMAT:
+        if not root.is_dir():
+            raise DatasetError(f"{root}: not a folder")
+        root = _underfit_latent_root(root)
+        manifest, _ = _scan_pre_encoded(root)
+    entries = [f for f in manifest.get("files", []) if f.get("status") == "encoded"]
+    return EncodedDataset(root, manifest, entries)
