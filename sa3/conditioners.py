@@ -236,7 +236,7 @@ class NumberConditioner(nn.Module):
     def forward(self, values: Sequence[float] | Tensor, device=None) -> tuple[Tensor, Tensor]:
         linear = self.embedder.embedding[1]
         device = torch.device(device) if device is not None else linear.weight.device
-        if self.embedder.embedding[1].weight.device != device:  # the official conditioner moves itself too
+        if linear.weight.device != device:  # the official conditioner moves itself to the asked device too
             self.embedder.to(device)
         if torch.is_tensor(values):
             x = values.detach().reshape(-1).to(device=device, dtype=torch.float32)
