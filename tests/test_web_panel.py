@@ -1,0 +1,399 @@
+"""The "SA3 Training" web panel in headless Chromium, against the pack's real routes and a real TrainingManager.
+
+A recorded run (events.jsonl, checkpoints, demo FLAC/PNG/JSON written by tests/web/recorded_run.py) and a live run
+whose trainer is replaced by a job that writes the events the test feeds it. The page stands in for ComfyUI: stub
+`scripts/app.js` / `scripts/api.js` (tests/web/stubs) load the real entry `web/sa3_panel.js`; events reach the page
+over a real websocket, as ComfyUI's `send_sync` sends them. Route traversal tests need no browser.
+"""
+
+import http.client
+import json
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "web"))
+
+from browser import Browser, missing_requirements  # noqa: E402
+from panel_server import PanelServer  # noqa: E402
+from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run  # noqa: E402
+from sa3_lora_studio.training.events import ema, loss_by_timestep, read_events  # noqa: E402
+from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+LIVE_HISTORY = 30
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Server + runs: `done` (60 steps, demos and checkpoints every 20), `failed`, `interrupted`, `live` (training)."""
+    root = tmp_path_factory.mktemp("runs")
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_text("TOP SECRET")
+    server = PanelServer(root)
+    registry = server.manager.registry
+    runs = {
+        "done": write_recorded_run(registry, "synth-pads", 60, 60, "done"),
+        "failed": write_recorded_run(registry, "drum-loops", 12, 400, "failed", demo_every=0, adapter_type="lora",
+                                     rank=8, error="CUDA out of memory at step 13: lower batch_size or crop_seconds"),
+        "interrupted": write_recorded_run(registry, "bass-lines", 25, 100, "interrupted", demo_every=0,
+                                          adapter_type="dora-cols", rank=4),
+    }
+    done_dir = registry.run_dir(runs["done"])
+    (done_dir / "demos" / "escape.txt").symlink_to(outside / "secret.txt")
+    (done_dir / "demos" / "outside").symlink_to(outside, target_is_directory=True)
+    server.start()
+    runs["live"] = server.manager.submit(RunConfig(dataset="datasets/tiny-synth", name="live-strings", steps=200,
+                                                   adapter_type="bora", rank=32))
+    feed = server.manager.feed(runs["live"])
+    for event in step_events(1, LIVE_HISTORY, 200, seed=5):
+        feed.put(event)
+    wait_until(lambda: registry.get(runs["live"])["step"] == LIVE_HISTORY, what="the live run's history")
+    server.runs, server.root, server.outside = runs, root, outside
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    why = missing_requirements()
+    if why:
+        pytest.skip(why)
+    b = Browser()
+    yield b
+    b.close()
+
+
+def open_panel(browser, site, width=420, theme=None, run=None):
+    query = f"?width={width}" + (f"&theme={theme}" if theme else "")
+    browser.goto(site.url + "/" + query, width=max(1280, width + 40), height=900)
+    browser.wait("document.querySelector('.sa3-panel')?.dataset.ready === 'true'", timeout=10000)
+    if run:
+        select(browser, run)
+
+
+def select(browser, run_id):
+    browser.click(f'.sa3-run[data-run-id="{run_id}"] button')
+    browser.wait(f"document.querySelector('.sa3-controls h3')?.textContent && "
+                 f"document.querySelector('.sa3-selected')?.dataset.runId === {json.dumps(run_id)}")
+    browser.wait("Number(document.querySelector('[data-chart=loss]').dataset.points) > 0")
+
+
+def series(browser, chart):
+    return browser.eval(f"document.querySelector('[data-chart={chart}]').sa3Series.map(s => "
+                        "({name: s.name, steps: s.steps, values: s.values}))")
+
+
+def get(site, path):
+    """(status, headers, body bytes) of a raw GET (the path is sent as is, no client-side normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+def file_route(run_id, relative):
+    return f"/sa3/runs/{urllib.parse.quote(run_id)}/file?path={urllib.parse.quote(relative, safe='')}"
+
+
+# ---------------------------------------------------------------------------------------------------------- routes
+
+
+def test_file_route_serves_demo_audio_images_and_checkpoint_downloads(site):
+    run = site.runs["done"]
+    status, headers, body = get(site, file_route(run, "demos/step_000020/demo_0.flac"))
+    assert status == 200 and body[:4] == b"fLaC" and headers["Content-Type"] == "audio/flac"
+    status, headers, body = get(site, file_route(run, "demos/step_000020/demo_0.png"))
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    status, headers, _ = get(site, file_route(run, "checkpoints/synth-pads-step=000060.safetensors") + "&download=1")
+    assert status == 200 and "attachment" in headers["Content-Disposition"]
+
+
+@pytest.mark.parametrize("relative", [
+    "../runs.json", "demos/../../runs.json", "..", "..\\..\\runs.json", "demos\\..\\..\\runs.json",
+    "/etc/passwd", "\\etc\\passwd", "C:/Windows/win.ini", "demos/escape.txt", "demos/outside/secret.txt",
+    "demos/step_000020/\x00demo_0.flac", "",
+])
+def test_file_route_refuses_paths_that_leave_the_run_folder(site, relative):
+    status, _, body = get(site, file_route(site.runs["done"], relative))
+    assert status in (403, 404), (relative, status)
+    assert b"TOP SECRET" not in body and b"root:" not in body
+    assert "error" in json.loads(body)
+
+
+@pytest.mark.parametrize("run_id", ["..", "%2E%2E", "..%2F..", "%2Fetc", "nope"])
+def test_run_routes_refuse_run_ids_outside_the_runs_folder(site, run_id):
+    for path in (f"/sa3/runs/{run_id}/file?path=runs.json", f"/sa3/runs/{run_id}/events?offset=0",
+                 f"/sa3/runs/{run_id}/file?path=secret.txt"):
+        status, _, body = get(site, path)
+        assert status in (400, 403, 404), (path, status)
+        assert b"TOP SECRET" not in body and b'"id"' not in body
+
+
+# --------------------------------------------------------------------------------------------------------- browser
+
+
+def test_runs_list_shows_pack_adapter_status_progress_rate_and_eta(site, browser):
+    open_panel(browser, site)
+    rows = browser.eval("""[...document.querySelectorAll('.sa3-run')].map(r => ({
+        id: r.dataset.runId, status: r.dataset.status, name: r.querySelector('.sa3-run-name').textContent,
+        f: Object.fromEntries([...r.querySelectorAll('[data-field]')].map(e => [e.dataset.field, e.textContent])),
+        value: r.querySelector('progress').value, max: r.querySelector('progress').max}))""")
+    by_id = {r["id"]: r for r in rows}
+    assert [r["id"] for r in rows][0] == site.runs["live"], "the newest run is on top"
+    live, failed, done = by_id[site.runs["live"]], by_id[site.runs["failed"]], by_id[site.runs["done"]]
+    assert live["name"] == "live-strings" and live["status"] == "training"
+    assert live["f"]["pack"] == "sa3-small-music" and live["f"]["adapter"] == "bora r32"
+    assert live["f"]["step"] == f"{LIVE_HISTORY} / 200" and (live["value"], live["max"]) == (LIVE_HISTORY, 200)
+    assert live["f"]["rate"].endswith("steps/s") and live["f"]["rate"][0].isdigit()
+    assert live["f"]["eta"].startswith("ETA ") and "–" not in live["f"]["eta"]
+    assert failed["status"] == "failed" and "CUDA out of memory" in failed["f"]["error"]
+    assert failed["f"]["adapter"] == "lora r8" and failed["f"]["step"] == "12 / 400"
+    assert done["f"]["step"] == "60 / 60" and done["f"]["eta"] == "ETA –"
+    assert by_id[site.runs["interrupted"]]["status"] == "interrupted"
+    assert browser.call("errors") == []
+
+
+def test_charts_plot_loss_lr_grad_norm_and_loss_by_noise_level_of_the_recorded_run(site, browser):
+    open_panel(browser, site, width=1100, run=site.runs["done"])
+    events, _ = read_events(site.manager.events_path(site.runs["done"]), 0)
+    steps = [e for e in events if e["type"] == "step"]
+    loss = series(browser, "loss")
+    assert [s["name"] for s in loss] == ["raw", "smoothed"]
+    assert loss[0]["steps"] == list(range(1, 61)) and loss[0]["values"] == [e["loss"] for e in steps]
+    assert loss[1]["values"] == pytest.approx(ema([e["loss"] for e in steps]), rel=1e-12)
+    assert series(browser, "lr")[0]["values"] == pytest.approx([e["lr"] for e in steps], rel=1e-12)
+    assert series(browser, "grad_norm")[0]["values"] == [e["grad_norm"] for e in steps]
+
+    # one smoothed line per noise-level bin, equal to the server's /loss_by_timestep (one rule, two languages)
+    with urllib.request.urlopen(site.url + f"/sa3/runs/{site.runs['done']}/loss_by_timestep?bins=5") as r:
+        bins = json.load(r)["bins"]
+    assert bins == loss_by_timestep(events, 5)
+    lbt = series(browser, "loss_by_noise")
+    assert [s["name"] for s in lbt] == ["t 0.0–0.2", "t 0.2–0.4", "t 0.4–0.6", "t 0.6–0.8", "t 0.8–1.0"]
+    for drawn, served in zip(lbt, bins):
+        assert drawn["steps"] == served["steps"]
+        assert drawn["values"] == pytest.approx(served["smoothed"], rel=1e-12)
+    legend = browser.eval("[...document.querySelectorAll('[data-chart=loss_by_noise] .sa3-legend-item')]"
+                          ".map(e => e.textContent)")
+    assert len(legend) == 5
+
+    # hover shows step and value; the keyboard moves the same cursor
+    browser.call("hover", selector="[data-chart=loss] svg", x=200, y=80)
+    readout = browser.eval("document.querySelector('[data-chart=loss] .sa3-readout').textContent")
+    assert readout.startswith("step ") and "smoothed:" in readout
+    browser.eval("document.querySelector('[data-chart=lr]').focus()")
+    browser.call("key", key="End")
+    assert browser.eval("document.querySelector('[data-chart=lr]').dataset.cursorStep") == "60"
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.call("screenshot", path=str(ARTIFACTS / "panel.png"), fullPage=True)
+    assert browser.call("errors") == []
+
+
+def test_demos_timeline_has_players_spectrograms_settings_and_a_step_slider(site, browser):
+    open_panel(browser, site, width=1100, run=site.runs["done"])
+    browser.wait("document.querySelectorAll('.sa3-demo').length === 2")
+    assert browser.eval("document.querySelector('.sa3-slider-label').textContent") == "Step 60 (3 of 3)"
+    cards = browser.eval("""[...document.querySelectorAll('.sa3-demo')].map(c => ({
+        step: c.dataset.step, prompt: c.querySelector('.sa3-demo-prompt').textContent,
+        settings: c.querySelector('.sa3-demo-settings').textContent,
+        audio: c.querySelector('audio').getAttribute('src'), image: c.querySelector('img').getAttribute('src')}))""")
+    assert [c["step"] for c in cards] == ["60", "60"]
+    assert cards[0]["prompt"] == DEMO_SETTINGS[0]["prompt"] and cards[1]["prompt"] == "(unconditional)"
+    assert cards[0]["settings"].startswith("base · CFG 7 · 50 steps · seed 1")
+    assert cards[1]["settings"].startswith("ARC · CFG 1 · 8 steps · seed 3")
+    assert cards[0]["audio"].endswith("path=demos%2Fstep_000060%2Fdemo_0.flac")
+    # the browser really decodes the FLAC and the PNG through the route
+    browser.wait("[...document.querySelectorAll('.sa3-demo img')].every(i => i.complete && i.naturalWidth > 0)")
+    browser.wait("[...document.querySelectorAll('.sa3-demo audio')].every(a => a.duration > 1)")
+
+    browser.eval("(s => { s.value = '0'; s.dispatchEvent(new Event('input')); })"
+                 "(document.querySelector('.sa3-slider'))")
+    assert browser.eval("[...document.querySelectorAll('.sa3-demo')].map(c => c.dataset.step)") == ["20", "20"]
+    assert browser.eval("document.querySelector('[data-action=use-step]').disabled") is False
+
+    # play-through: when the last demo of step 20 ends, step 40's first demo plays
+    browser.wait("[...document.querySelectorAll('.sa3-demo audio')].every(a => a.duration > 1)")
+    browser.eval("(a => { a.currentTime = a.duration - 0.05; return a.play(); })"
+                 "([...document.querySelectorAll('.sa3-demo audio')].pop())")
+    browser.wait("document.querySelector('.sa3-slider').value === '1' && "
+                 "!document.querySelector('.sa3-demo audio').paused", timeout=5000)
+    assert browser.eval("document.querySelector('.sa3-demo').dataset.step") == "40"
+    browser.eval("document.querySelectorAll('audio').forEach(a => a.pause())")
+    assert browser.call("errors") == []
+
+
+def control_posts(site, run_id, action):
+    return [p for m, p in site.requests if m == "POST" and p == f"/api/sa3/runs/{run_id}/{action}"]
+
+
+def test_pause_continue_and_save_buttons_call_the_run_routes(site, browser):
+    live = site.runs["live"]
+    control = site.manager.worker.controls[live]
+    open_panel(browser, site, run=live)
+
+    browser.click("[data-action=pause]")
+    wait_until(lambda: control.paused, what="the pause to reach the run")
+    assert len(control_posts(site, live, "pause")) == 1
+    wait_until(lambda: site.manager.registry.get(live)["status"] == "paused", what="status paused")
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]').dataset.status === 'paused'")
+    browser.wait("document.querySelector('.sa3-controls [data-action=resume]')?.textContent === 'Continue'")
+
+    browser.click(".sa3-controls [data-action=resume]")
+    wait_until(lambda: not control.paused, what="the run to continue")
+    assert len(control_posts(site, live, "resume")) == 1
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]').dataset.status === 'training'")
+
+    browser.click("[data-action=save]")
+    assert len(control_posts(site, live, "save")) == 1
+    checkpoint = f"checkpoints/live-strings-step={LIVE_HISTORY:06d}.safetensors"
+    wait_until(lambda: (site.manager.registry.run_dir(live) / checkpoint).exists(), what="the saved checkpoint")
+    browser.wait(f"document.querySelector('[data-action=use]').textContent === 'Use step {LIVE_HISTORY}'")
+    assert browser.call("errors") == []
+
+
+def test_resume_stop_and_confirmed_delete_call_the_run_routes(site, browser):
+    registry = site.manager.registry
+    interrupted, failed = site.runs["interrupted"], site.runs["failed"]
+    open_panel(browser, site, run=interrupted)
+    assert browser.eval("document.querySelector('[data-action=stop]').disabled") is True
+
+    browser.click("[data-action=restart]")
+    wait_until(lambda: site.manager.worker.is_running(interrupted), what="the resumed run to start")
+    assert len(control_posts(site, interrupted, "restart")) == 1
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{interrupted}\"]').dataset.status === 'training'")
+
+    browser.click("[data-action=stop]")
+    assert len(control_posts(site, interrupted, "stop")) == 1
+    wait_until(lambda: registry.get(interrupted)["status"] == "stopped", what="status stopped")
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{interrupted}\"]').dataset.status === 'stopped'")
+
+    select(browser, failed)
+    browser.click("[data-action=delete]")
+    assert browser.eval("!document.querySelector('.sa3-confirm').hidden "
+                        "&& document.activeElement.dataset.action === 'cancel-delete'")
+    browser.click("[data-action=cancel-delete]")
+    assert control_posts(site, failed, "delete") == [] and registry.run_dir(failed).is_dir()
+    browser.click("[data-action=delete]")
+    browser.click("[data-action=confirm-delete]")
+    browser.wait(f"!document.querySelector('.sa3-run[data-run-id=\"{failed}\"]')")
+    assert len(control_posts(site, failed, "delete")) == 1
+    assert not (site.root / failed).exists() and failed not in [r["id"] for r in registry.list()]
+    assert browser.call("errors") == []
+
+
+def test_page_opened_mid_run_shows_history_and_live_events_appear_without_reload(site, browser):
+    live = site.runs["live"]
+    registry = site.manager.registry
+    step = registry.get(live)["step"]
+    open_panel(browser, site, width=1100, run=live)
+    site.wait_for_sockets(1)
+    assert series(browser, "loss")[0]["steps"] == list(range(1, step + 1))
+    reads = len([p for _, p in site.requests if "/events" in p])
+
+    feed = site.manager.feed(live)
+    for event in step_events(step + 1, step + 10, 200, seed=5):
+        feed.put(event)
+    browser.wait(f"document.querySelector('[data-chart=loss]').sa3Series[0].steps.length === {step + 10}")
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"] [data-field=step]').textContent "
+                 f"=== '{step + 10} / 200'")
+    demo = write_demo(registry.run_dir(live), step + 10, 0, DEMO_SETTINGS[0])
+    feed.put({"type": "demo", **demo})
+    browser.wait(f"document.querySelector('.sa3-demo')?.dataset.step === '{step + 10}'")
+    assert len([p for _, p in site.requests if "/events" in p]) == reads, "live events must not poll the route"
+    assert browser.call("errors") == []
+
+
+def test_panel_catches_up_from_the_events_route_after_a_websocket_reconnect(site, browser):
+    live = site.runs["live"]
+    registry = site.manager.registry
+    open_panel(browser, site, run=live)
+    site.wait_for_sockets(1)
+    step = registry.get(live)["step"]
+    site.accept_sockets = False
+    site.drop_sockets()
+    feed = site.manager.feed(live)
+    for event in step_events(step + 1, step + 5, 200, seed=5):
+        feed.put(event)
+    wait_until(lambda: registry.get(live)["step"] == step + 5, what="steps written while disconnected")
+    assert len(series(browser, "loss")[0]["steps"]) == step, "nothing arrives while the socket is down"
+    site.accept_sockets = True
+    browser.wait(f"document.querySelector('[data-chart=loss]').sa3Series[0].steps.length === {step + 5}",
+                 timeout=8000)
+    steps = series(browser, "loss")[0]["steps"]
+    assert steps == list(range(1, step + 6)), "caught up once, without duplicates"
+    assert browser.call("errors") == []
+
+
+def test_use_checkpoint_adds_a_configured_sa3_load_lora_node_or_copies_the_name(site, browser):
+    done = site.runs["done"]
+    name = "synth-pads-step=000060.safetensors"
+    open_panel(browser, site, run=done)
+    browser.eval(f"window.loraChoices = ['other.safetensors', 'sa3_runs/{done}/checkpoints/{name}']")
+    browser.click("[data-action=use]")
+    browser.wait("window.app.graph.nodes.length === 1")
+    node = browser.eval("({type: app.graph.nodes[0].type, lora: app.graph.nodes[0].widgets[0].value})")
+    assert node == {"type": "SA3LoadLoRA", "lora": f"sa3_runs/{done}/checkpoints/{name}"}
+    assert "Added an SA3 Load LoRA node" in browser.eval("document.querySelector('.sa3-message').textContent")
+
+    browser.eval("window.LiteGraph.createNode = () => null")  # node type missing: fall back to the file name
+    browser.click("[data-action=use]")
+    browser.wait(f"document.querySelector('.sa3-message').textContent.includes({json.dumps(name)})")
+    assert browser.eval("app.graph.nodes.length") == 1
+
+
+CONTRAST = """(() => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = rgb(getComputedStyle(el).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const out = [];
+  for (const sel of ['.sa3-run-name', '.sa3-run-meta span', '.sa3-run-numbers span', '.sa3-status', '.sa3-run-error',
+                     '.sa3-button:not(:disabled)', '.sa3-chart-title', '.sa3-legend-item', '.sa3-demo-prompt',
+                     '.sa3-demo-settings', '.sa3-slider-label', '.sa3-controls h3', 'text.sa3-axis']) {
+    for (const el of document.querySelectorAll(sel)) {
+      const style = getComputedStyle(el);
+      const fg = rgb(el instanceof SVGElement ? style.fill : style.color).slice(0, 3);
+      const [a, b] = [lum(fg), lum(background(el.closest('svg') || el))].sort((x, y) => y - x);
+      out.push({sel, ratio: (a + 0.05) / (b + 0.05)});
+    }
+  }
+  return out;
+})()"""
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_text_is_readable_and_controls_are_labelled_and_focusable_in_both_themes(site, browser, theme):
+    open_panel(browser, site, width=1100, theme=theme, run=site.runs["done"])
+    browser.wait("document.querySelectorAll('.sa3-demo').length > 0")
+    ratios = browser.eval(CONTRAST)
+    assert {r["sel"] for r in ratios} >= {".sa3-run-name", ".sa3-status", "text.sa3-axis", ".sa3-demo-settings"}
+    low = [r for r in ratios if r["ratio"] < 4.5]
+    assert not low, f"{theme}: contrast below 4.5:1 for {low[:5]}"
+    unlabelled = browser.eval("""[...document.querySelectorAll(`.sa3-panel button, .sa3-panel input,
+        .sa3-panel a[href], .sa3-panel audio, .sa3-panel [tabindex]`)].filter(e => !(e.getAttribute('aria-label')
+        || e.textContent.trim() || (e.id && document.querySelector(`label[for="${e.id}"]`)) || e.closest('label')))
+        .map(e => e.outerHTML.slice(0, 80))""")
+    assert unlabelled == []
+    not_focusable = browser.eval("""[...document.querySelectorAll(`.sa3-panel button:not(:disabled),
+        .sa3-panel input, .sa3-panel a[href], .sa3-chart`)].filter(e => e.tabIndex < 0).map(e => e.outerHTML.slice(0, 80))""")
+    assert not_focusable == []

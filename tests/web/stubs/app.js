@@ -1,0 +1,34 @@
+// Stand-in for ComfyUI's scripts/app.js: registerExtension, a sidebar-tab extension manager, a graph that records
+// added nodes, and a LiteGraph.createNode that knows SA3LoadLoRA with a `lora` combo.
+
+const registered = [];
+export const app = {
+  extensions: [],
+  graph: {
+    nodes: [],
+    add(node) {
+      this.nodes.push(node);
+    },
+    setDirtyCanvas() {},
+  },
+  canvas: null,
+  extensionManager: {
+    tabs: registered,
+    registerSidebarTab(tab) {
+      registered.push(tab);
+    },
+  },
+  registerExtension(extension) {
+    this.extensions.push(extension);
+    Promise.resolve().then(() => extension.setup?.(this));
+  },
+};
+
+window.LiteGraph = {
+  createNode(type) {
+    if (type !== "SA3LoadLoRA") return null;
+    const choices = (window.loraChoices || []).slice();
+    return { type, pos: [0, 0], widgets: [{ name: "lora", value: choices[0] ?? "", options: { values: choices } }] };
+  },
+};
+window.app = app;

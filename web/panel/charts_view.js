@@ -1,0 +1,50 @@
+// Charts of the selected run: loss (raw + smoothed), learning rate, grad norm, and loss by noise level.
+
+import { lineChart } from "./chart.js";
+import { ema, lossByNoiseLevel, stepSeries } from "./series.js";
+
+export const BINS = 5;
+// Same order as BIN_COLOURS in training/events.py (the node's chart images), so both read alike.
+export const BIN_COLOURS = ["#ef5350", "#ffa726", "#66bb6a", "#42a5f5", "#ab47bc", "#26c6da", "#ffee58", "#8d6e63"];
+const RAW = "var(--sa3-muted)";
+const MAIN = "#42a5f5";
+
+export function mount(el, store) {
+  const section = el.appendChild(document.createElement("section"));
+  section.className = "sa3-charts";
+  section.setAttribute("aria-label", "Training charts");
+  const charts = {
+    loss: lineChart({ id: "loss", title: "Loss", logY: true }),
+    lbt: lineChart({ id: "loss_by_noise", title: "Loss by noise level (smoothed)", logY: true }),
+    lr: lineChart({ id: "lr", title: "Learning rate" }),
+    grad: lineChart({ id: "grad_norm", title: "Grad norm" }),
+  };
+  for (const chart of Object.values(charts)) section.appendChild(chart.el);
+
+  const off = store.subscribe("events", ({ events }) => {
+    const loss = stepSeries(events, "loss");
+    charts.loss.update([
+      { name: "raw", color: RAW, steps: loss.steps, values: loss.values, width: 1, opacity: 0.6 },
+      { name: "smoothed", color: MAIN, steps: loss.steps, values: ema(loss.values), width: 2 },
+    ]);
+    charts.lbt.update(lossByNoiseLevel(events, BINS).map((bin, i) => ({
+      name: `t ${bin.lo.toFixed(1)}–${bin.hi.toFixed(1)}`,
+      color: BIN_COLOURS[i % BIN_COLOURS.length],
+      steps: bin.steps,
+      values: bin.smoothed,
+      width: 1.75,
+    })));
+    const lr = stepSeries(events, "lr");
+    charts.lr.update([{ name: "lr", color: MAIN, steps: lr.steps, values: lr.values }]);
+    const grad = stepSeries(events, "grad_norm");
+    charts.grad.update([
+      { name: "raw", color: RAW, steps: grad.steps, values: grad.values, width: 1, opacity: 0.6 },
+      { name: "smoothed", color: "#ab47bc", steps: grad.steps, values: ema(grad.values), width: 2 },
+    ]);
+  });
+  return () => {
+    off();
+    Object.values(charts).forEach((c) => c.destroy());
+    section.remove();
+  };
+}

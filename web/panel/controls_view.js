@@ -1,0 +1,137 @@
+// Controls for the selected run: stop, pause/continue, save now, resume an interrupted run, use/download the newest
+// checkpoint, delete (asks first). Buttons are enabled only when the server would accept the action.
+
+import { ACTIVE, baseName, latestCheckpoint } from "./series.js";
+
+const RESUMABLE = ["interrupted", "stopped", "failed"];  // restart continues from the last checkpoint
+
+function button(label, action, help) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "sa3-button";
+  b.textContent = label;
+  b.dataset.action = action;
+  b.title = help;
+  b.setAttribute("aria-label", help);
+  return b;
+}
+
+export function mount(root, store, { useCheckpoint }) {
+  const section = root.appendChild(document.createElement("section"));
+  section.className = "sa3-controls";
+  section.setAttribute("aria-label", "Run controls");
+  const title = section.appendChild(document.createElement("h3"));
+  const bar = section.appendChild(document.createElement("div"));
+  bar.className = "sa3-button-row";
+  bar.setAttribute("role", "toolbar");
+  bar.setAttribute("aria-label", "Run controls");
+
+  const stop = button("Stop", "stop", "Stop the run (saves a checkpoint first)");
+  const pause = button("Pause", "pause", "Pause the run");
+  const save = button("Save now", "save", "Save a checkpoint after the current step");
+  const restart = button("Resume", "restart", "Resume the run from its last checkpoint");
+  const use = button("Use checkpoint", "use", "Add an SA3 Load LoRA node with the newest checkpoint to the graph");
+  const download = document.createElement("a");
+  download.className = "sa3-button";
+  download.textContent = "Download";
+  download.dataset.action = "download";
+  const del = button("Delete…", "delete", "Delete the run with its checkpoints and demos");
+  bar.append(stop, pause, save, restart, use, download, del);
+
+  const confirmBox = section.appendChild(document.createElement("div"));
+  confirmBox.className = "sa3-confirm";
+  confirmBox.setAttribute("role", "alertdialog");
+  confirmBox.setAttribute("aria-label", "Confirm delete");
+  confirmBox.hidden = true;
+  const confirmText = confirmBox.appendChild(document.createElement("p"));
+  const yes = button("Delete run", "confirm-delete", "Yes, delete this run and its files");
+  yes.classList.add("sa3-danger");
+  const no = button("Cancel", "cancel-delete", "Keep the run");
+  confirmBox.append(yes, no);
+
+  const message = section.appendChild(document.createElement("p"));
+  message.className = "sa3-message";
+  message.setAttribute("role", "status");
+  message.setAttribute("aria-live", "polite");
+
+  let run = null;
+  let checkpoint = null;  // {path, step}
+
+  function render() {
+    section.hidden = !run;
+    if (!run) return;
+    title.textContent = run.name || run.id;
+    const active = ACTIVE.includes(run.status);
+    stop.disabled = !active;
+    const paused = run.status === "paused";
+    pause.textContent = paused ? "Continue" : "Pause";
+    pause.dataset.action = paused ? "resume" : "pause";
+    pause.setAttribute("aria-label", paused ? "Continue the paused run" : "Pause the run");
+    pause.disabled = !active || run.status === "queued";
+    save.disabled = !active || run.status === "queued";
+    restart.disabled = !RESUMABLE.includes(run.status);
+    use.disabled = !checkpoint;
+    if (checkpoint) {
+      download.href = store.api.fileUrl(run.id, checkpoint.path, true);
+      download.removeAttribute("aria-disabled");
+      download.tabIndex = 0;
+      const name = baseName(checkpoint.path);
+      download.setAttribute("aria-label", `Download checkpoint ${name}`);
+      use.setAttribute("aria-label", `Add an SA3 Load LoRA node with ${name} (step ${checkpoint.step})`);
+      use.title = use.getAttribute("aria-label");
+      use.textContent = `Use step ${checkpoint.step}`;
+    } else {
+      download.removeAttribute("href");
+      download.setAttribute("aria-disabled", "true");
+      download.tabIndex = -1;
+      use.textContent = "Use checkpoint";
+    }
+  }
+
+  const offs = [
+    store.subscribe("selected", ({ run: r, events }) => {
+      if (r?.id !== run?.id) confirmBox.hidden = true;
+      run = r;
+      checkpoint = latestCheckpoint(events) || r?.latest_checkpoint || null;
+      render();
+    }),
+    store.subscribe("events", ({ run: r, events }) => {
+      checkpoint = latestCheckpoint(events) || r?.latest_checkpoint || null;
+      render();
+    }),
+    store.subscribe("message", (m) => {
+      message.textContent = m ? m.text : "";
+      message.dataset.kind = m ? m.kind : "";
+    }),
+  ];
+
+  for (const b of [stop, pause, save, restart]) {
+    b.addEventListener("click", () => store.control(b.dataset.action));
+  }
+  use.addEventListener("click", async () => {
+    if (!run || !checkpoint) return;
+    store.say(await useCheckpoint({ runId: run.id, path: checkpoint.path, step: checkpoint.step,
+      name: baseName(checkpoint.path) }));
+  });
+  del.addEventListener("click", () => {
+    confirmText.textContent = `Delete “${run.name}” with its checkpoints and demos? This cannot be undone.`;
+    confirmBox.hidden = false;
+    no.focus();  // the safe choice has the focus
+  });
+  no.addEventListener("click", () => {
+    confirmBox.hidden = true;
+    del.focus();
+  });
+  yes.addEventListener("click", async () => {
+    confirmBox.hidden = true;
+    await store.control("delete", { confirm: true });
+  });
+  confirmBox.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") no.click();
+  });
+
+  return () => {
+    offs.forEach((off) => off());
+    section.remove();
+  };
+}

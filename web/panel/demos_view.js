@@ -1,0 +1,169 @@
+// The demos timeline: a step slider; per step the demos' audio players with their tinted spectrograms and settings
+// (prompt, base/ARC, CFG, steps, seed); "play through" continues with the next demo and then the next step.
+
+import { baseName, demoSteps } from "./series.js";
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function settingsText(s = {}) {
+  const parts = [s.arc ? "ARC" : "base"];
+  if (s.cfg !== undefined && s.cfg !== null) parts.push(`CFG ${s.cfg}`);
+  if (s.steps) parts.push(`${s.steps} steps`);
+  if (s.seed !== undefined && s.seed !== null) parts.push(`seed ${s.seed}`);
+  if (s.duration) parts.push(`${Number(s.duration).toFixed(1)} s`);
+  if (s.lora_strength !== undefined && s.lora_strength !== 1) parts.push(`strength ${s.lora_strength}`);
+  return parts.join(" · ");
+}
+
+function promptText(prompt) {
+  if (prompt === "") return "(unconditional)";
+  if (prompt === null || prompt === undefined) return "(prompt from the dataset)";
+  return prompt;
+}
+
+export function mount(root, store, { useCheckpoint }) {
+  const section = root.appendChild(el("section", "sa3-demos"));
+  section.setAttribute("aria-label", "Demos");
+  const head = section.appendChild(el("div", "sa3-section-head"));
+  head.appendChild(el("h3", null, "Demos"));
+  const autoLabel = head.appendChild(el("label", "sa3-check"));
+  const auto = autoLabel.appendChild(el("input"));
+  auto.type = "checkbox";
+  auto.checked = true;
+  auto.dataset.control = "play-through";
+  autoLabel.append(" play through steps");
+
+  const sliderRow = section.appendChild(el("div", "sa3-slider-row"));
+  const sliderLabel = sliderRow.appendChild(el("label", "sa3-slider-label"));
+  sliderLabel.htmlFor = "sa3-demo-step";
+  const slider = sliderRow.appendChild(el("input", "sa3-slider"));
+  slider.type = "range";
+  slider.id = "sa3-demo-step";
+  slider.min = "0";
+  slider.step = "1";
+  const useStep = sliderRow.appendChild(el("button", "sa3-button sa3-small", "Use this step"));
+  useStep.type = "button";
+  useStep.dataset.action = "use-step";
+  const cards = section.appendChild(el("div", "sa3-demo-cards"));
+  const empty = section.appendChild(el("p", "sa3-empty", "No demos yet: they appear every demo_every steps."));
+
+  let runId = null;
+  let steps = [];
+  let index = -1;
+  let signature = "";
+
+  function stepLabel() {
+    const s = steps[index];
+    sliderLabel.textContent = s ? `Step ${s.step} (${index + 1} of ${steps.length})` : "Step –";
+    slider.setAttribute("aria-valuetext", s ? `step ${s.step}` : "none");
+  }
+
+  function card(demo, position) {
+    const c = el("article", "sa3-demo");
+    c.dataset.step = String(demo.step);
+    c.dataset.index = String(demo.index ?? position);
+    const s = demo.settings || {};
+    c.appendChild(el("h4", null, `Demo ${demo.index ?? position}`));
+    const prompt = c.appendChild(el("p", "sa3-demo-prompt", promptText(s.prompt)));
+    prompt.title = prompt.textContent;
+    c.appendChild(el("p", "sa3-demo-settings", settingsText(s)));
+    if (demo.image) {
+      const wrap = c.appendChild(el("div", "sa3-spec"));
+      const img = wrap.appendChild(el("img"));
+      img.src = store.api.fileUrl(runId, demo.image);
+      img.alt = `Spectrogram of demo ${demo.index ?? position} at step ${demo.step}`;
+      img.loading = "lazy";
+      wrap.appendChild(el("div", "sa3-playhead"));
+    }
+    if (demo.audio) {
+      const audio = c.appendChild(el("audio"));
+      audio.controls = true;
+      audio.preload = "metadata";
+      audio.src = store.api.fileUrl(runId, demo.audio);
+      audio.setAttribute("aria-label", `Demo ${demo.index ?? position} at step ${demo.step}: ${baseName(demo.audio)}`);
+      const head = c.querySelector(".sa3-playhead");
+      audio.addEventListener("timeupdate", () => {
+        if (head && audio.duration) head.style.left = `${(100 * audio.currentTime) / audio.duration}%`;
+      });
+      audio.addEventListener("play", () => {
+        for (const other of cards.querySelectorAll("audio")) if (other !== audio) other.pause();
+      });
+      audio.addEventListener("ended", () => playNext(audio));
+      c.querySelector(".sa3-spec")?.addEventListener("click", (e) => {
+        // click on the spectrogram = seek there
+        const rect = e.currentTarget.getBoundingClientRect();
+        if (audio.duration) audio.currentTime = ((e.clientX - rect.left) / rect.width) * audio.duration;
+        audio.play().catch(() => {});
+      });
+    }
+    return c;
+  }
+
+  function show(i) {
+    index = Math.max(0, Math.min(steps.length - 1, i));
+    slider.value = String(index);
+    stepLabel();
+    const s = steps[index];
+    cards.replaceChildren(...(s ? s.demos.map(card) : []));
+    useStep.disabled = !s?.checkpoint;
+    useStep.title = s?.checkpoint ? `Add an SA3 Load LoRA node with the checkpoint of step ${s.step}`
+      : "No checkpoint was saved at this step";
+    useStep.setAttribute("aria-label", useStep.title);
+  }
+
+  function playNext(audio) {
+    if (!auto.checked) return;
+    const players = [...cards.querySelectorAll("audio")];
+    const next = players[players.indexOf(audio) + 1];
+    if (next) {
+      next.play().catch(() => {});
+    } else if (index < steps.length - 1) {
+      show(index + 1);  // continuous playback: on to the next demo step
+      cards.querySelector("audio")?.play().catch(() => {});
+    }
+  }
+
+  const playing = () => [...cards.querySelectorAll("audio")].some((a) => !a.paused && !a.ended);
+
+  slider.addEventListener("input", () => show(Number(slider.value)));
+  useStep.addEventListener("click", async () => {
+    const s = steps[index];
+    if (!s?.checkpoint) return;
+    store.say(await useCheckpoint({ runId, path: s.checkpoint.path, step: s.step,
+      name: baseName(s.checkpoint.path) }));
+  });
+
+  const off = store.subscribe("events", ({ run, events }) => {
+    const changedRun = (run?.id ?? null) !== runId;
+    runId = run?.id ?? null;
+    const next = demoSteps(events);
+    const sig = next.map((s) => `${s.step}:${s.demos.length}:${s.checkpoint ? 1 : 0}`).join(",");
+    if (!changedRun && sig === signature) return;  // nothing new: leave the players alone
+    const atNewest = index === steps.length - 1;
+    const shownStep = steps[index]?.step;
+    steps = next;
+    signature = sig;
+    slider.max = String(Math.max(0, steps.length - 1));
+    slider.disabled = steps.length < 2;
+    empty.hidden = steps.length > 0;
+    sliderRow.hidden = steps.length === 0;
+    if (changedRun || (atNewest && !playing())) {
+      show(steps.length - 1);  // follow the newest demos unless the user is listening to something
+    } else {
+      const keep = steps.findIndex((s) => s.step === shownStep);
+      index = keep >= 0 ? keep : steps.length - 1;
+      slider.value = String(index);
+      stepLabel();
+      if (!playing()) show(index);
+    }
+  });
+  return () => {
+    off();
+    section.remove();
+  };
+}

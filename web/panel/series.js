@@ -1,0 +1,104 @@
+// Pure functions from a run's events (the events.jsonl format of training/events.py) to what the views draw.
+// `ema` and `lossByNoiseLevel` mirror training/events.py (`ema`, `loss_by_timestep`): the browser test checks the
+// panel's curves against the /loss_by_timestep route, so the two cannot drift apart.
+
+export const ACTIVE = ["queued", "loading", "training", "demos", "paused"];
+
+/** Exponential moving average, first value as the start (alpha 0.05 as on the server). */
+export function ema(values, alpha = 0.05) {
+  const out = [];
+  let acc = null;
+  for (const v of values) {
+    if (v === null || !Number.isFinite(v)) {
+      out.push(null);  // a gap stays a gap and does not poison the average
+      continue;
+    }
+    acc = acc === null ? v : acc + alpha * (v - acc);
+    out.push(acc);
+  }
+  return out;
+}
+
+/** Steps and values of one numeric field of the step events: {steps: [...], values: [...]}. */
+export function stepSeries(events, key) {
+  const steps = [];
+  const values = [];
+  for (const e of events) {
+    if (e.type === "step" && e[key] !== undefined && e[key] !== null) {
+      steps.push(e.step);
+      values.push(Number(e[key]));
+    }
+  }
+  return { steps, values };
+}
+
+/** Per-sample (t, loss) pairs in `bins` equal noise-level bins over [0, 1], each with an EMA over steps:
+ * [{lo, hi, steps, loss, smoothed}] (t = 1 is noise, t = 0 is data). */
+export function lossByNoiseLevel(events, bins = 5, alpha = 0.05) {
+  const series = Array.from({ length: bins }, (_, i) => ({ lo: i / bins, hi: (i + 1) / bins, steps: [], loss: [] }));
+  for (const e of events) {
+    if (e.type !== "step") continue;
+    for (const [t, loss] of e.samples || []) {
+      if (loss === null || !Number.isFinite(loss)) continue;
+      const i = Math.min(bins - 1, Math.max(0, Math.floor(t * bins)));
+      series[i].steps.push(e.step);
+      series[i].loss.push(loss);
+    }
+  }
+  for (const s of series) s.smoothed = ema(s.loss, alpha);
+  return series;
+}
+
+/** Demo events grouped by step, oldest first: [{step, demos: [event sorted by index], checkpoint: event|null}]. */
+export function demoSteps(events) {
+  const byStep = new Map();
+  const checkpoints = new Map();
+  for (const e of events) {
+    if (e.type === "demo") {
+      if (!byStep.has(e.step)) byStep.set(e.step, new Map());
+      byStep.get(e.step).set(e.index ?? 0, e);  // a re-rendered demo (after a resume) replaces the old one
+    } else if (e.type === "checkpoint") {
+      checkpoints.set(e.step, e);
+    }
+  }
+  return [...byStep.keys()].sort((a, b) => a - b).map((step) => ({
+    step,
+    demos: [...byStep.get(step).values()].sort((a, b) => (a.index ?? 0) - (b.index ?? 0)),
+    checkpoint: checkpoints.get(step) || null,
+  }));
+}
+
+/** The newest checkpoint event, or null. */
+export function latestCheckpoint(events) {
+  let best = null;
+  for (const e of events) if (e.type === "checkpoint" && (!best || e.step >= best.step)) best = e;
+  return best;
+}
+
+/** Seconds left at `stepsPerS`, or null when unknown. */
+export function etaSeconds(step, total, stepsPerS) {
+  if (!stepsPerS || !(stepsPerS > 0) || !total || step >= total) return null;
+  return (total - step) / stepsPerS;
+}
+
+export function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ${String(s % 60).padStart(2, "0")} s`;
+  const h = Math.floor(m / 60);
+  return `${h} h ${String(m % 60).padStart(2, "0")} min`;
+}
+
+export function formatNumber(v) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "–";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+  return Number(v.toPrecision(4)).toString();
+}
+
+/** File name of a relative path ("checkpoints/x-step=000400.safetensors" -> "x-step=000400.safetensors"). */
+export function baseName(path) {
+  return String(path || "").split(/[\\/]/).pop();
+}

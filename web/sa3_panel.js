@@ -1,0 +1,83 @@
+// ComfyUI entry of the "SA3 Training" panel: the only module here with side effects. ComfyUI serves this folder under
+// /extensions/<pack folder>/, so ComfyUI's own modules are two levels up.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { comfyTransport } from "./panel/api.js";
+import { copyName, mountPanel } from "./panel/mount.js";
+
+const TAB = { id: "sa3-training", title: "SA3 Training", icon: "pi pi-chart-line", tooltip: "SA3 LoRA training runs" };
+
+/** Put a configured SA3 Load LoRA node into the current graph, near the middle of the view; copy the name if the
+ * graph API is missing or the node type is not registered. */
+async function useCheckpoint(checkpoint) {
+  try {
+    const LiteGraph = globalThis.LiteGraph;
+    const node = LiteGraph.createNode("SA3LoadLoRA");
+    if (!node) throw new Error("SA3LoadLoRA is not a registered node type");
+    const widget = node.widgets?.find((w) => w.name === "lora");
+    if (widget) {
+      // the combo lists files as ComfyUI sees them (maybe in a sub-folder): pick the entry with this file name
+      const values = widget.options?.values;
+      const list = Array.isArray(values) ? values : typeof values === "function" ? values() : [];
+      const match = list.find((v) => v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`));
+      widget.value = match ?? checkpoint.name;
+      widget.callback?.(widget.value);
+    }
+    const canvas = app.canvas;
+    if (canvas?.ds && canvas.canvas) {
+      const [x, y] = canvas.ds.offset;
+      const scale = canvas.ds.scale || 1;
+      node.pos = [canvas.canvas.width / (2 * scale) - x - 120, canvas.canvas.height / (2 * scale) - y - 40];
+    }
+    app.graph.add(node);
+    app.graph.setDirtyCanvas?.(true, true);
+    return `Added an SA3 Load LoRA node with ${checkpoint.name} (step ${checkpoint.step}).`;
+  } catch (err) {
+    console.warn("SA3 Training: could not add an SA3 Load LoRA node, copying the name instead", err);
+    return copyName(checkpoint);
+  }
+}
+
+let mounted = null;
+function render(el) {
+  mounted?.unmount();
+  mounted = mountPanel(el, { transport: comfyTransport(api), useCheckpoint });
+}
+function destroy() {
+  mounted?.unmount();
+  mounted = null;
+}
+
+// Frontends since 1.x have a sidebar (tall: good for charts on a laptop); older ones only bottom-panel tabs;
+// the legacy menu gets a floating window.
+const sidebar = typeof app.extensionManager?.registerSidebarTab === "function";
+
+app.registerExtension({
+  name: "sa3_lora_studio.training_panel",
+  ...(sidebar ? {} : { bottomPanelTabs: [{ id: TAB.id, title: TAB.title, type: "custom", render, destroy }] }),
+  async setup() {
+    if (sidebar) {
+      app.extensionManager.registerSidebarTab({ ...TAB, type: "custom", render, destroy });
+    } else if (!app.extensionManager) {
+      floatingWindow();
+    }
+  },
+});
+
+function floatingWindow() {
+  const toggle = document.createElement("button");
+  toggle.type = "button";
+  toggle.className = "sa3-float-toggle";
+  toggle.textContent = TAB.title;
+  toggle.setAttribute("aria-expanded", "false");
+  const box = document.createElement("div");
+  box.className = "sa3-float";
+  box.hidden = true;
+  toggle.addEventListener("click", () => {
+    box.hidden = !box.hidden;
+    toggle.setAttribute("aria-expanded", String(!box.hidden));
+    if (!box.hidden && !mounted) render(box);
+  });
+  document.body.append(toggle, box);
+}
