@@ -166,6 +166,8 @@ class AdaptedLayer(nn.Module):
         self.mode = mode
         self._merged: Tensor | None = None
         self._merged_key: tuple | None = None
+        self._ready: Tensor | None = None  # merged mode: the weight valid for the current state (fast path)
+        self._is_conv = isinstance(base, nn.Conv1d)
         self._base_sq: tuple[Tensor, Tensor] | None = None
 
     def __getattr__(self, name: str):
@@ -205,6 +207,7 @@ class AdaptedLayer(nn.Module):
                 with torch.no_grad():
                     self._merged = self._chain(w, self.slots[:n_slots])
                 self._merged_key = key
+            self._ready = self._merged
             return self._merged
         if self.mode == "factored" and n_slots < len(self.slots):  # prefix of a stack: static, cached
             key = tuple(s.state_key() for s in self.slots[:n_slots])
@@ -217,17 +220,23 @@ class AdaptedLayer(nn.Module):
         return self._chain(w, self.slots[:n_slots])
 
     def remerge(self) -> bool:
-        """Re-form the merged weight if the adapter state changed; True if it did."""
+        """Re-form the merged weight if the adapter state changed; True if it did. Slot states are changed only
+        through `AdaptedModel.update` / `set_strength`, which call this, so the forward can trust `_ready`."""
         if self.mode != "merged" or self._merged_key == self.state_key():
             return False
+        self._ready = None
         self._effective_weight(len(self.slots))
         return True
 
     def unmerge(self) -> None:
         """Drop the private merged weight (the base weight was never modified)."""
-        self._merged, self._merged_key, self._base_sq = None, None, None
+        self._merged, self._merged_key, self._base_sq, self._ready = None, None, None, None
 
     def forward(self, x: Tensor) -> Tensor:
+        ready = self._ready
+        if ready is not None and self.mode == "merged":  # the static case: exactly the base layer's cost
+            bias = self._parameters["bias"]
+            return self._base._conv_forward(x, ready, bias) if self._is_conv else nn.functional.linear(x, ready, bias)
         base = object.__getattribute__(self, "_base")
         slots = self.slots
         if self.mode == "factored" and isinstance(base, nn.Linear) and slots and slots[-1].enabled:
@@ -260,7 +269,7 @@ class _Dispatch:
         if active is not None:
             layer = active.get(id(self))
             if layer is not None:
-                return layer(*args, **kwargs)
+                return layer.forward(*args, **kwargs)  # (skips __call__: the view's layers carry no hooks)
         return super().forward(*args, **kwargs)
 
 
