@@ -1,0 +1,22 @@
+"""Audio decoding, caption/metadata lookup, prompt composition and pre-encoded datasets."""
+
+from .audio_io import AUDIO_EXTENSIONS, AudioFileError, DecodedAudio, decode_audio, downmix, load_audio, resample
+from .captions import lookup_metadata, read_tags
+from .dataset import (
+    DatasetError,
+    EncodedDataset,
+    EncodeReport,
+    encode_folder,
+    encode_waveform,
+    import_dataset,
+    load_dataset,
+    scan_folder,
+)
+from .prompts import PromptConfig, compose, compose_prompt, preview_prompts, prompt_seed
+
+__all__ = [
+    "AUDIO_EXTENSIONS", "AudioFileError", "DecodedAudio", "decode_audio", "downmix", "load_audio", "resample",
+    "lookup_metadata", "read_tags", "DatasetError", "EncodedDataset", "EncodeReport", "encode_folder",
+    "encode_waveform", "import_dataset", "load_dataset", "scan_folder", "PromptConfig", "compose", "compose_prompt",
+    "preview_prompts", "prompt_seed",
+]

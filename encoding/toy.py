@@ -40,3 +40,56 @@ class ToyEncoder:
 def make_toy_encoder(device: str = "cpu", latent_dim: int = 8, downsampling_ratio: int = 64) -> ToyEncoder:
     """Picklable factory for multi-process encoding (the device is ignored)."""
     return ToyEncoder(latent_dim=latent_dim, downsampling_ratio=downsampling_ratio)
+
+
+def tone(seconds: float, sample_rate: int, channels: int = 2, freq: float = 440.0, amp: float = 0.3):
+    """[channels, N] float32 test signal: a sine per channel (channel k at freq * (1 + k / 2))."""
+    import numpy as np
+
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    return np.stack([amp * np.sin(2 * np.pi * freq * (1 + k / 2) * t) for k in range(channels)]).astype(np.float32)
+
+
+# format name -> (writer, extension); writers are the real encoders: libsndfile via soundfile, FFmpeg via PyAV.
+SOUNDFILE_FORMATS = {
+    "wav16": (".wav", dict(format="WAV", subtype="PCM_16")), "wav24": (".wav", dict(format="WAV", subtype="PCM_24")),
+    "wav32": (".wav", dict(format="WAV", subtype="PCM_32")), "wavf": (".wav", dict(format="WAV", subtype="FLOAT")),
+    "flac": (".flac", dict(format="FLAC")), "aiff": (".aiff", dict(format="AIFF", subtype="PCM_16")),
+    "mp3": (".mp3", dict(format="MP3")), "ogg": (".ogg", dict(format="OGG", subtype="VORBIS")),
+    "opus": (".opus", dict(format="OGG", subtype="OPUS")),
+}
+PYAV_FORMATS = {"m4a": (".m4a", "aac", "mp4"), "mp3-ffmpeg": (".mp3", "libmp3lame", "mp3"),
+                "opus-ffmpeg": (".opus", "libopus", "ogg")}
+
+
+def write_audio_file(path, samples, sample_rate: int, fmt: str):
+    """Write [C, N] float32 samples as `fmt` (a key of SOUNDFILE_FORMATS or PYAV_FORMATS) to path (its suffix is
+    replaced by the format's). Returns the written Path. Opus is always 48 kHz: give samples at 48000."""
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    if fmt in SOUNDFILE_FORMATS:
+        import soundfile as sf
+
+        ext, kw = SOUNDFILE_FORMATS[fmt]
+        path = path.with_suffix(ext)
+        sf.write(str(path), np.ascontiguousarray(samples.T), sample_rate, **kw)
+        return path
+    import av
+
+    ext, codec, container_fmt = PYAV_FORMATS[fmt]
+    path = path.with_suffix(ext)
+    layout = {1: "mono", 2: "stereo"}[samples.shape[0]]
+    with av.open(str(path), "w", format=container_fmt) as c:
+        stream = c.add_stream(codec, rate=sample_rate)
+        stream.layout = layout
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32), format="fltp",
+                                           layout=layout)
+        frame.sample_rate = sample_rate
+        for packet in stream.encode(frame):
+            c.mux(packet)
+        for packet in stream.encode(None):
+            c.mux(packet)
+    return path

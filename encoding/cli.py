@@ -1,0 +1,150 @@
+"""`sa3-lora encode` and `sa3-lora dataset` subcommands (the lead hooks them into the top-level parser)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_encode_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "encode", help="encode a folder of audio to an SA3 latent dataset",
+        description="Encode every audio file under FOLDER with the pack's SAME autoencoder into DIR. Re-running "
+                    "re-encodes only new or changed files and continues an interrupted run. Exit code 0 when the "
+                    "dataset was written, even if some files were skipped (they are listed with reasons).")
+    p.add_argument("folder", help="folder of audio files (any depth)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pack", help="pack name (sa3-medium, sa3-small-music, sa3-small-sfx)")
+    src.add_argument("--model", help="model folder (Hub layout) or ComfyUI checkpoint file")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--variant", default="base", choices=["base", "arc"], help="pack variant (same autoencoder)")
+    p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/")
+    p.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="only files matching these")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="leave out files matching these")
+    p.add_argument("--exclude-from", default=None, metavar="FILE", help="a file with one relpath/glob per line")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="latent storage dtype")
+    p.add_argument("--force", action="store_true", help="re-encode everything")
+    p.add_argument("--devices", nargs="*", default=None,
+                   help="one worker process per device, e.g. cuda:0 cuda:1 (default: one process on --device)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_encode)
+    return p
+
+
+def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("dataset", help="inspect or import encoded datasets")
+    sub = p.add_subparsers(dest="dataset_what", metavar="WHAT", required=True)
+    i = sub.add_parser("inspect", help="summary of an encoded dataset (ours, official or underfit)")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    i.add_argument("--prompts", type=int, default=0, metavar="N", help="also show N sample prompts")
+    i.add_argument("--prompt-config", default=None, help="PromptConfig JSON file for --prompts")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=_cmd_inspect)
+    m = sub.add_parser("import", help="adopt an official pre_encode_dataset.py or underfit dataset (no re-encoding)")
+    m.add_argument("src")
+    m.add_argument("--out", default=None, help="link/copy into this folder instead of writing dataset.json in SRC")
+    m.set_defaults(func=_cmd_import)
+    return p
+
+
+class _Bar:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, ev: dict) -> None:
+        if self.quiet:
+            return
+        n, i = max(ev["n"], 1), ev["i"]
+        filled = int(30 * i / n)
+        name = ev["relpath"] if len(ev["relpath"]) <= 40 else "…" + ev["relpath"][-39:]
+        tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {i}/{n} {name} ({tail})\x1b[K")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _model_factory(source: str, variant: str | None, models_dir: str | None):
+    from functools import partial
+
+    from ..sa3.model import load_model
+
+    return partial(_load_encoder, load_model, source, variant, models_dir)
+
+
+def _load_encoder(load_model, source, variant, models_dir, device="cpu"):
+    return load_model(source, "fp32", device, variant=variant, models_dir=models_dir)
+
+
+def _cmd_encode(args) -> int:
+    from .dataset import encode_folder
+
+    source = args.pack or args.model
+    variant = args.variant if args.pack else None
+    exclude = list(args.exclude)
+    if args.exclude_from:
+        exclude += [ln.strip() for ln in Path(args.exclude_from).read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and not ln.startswith("#")]
+    factory = _model_factory(source, variant, args.models_dir)
+    kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force,
+              progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
+    if args.devices and len(args.devices) > 1:
+        report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
+    else:
+        device = args.devices[0] if args.devices else args.device
+        report = encode_folder(args.folder, args.out, factory(device), **kw)
+    print(report.summary())
+    return 0 if not report.interrupted else 1
+
+
+def _cmd_inspect(args) -> int:
+    from .dataset import load_dataset
+
+    ds = load_dataset(args.dir)
+    m = ds.manifest
+    info = {
+        "dir": str(ds.root), "format": m.get("origin", m.get("format")), "complete": ds.complete,
+        "encoder": m.get("encoder", {}), "latent_dim": ds.latent_dim, "latent_rate": m.get("latent_rate"),
+        "dtype": m.get("dtype"), "totals": m.get("totals", {}),
+        "skipped": [{"relpath": f["relpath"], "reason": f.get("reason"), "detail": f.get("detail", "")}
+                    for f in ds.skipped],
+    }
+    if args.prompts:
+        from .prompts import PromptConfig, preview_prompts
+
+        cfg = PromptConfig()
+        if args.prompt_config:
+            cfg = PromptConfig.from_dict(json.loads(Path(args.prompt_config).read_text(encoding="utf-8")))
+        info["prompts"] = preview_prompts(ds, cfg, args.seed, args.prompts)
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False, indent=1))
+        return 0
+    t = info["totals"]
+    enc = info["encoder"]
+    print(f"{ds.root}: {len(ds)} files, {ds.total_seconds / 60:.1f} min, "
+          f"{'complete' if ds.complete else 'INCOMPLETE (run encode again to finish)'}")
+    print(f"  encoder {enc.get('name')} (latent_dim {ds.latent_dim}, ratio {enc.get('downsampling_ratio')}, "
+          f"{info['latent_rate'] or '?'} latents/s), dtype {info['dtype'] or '?'}, format {info['format']}")
+    if t:
+        print(f"  {t.get('encoded', 0)} encoded, {t.get('skipped', 0)} skipped, {t.get('pending', 0)} pending, "
+              f"{t.get('excluded', 0)} excluded, {t.get('n_latents', 0)} latent frames")
+    for s in info["skipped"]:
+        print(f"  skipped {s['relpath']}: {s['reason']}")
+    for row in info.get("prompts", []):
+        print(f"  [{row['source'] or '-'}] {row['relpath']}: {row['prompt']}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .dataset import import_dataset
+
+    ds = import_dataset(args.src, args.out)
+    print(f"{ds.root}: imported {len(ds)} files ({ds.total_seconds / 60:.1f} min), "
+          f"{len(ds.skipped)} unusable pairs, latent_dim {ds.latent_dim}")
+    return 0
