@@ -377,7 +377,8 @@ class AdaptedModel:
                     unmatched.append(layer)
                     continue
                 _check_shapes(layer, module, a, name)
-                tensors = dict(a.layers[layer])
+                device = module.weight.device  # adapter tensors live where the base weight does (CPU, CUDA, ...)
+                tensors = {k: v.to(device) for k, v in a.layers[layer].items()}
                 if a.is_xs:  # bases from the ORIGINAL base weight, as the reference does when stacking
                     tensors["U"], tensors["V"] = (b.to(module.weight.device) for b in svd_bases(module.weight, a.rank))
                 slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,

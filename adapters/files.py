@@ -79,6 +79,22 @@ class LoadedAdapter:
             out.setdefault(k, base[k])
         return out
 
+    def info(self) -> dict:
+        """A summary for display (SA3 LoRA Info): type, rank, alpha, layer counts, size, and our metadata."""
+        n_params = sum(v.numel() for t in self.layers.values() for v in t.values())
+        meta = dict(self.metadata)
+        if "trigger_words" in meta:
+            try:
+                meta["trigger_words"] = json.loads(meta["trigger_words"])
+            except ValueError:
+                pass
+        return {"name": self.name, "adapter_type": self.adapter_type, "rank": self.rank, "alpha": self.alpha,
+                "n_layers": len(self.layers), "n_params": n_params,
+                "dit_layers": sum(1 for k in self.layers if k.startswith("model.")),
+                "conditioner_layers": sum(1 for k in self.layers if k.startswith("conditioners.")),
+                "include": self.config.get("include"), "exclude": self.config.get("exclude"),
+                **{k: meta[k] for k in EXTRA_METADATA_KEYS if k in meta}}
+
     def state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Tensors under their official checkpoint keys (the U/V bases of -xs types are never included)."""
         return {f"{layer}.parametrizations.weight.{index}.{name}": t[name]

@@ -138,3 +138,13 @@ def test_fresh_adapter_records_the_base_fingerprint_and_roots_prefix_paths():
     a = new_adapter(tree, "lora-xs", 2, roots=(Root("model"), Root("conditioners", gated=False)))
     assert set(a.layers) == {"transformer.layers.0", "transformer.layers.1", "preprocess_conv", "seconds"}
     assert len(a.metadata["base_fingerprint"]) == 16
+
+
+def test_info_summarises_type_rank_layers_and_our_metadata(fixtures_dir, tmp_path):
+    adapter = read_adapter_file(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors")
+    path = write_adapter_file(tmp_path / "x.safetensors", adapter, base_pack="small-base", step=1200,
+                              trigger_words=["zzq"])
+    info = read_adapter_file(path).info()
+    assert info["adapter_type"] == "dora-rows" and info["rank"] == 4 and info["n_layers"] == 31
+    assert (info["dit_layers"], info["conditioner_layers"]) == (30, 1)
+    assert info["base_pack"] == "small-base" and info["step"] == "1200" and info["trigger_words"] == ["zzq"]
