@@ -1,0 +1,158 @@
+"""Decoding real files of every listed format (written by the real encoders), channel mapping, resampling, and
+each kind of bad file."""
+
+import os
+
+import numpy as np
+import pytest
+from sa3_lora_studio.encoding import audio_io
+from sa3_lora_studio.encoding.audio_io import AudioFileError, decode_audio, downmix, load_audio, resample
+from sa3_lora_studio.encoding.toy import tone, write_audio_file
+
+SECONDS = 0.75
+
+# fmt -> (sample rate, duration tolerance in seconds). Lossless formats decode exactly; lossy codecs add
+# encoder delay/padding (AAC priming, Opus pre-skip, MP3 frames) that decoders trim to different extents.
+FORMATS = {
+    "wav16": (22050, 0), "wav24": (32000, 0), "wav32": (44100, 0), "wavf": (48000, 0), "flac": (44100, 0),
+    "aiff": (16000, 0), "mp3": (44100, 0.06), "ogg": (22050, 0.06), "opus": (48000, 0.06), "m4a": (44100, 0.1),
+    "mp3-ffmpeg": (32000, 0.1), "opus-ffmpeg": (48000, 0.06),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_decodes_with_its_rate_channels_and_decoded_duration(tmp_path, fmt):
+    rate, tol = FORMATS[fmt]
+    x = tone(SECONDS, rate)
+    d = decode_audio(write_audio_file(tmp_path / "x", x, rate, fmt))
+    assert d.sample_rate == rate and d.channels == 2 and d.samples.dtype == np.float32
+    assert abs(d.seconds - x.shape[1] / rate) <= tol + 1e-9
+    if tol == 0:
+        np.testing.assert_allclose(d.samples, x, atol=1e-4)
+    else:
+        assert 0.1 < np.abs(d.samples).max() < 0.6  # the tone is there, not silence or garbage
+
+
+def test_load_audio_gives_stereo_at_44100_with_the_true_length(tmp_path):
+    path = write_audio_file(tmp_path / "m", tone(SECONDS, 22050, channels=1), 22050, "flac")
+    audio, info = load_audio(path)
+    assert info.channels == 1 and info.sample_rate == 22050
+    assert audio.shape == (2, 2 * info.frames)  # exactly twice the source rate
+    np.testing.assert_array_equal(audio[0], audio[1])  # mono duplicated
+
+
+def test_soxr_resampling_keeps_a_tone_in_band_and_its_level():
+    x = tone(1.0, 22050, channels=1, freq=1000.0)
+    y = resample(x, 22050, 44100)
+    assert y.shape == (1, 44100)
+    ref = tone(1.0, 44100, channels=1, freq=1000.0)[0]
+    core = slice(2000, -2000)  # ignore filter edges
+    corr = np.dot(y[0, core], ref[core]) / np.linalg.norm(y[0, core]) / np.linalg.norm(ref[core])
+    assert corr > 0.999
+    assert abs(np.abs(y[0, core]).max() - 0.3) < 0.01
+
+
+def test_downmix_follows_the_documented_rules():
+    n = 16
+    rng = np.random.default_rng(0)
+    x6 = rng.uniform(-1, 1, (6, n)).astype(np.float32)  # L R C LFE Ls Rs
+    y = downmix(x6)
+    c = np.sqrt(0.5)
+    left = (x6[0] + c * x6[2] + x6[4]) / (2 + c)
+    right = (x6[1] + c * x6[2] + x6[5]) / (2 + c)
+    np.testing.assert_allclose(y, np.stack([left, right]), rtol=1e-5, atol=1e-6)  # LFE dropped
+    assert np.abs(downmix(np.ones((8, n), np.float32))).max() <= 1 + 1e-6  # never clips
+    x3 = rng.uniform(-1, 1, (3, n)).astype(np.float32)
+    np.testing.assert_allclose(downmix(x3)[0], (x3[0] + c * x3[2]) / (1 + c), rtol=1e-5, atol=1e-6)
+    assert downmix(x3[:1]).shape == (2, n)
+    np.testing.assert_array_equal(downmix(x3[:2]), x3[:2])
+
+
+def test_multichannel_wav_is_downmixed_to_stereo(tmp_path):
+    x = np.concatenate([tone(0.2, 44100)] * 3)  # 6 channels
+    path = write_audio_file(tmp_path / "surround", x, 44100, "wavf")
+    audio, info = load_audio(path)
+    assert info.channels == 6 and audio.shape == (2, x.shape[1])
+
+
+def _reason(path) -> str:
+    with pytest.raises(AudioFileError) as e:
+        decode_audio(path)
+    return e.value.reason
+
+
+def test_zero_byte_file_is_rejected(tmp_path):
+    (tmp_path / "z.wav").write_bytes(b"")
+    assert _reason(tmp_path / "z.wav") == "zero bytes"
+
+
+def test_text_file_with_an_audio_extension_is_not_audio(tmp_path):
+    (tmp_path / "t.mp3").write_text("this is not audio\n" * 20)
+    assert "not audio" in _reason(tmp_path / "t.mp3")
+
+
+def test_header_only_truncated_file_is_rejected(tmp_path):
+    path = write_audio_file(tmp_path / "h", tone(0.5, 44100), 44100, "flac")
+    path.write_bytes(path.read_bytes()[:60])
+    assert "not audio" in _reason(path)
+
+
+def test_truncated_file_records_the_decoded_duration_not_the_header(tmp_path):
+    path = write_audio_file(tmp_path / "half", tone(1.0, 44100), 44100, "wav16")
+    data = path.read_bytes()
+    path.write_bytes(data[:44 + (len(data) - 44) // 2])  # header still claims 1 s
+    d = decode_audio(path)
+    assert abs(d.seconds - 0.5) < 0.01
+
+
+def test_nan_and_inf_samples_are_rejected(tmp_path):
+    x = tone(0.2, 44100)
+    x[0, 100] = np.nan
+    assert _reason(write_audio_file(tmp_path / "nan", x, 44100, "wavf")) == "NaN/inf samples"
+    x[0, 100] = np.inf
+    assert _reason(write_audio_file(tmp_path / "inf", x, 44100, "wavf")) == "NaN/inf samples"
+
+
+def test_unreadable_file_is_rejected(tmp_path, monkeypatch):
+    path = write_audio_file(tmp_path / "locked", tone(0.2, 44100), 44100, "wav16")
+    os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads anything: make open() refuse as it would for a normal user
+        real_open = open
+
+        def refusing_open(p, *a, **k):
+            if os.fspath(p) == os.fspath(path):
+                raise PermissionError(13, "Permission denied", os.fspath(p))
+            return real_open(p, *a, **k)
+        monkeypatch.setattr(audio_io, "open", refusing_open, raising=False)
+    try:
+        assert _reason(path).startswith("unreadable")
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_symlink_loop_is_rejected(tmp_path):
+    os.symlink("loop.wav", tmp_path / "loop.wav")
+    assert _reason(tmp_path / "loop.wav") == "symlink loop"
+
+
+def test_pyav_is_tried_when_soundfile_stops_early(tmp_path, monkeypatch):
+    path = write_audio_file(tmp_path / "x", tone(0.5, 44100), 44100, "flac")
+    real = audio_io._decode_soundfile
+
+    def stops_early(p):
+        d = real(p)
+        d.samples = d.samples[:, : d.frames // 3]
+        return d
+    monkeypatch.setattr(audio_io, "_decode_soundfile", stops_early)
+    d = decode_audio(path)
+    assert d.decoder == "pyav" and d.frames == round(0.5 * 44100)
+
+
+def test_pyav_is_tried_when_soundfile_refuses(tmp_path, monkeypatch):
+    path = write_audio_file(tmp_path / "x", tone(0.5, 44100), 44100, "flac")
+
+    def refuses(p):
+        raise RuntimeError("Error opening: Format not recognised")
+    monkeypatch.setattr(audio_io, "_decode_soundfile", refuses)
+    d = decode_audio(path)
+    assert d.decoder == "pyav" and d.frames == round(0.5 * 44100)
