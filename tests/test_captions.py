@@ -1,0 +1,131 @@
+"""The one metadata lookup order: JSON sidecar (next to / json/ / ../json/), text sidecar, embedded tags (written
+with mutagen into real files), path fields."""
+
+import json
+
+import mutagen
+import pytest
+from mutagen.id3 import COMM, TALB, TBPM, TCON, TIT2, TKEY, TPE1, TPUB, TXXX
+from mutagen.mp4 import MP4FreeForm
+from sa3_lora_studio.encoding.captions import lookup_metadata, read_tags
+from sa3_lora_studio.encoding.toy import tone, write_audio_file
+
+TAGS = {"title": "Night Drive", "artist": "Kōji & the Ølbrygg", "album": "Roads", "genre": "Synthwave",
+        "label": "Neon Recs", "bpm": "118", "key": "A minor"}
+
+
+def _tag_id3(path):
+    f = mutagen.File(path)
+    if f.tags is None:
+        f.add_tags()
+    t = f.tags
+    for frame in (TIT2(encoding=3, text=TAGS["title"]), TPE1(encoding=3, text=TAGS["artist"]),
+                  TALB(encoding=3, text=TAGS["album"]), TCON(encoding=3, text=TAGS["genre"]),
+                  TPUB(encoding=3, text=TAGS["label"]), TBPM(encoding=3, text=TAGS["bpm"]),
+                  TKEY(encoding=3, text=TAGS["key"]), TXXX(encoding=3, desc="mood", text="calm"),
+                  COMM(encoding=3, lang="eng", desc="", text="late night")):
+        t.add(frame)
+    f.save()
+
+
+def _tag_vorbis(path):
+    f = mutagen.File(path)
+    for k, v in TAGS.items():
+        f[{"label": "organization", "key": "initialkey"}.get(k, k)] = v
+    f["mood"] = "calm"
+    f["comment"] = "late night"
+    f.save()
+
+
+def _tag_mp4(path):
+    f = mutagen.File(path)
+    f["\xa9nam"], f["\xa9ART"], f["\xa9alb"], f["\xa9gen"] = TAGS["title"], TAGS["artist"], TAGS["album"], TAGS["genre"]
+    f["tmpo"] = [int(TAGS["bpm"])]
+    f["\xa9cmt"] = "late night"
+    f["----:com.apple.iTunes:LABEL"] = MP4FreeForm(TAGS["label"].encode())
+    f["----:com.apple.iTunes:initialkey"] = MP4FreeForm(TAGS["key"].encode())
+    f["----:com.apple.iTunes:mood"] = MP4FreeForm(b"calm")
+    f.save()
+
+
+TAGGERS = {"mp3": _tag_id3, "aiff": _tag_id3, "wav16": _tag_id3, "flac": _tag_vorbis, "ogg": _tag_vorbis,
+           "opus": _tag_vorbis, "m4a": _tag_mp4}
+
+
+@pytest.mark.parametrize("fmt", sorted(TAGGERS))
+def test_embedded_tags_are_read_from_every_container(tmp_path, fmt):
+    rate = 48000 if fmt == "opus" else 44100
+    path = write_audio_file(tmp_path / "song", tone(0.1, rate), rate, fmt)
+    TAGGERS[fmt](path)
+    tags = read_tags(path)
+    for k, v in TAGS.items():
+        assert tags.get(k) == v, (k, tags)
+    assert tags["mood"] == "calm" and tags["comment"] == "late night"
+    md = lookup_metadata(path, tmp_path)
+    assert md["title"] == "Night Drive" and md["file_stem"] == "song"
+
+
+def _song(folder, name="song"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_audio_file(folder / name, tone(0.1, 44100), 44100, "mp3")
+    _tag_id3(path)
+    return path
+
+
+def test_json_sidecar_next_to_the_audio_wins_over_text_tags_and_path(tmp_path):
+    audio = _song(tmp_path / "album")
+    (tmp_path / "album" / "song.json").write_text(json.dumps({"title": "From JSON", "mood": "tense", "n": 3}))
+    (tmp_path / "album" / "song.txt").write_text("  a caption from txt \n")
+    sources = {}
+    md = lookup_metadata(audio, tmp_path, sources=sources)
+    assert md["title"] == "From JSON" and md["mood"] == "tense" and md["n"] == 3
+    assert md["prompt"] == "a caption from txt"  # the text sidecar still supplies `prompt`
+    assert md["artist"] == TAGS["artist"]  # tags fill what the sidecars do not say
+    assert md["folder"] == "album" and md["top_folder"] == "album" and md["file_stem"] == "song"
+    assert set(sources) == {"json", "txt", "tags", "path"}
+
+
+def test_json_sidecar_layouts_in_documented_priority(tmp_path):
+    audio = _song(tmp_path / "data" / "songs")
+    beside = tmp_path / "data" / "songs" / "json" / "song.json"
+    parent = tmp_path / "data" / "json" / "song.json"
+    nextto = tmp_path / "data" / "songs" / "song.json"
+    parent.parent.mkdir(parents=True)
+    parent.write_text(json.dumps({"title": "parent json"}))
+    assert lookup_metadata(audio, tmp_path)["title"] == "parent json"
+    beside.parent.mkdir(parents=True)
+    beside.write_text(json.dumps({"title": "json folder beside"}))
+    assert lookup_metadata(audio, tmp_path)["title"] == "json folder beside"
+    nextto.write_text(json.dumps({"title": "next to"}))
+    assert lookup_metadata(audio, tmp_path)["title"] == "next to"
+
+
+def test_text_sidecar_layouts_give_the_prompt(tmp_path):
+    audio = _song(tmp_path / "data" / "songs")
+    (tmp_path / "data" / "txt").mkdir()
+    (tmp_path / "data" / "txt" / "song.txt").write_text("from ../txt\n")
+    assert lookup_metadata(audio, tmp_path)["prompt"] == "from ../txt"
+    (tmp_path / "data" / "songs" / "txt").mkdir()
+    (tmp_path / "data" / "songs" / "txt" / "song.txt").write_text("from txt/")
+    assert lookup_metadata(audio, tmp_path)["prompt"] == "from txt/"
+    (tmp_path / "data" / "songs" / "song.txt").write_text("next to")
+    assert lookup_metadata(audio, tmp_path)["prompt"] == "next to"
+
+
+def test_invalid_json_warns_and_falls_back_to_the_next_source(tmp_path):
+    audio = _song(tmp_path)
+    (tmp_path / "song.json").write_text("{not json")
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "song.json").write_text(json.dumps(["a list"]))
+    warnings = []
+    md = lookup_metadata(audio, tmp_path, warnings=warnings)
+    assert len(warnings) == 2 and "invalid JSON" in warnings[0]
+    assert md["title"] == TAGS["title"]  # from the tags
+
+
+def test_path_fields_without_any_sidecar_or_tag(tmp_path):
+    folder = tmp_path / "Bossa [live]" / "set 1"
+    folder.mkdir(parents=True)
+    audio = write_audio_file(folder / "Águas de 50% $ 'x'", tone(0.1, 44100), 44100, "wavf")
+    md = lookup_metadata(audio, tmp_path)
+    assert md == {"file_stem": "Águas de 50% $ 'x'", "folder": "Bossa [live]/set 1", "top_folder": "Bossa [live]"}
