@@ -12,11 +12,11 @@ from .dataset import (
     load_dataset,
     scan_folder,
 )
-from .prompts import PromptConfig, compose, compose_prompt, preview_prompts, prompt_seed
+from .prompts import PromptConfig, batch_prompts, compose, compose_prompt, preview_prompts, prompt_seed
 
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioFileError", "DecodedAudio", "decode_audio", "downmix", "load_audio", "resample",
     "lookup_metadata", "read_tags", "DatasetError", "EncodedDataset", "EncodeReport", "encode_folder",
     "encode_waveform", "import_dataset", "load_dataset", "scan_folder", "PromptConfig", "compose", "compose_prompt",
-    "preview_prompts", "prompt_seed",
+    "preview_prompts", "prompt_seed", "batch_prompts",
 ]

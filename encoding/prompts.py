@@ -216,3 +216,11 @@ def preview_prompts(dataset, config: PromptConfig, seed: int, n: int = 8) -> lis
         c = compose(metadata, relpath, config, s)
         rows.append({"relpath": relpath, "prompt": c.text, "source": c.source, "triggered": c.triggered, "seed": s})
     return rows
+
+
+def batch_prompts(items, indices, config: PromptConfig, run_seed: int, step: int) -> list[str]:
+    """The prompts of one training batch: items[i] = (relpath, metadata) for i in indices, composed with the
+    prompt seed of `step`. The trainer's dataloader calls this; `preview_prompts(items, config,
+    prompt_seed(run_seed, step))` shows the same text for the same files."""
+    seed = prompt_seed(run_seed, step)
+    return [compose_prompt(items[i][1], items[i][0], config, seed) for i in indices]
