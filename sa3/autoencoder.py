@@ -77,8 +77,10 @@ class SAMEAttention(nn.Module):
         self.q_norm = DynamicTanh(dim_heads) if dyt else RMSNorm(dim_heads, eps=qk_norm_eps)
         self.k_norm = DynamicTanh(dim_heads) if dyt else RMSNorm(dim_heads, eps=qk_norm_eps)
 
-    def forward(self, x: Tensor, angles: Tensor, window: tuple[int, int] | None = None) -> Tensor:
-        """x: [B, N, dim], angles: [N, rot_dim] RoPE angles; window: band in tokens, None for full attention."""
+    def forward(self, x: Tensor, angles: Tensor, window: tuple[int, int] | None = None,
+                queries: slice | None = None) -> Tensor:
+        """x: [B, N, dim], angles: [N, rot_dim] RoPE angles; window: band in tokens, None for full attention.
+        queries: only these positions' outputs (full attention only) -> [B, len(queries), dim]."""
         h = self.n_heads
         if self.differential:
             q, k, v, q_diff, k_diff = rearrange(self.to_qkv(x), "b n (s h d) -> s b h n d", s=5, h=h)
@@ -87,6 +89,8 @@ class SAMEAttention(nn.Module):
             q, k, v = rearrange(self.to_qkv(x), "b n (s h d) -> s b h n d", s=3, h=h)  # each [B, H, N, D]
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_partial_rotary(q, angles), apply_partial_rotary(k, angles)
+        if queries is not None:
+            q = q[:, :, queries]
         if window is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -135,10 +139,14 @@ class SAMEBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult, sinusoidal)
         self.rope = RotaryEmbedding(dim_heads // 2)
 
-    def forward(self, x: Tensor, window: tuple[int, int] | None = None) -> Tensor:
-        """x: [B, N, dim]. RoPE positions are 0..N-1 of this sequence (per chunk for chunked attention)."""
+    def forward(self, x: Tensor, window: tuple[int, int] | None = None, keep: slice | None = None) -> Tensor:
+        """x: [B, N, dim] -> [B, N, dim]. RoPE positions are 0..N-1 of this sequence (per chunk for chunked
+        attention). keep: compute only these positions' outputs (their attention still sees every token)."""
         angles = self.rope.angles_for_length(x.shape[-2], device=x.device)
-        x = x + self.self_attn(self.pre_norm(x), angles, window)
+        if keep is None:
+            x = x + self.self_attn(self.pre_norm(x), angles, window)
+        else:
+            x = x[:, keep] + self.self_attn(self.pre_norm(x), angles, window, queries=keep)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -218,40 +226,53 @@ class ResamplingBlock(nn.Module):
             x = rearrange(x, "b d n -> b n 1 d")  # [B, T, 1, dim]
         new_tokens = self.new_tokens.expand(b * x.shape[1], self.n_new, -1)
         if self.mask_noise > 0:  # the reference adds it in eval too (decoder only in the real configs)
-            new_tokens = new_tokens + self.mask_noise * torch.randn(
-                new_tokens.shape, generator=generator, device=x.device, dtype=x.dtype)
+            new_tokens = new_tokens + self.mask_noise * torch.empty_like(new_tokens).normal_(generator=generator)
         x = torch.cat([x, new_tokens.reshape(b, x.shape[1], self.n_new, -1)], dim=2)  # [B, T, group, dim]
-        n_groups, group = x.shape[1], x.shape[2]
-        x = self.run_transformers(rearrange(x, "b n g d -> b (n g) d"))
-        x = x.view(b, n_groups, group, -1)[:, :, -self.n_new:]  # the learned tokens' outputs
-        x = rearrange(x, "b n g d -> b d (n g)")
+        x = self.run_transformers(rearrange(x, "b n g d -> b (n g) d"))  # the learned tokens' outputs
+        x = rearrange(x, "b n d -> b d n")
         return self.mapping(x) if self.kind == "decoder" else x
 
     def run_transformers(self, x: Tensor) -> Tensor:
-        """x: [B, N, dim] token sequence (N = T · group) -> same shape."""
+        """x: [B, N, dim] token sequence of groups (N = T · group) -> the outputs of each group's learned tokens,
+        [B, T · n_new, dim]."""
+        group = self.stride + 1
         if self.window is not None:
             for block in self.transformers:
                 x = block(x, window=self.window)
-            return x
-        chunk = self.chunk_size + self.chunk_size // self.stride  # tokens per attention chunk
+            return self.learned_outputs(x)
+        chunk = self.chunk_size + self.chunk_size // self.stride  # tokens per attention chunk, whole groups
+        # The encoder keeps one token per group, so its last block computes only those rows (attention still sees
+        # every token): exact, and it skips 16/17 of that block. Needs group-aligned chunks, which they are unless
+        # a midpoint shift cuts a group in half.
+        shift = chunk // 2 if self.chunk_midpoint_shift else 0
+        keep = slice(group - 1, None, group) if self.kind == "encoder" and shift % group == 0 else None
         if not self.chunk_midpoint_shift:
-            return self.run_chunked(x, self.transformers, chunk)
-        split, shift = self.depth // 2, chunk // 2
+            x = self.run_chunked(x, self.transformers, chunk, keep)
+            return x if keep is not None else self.learned_outputs(x)
         if 2 * shift != chunk:
             raise ValueError(f"SAME midpoint shift needs an even attention chunk; got {chunk} tokens")
-        x = self.run_chunked(x, self.transformers[:split], chunk)
+        x = self.run_chunked(x, self.transformers[:self.depth // 2], chunk)
         # Second half: chunk boundaries move by half a chunk. The sequence is extended by copies of its first and
         # last half chunk (not zeros) so the edge chunks are full, then trimmed back.
         x = torch.cat([x[:, :shift], x, x[:, -shift:]], dim=1)
-        return self.run_chunked(x, self.transformers[split:], chunk)[:, shift:-shift]
+        x = self.run_chunked(x, self.transformers[self.depth // 2:], chunk, keep)
+        if keep is not None:  # one token per group left: trim the copied groups
+            return x[:, shift // group:-(shift // group)]
+        return self.learned_outputs(x[:, shift:-shift])
+
+    def learned_outputs(self, x: Tensor) -> Tensor:
+        """[B, T · group, dim] -> the last n_new tokens of each group, [B, T · n_new, dim]."""
+        x = rearrange(x, "b (n g) d -> b n g d", g=self.stride + 1)[:, :, -self.n_new:]
+        return rearrange(x, "b n g d -> b (n g) d")
 
     @staticmethod
-    def run_chunked(x: Tensor, blocks: Sequence[nn.Module], chunk: int) -> Tensor:
-        """Independent attention chunks of `chunk` tokens: fold them into the batch."""
+    def run_chunked(x: Tensor, blocks: Sequence[nn.Module], chunk: int, keep: slice | None = None) -> Tensor:
+        """Independent attention chunks of `chunk` tokens, folded into the batch. keep: positions (within each
+        chunk) the last block computes; the result then holds only those."""
         b = x.shape[0]
         x = rearrange(x, "b (nc c) d -> (b nc) c d", c=chunk)
-        for block in blocks:
-            x = block(x)
+        for i, block in enumerate(blocks):
+            x = block(x, keep=keep if i == len(blocks) - 1 else None)
         return rearrange(x, "(b nc) c d -> b (nc c) d", b=b)
 
 
@@ -343,7 +364,8 @@ class SoftNormBottleneck(nn.Module):
         x = z * self.running_std if self.running_std is not None else z
         if self.noise_regularize:
             scaling = self.running_std if self.running_std is not None else x.std(dim=-1, keepdim=True)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # empty_like + normal_ is randn_like: same memory layout, so the same draws as the reference
+            noise = torch.empty_like(x).normal_(generator=generator)
             x = x + noise * scaling * (5e-2 if self.training else 1e-3)
         if self.noise_augment_dim > 0:
             noise = torch.randn((x.shape[0], self.noise_augment_dim, x.shape[-1]), generator=generator,
