@@ -247,18 +247,18 @@ def test_pause_continue_and_save_buttons_call_the_run_routes(site, browser):
 
     browser.click("[data-action=pause]")
     wait_until(lambda: control.paused, what="the pause to reach the run")
-    assert len(control_posts(site, live, "pause")) == 1
+    wait_until(lambda: len(control_posts(site, live, "pause")) == 1, what="POST pause")
     wait_until(lambda: site.manager.registry.get(live)["status"] == "paused", what="status paused")
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]').dataset.status === 'paused'")
     browser.wait("document.querySelector('.sa3-controls [data-action=resume]')?.textContent === 'Continue'")
 
     browser.click(".sa3-controls [data-action=resume]")
     wait_until(lambda: not control.paused, what="the run to continue")
-    assert len(control_posts(site, live, "resume")) == 1
+    wait_until(lambda: len(control_posts(site, live, "resume")) == 1, what="POST resume")
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]').dataset.status === 'training'")
 
     browser.click("[data-action=save]")
-    assert len(control_posts(site, live, "save")) == 1
+    wait_until(lambda: len(control_posts(site, live, "save")) == 1, what="POST save")
     checkpoint = f"checkpoints/live-strings-step={LIVE_HISTORY:06d}.safetensors"
     wait_until(lambda: (site.manager.registry.run_dir(live) / checkpoint).exists(), what="the saved checkpoint")
     browser.wait(f"document.querySelector('[data-action=use]').textContent === 'Use step {LIVE_HISTORY}'")
@@ -273,11 +273,11 @@ def test_resume_stop_and_confirmed_delete_call_the_run_routes(site, browser):
 
     browser.click("[data-action=restart]")
     wait_until(lambda: site.manager.worker.is_running(interrupted), what="the resumed run to start")
-    assert len(control_posts(site, interrupted, "restart")) == 1
+    wait_until(lambda: len(control_posts(site, interrupted, "restart")) == 1, what="POST restart")
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{interrupted}\"]').dataset.status === 'training'")
 
     browser.click("[data-action=stop]")
-    assert len(control_posts(site, interrupted, "stop")) == 1
+    wait_until(lambda: len(control_posts(site, interrupted, "stop")) == 1, what="POST stop")
     wait_until(lambda: registry.get(interrupted)["status"] == "stopped", what="status stopped")
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{interrupted}\"]').dataset.status === 'stopped'")
 
@@ -290,7 +290,7 @@ def test_resume_stop_and_confirmed_delete_call_the_run_routes(site, browser):
     browser.click("[data-action=delete]")
     browser.click("[data-action=confirm-delete]")
     browser.wait(f"!document.querySelector('.sa3-run[data-run-id=\"{failed}\"]')")
-    assert len(control_posts(site, failed, "delete")) == 1
+    wait_until(lambda: len(control_posts(site, failed, "delete")) == 1, what="POST delete")
     assert not (site.root / failed).exists() and failed not in [r["id"] for r in registry.list()]
     assert browser.call("errors") == []
 
@@ -335,7 +335,7 @@ def test_panel_catches_up_from_the_events_route_after_a_websocket_reconnect(site
                  timeout=8000)
     steps = series(browser, "loss")[0]["steps"]
     assert steps == list(range(1, step + 6)), "caught up once, without duplicates"
-    assert browser.call("errors") == []
+    assert [e for e in browser.call("errors") if "WebSocket connection" not in e] == []  # refused on purpose
 
 
 def test_use_checkpoint_adds_a_configured_sa3_load_lora_node_or_copies_the_name(site, browser):

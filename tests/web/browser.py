@@ -30,7 +30,7 @@ class BrowserError(RuntimeError):
 
 
 class Browser:
-    def __init__(self, timeout: float = 20):
+    def __init__(self, timeout: float = 30):
         self.timeout = timeout
         self.proc = subprocess.Popen(["node", str(HERE / "driver.mjs")], cwd=HERE, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
@@ -49,14 +49,16 @@ class Browser:
         self.replies.put(None)
 
     def _reply(self, id_):
-        try:
-            reply = self.replies.get(timeout=self.timeout)
-        except queue.Empty:
-            raise BrowserError(f"the browser driver did not answer within {self.timeout} s") from None
-        if reply is None:
-            raise BrowserError(f"the browser driver exited: {self.proc.stderr.read()[-2000:]}")
-        if reply["id"] != id_:
-            raise BrowserError(f"out of order reply {reply}")
+        while True:
+            try:
+                reply = self.replies.get(timeout=self.timeout)
+            except queue.Empty:
+                raise BrowserError(f"the browser driver did not answer within {self.timeout} s") from None
+            if reply is None:
+                raise BrowserError(f"the browser driver exited: {self.proc.stderr.read()[-2000:]}")
+            if reply["id"] == id_:
+                break
+            # a late answer to a command that already timed out here: drop it, so one failure does not cascade
         if not reply["ok"]:
             raise BrowserError(reply["error"])
         return reply["value"]
@@ -74,7 +76,7 @@ class Browser:
     def eval(self, expr):
         return self.call("eval", expr=expr)
 
-    def wait(self, expr, timeout=5000):
+    def wait(self, expr, timeout=10000):
         return self.call("wait", expr=expr, timeout=timeout)
 
     def click(self, selector):

@@ -35,10 +35,10 @@ async function run(cmd) {
     case "eval":
       return await page.evaluate(cmd.expr);
     case "wait":
-      await page.waitForFunction(cmd.expr, null, { timeout: cmd.timeout || 5000, polling: 50 });
+      await page.waitForFunction(cmd.expr, null, { timeout: cmd.timeout || 10000, polling: 50 });
       return null;
     case "click":
-      await page.click(cmd.selector, { timeout: cmd.timeout || 5000 });
+      await page.click(cmd.selector, { timeout: cmd.timeout || 10000 });
       return null;
     case "hover": {
       const box = await page.locator(cmd.selector).first().boundingBox();
