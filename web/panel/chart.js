@@ -149,7 +149,8 @@ export function lineChart({ id, title, logY = false, unit = "" }) {
     }
     readout.textContent = rows.join(" · ");
     readout.hidden = false;
-    readout.style.left = `${Math.min(Math.max(0, x - 60), scale.width - 180)}px`;
+    const w = readout.offsetWidth || 180;  // keep the readout inside the chart, on whichever side has room
+    readout.style.left = `${Math.max(0, Math.min(x - w / 2, scale.width - w))}px`;
     figure.dataset.cursorStep = String(step);
   }
 

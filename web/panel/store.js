@@ -17,6 +17,7 @@ export class Store {
     this.runData = new Map();  // run id -> {events, offset, seen, loaded, catchingUp, buffer}
     this.listeners = new Map();  // topic -> Set(callback)
     this.message = null;  // last user-facing message {text, kind}
+    this.pendingList = null;  // a runs-list request in flight
     this.offs = [api.onEvent((e) => this.receive(e)), api.onReconnect(() => this.reconnected())];
   }
 
@@ -157,7 +158,10 @@ export class Store {
     if (!runId) return;
     const record = this.runs.find((r) => r.id === runId);
     if (!record) {
-      this.refreshRuns();  // a run we have not seen yet (submitted from a node): list once
+      // a run we have not seen yet (submitted from a node): list once, not once per event of the burst
+      this.pendingList ??= this.refreshRuns().finally(() => {
+        this.pendingList = null;
+      });
       return;
     }
     if (event.type === "step") {
