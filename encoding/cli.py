@@ -70,20 +70,10 @@ class _Bar:
         sys.stderr.flush()
 
 
-def _model_factory(source: str, variant: str | None, models_dir: str | None):
+def _cmd_encode(args) -> int:
     from functools import partial
 
-    from ..sa3.model import load_model
-
-    return partial(_load_encoder, load_model, source, variant, models_dir)
-
-
-def _load_encoder(load_model, source, variant, models_dir, device="cpu"):
-    return load_model(source, "fp32", device, variant=variant, models_dir=models_dir)
-
-
-def _cmd_encode(args) -> int:
-    from .dataset import encode_folder
+    from .dataset import encode_folder, load_encoder
 
     source = args.pack or args.model
     variant = args.variant if args.pack else None
@@ -91,7 +81,7 @@ def _cmd_encode(args) -> int:
     if args.exclude_from:
         exclude += [ln.strip() for ln in Path(args.exclude_from).read_text(encoding="utf-8").splitlines()
                     if ln.strip() and not ln.startswith("#")]
-    factory = _model_factory(source, variant, args.models_dir)
+    factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
     kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
     if args.devices and len(args.devices) > 1:

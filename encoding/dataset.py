@@ -39,8 +39,12 @@ SILENCE = "silence.npy"
 FORMAT = "sa3-lora-dataset"
 FORMAT_VERSION = 1
 SILENCE_LATENTS = 64  # frames of encoded silence stored; loaders tile it when they need more
-DEFAULT_CHUNK_LATENTS = 1024  # bounds encoder memory for long files (about 95 s at 4096x downsampling)
-DEFAULT_OVERLAP_LATENTS = 16  # context each side of a chunk, discarded, so chunk seams match a whole-file encode
+# Whole files go to the encoder by default: SA3Model.encode_audio already encodes long audio in the official
+# 128-latent overlapping chunks (bounded memory, and latents identical to the official pre-encode, whose last chunk
+# is anchored at the file's end, so any outer split would change them). An outer chunk size is for encoders that
+# do not chunk themselves, or to bound the size of one call.
+DEFAULT_CHUNK_LATENTS = None
+DEFAULT_OVERLAP_LATENTS = 16  # context each side of an outer chunk, discarded
 
 
 class DatasetError(Exception):
@@ -182,13 +186,14 @@ def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ..
 # encoding one file
 
 
-def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int = DEFAULT_CHUNK_LATENTS,
+def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
                     overlap_latents: int = DEFAULT_OVERLAP_LATENTS) -> np.ndarray:
     """audio: [2, N] float32 at encoder.sample_rate -> latents [latent_dim, ceil(N / ratio)] float32.
 
-    Files longer than chunk_latents frames are encoded in chunks, each with overlap_latents frames of real
-    context on both sides that are then dropped, so memory is bounded and the whole true length is encoded
-    (nothing is truncated or padded beyond the last partial frame)."""
+    The whole true length is encoded: nothing is truncated, and padding stops at the last partial frame. With
+    chunk_latents, longer audio goes to the encoder in calls of that many frames, each with overlap_latents frames
+    of real context on both sides that are then dropped (exact for encoders with a receptive field within the
+    overlap)."""
     import torch
 
     r = int(encoder.downsampling_ratio)
@@ -202,7 +207,7 @@ def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int = DEFAULT_CHU
             raise DatasetError(f"encoder returned {z.shape[-1]} frames for {hi - lo} frames of audio")
         return z[:, :hi - lo].float().cpu().numpy()
 
-    if n_latents <= chunk_latents:
+    if chunk_latents is None or n_latents <= chunk_latents:
         return run(0, n_latents)
     out = []
     for start in range(0, n_latents, chunk_latents):
@@ -218,7 +223,7 @@ def encode_silence(encoder, n_latents: int = SILENCE_LATENTS) -> np.ndarray:
         z = np.asarray(encoder.silence_latents(n_latents), dtype=np.float32)
         return z.reshape(1, z.shape[-2], z.shape[-1])
     zeros = np.zeros((2, n_latents * int(encoder.downsampling_ratio)), np.float32)
-    return encode_waveform(encoder, zeros, chunk_latents=max(n_latents, 1))[None]
+    return encode_waveform(encoder, zeros)[None]
 
 
 def _output_paths(out_dir: Path, relpath: str) -> tuple[Path, Path]:
@@ -226,7 +231,7 @@ def _output_paths(out_dir: Path, relpath: str) -> tuple[Path, Path]:
 
 
 def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
-                 content_hash: str, chunk_latents: int, decoded=None) -> dict:
+                 content_hash: str, chunk_latents: int | None, decoded=None) -> dict:
     """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped')."""
     rec = {"relpath": relpath, "hash": content_hash}
     try:
@@ -272,6 +277,15 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
     if warnings:
         rec["warnings"] = warnings
     return rec
+
+
+def load_encoder(source: str | Path, device: str = "cpu", variant: str | None = None,
+                 models_dir: str | Path | None = None):
+    """An SA3Model as the encoder (pack name, model folder or checkpoint). For worker processes pass
+    `functools.partial(load_encoder, source, variant=..., models_dir=...)` as encoder_factory."""
+    from ..sa3.model import load_model
+
+    return load_model(source, "fp32", device, variant=variant, models_dir=models_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +387,7 @@ def _remove_outputs(out_dir: Path, relpath: str) -> None:
 def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, encoder_factory: Callable | None = None,
                   devices: list[str] | None = None, include=(), exclude=(), dtype: str = "float32",
                   force: bool = False, progress: Callable[[dict], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, chunk_latents: int = DEFAULT_CHUNK_LATENTS,
+                  should_stop: Callable[[], bool] | None = None, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
                   model_info: dict | None = None) -> EncodeReport:
     """Encode every audio file under `folder` into the dataset folder `out_dir` (module docstring for the layout).
 
