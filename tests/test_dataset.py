@@ -218,7 +218,7 @@ def test_long_files_are_encoded_at_their_true_length_whole_or_in_outer_chunks(tm
     # The SA3 model chunks internally (official 128-latent stitching): the dataset holds exactly its encoding of
     # the whole file, far longer than one chunk, not a truncated or padded one.
     src, out = tmp_path / "src", tmp_path / "out"
-    path = _write(src, "long", "flac", seconds=1.0)
+    path = _write(src, "long", "flac", seconds=0.5)
     encode_folder(src, out, tiny_model)
     audio44, _ = audio_io.load_audio(path)
     r = tiny_model.downsampling_ratio
