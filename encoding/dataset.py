@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -608,6 +609,38 @@ class EncodedDataset:
             return None
         z = np.load(p)
         return z.reshape(z.shape[-2], z.shape[-1])
+
+    def item(self, i: int, latent_crop_length: int | None = None, random_crop: bool = False,
+             rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One training example with the official PreEncodedDataset crop/pad rules.
+
+        Returns (latents [latent_dim, L] float32, padding_mask [L] int64 (1 = real frame), metadata with
+        `latent_crop_start`). Longer than L: cropped at 0, or with random_crop at a start drawn from
+        rng.randint(0, last_valid - L) (last_valid = index of the last 1 in the mask) when there is room. Shorter:
+        padded with the dataset's encoded silence (tiled; zeros when it has none), mask 0 there."""
+        z = self.latents(i).astype(np.float32)
+        meta = self.metadata(i)
+        mask = [int(bool(m)) for m in meta.get("padding_mask") or [1] * z.shape[1]]
+        start = 0
+        if latent_crop_length is not None:
+            n, length = z.shape[1], int(latent_crop_length)
+            if n > length:
+                last = len(mask) - 1 - mask[::-1].index(1) if 1 in mask else 0
+                if random_crop and last > length:
+                    start = (rng or random).randint(0, last - length)
+                z, mask = z[:, start:start + length], mask[start:start + length]
+            elif n < length:
+                pad = length - n
+                silence = self.silence()
+                if silence is not None and silence.shape[0] == z.shape[0]:
+                    reps = -(-pad // silence.shape[1])
+                    fill = np.tile(silence.astype(np.float32), (1, reps))[:, :pad]
+                else:
+                    fill = np.zeros((z.shape[0], pad), np.float32)
+                z, mask = np.concatenate([z, fill], axis=1), mask[:n] + [0] * pad
+            meta["latent_crop_length"] = length
+        meta["latent_crop_start"] = start
+        return z, np.asarray(mask, dtype=np.int64), meta
 
     def prompt_items(self) -> list[tuple[str, dict]]:
         """[(relpath, metadata)] for prompt composition and previews."""

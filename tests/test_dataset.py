@@ -311,3 +311,23 @@ def test_cli_encode_and_inspect(tmp_path, fixtures_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["complete"] and info["latent_dim"] == 16 and info["prompts"][0]["prompt"] == "calm piano"
     assert info["skipped"][0]["relpath"] == "broken.mp3"
+
+
+def test_training_items_crop_and_pad_with_silence_like_the_official_loader(tmp_path):
+    src = tmp_path / "official"
+    _official_dataset(src)
+    silence = np.arange(16 * 7, dtype=np.float32).reshape(1, 16, 7)
+    np.save(src / "silence.npy", silence)
+    ds = load_dataset(src)
+    z, mask, meta = ds.item(0, latent_crop_length=32)  # 20 stored frames -> 12 frames of tiled silence
+    assert z.shape == (16, 32) and mask.tolist() == [1] * 20 + [0] * 12
+    np.testing.assert_array_equal(z[:, :20], ds.latents(0))
+    np.testing.assert_array_equal(z[:, 20:], np.tile(silence[0], (1, 2))[:, :12])
+    z, mask, meta = ds.item(2, latent_crop_length=10)  # 30 frames -> first 10 without random_crop
+    np.testing.assert_array_equal(z, ds.latents(2)[:, :10])
+    assert meta["latent_crop_start"] == 0 and mask.tolist() == [1] * 10
+    import random
+    starts = {ds.item(2, 10, random_crop=True, rng=random.Random(s))[2]["latent_crop_start"] for s in range(200)}
+    assert starts == set(range(0, 30 - 1 - 10 + 1))  # randint(0, last_valid - L), as the official loader draws
+    z, mask, _ = ds.item(1)
+    assert z.shape == (16, 25) and mask.sum() == 25
