@@ -139,12 +139,12 @@ class SA3Config:
 
     @property
     def latent_alignment(self) -> int:
-        """Latent lengths must be multiples of this (2 for chunked SAME-S, 1 for sliding-window SAME-L)."""
+        """Generated latent lengths are rounded up to multiples of this, as the official `generate` does:
+        encoder `chunk_size` (default 32) // stride — 2 for every real pack (SAME-S attends in 2-latent chunks; the
+        rule is applied to sliding-window SAME-L too, which does not need it)."""
         enc = self.raw["model"]["pretransform"]["config"]["encoder"]["config"]
-        if enc.get("sliding_window"):
-            return 1
         stride = int(enc.get("strides", [1])[0])
-        return max(1, int(enc.get("chunk_size", stride)) // stride)
+        return max(1, int(enc.get("chunk_size", 32)) // stride)
 
     @property
     def prompt_max_length(self) -> int:

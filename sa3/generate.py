@@ -14,12 +14,11 @@ The flow mirrors the official `StableAudioModel.generate` so a seed gives the of
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import samplers as samplers_mod
@@ -61,36 +60,6 @@ def _broadcast(value, n: int, name: str) -> list:
             raise ValueError(f"{name}: {len(value)} values for a batch of {n}")
         return list(value)
     return [value] * n
-
-
-def audio_length(model, seconds: float, padding_s: float = PADDING_SECONDS) -> int:
-    """Audio samples to generate for `seconds` (official rounding), capped at the model's native maximum."""
-    cfg = model.config
-    ratio = cfg.downsampling_ratio
-    samples = int((seconds + padding_s) * cfg.sample_rate)
-    samples = math.ceil(samples / ratio) * ratio
-    align = ratio * cfg.latent_alignment
-    samples = math.ceil(samples / align) * align
-    if cfg.sample_size:
-        cap = (cfg.sample_size // align) * align
-        samples = min(samples, max(cap, align))
-    return samples
-
-
-def inpaint_latent_mask(model, regions: Sequence[tuple[float, float]], audio_samples: int, max_seconds: float,
-                        n_latents: int) -> Tensor:
-    """Official mask: 1 = keep, 0 = generate, built at audio rate from (start, end) seconds, zeroed past
-    max(seconds_total) (as in training), then nearest-interpolated to `n_latents`. Returns [1, T]."""
-    sr = model.config.sample_rate
-    mask = torch.ones(1, audio_samples)
-    for start, end in regions:
-        if end <= start:
-            raise ValueError(f"inpaint region ({start}, {end}): end must be after start")
-        mask[:, min(int(start * sr), audio_samples):min(int(end * sr), audio_samples)] = 0
-    effective = int(max_seconds * sr)
-    if 0 < effective < audio_samples:
-        mask[:, effective:] = 0
-    return F.interpolate(mask[:, None], size=n_latents, mode="nearest")[:, 0]
 
 
 def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
@@ -137,18 +106,23 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     durations = [float(d) for d in _broadcast(duration, n, "duration")]
     max_seconds = cfg.sample_size / cfg.sample_rate if cfg.sample_size else float("inf")
     for d in durations:
-        if not 0 < d <= max_seconds:
-            raise ValueError(f"duration {d:g} s is outside (0, {max_seconds:.1f}] s, the model's native maximum")
+        if d <= 0:
+            raise ValueError(f"duration must be > 0 s (got {d:g})")
+        if d > max_seconds:
+            warnings.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.2f} s; "
+                          "the output is capped there", stacklevel=2)
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if not 0 < init_noise_level <= 1:
         raise ValueError("init_noise_level must be in (0, 1]")
 
     device = model.device
-    audio_samples = audio_length(model, max(durations), padding_seconds)
-    n_latents = audio_samples // cfg.downsampling_ratio
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(n, cfg.latent_dim, n_latents, generator=generator)
+    ratio = cfg.downsampling_ratio
+    n_latents = schedules.generation_length(durations, cfg.sample_rate, ratio, cfg.latent_alignment, padding_seconds,
+                                            max_latents=cfg.max_latents or None)
+    audio_samples = n_latents * ratio
+    generator = torch.Generator("cpu").manual_seed(seed)  # CPU draws, so a seed means the same audio on any device
+    noise = samplers_mod.draw_noise((n, cfg.latent_dim, n_latents), generator, device)
 
     cond = model.encode_text(prompts, durations)
     negative = None
@@ -157,25 +131,24 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
 
     z_init = None
     if init_audio is not None:
-        z_init = encode_source(model, init_audio, audio_samples, "init_audio").repeat(n, 1, 1).cpu()
-    mask = torch.zeros(n, 1, n_latents)
-    masked_input = torch.zeros(n, cfg.latent_dim, n_latents)
+        z_init = encode_source(model, init_audio, audio_samples, "init_audio").repeat(n, 1, 1).to(device)
+    mask = torch.zeros(n, 1, n_latents, device=device)
+    masked_input = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
     z_source = None
     if inpaint_audio is not None:
         if not inpaint_regions:
             raise ValueError("inpaint_audio needs inpaint_regions [(start_s, end_s), ...]")
-        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio").repeat(n, 1, 1).cpu()
-        latent_mask = inpaint_latent_mask(model, inpaint_regions, audio_samples, max(durations), n_latents)
-        mask = latent_mask[:, None].expand(n, 1, n_latents).clone()
+        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio").repeat(n, 1, 1).to(device)
+        latent_mask = schedules.inpaint_latent_mask(inpaint_regions, n_latents, audio_samples, cfg.sample_rate,
+                                                    seconds_total=durations)
+        mask = latent_mask.to(device).expand(n, 1, n_latents).clone()
         masked_input = z_source * mask
     elif inpaint_regions:
         raise ValueError("inpaint_regions given without inpaint_audio")
-    local_cond = torch.cat([mask, masked_input], dim=1).to(device)
+    local_cond = torch.cat([mask, masked_input], dim=1)
 
-    effective = torch.tensor([math.ceil(int(d * cfg.sample_rate) / cfg.downsampling_ratio) for d in durations])
-    headroom = int(padding_seconds * cfg.sample_rate / cfg.downsampling_ratio)
-    valid = (effective + headroom).clamp(max=n_latents)
-    padding_mask = (torch.arange(n_latents)[None] < valid[:, None]).to(device)
+    effective = schedules.effective_seq_len(durations, cfg.sample_rate, ratio)
+    padding_mask = schedules.padding_mask_for(durations, n_latents, cfg.sample_rate, ratio, padding_seconds).to(device)
 
     sigma_max = init_noise_level if z_init is not None else 1.0
     shift = schedules.sampling_shift_from_config(cfg.diffusion)
@@ -187,8 +160,8 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
 
     def model_fn(x_t: Tensor, sigma: Tensor) -> Tensor:
         with session.at_sigma(float(sigma.reshape(-1)[0])):
-            return model.velocity(x_t.to(device), sigma.to(device), cond, local_cond, padding_mask, cfg_scale=cfg_scale,
-                                  negative=negative, apg_scale=apg_scale, cfg_interval=cfg_interval).cpu()
+            return model.velocity(x_t, sigma, cond, local_cond, padding_mask, cfg_scale=cfg_scale,
+                                  negative=negative, apg_scale=apg_scale, cfg_interval=cfg_interval)
 
     sample_fn = samplers_mod.get_sampler(sampler)
     with torch.inference_mode(), session:
@@ -198,7 +171,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     if return_latents:
         return latents, cfg.sample_rate
     audio = model.decode_latents(latents, chunked=chunked_decode).cpu()
-    audio_mask = padding_mask.cpu()[:, None].repeat_interleave(cfg.downsampling_ratio, dim=-1)
+    audio_mask = padding_mask.cpu()[:, None].repeat_interleave(ratio, dim=-1)
     audio = audio[..., : audio_mask.shape[-1]] * audio_mask[..., : audio.shape[-1]]
     audio = audio.clamp(-1, 1)
     if truncate and len(set(durations)) == 1:

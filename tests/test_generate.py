@@ -1,0 +1,93 @@
+"""End-to-end generation through the public API against the official `generate()` goldens (fp32 CPU, same seeds)."""
+
+import json
+
+import pytest
+import torch
+
+from sa3_lora_studio import load_model
+
+CASES = ["e2e.arc_pingpong", "e2e.base_euler_cfg3", "e2e.base_euler_cfg3_batch2_negative", "e2e.arc_audio_to_audio",
+         "e2e.arc_inpaint", "e2e.arc_continuation"]
+
+
+@pytest.fixture(scope="module")
+def e2e(fixtures_dir):
+    from conftest import load_golden
+
+    return load_golden(fixtures_dir, "e2e.safetensors")
+
+
+@pytest.fixture(scope="module")
+def models(fixtures_dir):
+    return {name: load_model(fixtures_dir / name) for name in ("tiny-small", "tiny-small-arc")}
+
+
+def _kwargs(case, e2e):
+    kw = dict(case["generate_kwargs"])
+    kw.pop("sample_size")  # the official cap; ours is the model's native maximum (the same 768 samples here)
+    cid = case["id"]
+    if "init_audio" in kw:
+        kw["init_audio"] = (e2e[f"{cid}.in.init_audio"], 44100)
+    if "inpaint_audio" in kw:
+        kw["inpaint_audio"] = (e2e[f"{cid}.in.inpaint_audio"], 44100)
+        kw["inpaint_regions"] = [(kw.pop("inpaint_mask_start_seconds"), kw.pop("inpaint_mask_end_seconds"))]
+    return kw
+
+
+@pytest.mark.parametrize("case_id", CASES)
+@pytest.mark.filterwarnings("ignore:duration")  # the fixtures' native maximum (768 samples) is shorter than 1 s
+def test_generate_matches_the_official_run(golden_cases, e2e, models, case_id):
+    case = golden_cases[case_id]
+    model = models[case["model"]]
+    kw = _kwargs(case, e2e)
+    prompt = kw.pop("prompt")
+    latents, _ = model.generate(prompt, return_latents=True, **kw)
+    torch.testing.assert_close(latents, e2e[f"{case_id}.latents"], atol=2e-4, rtol=1e-3)
+    audio, rate = model.generate(prompt, **kw)
+    expected = e2e[f"{case_id}.audio"]
+    assert rate == 44100
+    torch.testing.assert_close(audio, expected[..., : audio.shape[-1]], atol=2e-4, rtol=1e-3)
+
+
+def test_defaults_follow_the_model_kind(models):
+    from sa3_lora_studio.sa3.generate import DEFAULTS
+
+    assert models["tiny-small-arc"].is_arc and DEFAULTS["arc"] == ("pingpong", 8, 1.0)
+    assert not models["tiny-small"].is_arc and DEFAULTS["base"] == ("euler", 50, 7.0)
+
+
+def test_same_seed_same_audio_and_different_seed_differs(models):
+    m = models["tiny-small-arc"]
+    a, _ = m.generate("rain", duration=0.01, seed=3, steps=3)
+    b, _ = m.generate("rain", duration=0.01, seed=3, steps=3)
+    c, _ = m.generate("rain", duration=0.01, seed=4, steps=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (1, 2, int(0.01 * 44100)) and a.abs().max() <= 1
+
+
+def test_length_reaches_the_native_maximum_not_the_official_120_s_cap(fixtures_dir, tmp_path):
+    """A medium-like model generates more latents than 120 s of audio needs (the official generate() default cap).
+
+    The SAME stride is a config value (not in the weights), so the fixture's medium-like model is given stride 128
+    (1024 samples per latent) to keep 120 s at ~5k latents, small enough for a CPU test."""
+    import shutil
+
+    folder = tmp_path / "tiny-medium"
+    shutil.copytree(fixtures_dir / "tiny-medium", folder)
+    shutil.copytree(fixtures_dir / "tiny-small" / "t5gemma-b-b-ul2", folder / "t5gemma-b-b-ul2")
+    cfg = json.loads((folder / "model_config.json").read_text())
+    pt = cfg["model"]["pretransform"]["config"]
+    for part in ("encoder", "decoder"):
+        pt[part]["config"]["strides"] = [128]
+    pt["downsampling_ratio"] = 8 * 128
+    latents_120s = 44100 * 120 // 1024
+    cfg["sample_size"] = (latents_120s + 200) * 1024
+    (folder / "model_config.json").write_text(json.dumps(cfg))
+    model = load_model(folder)
+    seconds = 118.0  # + 6 s headroom: past 120 s of latents, within the native maximum
+    latents, _ = model.generate("long", duration=seconds, steps=1, seed=0, return_latents=True)
+    assert latents.shape[-1] > latents_120s
+    with pytest.warns(UserWarning, match="native maximum"):
+        capped, _ = model.generate("too long", duration=cfg["sample_size"] / 44100 + 1, steps=1, return_latents=True)
+    assert capped.shape[-1] == cfg["sample_size"] // 1024
