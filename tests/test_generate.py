@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from sa3_lora_studio import load_model
 
 CASES = ["e2e.arc_pingpong", "e2e.base_euler_cfg3", "e2e.base_euler_cfg3_batch2_negative", "e2e.arc_audio_to_audio",
