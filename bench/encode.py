@@ -39,6 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the long test file")
     ap.add_argument("--model", default=None, help="model folder / pack for the real SAME encoder")
+    ap.add_argument("--chunk-latents", type=int, default=None,
+                    help="outer chunk size in latents (default: whole file; the SA3 model chunks internally)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -68,15 +70,16 @@ def main() -> None:
         enc_times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            encode_waveform(encoder, out)
+            encode_waveform(encoder, out, args.chunk_latents)
             enc_times.append(time.perf_counter() - t0)
         model_only = statistics.median(enc_times)
         rss_before = peak_rss_mb()
         t0 = time.perf_counter()
-        report = encode_folder(src, Path(tmp) / "out", encoder, force=True)
+        report = encode_folder(src, Path(tmp) / "out", encoder, force=True, chunk_latents=args.chunk_latents)
         total = time.perf_counter() - t0
         assert report.encoded == ["long-flac.flac"], report.summary()
-        print(f"{ctx}  encoder={name} ratio={encoder.downsampling_ratio}  model encode {model_only:.2f} s "
+        chunk = args.chunk_latents or "model"
+        print(f"{ctx}  encoder={name} ratio={encoder.downsampling_ratio} chunk={chunk}  model encode {model_only:.2f} s "
               f"({args.seconds / model_only:.1f} audio s/s)  encode_folder {total:.2f} s "
               f"({args.seconds / total:.1f} audio s/s, {total / model_only:.2f}x model)  "
               f"peak_rss {max(rss_before, peak_rss_mb()):.0f} MB")
