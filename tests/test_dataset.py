@@ -8,6 +8,7 @@ import math
 import os
 import unicodedata
 
+import mutagen
 import numpy as np
 import pytest
 from sa3_lora_studio.encoding import audio_io
@@ -76,6 +77,11 @@ def test_every_format_is_encoded_and_every_bad_file_is_skipped_with_a_reason(tmp
                             if os.fspath(p) == os.fspath(locked) else real_open(p, *a, **k), raising=False)
     os.symlink("loop.flac", bad / "loop.flac")
     os.symlink("..", bad / "up")  # a folder loop
+    tagged = mutagen.File(src / "formats" / "flac-song.flac")
+    tagged["genre"], tagged["title"] = "dub", "From Tags"
+    tagged.save()
+    (src / "formats" / "json").mkdir()
+    (src / "formats" / "json" / "flac-song.json").write_text(json.dumps({"title": "From JSON", "mood": "dark"}))
     enc = ToyEncoder()
     report = encode_folder(src, out, enc)
     os.chmod(locked, 0o644)
@@ -107,6 +113,9 @@ def test_every_format_is_encoded_and_every_bad_file_is_skipped_with_a_reason(tmp
         assert md["seconds_total"] == math.ceil(n44 / 44100) and md["sample_rate"] == 44100
         assert abs(md["seconds_decoded"] - 0.3) < 0.1 and md["relpath"] == e["relpath"]
     assert ds.silence().shape[0] == enc.latent_dim and np.load(out / "silence.npy").ndim == 3
+    md = json.loads((out / "formats" / "flac-song.flac.json").read_text())
+    assert (md["title"], md["mood"], md["genre"], md["folder"]) == ("From JSON", "dark", "dub", "formats")
+    assert set(md["metadata_sources"]) == {"json", "tags", "path"}
 
 
 def test_names_round_trip_exactly_and_same_stems_stay_distinct(tmp_path):
@@ -331,3 +340,15 @@ def test_training_items_crop_and_pad_with_silence_like_the_official_loader(tmp_p
     assert starts == set(range(0, 30 - 1 - 10 + 1))  # randint(0, last_valid - L), as the official loader draws
     z, mask, _ = ds.item(1)
     assert z.shape == (16, 25) and mask.sum() == 25
+
+
+def test_cli_imports_and_inspects_an_official_dataset(tmp_path, capsys):
+    from sa3_lora_studio.cli import main
+
+    src = tmp_path / "official"
+    _official_dataset(src)
+    assert main(["dataset", "import", str(src)]) == 0
+    assert "imported 3 files" in capsys.readouterr().out
+    assert main(["dataset", "inspect", str(src), "--prompts", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 files" in printed and "caption 2" in printed
