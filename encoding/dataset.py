@@ -246,6 +246,8 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
             raise AudioFileError("encoder produced NaN/inf")
     except AudioFileError as e:
         return {**rec, "status": "skipped", "reason": e.reason, "detail": e.detail}
+    except Exception as e:  # e.g. out of memory on one huge file: report it, keep going with the others
+        return {**rec, "status": "skipped", "reason": "encoding failed", "detail": f"{type(e).__name__}: {e}"[:500]}
     warnings: list[str] = []
     sources: dict[str, str] = {}
     md = lookup_metadata(path, root, warnings=warnings, sources=sources)
@@ -303,19 +305,30 @@ def _worker_init(factory, devices, counter) -> None:
         counter.value += 1
     device = devices[rank % len(devices)]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, len(devices))))
-    _WORKER["encoder"] = factory(device)
-    _WORKER["ident"] = encoder_identity(_WORKER["encoder"])
+    try:
+        _WORKER["encoder"] = factory(device)
+        _WORKER["ident"] = encoder_identity(_WORKER["encoder"])
+    except Exception as e:  # an initializer that raises makes Pool respawn it forever: report it on first use
+        _WORKER["error"] = f"worker on {device}: could not build the encoder: {type(e).__name__}: {e}"
+
+
+def _worker_check() -> None:
+    if "error" in _WORKER:
+        raise DatasetError(_WORKER["error"])
 
 
 def _worker_identity(_=None) -> dict:
+    _worker_check()
     return _WORKER["ident"]
 
 
 def _worker_silence(_=None) -> np.ndarray:
+    _worker_check()
     return encode_silence(_WORKER["encoder"])
 
 
 def _worker_encode(task: tuple) -> dict:
+    _worker_check()
     path, relpath, root, out_dir, dtype, content_hash, chunk_latents = task
     return _encode_file(_WORKER["encoder"], _WORKER["ident"], Path(path), relpath, Path(root), Path(out_dir), dtype,
                         content_hash, chunk_latents)
