@@ -151,7 +151,7 @@ def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ..
             return
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:
-            res.problems.append((rel, "symlink loop (folder already visited)"))
+            res.problems.append((rel, "symlink loop or second link to a folder already scanned"))
             return
         seen_dirs.add(key)
         try:
@@ -161,8 +161,8 @@ def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ..
             return
         for e in entries:
             r = f"{rel}/{nfc(e.name)}" if rel else nfc(e.name)
-            if e.name.startswith("._") or e.name.startswith(".sa3") or e.name.startswith(".") and e.is_dir():
-                continue
+            if e.name.startswith("._") or (e.name.startswith(".") and e.is_dir()):
+                continue  # AppleDouble files, hidden folders
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
