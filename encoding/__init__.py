@@ -18,6 +18,6 @@ from .prompts import PromptConfig, batch_prompts, compose, compose_prompt, previ
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioFileError", "DecodedAudio", "decode_audio", "downmix", "load_audio", "resample",
     "lookup_metadata", "read_tags", "DatasetError", "EncodedDataset", "EncodeReport", "encode_folder",
-    "encode_waveform", "import_dataset", "load_dataset", "load_encoder", "scan_folder", "PromptConfig", "compose", "compose_prompt",
-    "preview_prompts", "prompt_seed", "batch_prompts",
+    "encode_waveform", "import_dataset", "load_dataset", "load_encoder", "scan_folder", "PromptConfig", "compose",
+    "compose_prompt", "preview_prompts", "prompt_seed", "batch_prompts",
 ]
