@@ -124,10 +124,13 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU draws, so a seed means the same audio on any device
     noise = samplers_mod.draw_noise((n, cfg.latent_dim, n_latents), generator, device)
 
-    cond = model.encode_text(prompts, durations)
-    negative = None
-    if negative_prompt is not None:
-        negative = model.encode_text(_broadcast(negative_prompt, n, "negative_prompt"), durations)
+    # The adapter stack is active for conditioning too: adapters also adapt the seconds conditioner's Linear.
+    session = _adapter_session(model, loras)
+    with session:
+        cond = model.encode_text(prompts, durations)
+        negative = None
+        if negative_prompt is not None:
+            negative = model.encode_text(_broadcast(negative_prompt, n, "negative_prompt"), durations)
 
     z_init = None
     if init_audio is not None:
@@ -155,8 +158,6 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     sigmas = schedules.build_schedule(steps, sigma_max=sigma_max, shift=shift,
                                       effective_seq_len=effective if len(set(durations)) > 1 else int(effective[0]))
     x = noise if z_init is None else z_init * (1 - sigma_max) + noise * sigma_max
-
-    session = _adapter_session(model, loras)
 
     def model_fn(x_t: Tensor, sigma: Tensor) -> Tensor:
         with session.at_sigma(float(sigma.reshape(-1)[0])):

@@ -105,7 +105,7 @@ class RunConfig:
     rank: int = 16
     alpha: float | None = None  # None = rank (scale 1)
     dropout: float = 0.0
-    targets: str = "all"  # preset name: "all" (official) or "attention+ff" (underfit's dashboard default)
+    targets: str = "all"  # adapters.PRESETS: "all" (official), "underfit-default", "attention-ff"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     steps: int = 1000
@@ -133,13 +133,20 @@ class RunConfig:
     trigger_word: str = ""
 
     def __post_init__(self):
-        from ..adapters import ADAPTER_TYPES  # noqa: PLC0415 (adapters/ owns the list)
+        from ..adapters import ADAPTER_TYPES  # adapters/ owns the list
 
         def bad(field_name, why):
             raise RunError(f"RunConfig.{field_name}: {why}")
 
         if not self.dataset:
             bad("dataset", "give the folder of an encoded dataset")
+        from ..adapters import PRESETS, resolve_adapter_type
+
+        if self.adapter_type == "dora":  # the legacy alias: a new adapter of it is dora-rows
+            object.__setattr__(self, "adapter_type", resolve_adapter_type("dora"))
+
+        if self.targets not in PRESETS:
+            bad("targets", f"{self.targets!r} is not a preset; use one of {sorted(PRESETS)}")
         if self.adapter_type not in ADAPTER_TYPES:
             bad("adapter_type", f"{self.adapter_type!r} is unknown; use one of {sorted(ADAPTER_TYPES)}")
         if self.rank < 1:

@@ -1,0 +1,165 @@
+"""Training on the tiny fixture model: background runs, exact resume, stop/pause, demos, continue-from-file."""
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from sa3_lora_studio import load_model
+from sa3_lora_studio.adapters import read_adapter_file
+from sa3_lora_studio.encoding import encode_folder
+from sa3_lora_studio.training.manager import TrainingManager
+from sa3_lora_studio.training.runs import DemoSpec, RunConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    return load_model(fixtures_dir / "tiny-small")
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny, tmp_path_factory):
+    """Three short real WAV files with captions, encoded by the tiny model's own SAME encoder."""
+    root = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    for i, (freq, caption) in enumerate([(220, "warm bass drone"), (880, "bright bell tone"), (440, "noisy snare")]):
+        t = np.arange(int(44100 * 0.06)) / 44100
+        wav = 0.4 * np.sin(2 * np.pi * freq * t)[:, None] * np.ones((1, 2)) + 0.05 * rng.standard_normal((len(t), 2))
+        sf.write(root / f"clip{i}.wav", wav.astype(np.float32), 44100)
+        (root / f"clip{i}.txt").write_text(caption)
+    out = tmp_path_factory.mktemp("dataset")
+    report = encode_folder(root, out, encoder=tiny)
+    assert report.complete
+    return out
+
+
+def _config(dataset, fixtures_dir, **kw):
+    base = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="dora-rows", rank=4,
+                steps=4, batch_size=2, crop_seconds=0.03, checkpoint_every=2, demo_every=0, seed=7, lr=1e-3)
+    base.update(kw)
+    return RunConfig.from_dict(base)
+
+
+def _provider(model):
+    return lambda spec, variant, dtype, device: model
+
+
+def _final_adapter(manager, run_id):
+    latest = manager.registry.latest_checkpoint(run_id)
+    state = torch.load(manager.registry.run_dir(run_id) / latest["state_path"], weights_only=True)
+    return latest, state
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight = manager.submit(_config(dataset, fixtures_dir, name="straight"))
+    assert manager.wait(straight, 300)["status"] == "done"
+
+    stopper = {}
+
+    def stop_at_2(event):
+        if event["type"] == "step" and event["step"] == 2 and event["run"] == stopper.get("id"):
+            manager.worker.controls[event["run"]].request_stop()
+
+    manager.listeners.append(stop_at_2)
+    interrupted = manager.registry.create(_config(dataset, fixtures_dir, name="interrupted"))
+    stopper["id"] = interrupted
+    manager.worker.submit(interrupted)
+    assert manager.wait(interrupted, 300)["status"] == "stopped"
+    assert manager.registry.latest_checkpoint(interrupted)["step"] == 2
+    manager.listeners.remove(stop_at_2)
+    manager.control(interrupted, "restart")
+    assert manager.wait(interrupted, 300)["status"] == "done"
+
+    (a_info, a), (b_info, b) = _final_adapter(manager, straight), _final_adapter(manager, interrupted)
+    assert a_info["step"] == b_info["step"] == 4
+    for x, y in zip(a["adapter"], b["adapter"]):
+        assert torch.equal(x, y)  # bit-exact on CPU
+    fresh = read_adapter_file(manager.registry.run_dir(straight) / a_info["path"])
+    assert fresh.adapter_type == "dora-rows" and fresh.rank == 4 and fresh.metadata["step"] in (4, "4")
+    events = [json.loads(line) for line in (manager.registry.run_dir(straight) / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(len(e["samples"]) == 2 and all(0 <= t <= 1 and math.isfinite(v) for t, v in e["samples"]) for e in steps)
+
+
+def test_training_changes_the_adapter_and_never_the_shared_base_weights(tmp_path, tiny, dataset, fixtures_dir):
+    before = {k: v.clone() for k, v in tiny.modules.state_dict().items()}
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    cond = tiny.encode_text(["x"], [1.0])
+    v_before = tiny.velocity(x, 0.5, cond)
+    results = {}
+
+    def generate_meanwhile():
+        results["v"] = tiny.velocity(x, 0.5, cond)  # the main thread keeps working while the run trains
+
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=3))
+    generate_meanwhile()
+    assert manager.wait(run, 300)["status"] == "done"
+    after = tiny.modules.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(results["v"], v_before) and torch.equal(tiny.velocity(x, 0.5, cond), v_before)
+    latest, state = _final_adapter(manager, run)
+    adapter = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
+    assert any(t["lora_B"].abs().max() > 0 for t in adapter.layers.values())  # trained away from identity
+
+
+def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    paused = threading.Event()
+
+    def pause_at_1(event):
+        if event["type"] == "step" and event["step"] == 1:
+            manager.control(event["run"], "pause")
+        if event["type"] == "status" and event.get("status") == "paused":
+            paused.set()
+
+    manager.listeners.append(pause_at_1)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=50))
+    assert paused.wait(120)
+    step = manager.registry.get(run)["step"]
+    assert manager.registry.get(run)["status"] == "paused"
+    manager.control(run, "stop")
+    assert manager.wait(run, 120)["status"] == "stopped"
+    assert manager.registry.latest_checkpoint(run)["step"] <= max(step, 1) + 1
+
+
+def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, tiny, dataset, fixtures_dir):
+    arc = load_model(fixtures_dir / "tiny-small-arc")
+
+    def provider(spec, variant, dtype, device):
+        return arc if variant == "arc" else tiny
+
+    demos = [DemoSpec("warm bass drone", False, 3.0, steps=2, seed=1, duration=0.01),
+             DemoSpec(None, True, 1.0, steps=2, seed=2, duration=0.01), DemoSpec("", False, 1.0, steps=2, duration=0.01)]
+    manager = TrainingManager(tmp_path / "runs", model_provider=provider)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2, demos=[d.__dict__ for d in demos]))
+    assert manager.wait(run, 300)["status"] == "done"
+    folder = manager.registry.run_dir(run)
+    for step in (0, 2):
+        for i in range(3):
+            audio, rate = sf.read(folder / "demos" / f"step_{step:06d}" / f"demo_{i}.flac")
+            assert rate == 44100 and audio.shape[1] == 2 and len(audio) == int(0.01 * 44100)
+            assert (folder / "demos" / f"step_{step:06d}" / f"demo_{i}.png").stat().st_size > 100
+            settings = json.loads((folder / "demos" / f"step_{step:06d}" / f"demo_{i}.json").read_text())
+            assert settings["arc"] == (i == 1) and settings["steps"] == 2
+    events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
+    assert sum(e["type"] == "demo" for e in events) == 6
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora-rows", "bora", "lora-xs"])
+def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_path, tiny, dataset, fixtures_dir, kind):
+    source = fixtures_dir / "golden" / "lora" / f"{kind}.safetensors"
+    original = read_adapter_file(source)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=1, adapter_type="lora", rank=2,
+                                 continue_from=str(source)))
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    latest, _ = _final_adapter(manager, run)
+    trained = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
+    assert (trained.adapter_type, trained.rank, trained.alpha) == (original.adapter_type, original.rank, original.alpha)
+    assert set(trained.layers) == set(original.layers)

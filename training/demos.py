@@ -1,0 +1,88 @@
+"""Demos during training: every `demo_every` steps (and at step 0, the base model's baseline), render each demo of
+the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
+`demos/step_<S>/demo_<i>.flac` + a tinted spectrogram `.png` + the settings `.json`.
+
+Demos reuse the loaded model (no second copy for base demos) and apply the adapter as a private view, so nobody else
+using the shared model hears it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import soundfile as sf
+
+from ..encoding import batch_prompts
+from ..sa3.spectrogram import spectrogram_png
+from .runs import DemoSpec, atomic_write_json, default_demos
+
+
+def demo_prompt(trainer, spec: DemoSpec, index: int, step: int) -> str:
+    """The spec's prompt, or one re-rolled from the dataset (seeded by run seed, step and demo index) with the run's
+    prompt composition — the same function training uses."""
+    if spec.prompt is not None:
+        return spec.prompt
+    rng = random.Random(f"sa3-demo:{trainer.config.seed}:{step}:{index}")
+    item = rng.randrange(len(trainer.items))
+    return batch_prompts(trainer.items, [item], trainer.prompt_config, trainer.config.seed + 7919 * (index + 1), step)[0]
+
+
+def arc_model_for(trainer):
+    """The ARC model for ARC demos: `arc_model` of the run config, else the base pack's ARC variant. None (with a
+    warning event, once) when it is not available."""
+    if getattr(trainer, "_arc_model", None) is not None or getattr(trainer, "_arc_missing", False):
+        return getattr(trainer, "_arc_model", None)
+    c = trainer.config
+    spec = c.arc_model or c.model
+    try:
+        trainer._arc_model = trainer.load_model(spec, "arc")
+        if not trainer._arc_model.is_arc:
+            trainer.log.emit("warning", message=f"ARC demos: {spec} is not an ARC model; using it with ping-pong anyway")
+    except Exception as e:  # a missing ARC pack must not stop training
+        trainer._arc_missing = True
+        trainer._arc_model = None
+        trainer.log.emit("warning", message=f"ARC demos skipped: no ARC model ({e})")
+    return trainer._arc_model
+
+
+def run_demos(trainer, step: int) -> list[dict]:
+    specs = list(trainer.config.demos) or default_demos()
+    out_dir = trainer.folder / "demos" / f"step_{step:06d}"
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    adapter = trainer.stack.export(0)
+    written = []
+    for i, spec in enumerate(specs):
+        model = arc_model_for(trainer) if spec.arc else trainer.model
+        if model is None:
+            continue
+        max_seconds = model.config.sample_size / model.config.sample_rate
+        duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
+        prompt = demo_prompt(trainer, spec, i, step)
+        audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
+                                     sampler="pingpong" if spec.arc else "euler",
+                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}])
+        wav = audio[0]
+        sf.write(tmp_dir / f"demo_{i}.flac", wav.T.numpy(), rate, format="FLAC")
+        spectrogram_png(wav, rate, tmp_dir / f"demo_{i}.png")
+        settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
+                    (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
+                    "duration": duration, "lora_strength": spec.lora_strength, "step": step}
+        atomic_write_json(tmp_dir / f"demo_{i}.json", settings)
+        written.append((i, settings))
+    if out_dir.exists():  # a re-run of the same step (resume): replace
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp_dir.rename(out_dir)
+    events = []
+    for i, settings in written:
+        rel = Path("demos") / out_dir.name
+        events.append(trainer.log.emit("demo", step=step, index=i, audio=f"{rel}/demo_{i}.flac",
+                                       image=f"{rel}/demo_{i}.png", settings=settings))
+    return events
+
+
+__all__ = ["run_demos", "demo_prompt", "json"]

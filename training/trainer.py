@@ -1,0 +1,355 @@
+"""The LoRA-family trainer: rectified flow on pre-encoded latents, checkpoints that resume exactly, live events.
+
+Reproducibility: every random choice of step s (batch files, crop starts, prompts, t, noise, inpaint masks, CFG
+dropout, silence extension) comes from generators seeded by (run seed, s), so a run is a pure function of its config
+and a resumed run continues bit-exactly (on CPU) from the adapter, optimiser and scheduler state saved with the
+checkpoint. The base model may be shared with generation nodes: the adapter is applied as a view
+(`adapters.AdaptedModel`, active only in the training thread), and the base weights are never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
+from ..encoding import PromptConfig, batch_prompts, load_dataset
+from ..sa3 import schedules
+from .events import EventLog
+from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
+from .worker import RunControl
+
+CREATED_BY = "sa3-lora-studio"
+SILENCE_EXTENSION_SECONDS = 4.0  # mean of the exponential extension of the valid region (official train_lora)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the run seed and labels (stable across processes and platforms)."""
+    digest = hashlib.sha256(":".join(map(str, ("sa3-train",) + parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Dataset indices of step `step`: epochs of seeded permutations; sampled with replacement when the dataset is
+    smaller than a batch."""
+    if n_items < batch_size:
+        g = torch.Generator().manual_seed(derive_seed(seed, step, "indices"))
+        return torch.randint(0, n_items, (batch_size,), generator=g).tolist()
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(pos, n_items)
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, "epoch")))
+        out.append(int(perm[k]))
+    return out
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def checkpoint_name(config: RunConfig, run_id: str, step: int) -> str:
+    from .runs import slugify
+
+    return f"{slugify(config.name or run_id)}-step={step:06d}"
+
+
+class Trainer:
+    """One run's training state. `setup()` loads everything (and resumes); `train(control)` runs to the end."""
+
+    def __init__(self, config: RunConfig, folder: Path, run_id: str, log: EventLog, model_provider=None,
+                 registry: RunRegistry | None = None):
+        self.config, self.folder, self.run_id, self.log = config, Path(folder), run_id, log
+        self.model_provider, self.registry = model_provider, registry
+        self.step = 0
+        self.step_offset = 0  # from a continued LoRA file's metadata
+        self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def load_model(self, spec: str, variant: str):
+        from ..sa3.model import load_model
+
+        if self.model_provider is not None:
+            return self.model_provider(spec, variant, self.config.precision, str(self.device))
+        return load_model(spec, dtype=self.config.precision, device=self.device, variant=variant,
+                          models_dir=self.config.models_dir)
+
+    def setup(self) -> None:
+        c = self.config
+        self.device = pick_device(c.device)
+        self.model = self.load_model(c.model, "base")
+        if self.model.is_arc:
+            self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
+                                             "trained on the base model")
+        self.dataset = load_dataset(c.dataset)
+        if len(self.dataset) == 0:
+            raise RunError(f"dataset {c.dataset} has no encoded files")
+        if self.dataset.latent_dim != self.model.latent_dim:
+            raise RunError(f"dataset {c.dataset} has {self.dataset.latent_dim}-dim latents but the model expects "
+                           f"{self.model.latent_dim}; encode it with this model's autoencoder")
+        self.items = self.dataset.prompt_items()
+        prompt_config = dict(c.prompt_config)
+        if c.trigger_word and not prompt_config.get("trigger"):
+            prompt_config["trigger"] = c.trigger_word
+            prompt_config.setdefault("trigger_percent", 100.0)
+        self.prompt_config = PromptConfig.from_dict(prompt_config)
+        self.crop_latents = max(1, round(c.crop_seconds * self.model.config.latent_rate))
+        self.shift = schedules.training_shift_from_config(self.model.config.diffusion)
+
+        if c.continue_from:
+            adapter = read_adapter_file(c.continue_from)
+            if not c.reset_step:
+                self.step_offset = int(adapter.metadata.get("step", 0) or 0)
+            self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
+                          f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}")
+        else:
+            g = torch.Generator().manual_seed(derive_seed(c.seed, "init"))
+            adapter = new_adapter(self.model.modules, c.adapter_type, c.rank, c.effective_alpha, roots=SA3_ROOTS,
+                                  include=list(c.include) or None, exclude=list(c.exclude) or None, preset=c.targets,
+                                  dropout=c.dropout, generator=g)
+        self.adapter = adapter
+        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True)
+        params = self.stack.parameters()
+        named = [(s_name, p) for slot in self.stack.slots(0).values() for s_name, p in slot.named_parameters()]
+        decay = [p for n, p in named if not n.startswith("magnitude")]
+        no_decay = [p for n, p in named if n.startswith("magnitude")]  # DoRA/BoRA norms: no pull towards zero
+        assert len(decay) + len(no_decay) == len(params)
+        groups = [{"params": decay, "weight_decay": c.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.params = params
+        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
+        warmup = max(0, c.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.model.dit.gradient_checkpointing = c.gradient_checkpointing
+        self.resume_if_possible()
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "step_offset": self.step_offset,
+                "adapter": [p.detach().clone() for p in self.params],
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        if len(state["adapter"]) != len(self.params):
+            raise RunError("the training state does not match this run's adapter (different targets?)")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["adapter"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
+
+    def resume_if_possible(self) -> None:
+        latest = self.folder / "latest.json"
+        if not latest.exists():
+            return
+        info = json.loads(latest.read_text(encoding="utf-8"))
+        state_path = self.folder / info["state_path"]
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        self.load_state(state)
+        self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
+
+    @property
+    def global_step(self) -> int:
+        return self.step_offset + self.step
+
+    def save_checkpoint(self) -> dict:
+        """Adapter file (SA3-native, loads everywhere) + training state, then latest.json last (atomic)."""
+        c = self.config
+        name = checkpoint_name(c, self.run_id, self.global_step)
+        ckpt_dir = self.folder / "checkpoints"
+        ckpt_dir.mkdir(exist_ok=True)
+        adapter = self.stack.export(0)
+        adapter_path = ckpt_dir / f"{name}.safetensors"
+        tmp = ckpt_dir / f".{name}.safetensors.tmp"
+        write_adapter_file(tmp, adapter, base_pack=self.model.pack or Path(str(c.model)).name, step=self.global_step,
+                           epoch=self.global_step * c.batch_size // max(1, len(self.dataset)),
+                           trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
+                           base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
+        _fsync_replace(tmp, adapter_path)
+        state_path = ckpt_dir / f"{name}.state.pt"
+        tmp = ckpt_dir / f".{name}.state.pt.tmp"
+        torch.save(self.state_dict(), tmp)
+        _fsync_replace(tmp, state_path)
+        info = {"step": self.global_step, "path": f"checkpoints/{adapter_path.name}",
+                "state_path": f"checkpoints/{state_path.name}", "time": time.time()}
+        atomic_write_json(self.folder / "latest.json", info)
+        self.log.emit("checkpoint", step=self.global_step, path=info["path"], state_path=info["state_path"])
+        return info
+
+    # ------------------------------------------------------------------------------------------------ data
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 once per distinct prompt (cached for the run), then stacked: ([B, L, D], [B, L] bool)."""
+        prompt_cond = self.model.conditioner.conditioners["prompt"]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
+        if missing:
+            with torch.no_grad():
+                emb, mask = prompt_cond(missing, self.device)
+            for p, e, m in zip(missing, emb, mask):
+                self.prompt_cache[p] = (e.detach().clone(), m.detach().clone())
+        embs, masks = zip(*(self.prompt_cache[p] for p in prompts))
+        return torch.stack(embs), torch.stack(masks)
+
+    def make_batch(self, step: int) -> dict:
+        c = self.config
+        indices = batch_indices(len(self.dataset), c.batch_size, step, c.seed)
+        latents, masks, seconds = [], [], []
+        for j, i in enumerate(indices):
+            rng = random.Random(derive_seed(c.seed, step, j, "crop"))
+            z, mask, meta = self.dataset.item(i, self.crop_latents, random_crop=True, rng=rng)
+            latents.append(torch.from_numpy(z))
+            masks.append(torch.from_numpy(mask).bool())
+            seconds.append(float(meta.get("seconds_total") or mask.sum() / self.model.config.latent_rate))
+        prompts = batch_prompts(self.items, indices, self.prompt_config, c.seed, self.global_step_at(step))
+        return {"x0": torch.stack(latents), "padding_mask": torch.stack(masks), "seconds": seconds,
+                "prompts": prompts, "indices": indices}
+
+    def global_step_at(self, step: int) -> int:
+        return self.step_offset + step
+
+    # ------------------------------------------------------------------------------------------------ step
+    def loss_for_batch(self, batch: dict, step: int):
+        """Rectified-flow loss of one batch (official objective, inpainting task, padding excluded)."""
+        c, model, device = self.config, self.model, self.device
+        g = torch.Generator().manual_seed(derive_seed(c.seed, step, "noise"))
+        x0 = batch["x0"].to(device)
+        b, ch, n = x0.shape
+        padding = batch["padding_mask"].to(device)
+        # Silence extension: the valid region grows by Exp(mean 4 s) latents into the (silence) padding.
+        lengths = padding.sum(1)
+        ext = torch.empty(b).exponential_(1.0, generator=g) * SILENCE_EXTENSION_SECONDS * model.config.latent_rate
+        augmented = torch.arange(n, device=device)[None] < (lengths + ext.round().long().to(device)).clamp(max=n)[:, None]
+        seq_len = schedules.effective_length(batch["seconds"], model.config.sample_rate, model.downsampling_ratio)
+        t = schedules.sample_training_t(b, c.timestep_sampler, generator=g, shift=self.shift, seq_len=seq_len)
+        noise = torch.randn(x0.shape, generator=g)
+        if c.ot_coupling and b > 1:
+            noise = noise[schedules.ot_noise_permutation(x0.cpu(), noise)]
+        noise, t = noise.to(device), t.to(device)
+        x_t, target = schedules.flow_pair(x0, noise, t)
+        inpaint = schedules.random_inpaint_mask(augmented.cpu(), g, probabilities=tuple(c.inpaint_probabilities)).to(device)
+        local = torch.cat([inpaint, x0 * inpaint], dim=1)
+        prompt_emb, prompt_mask = self.encode_prompts(batch["prompts"])
+        seconds_t = torch.tensor(batch["seconds"], device=device)
+        sec_emb, _ = model.conditioner.conditioners["seconds_total"](seconds_t, device)  # adapted, with grad
+        cross = torch.cat([prompt_emb.to(sec_emb.dtype), sec_emb], dim=1)
+        keep = (torch.rand(b, generator=g) >= c.cfg_dropout).to(device)  # CFG dropout of the whole context
+        cross = cross * keep[:, None, None].to(cross.dtype)
+        dtype = model.dtype
+        autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+            else _null_context()
+        with autocast:
+            v = model.dit(x_t.to(dtype), t.float(), cross.to(dtype), sec_emb[:, 0].to(dtype), local.to(dtype),
+                          padding_mask=augmented)
+        result = schedules.masked_flow_loss(v.float(), target, augmented, inpaint, c.mask_loss_weight)
+        return result, t
+
+    def train_step(self, step: int) -> dict:
+        c = self.config
+        batch = self.make_batch(step)
+        with self.stack.activate():
+            result, t = self.loss_for_batch(batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.stack.update()  # the merged/cached forms of the trained layers are stale after the update
+        per_item = result.per_item.detach().float().cpu().tolist()
+        return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
+                "samples": [[round(float(ti), 5), li] for ti, li in zip(t.cpu().tolist(), per_item)]}
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train(self, control: RunControl, set_status=lambda status, **kw: None) -> str:
+        c = self.config
+        from .demos import run_demos
+
+        set_status("training")
+        last_time, last_step = time.time(), self.step
+        demos_done = {int(p.name.split("_")[1]) for p in (self.folder / "demos").glob("step_*") if p.is_dir()}
+        while True:
+            if c.demo_every and self.global_step % c.demo_every == 0 and self.global_step not in demos_done:
+                set_status("demos")
+                run_demos(self, self.global_step)
+                demos_done.add(self.global_step)
+                set_status("training")
+            if self.step >= c.steps:
+                break
+            if control.save_now.is_set():
+                control.save_now.clear()
+                self.save_checkpoint()
+            control.wait_while_paused(on_pause=lambda: set_status("paused"),
+                                      on_resume=lambda: set_status("training"))
+            if control.stop.is_set():
+                self.save_checkpoint()
+                set_status("stopped")
+                return "stopped"
+            metrics = self.train_step(self.step)
+            self.step += 1
+            now = time.time()
+            rate = (self.step - last_step) / max(now - last_time, 1e-9)
+            if now - last_time > 5:
+                last_time, last_step = now, self.step
+            if not math.isfinite(metrics["loss"]):
+                raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
+                               "or use fp32/bf16 precision")
+            self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
+            if self.registry is not None and (self.step % 5 == 0 or self.step == c.steps):
+                self.registry.update(self.run_id, step=self.global_step)
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                self.save_checkpoint()
+        set_status("done")
+        return "done"
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    import os
+
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: EventLog, model_provider=None) -> str:
+    """Entry used by the worker thread and the CLI: loads, resumes if there is a checkpoint, trains, reports."""
+    config = registry.config(run_id)
+
+    def set_status(status: str, **extra) -> None:
+        registry.update(run_id, status=status, **extra)
+        log.emit("status", status=status, **extra)
+
+    set_status("loading")
+    try:
+        trainer = Trainer(config, registry.run_dir(run_id), run_id, log, model_provider, registry)
+        trainer.setup()
+        registry.update(run_id, step=trainer.global_step, total_steps=trainer.step_offset + config.steps)
+        return trainer.train(control, set_status)
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}"
+        registry.update(run_id, status="failed", error=message)
+        log.emit("error", message=message)
+        log.emit("status", status="failed", error=message)
+        raise
+
+
+__all__ = ["Trainer", "run_training", "batch_indices", "derive_seed", "np"]
