@@ -27,7 +27,8 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="latent storage dtype")
     p.add_argument("--force", action="store_true", help="re-encode everything")
     p.add_argument("--devices", nargs="*", default=None,
-                   help="one worker process per device, e.g. cuda:0 cuda:1 (default: one process on --device)")
+                   help="one worker process per device, e.g. cuda:0 cuda:1, or 'all' for every visible GPU "
+                        "(default: one process on --device)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_encode)
@@ -84,6 +85,10 @@ def _cmd_encode(args) -> int:
     factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
     kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
+    if args.devices == ["all"]:
+        import torch
+
+        args.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [args.device]
     if args.devices and len(args.devices) > 1:
         report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
     else:
