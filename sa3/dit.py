@@ -9,6 +9,16 @@ level, so a wrapper built by `SA3Modules` has exactly the keys `model.model.*`.
 Shapes: B batch, C latent channels (io_channels), T latent frames, E embed_dim, H heads, D head dim (E // H),
 M memory tokens, N = M + T sequence length, L context tokens (prompt tokens + 1 seconds token), Dc cond_token_dim.
 Time: t in [0, 1], 1 = noise, 0 = data; the output is the velocity v = noise - data.
+
+Calling contract (`DiffusionTransformer.forward`, positional x, t, cross_attn_cond, global_cond, local_add_cond):
+- cross_attn_cond [B, L, Dc] = [prompt embeddings (padded positions already hold the learned padding embedding)
+  ‖ seconds embedding]; no cross-attention mask is applied (the official DiT disables it).
+- global_cond [B, Dg] = the seconds embedding; local_add_cond [B, C + 1, T] = [inpaint mask (1 keep, 0 generate)
+  ‖ masked latents], zeros (or None) for text-to-audio.
+- padding_mask [B, T] bool, True = valid frame; padding_semantics "mask_keys" (default) masks padded keys as the
+  training backend (flash-attn varlen) did, "zero_values" reproduces the reference's CPU fallback.
+- Guidance: negative_cross_attn_cond [B, L, Dc] laid out like the positive (same L) and negative_cross_attn_mask
+  [B, L] (True = real token; False positions are zeroed). Without a negative the uncond context is all zeros.
 """
 
 from __future__ import annotations
@@ -112,7 +122,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None, value_mask: Tensor | None = None) -> Tensor:
         """x: [B, N, E]; context: [B, L, E] (cross) or None (self); rope: (cos, sin) [N, 1, 1, R/2] or None;
-        key_mask: [B, 1, 1, N] bool, True = attend; value_mask: [B, 1, N, 1] (the reference's V-zeroing quirk).
+        key_mask: [B, 1, 1, N] bool, True = attend; value_mask: [B, N, 1, 1] (the reference's V-zeroing quirk).
         Returns [B, N, E]."""
         h, pairs = self.n_heads, 2 if self.differential else 1
         if context is None:
@@ -129,7 +139,7 @@ class Attention(nn.Module):
         if rope is not None:  # after the q/k norm, as the reference orders it
             q, k = rotate_partial(q, *rope), rotate_partial(k, *rope)
         if value_mask is not None:
-            v = v * value_mask.transpose(1, 2)
+            v = v * value_mask
         q, k = rearrange(q, "b n s h d -> s b h n d"), rearrange(k, "b n s h d -> s b h n d")
         v = rearrange(v, "b n h d -> b h n d")
         out = F.scaled_dot_product_attention(q[0], k[0], v, attn_mask=key_mask)
@@ -232,6 +242,9 @@ class ContinuousTransformer(nn.Module):
         self.project_out = nn.Linear(dim, dim_out, bias=False)
         # The reference rotates max(D // 2, 32) dims: 32 of 64 in SA3 (partial RoPE)
         self.rotary_pos_emb = RotaryEmbedding(max(dim_heads // 2, 32)) if rotary_pos_emb else None
+        if rotary_pos_emb and dim_heads < 32:
+            raise ValueError(f"head dim {dim_heads} < 32: the official DiT rotates max(head_dim // 2, 32) dims, "
+                             "so heads need at least 32 dims (embed_dim // num_heads)")
         self.num_memory_tokens = num_memory_tokens
         if num_memory_tokens > 0:
             self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim))
@@ -269,7 +282,7 @@ class ContinuousTransformer(nn.Module):
                 masks["key_mask"] = valid[:, None, None, :]
                 masks["query_mask"] = valid[:, :, None].to(x.dtype)
             else:  # the reference's CPU fallback: padded keys keep their softmax mass but carry zero values
-                masks["value_mask"] = valid[:, None, :, None].to(x.dtype)
+                masks["value_mask"] = valid[:, :, None, None].to(x.dtype)
 
         for block in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -456,7 +469,7 @@ class DiffusionTransformer(nn.Module):
                 cross_attn_mask: Tensor | None = None) -> Tensor:
         """Velocity with optional classifier-free guidance, exactly as the official DiT computes it.
 
-        x: [B, C, T] noisy latents; t: [B] in [0, 1] (fp32 kept); cross_attn_cond: [B, L, Dc] = [prompt tokens
+        x: [B, C, T] noisy latents; t: [B] (or a scalar) in [0, 1], kept fp32; cross_attn_cond: [B, L, Dc] = [prompt tokens
         (padded positions hold the learned padding embedding) ‖ seconds token]; global_cond: [B, Dg] (seconds
         embedding); local_add_cond: [B, C + 1, T] (zeros or None for text-to-audio); padding_mask: [B, T] bool,
         True = valid frame. cross_attn_mask is accepted and ignored: the official DiT disables it, so padded prompt
@@ -470,7 +483,7 @@ class DiffusionTransformer(nn.Module):
           (not the learned padding embedding), as the reference does. An empty-string negative thus keeps only
           its seconds token.
         Then `guide` (denoised space, divides by t). Returns the velocity [B, C, T]."""
-        t = t.float()
+        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])  # [B], also from a scalar
         if not (cfg_scale != 1.0 and cross_attn_cond is not None and cfg_interval[0] <= t[0] <= cfg_interval[1]):
             return self.velocity(x, t, cross_attn_cond, global_cond, local_add_cond, padding_mask, padding_semantics)
 
