@@ -77,8 +77,8 @@ def browser():
     b.close()
 
 
-def open_panel(browser, site, width=420, theme=None, run=None):
-    query = f"?width={width}" + (f"&theme={theme}" if theme else "")
+def open_panel(browser, site, width=420, theme=None, run=None, frontend=None):
+    query = f"?width={width}" + (f"&theme={theme}" if theme else "") + (f"&frontend={frontend}" if frontend else "")
     browser.goto(site.url + "/" + query, width=max(1280, width + 40), height=900)
     browser.wait("document.querySelector('.sa3-panel')?.dataset.ready === 'true'", timeout=10000)
     if run:
@@ -87,9 +87,8 @@ def open_panel(browser, site, width=420, theme=None, run=None):
 
 def select(browser, run_id):
     browser.click(f'.sa3-run[data-run-id="{run_id}"] button')
-    browser.wait(f"document.querySelector('.sa3-controls h3')?.textContent && "
-                 f"document.querySelector('.sa3-selected')?.dataset.runId === {json.dumps(run_id)}")
-    browser.wait("Number(document.querySelector('[data-chart=loss]').dataset.points) > 0")
+    browser.wait(f"(p => p.dataset.run === {json.dumps(run_id)} && p.dataset.loaded === 'true')"
+                 "(document.querySelector('.sa3-panel'))")
 
 
 def series(browser, chart):
@@ -164,6 +163,16 @@ def test_runs_list_shows_pack_adapter_status_progress_rate_and_eta(site, browser
     assert failed["f"]["adapter"] == "lora r8" and failed["f"]["step"] == "12 / 400"
     assert done["f"]["step"] == "60 / 60" and done["f"]["eta"] == "ETA –"
     assert by_id[site.runs["interrupted"]]["status"] == "interrupted"
+    assert browser.call("errors") == []
+
+
+@pytest.mark.parametrize("frontend", ["bottom", "legacy"])
+def test_panel_falls_back_to_a_bottom_panel_tab_or_a_floating_window_on_older_frontends(site, browser, frontend):
+    open_panel(browser, site, frontend=frontend)
+    titles = browser.eval("app.extensions.flatMap(e => e.bottomPanelTabs || []).map(t => t.title)")
+    assert titles == ["SA3 Training"]
+    assert browser.eval("document.querySelectorAll('.sa3-panel').length") == 1
+    assert browser.eval("document.querySelectorAll('.sa3-run').length") >= 3
     assert browser.call("errors") == []
 
 
@@ -314,6 +323,11 @@ def test_page_opened_mid_run_shows_history_and_live_events_appear_without_reload
     feed.put({"type": "demo", **demo})
     browser.wait(f"document.querySelector('.sa3-demo')?.dataset.step === '{step + 10}'")
     assert len([p for _, p in site.requests if "/events" in p]) == reads, "live events must not poll the route"
+
+    # a run submitted while the page is open (from a node) shows up from its first event
+    new = site.manager.submit(RunConfig(dataset="datasets/other", name="fresh-run", steps=50))
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{new}\"]')?.dataset.status === 'training'")
+    site.manager.control(new, "stop")
     assert browser.call("errors") == []
 
 

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import Browser, missing_requirements  # noqa: E402
 from panel_server import REPO, PanelServer  # noqa: E402
 from recorded_run import step_events, write_recorded_run  # noqa: E402
-
 from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
 
 

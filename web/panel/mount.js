@@ -49,6 +49,10 @@ export function mountPanel(el, { transport, useCheckpoint = copyName } = {}) {
     mountCharts(detail, store),
     mountDemos(detail, store, { useCheckpoint }),
   ];
+  unmounts.push(store.subscribe("events", ({ run, loaded }) => {
+    root.dataset.run = run?.id ?? "";
+    root.dataset.loaded = String(loaded);  // "false" while the history is being read
+  }));
   store.start().then(() => {
     root.dataset.ready = "true";  // tests wait for this
   });

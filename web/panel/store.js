@@ -36,7 +36,9 @@ export class Store {
 
   snapshot(topic) {
     if (topic === "runs") return { runs: this.runs, selectedId: this.selectedId };
-    if (topic === "selected" || topic === "events") return { run: this.selectedRun(), events: this.selectedEvents() };
+    if (topic === "selected" || topic === "events") {
+      return { run: this.selectedRun(), events: this.selectedEvents(), loaded: this.selectedLoaded() };
+    }
     if (topic === "message") return this.message;
     return null;
   }
@@ -96,7 +98,14 @@ export class Store {
     }
     this.emit("runs");
     this.emit("selected");
+    this.emit("events");  // what we already have of this run (nothing on first view), not the previous run's
     await this.catchUp(runId);
+  }
+
+  /** Whether the selected run's history has been read (tests and the loading hint use it). */
+  selectedLoaded() {
+    const d = this.runData.get(this.selectedId);
+    return Boolean(d && d.loaded && !d.catchingUp);
   }
 
   data(runId) {
@@ -210,9 +219,7 @@ export class Store {
         else this.emit("selected");
         this.say(`Deleted ${run.name}.`);
       } else {
-        if (result?.run?.status) Object.assign(run, result.run);
-        this.emit("runs");
-        this.emit("selected");
+        // the new status arrives as a live event; the response's record may already be older than that event
         this.say(`${labelFor(action)}: sent to ${run.name}.`);
       }
       return result;

@@ -24,6 +24,11 @@ export const app = {
   },
 };
 
+// ?frontend=bottom: a frontend with bottom-panel tabs only; ?frontend=legacy: no extension manager at all
+const frontend = new URLSearchParams(location.search).get("frontend");
+if (frontend === "bottom") delete app.extensionManager.registerSidebarTab;
+if (frontend === "legacy") delete app.extensionManager;
+
 window.LiteGraph = {
   createNode(type) {
     if (type !== "SA3LoadLoRA") return null;
