@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extension_hooks():
     """Subcommands contributed by other parts of the pack (encoding, training, client), if present."""
     from .api_client import add_queue_parser
+    from .training.cli import add_train_parsers
 
-    hooks = [add_queue_parser]
+    hooks = [add_queue_parser, add_train_parsers]
     try:
         from .encoding.cli import add_dataset_parser, add_encode_parser
 

@@ -146,7 +146,8 @@ class SA3Model:
             waveform = waveform[None]
         ae = self.autoencoder
         ae_dtype = next(ae.parameters()).dtype
-        audio = prepare_audio(waveform.float(), sample_rate, self.sample_rate, ae.io_channels)
+        # padded to whole latents: a partial last frame is encoded, never dropped
+        audio = prepare_audio(waveform.float(), sample_rate, self.sample_rate, ae.io_channels, self.downsampling_ratio)
         audio = audio.to(self.device, ae_dtype)
         chunked = self.config.pretransform.get("chunked", False) if chunked is None else chunked
         latents = ae.encode_chunked(audio) if chunked else ae.encode(audio)

@@ -24,7 +24,7 @@ TINY_T5 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, 
 TINY_CONFIG = {
     "model_type": "diffusion_cond",
     "sample_rate": 44100,
-    "sample_size": 32 * 512,
+    "sample_size": 32 * 4096,  # 4096 latents ≈ 2.97 s, like medium's 4096-latent maximum
     "model": {
         "io_channels": 8,
         "pretransform": {
@@ -146,6 +146,8 @@ def randomize_(modules: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in modules.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
+            if p.numel() == 0:
+                continue
             if leaf in ("gamma",) or leaf.endswith("weight_g"):
                 p.copy_(p.abs().mean().clamp(min=1e-3) * (1 + 0.2 * torch.randn(p.shape, generator=generator)))
             elif leaf == "alpha":
@@ -161,8 +163,22 @@ def randomize_(modules: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(0.5 * torch.randn(p.shape, generator=generator))
 
 
+def write_tiny_pack(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny pack: `<folder>/base` (rectified_flow) and `<folder>/arc` (rf_denoiser) with different DiT weights and
+    the same SAME autoencoder and text encoder, like a real pack's two variants. Returns (base, arc) folders."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    base = write_tiny_model(folder / "base", seed=seed, objective="rectified_flow")
+    arc = write_tiny_model(folder / "arc", seed=seed + 100, objective="rf_denoiser", text_encoder=False)
+    base_sd, arc_sd = load_file(str(base / "model.safetensors")), load_file(str(arc / "model.safetensors"))
+    arc_sd.update({k: v for k, v in base_sd.items() if k.startswith("pretransform.")})
+    save_file(arc_sd, str(arc / "model.safetensors"), metadata={"format": "pt"})
+    return base, arc
+
+
 def write_tiny_model(folder: str | Path, seed: int = 0, objective: str = "rectified_flow",
-                     config: dict | None = None) -> Path:
+                     config: dict | None = None, text_encoder: bool = True) -> Path:
     """Write a complete tiny SA3 model folder (model_config.json, model.safetensors, t5gemma-b-b-ul2/)."""
     from .model import SA3Modules
 
@@ -178,6 +194,8 @@ def write_tiny_model(folder: str | Path, seed: int = 0, objective: str = "rectif
     save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
 
+    if not text_encoder:  # a pack's sibling variant shares the other folder's text encoder
+        return folder
     t5 = folder / "t5gemma-b-b-ul2"
     t5.mkdir(exist_ok=True)
     tok = tiny_tokenizer_json()

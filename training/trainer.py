@@ -73,6 +73,7 @@ class Trainer:
         self.model_provider, self.registry = model_provider, registry
         self.step = 0
         self.step_offset = 0  # from a continued LoRA file's metadata
+        self.last_saved_step: int | None = None
         self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -159,6 +160,7 @@ class Trainer:
         state_path = self.folder / info["state_path"]
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         self.load_state(state)
+        self.last_saved_step = self.global_step
         self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
 
     @property
@@ -186,6 +188,9 @@ class Trainer:
         info = {"step": self.global_step, "path": f"checkpoints/{adapter_path.name}",
                 "state_path": f"checkpoints/{state_path.name}", "time": time.time()}
         atomic_write_json(self.folder / "latest.json", info)
+        self.last_saved_step = self.global_step
+        if self.registry is not None:
+            self.registry.update(self.run_id, step=self.global_step)
         self.log.emit("checkpoint", step=self.global_step, path=info["path"], state_path=info["state_path"])
         return info
 
@@ -287,13 +292,18 @@ class Trainer:
                 set_status("training")
             if self.step >= c.steps:
                 break
+            request = self.folder / "stop.request"  # `sa3-lora runs stop` from another process
+            if request.exists():
+                request.unlink(missing_ok=True)
+                control.request_stop()
             if control.save_now.is_set():
                 control.save_now.clear()
                 self.save_checkpoint()
             control.wait_while_paused(on_pause=lambda: set_status("paused"),
                                       on_resume=lambda: set_status("training"))
             if control.stop.is_set():
-                self.save_checkpoint()
+                if self.last_saved_step != self.global_step:
+                    self.save_checkpoint()
                 set_status("stopped")
                 return "stopped"
             metrics = self.train_step(self.step)
