@@ -23,7 +23,8 @@ def _cmd_info(args) -> int:
         "config_inferred": cfg.inferred, "sample_rate": cfg.sample_rate, "latent_dim": cfg.latent_dim,
         "downsampling_ratio": cfg.downsampling_ratio, "max_seconds": cfg.sample_size / cfg.sample_rate,
         "dit": {k: cfg.dit[k] for k in ("embed_dim", "depth", "num_heads", "num_memory_tokens") if k in cfg.dit},
-        "parameters": n_params, "dtype": str(model.dtype), "text_encoder": model.conditioner.conditioners["prompt"].has_text_encoder,
+        "parameters": n_params, "dtype": str(model.dtype),
+        "text_encoder": model.conditioner.conditioners["prompt"].has_text_encoder,
     }, indent=1))
     return 0
 
