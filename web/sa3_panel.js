@@ -3,7 +3,7 @@
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { comfyTransport } from "./panel/api.js";
+import { comfyTransport, EVENT_TYPES } from "./panel/api.js";
 import { copyName, mountPanel } from "./panel/mount.js";
 
 const TAB = { id: "sa3-training", title: "SA3 Training", icon: "pi pi-chart-line", tooltip: "SA3 LoRA training runs" };
@@ -57,6 +57,9 @@ app.registerExtension({
   name: "sa3_lora_studio.training_panel",
   ...(sidebar ? {} : { bottomPanelTabs: [{ id: TAB.id, title: TAB.title, type: "custom", render, destroy }] }),
   async setup() {
+    // ComfyUI's api only dispatches websocket message types that have a listener (others are logged as "Unknown
+    // message type"); register ours for the whole session, since the panel listens only while it is open.
+    for (const type of EVENT_TYPES) api.addEventListener(`sa3.${type}`, () => {});
     if (sidebar) {
       app.extensionManager.registerSidebarTab({ ...TAB, type: "custom", render, destroy });
     } else if (!app.extensionManager) {

@@ -4,10 +4,17 @@
 class FakeComfyApi extends EventTarget {
   constructor() {
     super();
+    this.registered = new Set();
     this.api_base = "";
     this.wasConnected = false;
     this.socket = null;
     this.connect();
+  }
+
+  // Like ComfyUI: a websocket message type is dispatched only if someone listens for it, else logged as unknown.
+  addEventListener(type, callback, options) {
+    this.registered.add(type);
+    super.addEventListener(type, callback, options);
   }
 
   apiURL(route) {
@@ -28,7 +35,8 @@ class FakeComfyApi extends EventTarget {
     });
     socket.addEventListener("message", (m) => {
       const msg = JSON.parse(m.data);
-      this.dispatchEvent(new CustomEvent(msg.type, { detail: msg.data }));
+      if (this.registered.has(msg.type)) this.dispatchEvent(new CustomEvent(msg.type, { detail: msg.data }));
+      else console.error(`Unknown message type ${msg.type}`);
     });
     socket.addEventListener("close", () => {
       if (this.socket !== socket) return;
