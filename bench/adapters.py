@@ -2,7 +2,7 @@
 unmerged (the reference's recompute-every-forward parametrized path) vs factored (x·Aᵀ·Bᵀ, the training path).
 
     python bench/adapters.py                                  # the tiny-small fixture DiT
-    python bench/adapters.py --config small --depth 4 --latents 108 --threads 2   # real widths, fewer blocks
+    python bench/adapters.py --config small-sfx --depth 4 --latents 108 --threads 2   # real widths, fewer blocks
 
 Each figure is the best of --repeats interleaved rounds (robust on a shared machine), run through
 `AdaptedModel.activate()` on the shared base tree (the path `generate()` uses). Also printed: the one-off cost of
@@ -25,7 +25,7 @@ FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sa3" / 
 ROOTS = (Root("model", gated=True, filter_strip="model."),)
 
 
-def build_tree(spec: str, depth: int | None, seed: int = 0) -> tuple[nn.Module, object]:
+def build_tree(spec: str, depth: int | None, seed: int = 0) -> tuple[nn.Module, dict]:
     path = Path(spec)
     config = read_config(path / "model_config.json" if path.is_dir() else path if path.exists()
                          else family_defaults(spec))
@@ -39,7 +39,7 @@ def build_tree(spec: str, depth: int | None, seed: int = 0) -> tuple[nn.Module, 
         for p in tree.parameters():
             if p.dim() >= 2:
                 p.normal_(0, p.shape[1] ** -0.5)
-    return tree.eval().requires_grad_(False), config
+    return tree.eval().requires_grad_(False), dit_kwargs
 
 
 def random_dora(tree: nn.Module, rank: int, seed: int):
@@ -68,7 +68,7 @@ def interleaved(configs: dict, rounds: int, per_round: int = 3) -> dict[str, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(FIXTURE), help="model folder, config JSON or family name (small, medium)")
+    ap.add_argument("--config", default=str(FIXTURE), help="model folder, config JSON or family (small-sfx, small-music, medium)")
     ap.add_argument("--depth", type=int, default=None, help="override the DiT depth (fewer blocks, same widths)")
     ap.add_argument("--latents", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
@@ -77,8 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tree, config = build_tree(args.config, args.depth)
-    d = config.dit
+    tree, d = build_tree(args.config, args.depth)
     b, n = args.batch, args.latents
     x = torch.randn(b, d["io_channels"], n)
     t = torch.full((b,), 0.5)

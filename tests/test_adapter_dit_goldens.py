@@ -175,3 +175,20 @@ def test_session_on_a_loaded_model_matches_through_encode_text_and_velocity(fixt
         v0 = model.velocity(golden["lora.in.x"], t, model.encode_text(prompts, SECONDS), golden["lora.in.local_zero"],
                             golden["lora.in.pm_full"])
     assert close(v0, golden["lora.base.v"])
+
+
+def test_target_selection_on_the_dit_matches_the_reference_counts_and_lists(setup, golden_cases):
+    from sa3_lora_studio.adapters import new_adapter
+
+    tree, _, _ = setup
+    everything = new_adapter(tree, "lora", 4, roots=SA3_ROOTS)
+    assert len(everything.layers) == golden_cases["lora.adapter_types"]["types"]["lora"]["n_adapted_layers"]
+    case = golden_cases["lora.include_exclude"]
+    picked = new_adapter(tree, "lora", 4, roots=SA3_ROOTS, include=case["include"], exclude=case["exclude"])
+    assert sorted(picked.layers) == sorted(case["observed"]["adapted_layers"])
+    underfit = new_adapter(tree, "dora-rows", 4, roots=SA3_ROOTS, preset="underfit-default")
+    blocks = {"self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out",
+              "ff.ff.0.proj", "ff.ff.2"}
+    depth = len(tree.model.model.transformer.layers)
+    expected = [f"model.transformer.layers.{i}.{n}" for i in range(depth) for n in blocks]
+    assert sorted(underfit.layers) == sorted(expected + ["conditioners.seconds_total.embedder.embedding.1"])
