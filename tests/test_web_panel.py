@@ -8,6 +8,8 @@ over a real websocket, as ComfyUI's `send_sync` sends them. Route traversal test
 
 import http.client
 import json
+import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -140,6 +142,41 @@ def test_run_routes_refuse_run_ids_outside_the_runs_folder(site, run_id):
         status, _, body = get(site, path)
         assert status in (400, 403, 404), (path, status)
         assert b"TOP SECRET" not in body and b'"id"' not in body
+
+
+# ------------------------------------------------------------------------------------------------ panel maths (node)
+
+NODE_SCRIPT = """
+import * as series from %s;
+let text = "";
+for await (const chunk of process.stdin) text += chunk;
+const events = JSON.parse(text);
+console.log(JSON.stringify({
+  bins: Object.fromEntries([3, 5, 7].map((n) => [n, series.lossByNoiseLevel(events, n)])),
+  ema: series.ema(series.stepSeries(events, "loss").values),
+  demos: series.demoSteps(events).map((s) => [s.step, s.demos.map((d) => d.index), s.checkpoint && s.checkpoint.path]),
+  latest: series.latestCheckpoint(events).step,
+  eta: [series.etaSeconds(30, 200, 2.5), series.etaSeconds(200, 200, 2.5), series.etaSeconds(3, 10, 0)],
+  durations: [5, 154, 7384].map(series.formatDuration),
+}));
+"""
+
+
+def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):
+    if shutil.which("node") is None:
+        pytest.skip("node not found (see tests/web/INSTALL.sh)")
+    events, _ = read_events(site.manager.events_path(site.runs["done"]), 0)
+    module = json.dumps((REPO / "web" / "panel" / "series.js").as_uri())
+    out = subprocess.run(["node", "--input-type=module", "-e", NODE_SCRIPT % module], input=json.dumps(events),
+                         capture_output=True, text=True, timeout=30, check=True)
+    got = json.loads(out.stdout)
+    for bins in (3, 5, 7):
+        assert got["bins"][str(bins)] == loss_by_timestep(events, bins), bins  # same op order: bit-equal
+    assert got["ema"] == pytest.approx(ema([e["loss"] for e in events if e["type"] == "step"]), rel=1e-12)
+    assert got["demos"] == [[s, [0, 1], f"checkpoints/synth-pads-step={s:06d}.safetensors"] for s in (20, 40, 60)]
+    assert got["latest"] == 60
+    assert got["eta"] == [68.0, None, None]
+    assert got["durations"] == ["5 s", "2 min 34 s", "2 h 03 min"]
 
 
 # --------------------------------------------------------------------------------------------------------- browser
