@@ -74,8 +74,12 @@ function floatingWindow() {
   toggle.className = "sa3-float-toggle";
   toggle.textContent = TAB.title;
   toggle.setAttribute("aria-expanded", "false");
+  // inline: panel.css is only loaded when the panel mounts
+  Object.assign(toggle.style, { position: "fixed", right: "12px", bottom: "12px", zIndex: "1000" });
   const box = document.createElement("div");
   box.className = "sa3-float";
+  Object.assign(box.style, { position: "fixed", right: "12px", bottom: "48px", zIndex: "1000",
+    width: "min(900px, 90vw)", height: "min(80vh, 900px)" });
   box.hidden = true;
   toggle.addEventListener("click", () => {
     box.hidden = !box.hidden;
