@@ -348,8 +348,8 @@ class AdaptedModel:
     uses: AdapterUse per adapter, applied in order (the reference's chain W -> P0(W) -> P1(P0(W))).
     roots: the sub-modules that file layer paths are relative to (default: the tree itself, gated).
     mode: "merged" | "parametrized" | "factored" (see the module docstring; default merged, factored when
-    trainable). trainable: the LAST adapter's tensors
-    become fp32 nn.Parameters with requires_grad (others stay frozen buffers)."""
+    trainable). trainable: the LAST adapter's tensors become fp32 nn.Parameters with requires_grad (the others stay
+    frozen buffers). Change gating/strength only through `update`, `at_sigma` and `set_strength`."""
 
     def __init__(self, tree: nn.Module, uses: Sequence[AdapterUse | LoadedAdapter], roots: Sequence[Root] = (Root(),),
                  mode: str | None = None, trainable: bool = False):
@@ -395,6 +395,10 @@ class AdaptedModel:
             if unmatched:
                 self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
                            f"(e.g. {unmatched[0]})")
+            if a.is_xs and not a.metadata.get("base_fingerprint"):  # e.g. the official trainer's files: note only
+                self.report.warnings.append(
+                    f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases are recomputed from "
+                    f"these weights, which is faithful only if it was trained on this same model")
             if a.is_xs and a.metadata.get("base_fingerprint"):
                 fp = weights_fingerprint({layer: self._find(tree, layer)[1].weight for layer in a.layers
                                           if self._find(tree, layer)[1] is not None})
