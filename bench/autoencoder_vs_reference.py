@@ -11,6 +11,7 @@ Both models get the same random weights, and their outputs are compared before t
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -84,13 +85,16 @@ def test_signal(seconds: float, sample_rate: int, ratio: int) -> torch.Tensor:
     return torch.stack([left, right])[None]
 
 
-def timed(fn, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds). CPU time is the steadier figure on a shared, loaded machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summary(times: list[tuple[float, float]]) -> str:
+    wall, cpu = [t[0] for t in times], [t[1] for t in times]
+    return f"{statistics.median(wall):6.2f} s (min {min(wall):.2f}, cpu {statistics.median(cpu):.2f})"
 
 
 def main():
@@ -146,15 +150,18 @@ def main():
                 ref_fn()
             ours_times, ref_times = [], []
             for _ in range(args.reps):  # interleaved, so load changes hit both alike
-                ours_times += timed(ours_fn, 1)
+                ours_times.append(timed(ours_fn))
                 if ref is not None:
-                    ref_times += timed(ref_fn, 1)
-            line = f"{what:15s} ours {statistics.median(ours_times):6.2f} s (min {min(ours_times):.2f})"
+                    ref_times.append(timed(ref_fn))
+            line = f"{what:15s} ours {summary(ours_times)}"
             if ref is not None:
-                line += (f"   official {statistics.median(ref_times):6.2f} s (min {min(ref_times):.2f})"
-                         f"   ours/official {statistics.median(ours_times) / statistics.median(ref_times):.2f}")
+                ratio = statistics.median(t[0] for t in ours_times) / statistics.median(t[0] for t in ref_times)
+                cpu_ratio = statistics.median(t[1] for t in ours_times) / statistics.median(t[1] for t in ref_times)
+                line += f"   official {summary(ref_times)}   ours/official wall {ratio:.2f} cpu {cpu_ratio:.2f}"
             print(line, flush=True)
-    print(f"peak_rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (whole process, both models)")
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    print(f"peak_rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (whole process, both models), "
+          f"load average {load} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
