@@ -4,10 +4,26 @@ Nothing in this package imports ComfyUI at import time; node methods import `com
 lazily where needed, so the pack's tests run without ComfyUI.
 """
 
-from . import generate_nodes, model_nodes
+from . import dataset_nodes, generate_nodes, lora_nodes, model_nodes, training_nodes
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (model_nodes, generate_nodes):
+for _module in (model_nodes, generate_nodes, lora_nodes, dataset_nodes, training_nodes):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def _register_routes() -> None:
+    """Inside ComfyUI (PromptServer exists): mount the /sa3 routes and mark runs that were training as interrupted."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is None:
+        return
+    from .routes import register_routes
+
+    register_routes(training_nodes.get_manager)
+
+
+_register_routes()

@@ -34,6 +34,12 @@ def get_or_load(key: tuple, loader):
         return model
 
 
+def register_model(key: tuple, model) -> None:
+    """Make an already loaded model findable under another key (a run's model spec)."""
+    with _LOCK:
+        _CACHE.setdefault(key, model)
+
+
 def loaded_models() -> list[tuple]:
     with _LOCK:
         return list(_CACHE)
@@ -110,11 +116,13 @@ class SA3LoadPack:
                 return load_model(pack, dtype=dtype, device=dev, variant=variant,
                                   models_dir=root / "sa3" if root else None, download=download_missing)
         try:
-            return (get_or_load(key, loader),)
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs normal tensors
+                return (get_or_load(key, loader),)
         except torch.cuda.OutOfMemoryError as e:
             free_comfy_memory(1 << 62, dev)
             try:
-                return (get_or_load(key, loader),)
+                with torch.inference_mode(False):
+                    return (get_or_load(key, loader),)
             except torch.cuda.OutOfMemoryError:
                 raise RuntimeError(_out_of_memory_message(e, dtype, pack)) from None
 

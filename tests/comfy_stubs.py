@@ -50,6 +50,7 @@ class ComfyStubs:
             raise FileNotFoundError(f"{name} not in {kind}")
 
         folder_paths.get_filename_list = get_filename_list
+        folder_paths.get_folder_paths = lambda kind: [str(p) for p in stubs.folders.get(kind, [])]
         folder_paths.get_full_path_or_raise = get_full_path_or_raise
 
         mm = types.ModuleType("comfy.model_management")

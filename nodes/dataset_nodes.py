@@ -1,0 +1,152 @@
+"""Dataset nodes: encode a folder of audio, load an encoded dataset, compose prompts (with a preview)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .comfy_bridge import CATEGORY, output_dir
+
+
+def _patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+
+
+def dataset_dir_for(name: str) -> Path:
+    root = output_dir() or Path.cwd()
+    safe = Path(name).name or "dataset"
+    return root / "sa3_datasets" / safe
+
+
+class SA3EncodeAudioFolder:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SA3_MODEL", {"tooltip": "Its SAME autoencoder encodes the audio (SAME-S and SAME-L latents are "
+                                               "interchangeable)."}),
+            "folder": ("STRING", {"default": "", "tooltip": "Folder of audio files (WAV, FLAC, AIFF, MP3, OGG, Opus, "
+                                  "M4A…), searched recursively. Captions: song.json / song.txt sidecars, tags, paths."}),
+            "dataset_name": ("STRING", {"default": "my-dataset", "tooltip": "Written to output/sa3_datasets/<name>."}),
+            "include": ("STRING", {"default": "", "multiline": True, "tooltip": "Only files matching these globs "
+                                   "(comma or newline separated); empty = all."}),
+            "exclude": ("STRING", {"default": "", "multiline": True, "tooltip": "Leave out files matching these globs."}),
+            "dtype": (["float32", "float16"], {"default": "float32", "tooltip": "Latent storage precision."}),
+            "force": ("BOOLEAN", {"default": False, "tooltip": "Re-encode everything (otherwise only new or changed "
+                                  "files are encoded)."}),
+        }}
+
+    RETURN_TYPES = ("SA3_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encodes every audio file of a folder to latents for training; bad files are skipped and listed."
+
+    def encode(self, model, folder, dataset_name, include, exclude, dtype, force):
+        import torch
+
+        from ..encoding import encode_folder, load_dataset
+        from .comfy_bridge import progress_callback, throw_if_interrupted
+
+        src = Path(folder).expanduser()
+        if not src.is_dir():
+            raise ValueError(f"SA3 Encode Audio Folder: {folder!r} is not a folder")
+        out = dataset_dir_for(dataset_name)
+        bar = {}
+
+        def progress(event):
+            if "bar" not in bar:
+                bar["bar"] = progress_callback(event["n"])
+            if bar["bar"]:
+                bar["bar"](event)
+
+        def should_stop():
+            try:
+                throw_if_interrupted()
+            except Exception:
+                return True
+            return False
+
+        with torch.inference_mode(False):
+            report = encode_folder(src, out, encoder=model, include=_patterns(include), exclude=_patterns(exclude),
+                                   dtype=dtype, force=force, progress=progress, should_stop=should_stop)
+        if report.interrupted:
+            raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")
+        return (str(load_dataset(out).root), report.summary())
+
+
+class SA3LoadDataset:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {"default": "", "tooltip": "An encoded dataset folder (ours, the "
+                                                 "official pre_encode_dataset.py output, or underfit's)."})}}
+
+    RETURN_TYPES = ("SA3_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, path):
+        from ..encoding import load_dataset
+
+        p = Path(path).expanduser()
+        if not p.is_absolute() and not p.exists():
+            p = dataset_dir_for(path)
+        ds = load_dataset(p)
+        report = (f"{ds.root}: {len(ds)} files, {ds.total_seconds / 60:.1f} min, latent dim {ds.latent_dim}, "
+                  f"{len(ds.skipped)} skipped")
+        return (str(ds.root), report)
+
+
+class SA3ComposePrompts:
+    @classmethod
+    def INPUT_TYPES(cls):
+        pct = {"min": 0.0, "max": 100.0, "step": 1.0}
+        return {"required": {
+            "caption_weight": ("FLOAT", {"default": 100.0, **pct, "tooltip": "Balance: captions (.txt / JSON prompt)."}),
+            "tags_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: 'Key: value' tags (genre, bpm, key…)."}),
+            "path_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: the file's relative path."}),
+            "fixed_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: the fixed text below."}),
+            "fixed_text": ("STRING", {"default": "", "multiline": True}),
+            "tag_keys": ("STRING", {"default": "", "tooltip": "Tag keys to use, comma separated (empty = defaults)."}),
+            "hide_tag_names": ("BOOLEAN", {"default": False}),
+            "split_commas": ("BOOLEAN", {"default": False}),
+            "hide_extension": ("BOOLEAN", {"default": True}),
+            "hide_directories": ("BOOLEAN", {"default": False}),
+            "shuffle": ("BOOLEAN", {"default": True, "tooltip": "Shuffle comma-separated parts of tag prompts."}),
+            "trigger": ("STRING", {"default": "", "tooltip": "Trigger word prepended (never replacing the caption)."}),
+            "trigger_percent": ("FLOAT", {"default": 100.0, **pct}),
+            "preview_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The preview shows what "
+                                    "training step <seed> sees with run seed 0 (prompt_seed(run_seed, step))."}),
+        }, "optional": {"dataset": ("SA3_DATASET",)}}
+
+    RETURN_TYPES = ("SA3_PROMPT_CONFIG", "STRING")
+    RETURN_NAMES = ("prompt_config", "preview")
+    FUNCTION = "compose"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "How training prompts are built from captions, tags, paths and fixed text; previews real prompts."
+
+    def compose(self, caption_weight, tags_weight, path_weight, fixed_weight, fixed_text, tag_keys, hide_tag_names,
+                split_commas, hide_extension, hide_directories, shuffle, trigger, trigger_percent, preview_seed,
+                dataset=None):
+        from ..encoding import PromptConfig, load_dataset, preview_prompts
+
+        fields = dict(caption_weight=caption_weight, tags_weight=tags_weight, path_weight=path_weight,
+                      fixed_weight=fixed_weight, fixed_text=fixed_text, hide_tag_names=hide_tag_names,
+                      split_commas=split_commas, hide_extension=hide_extension, hide_directories=hide_directories,
+                      shuffle=shuffle, trigger=trigger, trigger_percent=trigger_percent if trigger else 0.0)
+        if tag_keys.strip():
+            fields["tag_keys"] = tuple(k.strip() for k in tag_keys.split(",") if k.strip())
+        try:
+            config = PromptConfig(**fields)
+        except ValueError as e:
+            raise ValueError(f"SA3 Compose Prompts: {e}") from None
+        preview = ""
+        if dataset:
+            rows = preview_prompts(load_dataset(dataset), config, preview_seed, n=8)
+            preview = "\n".join(f"{r['relpath']}: {r['prompt']}" for r in rows)
+        return {"ui": {"text": [preview]}, "result": (config.to_dict(), preview)}
+
+
+NODE_CLASS_MAPPINGS = {"SA3EncodeAudioFolder": SA3EncodeAudioFolder, "SA3LoadDataset": SA3LoadDataset,
+                       "SA3ComposePrompts": SA3ComposePrompts}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3EncodeAudioFolder": "SA3 Encode Audio Folder", "SA3LoadDataset": "SA3 Load Dataset",
+                              "SA3ComposePrompts": "SA3 Compose Prompts"}

@@ -1,0 +1,148 @@
+"""LoRA nodes: load (and stack) adapters with strength, interval and step skipping; inspect; export for ComfyUI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .comfy_bridge import CATEGORY, folder_file_path, folder_files
+
+RUN_PREFIX = "sa3 runs/"
+
+
+def lora_choices() -> list[str]:
+    """Files from ComfyUI's `loras` folder plus our training runs' checkpoints (newest runs first)."""
+    choices = [f for f in folder_files("loras") if f.endswith((".safetensors", ".ckpt"))]
+    try:
+        from .training_nodes import get_manager
+
+        manager = get_manager()
+        for run in reversed(manager.registry.list()):
+            for ckpt in sorted((manager.registry.run_dir(run["id"]) / "checkpoints").glob("*.safetensors"),
+                               reverse=True):
+                choices.append(f"{RUN_PREFIX}{run['id']}/{ckpt.name}")
+    except Exception:
+        pass
+    return choices
+
+
+def resolve_lora(name: str) -> Path:
+    """A choice from `lora_choices()` (or an absolute path) -> the file."""
+    if name.startswith(RUN_PREFIX):
+        from .training_nodes import get_manager
+
+        run_id, _, file = name[len(RUN_PREFIX):].partition("/")
+        return get_manager().registry.run_file(run_id, f"checkpoints/{file}")
+    path = Path(name)
+    if path.is_absolute():
+        if not path.is_file():
+            raise ValueError(f"LoRA file {name} does not exist")
+        return path
+    return folder_file_path("loras", name)
+
+
+class SA3LoadLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora": (lora_choices() or [""], {"tooltip": "An adapter from models/loras or from an SA3 training "
+                                                             "run (official SA3, underfit, fal and our files)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip":
+                                       "alpha/rank × strength. DoRA/BoRA renormalise, so 0.5 is not a linear blend."}),
+                "interval_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                             "Active only while the noise level t is in [start, end] (1 = pure "
+                                             "noise, the first steps). end < 1 keeps the base model's song structure."}),
+                "interval_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "skip_first_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Leave the adapter off for "
+                                             "the first N sampling steps (e.g. 1 on an 8-step ARC model)."}),
+                "layer_filter": ("STRING", {"default": "", "tooltip": "Comma-separated layer names to switch OFF, e.g. "
+                                            "'transformer.layers.[0-3].' (bracket ranges allowed)."}),
+            },
+            "optional": {
+                "loras": ("SA3_LORA_STACK", {"tooltip": "Chain several SA3 Load LoRA nodes to stack adapters."}),
+                "lora_path": ("STRING", {"forceInput": True, "tooltip": "A LoRA file path (e.g. from SA3 Run Status); "
+                                         "overrides the list."}),
+            },
+        }
+
+    RETURN_TYPES = ("SA3_LORA_STACK",)
+    RETURN_NAMES = ("loras",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Adds an adapter to a LoRA stack for SA3 Generate / Audio to Audio / Inpaint (applied in order)."
+
+    def load(self, lora, strength, interval_start, interval_end, skip_first_steps, layer_filter, loras=None,
+             lora_path=None):
+        from ..adapters import load_adapter_cached
+
+        if interval_end < interval_start:
+            raise ValueError(f"SA3 Load LoRA: interval_end {interval_end} is below interval_start {interval_start}")
+        path = Path(lora_path) if lora_path else resolve_lora(lora) if lora else None
+        if path is None:
+            raise ValueError("SA3 Load LoRA: choose a LoRA file")
+        try:
+            load_adapter_cached(path)  # validate now, with the file named in the error
+        except Exception as e:
+            raise ValueError(f"SA3 Load LoRA: {path.name}: {e}") from None
+        entry = {"path": str(path), "strength": float(strength), "interval": (float(interval_start), float(interval_end)),
+                 "skip_first_steps": int(skip_first_steps), "layer_filter": layer_filter}
+        return (list(loras or []) + [entry],)
+
+
+class SA3LoRAInfo:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora": (lora_choices() or [""],)}, "optional": {"lora_path": ("STRING", {"forceInput": True})}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("info",)
+    FUNCTION = "info"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Type, rank, alpha, base model, training step, trigger words and adapted layers of a LoRA file."
+
+    def info(self, lora, lora_path=None):
+        from ..adapters import read_adapter_file
+
+        path = Path(lora_path) if lora_path else resolve_lora(lora)
+        info = read_adapter_file(path).info()
+        text = "\n".join(f"{k}: {v}" for k, v in info.items() if v not in (None, "", []))
+        return {"ui": {"text": [text]}, "result": (json.dumps(info, default=str, indent=1),)}
+
+
+class SA3ExportLoRAForComfyUI:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SA3_MODEL", {"tooltip": "The model the LoRA is for (its weights are needed for DoRA/BoRA/-xs)."}),
+            "lora": (lora_choices() or [""],),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+            "filename": ("STRING", {"default": "sa3_lora_comfy", "tooltip": "Saved in models/loras/ as <name>.safetensors"}),
+        }, "optional": {"lora_path": ("STRING", {"forceInput": True})}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "export"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Writes a file ComfyUI's stock LoraLoaderModelOnly applies to its native SA3 model "
+                   "(lora_up/lora_down/alpha, dora_scale where the maths match, exact weight differences otherwise).")
+
+    def export(self, model, lora, strength, filename, lora_path=None):
+        import folder_paths
+
+        from ..adapters import read_adapter_file
+        from ..adapters.comfy_export import export_for_comfyui
+
+        src = Path(lora_path) if lora_path else resolve_lora(lora)
+        name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
+        out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
+        report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)
+        return {"ui": {"text": [f"{out}: {report}"]}, "result": (str(out),)}
+
+
+NODE_CLASS_MAPPINGS = {"SA3LoadLoRA": SA3LoadLoRA, "SA3LoRAInfo": SA3LoRAInfo,
+                       "SA3ExportLoRAForComfyUI": SA3ExportLoRAForComfyUI}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3LoadLoRA": "SA3 Load LoRA", "SA3LoRAInfo": "SA3 LoRA Info",
+                              "SA3ExportLoRAForComfyUI": "SA3 Export LoRA for ComfyUI"}

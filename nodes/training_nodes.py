@@ -1,0 +1,210 @@
+"""Training nodes: start a background run, watch it (charts as IMAGE, latest checkpoint), control it.
+
+One `TrainingManager` lives for the ComfyUI process (runs under output/sa3_runs). Training runs in a background
+thread, so the queue stays free; its events go to the browser over ComfyUI's websocket (`sa3.<type>`), and the
+routes in `routes.py` serve the panel. ComfyUI's cancel button does not stop training (runs have their own flags).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .comfy_bridge import CATEGORY, output_dir, send_event
+
+_MANAGER = None
+_MANAGER_LOCK = threading.Lock()
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _forward_event(event: dict) -> None:
+    send_event(event["type"], event)
+
+
+def model_provider(spec: str, variant: str, dtype: str, device: str):
+    """Models for runs come from the same cache as SA3 Load Pack, so a run reuses the loaded base model."""
+    from ..sa3.model import load_model
+    from .model_nodes import get_or_load
+    from .comfy_bridge import models_dir
+
+    def loader():
+        root = models_dir()
+        with torch.inference_mode(False):
+            return load_model(spec, dtype=dtype, device=device, variant=variant,
+                              models_dir=root / "sa3" if root else None)
+
+    return get_or_load((spec, variant, dtype, str(device)), loader)
+
+
+def get_manager(root: str | Path | None = None):
+    global _MANAGER
+    with _MANAGER_LOCK:
+        if _MANAGER is None:
+            from ..training.manager import TrainingManager
+
+            base = Path(root) if root else (output_dir() or Path.cwd()) / "sa3_runs"
+            _MANAGER = TrainingManager(base, listeners=[_forward_event], model_provider=model_provider)
+        return _MANAGER
+
+
+def reset_manager() -> None:
+    """Tests: forget the process-wide manager."""
+    global _MANAGER
+    with _MANAGER_LOCK:
+        _MANAGER = None
+
+
+def memory_warning(model, config) -> str | None:
+    """The VRAM estimate's warning when the run likely does not fit the device (None when it fits or is unknown)."""
+    try:
+        from ..training.vram import check_fits, estimate_training_memory
+    except ImportError:
+        return None
+    return check_fits(estimate_training_memory(model.config, config), model.device)
+
+
+ADAPTER_TYPE_CHOICES = ["dora-rows", "lora", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs"]
+
+
+class SA3TrainLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..adapters import PRESETS
+
+        return {"required": {
+            "model": ("SA3_MODEL", {"tooltip": "The BASE model of a pack (adapters are trained on base and used on ARC)."}),
+            "dataset": ("SA3_DATASET",),
+            "name": ("STRING", {"default": "my-lora"}),
+            "adapter_type": (ADAPTER_TYPE_CHOICES, {"default": "dora-rows", "tooltip": "dora-rows is the official "
+                             "default; -xs types train far fewer parameters (SVD bases of the base weights)."}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "tooltip": "0 = rank (scale 1)."}),
+            "targets": (sorted(PRESETS), {"default": "all", "tooltip": "all: every DiT Linear/Conv1d + the seconds "
+                        "conditioner (official); underfit-default: attention + feed-forward of every block."}),
+            "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "A creative choice too: bigger "
+                           "batches average styles, batch 1 follows single songs."}),
+            "crop_seconds": ("FLOAT", {"default": 30.0, "min": 0.5, "max": 380.0, "tooltip": "Training crop length "
+                             "(the underrated knob: short crops learn texture, long ones structure)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-1, "step": 1e-6}),
+            "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 100000}),
+            "demo_every": ("INT", {"default": 200, "min": 0, "max": 100000, "tooltip": "0 = no demos."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
+            "wait_until_done": ("BOOLEAN", {"default": False, "tooltip": "Block the queue until training ends "
+                                "(for headless API use); otherwise return the run id at once."}),
+        }, "optional": {
+            "prompt_config": ("SA3_PROMPT_CONFIG",),
+            "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
+                              "alpha and targets are used)."}),
+            "trigger_word": ("STRING", {"default": ""}),
+            "demo_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "One demo prompt per line "
+                             "(empty = underfit-like defaults: base CFG 7 and 1, ARC, unconditional)."}),
+        }}
+
+    RETURN_TYPES = ("SA3_RUN", "STRING")
+    RETURN_NAMES = ("run", "run_id")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Starts LoRA training in the background (ComfyUI stays usable); watch it in the SA3 Training panel."
+
+    def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
+              learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
+              prompt_config=None, continue_from=None, trigger_word="", demo_prompts=""):
+        from ..training.runs import DemoSpec, RunConfig, RunError
+        from .model_nodes import register_model
+
+        spec = model.pack or model.source
+        dtype = DTYPE_NAMES.get(model.dtype, "fp32")
+        register_model((spec, "base", dtype, str(model.device)), model)
+        demos = ()
+        if demo_prompts.strip():
+            demos = tuple(DemoSpec(p.strip(), False, 7.0, seed=i) for i, p in enumerate(demo_prompts.splitlines())
+                          if p.strip())
+        try:
+            config = RunConfig(dataset=str(dataset), model=spec, name=name, adapter_type=adapter_type, rank=rank,
+                               alpha=alpha or None, targets=targets, steps=steps, batch_size=batch_size,
+                               crop_seconds=crop_seconds, lr=learning_rate, precision=dtype,
+                               gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+                               demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
+                               trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
+        except RunError as e:
+            raise ValueError(f"SA3 Train LoRA: {e}") from None
+        warning = memory_warning(model, config)
+        manager = get_manager()
+        run_id = manager.submit(config)
+        text = f"run {run_id} started" + (f"\nwarning: {warning}" if warning else "")
+        if wait_until_done:
+            record = manager.wait(run_id)
+            text = f"run {run_id}: {record['status']} at step {record['step']}"
+            if record["status"] == "failed":
+                raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")
+        return {"ui": {"text": [text]}, "result": (run_id, run_id)}
+
+
+class SA3RunStatus:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"run": ("SA3_RUN",), "bins": ("INT", {"default": 5, "min": 1, "max": 20})}}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("loss_chart", "loss_by_noise_level", "latest_lora", "status")
+    FUNCTION = "status"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Loss curves as images and the newest checkpoint (feed it to SA3 Load LoRA's lora_path)."
+
+    @classmethod
+    def IS_CHANGED(cls, run, bins):
+        return time.time()  # the run moves on between executions
+
+    def status(self, run, bins):
+        from ..training.events import loss_by_timestep_chart, loss_chart, read_events
+
+        manager = get_manager()
+        record = manager.registry.get(run)
+        events, _ = read_events(manager.events_path(run), 0, limit_bytes=1 << 30)
+        latest = manager.registry.latest_checkpoint(run)
+        lora = str(manager.registry.run_dir(run) / latest["path"]) if latest else ""
+        images = [torch.from_numpy(chart.copy()).float()[None] / 255 for chart in
+                  (loss_chart(events), loss_by_timestep_chart(events, bins))]
+        text = f"{record['name']}: {record['status']} step {record['step']}/{record['total_steps']}"
+        if record.get("error"):
+            text += f"\nerror: {record['error']}"
+        return {"ui": {"text": [text]}, "result": (images[0], images[1], lora, text)}
+
+
+class SA3RunControl:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"run": ("SA3_RUN",),
+                             "action": (["stop", "pause", "resume", "save", "restart"], {"tooltip": "restart resumes "
+                                        "an interrupted/stopped run from its last checkpoint."})}}
+
+    RETURN_TYPES = ("SA3_RUN", "STRING")
+    RETURN_NAMES = ("run", "status")
+    FUNCTION = "control"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, run, action):
+        return time.time()
+
+    def control(self, run, action):
+        from ..training.runs import RunError
+
+        try:
+            record = get_manager().control(run, action)
+        except RunError as e:
+            raise ValueError(f"SA3 Run Control: {e}") from None
+        return (run, f"{record['id']}: {record['status']}")
+
+
+NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3RunStatus": SA3RunStatus, "SA3RunControl": SA3RunControl}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3TrainLoRA": "SA3 Train LoRA", "SA3RunStatus": "SA3 Run Status",
+                              "SA3RunControl": "SA3 Run Control"}

@@ -1,0 +1,149 @@
+"""The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import comfy_stubs
+from sa3_lora_studio.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+
+@pytest.fixture
+def comfy(monkeypatch, tmp_path, fixtures_dir):
+    stubs = comfy_stubs.install(monkeypatch, tmp_path / "comfy")
+    packs = stubs.models_dir / "sa3" / "sa3-small-music"
+    shutil.copytree(fixtures_dir / "tiny-small", packs / "base")
+    shutil.copytree(fixtures_dir / "tiny-small-arc", packs / "arc")
+    shutil.copy(fixtures_dir / "golden" / "lora" / "lora.safetensors", stubs.folders["loras"][0] / "style.safetensors")
+    shutil.copy(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors", stubs.folders["loras"][0] / "dora.safetensors")
+    from sa3_lora_studio.nodes import model_nodes, training_nodes
+
+    model_nodes.unload_all()
+    training_nodes.reset_manager()
+    yield stubs
+    model_nodes.unload_all()
+    training_nodes.reset_manager()
+
+
+def run_node(name, **inputs):
+    """Execute a node the way ComfyUI does: an instance, its FUNCTION, under inference mode."""
+    cls = NODE_CLASS_MAPPINGS[name]
+    spec = cls.INPUT_TYPES()
+    missing = [k for k in spec["required"] if k not in inputs]
+    assert not missing, f"{name}: test forgot {missing}"
+    with torch.inference_mode():
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
+    result = out["result"] if isinstance(out, dict) else out
+    assert len(result) == len(cls.RETURN_TYPES)
+    return result
+
+
+def test_every_node_has_a_display_name_category_and_tooltips():
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("SA3 ")
+        assert cls.CATEGORY == "audio/SA3 LoRA Studio"
+        spec = cls.INPUT_TYPES()
+        assert hasattr(cls(), cls.FUNCTION)
+        for section in spec.values():
+            for input_name, (kind, *opts) in section.items():
+                assert isinstance(kind, (str, list)), (name, input_name)
+
+
+def gen_inputs(model, **kw):
+    base = dict(model=model, prompt="dog barking", negative_prompt="", duration=0.01, seed=1, steps=2, cfg=0.0,
+                sampler="auto", batch_size=1)
+    base.update(kw)
+    return base
+
+
+def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    (again,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    assert model is again and model.is_arc  # cached and shared
+    assert not model.dit.transformer.project_in.weight.is_inference()  # usable for training despite inference mode
+    (audio,) = run_node("SA3Generate", **gen_inputs(model))
+    assert audio["sample_rate"] == 44100 and audio["waveform"].shape == (1, 2, 441)
+    assert comfy.progress[-1] == (2, 2)  # one progress tick per sampling step
+    (a2a,) = run_node("SA3AudioToAudio", **gen_inputs(model, audio=audio, noise_level=0.7))
+    (inp,) = run_node("SA3Inpaint", **gen_inputs(model, audio=audio, regions="0.002-0.006", continuation=False,
+                                                 paste_back=True))
+    assert a2a["waveform"].shape == inp["waveform"].shape == (1, 2, 441)
+    assert not torch.equal(a2a["waveform"], audio["waveform"])
+    with pytest.raises(ValueError, match="SA3 Inpaint: region"):
+        run_node("SA3Inpaint", **gen_inputs(model, audio=audio, regions="abc", continuation=False, paste_back=False))
+    (image,) = run_node("SA3Spectrogram", audio=audio, width=128, height=64)
+    assert image.shape == (1, 64, 128, 3) and 0 <= image.min() and image.max() <= 1
+
+
+def test_comfyui_cancel_stops_sampling_cleanly(comfy):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    comfy.interrupt = True
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run_node("SA3Generate", **gen_inputs(model))
+    (audio,) = run_node("SA3Generate", **gen_inputs(model))  # the next prompt runs normally
+    assert audio["waveform"].shape[-1] == 441
+
+
+def test_lora_stack_changes_the_output_and_info_describes_it(comfy):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    (plain,) = run_node("SA3Generate", **gen_inputs(model))
+    (stack,) = run_node("SA3LoadLoRA", lora="style.safetensors", strength=1.0, interval_start=0.0, interval_end=1.0,
+                        skip_first_steps=0, layer_filter="")
+    (stack,) = run_node("SA3LoadLoRA", lora="dora.safetensors", strength=0.5, interval_start=0.0, interval_end=0.5,
+                        skip_first_steps=1, layer_filter="", loras=stack)
+    assert [e["strength"] for e in stack] == [1.0, 0.5] and stack[1]["interval"] == (0.0, 0.5)
+    (styled,) = run_node("SA3Generate", **gen_inputs(model, loras=stack))
+    assert not torch.equal(plain["waveform"], styled["waveform"])
+    (again,) = run_node("SA3Generate", **gen_inputs(model))
+    assert torch.equal(plain["waveform"], again["waveform"])  # the shared model is unchanged
+    (info,) = run_node("SA3LoRAInfo", lora="dora.safetensors")
+    assert '"adapter_type": "dora-rows"' in info and '"rank": 4' in info
+    with pytest.raises(ValueError, match="interval_end"):
+        run_node("SA3LoadLoRA", lora="style.safetensors", strength=1.0, interval_start=0.8, interval_end=0.2,
+                 skip_first_steps=0, layer_filter="")
+
+
+def test_export_for_comfyui_writes_into_the_loras_folder(comfy):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    (path,) = run_node("SA3ExportLoRAForComfyUI", model=model, lora="dora.safetensors", strength=1.0,
+                       filename="../evil/name")
+    from safetensors import safe_open
+
+    assert path.endswith("loras/name.safetensors")
+    with safe_open(path, "pt") as f:
+        assert any(k.startswith("diffusion_model.") for k in f.keys())
+
+
+def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio_dir = tmp_path / "my audio"
+    audio_dir.mkdir()
+    for i, f in enumerate((220, 440, 660)):
+        t = np.arange(2200) / 44100
+        sf.write(audio_dir / f"tone {i}.wav", 0.3 * np.sin(2 * np.pi * f * t)[:, None].repeat(2, 1), 44100)
+        (audio_dir / f"tone {i}.txt").write_text(f"tone number {i}")
+    (audio_dir / "broken.wav").write_bytes(b"not audio at all")
+    dataset, report = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="tones",
+                               include="", exclude="", dtype="float32", force=False)
+    assert "3 encoded" in report and "broken.wav" in report
+    config, preview = run_node("SA3ComposePrompts", caption_weight=100.0, tags_weight=0.0, path_weight=0.0,
+                               fixed_weight=0.0, fixed_text="", tag_keys="", hide_tag_names=False, split_commas=False,
+                               hide_extension=True, hide_directories=False, shuffle=True, trigger="zz",
+                               trigger_percent=100.0, preview_seed=0, dataset=dataset)
+    assert "zz" in preview and "tone number" in preview
+    run, run_id = run_node("SA3TrainLoRA", model=model, dataset=dataset, name="node run", adapter_type="lora", rank=2,
+                           alpha=0.0, targets="all", steps=2, batch_size=1, crop_seconds=0.02, learning_rate=1e-3,
+                           checkpoint_every=1, demo_every=0, seed=0, gradient_checkpointing=False,
+                           wait_until_done=True, prompt_config=config)
+    loss_img, lbt_img, lora, status = run_node("SA3RunStatus", run=run, bins=5)
+    assert "done step 2/2" in status and lora.endswith("step=000002.safetensors")
+    assert loss_img.shape[-1] == 3 and lbt_img.dim() == 4
+    assert any(name == "sa3.step" for name, _ in comfy.events)  # events reached the (stub) websocket
+    with pytest.raises(ValueError, match="not running"):
+        run_node("SA3RunControl", run=run, action="stop")
+    (stack,) = run_node("SA3LoadLoRA", lora="", strength=1.0, interval_start=0.0, interval_end=1.0,
+                        skip_first_steps=0, layer_filter="", lora_path=lora)
+    assert stack[0]["path"] == lora
