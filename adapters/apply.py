@@ -47,7 +47,7 @@ from .maths import (
     svd_bases,
     tensor_names,
 )
-from .targets import TARGET_TYPES, expand_pattern, parse_layer_filter, select_targets
+from .targets import TARGET_TYPES, expand_pattern, parse_layer_filter, resolve_patterns, select_targets
 
 MODES = ("merged", "parametrized", "factored")
 
@@ -596,11 +596,12 @@ def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | No
     -xs bases are not stored; the base weights' fingerprint is recorded in metadata for the -xs warning."""
     check_adapter_type(adapter_type)
     alpha = rank if alpha is None else alpha
+    include, exclude = resolve_patterns(include, exclude, preset)
     layers: dict[str, dict[str, Tensor]] = {}
     weights: dict[str, Tensor] = {}
     for root in roots:
         sub = tree.get_submodule(root.path) if root.path else tree
-        for name in select_targets(sub, include, exclude, preset):
+        for name in select_targets(sub, include, exclude):
             w = sub.get_submodule(name).weight
             if adapter_type.endswith("-xs") and rank > min(w.shape[0], w[0].numel()):
                 raise ValueError(f"rank {rank} > min{(w.shape[0], w[0].numel())} of {name}: -xs needs rank <= both")
@@ -609,9 +610,8 @@ def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | No
             weights[name] = w
     if not layers:
         raise AdapterMismatch(f"no Linear/Conv1d layer matches include={include} exclude={exclude} preset={preset}")
-    config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout,
-              "include": list(include) if include is not None else None,
-              "exclude": list(exclude) if exclude is not None else None}
+    config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout, "include": include,
+              "exclude": exclude}
     metadata = {"base_fingerprint": weights_fingerprint(weights)}
     return LoadedAdapter(adapter_type, rank, alpha, layers, config, metadata)
 

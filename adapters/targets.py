@@ -65,13 +65,18 @@ def select_targets(root: nn.Module, include: Sequence[str] | None = None, exclud
                    preset: str | None = None) -> list[str]:
     """Names (relative to root, in module order) of the layers an adapter with these patterns adapts.
     A preset supplies include/exclude lists; explicit lists are added to the preset's."""
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
-        p = PRESETS[preset]
-        include = _join(p["include"], include)
-        exclude = _join(p["exclude"], exclude)
+    include, exclude = resolve_patterns(include, exclude, preset)
     return [name for name, m in root.named_modules() if name and is_target(name, m, include, exclude)]
+
+
+def resolve_patterns(include: Sequence[str] | None, exclude: Sequence[str] | None,
+                     preset: str | None) -> tuple[list[str] | None, list[str] | None]:
+    """The effective (include, exclude) lists: a named preset's plus the explicit ones (what a file records)."""
+    if preset is None:
+        return (list(include) if include is not None else None), (list(exclude) if exclude is not None else None)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+    return _join(PRESETS[preset]["include"], include), _join(PRESETS[preset]["exclude"], exclude)
 
 
 def _join(a: Sequence[str] | None, b: Sequence[str] | None) -> list[str] | None:

@@ -192,3 +192,4 @@ def test_target_selection_on_the_dit_matches_the_reference_counts_and_lists(setu
     depth = len(tree.model.model.transformer.layers)
     expected = [f"model.transformer.layers.{i}.{n}" for i in range(depth) for n in blocks]
     assert sorted(underfit.layers) == sorted(expected + ["conditioners.seconds_total.embedder.embedding.1"])
+    assert underfit.config["include"] is None and "to_local_embed" in underfit.config["exclude"]  # what files record
