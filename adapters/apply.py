@@ -123,6 +123,7 @@ class AdapterSlot(nn.Module):
         super().__init__()
         self.adapter_type, self.alpha, self.rank = adapter_type, alpha, rank
         self.use_index, self.layer = use_index, layer  # which adapter of the stack; layer path as in its file
+        self.trainable = trainable
         for name in tensor_names(adapter_type):
             value = tensors[name]
             if trainable:
@@ -134,10 +135,18 @@ class AdapterSlot(nn.Module):
             self.register_buffer("V", tensors["V"], persistent=True)
         self.strength = 1.0
         self.enabled = True
+        self.dropout_p = 0.0  # LoRA dropout (low-rank types only), active only via AdaptedModel.set_training(True)
+        self.dropout_active = False
 
     def tensors(self) -> dict[str, Tensor]:
         names = tensor_names(self.adapter_type) + (("U", "V") if self.adapter_type.endswith("-xs") else ())
-        return {n: getattr(self, n) for n in names}
+        t = {n: getattr(self, n) for n in names}
+        if self.dropout_p > 0 and self.dropout_active and "lora_A" in t:
+            # the reference's LoRA dropout: whole input features of A dropped (and rescaled) per forward
+            keep = nn.functional.dropout(torch.ones(1, t["lora_A"].shape[1], device=t["lora_A"].device),
+                                         self.dropout_p, training=True)
+            t["lora_A"] = t["lora_A"] * keep
+        return t
 
     def scale(self) -> Tensor:
         return adapter_scale(self.alpha, self.rank, self.strength)
@@ -384,6 +393,7 @@ class AdaptedModel:
                 slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,
                                    use_index=i, layer=layer)
                 slot.strength = use.strength
+                slot.dropout_p = float(a.config.get("dropout") or 0.0) if slot.trainable else 0.0
                 slots_by_path.setdefault(full, []).append(slot)
                 base_by_path[full] = module
                 self._gated[full] = layer.removeprefix(root.filter_strip).lower() if root.gated else None
@@ -520,6 +530,13 @@ class AdaptedModel:
         """The trainable tensors of adapter `index` (default: the last), in layer order."""
         index = index % len(self.uses)
         return [p for s in self.slots(index).values() for p in s.parameters()]
+
+    def set_training(self, active: bool) -> None:
+        """Turn the trainable adapter's LoRA dropout (lora_config "dropout") on for training steps, off for demos.
+        Only adapter state changes: the shared base modules' train/eval flags are left alone."""
+        for layer in self.layers.values():
+            for s in layer.slots:
+                s.dropout_active = bool(active)
 
     def export(self, index: int = -1) -> LoadedAdapter:
         """Adapter `index` as a LoadedAdapter (detached fp32 copies), layer paths as in its file."""

@@ -331,3 +331,17 @@ def test_session_dicts_gate_by_sigma_and_counted_steps(tree, inputs, tmp_path):
             with skip.at_sigma(sigma):
                 outs.append(tree(*inputs))
     assert [torch.equal(o, full) for o in outs] == [False, False, True, True]
+
+
+def test_lora_dropout_acts_only_in_training_steps(tree, inputs):
+    a = new_adapter(tree, "lora", 2, roots=ROOTS, dropout=0.5)
+    for t in a.layers.values():
+        t["lora_B"] = torch.randn(t["lora_B"].shape) * 0.3
+    am = AdaptedModel(tree, [a], ROOTS, trainable=True)
+    ref = am.module(*inputs)
+    assert torch.equal(am.module(*inputs), ref)
+    am.set_training(True)
+    torch.manual_seed(3)
+    assert not torch.allclose(am.module(*inputs), ref)
+    am.set_training(False)
+    assert torch.equal(am.module(*inputs), ref)
