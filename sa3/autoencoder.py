@@ -485,8 +485,10 @@ class SAMEAutoencoder(nn.Module):
 
     def encode_chunked(self, audio: Tensor, chunk_size: int = 128, overlap: int = 32) -> Tensor:
         """Encode in overlapping chunks of `chunk_size` latents (the official stitching; see `chunk_layout`).
-        Signals shorter than one chunk are encoded whole."""
+        Signals shorter than one chunk are encoded whole. A length that is not a multiple of downsampling_ratio is
+        zero-padded first (the reference would drop the tail)."""
         ratio = self.downsampling_ratio
+        audio = F.pad(audio, (0, -audio.shape[-1] % ratio))
         if audio.shape[-1] < chunk_size * ratio:
             return self.encode_unchunked(audio)
         n_latents = audio.shape[-1] // ratio

@@ -143,6 +143,22 @@ def test_encode_and_decode_follow_the_config_chunked_flag(autoencoders):
         assert not torch.equal(ae.decode(z), ae.decode(z, chunked=False))
 
 
+def test_chunked_passes_never_run_more_than_one_chunk(autoencoders):
+    ae = autoencoders["small"]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]))
+             for m in (ae.encoder, ae.decoder)]
+    try:
+        with torch.no_grad():
+            latents = ae.encode_chunked(0.3 * torch.randn(1, 2, 300 * 32 + 5), chunk_size=16, overlap=4)
+            audio = ae.decode_chunked(latents, chunk_size=16, overlap=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert latents.shape == (1, 16, 301) and audio.shape == (1, 2, 301 * 32)  # the 5-sample tail is padded
+    assert sorted(set(seen)) == [16, 16 * 4]  # decoder: 16 latents; encoder: 16 latents x 4 patches (stride)
+
+
 def test_decode_noise_is_driven_by_the_generator(fixtures_dir):
     """Real SAME-S configs set bottleneck noise_regularize (1e-3 · running_std in eval) and decoder mask_noise 0.01
     on the learned tokens; both draw from `generator` (the global RNG without one, as the reference)."""
