@@ -200,11 +200,13 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None, global_cond: Tensor, local_cond: Tensor | None,
                 rope: tuple[Tensor, Tensor] | None, n_memory: int = 0, key_mask: Tensor | None = None,
-                value_mask: Tensor | None = None, query_mask: Tensor | None = None) -> Tensor:
+                value_mask: Tensor | None = None, query_mask: Tensor | None = None,
+                context_rows: Tensor | None = None) -> Tensor:
         """x: [B, N, E] (M memory tokens first); context: [B, L, E]; global_cond: [B, 6E] from
         `global_cond_embedder`; local_cond: [B, T or 1, local_add_cond_dim] (frame tokens only); n_memory: number of
         memory tokens in front of x; masks as in
-        `Attention`, plus query_mask [B, N, 1] zeroing the self-attention and FF branches at padded frames.
+        `Attention`, plus query_mask [B, N, 1] zeroing the self-attention and FF branches at padded frames;
+        context_rows [Bc] (int): the items the Bc context rows belong to, the others having an all-zero context.
         Returns [B, N, E]."""
         scale_sa, shift_sa, gate_sa, scale_ff, shift_ff, gate_ff = (
             (self.to_scale_shift_gate + global_cond).unsqueeze(1).chunk(6, dim=-1))  # each [B, 1, E]
@@ -214,7 +216,11 @@ class TransformerBlock(nn.Module):
         x = x + (h if query_mask is None else h * query_mask)
 
         if context is not None and hasattr(self, "cross_attn"):
-            x = x + self.cross_attn(self.cross_attend_norm(x), context=context)
+            if context_rows is None:
+                x = x + self.cross_attn(self.cross_attend_norm(x), context=context)
+            else:  # an all-zero context adds exactly zero (see DiffusionTransformer.velocity): skip those items
+                h = self.cross_attn(self.cross_attend_norm(x[context_rows]), context=context)
+                x = x.index_add(0, context_rows, h)
 
         if local_cond is not None and self.to_local_embed is not None:
             # frame tokens only: the n_memory memory tokens in front get no local conditioning
@@ -263,9 +269,10 @@ class ContinuousTransformer(nn.Module):
         return angles.cos(), angles.sin()
 
     def forward(self, x: Tensor, context: Tensor | None, global_cond: Tensor, local_cond: Tensor | None = None,
-                padding_mask: Tensor | None = None, padding_semantics: str = "mask_keys") -> Tensor:
-        """x: [B, T, C_in]; context: [B, L, E]; global_cond: [B, E]; local_cond: [B, T or 1, C_local];
-        padding_mask: [B, T] bool (True = valid) or None. Returns [B, T, C_out]."""
+                padding_mask: Tensor | None = None, padding_semantics: str = "mask_keys",
+                context_rows: Tensor | None = None) -> Tensor:
+        """x: [B, T, C_in]; context: [B, L, E] (or [Bc, L, E] for the items context_rows); global_cond: [B, E];
+        local_cond: [B, T or 1, C_local]; padding_mask: [B, T] bool (True = valid) or None. Returns [B, T, C_out]."""
         b, m = x.shape[0], self.num_memory_tokens
         x = self.project_in(x)
         if m > 0:
@@ -273,7 +280,7 @@ class ContinuousTransformer(nn.Module):
         rope = self.rope(x.shape[1], x.device)
         global_cond = self.global_cond_embedder(global_cond)  # [B, 6E]
 
-        masks = {}
+        masks = {"context_rows": context_rows}
         if padding_mask is not None:
             valid = F.pad(padding_mask.bool(), (m, 0), value=True)  # memory tokens are always valid: [B, N]
             if padding_semantics == "mask_keys":
@@ -443,7 +450,17 @@ class DiffusionTransformer(nn.Module):
         x = x.to(dtype)
         temb = self.to_timestep_embed(self.timestep_condition(t).to(dtype))
         global_embed = self.to_global_embed(global_cond.to(dtype)) + temb  # [B, E]
-        context = self.to_cond_embed(cross_attn_cond.to(dtype)) if cross_attn_cond is not None else None
+        context, context_rows = None, None
+        if cross_attn_cond is not None:
+            # Bias-free projections and a zero-preserving q/k norm make an all-zero context (CFG's default uncond
+            # branch) add exactly zero in every cross-attention, values and gradients alike: embed and attend
+            # only the items with a context
+            has_context = cross_attn_cond.flatten(1).any(dim=1)
+            if has_context.all():
+                context = self.to_cond_embed(cross_attn_cond.to(dtype))
+            elif has_context.any():
+                context_rows = has_context.nonzero().squeeze(1)
+                context = self.to_cond_embed(cross_attn_cond[context_rows].to(dtype))
 
         local = None
         if self.local_add_cond_dim:
@@ -457,7 +474,8 @@ class DiffusionTransformer(nn.Module):
             padding_mask = None if padding_mask.all() else padding_mask  # all-true: skip the masks entirely
 
         x = self.preprocess_conv(x) + x
-        x = self.transformer(x.transpose(1, 2), context, global_embed, local, padding_mask, padding_semantics)
+        x = self.transformer(x.transpose(1, 2), context, global_embed, local, padding_mask, padding_semantics,
+                             context_rows)
         x = x.transpose(1, 2)
         return self.postprocess_conv(x) + x
 

@@ -184,6 +184,33 @@ def test_the_negative_mask_zeroes_padded_negative_tokens(dit, golden, size):
     assert torch.equal(off, plain)
 
 
+def test_an_all_zero_context_adds_nothing_so_skipping_its_cross_attention_is_exact(dit, golden, size):
+    """CFG's default uncond context is all zeros; the DiT skips those items' cross-attention. A tiny non-zero
+    context (1e-30, which is computed) must give the same velocity, per item and in a mixed batch."""
+    i = inputs(golden, size)
+    cond = i["cross_attn_cond"]
+    zero, tiny = torch.zeros_like(cond), torch.full_like(cond, 1e-30)
+    with torch.no_grad():
+        for ctx_skip, ctx_full in [(zero, tiny), (torch.stack([cond[0], zero[1]]), torch.stack([cond[0], tiny[1]]))]:
+            skipped = dit(i["x"], i["t"], ctx_skip, i["global_cond"], i["local_inpaint"])
+            computed = dit(i["x"], i["t"], ctx_full, i["global_cond"], i["local_inpaint"])
+            torch.testing.assert_close(skipped, computed, atol=1e-5, rtol=1e-5)
+    # with a context the output does differ (so the comparison above can fail)
+    assert (skipped - dit(i["x"], i["t"], cond, i["global_cond"], i["local_inpaint"]).detach()).abs().max() > 1e-3
+
+    def grads(ctx):  # training's CFG dropout zeroes some items' contexts: the gradients must agree too
+        dit.zero_grad()
+        dit(i["x"], i["t"], ctx, i["global_cond"], i["local_inpaint"]).square().mean().backward()
+        return {n: p.grad.clone() for n, p in dit.named_parameters()}
+
+    try:
+        g_skip, g_full = grads(ctx_skip), grads(ctx_full)
+    finally:
+        dit.zero_grad(set_to_none=True)
+    for name in g_skip:
+        torch.testing.assert_close(g_skip[name], g_full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_output_and_gradients(dit, golden, size):
     i = inputs(golden, size)
     model = dit.model
