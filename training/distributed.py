@@ -1,0 +1,269 @@
+"""Multi-process (DDP-style) training: `torchrun --nproc_per_node N -m sa3_lora_studio train --config run.json`.
+
+Batch semantics: `config.batch_size` is the batch of ONE process, so the global batch is `batch_size × world_size`
+(more devices = more samples per step, the usual torchrun convention). A run on N processes is the same run as one
+process with the global batch: every rank draws the whole global batch exactly as the single-process trainer would
+(files, crops, prompts, t, noise, OT pairing, inpaint masks, CFG dropout, all seeded from (run seed, step)), and then
+runs the DiT forward/backward on its own contiguous rows only. The loss keeps its single-process form (the mean over
+the GLOBAL batch); rows of other ranks enter it as constants, so a rank's gradient is exactly its rows' share of the
+global gradient and the SUM over ranks (one all-reduce of the flat gradient, before clipping) is the global-batch
+gradient. Clipping, AdamW and the schedule then run identically on every rank, so the adapters stay in lockstep
+(they are also broadcast from rank 0 once after setup, in case a rank resumed or initialised differently).
+
+Rank 0 alone writes the registry, events, checkpoints and demos; the other ranks wait for it at the next collective.
+All ranks read the same `latest.json` to resume, so the runs folder must be visible to every rank (one machine, or a
+shared filesystem). Backends: `nccl` on CUDA (each rank on `cuda:LOCAL_RANK`), `gloo` on CPU.
+
+Resume a distributed run: `SA3_RUN_ID=<run id> torchrun ... train --config run.json` (or call
+`train_distributed(config, runs_dir, run_id=...)`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .events import EventLog
+from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
+from .trainer import Trainer
+
+
+def rank_rows(global_batch: int, rank: int, world_size: int) -> slice:
+    """Contiguous rows of the global batch processed by `rank` (sizes differ by at most one)."""
+    per, extra = divmod(global_batch, world_size)
+    start = rank * per + min(rank, extra)
+    return slice(start, start + per + (1 if rank < extra else 0))
+
+
+def _dit_on_rows(dit, rows: slice, x, *args, **kwargs):
+    """Run `dit` on `rows` of every batch-first tensor argument; return a full [B, ...] output whose other rows are
+    zeros (constants: they carry no gradient, the ranks that own them compute them)."""
+    b = x.shape[0]
+
+    def take(a):
+        return a[rows] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == b else a
+
+    v = dit(take(x), *map(take, args), **{k: take(a) for k, a in kwargs.items()})
+    before = v.new_zeros((rows.start, *v.shape[1:]))
+    after = v.new_zeros((b - rows.stop, *v.shape[1:]))
+    return torch.cat([before, v, after])
+
+
+class _LocalRowsModel:
+    """The trainer's model, except that `dit` computes only this rank's rows of the batch."""
+
+    def __init__(self, model, rows: slice):
+        self._model, self._rows = model, rows
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    @property
+    def dit(self):
+        return partial(_dit_on_rows, self._model.dit, self._rows)
+
+
+class _SilentLog(EventLog):
+    """Events of ranks > 0 go nowhere (rank 0 writes the run's events)."""
+
+    def __init__(self, run_id: str):
+        self.path, self.run_id, self.listeners = Path(os.devnull), run_id, []
+
+    def emit(self, type_: str, **payload) -> dict:
+        return {"type": type_, "run": self.run_id, **payload}
+
+
+class DistributedTrainer(Trainer):
+    """A Trainer for one rank. `config.batch_size` must already be the GLOBAL batch (see `train_distributed`)."""
+
+    def __init__(self, *args, rank: int, world_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank, self.world_size = rank, world_size
+        self.rows = rank_rows(self.config.batch_size, rank, world_size)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        super().setup()
+        with torch.no_grad():  # identical start on every rank, whatever each one initialised or resumed
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def loss_for_batch(self, batch: dict, step: int):
+        model = self.model
+        self.model = _LocalRowsModel(model, self.rows)  # only the DiT call is split; all draws stay global
+        try:
+            return super().loss_for_batch(batch, step)
+        finally:
+            self.model = model
+
+    def all_reduce_gradients(self) -> None:
+        """Sum the adapter gradients over ranks (each rank's loss is already divided by the global batch)."""
+        grads = [p.grad for p in self.params if p.grad is not None]  # None on every rank alike (same graph)
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(reduced.view_as(g))
+
+    def train_step(self, step: int) -> dict:
+        # Trainer.train_step with the all-reduce between backward and clipping, and the logged loss made global.
+        c = self.config
+        batch = self.make_batch(step)
+        with self.stack.activate():
+            result, t = self.loss_for_batch(batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.all_reduce_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.stack.update()
+        per_item = torch.zeros(c.batch_size, dtype=torch.float64, device=self.device)
+        per_item[self.rows] = result.per_item.detach()[self.rows].double()
+        dist.all_reduce(per_item)
+        per_item = per_item.cpu()
+        return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": float(grad_norm),
+                "samples": [[round(float(ti), 5), float(li)] for ti, li in zip(t.cpu().tolist(), per_item.tolist())]}
+
+    def save_checkpoint(self) -> dict | None:
+        info = super().save_checkpoint() if self.is_main else None
+        self.last_saved_step = self.global_step
+        dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
+        return info
+
+    def stop_requested(self, local_stop: bool) -> bool:
+        """Rank 0 decides (its signal flag or a `stop.request` file from `sa3-lora runs stop`); all ranks follow."""
+        flag = torch.zeros(1, device=self.device)
+        if self.is_main:
+            request = self.folder / "stop.request"
+            if request.exists():
+                request.unlink(missing_ok=True)
+                local_stop = True
+            flag += float(local_stop)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def train_loop(trainer: DistributedTrainer, registry: RunRegistry | None, stop_flag: list[bool]) -> str:
+    """The step loop of `Trainer.train` for N ranks: demos and files on rank 0, stop decided together."""
+    from .demos import run_demos
+
+    c, log = trainer.config, trainer.log
+
+    def set_status(status: str, **extra) -> None:
+        if registry is not None:
+            registry.update(trainer.run_id, status=status, **extra)
+        log.emit("status", status=status, **extra)
+
+    set_status("training")
+    demos_done = {int(p.name.split("_")[1]) for p in (trainer.folder / "demos").glob("step_*") if p.is_dir()}
+    while True:
+        if trainer.is_main and c.demo_every and trainer.global_step % c.demo_every == 0 \
+                and trainer.global_step not in demos_done:
+            set_status("demos")
+            run_demos(trainer, trainer.global_step)
+            demos_done.add(trainer.global_step)
+            set_status("training")
+        if trainer.step >= c.steps:
+            break
+        if trainer.stop_requested(stop_flag[0]):
+            if trainer.last_saved_step != trainer.global_step:
+                trainer.save_checkpoint()
+            set_status("stopped")
+            return "stopped"
+        metrics = trainer.train_step(trainer.step)
+        trainer.step += 1
+        if not torch.isfinite(torch.tensor(metrics["loss"])):  # the same global loss on every rank: all raise
+            raise RunError(f"the loss became {metrics['loss']} at step {trainer.global_step}; lower the learning "
+                           "rate or use fp32/bf16 precision")
+        log.emit("step", step=trainer.global_step, world_size=trainer.world_size, **metrics)
+        if registry is not None and (trainer.step % 5 == 0 or trainer.step == c.steps):
+            registry.update(trainer.run_id, step=trainer.global_step)
+        if trainer.step % c.checkpoint_every == 0 or trainer.step == c.steps:
+            trainer.save_checkpoint()
+    set_status("done")
+    return "done"
+
+
+def _device_for(config: RunConfig, local_rank: int) -> torch.device:
+    if config.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if config.device.startswith("cuda"):
+        raise RunError(f"RunConfig.device={config.device!r} but CUDA is not available to this process")
+    return torch.device("cpu")
+
+
+def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | None = None) -> int:
+    """Entry of every rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
+
+    config.batch_size is per rank (global batch = batch_size × WORLD_SIZE). run_id (or $SA3_RUN_ID) resumes that
+    run from its latest checkpoint (with the run's saved config; only `steps` is taken from `config`, so a
+    finished run can be extended); otherwise rank 0 registers a new run. Returns a process exit code."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(config, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=60))  # rank 0's demos and checkpoints may take a while
+    stop_flag = [False]
+
+    def on_signal(signum, frame):
+        stop_flag[0] = True  # acted on by rank 0 at the next step boundary (saves first)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    registry = RunRegistry(runs_dir) if rank == 0 else None
+    try:
+        run_id = run_id or os.environ.get("SA3_RUN_ID") or None
+        if rank == 0:
+            if run_id is None:
+                run_id = registry.create(config)
+            else:  # the run's own config (per-rank batch), not the file given; only `steps` may be extended
+                config = replace(registry.config(run_id), steps=config.steps)
+                atomic_write_json(registry.run_dir(run_id) / "config.json", config.to_dict())
+            registry.update(run_id, status="loading", error=None, world_size=world)
+            print(f"run {run_id} in {registry.run_dir(run_id)} on {world} processes "
+                  f"(global batch {config.batch_size * world})", flush=True)
+        shared = [run_id, config.to_dict()]
+        dist.broadcast_object_list(shared, src=0)
+        run_id, config = shared[0], RunConfig.from_dict(shared[1])
+        folder = RunRegistry(runs_dir).run_dir(run_id)
+        global_config = replace(config, batch_size=config.batch_size * world, device=str(device),
+                                demo_every=config.demo_every if rank == 0 else 0)
+        log = EventLog(folder / "events.jsonl", run_id) if rank == 0 else _SilentLog(run_id)
+        trainer = DistributedTrainer(global_config, folder, run_id, log, registry=registry, rank=rank,
+                                     world_size=world)
+        try:
+            trainer.setup()
+            if registry is not None:
+                registry.update(run_id, step=trainer.global_step, total_steps=trainer.step_offset + config.steps)
+            status = train_loop(trainer, registry, stop_flag)
+        except BaseException as e:
+            if registry is not None:
+                message = f"{type(e).__name__}: {e}"
+                registry.update(run_id, status="failed", error=message)
+                log.emit("error", message=message)
+                log.emit("status", status="failed", error=message)
+            raise
+        if rank == 0:
+            print(f"run {run_id}: {status} at step {trainer.global_step}", flush=True)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        dist.destroy_process_group()
+
+
+__all__ = ["train_distributed", "DistributedTrainer", "rank_rows", "train_loop"]
