@@ -23,6 +23,8 @@ Calling contract (`DiffusionTransformer.forward`, positional x, t, cross_attn_co
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -44,7 +46,10 @@ _UNSUPPORTED = ("input_concat_dim", "prepend_cond_dim", "conformer", "layer_scal
 # Pieces
 # ------------------------------------------------------------------------------------------------------------------
 
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+# oneDNN's fused linear (what inductor uses on CPU); x86 only, where it was measured
+_ONEDNN_LINEAR = (getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+                  if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+                  else None)
 
 
 def use_onednn(layer: nn.Module, x: Tensor) -> bool:
@@ -103,6 +108,8 @@ class Attention(nn.Module):
         super().__init__()
         if qk_norm not in ("rms", "none"):
             raise ValueError(f"attn_kwargs.qk_norm={qk_norm!r} is not used by SA3; use 'rms' or 'none'")
+        if ignored.get("feat_scale"):
+            raise ValueError("attn_kwargs.feat_scale is not used by SA3 and is not implemented")
         if dim_context is not None and dim_context != dim:
             raise ValueError(f"cross-attention context width {dim_context} != embed_dim {dim}: SA3 projects "
                              "context tokens to embed_dim (project_cond_tokens=true)")
@@ -168,8 +175,12 @@ class GLU(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU FF, inner = int(E · mult). Keys `ff.0.proj`, `ff.2` (index 1 is the reference's Identity)."""
 
-    def __init__(self, dim: int, mult: float = 4, **ignored):
+    def __init__(self, dim: int, mult: float = 4, **options):
         super().__init__()
+        defaults = {"no_bias": False, "glu": True, "use_conv": False, "sinusoidal": False}  # other keys: no effect
+        odd = {k: v for k, v in options.items() if k in defaults and v != defaults[k]}
+        if odd:
+            raise ValueError(f"ff_kwargs {odd} are not used by SA3 and are not implemented (SwiGLU with biases)")
         inner = int(dim * mult)
         self.ff = nn.Sequential(GLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))
 
@@ -373,6 +384,8 @@ class DiffusionTransformer(nn.Module):
                  diffusion_objective: str = "rectified_flow", **official_kwargs):
         super().__init__()
         problems = [f"{k}={v!r}" for k, v in official_kwargs.items() if k in _UNSUPPORTED and v]
+        if official_kwargs.get("final_cross_attn_ix", -1) not in (-1, None):
+            problems.append(f"final_cross_attn_ix={official_kwargs['final_cross_attn_ix']}")
         if global_cond_type != "adaLN" or global_cond_dim <= 0:
             problems.append(f"global_cond_type={global_cond_type!r}, global_cond_dim={global_cond_dim}")
         if timestep_features_type != "expo" or timestep_cond_type != "global":
