@@ -20,22 +20,22 @@ from torch import Tensor, nn
 
 from .layers import DynamicTanh, RMSNorm, RotaryEmbedding, apply_partial_rotary
 
-SLIDING_WINDOW_QUERY_BLOCK = 128  # queries per band-attention block (measured in bench/autoencoder_vs_reference.py)
-
-
 # --- attention kernels -------------------------------------------------------------------------------------------
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int],
-                             block: int = SLIDING_WINDOW_QUERY_BLOCK) -> Tensor:
+                             block: int | None = None) -> Tensor:
     """Exact band attention: query i sees key j iff -window[0] <= j - i <= window[1] (both ends inclusive, as
     flash-attn's `window_size`). q, k, v: [B, H, N, D] -> [B, H, N, D].
 
     Queries are cut into blocks of `block`; each block attends to its own keys plus a halo of window keys on each
     side, so all blocks run as one batched SDPA call over [B, H, n_blocks, block, block + w_left + w_right] scores
-    instead of an N x N score matrix."""
+    instead of an N x N score matrix. The default block is the window width (34 tokens for SAME-L): measured on
+    CPU at SAME-L's 30 s shape (48 heads x 5508 tokens, 1 thread) it takes 0.62 s per call, against 0.81 s with
+    128-query blocks and 3.9 s with 1024 (the reference's chunked-halo fallback); full masked SDPA needs an N x N
+    mask and is 5x slower already at 10 s."""
     w_left, w_right = window
     n = q.shape[-2]
-    block = min(block, n)
+    block = min(block or max(16, w_left + w_right), n)
     n_blocks = math.ceil(n / block)
     n_padded = n_blocks * block
     span = block + w_left + w_right
