@@ -164,7 +164,8 @@ class GLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if use_onednn(self.proj, x):  # SiLU and the product fused into the two halves' matmuls
-            w, b, inner, rows = self.proj.weight, self.proj.bias, self.proj.out_features // 2, x.reshape(-1, x.shape[-1])
+            w, b, inner = self.proj.weight, self.proj.bias, self.proj.out_features // 2
+            rows = x.reshape(-1, x.shape[-1])
             gate = _ONEDNN_LINEAR(rows, w[inner:], b[inner:], "swish", [], "")
             out = _ONEDNN_LINEAR.binary(rows, gate, w[:inner], b[:inner], "mul")
             return out.view(*x.shape[:-1], inner)
@@ -213,12 +214,11 @@ class TransformerBlock(nn.Module):
                 rope: tuple[Tensor, Tensor] | None, n_memory: int = 0, key_mask: Tensor | None = None,
                 value_mask: Tensor | None = None, query_mask: Tensor | None = None,
                 context_rows: Tensor | None = None) -> Tensor:
-        """x: [B, N, E] (M memory tokens first); context: [B, L, E]; global_cond: [B, 6E] from
-        `global_cond_embedder`; local_cond: [B, T or 1, local_add_cond_dim] (frame tokens only); n_memory: number of
-        memory tokens in front of x; masks as in
-        `Attention`, plus query_mask [B, N, 1] zeroing the self-attention and FF branches at padded frames;
-        context_rows [Bc] (int): the items the Bc context rows belong to, the others having an all-zero context.
-        Returns [B, N, E]."""
+        """x: [B, N, E], the n_memory memory tokens first; context: [B, L, E], or [Bc, L, E] for the items
+        context_rows [Bc] (int) when the others have an all-zero context; global_cond: [B, 6E] from
+        `global_cond_embedder`; local_cond: [B, T or 1, local_add_cond_dim] (frame tokens only); key_mask and
+        value_mask as in `Attention`; query_mask [B, N, 1] zeroes the self-attention and FF branches at padded
+        frames. Returns [B, N, E]."""
         scale_sa, shift_sa, gate_sa, scale_ff, shift_ff, gate_ff = (
             (self.to_scale_shift_gate + global_cond).unsqueeze(1).chunk(6, dim=-1))  # each [B, 1, E]
 
@@ -234,10 +234,9 @@ class TransformerBlock(nn.Module):
                 x = x.index_add(0, context_rows, h)
 
         if local_cond is not None and self.to_local_embed is not None:
-            # frame tokens only: the n_memory memory tokens in front get no local conditioning
+            # frame tokens only: the memory tokens in front get no local conditioning
             embed = self.to_local_embed
-            # [B, T, E], or [B or 1, 1, E] for an all-zero local cond
-            local = linear(embed[2], embed[1](linear(embed[0], local_cond)))
+            local = linear(embed[2], embed[1](linear(embed[0], local_cond)))  # [B, T, E] or [1, 1, E] (all-zero)
             x = torch.cat([x[:, :n_memory], x[:, n_memory:] + local], dim=1)
 
         h = self.ff_norm(x) * (1 + scale_ff) + shift_ff
