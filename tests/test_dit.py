@@ -242,6 +242,20 @@ def test_inference_fast_path_equals_the_autograd_path(dit, golden, size):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_weights_run_with_fp32_time_and_stay_close_to_fp32(fixtures_dir, golden, size):
+    i = inputs(golden, size)
+    half = build_dit(fixtures_dir, MODELS[size]).to(torch.bfloat16)
+    assert half.model.transformer.rotary_pos_emb.inv_freq.dtype == torch.bfloat16  # moved by .to(); recomputed
+    half.model.transformer.rotary_pos_emb.inv_freq = half.model.transformer.rotary_pos_emb.compute_inv_freq()
+    args = (i["x"], i["t"], i["cross_attn_cond"], i["global_cond"], i["local_inpaint"])
+    with torch.no_grad():
+        v = half(*args, padding_mask=i["pm_partial"], cfg_scale=3.0)
+        expected = build_dit(fixtures_dir, MODELS[size])(*args, padding_mask=i["pm_partial"], cfg_scale=3.0)
+    assert v.dtype == torch.float32  # guidance promotes to fp32 (t is fp32), as the reference does
+    rel = (v - expected).norm() / expected.norm()
+    assert rel < 0.1, rel
+
+
 def test_apg_projection_splits_a_vector_into_parallel_and_orthogonal_parts():
     torch.manual_seed(0)
     v0, v1 = torch.randn(3, 4, 10), torch.randn(3, 4, 10)
