@@ -120,10 +120,10 @@ class DistributedTrainer(Trainer):
         # Trainer.train_step with the all-reduce between backward and clipping, and the logged loss made global.
         c = self.config
         batch = self.make_batch(step)
-        with self.stack.activate():
-            result, t = self.loss_for_batch(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        with self.stack.activate():  # backward inside too: checkpointed blocks are recomputed with the adapter
+            result, t = self.loss_for_batch(batch, step)
+            result.loss.backward()
         self.all_reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]

@@ -226,38 +226,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ step
     def loss_for_batch(self, batch: dict, step: int):
-        """Rectified-flow loss of one batch (official objective, inpainting task, padding excluded)."""
+        """Draw step `step`'s random sources (all from one generator seeded by run seed and step) and return
+        (FlowLoss, t) of `rectified_flow_loss`."""
         c, model, device = self.config, self.model, self.device
         g = torch.Generator().manual_seed(derive_seed(c.seed, step, "noise"))
         x0 = batch["x0"].to(device)
-        b, ch, n = x0.shape
+        b, _, n = x0.shape
         padding = batch["padding_mask"].to(device)
-        # Silence extension: the valid region grows by Exp(mean 4 s) latents into the (silence) padding.
-        lengths = padding.sum(1)
+        # Silence extension (official train_lora): the valid region grows by Exp(mean 4 s) latents into the padding.
         ext = torch.empty(b).exponential_(1.0, generator=g) * SILENCE_EXTENSION_SECONDS * model.config.latent_rate
-        augmented = torch.arange(n, device=device)[None] < (lengths + ext.round().long().to(device)).clamp(max=n)[:, None]
+        valid = (padding.sum(1) + ext.round().long().to(device)).clamp(max=n)
+        augmented = torch.arange(n, device=device)[None] < valid[:, None]
         seq_len = schedules.effective_length(batch["seconds"], model.config.sample_rate, model.downsampling_ratio)
         t = schedules.sample_training_t(b, c.timestep_sampler, generator=g, shift=self.shift, seq_len=seq_len)
         noise = torch.randn(x0.shape, generator=g)
-        if c.ot_coupling and b > 1:
-            noise = noise[schedules.ot_noise_permutation(x0.cpu(), noise)]
-        noise, t = noise.to(device), t.to(device)
-        x_t, target = schedules.flow_pair(x0, noise, t)
-        inpaint = schedules.random_inpaint_mask(augmented.cpu(), g, probabilities=tuple(c.inpaint_probabilities)).to(device)
-        local = torch.cat([inpaint, x0 * inpaint], dim=1)
-        prompt_emb, prompt_mask = self.encode_prompts(batch["prompts"])
-        seconds_t = torch.tensor(batch["seconds"], device=device)
-        sec_emb, _ = model.conditioner.conditioners["seconds_total"](seconds_t, device)  # adapted, with grad
-        cross = torch.cat([prompt_emb.to(sec_emb.dtype), sec_emb], dim=1)
-        keep = (torch.rand(b, generator=g) >= c.cfg_dropout).to(device)  # CFG dropout of the whole context
-        cross = cross * keep[:, None, None].to(cross.dtype)
-        dtype = model.dtype
-        autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
-            else _null_context()
-        with autocast:
-            v = model.dit(x_t.to(dtype), t.float(), cross.to(dtype), sec_emb[:, 0].to(dtype), local.to(dtype),
-                          padding_mask=augmented)
-        result = schedules.masked_flow_loss(v.float(), target, augmented, inpaint, c.mask_loss_weight)
+        inpaint = schedules.random_inpaint_mask(augmented.cpu(), g, probabilities=tuple(c.inpaint_probabilities))
+        keep = torch.rand(b, generator=g) >= c.cfg_dropout  # CFG dropout of the whole cross-attention context
+        prompt_emb, _ = self.encode_prompts(batch["prompts"])
+        result, _ = rectified_flow_loss(model, x0, noise.to(device), t.to(device), inpaint.to(device), augmented,
+                                        prompt_emb, batch["seconds"], keep.to(device), c.ot_coupling,
+                                        c.mask_loss_weight)
         return result, t
 
     def train_step(self, step: int) -> dict:
@@ -322,6 +310,38 @@ class Trainer:
                 self.save_checkpoint()
         set_status("done")
         return "done"
+
+
+def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_emb, seconds, keep=None,
+                        ot_coupling: bool = True, mask_loss_weight: float = 1.0, padding_semantics: str = "mask_keys"):
+    """The official training objective for one batch, given its random sources.
+
+    x0: [B, C, T] clean latents; noise: [B, C, T]; t: [B] (already shifted; 1 = noise); inpaint_mask: [B, 1, T]
+    (1 = context given to the model, 0 = generated); padding_mask: [B, T] bool (the augmented valid region);
+    prompt_emb: [B, L, D] prompt conditioning; seconds: B durations; keep: [B] bool, False drops the item's whole
+    cross-attention context (CFG dropout). Noise rows are re-paired with data by minibatch OT when `ot_coupling`.
+    x_t = (1-t)·x0 + t·noise, target = noise - x0, MSE on the generated region plus `mask_loss_weight` × the context
+    MSE, padding excluded. The seconds conditioner runs here (with gradients: adapters may adapt it).
+    padding_semantics: "mask_keys" (true key masking, what the real models were trained with through flash-attn
+    varlen) or "zero_values" (the official CPU fallback's quirk, used by the reference goldens).
+    Returns (schedules.FlowLoss, v_pred)."""
+    device = x0.device
+    if ot_coupling and x0.shape[0] > 1:
+        noise = noise[schedules.ot_noise_permutation(x0.cpu(), noise.cpu()).to(device)]
+    x_t, target = schedules.flow_pair(x0, noise, t)
+    local = torch.cat([inpaint_mask, x0 * inpaint_mask], dim=1)
+    seconds_t = torch.as_tensor(seconds, dtype=torch.float32, device=device)
+    sec_emb, _ = model.conditioner.conditioners["seconds_total"](seconds_t, device)
+    cross = torch.cat([prompt_emb.to(sec_emb.dtype), sec_emb], dim=1)
+    if keep is not None:
+        cross = cross * keep[:, None, None].to(cross.dtype)
+    dtype = model.dtype
+    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+        else _null_context()
+    with autocast:
+        v = model.dit(x_t.to(dtype), t.float(), cross.to(dtype), sec_emb[:, 0].to(dtype), local.to(dtype),
+                      padding_mask=padding_mask, padding_semantics=padding_semantics)
+    return schedules.masked_flow_loss(v.float(), target, padding_mask, inpaint_mask, mask_loss_weight), v
 
 
 class _null_context:

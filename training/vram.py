@@ -1,0 +1,240 @@
+"""Training memory: an estimate per run config, calibrated against measured peaks, and a fits-the-device check.
+
+    estimate = weights + text encoder + adapter (params, grads, 2 AdamW moments, all fp32) + activations + workspace
+
+weights: every parameter of the checkpoint tree (DiT, conditioners, autoencoder; counted on the meta device, so any
+config works) in the run's precision. text encoder: T5Gemma b-b encoder (~282 M parameters) in the run's precision.
+adapter: counted from the targeted layers' shapes and the adapter type, 16 bytes per trainable value.
+activations: what autograd keeps for the backward pass through the frozen DiT,
+
+    no checkpointing:   K_ACT · B · (N + M) · D · depth · bytes
+    with checkpointing: (K_GC · depth + K_ACT) · B · (N + M) · D · bytes    (block inputs + one block recomputed)
+    plus cross-attention keys/values 2 · B · (L + 1) · D · depth · bytes (not fitted, exact count)
+
+with B the batch, N the crop in latents, M the memory tokens, D embed_dim, L the prompt length and bytes 4 (fp32) or
+2 (bf16/fp16). workspace: allocator slack and kernels' scratch, WORKSPACE_FRACTION of the rest plus a constant.
+
+Calibration (method and numbers): `measure_training_peak` runs real training steps (DiT with random weights, the
+adapter through `AdaptedModel(trainable=True)`, flow loss, backward, clipping, AdamW, as `Trainer.train_step` does)
+in a fresh subprocess on CPU and reports the growth of the peak RSS (VmHWM, reset through /proc/self/clear_refs
+after the model is built) over the RSS before the first step: that is adapter state + activations + workspace.
+Measured on this machine (torch 2.13 CPU, fp32, dora-rows rank 16 on every DiT Linear/Conv1d, 2 threads):
+
+    model        B  N    gc    measured peak growth   estimate (adapter + activations + workspace)
+    CALIBRATION_TABLE
+
+K_ACT and K_GC are the least-squares fits of these points (activation part = measured - adapter - workspace).
+On CUDA the same formula holds with the caching allocator's peak (torch.cuda.max_memory_allocated); weights and
+moments are exact there, activations carry the fitted factor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+K_ACT = 24.0  # saved activation values per token, embed_dim and block, fitted (see the table above)
+K_GC = 2.0  # per block with gradient checkpointing (the block input and its adaLN-modulated copies), fitted
+WORKSPACE_FRACTION = 0.05
+WORKSPACE_BYTES = 64 * 2**20
+TEXT_ENCODER_PARAMS = 282_000_000  # T5Gemma b-b encoder: 256k x 768 embeddings + 12 layers
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _count_parameters(model_config) -> tuple[int, list[tuple[str, int, int]]]:
+    """(all checkpoint parameters, [(name, in, out) of every DiT/conditioner Linear/Conv1d]) of the config, built
+    on the meta device (no memory, no time)."""
+    from ..sa3.model import SA3Modules
+
+    with torch.device("meta"):
+        modules = SA3Modules(model_config)
+    total = sum(p.numel() for p in modules.parameters())
+    layers = []
+    for root in (modules.model, modules.conditioner):
+        for name, m in root.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
+                fan_in = m.weight[0].numel()
+                layers.append((name, fan_in, m.weight.shape[0]))
+    return total, layers
+
+
+def adapter_parameter_count(layers: list[tuple[str, int, int]], adapter_type: str, rank: int,
+                            include=None, exclude=None, preset: str | None = "all") -> int:
+    """Trainable values of an adapter over `layers` [(name, in, out)]: low-rank r·(in + out) or -xs r², plus the
+    magnitude vectors (rows: out, cols: in, both: in + out)."""
+    from ..adapters.maths import ADAPTER_TYPES
+    from ..adapters.targets import resolve_patterns
+
+    delta, renorm = ADAPTER_TYPES[adapter_type]
+    inc, exc = resolve_patterns(include, exclude, preset)
+    from ..adapters.targets import matches_any
+
+    total = 0
+    for name, fan_in, fan_out in layers:
+        if (inc is not None and not matches_any(name, inc)) or (exc and matches_any(name, exc)):
+            continue
+        r = min(rank, fan_in, fan_out)
+        total += r * (fan_in + fan_out) if delta == "lowrank" else r * r
+        total += {"none": 0, "rows": fan_out, "cols": fan_in, "both": fan_in + fan_out}[renorm]
+    return total
+
+
+def estimate_training_memory(model_config, run_config) -> dict:
+    """Bytes needed to train `run_config` (RunConfig) on a model with `model_config` (SA3Config).
+
+    Returns {"weights", "text_encoder", "adapter", "activations", "workspace", "total"} (ints, bytes) plus
+    "crop_latents" and "tokens" (sequence length the DiT sees, latents + memory tokens)."""
+    c, d = run_config, model_config.dit
+    size = BYTES[c.precision]
+    n_params, layers = _count_parameters(model_config)
+    n_adapter = adapter_parameter_count(layers, c.adapter_type, c.rank, list(c.include) or None,
+                                        list(c.exclude) or None, c.targets)
+    crop = max(1, round(c.crop_seconds * model_config.latent_rate))
+    tokens = crop + int(d.get("num_memory_tokens", 0) or 0)
+    width, depth, batch = int(d["embed_dim"]), int(d["depth"]), c.batch_size
+    per_block = batch * tokens * width * size
+    activations = (K_GC * depth + K_ACT) * per_block if c.gradient_checkpointing else K_ACT * depth * per_block
+    activations += 2 * batch * (int(model_config.prompt_max_length) + 1) * width * depth * size
+    out = {"weights": n_params * size, "text_encoder": TEXT_ENCODER_PARAMS * size, "adapter": n_adapter * 16,
+           "activations": int(activations)}
+    out["workspace"] = int(WORKSPACE_FRACTION * sum(out.values()) + WORKSPACE_BYTES)
+    out["total"] = sum(out.values())
+    out.update(crop_latents=crop, tokens=tokens)
+    return {k: int(v) for k, v in out.items()}
+
+
+def free_device_memory(device) -> int | None:
+    """Free bytes on `device` ("cuda:0", "cpu", torch.device); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            text = open("/proc/meminfo", encoding="ascii").read()
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
+        except (OSError, AttributeError):
+            return None
+    return None
+
+
+def check_fits(estimate: dict, device) -> str | None:
+    """A warning when the estimate exceeds the device's free memory (None when it fits or is unknown)."""
+    free = free_device_memory(device)
+    if free is None or estimate["total"] <= free:
+        return None
+    gb = 2**30
+    parts = ", ".join(f"{k} {estimate[k] / gb:.2f}" for k in ("weights", "text_encoder", "adapter", "activations"))
+    return (f"training needs about {estimate['total'] / gb:.1f} GB but {device} has {free / gb:.1f} GB free ({parts} "
+            f"GB). Lower the batch or the crop length, turn on gradient checkpointing, or use bf16 weights.")
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Measurement (calibration, tests and bench/train_step.py)
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status", encoding="ascii").read()).group(1))
+
+
+def build_random_dit_tree(model_config, seed: int = 0) -> torch.nn.Module:
+    """`tree.model` = the config's DiTWrapper with non-degenerate random weights, frozen (the adapter root layout of
+    a loaded model's DiT)."""
+    from ..sa3.dit import DiTWrapper
+    from ..sa3.tiny import randomize_
+
+    tree = torch.nn.Module()
+    tree.model = DiTWrapper(**model_config.dit)
+    randomize_(tree, torch.Generator().manual_seed(seed))
+    return tree.eval().requires_grad_(False)
+
+
+def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: int, crop_latents: int,
+                       gradient_checkpointing: bool = False, seed: int = 0):
+    """(step(), forward()) closures over random inputs: one training step as Trainer.train_step does it (adapter
+    view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone."""
+    from ..adapters import AdaptedModel, Root, new_adapter
+    from ..sa3.schedules import masked_flow_loss
+
+    roots = (Root("model", gated=True, filter_strip="model."),)
+    g = torch.Generator().manual_seed(seed)
+    adapter = new_adapter(tree, adapter_type, rank, roots=roots, preset="all", generator=g)
+    stack = AdaptedModel(tree, [adapter], roots, trainable=True)
+    params = stack.parameters()
+    with torch.no_grad():  # a trained-looking adapter: B / M_xs away from zero so every path does real work
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    d, dit = model_config.dit, tree.model.model
+    dit.gradient_checkpointing = gradient_checkpointing
+    x = torch.randn(batch, d["io_channels"], crop_latents, generator=g)
+    target = torch.randn(x.shape, generator=g)
+    t = torch.rand(batch, generator=g)
+    cross = torch.randn(batch, int(model_config.prompt_max_length) + 1, d["cond_token_dim"], generator=g)
+    glob = torch.randn(batch, d["global_cond_dim"], generator=g)
+    local = torch.randn(batch, d["local_add_cond_dim"], crop_latents, generator=g)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with stack.activate():  # backward inside too: checkpointed blocks are recomputed with the adapter
+            v = dit(x, t, cross, glob, local)
+            loss = masked_flow_loss(v.float(), target).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        stack.update()
+        return float(loss)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            dit(x, t, cross, glob, local)
+
+    return step, forward
+
+
+def _measure_main(spec: dict) -> dict:
+    from ..sa3.config import family_defaults, read_config
+
+    torch.set_num_threads(spec.get("threads", 2))
+    path = spec["model"]
+    config = read_config(path if os.path.exists(path) else family_defaults(path))
+    if os.path.isdir(path):
+        config = read_config(os.path.join(path, "model_config.json"))
+    tree = build_random_dit_tree(config)
+    crop = max(1, round(spec["crop_seconds"] * config.latent_rate))
+    step, _ = make_training_step(tree, config, spec["adapter_type"], spec["rank"], spec["batch_size"], crop,
+                                 spec["gradient_checkpointing"])
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the peak from here on is the training's
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    for _ in range(spec.get("steps", 2)):
+        step()
+    return {"before": before * 1024, "peak": _rss_kib("VmHWM") * 1024,
+            "growth": (_rss_kib("VmHWM") - before) * 1024, "crop_latents": crop}
+
+
+def measure_training_peak(model: str, adapter_type: str = "dora-rows", rank: int = 16, batch_size: int = 1,
+                          crop_seconds: float = 10.0, gradient_checkpointing: bool = False, steps: int = 2,
+                          threads: int = 2) -> dict:
+    """Run `steps` real training steps in a fresh process (CPU, fp32, random weights) and return {"before", "peak",
+    "growth", "crop_latents"} in bytes: RSS before the first step, peak RSS during the steps, and their difference.
+    model: a model folder, config JSON or family name (small-music, ...). Linux only (/proc)."""
+    spec = dict(model=str(model), adapter_type=adapter_type, rank=rank, batch_size=batch_size,
+                crop_seconds=crop_seconds, gradient_checkpointing=gradient_checkpointing, steps=steps,
+                threads=threads)
+    code = ("import json, sys; from sa3_lora_studio.training.vram import _measure_main; "
+            "print('RESULT', json.dumps(_measure_main(json.loads(sys.argv[1]))))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring {spec} failed: {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+__all__ = ["estimate_training_memory", "free_device_memory", "check_fits", "measure_training_peak",
+           "adapter_parameter_count", "build_random_dit_tree", "make_training_step"]
