@@ -374,6 +374,8 @@ class AdaptedModel:
         self.step: int | None = None
         self._last_sigma: float | None = None
         self._auto_step: int | None = None
+        self._signature: tuple | None = None
+        self._routes: dict[int, AdaptedLayer] | None = None
         slots_by_path: dict[str, list[AdapterSlot]] = {}
         base_by_path: dict[str, nn.Module] = {}
         for i, use in enumerate(self.uses):
@@ -453,6 +455,11 @@ class AdaptedModel:
         if isinstance(sigma, Tensor):
             sigma = float(sigma.reshape(-1)[0])
         self.sigma, self.step = sigma, step
+        # per-step fast exit: nothing to do when no adapter's on/off state, strength or filter changed
+        signature = tuple((u.active_at(sigma, step), u.strength, u.layer_filter) for u in self.uses)
+        if signature == self._signature:
+            return 0
+        self._signature = signature
         changed = 0
         filters = [parse_layer_filter(u.layer_filter) for u in self.uses]
         for full, layer in self.layers.items():
@@ -478,6 +485,7 @@ class AdaptedModel:
         """Drop every private merged weight (the next forward re-forms what it needs)."""
         for layer in self.layers.values():
             layer.unmerge()
+        self._signature = None
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -486,6 +494,7 @@ class AdaptedModel:
         for layer in self.layers.values():
             layer.mode = mode
             layer.unmerge()
+        self._signature = None
         self.update(self.sigma, self.step)
 
     @contextlib.contextmanager
@@ -493,11 +502,12 @@ class AdaptedModel:
         """Route the BASE tree's adapted layers to this stack in the current thread/context only:
         `with stack.activate(): model.dit(...)` computes the adapted model; other threads and code outside the block
         compute the base model. Nested activations of several stacks: the innermost wins for a layer."""
-        for layer in self.layers.values():
-            _install_dispatch(object.__getattribute__(layer, "_base"))
-        outer = _ACTIVE.get() or {}
-        token = _ACTIVE.set({**outer, **{id(object.__getattribute__(layer, "_base")): layer
-                                        for layer in self.layers.values()}})
+        if self._routes is None:  # first activation: install the routing once, remember the id -> layer table
+            for layer in self.layers.values():
+                _install_dispatch(object.__getattribute__(layer, "_base"))
+            self._routes = {id(object.__getattribute__(layer, "_base")): layer for layer in self.layers.values()}
+        outer = _ACTIVE.get()
+        token = _ACTIVE.set({**outer, **self._routes} if outer else self._routes)
         try:
             yield self
         finally:
