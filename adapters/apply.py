@@ -16,6 +16,13 @@ by construction. Three ways to compute an adapted layer:
   the DoRA/BoRA row/column factors come from cached ‖W‖² and r-sized products (`maths.row_col_scales`). Earlier
   adapters of a stack are merged into a private base for the last one. Conv1d layers form their weight.
 
+Two ways to run it: call the view (`stack.module(...)`, e.g. for training: robust under gradient checkpointing, whose
+backward may run on other threads), or route the shared tree itself in the current thread/context only
+(`with stack: model.dit(...)`, what generate() uses; other threads still compute the base). The routing is installed
+once per base layer by switching it to a dispatching subclass of its class; with no active stack it computes exactly
+the base layer. Measured (bench/adapters.py, tiny DiT, CPU time per step): merged 1.00x for 1 and 3 DoRA adapters,
+the reference-style recompute 2.2x / 4.0x.
+
 The view's `state_dict()` keys are the reference's parametrized keys (`<layer>.parametrizations.weight.original`,
 `<layer>.parametrizations.weight.<i>.lora_A`, ...), so an optimiser or a saver sees the official names.
 
