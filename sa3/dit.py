@@ -126,25 +126,35 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def norm_and_rotate(self, qk: Tensor, rope: tuple[Tensor, Tensor] | None, with_v_slot: bool) -> Tensor:
+        """q/k RMSNorm (each with its gain), then RoPE in fp32, as the reference orders them, over the slots of
+        qk [B, N, S, H, D] = q, k[, v, q_diff, k_diff]. rms_norm(x) · gain is rms_norm(x, gain) bit for bit."""
+        if self.q_norm is not None:
+            gq, gk = self.q_norm.gamma.to(qk.dtype), self.k_norm.gamma.to(qk.dtype)
+            gains = torch.stack([gq, gk, torch.ones_like(gq), gq, gk] if with_v_slot else [gq, gk])  # [S, D]
+            qk = F.rms_norm(qk, (qk.shape[-1],), None, self.q_norm.eps) * gains[:, None, :]
+        return qk if rope is None else rotate_partial(qk, *rope)
+
     def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None, value_mask: Tensor | None = None) -> Tensor:
         """x: [B, N, E]; context: [B, L, E] (cross) or None (self); rope: (cos, sin) [N, 1, 1, R/2] or None;
         key_mask: [B, 1, 1, N] bool, True = attend; value_mask: [B, N, 1, 1] (the reference's V-zeroing quirk).
         Returns [B, N, E]."""
-        h, pairs = self.n_heads, 2 if self.differential else 1
+        h, d, pairs = self.n_heads, self.dim_heads, 2 if self.differential else 1
         if context is None:
-            # s = q, k, v[, q_diff, k_diff]
-            qkv = rearrange(linear(self.to_qkv, x), "b n (s h d) -> b n s h d", h=h, d=self.dim_heads)
-            q, k, v = qkv[:, :, 0::3], qkv[:, :, 1::3], qkv[:, :, 2]  # slots (0[, 3]), (1[, 4]), 2: views
+            qkv = rearrange(linear(self.to_qkv, x), "b n (s h d) -> b n s h d", h=h, d=d)  # q, k, v[, q_diff, k_diff]
+            v = qkv[:, :, 2]
+            # q/k norm and RoPE in one pass over the leading slots (q, k; or all five, v's result unused):
+            # half the elementwise launches of two separate passes, same values
+            qk = self.norm_and_rotate(qkv[:, :, : 5 if self.differential else 2], rope, with_v_slot=self.differential)
+            q, k = qk[:, :, 0::3], qk[:, :, 1::3]  # slots (0[, 3]) and (1[, 4]): views
         else:
-            q = rearrange(linear(self.to_q, x), "b n (s h d) -> b n s h d", h=h, d=self.dim_heads)  # q[, q_diff]
-            kv = rearrange(linear(self.to_kv, context), "b n (s h d) -> b n s h d", h=h, d=self.dim_heads)  # k[, k_diff], v
+            q = rearrange(linear(self.to_q, x), "b n (s h d) -> b n s h d", h=h, d=d)  # q[, q_diff]
+            kv = rearrange(linear(self.to_kv, context), "b n (s h d) -> b n s h d", h=h, d=d)  # k[, k_diff], v
             k, v = kv[:, :, :pairs], kv[:, :, pairs]
+            if self.q_norm is not None:  # no RoPE in cross-attention
+                q, k = self.q_norm(q), self.k_norm(k)
         # q, k: [B, N, pairs, H, D]; v: [B, N, H, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # after the q/k norm, as the reference orders it
-            q, k = rotate_partial(q, *rope), rotate_partial(k, *rope)
         if value_mask is not None:
             v = v * value_mask
         q, k = rearrange(q, "b n s h d -> s b h n d"), rearrange(k, "b n s h d -> s b h n d")
