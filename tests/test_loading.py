@@ -97,11 +97,29 @@ def test_unknown_source_name_lists_packs():
 
 
 def test_comfyui_single_file_checkpoint_loads_like_the_folder(fixtures_dir, tmp_path):
-    """ComfyUI keeps one .safetensors per model (no JSON); the config is inferred from the tensors."""
+    """ComfyUI keeps one .safetensors per model (no JSON; config inferred from the tensors) and the text encoder as
+    one file with the SentencePiece model inside: both give the same outputs as the Hub-layout folder."""
+    from sa3_lora_studio.sa3.text import write_comfyui_text_encoder
+
     single = tmp_path / "stable_audio_3_tiny_base.safetensors"
     shutil.copy(fixtures_dir / "tiny-small" / "model.safetensors", single)
+    te_file = tmp_path / "t5gemma_b_b_ul2.safetensors"
+    write_comfyui_text_encoder(fixtures_dir / "tiny-small" / "t5gemma-b-b-ul2", te_file)
     folder_model = load_model(fixtures_dir / "tiny-small")
-    file_model = load_model(single, same_stride=4)
+    # What the weights do not determine must be given for a non-standard model (the real families have defaults):
+    # the SAME stride, the text length and the decoder's sin(πx) blocks.
+    file_model = load_model(single, same_stride=4, text_encoder=te_file, prompt_max_length=16,
+                            **{"model.pretransform.config.decoder.config.sinusoidal_blocks": [2]})
     assert file_model.config.objective == "rectified_flow"
     for key, value in folder_model.modules.state_dict().items():
         assert torch.equal(file_model.modules.state_dict()[key], value), key
+    prompts, seconds = ["dog barking next to a waterfall", ""], [3.0, 10.0]
+    a, b = folder_model.encode_text(prompts, seconds), file_model.encode_text(prompts, seconds)
+    torch.testing.assert_close(b.cross_attn_cond, a.cross_attn_cond, atol=2e-5, rtol=0)
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(file_model.velocity(x, 0.4, b, cfg_scale=3.0), folder_model.velocity(x, 0.4, a, cfg_scale=3.0),
+                               atol=1e-4, rtol=1e-4)
+    audio = torch.randn(1, 2, 32 * 8, generator=torch.Generator().manual_seed(1)) * 0.3
+    z = folder_model.encode_audio(audio, 44100)
+    assert torch.equal(file_model.encode_audio(audio, 44100), z)
+    assert torch.equal(file_model.decode_latents(z), folder_model.decode_latents(z))
