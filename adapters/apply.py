@@ -248,6 +248,11 @@ class AdaptedLayer(nn.Module):
         """Drop the private merged weight (the base weight was never modified)."""
         self._merged, self._merged_key, self._base_sq, self._ready = None, None, None, None
 
+    def static_weight(self) -> Tensor | None:
+        """The merged effective weight when this layer is static in merged mode (the fast path), else None. Lets a
+        caller with its own matmul kernel (e.g. the DiT's oneDNN path) compute `x·Wᵀ + bias` for a routed layer."""
+        return self._ready if self.mode == "merged" else None
+
     def forward(self, x: Tensor) -> Tensor:
         ready = self._ready
         if ready is not None and self.mode == "merged":  # the static case: exactly the base layer's cost
@@ -280,6 +285,11 @@ _INSTALL_LOCK = threading.Lock()
 
 
 class _Dispatch:
+    def routed_layer(self):
+        """The adapted layer this module is routed to in the current thread/context, or None (computes itself)."""
+        active = _ACTIVE.get()
+        return active.get(id(self)) if active is not None else None
+
     def forward(self, *args, **kwargs):
         active = _ACTIVE.get()
         if active is not None:

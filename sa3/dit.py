@@ -56,8 +56,18 @@ def use_onednn(layer: nn.Module, x: Tensor) -> bool:
     """Plain fp32 CPU inference goes through oneDNN's matmul: 1.3-1.8x faster than the default sgemm on the AMD
     EPYC bench machine, same fp32 accuracy (another summation order). Anything else (adapter wrappers,
     parametrized layers, autograd, GPU, half precision) takes the module's own forward."""
-    return (_ONEDNN_LINEAR is not None and type(layer) is nn.Linear and x.device.type == "cpu"
+    return (_ONEDNN_LINEAR is not None and _is_plain_linear(layer) and x.device.type == "cpu"
             and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled())
+
+
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """An nn.Linear computing its own weight: exactly nn.Linear, or adapters/'s routing subclass while no adapter
+    routes this layer in the current thread (so a shared model computes bit-identically before, during and after
+    another thread's adapter session)."""
+    if type(layer) is nn.Linear:
+        return True
+    routed = getattr(layer, "routed_layer", None)
+    return isinstance(layer, nn.Linear) and routed is not None and routed() is None
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
