@@ -273,6 +273,35 @@ WORKFLOWS = {
 }
 
 
+def draw_thumbnail(ui: dict, path: Path, width: int = 480, height: int = 270) -> None:
+    """A small picture of the graph for the template browser: node boxes (SA3 nodes teal, stock grey, the note
+    brown) with their titles, and the links."""
+    from PIL import Image, ImageDraw
+
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]}
+    x0, y0 = min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values())
+    x1, y1 = max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values())
+    pad = 10
+    scale = min((width - 2 * pad) / (x1 - x0), (height - 2 * pad) / (y1 - y0))
+
+    def at(x, y):
+        return pad + (x - x0) * scale, pad + (y - y0) * scale
+
+    image = Image.new("RGB", (width, height), (32, 33, 36))
+    draw = ImageDraw.Draw(image)
+    for _, src, _, dst, _, _ in ui["links"]:
+        a, b = boxes[src], boxes[dst]
+        draw.line([at(a[2], (a[1] + a[3]) / 2), at(b[0], (b[1] + b[3]) / 2)], fill=(140, 160, 190), width=2)
+    for node in ui["nodes"]:
+        left, top, right, bottom = boxes[node["id"]]
+        fill = (90, 70, 50) if node["type"] == "Note" else (30, 95, 100) if node["type"].startswith("SA3") else (70, 70, 74)
+        draw.rounded_rectangle([at(left, top), at(right, bottom)], radius=4, fill=fill, outline=(200, 200, 200))
+        tx, ty = at(left, top)
+        draw.text((tx + 3, ty + 2), node["title"][: max(3, int((right - left) * scale / 6))], fill=(235, 235, 235))
+    image.save(path, quality=85)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "example_workflows")
@@ -282,6 +311,7 @@ def main() -> None:
         graph = build()
         (args.out / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
         (args.out / "api" / f"{name}.json").write_text(json.dumps(graph.api, indent=1) + "\n")
+        draw_thumbnail(graph.ui(), args.out / f"{name}.jpg")
         print(f"{name}: {len(graph.nodes)} nodes, {len(graph.links)} links")
 
 
