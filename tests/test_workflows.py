@@ -158,6 +158,23 @@ def test_bypassed_nodes_pass_their_matching_input_through_and_muted_nodes_vanish
     assert api["5"]["inputs"] == {}  # its source is muted (ComfyUI then reports the missing input)
 
 
+def test_reroutes_are_followed_and_frontend_primitives_leave_the_stored_widget_value():
+    load = ui_node(1, "LoadAudio", ["clip.wav", None, None])
+    reroute = {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}],
+               "outputs": [{"name": "", "type": "AUDIO", "links": [2]}]}
+    primitive = ui_node(3, "PrimitiveNode", ["song", "fixed"])  # the old frontend-only primitive
+    save = ui_node(4, "SaveAudio", ["song"], [{"name": "audio", "type": "AUDIO", "link": 2},
+                                              {"name": "filename_prefix", "type": "STRING",
+                                               "widget": {"name": "filename_prefix"}, "link": 3}])
+    ui = {"nodes": [load, reroute, primitive, save],
+          "links": [[1, 1, 0, 2, 0, "AUDIO"], [2, 2, 0, 4, 0, "AUDIO"], [3, 3, 0, 4, 1, "STRING"]]}
+    api = wf.ui_to_api(ui, NODE_CLASS_MAPPINGS)
+    assert set(api) == {"1", "4"} and api["4"]["inputs"] == {"filename_prefix": "song", "audio": ["1", 0]}
+    primitive["outputs"] = [{"name": "STRING", "type": "STRING", "links": [3]}]
+    assert wf.check_ui_workflow(ui, NODE_CLASS_MAPPINGS) == [  # the spec-only LoadAudio knows no input files
+        "node 1 (LoadAudio): audio='clip.wav' is not one of []"]
+
+
 def test_a_widget_count_that_does_not_fit_the_node_is_an_error_naming_it():
     ui = {"nodes": [ui_node(9, "SA3Spectrogram", [600])], "links": []}
     with pytest.raises(ValueError, match=r"node 9 \(SA3Spectrogram\): 1 widget values for 2 widgets"):
