@@ -2,12 +2,11 @@
 
 import shutil
 
+import comfy_stubs
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-import comfy_stubs
 from sa3_lora_studio.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 
@@ -28,12 +27,12 @@ def comfy(monkeypatch, tmp_path, fixtures_dir):
     training_nodes.reset_manager()
 
 
-def run_node(name, **inputs):
+def run_node(node_name, **inputs):
     """Execute a node the way ComfyUI does: an instance, its FUNCTION, under inference mode."""
-    cls = NODE_CLASS_MAPPINGS[name]
+    cls = NODE_CLASS_MAPPINGS[node_name]
     spec = cls.INPUT_TYPES()
     missing = [k for k in spec["required"] if k not in inputs]
-    assert not missing, f"{name}: test forgot {missing}"
+    assert not missing, f"{node_name}: test forgot {missing}"
     with torch.inference_mode():
         out = getattr(cls(), cls.FUNCTION)(**inputs)
     result = out["result"] if isinstance(out, dict) else out

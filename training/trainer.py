@@ -133,7 +133,10 @@ class Trainer:
         warmup = max(0, c.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        self.model.dit.gradient_checkpointing = c.gradient_checkpointing
+        # The adapted model is a view of the shared tree (training runs the view, never thread routing: a
+        # checkpointed block recomputed by autograd's backward threads would not see a per-thread route).
+        self.view = self.stack.module
+        self.view.model.model.gradient_checkpointing = c.gradient_checkpointing
         self.resume_if_possible()
 
     # ------------------------------------------------------------------------------------------------ state
@@ -245,14 +248,13 @@ class Trainer:
         prompt_emb, _ = self.encode_prompts(batch["prompts"])
         result, _ = rectified_flow_loss(model, x0, noise.to(device), t.to(device), inpaint.to(device), augmented,
                                         prompt_emb, batch["seconds"], keep.to(device), c.ot_coupling,
-                                        c.mask_loss_weight)
+                                        c.mask_loss_weight, tree=self.view)
         return result, t
 
     def train_step(self, step: int) -> dict:
         c = self.config
         batch = self.make_batch(step)
-        with self.stack.activate():
-            result, t = self.loss_for_batch(batch, step)
+        result, t = self.loss_for_batch(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
@@ -313,7 +315,8 @@ class Trainer:
 
 
 def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_emb, seconds, keep=None,
-                        ot_coupling: bool = True, mask_loss_weight: float = 1.0, padding_semantics: str = "mask_keys"):
+                        ot_coupling: bool = True, mask_loss_weight: float = 1.0, padding_semantics: str = "mask_keys",
+                        tree=None):
     """The official training objective for one batch, given its random sources.
 
     x0: [B, C, T] clean latents; noise: [B, C, T]; t: [B] (already shifted; 1 = noise); inpaint_mask: [B, 1, T]
@@ -324,6 +327,7 @@ def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_
     MSE, padding excluded. The seconds conditioner runs here (with gradients: adapters may adapt it).
     padding_semantics: "mask_keys" (true key masking, what the real models were trained with through flash-attn
     varlen) or "zero_values" (the official CPU fallback's quirk, used by the reference goldens).
+    tree: the module tree to run (an adapter view, `AdaptedModel.module`); default the model's own.
     Returns (schedules.FlowLoss, v_pred)."""
     device = x0.device
     if ot_coupling and x0.shape[0] > 1:
@@ -331,7 +335,8 @@ def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_
     x_t, target = schedules.flow_pair(x0, noise, t)
     local = torch.cat([inpaint_mask, x0 * inpaint_mask], dim=1)
     seconds_t = torch.as_tensor(seconds, dtype=torch.float32, device=device)
-    sec_emb, _ = model.conditioner.conditioners["seconds_total"](seconds_t, device)
+    tree = tree if tree is not None else model.modules
+    sec_emb, _ = tree.conditioner.conditioners["seconds_total"](seconds_t, device)
     cross = torch.cat([prompt_emb.to(sec_emb.dtype), sec_emb], dim=1)
     if keep is not None:
         cross = cross * keep[:, None, None].to(cross.dtype)
@@ -339,7 +344,7 @@ def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_
     autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else _null_context()
     with autocast:
-        v = model.dit(x_t.to(dtype), t.float(), cross.to(dtype), sec_emb[:, 0].to(dtype), local.to(dtype),
+        v = tree.model.model(x_t.to(dtype), t.float(), cross.to(dtype), sec_emb[:, 0].to(dtype), local.to(dtype),
                       padding_mask=padding_mask, padding_semantics=padding_semantics)
     return schedules.masked_flow_loss(v.float(), target, padding_mask, inpaint_mask, mask_loss_weight), v
 
