@@ -105,18 +105,18 @@ class SA3ComposePrompts:
             "tags_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: 'Key: value' tags (genre, bpm, key…)."}),
             "path_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: the file's relative path."}),
             "fixed_weight": ("FLOAT", {"default": 0.0, **pct, "tooltip": "Balance: the fixed text below."}),
-            "fixed_text": ("STRING", {"default": "", "multiline": True}),
+            "fixed_text": ("STRING", {"default": "", "multiline": True, "tooltip": "Text used for the fixed share of prompts."}),
             "tag_keys": ("STRING", {"default": "", "tooltip": "Tag keys to use, comma separated (empty = defaults)."}),
-            "hide_tag_names": ("BOOLEAN", {"default": False}),
-            "split_commas": ("BOOLEAN", {"default": False}),
-            "hide_extension": ("BOOLEAN", {"default": True}),
-            "hide_directories": ("BOOLEAN", {"default": False}),
+            "hide_tag_names": ("BOOLEAN", {"default": False, "tooltip": "'rock' instead of 'Genre: rock'."}),
+            "split_commas": ("BOOLEAN", {"default": False, "tooltip": "'Genre: rock, pop' becomes two tags."}),
+            "hide_extension": ("BOOLEAN", {"default": True, "tooltip": "Path prompts without .wav/.flac…"}),
+            "hide_directories": ("BOOLEAN", {"default": False, "tooltip": "Path prompts use the file name only."}),
             "shuffle": ("BOOLEAN", {"default": True, "tooltip": "Shuffle comma-separated parts of tag prompts."}),
             "trigger": ("STRING", {"default": "", "tooltip": "Trigger word prepended (never replacing the caption)."}),
-            "trigger_percent": ("FLOAT", {"default": 100.0, **pct}),
+            "trigger_percent": ("FLOAT", {"default": 100.0, **pct, "tooltip": "Share of prompts that get the trigger word."}),
             "preview_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The preview shows what "
                                     "training step <seed> sees with run seed 0 (prompt_seed(run_seed, step))."}),
-        }, "optional": {"dataset": ("SA3_DATASET",)}}
+        }, "optional": {"dataset": ("SA3_DATASET", {"tooltip": "Connect to preview real prompts from this dataset."})}}
 
     RETURN_TYPES = ("SA3_PROMPT_CONFIG", "STRING")
     RETURN_NAMES = ("prompt_config", "preview")

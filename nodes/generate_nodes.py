@@ -56,7 +56,7 @@ def _common_inputs():
         "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 25.0, "step": 0.1, "tooltip": "Guidance scale; 0 = the "
                           "model's default (ARC 1, base 7)."}),
         "sampler": (SAMPLERS, {"default": "auto", "tooltip": "auto: ping-pong for ARC, Euler for base."}),
-        "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
+        "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Variations generated at once (one seed, different noise per item)."}),
     }
 
 
@@ -147,9 +147,9 @@ class SA3Inpaint:
 class SA3Spectrogram:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"audio": ("AUDIO",),
-                             "width": ("INT", {"default": 600, "min": 64, "max": 4096}),
-                             "height": ("INT", {"default": 120, "min": 32, "max": 2048})}}
+        return {"required": {"audio": ("AUDIO", {"tooltip": "Any AUDIO (one image per batch item)."}),
+                             "width": ("INT", {"default": 600, "min": 64, "max": 4096, "tooltip": "Image width in pixels."}),
+                             "height": ("INT", {"default": 120, "min": 32, "max": 2048, "tooltip": "Image height in pixels (left channel on top, right below)."})}}
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "draw"

@@ -53,7 +53,7 @@ class SA3LoadLoRA:
                 "interval_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                              "Active only while the noise level t is in [start, end] (1 = pure "
                                              "noise, the first steps). end < 1 keeps the base model's song structure."}),
-                "interval_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "interval_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "End of the active noise-level interval (0 = the last, cleanest steps)."}),
                 "skip_first_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Leave the adapter off for "
                                              "the first N sampling steps (e.g. 1 on an 8-step ARC model)."}),
                 "layer_filter": ("STRING", {"default": "", "tooltip": "Comma-separated layer names to switch OFF, e.g. "
@@ -93,7 +93,8 @@ class SA3LoadLoRA:
 class SA3LoRAInfo:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"lora": (lora_choices() or [""],)}, "optional": {"lora_path": ("STRING", {"forceInput": True})}}
+        return {"required": {"lora": (lora_choices() or [""], {"tooltip": "The adapter file to describe."})},
+                "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("info",)
@@ -116,10 +117,10 @@ class SA3ExportLoRAForComfyUI:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("SA3_MODEL", {"tooltip": "The model the LoRA is for (its weights are needed for DoRA/BoRA/-xs)."}),
-            "lora": (lora_choices() or [""],),
-            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+            "lora": (lora_choices() or [""], {"tooltip": "The adapter to convert."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "Baked into the exported file (DoRA/BoRA are not linear in strength)."}),
             "filename": ("STRING", {"default": "sa3_lora_comfy", "tooltip": "Saved in models/loras/ as <name>.safetensors"}),
-        }, "optional": {"lora_path": ("STRING", {"forceInput": True})}}
+        }, "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)

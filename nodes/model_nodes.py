@@ -76,7 +76,7 @@ class SA3LoadPack:
                                "arc: post-trained, 8-step ping-pong, CFG 1."}),
                 "dtype": (["fp32", "bf16", "fp16"], {"default": "bf16", "tooltip": "Weights precision. fp16 keeps the "
                                                      "SAME autoencoder in fp32 (it breaks in fp16)."}),
-                "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto"}),
+                "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto", "tooltip": "auto: CUDA, else Apple MPS, else CPU."}),
             },
             "optional": {
                 "checkpoint": ([""] + folder_files("checkpoints"), {"default": "", "tooltip": "Only for "
@@ -132,7 +132,7 @@ class SA3UnloadModels:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}, "optional": {"trigger": ("*", {})}}
+        return {"required": {}, "optional": {"trigger": ("*", {"tooltip": "Connect anything to run this after it."})}}
 
     RETURN_TYPES = ("STRING",)
     FUNCTION = "unload"

@@ -27,8 +27,8 @@ def _forward_event(event: dict) -> None:
 def model_provider(spec: str, variant: str, dtype: str, device: str):
     """Models for runs come from the same cache as SA3 Load Pack, so a run reuses the loaded base model."""
     from ..sa3.model import load_model
-    from .model_nodes import get_or_load
     from .comfy_bridge import models_dir
+    from .model_nodes import get_or_load
 
     def loader():
         root = models_dir()
@@ -76,31 +76,31 @@ class SA3TrainLoRA:
 
         return {"required": {
             "model": ("SA3_MODEL", {"tooltip": "The BASE model of a pack (adapters are trained on base and used on ARC)."}),
-            "dataset": ("SA3_DATASET",),
-            "name": ("STRING", {"default": "my-lora"}),
+            "dataset": ("SA3_DATASET", {"tooltip": "From SA3 Encode Audio Folder or SA3 Load Dataset."}),
+            "name": ("STRING", {"default": "my-lora", "tooltip": "Names the run and its checkpoint files."}),
             "adapter_type": (ADAPTER_TYPE_CHOICES, {"default": "dora-rows", "tooltip": "dora-rows is the official "
                              "default; -xs types train far fewer parameters (SVD bases of the base weights)."}),
-            "rank": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "rank": ("INT", {"default": 16, "min": 1, "max": 512, "tooltip": "Adapter capacity: 4-8 for a sound, 16 for a style, 32-64 for a large varied set."}),
             "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "tooltip": "0 = rank (scale 1)."}),
             "targets": (sorted(PRESETS), {"default": "all", "tooltip": "all: every DiT Linear/Conv1d + the seconds "
                         "conditioner (official); underfit-default: attention + feed-forward of every block."}),
-            "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
+            "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip": "Optimiser steps (~1000 is the official starting point)."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "A creative choice too: bigger "
                            "batches average styles, batch 1 follows single songs."}),
             "crop_seconds": ("FLOAT", {"default": 30.0, "min": 0.5, "max": 380.0, "tooltip": "Training crop length "
                              "(the underrated knob: short crops learn texture, long ones structure)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-1, "step": 1e-6}),
-            "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 100000}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-1, "step": 1e-6, "tooltip": "AdamW learning rate (official 1e-4)."}),
+            "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "Save the adapter and the training state every N steps (a crash loses at most this many)."}),
             "demo_every": ("INT", {"default": 200, "min": 0, "max": 100000, "tooltip": "0 = no demos."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Controls crops, prompts, noise and t: same seed, same run."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
             "wait_until_done": ("BOOLEAN", {"default": False, "tooltip": "Block the queue until training ends "
                                 "(for headless API use); otherwise return the run id at once."}),
         }, "optional": {
-            "prompt_config": ("SA3_PROMPT_CONFIG",),
+            "prompt_config": ("SA3_PROMPT_CONFIG", {"tooltip": "From SA3 Compose Prompts (default: captions only)."}),
             "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
                               "alpha and targets are used)."}),
-            "trigger_word": ("STRING", {"default": ""}),
+            "trigger_word": ("STRING", {"default": "", "tooltip": "Prepended to every prompt unless the prompt config sets its own."}),
             "demo_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "One demo prompt per line "
                              "(empty = underfit-like defaults: base CFG 7 and 1, ARC, unconditional)."}),
         }}
@@ -149,7 +149,8 @@ class SA3TrainLoRA:
 class SA3RunStatus:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"run": ("SA3_RUN",), "bins": ("INT", {"default": 5, "min": 1, "max": 20})}}
+        return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
+                             "bins": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "Noise-level bins of the loss-by-timestep chart."})}}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("loss_chart", "loss_by_noise_level", "latest_lora", "status")
@@ -181,7 +182,7 @@ class SA3RunStatus:
 class SA3RunControl:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"run": ("SA3_RUN",),
+        return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
                              "action": (["stop", "pause", "resume", "save", "restart"], {"tooltip": "restart resumes "
                                         "an interrupted/stopped run from its last checkpoint."})}}
 

@@ -49,6 +49,7 @@ def test_every_node_has_a_display_name_category_and_tooltips():
         for section in spec.values():
             for input_name, (kind, *opts) in section.items():
                 assert isinstance(kind, (str, list)), (name, input_name)
+                assert opts and opts[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
 def gen_inputs(model, **kw):
