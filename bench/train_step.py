@@ -1,0 +1,111 @@
+"""Training-step cost per adapter type, with and without gradient checkpointing, against our no-grad DiT forward.
+
+    python bench/train_step.py                                   # tiny fixture + small-music, all 8 types, gc off/on
+    python bench/train_step.py --models small-music --adapters dora-rows --gc off --repeats 3
+
+Per model (random weights, the config's DiT; fp32, batch 1, 10 s crop, rank 16 on every DiT Linear/Conv1d): the
+median no-grad forward of the base DiT, then per (adapter type, checkpointing) the median training step as
+`Trainer.train_step` does it (adapter view, forward, flow loss, backward, clip, AdamW, update; see
+`training.vram.make_training_step`), the ratio step / forward (target <= 2.6x), steps/s and the peak RSS during that
+configuration's steps (VmHWM reset per configuration through /proc/self/clear_refs). The tiny fixture's latent rate
+is an artefact of its toy autoencoder, so it gets the latent count of a 10 s crop of the real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from sa3_lora_studio.adapters import ADAPTER_TYPES
+from sa3_lora_studio.sa3.config import family_defaults, read_config
+from sa3_lora_studio.training.vram import build_random_dit_tree, make_training_step
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sa3" / "tiny-small"
+REAL_LATENT_RATE = 44100 / 4096
+
+
+def _config(spec: str):
+    path = Path(spec)
+    if path.is_dir():
+        return read_config(path / "model_config.json")
+    return read_config(path if path.exists() else family_defaults(spec))
+
+
+def _rss_gb(field: str) -> float:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(spec: str, label: str, args) -> None:
+    config = _config(spec)
+    rate = config.latent_rate if config.latent_rate < 100 else REAL_LATENT_RATE  # see the module docstring
+    n = max(1, round(args.seconds * rate))
+    n += (-n) % config.latent_alignment
+    t0 = time.perf_counter()
+    tree = build_random_dit_tree(config)
+    params = sum(p.numel() for p in tree.parameters()) / 1e6
+    build = time.perf_counter() - t0
+    d = config.dit
+    print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} "
+          f"(+{d.get('num_memory_tokens', 0)} memory) batch={args.batch} rank={args.rank} fp32  "
+          f"built in {build:.1f} s, rss {_rss_gb('VmRSS'):.2f} GB", flush=True)
+    forward = None
+    for adapter_type in args.adapters:
+        for gc in args.gc:
+            step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on")
+            if forward is None:  # the base DiT (no adapter active), measured once per model
+                fwd()
+                forward = _median_time(fwd, args.repeats)
+                print(f"  no-grad forward {forward:.3f} s", flush=True)
+            _reset_peak()
+            step()  # warm-up (creates the AdamW state)
+            sec = _median_time(step, args.repeats)
+            ratio = sec / forward
+            print(f"  {adapter_type:13s} gc={gc:3s}  step {sec:7.3f} s  {ratio:5.2f}x fwd "
+                  f"{'ok ' if ratio <= 2.6 else 'MISS'}  {1 / sec:7.3f} steps/s  "
+                  f"peak_rss {_rss_gb('VmHWM'):.2f} GB", flush=True)
+            del step, fwd
+    tree.model.model.gradient_checkpointing = False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=[str(FIXTURE), "small-music"],
+                    help="model folders, config JSONs or families")
+    ap.add_argument("--adapters", nargs="+", default=list(ADAPTER_TYPES), choices=list(ADAPTER_TYPES))
+    ap.add_argument("--gc", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__} threads={torch.get_num_threads()} load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (cpus {os.cpu_count()})", flush=True)
+    for spec in args.models:
+        bench_model(spec, Path(spec).name, args)
+
+
+if __name__ == "__main__":
+    main()

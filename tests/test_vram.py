@@ -1,0 +1,60 @@
+"""The training-memory estimate: monotone in the knobs that cost memory, calibrated against a measured peak."""
+
+import pytest
+from sa3_lora_studio.sa3.config import family_defaults, read_config
+from sa3_lora_studio.training.runs import RunConfig
+from sa3_lora_studio.training.vram import check_fits, estimate_training_memory, free_device_memory, measure_training_peak
+
+FACTOR = 1.6  # the calibrated estimate vs the measured peak growth (the fit is within 1.4x on every point)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return read_config(family_defaults("small-music"))
+
+
+def _run(**kw):
+    return RunConfig(**{"dataset": "x", "batch_size": 1, "crop_seconds": 10.0, "rank": 16, **kw})
+
+
+def test_estimate_grows_with_batch_crop_and_rank(small):
+    base = estimate_training_memory(small, _run())
+    assert estimate_training_memory(small, _run(batch_size=2))["total"] > base["total"]
+    assert estimate_training_memory(small, _run(crop_seconds=20.0))["total"] > base["total"]
+    bigger = estimate_training_memory(small, _run(rank=64))
+    assert bigger["adapter"] > base["adapter"] and bigger["total"] > base["total"]
+    assert base["total"] == sum(base[k] for k in ("weights", "text_encoder", "adapter", "activations", "workspace"))
+
+
+def test_estimate_shrinks_with_gradient_checkpointing_and_half_precision(small):
+    base = estimate_training_memory(small, _run(crop_seconds=30.0))
+    checkpointed = estimate_training_memory(small, _run(crop_seconds=30.0, gradient_checkpointing=True))
+    assert checkpointed["activations"] < 0.6 * base["activations"]
+    bf16 = estimate_training_memory(small, _run(crop_seconds=30.0, precision="bf16"))
+    assert bf16["weights"] * 2 == base["weights"] and bf16["total"] < base["total"]
+    assert bf16["adapter"] == base["adapter"]  # adapters train in fp32 whatever the base precision
+
+
+def test_adapter_size_follows_the_type(small):
+    sizes = {t: estimate_training_memory(small, _run(adapter_type=t))["adapter"]
+             for t in ("lora", "dora-rows", "bora", "lora-xs")}
+    assert sizes["lora-xs"] < sizes["lora"] < sizes["dora-rows"] < sizes["bora"]
+
+
+def test_estimate_is_within_the_stated_factor_of_a_measured_tiny_peak(fixtures_dir):
+    tiny = read_config(fixtures_dir / "tiny-small" / "model_config.json")
+    run = _run(batch_size=4, crop_seconds=0.1, rank=16)
+    measured = measure_training_peak(fixtures_dir / "tiny-small", batch_size=4, crop_seconds=0.1, rank=16, steps=2)
+    estimate = estimate_training_memory(tiny, run)
+    assert estimate["crop_latents"] == measured["crop_latents"]
+    part = estimate["adapter"] + estimate["activations"] + estimate["workspace"]  # what training adds to the model
+    assert 1 / FACTOR <= part / measured["growth"] <= FACTOR, (part, measured)
+
+
+def test_check_fits_warns_only_when_the_estimate_exceeds_free_memory(small):
+    free = free_device_memory("cpu")
+    assert free is not None and free > 0
+    estimate = estimate_training_memory(small, _run())
+    assert check_fits(dict(estimate, total=1), "cpu") is None
+    warning = check_fits(dict(estimate, total=free * 4), "cpu")
+    assert warning and "gradient checkpointing" in warning and "GB" in warning
