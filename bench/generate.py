@@ -1,5 +1,6 @@
 """Generation figures: real-time factor on the tiny built-in model, and peak memory of decoding a long output with and
-without chunking (each measured in its own process, peak RSS from the kernel).
+without chunking on a real-size SAME-S (random weights), each in its own process; the kernel's peak RSS is reset
+(/proc/self/clear_refs) right before the measured call.
 
     python bench/generate.py [--seconds 10] [--decode-seconds 120] [--threads 2]
 """
@@ -22,27 +23,40 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def child(args) -> None:
     import torch
     from sa3_lora_studio import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
     if args.what == "rtf":
+        model = load_model(args.model)
         model.generate("warm pad", duration=0.5, steps=2, seed=0)  # warm-up
         start = time.perf_counter()
         audio, rate = model.generate("warm pad", duration=args.seconds, seed=0)
         elapsed = time.perf_counter() - start
         print(json.dumps({"seconds_audio": audio.shape[-1] / rate, "elapsed": elapsed, "steps": model.default_steps}))
         return
-    n = round(args.decode_seconds * model.config.latent_rate)
-    n += (-n) % model.config.latent_alignment
-    z = torch.randn(1, model.latent_dim, n, generator=torch.Generator().manual_seed(0))
-    base = vm_hwm_mb()
-    start = time.perf_counter()
-    audio = model.decode_latents(z, chunked=args.what == "chunked")
-    print(json.dumps({"latents": n, "seconds": audio.shape[-1] / model.sample_rate, "elapsed": time.perf_counter() - start,
-                      "peak_mb": vm_hwm_mb(), "before_mb": base}))
+    from sa3_lora_studio.sa3.autoencoder import SAMEAutoencoder
+    from sa3_lora_studio.sa3.config import family_defaults, read_config
+
+    cfg = read_config(family_defaults("small-music"))
+    ae = SAMEAutoencoder.from_config(cfg.pretransform).eval()
+    n = round(args.decode_seconds * cfg.latent_rate)
+    n += (-n) % cfg.latent_alignment
+    z = torch.randn(1, cfg.latent_dim, n, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reset_peak()
+        base = vm_hwm_mb()
+        start = time.perf_counter()
+        audio = ae.decode_chunked(z) if args.what == "chunked" else ae.decode(z)
+        elapsed = time.perf_counter() - start
+        peak = vm_hwm_mb()
+    print(json.dumps({"latents": n, "seconds": audio.shape[-1] / cfg.sample_rate, "elapsed": elapsed,
+                      "peak_mb": peak, "before_mb": base}))
 
 
 def main() -> None:
@@ -73,7 +87,7 @@ def main() -> None:
           f"{r['seconds_audio']:.1f} s of audio in {r['elapsed']:.2f} s = real-time factor "
           f"{r['seconds_audio'] / r['elapsed']:.1f}x")
     c, u = results["chunked"], results["unchunked"]
-    print(f"decode {c['seconds']:.0f} s ({c['latents']} latents, tiny SAME-S-like): peak RSS chunked {c['peak_mb']:.0f} MB "
+    print(f"decode {c['seconds']:.0f} s ({c['latents']} latents, real-size SAME-S, random weights): peak RSS chunked {c['peak_mb']:.0f} MB "
           f"(+{c['peak_mb'] - c['before_mb']:.0f} MB, {c['elapsed']:.1f} s) vs unchunked {u['peak_mb']:.0f} MB "
           f"(+{u['peak_mb'] - u['before_mb']:.0f} MB, {u['elapsed']:.1f} s): chunked/unchunked growth = "
           f"{(c['peak_mb'] - c['before_mb']) / max(1e-9, u['peak_mb'] - u['before_mb']):.2f}")
