@@ -87,7 +87,8 @@ def main() -> None:
           f"{r['seconds_audio']:.1f} s of audio in {r['elapsed']:.2f} s = real-time factor "
           f"{r['seconds_audio'] / r['elapsed']:.1f}x")
     c, u = results["chunked"], results["unchunked"]
-    print(f"decode {c['seconds']:.0f} s ({c['latents']} latents, real-size SAME-S, random weights): peak RSS chunked {c['peak_mb']:.0f} MB "
+    print(f"decode {c['seconds']:.0f} s ({c['latents']} latents, real-size SAME-S, random weights): "
+          f"peak RSS chunked {c['peak_mb']:.0f} MB "
           f"(+{c['peak_mb'] - c['before_mb']:.0f} MB, {c['elapsed']:.1f} s) vs unchunked {u['peak_mb']:.0f} MB "
           f"(+{u['peak_mb'] - u['before_mb']:.0f} MB, {u['elapsed']:.1f} s): chunked/unchunked growth = "
           f"{(c['peak_mb'] - c['before_mb']) / max(1e-9, u['peak_mb'] - u['before_mb']):.2f}")
