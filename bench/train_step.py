@@ -3,12 +3,13 @@
     python bench/train_step.py                                   # tiny fixture + small-music, all 8 types, gc off/on
     python bench/train_step.py --models small-music --adapters dora-rows --gc off --repeats 3
 
-Per model (random weights, the config's DiT; fp32, batch 1, 10 s crop, rank 16 on every DiT Linear/Conv1d): the
-median no-grad forward of the base DiT, then per (adapter type, checkpointing) the median training step as
+Per model (random weights, the config's DiT; fp32, batch 1, 10 s crop, rank 16 on every DiT Linear/Conv1d) and per
+(adapter type, checkpointing): the median no-grad forward of the base DiT and the median training step as
 `Trainer.train_step` does it (adapter view, forward, flow loss, backward, clip, AdamW, update; see
-`training.vram.make_training_step`), the ratio step / forward (target <= 2.6x), steps/s and the peak RSS during that
-configuration's steps (VmHWM reset per configuration through /proc/self/clear_refs). The tiny fixture's latent rate
-is an artefact of its toy autoencoder, so it gets the latent count of a 10 s crop of the real models.
+`training.vram.make_training_step`), timed alternately so a busy machine slows both alike; the ratio step / forward
+(target <= 2.6x), steps/s, and the peak RSS during that configuration (VmHWM reset through /proc/self/clear_refs).
+The tiny fixture's latent rate is an artefact of its toy autoencoder, so it gets the latent count of a 10 s crop of
+the real models.
 """
 
 from __future__ import annotations
@@ -69,19 +70,19 @@ def bench_model(spec: str, label: str, args) -> None:
     print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} "
           f"(+{d.get('num_memory_tokens', 0)} memory) batch={args.batch} rank={args.rank} fp32  "
           f"built in {build:.1f} s, rss {_rss_gb('VmRSS'):.2f} GB", flush=True)
-    forward = None
     for adapter_type in args.adapters:
         for gc in args.gc:
             step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on")
-            if forward is None:  # the base DiT (no adapter active), measured once per model
-                fwd()
-                forward = _median_time(fwd, args.repeats)
-                print(f"  no-grad forward {forward:.3f} s", flush=True)
             _reset_peak()
+            fwd()
             step()  # warm-up (creates the AdamW state)
-            sec = _median_time(step, args.repeats)
+            fwd_times, step_times = [], []
+            for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
+                fwd_times.append(_median_time(fwd, 1))
+                step_times.append(_median_time(step, 1))
+            forward, sec = statistics.median(fwd_times), statistics.median(step_times)
             ratio = sec / forward
-            print(f"  {adapter_type:13s} gc={gc:3s}  step {sec:7.3f} s  {ratio:5.2f}x fwd "
+            print(f"  {adapter_type:13s} gc={gc:3s}  forward {forward:7.3f} s  step {sec:7.3f} s  {ratio:5.2f}x fwd "
                   f"{'ok ' if ratio <= 2.6 else 'MISS'}  {1 / sec:7.3f} steps/s  "
                   f"peak_rss {_rss_gb('VmHWM'):.2f} GB", flush=True)
             del step, fwd
