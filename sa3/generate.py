@@ -171,7 +171,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         latents = mask * z_source + (1 - mask) * latents
     if return_latents:
         return latents, cfg.sample_rate
-    audio = model.decode_latents(latents, chunked=chunked_decode).cpu()
+    audio = model.decode_latents(latents, chunked=chunked_decode, generator=generator).cpu()
     audio_mask = padding_mask.cpu()[:, None].repeat_interleave(ratio, dim=-1)
     audio = audio[..., : audio_mask.shape[-1]] * audio_mask[..., : audio.shape[-1]]
     audio = audio.clamp(-1, 1)

@@ -150,23 +150,20 @@ class SA3Model:
         audio = prepare_audio(waveform.float(), sample_rate, self.sample_rate, ae.io_channels, self.downsampling_ratio)
         audio = audio.to(self.device, ae_dtype)
         chunked = self.config.pretransform.get("chunked", False) if chunked is None else chunked
-        latents = ae.encode_chunked(audio) if chunked else ae.encode(audio)
-        return latents.float()
+        return ae.encode(audio, chunked=bool(chunked)).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, chunked: bool | None = None, chunk_size: int = 128,
-                       overlap: int = 32) -> Tensor:
+                       overlap: int = 32, generator: torch.Generator | None = None) -> Tensor:
         """latents: [B, latent_dim, T] -> waveform [B, 2, T * downsampling_ratio] float at `sample_rate` Hz.
         `chunked=None` follows the config (the real packs decode in 128-latent chunks with 32 overlap, which bounds
-        memory for long outputs)."""
+        memory for long outputs). The real SAMEs add tiny noise when decoding (`noise_regularize`, `mask_noise`);
+        `generator` makes it reproducible."""
         ae = self.autoencoder
         ae_dtype = next(ae.parameters()).dtype
         latents = latents.to(self.device, ae_dtype)
         chunked = self.config.pretransform.get("chunked", False) if chunked is None else chunked
-        if chunked:
-            audio = ae.decode_chunked(latents, chunk_size=chunk_size, overlap=overlap)
-        else:
-            audio = ae.decode(latents)
+        audio = ae.decode(latents, chunked=bool(chunked), chunk_size=chunk_size, overlap=overlap, generator=generator)
         return audio.float()
 
     # --- text ---
