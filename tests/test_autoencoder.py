@@ -20,8 +20,13 @@ def pretransform_config(fixtures_dir, model: str) -> dict:
 
 
 def load_tiny_autoencoder(fixtures_dir, model: str, config: dict | None = None) -> SAMEAutoencoder:
-    """The fixture's `pretransform.model.*` tensors, prefix removed, loaded with a strict key match."""
-    ae = SAMEAutoencoder.from_config(config or pretransform_config(fixtures_dir, model))
+    """The fixture's autoencoder through the public `load_autoencoder` (strict); with a modified `config`, the
+    fixture's `pretransform.model.*` tensors loaded strictly into a module built from it."""
+    if config is None:
+        from sa3_lora_studio import load_autoencoder
+
+        return load_autoencoder(fixtures_dir / model)
+    ae = SAMEAutoencoder.from_config(config)
     state = {k[len(PREFIX):]: v for k, v in load_file(str(fixtures_dir / model / "model.safetensors")).items()
              if k.startswith(PREFIX)}
     ae.load_state_dict(state, strict=True)

@@ -41,6 +41,16 @@ def multi(fixtures_dir, conditioning):
     return multi.eval().requires_grad_(False)
 
 
+def test_public_load_model_gives_the_reference_conditioning(fixtures_dir, golden, golden_cases):
+    from sa3_lora_studio import load_model
+
+    case = golden_cases["text.prompt_conditioner"]
+    model = load_model(fixtures_dir / "tiny-small")
+    emb, mask = model.conditioner.conditioners["prompt"](case["inputs"]["prompts"], "cpu")
+    torch.testing.assert_close(emb, golden["text.prompt_embeds"], atol=2e-5, rtol=1e-4)
+    assert torch.equal(mask, golden["text.prompt_mask"])
+
+
 def test_state_dict_keys_are_the_official_checkpoint_keys_without_t5(multi, fixtures_dir):
     assert set(multi.state_dict()) == set(checkpoint_conditioner_tensors(fixtures_dir))
     assert set(multi.state_dict()) == {"conditioners.prompt.padding_embedding",

@@ -33,13 +33,12 @@ def diffusion_section(fixtures_dir, model: str) -> dict:
 
 
 def build_dit(fixtures_dir, model: str) -> DiTWrapper:
-    """A DiTWrapper from the fixture's config, filled strictly from `model.model.*` of its checkpoint."""
-    section = diffusion_section(fixtures_dir, model)
-    wrapper = DiTWrapper(diffusion_objective=section["diffusion_objective"], **section["config"])
-    state = load_file(str(fixtures_dir / model / "model.safetensors"))
-    wrapper.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.model.")},
-                            strict=True)
-    return wrapper.eval()
+    """The fixture's DiTWrapper, loaded through the public `load_model` users call (strict key match)."""
+    from sa3_lora_studio import load_model
+
+    wrapper = load_model(fixtures_dir / model).modules.model
+    assert isinstance(wrapper, DiTWrapper)
+    return wrapper.eval().requires_grad_(True)  # some tests take gradients (load_model freezes the base)
 
 
 @pytest.fixture(scope="module")
