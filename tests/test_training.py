@@ -163,3 +163,24 @@ def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_pa
     trained = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
     assert (trained.adapter_type, trained.rank, trained.alpha) == (original.adapter_type, original.rank, original.alpha)
     assert set(trained.layers) == set(original.layers)
+
+
+def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.encoding import preview_prompts, prompt_seed
+    from sa3_lora_studio.training.trainer import Trainer
+
+    config = _config(dataset, fixtures_dir, prompt_config={"caption_weight": 50, "path_weight": 50},
+                     trigger_word="zz", batch_size=2)
+    trainer = Trainer(config, tmp_path, "r", EventLogStub(), _provider(tiny))
+    trainer.setup()
+    for step in range(5):
+        batch = trainer.make_batch(step)
+        preview = preview_prompts(trainer.items, trainer.prompt_config, prompt_seed(config.seed, step), n=len(trainer.items))
+        by_file = {row["relpath"]: row["prompt"] for row in preview}
+        assert batch["prompts"] == [by_file[trainer.items[i][0]] for i in batch["indices"]]
+        assert all(p.startswith("zz") for p in batch["prompts"])
+
+
+class EventLogStub:
+    def emit(self, *args, **kwargs):
+        return {}
