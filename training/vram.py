@@ -261,3 +261,27 @@ def measure_training_peak(model: str, adapter_type: str = "dora-rows", rank: int
 
 __all__ = ["estimate_training_memory", "free_device_memory", "check_fits", "measure_training_peak",
            "adapter_parameter_count", "build_random_dit_tree", "make_training_step"]
+
+
+def vram_table(packs=("small-music", "medium"), precisions=("bf16", "fp32"), crops=(30.0, 120.0),
+               batches=(1, 4)) -> str:
+    """A markdown table of estimated training memory (dora-rows rank 16, every DiT layer) for the real packs."""
+    from ..sa3.config import family_defaults, read_config
+    from .runs import RunConfig
+
+    rows = ["| pack | precision | crop | batch | estimate | with gradient checkpointing |", "|---|---|---|---|---|---|"]
+    for pack in packs:
+        cfg = read_config(family_defaults(pack))
+        for precision in precisions:
+            for crop in crops:
+                for batch in batches:
+                    est = [estimate_training_memory(cfg, RunConfig(dataset="-", precision=precision, crop_seconds=crop,
+                                                                   batch_size=batch, gradient_checkpointing=gc))
+                           for gc in (False, True)]
+                    rows.append(f"| {pack} | {precision} | {crop:g} s | {batch} | {est[0]['total'] / 2**30:.1f} GB "
+                                f"| {est[1]['total'] / 2**30:.1f} GB |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(vram_table())
