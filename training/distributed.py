@@ -26,6 +26,7 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -70,6 +71,17 @@ class _LocalRowsModel:
         return partial(_dit_on_rows, self._model.dit, self._rows)
 
 
+class _LocalRowsTree:
+    """A module tree (the trainer's adapter view) whose DiT, `tree.model.model`, computes only this rank's rows."""
+
+    def __init__(self, tree, rows: slice):
+        self._tree = tree
+        self.model = SimpleNamespace(model=partial(_dit_on_rows, tree.model.model, rows))
+
+    def __getattr__(self, name):
+        return getattr(self._tree, name)
+
+
 class _SilentLog(EventLog):
     """Events of ranks > 0 go nowhere (rank 0 writes the run's events)."""
 
@@ -99,12 +111,18 @@ class DistributedTrainer(Trainer):
                 dist.broadcast(p.data, src=0)
 
     def loss_for_batch(self, batch: dict, step: int):
-        model = self.model
-        self.model = _LocalRowsModel(model, self.rows)  # only the DiT call is split; all draws stay global
+        # Only the DiT call is split; all random draws stay global. The trainer runs the DiT either as
+        # `self.view.model.model` (the adapter view) or as `self.model.dit`: both are swapped for row-slicing ones.
+        model, view = self.model, getattr(self, "view", None)
+        self.model = _LocalRowsModel(model, self.rows)
+        if view is not None:
+            self.view = _LocalRowsTree(view, self.rows)
         try:
             return super().loss_for_batch(batch, step)
         finally:
             self.model = model
+            if view is not None:
+                self.view = view
 
     def all_reduce_gradients(self) -> None:
         """Sum the adapter gradients over ranks (each rank's loss is already divided by the global batch)."""
