@@ -192,8 +192,8 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
         for p in params:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    d, dit = model_config.dit, tree.model.model
-    dit.gradient_checkpointing = gradient_checkpointing
+    d, dit, view_dit = model_config.dit, tree.model.model, stack.module.model.model
+    dit.gradient_checkpointing = view_dit.gradient_checkpointing = gradient_checkpointing
     x = torch.randn(batch, d["io_channels"], crop_latents, generator=g)
     target = torch.randn(x.shape, generator=g)
     t = torch.rand(batch, generator=g)
@@ -203,10 +203,9 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with stack.activate():  # backward inside too: checkpointed blocks are recomputed with the adapter
-            v = dit(x, t, cross, glob, local)
-            loss = masked_flow_loss(v.float(), target).loss
-            loss.backward()
+        v = view_dit(x, t, cross, glob, local)  # the adapter view, as the trainer runs it (checkpointing-safe)
+        loss = masked_flow_loss(v.float(), target).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         stack.update()
