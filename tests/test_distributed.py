@@ -7,11 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-import soundfile as sf
 import torch
-from sa3_lora_studio import load_model
-from sa3_lora_studio.encoding import encode_folder
 from sa3_lora_studio.training.distributed import rank_rows
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import RunConfig, RunRegistry
@@ -19,24 +15,6 @@ from sa3_lora_studio.training.runs import RunConfig, RunRegistry
 TOLERANCE = 1e-5  # fp32 sums of per-rank gradient shares vs one full-batch backward: rounding only
 
 
-@pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    return load_model(fixtures_dir / "tiny-small")
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny, tmp_path_factory):
-    """Three short captioned WAV files encoded by the tiny model (as in test_training.py)."""
-    root = tmp_path_factory.mktemp("audio")
-    rng = np.random.default_rng(0)
-    for i, (freq, caption) in enumerate([(220, "warm bass drone"), (880, "bright bell tone"), (440, "noisy snare")]):
-        t = np.arange(int(44100 * 0.06)) / 44100
-        wav = 0.4 * np.sin(2 * np.pi * freq * t)[:, None] * np.ones((1, 2)) + 0.05 * rng.standard_normal((len(t), 2))
-        sf.write(root / f"clip{i}.wav", wav.astype(np.float32), 44100)
-        (root / f"clip{i}.txt").write_text(caption)
-    out = tmp_path_factory.mktemp("dataset")
-    assert encode_folder(root, out, encoder=tiny).complete
-    return out
 
 
 def _config(dataset, fixtures_dir, **kw) -> dict:

@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from sa3_lora_studio import load_model
 from sa3_lora_studio.sa3.loading import CheckpointError, SafetensorsFile
+from safetensors.torch import load_file, save_file
 
 
 def _copy_model(fixtures_dir, tmp_path, name="tiny-small"):
@@ -42,7 +41,8 @@ def test_missing_key_is_named(fixtures_dir, tmp_path):
     sd = load_file(str(folder / "model.safetensors"))
     del sd["model.model.transformer.layers.0.self_attn.to_qkv.weight"]
     save_file(sd, str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.safetensors.*1 missing key\(s\): model.model.transformer.layers.0.self_attn"):
+    missing = r"model.safetensors.*1 missing key\(s\): model.model.transformer.layers.0.self_attn"
+    with pytest.raises(CheckpointError, match=missing):
         load_model(folder)
 
 

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from sa3_lora_studio.training.events import EventLog, loss_by_timestep, read_events
 from sa3_lora_studio.training.runs import RunError, atomic_write_json, confine
 from sa3_lora_studio.training.worker import RunControl, TrainingWorker

@@ -4,36 +4,13 @@ import json
 import math
 import threading
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from sa3_lora_studio import load_model
 from sa3_lora_studio.adapters import read_adapter_file
-from sa3_lora_studio.encoding import encode_folder
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import DemoSpec, RunConfig
-
-
-@pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    return load_model(fixtures_dir / "tiny-small")
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny, tmp_path_factory):
-    """Three short real WAV files with captions, encoded by the tiny model's own SAME encoder."""
-    root = tmp_path_factory.mktemp("audio")
-    rng = np.random.default_rng(0)
-    for i, (freq, caption) in enumerate([(220, "warm bass drone"), (880, "bright bell tone"), (440, "noisy snare")]):
-        t = np.arange(int(44100 * 0.06)) / 44100
-        wav = 0.4 * np.sin(2 * np.pi * freq * t)[:, None] * np.ones((1, 2)) + 0.05 * rng.standard_normal((len(t), 2))
-        sf.write(root / f"clip{i}.wav", wav.astype(np.float32), 44100)
-        (root / f"clip{i}.txt").write_text(caption)
-    out = tmp_path_factory.mktemp("dataset")
-    report = encode_folder(root, out, encoder=tiny)
-    assert report.complete
-    return out
 
 
 def _config(dataset, fixtures_dir, **kw):
