@@ -34,6 +34,7 @@ import torch.distributed as dist
 from .events import EventLog
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .trainer import Trainer
+from .worker import RunControl
 
 
 def rank_rows(global_batch: int, rank: int, world_size: int) -> slice:
@@ -152,7 +153,7 @@ class DistributedTrainer(Trainer):
         per_item[self.rows] = result.per_item.detach()[self.rows].double()
         dist.all_reduce(per_item)
         per_item = per_item.cpu()
-        return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": float(grad_norm),
+        return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": float(grad_norm), "world_size": self.world_size,
                 "samples": [[round(float(ti), 5), float(li)] for ti, li in zip(t.cpu().tolist(), per_item.tolist())]}
 
     def save_checkpoint(self) -> dict | None:
@@ -161,58 +162,13 @@ class DistributedTrainer(Trainer):
         dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
         return info
 
-    def stop_requested(self, local_stop: bool) -> bool:
-        """Rank 0 decides (its signal flag or a `stop.request` file from `sa3-lora runs stop`); all ranks follow."""
+    def stop_requested(self, control) -> bool:
+        """Rank 0 decides (its signal-driven flag or a `stop.request` file from `sa3-lora runs stop`); all follow."""
         flag = torch.zeros(1, device=self.device)
         if self.is_main:
-            request = self.folder / "stop.request"
-            if request.exists():
-                request.unlink(missing_ok=True)
-                local_stop = True
-            flag += float(local_stop)
+            flag += float(super().stop_requested(control))
         dist.broadcast(flag, src=0)
         return bool(flag.item())
-
-
-def train_loop(trainer: DistributedTrainer, registry: RunRegistry | None, stop_flag: list[bool]) -> str:
-    """The step loop of `Trainer.train` for N ranks: demos and files on rank 0, stop decided together."""
-    from .demos import run_demos
-
-    c, log = trainer.config, trainer.log
-
-    def set_status(status: str, **extra) -> None:
-        if registry is not None:
-            registry.update(trainer.run_id, status=status, **extra)
-        log.emit("status", status=status, **extra)
-
-    set_status("training")
-    demos_done = {int(p.name.split("_")[1]) for p in (trainer.folder / "demos").glob("step_*") if p.is_dir()}
-    while True:
-        if trainer.is_main and c.demo_every and trainer.global_step % c.demo_every == 0 \
-                and trainer.global_step not in demos_done:
-            set_status("demos")
-            run_demos(trainer, trainer.global_step)
-            demos_done.add(trainer.global_step)
-            set_status("training")
-        if trainer.step >= c.steps:
-            break
-        if trainer.stop_requested(stop_flag[0]):
-            if trainer.last_saved_step != trainer.global_step:
-                trainer.save_checkpoint()
-            set_status("stopped")
-            return "stopped"
-        metrics = trainer.train_step(trainer.step)
-        trainer.step += 1
-        if not torch.isfinite(torch.tensor(metrics["loss"])):  # the same global loss on every rank: all raise
-            raise RunError(f"the loss became {metrics['loss']} at step {trainer.global_step}; lower the learning "
-                           "rate or use fp32/bf16 precision")
-        log.emit("step", step=trainer.global_step, world_size=trainer.world_size, **metrics)
-        if registry is not None and (trainer.step % 5 == 0 or trainer.step == c.steps):
-            registry.update(trainer.run_id, step=trainer.global_step)
-        if trainer.step % c.checkpoint_every == 0 or trainer.step == c.steps:
-            trainer.save_checkpoint()
-    set_status("done")
-    return "done"
 
 
 def _device_for(config: RunConfig, local_rank: int) -> torch.device:
@@ -236,10 +192,10 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=timedelta(minutes=60))  # rank 0's demos and checkpoints may take a while
-    stop_flag = [False]
+    control = RunControl()
 
     def on_signal(signum, frame):
-        stop_flag[0] = True  # acted on by rank 0 at the next step boundary (saves first)
+        control.request_stop()  # acted on by rank 0's decision at the next step boundary (saves first)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     registry = RunRegistry(runs_dir) if rank == 0 else None
@@ -267,7 +223,12 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
             trainer.setup()
             if registry is not None:
                 registry.update(run_id, step=trainer.global_step, total_steps=trainer.step_offset + config.steps)
-            status = train_loop(trainer, registry, stop_flag)
+            def set_status(status: str, **extra) -> None:
+                if registry is not None:
+                    registry.update(run_id, status=status, **extra)
+                log.emit("status", status=status, **extra)
+
+            status = trainer.train(control, set_status)  # the single-process loop; hooks make it rank-aware
         except BaseException as e:
             if registry is not None:
                 message = f"{type(e).__name__}: {e}"
@@ -284,4 +245,4 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         dist.destroy_process_group()
 
 
-__all__ = ["train_distributed", "DistributedTrainer", "rank_rows", "train_loop"]
+__all__ = ["train_distributed", "DistributedTrainer", "rank_rows"]

@@ -267,6 +267,16 @@ class Trainer:
                 "samples": [[round(float(ti), 5), li] for ti, li in zip(t.cpu().tolist(), per_item)]}
 
     # ------------------------------------------------------------------------------------------------ loop
+    is_main = True  # the process that writes files and renders demos (rank 0 when distributed)
+
+    def stop_requested(self, control: RunControl) -> bool:
+        """The run's own stop flag, or a `stop.request` file left by `sa3-lora runs stop` in another process."""
+        request = self.folder / "stop.request"
+        if request.exists():
+            request.unlink(missing_ok=True)
+            control.request_stop()
+        return control.stop.is_set()
+
     def train(self, control: RunControl, set_status=lambda status, **kw: None) -> str:
         c = self.config
         from .demos import run_demos
@@ -275,23 +285,20 @@ class Trainer:
         last_time, last_step = time.time(), self.step
         demos_done = {int(p.name.split("_")[1]) for p in (self.folder / "demos").glob("step_*") if p.is_dir()}
         while True:
-            if c.demo_every and self.global_step % c.demo_every == 0 and self.global_step not in demos_done:
+            if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
+                    and self.global_step not in demos_done:
                 set_status("demos")
                 run_demos(self, self.global_step)
                 demos_done.add(self.global_step)
                 set_status("training")
             if self.step >= c.steps:
                 break
-            request = self.folder / "stop.request"  # `sa3-lora runs stop` from another process
-            if request.exists():
-                request.unlink(missing_ok=True)
-                control.request_stop()
             if control.save_now.is_set():
                 control.save_now.clear()
                 self.save_checkpoint()
             control.wait_while_paused(on_pause=lambda: set_status("paused"),
                                       on_resume=lambda: set_status("training"))
-            if control.stop.is_set():
+            if self.stop_requested(control):
                 if self.last_saved_step != self.global_step:
                     self.save_checkpoint()
                 set_status("stopped")
