@@ -8,7 +8,6 @@ using the shared model hears it.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -85,4 +84,4 @@ def run_demos(trainer, step: int) -> list[dict]:
     return events
 
 
-__all__ = ["run_demos", "demo_prompt", "json"]
+__all__ = ["run_demos", "demo_prompt", "arc_model_for"]

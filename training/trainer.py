@@ -16,7 +16,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
@@ -394,4 +393,4 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         raise
 
 
-__all__ = ["Trainer", "run_training", "batch_indices", "derive_seed", "np"]
+__all__ = ["Trainer", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]
