@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sa3.atomic import atomic_write, atomic_write_json
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
 from .captions import lookup_metadata, nfc
 
@@ -56,27 +57,13 @@ class DatasetError(Exception):
 # small helpers
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write via a temp file + os.replace: readers see the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
+# One implementation of atomic writes for the whole pack (temp file + fsync + os.replace).
+write_atomic = atomic_write
+write_json_atomic = atomic_write_json
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -613,15 +600,20 @@ class EncodedDataset:
         return z[0] if z.ndim == 3 else z
 
     def metadata(self, i: int) -> dict:
-        return json.loads((self.root / self.entries[i]["metadata"]).read_text(encoding="utf-8"))
+        """The file's metadata dict (a shallow copy: callers may set keys). Read from disk once; training asks every
+        step."""
+        cache = self.__dict__.setdefault("_metadata_cache", {})
+        if i not in cache:
+            cache[i] = json.loads((self.root / self.entries[i]["metadata"]).read_text(encoding="utf-8"))
+        return dict(cache[i])
 
     def silence(self) -> np.ndarray | None:
         """[latent_dim, N] encoded silence, or None when the dataset has none."""
-        p = self.root / self.manifest.get("silence", SILENCE)
-        if not p.is_file():
-            return None
-        z = np.load(p)
-        return z.reshape(z.shape[-2], z.shape[-1])
+        if "_silence" not in self.__dict__:  # read once: every padded training item needs it
+            p = self.root / self.manifest.get("silence", SILENCE)
+            z = np.load(p) if p.is_file() else None
+            self.__dict__["_silence"] = None if z is None else z.reshape(z.shape[-2], z.shape[-1])
+        return self.__dict__["_silence"]
 
     def item(self, i: int, latent_crop_length: int | None = None, random_crop: bool = False,
              rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray, dict]:

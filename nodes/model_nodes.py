@@ -7,21 +7,12 @@ import threading
 import torch
 
 from ..sa3.packs import PACKS, get_pack
+from ..training.trainer import pick_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir
 
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 CUSTOM = "(ComfyUI checkpoint file)"
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def get_or_load(key: tuple, loader):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -392,8 +391,3 @@ def infer_config(shapes: Mapping[str, tuple], *, objective: str | None = None, f
     for path, value in overrides.items():
         set_path(raw, _OVERRIDE_ALIASES.get(path, path), value)
     return SA3Config(raw, source=source, family=family, inferred=True)
-
-
-def latent_length_for_seconds(seconds: float, config: SA3Config) -> int:
-    """ceil(seconds · sample_rate / downsampling_ratio): latents covering `seconds` of audio."""
-    return math.ceil(int(seconds * config.sample_rate) / config.downsampling_ratio)

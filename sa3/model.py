@@ -8,7 +8,6 @@ code); it loads from the pack's `t5gemma-b-b-ul2/` folder or ComfyUI's single `t
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from .autoencoder import SAMEAutoencoder
 from .conditioners import MultiConditioner
 from .config import (
     AUTOENCODER_PREFIX,
-    CONDITIONER_PREFIX,
     DIT_PREFIX,
     ConfigError,
     SA3Config,
@@ -100,7 +98,6 @@ class SA3Model:
                  source: str = "", pack: str | None = None, variant: str | None = None):
         self.config, self.modules, self.dtype, self.device = config, modules, dtype, torch.device(device)
         self.source, self.pack, self.variant = source, pack, variant
-        self.lock = threading.RLock()  # guards lazy state (text-encoder placement), never held during sampling
 
     # --- parts ---
     @property
@@ -397,4 +394,4 @@ def load_autoencoder(source: str | Path, config: str | Path | dict | None = None
     return ae.eval().requires_grad_(False)
 
 
-__all__ = ["SA3Model", "Conditioning", "load_model", "load_autoencoder", "CONDITIONER_PREFIX"]
+__all__ = ["SA3Model", "Conditioning", "load_model", "load_autoencoder"]

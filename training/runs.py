@@ -13,15 +13,14 @@ A run folder reads without our code:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+
+from ..sa3.atomic import atomic_write_json
 
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
 ACTIVE = ("queued", "loading", "training", "demos", "paused")
@@ -31,25 +30,6 @@ TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
 
 class RunError(ValueError):
     pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def confine(root: Path, relative: str) -> Path:

@@ -21,6 +21,7 @@ import torch
 from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
 from ..encoding import PromptConfig, batch_prompts, load_dataset
 from ..sa3 import schedules
+from ..sa3.atomic import fsync_replace
 from .events import EventLog
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
@@ -50,10 +51,13 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[i
 
 
 def pick_device(name: str) -> torch.device:
+    """"auto" = CUDA, else Apple MPS, else CPU; any other name as given."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -182,11 +186,11 @@ class Trainer:
                            epoch=self.global_step * c.batch_size // max(1, len(self.dataset)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
                            base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
-        _fsync_replace(tmp, adapter_path)
+        fsync_replace(tmp, adapter_path)
         state_path = ckpt_dir / f"{name}.state.pt"
         tmp = ckpt_dir / f".{name}.state.pt.tmp"
         torch.save(self.state_dict(), tmp)
-        _fsync_replace(tmp, state_path)
+        fsync_replace(tmp, state_path)
         info = {"step": self.global_step, "path": f"checkpoints/{adapter_path.name}",
                 "state_path": f"checkpoints/{state_path.name}", "time": time.time()}
         atomic_write_json(self.folder / "latest.json", info)
@@ -361,14 +365,6 @@ class _null_context:
 
     def __exit__(self, *exc):
         return False
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    import os
-
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: EventLog, model_provider=None) -> str:
