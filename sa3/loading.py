@@ -148,12 +148,14 @@ def describe_key_mismatch(missing: list[str], unexpected: list[str], limit: int 
 
 
 def load_into_meta_module(module: nn.Module, file: SafetensorsFile, key_map: Mapping[str, str],
-                          dtype_for: Callable[[str], torch.dtype | None], device="cpu", what: str = "model") -> None:
+                          dtype_for: Callable[[str], torch.dtype | None], device="cpu", what: str = "model",
+                          computed: frozenset[str] = frozenset()) -> None:
     """Fill a module built on the meta device from `file`, strictly.
 
     key_map: {module state_dict key: file key}. Every module key must be present with the right shape, and every
-    file key listed in key_map's values is read once. Tensors are assigned (not copied into) the module."""
-    expected = module.state_dict(keep_vars=True)
+    file key listed in key_map's values is read once. Tensors are assigned (not copied into) the module.
+    computed: module keys the caller has already filled (e.g. RoPE frequencies a re-saved file dropped)."""
+    expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in computed}
     missing = [k for k in expected if k not in key_map or key_map[k] not in file.shapes]
     if missing:
         raise CheckpointError(f"{file.path.name} does not match the {what}: "
@@ -168,7 +170,9 @@ def load_into_meta_module(module: nn.Module, file: SafetensorsFile, key_map: Map
     state = {}
     for file_key, tensor in file.read_many(inverse, lambda fk: dtype_for(inverse[fk]), device):
         state[inverse[file_key]] = tensor
-    module.load_state_dict(state, strict=True, assign=True)
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if set(result.missing_keys) - set(computed) or result.unexpected_keys:
+        raise RuntimeError(f"internal: {what} keys not loaded: {sorted(set(result.missing_keys) - set(computed))[:5]}")
     leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftovers:
         raise RuntimeError(f"internal: {what} tensors not provided by the checkpoint and not computed: {leftovers[:5]}")

@@ -238,45 +238,20 @@ def load_weights(modules: SA3Modules, file: SafetensorsFile, dtype: torch.dtype,
     drop them); they are recomputed then. Any other missing or extra tensor is an error naming it."""
     keys = set(file.keys())
     expected = modules.state_dict(keep_vars=True)
-    key_map = {k: k for k in expected if k in keys or not k.endswith("inv_freq")}
-    rotary_missing = [k for k in expected if k not in key_map]
-    for name in rotary_missing:  # drop from the strict check, fill after
+    computed = frozenset(k for k in expected if k.endswith("inv_freq") and k not in keys)
+    for name in computed:
         owner = modules.get_submodule(name.rsplit(".", 1)[0])
         owner.inv_freq = owner.compute_inv_freq(device="cpu")
 
     def dtype_for(key: str):
         return torch.float32 if _keep_fp32(key, dtype) else dtype
 
-    subset = _StateSubset(modules, set(key_map))
-    load_into_meta_module(subset, file, key_map, dtype_for, device, what="SA3 model")
+    key_map = {k: k for k in expected if k not in computed}
+    load_into_meta_module(modules, file, key_map, dtype_for, device, what="SA3 model", computed=computed)
     allowed = {"text_encoders.", "cond_stage_model."}  # ComfyUI files may bundle other parts we load separately
     check_unexpected(file, set(key_map.values()), lambda k: any(k.startswith(p) for p in allowed), what="SA3 model")
     if str(device) != "cpu":
         modules.to(device)
-
-
-class _StateSubset(nn.Module):
-    """A view that exposes only some keys of a module's state dict for strict loading."""
-
-    def __init__(self, module: nn.Module, keys: set[str]):
-        super().__init__()
-        self.inner, self.keys = module, keys
-
-    def state_dict(self, *args, keep_vars=False, **kwargs):
-        full = self.inner.state_dict(keep_vars=keep_vars)
-        return {k: v for k, v in full.items() if k in self.keys}
-
-    def load_state_dict(self, state, strict=True, assign=False):
-        missing = self.keys - set(state)
-        if strict and missing:
-            raise CheckpointError(f"internal: keys not loaded: {sorted(missing)[:5]}")
-        return self.inner.load_state_dict(state, strict=False, assign=assign)
-
-    def named_parameters(self, *args, **kwargs):
-        return ((n, p) for n, p in self.inner.named_parameters() if n in self.keys)
-
-    def named_buffers(self, *args, **kwargs):
-        return ((n, b) for n, b in self.inner.named_buffers() if n in self.keys)
 
 
 def _find_text_encoder_for(folder: Path, config: SA3Config) -> Path | None:

@@ -123,3 +123,14 @@ def test_comfyui_single_file_checkpoint_loads_like_the_folder(fixtures_dir, tmp_
     z = folder_model.encode_audio(audio, 44100)
     assert torch.equal(file_model.encode_audio(audio, 44100), z)
     assert torch.equal(file_model.decode_latents(z), folder_model.decode_latents(z))
+
+
+def test_a_resaved_file_without_rope_buffers_loads_with_the_official_frequencies(fixtures_dir, tmp_path):
+    folder = _copy_model(fixtures_dir, tmp_path)
+    sd = load_file(str(folder / "model.safetensors"))
+    dropped = [k for k in sd if k.endswith("inv_freq")]
+    assert dropped
+    save_file({k: v for k, v in sd.items() if k not in dropped}, str(folder / "model.safetensors"))
+    reference = load_model(fixtures_dir / "tiny-small").modules.state_dict()
+    for key, value in load_model(folder).modules.state_dict().items():
+        assert torch.equal(value, reference[key]), key
