@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .events import EventLog
+from .requests import StepRequests, clear_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .trainer import Trainer
 from .worker import RunControl
@@ -162,13 +164,22 @@ class DistributedTrainer(Trainer):
         dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
         return info
 
-    def stop_requested(self, control) -> bool:
-        """Rank 0 decides (its signal-driven flag or a `stop.request` file from `sa3-lora runs stop`); all follow."""
-        flag = torch.zeros(1, device=self.device)
+    def step_requests(self, control: RunControl) -> StepRequests:
+        """Rank 0 decides (its signal-driven flags and the request files of `sa3-lora runs stop|save|pause|continue`)
+        and broadcasts one small tensor, so every rank saves, pauses, continues or stops at the same boundary."""
+        flags = torch.zeros(3, device=self.device)
         if self.is_main:
-            flag += float(super().stop_requested(control))
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+            asked = super().step_requests(control)
+            flags += torch.tensor([asked.stop, asked.save, asked.pause], dtype=flags.dtype, device=flags.device)
+        dist.broadcast(flags, src=0)
+        stop, save, pause = (bool(x) for x in flags.tolist())
+        return StepRequests(stop=stop, save=save, pause=pause)
+
+    def wait_for_requests(self, control: RunControl) -> None:
+        # Only rank 0 sleeps (≤ 0.5 s); the others wait inside the next broadcast, which it sends at least twice a
+        # second, so a long pause never runs into the process group's timeout.
+        if self.is_main:
+            super().wait_for_requests(control)
 
 
 def _device_for(config: RunConfig, local_rank: int) -> torch.device:
@@ -179,12 +190,14 @@ def _device_for(config: RunConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | None = None) -> int:
+def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | None = None,
+                      listeners: list[Callable[[dict], None]] | None = None) -> int:
     """Entry of every rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
 
     config.batch_size is per rank (global batch = batch_size × WORLD_SIZE). run_id (or $SA3_RUN_ID) resumes that
     run from its latest checkpoint (with the run's saved config; only `steps` is taken from `config`, so a
-    finished run can be extended); otherwise rank 0 registers a new run. Returns a process exit code."""
+    finished run can be extended); otherwise rank 0 registers a new run. listeners receive rank 0's events (the CLI
+    prints them). Returns a process exit code."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device_for(config, local_rank)
@@ -207,6 +220,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
             else:  # the run's own config (per-rank batch), not the file given; only `steps` may be extended
                 config = replace(registry.config(run_id), steps=config.steps)
                 atomic_write_json(registry.run_dir(run_id) / "config.json", config.to_dict())
+                clear_requests(registry.run_dir(run_id))  # asked of an earlier process that died before taking them
             registry.update(run_id, status="loading", error=None, world_size=world)
             print(f"run {run_id} in {registry.run_dir(run_id)} on {world} processes "
                   f"(global batch {config.batch_size * world})", flush=True)
@@ -216,7 +230,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         folder = RunRegistry(runs_dir).run_dir(run_id)
         global_config = replace(config, batch_size=config.batch_size * world, device=str(device),
                                 demo_every=config.demo_every if rank == 0 else 0)
-        log = EventLog(folder / "events.jsonl", run_id) if rank == 0 else _SilentLog(run_id)
+        log = EventLog(folder / "events.jsonl", run_id, listeners) if rank == 0 else _SilentLog(run_id)
         trainer = DistributedTrainer(global_config, folder, run_id, log, registry=registry, rank=rank,
                                      world_size=world)
         try:

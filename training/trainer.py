@@ -23,6 +23,7 @@ from ..encoding import PromptConfig, batch_prompts, load_dataset
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
 from .events import EventLog
+from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
 
@@ -272,13 +273,33 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     is_main = True  # the process that writes files and renders demos (rank 0 when distributed)
 
-    def stop_requested(self, control: RunControl) -> bool:
-        """The run's own stop flag, or a `stop.request` file left by `sa3-lora runs stop` in another process."""
-        request = self.folder / "stop.request"
-        if request.exists():
-            request.unlink(missing_ok=True)
-            control.request_stop()
-        return control.stop.is_set()
+    def step_requests(self, control: RunControl) -> StepRequests:
+        """What the run is asked at this step boundary: its own RunControl (node, panel, signal) plus the request
+        files `sa3-lora runs stop|save|pause|continue` leave in the run folder from another process."""
+        apply_requests(self.folder, control)
+        return StepRequests(stop=control.stop.is_set(), save=control.take_save(), pause=control.paused)
+
+    def wait_for_requests(self, control: RunControl) -> None:
+        """While paused: until an in-process flag changes, or ~0.5 s so that request files are polled."""
+        control.resume_event.wait(0.5)
+
+    def at_step_boundary(self, control: RunControl, set_status) -> bool:
+        """Honour save-now, pause and stop between two steps; True = stop (the caller saves first). A paused run
+        keeps polling, so it can be saved, continued or stopped from any process while it waits."""
+        paused = False
+        while True:
+            asked = self.step_requests(control)
+            if asked.save and not asked.stop and self.last_saved_step != self.global_step:
+                self.save_checkpoint()
+            if asked.stop or not asked.pause:
+                break
+            if not paused:
+                set_status("paused")
+                paused = True
+            self.wait_for_requests(control)
+        if paused and not asked.stop:
+            set_status("training")
+        return asked.stop
 
     def train(self, control: RunControl, set_status=lambda status, **kw: None) -> str:
         c = self.config
@@ -296,12 +317,7 @@ class Trainer:
                 set_status("training")
             if self.step >= c.steps:
                 break
-            if control.save_now.is_set():
-                control.save_now.clear()
-                self.save_checkpoint()
-            control.wait_while_paused(on_pause=lambda: set_status("paused"),
-                                      on_resume=lambda: set_status("training"))
-            if self.stop_requested(control):
+            if self.at_step_boundary(control, set_status):
                 if self.last_saved_step != self.global_step:
                     self.save_checkpoint()
                 set_status("stopped")

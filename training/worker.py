@@ -35,6 +35,13 @@ class RunControl:
     def resume(self) -> None:
         self.resume_event.set()
 
+    def take_save(self) -> bool:
+        """True once per save-now request (cleared as it is taken)."""
+        if not self.save_now.is_set():
+            return False
+        self.save_now.clear()
+        return True
+
     @property
     def paused(self) -> bool:
         return not self.resume_event.is_set()
