@@ -1,4 +1,7 @@
-"""`sa3-lora train --config run.json` and `sa3-lora runs list|resume|stop|delete|show`."""
+"""`sa3-lora train --config run.json` and `sa3-lora runs list|show|resume|stop|save|pause|continue|delete`.
+
+Control commands work on a run trained by any process (a worker thread in ComfyUI, `sa3-lora train`, torchrun
+ranks): they leave a request file in the run folder (`requests.py`) that the trainer takes at its next step."""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from .runs import ACTIVE as ACTIVE_STATUSES
+from .runs import atomic_write_json
 
 DEFAULT_RUNS_DIR = "sa3-runs"
 
@@ -50,7 +56,9 @@ def _follow(manager, run_id: str) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .runs import RunConfig
+    from dataclasses import replace
+
+    from .runs import RunConfig, RunRegistry
 
     data = json.loads(Path(args.config).read_text(encoding="utf-8"))
     for key in ("dataset", "model", "steps", "name"):
@@ -58,44 +66,123 @@ def _cmd_train(args) -> int:
         if value is not None:
             data[key] = value
     config = RunConfig.from_dict(data)
+    run_id = os.environ.get("SA3_RUN_ID") or None  # set by `sa3-lora runs resume`: continue that run
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .distributed import train_distributed
 
-        return train_distributed(config, args.runs_dir)
-    manager = _manager(args, [_print_event])
-    run_id = manager.submit(config)
-    print(f"run {run_id} in {manager.registry.run_dir(run_id)}", flush=True)
+        return train_distributed(config, args.runs_dir, run_id=run_id, listeners=[_print_event])
+    if run_id is None:
+        manager = _manager(args, [_print_event])
+        run_id = manager.submit(config)
+        print(f"run {run_id} in {manager.registry.run_dir(run_id)}", flush=True)
+        return _follow(manager, run_id)
+    # As train_distributed does: the run's own config, with `steps` from the file given (a run can be extended).
+    registry = RunRegistry(args.runs_dir)
+    registry.mark_interrupted_after_restart()
+    _refuse_if_running(registry, run_id)
+    atomic_write_json(registry.run_dir(run_id) / "config.json",
+                      replace(registry.config(run_id), steps=config.steps).to_dict())
+    return _resume_here(args, run_id)
+
+
+def _resume_here(args, run_id: str) -> int:
+    """Resume `run_id` in this process (one device) from its last checkpoint and follow it."""
+    from .requests import clear_requests
+
+    manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
+    _refuse_if_running(manager.registry, run_id)
+    clear_requests(manager.registry.run_dir(run_id))  # left for a process that died before taking them
+    manager.registry.update(run_id, world_size=1)
+    manager.control(run_id, "restart")
     return _follow(manager, run_id)
 
 
+def _refuse_if_running(registry, run_id: str) -> None:
+    status = registry.get(run_id)["status"]
+    if status in ACTIVE_STATUSES:
+        raise RuntimeError(f"run {run_id} is {status} in another process; stop it first "
+                           f"(`sa3-lora runs stop {run_id}`)")
+
+
+def torchrun_command(runs_dir: str | Path, run_id: str, nproc: int) -> list[str]:
+    """The command that resumes a run on `nproc` local processes (torchrun is `python -m torch.distributed.run`;
+    `--standalone` picks a free rendezvous port)."""
+    from .runs import RunRegistry
+
+    folder = RunRegistry(runs_dir).run_dir(run_id)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "sa3_lora_studio", "train", "--config", str(folder / "config.json"),
+            "--runs-dir", str(Path(runs_dir).resolve())]
+
+
+def _resume_distributed(args, run_id: str, nproc: int) -> int:
+    """Relaunch a run under torchrun the way it ran; its output goes to ours; returns torchrun's exit code.
+    Ctrl-C reaches torchrun through the terminal's process group (it forwards it to the ranks, which save and
+    stop); a SIGTERM sent to this process is passed on to torchrun."""
+    import subprocess
+
+    from .runs import RunRegistry
+
+    registry = RunRegistry(args.runs_dir)
+    registry.mark_interrupted_after_restart()
+    _refuse_if_running(registry, run_id)
+    command = torchrun_command(args.runs_dir, run_id, nproc)
+    print(f"resuming {run_id} on {nproc} processes: {' '.join(command)}", flush=True)
+    proc = subprocess.Popen(command, env=dict(os.environ, SA3_RUN_ID=run_id))
+
+    def forward(signum, frame):
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)  # SIGINT from a terminal already reached torchrun itself
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _cmd_runs(args) -> int:
-    manager = _manager(args, [_print_event] if args.runs_what == "resume" else [])
+    from .requests import write_request
+    from .runs import RunRegistry
+
+    registry = RunRegistry(args.runs_dir)  # not a TrainingManager: these commands start nothing in this process
     if args.runs_what == "list":
-        runs = manager.registry.list()
+        runs = registry.list()
         if args.json:
             print(json.dumps(runs, indent=1))
         for r in runs:
-            latest = manager.registry.latest_checkpoint(r["id"])
+            latest = registry.latest_checkpoint(r["id"])
             print(f"{r['id']:48} {r['status']:11} {r['step']:>6}/{r['total_steps']:<6} {r['adapter_type']}/{r['rank']}"
-                  f"  {latest['path'] if latest else '-'}" + (f"  error: {r['error']}" if r.get("error") else ""))
+                  + (f" ×{r['world_size']}" if r.get("world_size", 1) > 1 else "")
+                  + f"  {latest['path'] if latest else '-'}" + (f"  error: {r['error']}" if r.get("error") else ""))
         return 0
     if args.runs_what == "show":
-        print(json.dumps({"run": manager.registry.get(args.run_id), "config": manager.registry.config(args.run_id).to_dict(),
-                          "latest_checkpoint": manager.registry.latest_checkpoint(args.run_id)}, indent=1))
+        print(json.dumps({"run": registry.get(args.run_id), "config": registry.config(args.run_id).to_dict(),
+                          "latest_checkpoint": registry.latest_checkpoint(args.run_id)}, indent=1))
         return 0
     if args.runs_what == "resume":
-        manager.control(args.run_id, "restart")
-        return _follow(manager, args.run_id)
-    if args.runs_what == "stop":
-        folder = manager.registry.run_dir(args.run_id)
-        (folder / "stop.request").write_text("stop")  # the trainer (any process) checks for it every step
-        print(f"asked {args.run_id} to stop after its current step (it saves a checkpoint first)")
+        nproc = args.nproc or int(registry.get(args.run_id).get("world_size") or 1)
+        if nproc < 1:
+            raise ValueError("--nproc must be >= 1")
+        if nproc > 1:
+            return _resume_distributed(args, args.run_id, nproc)
+        return _resume_here(args, args.run_id)
+    if args.runs_what in ("stop", "save", "pause", "continue"):
+        write_request(registry, args.run_id, args.runs_what)  # the training process takes it at its next step
+        print(f"asked {args.run_id} to {REQUEST_MESSAGES[args.runs_what]}")
         return 0
     if args.runs_what == "delete":
-        manager.control(args.run_id, "delete", confirm=True)  # the command line asks nothing; the UI confirms
+        _manager(args).control(args.run_id, "delete", confirm=True)  # the command line asks nothing; the UI confirms
         print(f"deleted {args.run_id}")
         return 0
     raise AssertionError(args.runs_what)
+
+
+REQUEST_MESSAGES = {"stop": "save and stop after its current step",
+                    "save": "write a checkpoint after its current step",
+                    "pause": "pause after its current step (`sa3-lora runs continue` goes on)",
+                    "continue": "continue"}
 
 
 def add_train_parsers(sub) -> None:
@@ -106,16 +193,29 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--name", default=None)
+    p.epilog = ("With SA3_RUN_ID=<run id> in the environment the command resumes that run (its own saved config; "
+                "only `steps` is taken from --config/--steps). Under torchrun it trains on WORLD_SIZE processes.")
     p.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("runs", help="list, show, resume or delete training runs")
+    r = sub.add_parser("runs", help="list, show, control, resume or delete training runs")
     r.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
     rs = r.add_subparsers(dest="runs_what", metavar="WHAT", required=True)
     x = rs.add_parser("list")
     x.add_argument("--json", action="store_true")
-    for name, helptext in (("show", "config and state of a run"), ("resume", "resume from the last checkpoint"),
-                           ("stop", "ask a running run (in any process) to save and stop"),
-                           ("delete", "remove a run and its files")):
-        y = rs.add_parser(name, help=helptext)
+    for name, helptext in (
+            ("show", "config and state of a run"),
+            ("resume", "resume a stopped, interrupted or failed run from its last checkpoint, on as many processes "
+                       "as it ran on (a torchrun run is relaunched under torchrun)"),
+            ("stop", "ask a running run (in any process) to save and stop"),
+            ("save", "ask a running run (in any process) to write a checkpoint now and go on"),
+            ("pause", "ask a running run (in any process) to pause at its next step"),
+            ("continue", "continue a paused run (in any process)"),
+            ("delete", "remove a run and its files")):
+        y = rs.add_parser(name, help=helptext, description=helptext)
         y.add_argument("run_id")
+        if name == "resume":
+            y.add_argument("--nproc", type=int, default=None,
+                           help="number of processes (default: the run's own). The batch size is per process, so "
+                                "the global batch becomes batch_size × N and the run is no longer step-for-step "
+                                "the same as before")
     r.set_defaults(func=_cmd_runs)

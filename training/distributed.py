@@ -128,14 +128,23 @@ class DistributedTrainer(Trainer):
                 self.view = view
 
     def all_reduce_gradients(self) -> None:
-        """Sum the adapter gradients over ranks (each rank's loss is already divided by the global batch)."""
-        grads = [p.grad for p in self.params if p.grad is not None]  # None on every rank alike (same graph)
-        if not grads:
+        """Sum the adapter gradients over ranks (each rank's loss is already divided by the global batch).
+
+        Which parameters get a gradient depends on the rows: the DiT skips cross-attention for rows whose context
+        was dropped (CFG dropout) and the local conditioning when it is all zero, so a rank may have None where
+        another has a gradient. Every rank therefore sends all parameters (zeros for None) plus a "has a gradient"
+        flag per parameter, in one collective; a parameter without a gradient on every rank stays None, as in the
+        single-process step (AdamW then skips it, weight decay included)."""
+        if not self.params:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=grads[0].dtype,
+                               device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [present])
         dist.all_reduce(flat)
-        for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(reduced.view_as(g))
+        *reduced, present = flat.split([g.numel() for g in grads] + [len(grads)])
+        for p, g, r, has_grad in zip(self.params, grads, reduced, present.tolist()):
+            p.grad = r.view_as(g).clone() if has_grad else None
 
     def train_step(self, step: int) -> dict:
         # Trainer.train_step with the all-reduce between backward and clipping, and the logged loss made global.

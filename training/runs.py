@@ -13,7 +13,9 @@ A run folder reads without our code:
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -226,6 +228,8 @@ class RunRegistry:
                 raise RunError(f"no run {run_id!r}")
             if "status" in changes and changes["status"] not in STATUSES:
                 raise RunError(f"status {changes['status']!r} is not one of {STATUSES}")
+            if changes.get("status") in ACTIVE:  # who runs it: other processes must not take it for dead
+                changes["owner"] = process_owner()
             runs[run_id].update(changes, updated_at=time.time())
             self._write_index(runs)
             return runs[run_id]
@@ -265,14 +269,54 @@ class RunRegistry:
             return None
 
     def mark_interrupted_after_restart(self) -> list[str]:
-        """On start-up: runs that were active when the process died are `interrupted` (resumable in one action)."""
+        """On start-up: runs that were active when their process died are `interrupted` (resumable in one action).
+        Runs still trained by a live process (`sa3-lora train`, torchrun, another ComfyUI) on this runs folder keep
+        their status."""
         changed = []
         with self._lock:
             runs = self._read_index()
             for run in runs.values():
-                if run.get("status") in ACTIVE:
+                if run.get("status") in ACTIVE and not _owner_alive(run.get("owner")):
                     run["status"] = "interrupted"
                     changed.append(run["id"])
             if changed:
                 self._write_index(runs)
         return changed
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process in clock ticks since boot (Linux /proc), None where it cannot be read. Recorded
+    with the pid, it tells a live owner from a new process that reused its pid (e.g. after a container restart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime); fields after the name start at field 3
+
+
+def process_owner() -> dict:
+    """Identifies the process that trains a run (stored with active runs in the index)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
+
+
+def _owner_alive(owner: dict | None) -> bool:
+    """Whether the process recorded as training a run still exists. Unknown owners count as dead (the old
+    behaviour), owners on another host as alive (we cannot look; a shared runs folder must not lose live runs)."""
+    if not owner or os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = int(owner.get("pid", 0))
+    if pid <= 0:
+        return False
+    if owner.get("started") is not None and Path("/proc/self/stat").exists():
+        return _process_start(pid) == owner["started"]
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return False
+    return True
