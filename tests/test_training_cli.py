@@ -1,0 +1,122 @@
+"""Run control from another process: the request files of `sa3-lora runs stop|save|pause|continue`, process
+ownership in the registry, and a `sa3-lora train` process driven from the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from sa3_lora_studio.training.cli import torchrun_command
+from sa3_lora_studio.training.requests import apply_requests, clear_requests, take_request, write_request
+from sa3_lora_studio.training.runs import RunConfig, RunError, RunRegistry, process_owner
+from sa3_lora_studio.training.worker import RunControl
+from test_distributed import drive_pause_save_continue_stop, run_events, runs_cli
+
+
+def _registry_with_run(tmp_path, status="training") -> tuple[RunRegistry, str]:
+    registry = RunRegistry(tmp_path / "runs")
+    run_id = registry.create(RunConfig(dataset="somewhere", steps=5))
+    registry.update(run_id, status=status)
+    return registry, run_id
+
+
+def test_a_request_is_taken_once_and_pause_and_continue_replace_each_other(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path)
+    folder = registry.run_dir(run_id)
+    write_request(registry, run_id, "pause")
+    write_request(registry, run_id, "continue")  # the last one asked wins
+    assert sorted(p.name for p in folder.glob("*.request")) == ["continue.request"]
+    assert take_request(folder, "continue") and not take_request(folder, "continue")
+
+    control = RunControl()
+    for kind in ("save", "pause"):
+        write_request(registry, run_id, kind)
+    apply_requests(folder, control)
+    assert control.paused and control.take_save() and not control.take_save() and not control.stop.is_set()
+    write_request(registry, run_id, "stop")
+    apply_requests(folder, control)
+    assert control.stop.is_set() and not control.paused  # a stop wakes a paused run (it saves, then ends)
+    assert not list(folder.glob("*.request"))
+
+
+def test_requests_are_refused_for_runs_that_are_not_running_or_outside_the_runs_folder(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path, status="stopped")
+    with pytest.raises(RunError, match="runs resume"):
+        write_request(registry, run_id, "pause")
+    with pytest.raises(RunError):
+        write_request(registry, "../elsewhere", "stop")
+    with pytest.raises(RunError):
+        write_request(registry, run_id, "explode")
+    assert runs_cli(registry.root, "save", run_id) == 2  # the CLI prints the reason instead of a traceback
+    (registry.run_dir(run_id) / "stop.request").write_text("{}")  # left for a process that died
+    assert clear_requests(registry.run_dir(run_id)) == ["stop"]
+
+
+def test_only_runs_whose_process_is_gone_are_marked_interrupted(tmp_path):
+    registry, mine = _registry_with_run(tmp_path)
+    assert registry.get(mine)["owner"] == process_owner()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _, alive = _registry_with_run(tmp_path)
+        _, dead = _registry_with_run(tmp_path)
+        _, legacy = _registry_with_run(tmp_path)
+        registry.update(alive, owner=dict(process_owner(), pid=child.pid, started=_start(child.pid)))
+        registry.update(dead, owner=dict(process_owner(), started="0"))  # this pid, another process lifetime
+        runs = json.loads(registry.index_path.read_text())
+        for r in runs:
+            if r["id"] == legacy:
+                del r["owner"]  # written before owners were recorded
+        registry.index_path.write_text(json.dumps(runs))
+        assert sorted(registry.mark_interrupted_after_restart()) == sorted([dead, legacy])
+        assert registry.get(mine)["status"] == registry.get(alive)["status"] == "training"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _start(pid):
+    from sa3_lora_studio.training.runs import _process_start
+
+    return _process_start(pid)
+
+
+def test_resume_relaunches_a_distributed_run_under_torchrun_with_its_process_count(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path, status="stopped")
+    command = torchrun_command(registry.root, run_id, 3)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "3"
+    assert command[command.index("--config") + 1] == str(registry.run_dir(run_id) / "config.json")
+    assert command[command.index("-m", 3) + 1:command.index("-m", 3) + 3] == ["sa3_lora_studio", "train"]
+
+
+def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_line_then_resumed(
+        tmp_path, dataset, fixtures_dir):
+    steps = 30
+    config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
+                  steps=steps, batch_size=1, crop_seconds=0.03, checkpoint_every=1000, demo_every=0, seed=3,
+                  device="cpu")
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    runs = tmp_path / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SA3_RUN_ID", None)
+    command = [sys.executable, "-m", "sa3_lora_studio", "train", "--config", str(tmp_path / "run.json"),
+               "--runs-dir", str(runs)]
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            run_id, stopped_at = drive_pause_save_continue_stop(proc, runs, steps)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = (tmp_path / "train.log").read_text()
+    assert "status: paused" in output and f"stopped at step {stopped_at}" in output
+
+    # `sa3-lora train` with SA3_RUN_ID resumes that run (no new run) and finishes it.
+    done = subprocess.run(command, env=dict(env, SA3_RUN_ID=run_id), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    registry = RunRegistry(runs)
+    assert [r["id"] for r in registry.list()] == [run_id]
+    assert registry.get(run_id)["status"] == "done" and registry.latest_checkpoint(run_id)["step"] == steps
+    logged = [e["step"] for e in run_events(registry, run_id) if e["type"] == "step"]
+    assert logged == list(range(1, steps + 1))
