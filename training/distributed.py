@@ -14,7 +14,14 @@ Rank 0 alone writes the registry, events, checkpoints and demos; the other ranks
 All ranks read the same `latest.json` to resume, so the runs folder must be visible to every rank (one machine, or a
 shared filesystem). Backends: `nccl` on CUDA (each rank on `cuda:LOCAL_RANK`), `gloo` on CPU.
 
-Resume a distributed run: `SA3_RUN_ID=<run id> torchrun ... train --config run.json` (or call
+Control from another shell: `sa3-lora runs save|pause|continue|stop RUN` leave request files in the run folder
+(`requests.py`); at every step boundary rank 0 takes them and broadcasts one 3-flag tensor, so all ranks save (rank 0
+writes), pause, continue or stop at the same step. A paused rank 0 re-broadcasts "still paused" about twice a second;
+the other ranks simply wait in that broadcast. SIGINT/SIGTERM (torchrun forwards them) count only on rank 0 and mean
+stop; torchrun kills the ranks ~30 s after forwarding a signal, so with long steps prefer `sa3-lora runs stop`.
+
+Resume a distributed run: `sa3-lora runs resume RUN` (relaunches torchrun with the run's `world_size`, or
+`--nproc N`), which is `SA3_RUN_ID=<run id> torchrun ... train --config <run folder>/config.json` (or call
 `train_distributed(config, runs_dir, run_id=...)`).
 """
 
