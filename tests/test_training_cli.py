@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from sa3_lora_studio.training.cli import torchrun_command
-from sa3_lora_studio.training.requests import apply_requests, clear_requests, take_request, write_request
+from sa3_lora_studio.training.requests import apply_requests, take_request, write_request
 from sa3_lora_studio.training.runs import RunConfig, RunError, RunRegistry, process_owner
 from sa3_lora_studio.training.worker import RunControl
 from test_distributed import drive_pause_save_continue_stop, run_events, runs_cli
@@ -50,7 +50,11 @@ def test_requests_are_refused_for_runs_that_are_not_running_or_outside_the_runs_
         write_request(registry, run_id, "explode")
     assert runs_cli(registry.root, "save", run_id) == 2  # the CLI prints the reason instead of a traceback
     (registry.run_dir(run_id) / "stop.request").write_text("{}")  # left for a process that died
-    assert clear_requests(registry.run_dir(run_id)) == ["stop"]
+    registry.update(run_id, status="queued")  # the run starts again: it must not stop at once
+    assert not list(registry.run_dir(run_id).glob("*.request"))
+    write_request(registry, run_id, "pause")  # asked while queued: kept through loading
+    registry.update(run_id, status="loading")
+    assert take_request(registry.run_dir(run_id), "pause")
 
 
 def test_only_runs_whose_process_is_gone_are_marked_interrupted(tmp_path):

@@ -87,11 +87,8 @@ def _cmd_train(args) -> int:
 
 def _resume_here(args, run_id: str) -> int:
     """Resume `run_id` in this process (one device) from its last checkpoint and follow it."""
-    from .requests import clear_requests
-
     manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
-    clear_requests(manager.registry.run_dir(run_id))  # left for a process that died before taking them
     manager.registry.update(run_id, world_size=1)
     manager.control(run_id, "restart")
     return _follow(manager, run_id)

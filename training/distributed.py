@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .events import EventLog
-from .requests import StepRequests, clear_requests
+from .requests import StepRequests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .trainer import Trainer
 from .worker import RunControl
@@ -236,7 +236,6 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
             else:  # the run's own config (per-rank batch), not the file given; only `steps` may be extended
                 config = replace(registry.config(run_id), steps=config.steps)
                 atomic_write_json(registry.run_dir(run_id) / "config.json", config.to_dict())
-                clear_requests(registry.run_dir(run_id))  # asked of an earlier process that died before taking them
             registry.update(run_id, status="loading", error=None, world_size=world)
             print(f"run {run_id} in {registry.run_dir(run_id)} on {world} processes "
                   f"(global batch {config.batch_size * world})", flush=True)

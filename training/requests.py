@@ -6,7 +6,8 @@ This module is the one implementation of that protocol: the CLI writes requests,
 A request is the file `<run folder>/<kind>.request`. Taking it is a single `unlink`, which is atomic: when two
 readers race, exactly one of them gets it, so each request acts once. `pause` and `continue` remove each other's
 pending file, so the last one asked wins. Inside one process the same requests are `RunControl` flags
-(`worker.py`); `apply_requests` turns the files into those flags, so the trainer looks at one state.
+(`worker.py`); `apply_requests` turns the files into those flags, so the trainer looks at one state. Requests are
+only accepted for active runs, and a run that becomes active again drops any left over (`RunRegistry.update`).
 """
 
 from __future__ import annotations

@@ -230,6 +230,10 @@ class RunRegistry:
                 raise RunError(f"status {changes['status']!r} is not one of {STATUSES}")
             if changes.get("status") in ACTIVE:  # who runs it: other processes must not take it for dead
                 changes["owner"] = process_owner()
+                if runs[run_id].get("status") not in ACTIVE:  # starting again: requests left for a dead process go
+                    from .requests import clear_requests
+
+                    clear_requests(self.run_dir(run_id))
             runs[run_id].update(changes, updated_at=time.time())
             self._write_index(runs)
             return runs[run_id]
