@@ -124,3 +124,10 @@ def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_
     assert registry.get(run_id)["status"] == "done" and registry.latest_checkpoint(run_id)["step"] == steps
     logged = [e["step"] for e in run_events(registry, run_id) if e["type"] == "step"]
     assert logged == list(range(1, steps + 1))
+
+
+def test_a_run_trained_by_a_live_process_is_neither_deleted_nor_resumed_twice(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path)  # "training", owned by this (live) process
+    assert runs_cli(registry.root, "list") == 0 and registry.get(run_id)["status"] == "training"
+    assert runs_cli(registry.root, "delete", run_id) == 2 and registry.run_dir(run_id).is_dir()
+    assert runs_cli(registry.root, "resume", run_id, "--nproc", "2") == 2

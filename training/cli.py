@@ -120,9 +120,7 @@ def _resume_distributed(args, run_id: str, nproc: int) -> int:
 
     from .runs import RunRegistry
 
-    registry = RunRegistry(args.runs_dir)
-    registry.mark_interrupted_after_restart()
-    _refuse_if_running(registry, run_id)
+    _refuse_if_running(RunRegistry(args.runs_dir), run_id)
     command = torchrun_command(args.runs_dir, run_id, nproc)
     print(f"resuming {run_id} on {nproc} processes: {' '.join(command)}", flush=True)
     proc = subprocess.Popen(command, env=dict(os.environ, SA3_RUN_ID=run_id))
@@ -144,6 +142,7 @@ def _cmd_runs(args) -> int:
     from .runs import RunRegistry
 
     registry = RunRegistry(args.runs_dir)  # not a TrainingManager: these commands start nothing in this process
+    registry.mark_interrupted_after_restart()  # runs whose process died (live ones elsewhere keep their status)
     if args.runs_what == "list":
         runs = registry.list()
         if args.json:
@@ -159,7 +158,7 @@ def _cmd_runs(args) -> int:
                           "latest_checkpoint": registry.latest_checkpoint(args.run_id)}, indent=1))
         return 0
     if args.runs_what == "resume":
-        nproc = args.nproc or int(registry.get(args.run_id).get("world_size") or 1)
+        nproc = args.nproc if args.nproc is not None else int(registry.get(args.run_id).get("world_size") or 1)
         if nproc < 1:
             raise ValueError("--nproc must be >= 1")
         if nproc > 1:
@@ -170,6 +169,7 @@ def _cmd_runs(args) -> int:
         print(f"asked {args.run_id} to {REQUEST_MESSAGES[args.runs_what]}")
         return 0
     if args.runs_what == "delete":
+        _refuse_if_running(registry, args.run_id)  # its process would go on writing into a deleted folder
         _manager(args).control(args.run_id, "delete", confirm=True)  # the command line asks nothing; the UI confirms
         print(f"deleted {args.run_id}")
         return 0
