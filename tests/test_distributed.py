@@ -179,7 +179,7 @@ def drive_pause_save_continue_stop(proc, runs_dir, total_steps: int) -> tuple[st
 
 def test_a_distributed_run_pauses_saves_continues_stops_and_resumes_like_an_uninterrupted_one(
         tmp_path, dataset, fixtures_dir):
-    steps = 12
+    steps = 20
     config_path = tmp_path / "run.json"
     config_path.write_text(json.dumps(_config(dataset, fixtures_dir, batch_size=1, steps=steps,
                                               checkpoint_every=1000)))
