@@ -212,7 +212,7 @@ def add_train_parsers(sub) -> None:
         y.add_argument("run_id")
         if name == "resume":
             y.add_argument("--nproc", type=int, default=None,
-                           help="number of processes (default: the run's own). The batch size is per process, so "
-                                "the global batch becomes batch_size × N and the run is no longer step-for-step "
-                                "the same as before")
+                           help="number of processes (default: the run's own; 1 = in this process). batch_size "
+                                "is per process, so the global batch becomes batch_size × N: another N changes "
+                                "the run from here on (the same N continues exactly)")
     r.set_defaults(func=_cmd_runs)
