@@ -197,7 +197,7 @@ def add_train_parsers(sub) -> None:
     r = sub.add_parser("runs", help="list, show, control, resume or delete training runs")
     r.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
     rs = r.add_subparsers(dest="runs_what", metavar="WHAT", required=True)
-    x = rs.add_parser("list")
+    x = rs.add_parser("list", help="runs with status, step (×N processes) and latest checkpoint")
     x.add_argument("--json", action="store_true")
     for name, helptext in (
             ("show", "config and state of a run"),
