@@ -16,6 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..sa3.fast_linear import frozen_linear
+from .fused import dora_rows_linear, fused_applies, low_rank_product
+
 EPS = 1e-12  # added to the norms by the reference (after the square root)
 
 # file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
@@ -209,10 +212,38 @@ def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | fl
         up_g = up
     else:
         g2 = row_weights * row_weights
-        sq, up_g = g2 @ (w * w), up * g2[:, None]
+        sq, up_g = _weighted_col_sq(g2, w), up * g2[:, None]
     cross = ((up_g.T @ w) * down).sum(0)
     quad = (((up.T @ up_g) @ down) * down).sum(0)
     return sq + 2 * scale * cross + scale * scale * quad
+
+
+class _WeightedColSq(torch.autograd.Function):
+    """g2 [out] -> Σ_i g2_i·W_ij² [in] for a frozen W [out, in], with W∘W formed in row blocks and never saved
+    (autograd would keep a full W∘W per layer alive until the backward)."""
+
+    BLOCK = 1024
+
+    @staticmethod
+    def forward(ctx, g2: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(w)
+        out = g2.new_zeros(w.shape[1])
+        for i in range(0, w.shape[0], _WeightedColSq.BLOCK):
+            rows = w[i:i + _WeightedColSq.BLOCK]
+            out.addmv_((rows * rows).T, g2[i:i + _WeightedColSq.BLOCK])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (w,) = ctx.saved_tensors
+        parts = [(rows * rows) @ grad for rows in w.split(_WeightedColSq.BLOCK)]
+        return torch.cat(parts), None
+
+
+def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:
+    if w.requires_grad:
+        return g2 @ (w * w)
+    return _WeightedColSq.apply(g2, w)
 
 
 def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float,
@@ -242,16 +273,33 @@ def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Te
 def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str, t: dict[str, Tensor],
                     scale: Tensor | float, base_sq: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
-    y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule)."""
+    y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
+
+    Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training the whole product is
+    one autograd node (`fused.low_rank_product`) and DoRA-rows gets its W·downᵀ from the same product. dora-cols and
+    BoRA need upᵀ·W (BoRA also W·downᵀ first): memory-bound passes of their own."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm != "none" and float(scale) == 0.0:
-        return nn.functional.linear(x, w, bias)
+        return frozen_linear(x, w, bias)
     down, up = _low_rank_factors(adapter_type, t)
-    d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
-    if c is not None:
-        x = x * c.to(x.dtype)
-    y = nn.functional.linear(x, w) + scale * nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)),
-                                                                   up.to(x.dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    if fused_applies(x, w, down):
+        s = float(scale)
+        if renorm == "rows":
+            row_sq = base_sq[0] if base_sq is not None else (w * w).sum(1)
+            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, row_sq)
+            return y.view(*x.shape[:-1], w.shape[0])
+        else:
+            d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
+            z = low_rank_product(x2 if c is None else x2 * c, down, up, s, w, bias if d is None else None)
+    else:
+        d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
+        if c is not None:
+            x2 = x2 * c.to(x.dtype)
+        base = frozen_linear(x2, w, bias if d is None else None)
+        low = nn.functional.linear(x2, down.to(x.dtype)) * scale  # [N, r]: scaling r columns, not out
+        z = torch.addmm(base, low, up.to(x.dtype).T)
     if d is not None:
-        y = y * d.to(y.dtype)
-    return y if bias is None else y + bias
+        d = d.to(z.dtype)
+        z = z * d if bias is None else torch.addcmul(bias, z, d)
+    return z.view(*x.shape[:-1], w.shape[0])

@@ -23,14 +23,13 @@ Calling contract (`DiffusionTransformer.forward`, positional x, t, cross_attn_co
 
 from __future__ import annotations
 
-import platform
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .fast_linear import ONEDNN_LINEAR, frozen_linear, onednn_applies
 from .layers import ExpoFourierFeatures, RMSNorm, RotaryEmbedding
 
 PADDING_SEMANTICS = ("mask_keys", "zero_values")
@@ -46,18 +45,9 @@ _UNSUPPORTED = ("input_concat_dim", "prepend_cond_dim", "conformer", "layer_scal
 # Pieces
 # ------------------------------------------------------------------------------------------------------------------
 
-# oneDNN's fused linear (what inductor uses on CPU); x86 only, where it was measured
-_ONEDNN_LINEAR = (getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-                  if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-                  else None)
-
-
 def use_onednn(layer: nn.Module, x: Tensor) -> bool:
-    """Plain fp32 CPU inference goes through oneDNN's matmul: 1.3-1.8x faster than the default sgemm on the AMD
-    EPYC bench machine, same fp32 accuracy (another summation order). Anything else (adapter wrappers,
-    parametrized layers, autograd, GPU, half precision) takes the module's own forward."""
-    return (_ONEDNN_LINEAR is not None and _is_plain_linear(layer) and x.device.type == "cpu"
-            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled())
+    """Plain fp32 CPU inference of a plain Linear goes through oneDNN (fused GLU below; see sa3/fast_linear.py)."""
+    return _is_plain_linear(layer) and onednn_applies(x, layer.weight) and not torch.is_grad_enabled()
 
 
 def _is_plain_linear(layer: nn.Module) -> bool:
@@ -71,11 +61,11 @@ def _is_plain_linear(layer: nn.Module) -> bool:
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer(x) for an nn.Linear-like layer; x: [..., in] -> [..., out]."""
-    if not use_onednn(layer, x):
-        return layer(x)
-    out = _ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
+    """layer(x) for an nn.Linear-like layer; x: [..., in] -> [..., out]. A plain Linear with a frozen weight (all
+    inference, and adapter training) takes `frozen_linear`, oneDNN in the forward and the backward on x86 CPUs."""
+    if _is_plain_linear(layer):
+        return frozen_linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 class BlockRMSNorm(RMSNorm):
@@ -186,10 +176,10 @@ class GLU(nn.Module):
         if use_onednn(self.proj, x):  # SiLU and the product fused into the two halves' matmuls
             w, b, inner = self.proj.weight, self.proj.bias, self.proj.out_features // 2
             rows = x.reshape(-1, x.shape[-1])
-            gate = _ONEDNN_LINEAR(rows, w[inner:], b[inner:], "swish", [], "")
-            out = _ONEDNN_LINEAR.binary(rows, gate, w[:inner], b[:inner], "mul")
+            gate = ONEDNN_LINEAR(rows, w[inner:], b[inner:], "swish", [], "")
+            out = ONEDNN_LINEAR.binary(rows, gate, w[:inner], b[:inner], "mul")
             return out.view(*x.shape[:-1], inner)
-        a, gate = self.proj(x).chunk(2, dim=-1)
+        a, gate = linear(self.proj, x).chunk(2, dim=-1)
         return a * F.silu(gate)
 
 

@@ -1,0 +1,113 @@
+"""Hand-written autograd nodes for adapted Linears in fp32 CPU training (oneDNN products, `sa3/fast_linear.py`).
+
+- `low_rank_product`: z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias (LoRA, LoRA-XS, and the inner product of dora-cols/BoRA).
+- `dora_rows_linear`: y = d ∘ z + bias with d = m / ‖W + s·B·A‖_rows, the norms from ‖W‖², P = W·Aᵀ and B·AAᵀ.
+  The r rows of A ride along with the N rows of x through the ONE forward product with W, so P costs r/N of it
+  instead of a separate memory-bound pass; in the backward the rows [dz; dPᵀ] share the one product with W.
+
+x [N, in], W [out, in] frozen, A [r, in], B [out, r]. Why by hand: autograd's graph of the same maths runs two more
+passes over W (for P and its gradient) and ~30 small kernels per layer, which on two CPU threads cost about as much
+as the frozen matmuls' backward (bench/train_step.py). Equality with the formed-weight gradients is tested.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sa3.fast_linear import onednn_applies, rows_times_wt
+
+EPS = 1e-12  # as maths.EPS (maths imports this module)
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias, backward written out (dx = dz·W + s·(dz·B)·A in one oneDNN product plus an
+    r-sized one)."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, scale: float, w: Tensor, bias: Tensor | None) -> Tensor:
+        z = rows_times_wt(x2, w, bias)
+        h = x2 @ a.T  # [N, r]
+        z.addmm_(h, b.T, alpha=scale)
+        ctx.save_for_backward(x2, a, b, h, w)
+        ctx.scale = scale
+        return z
+
+    @staticmethod
+    def backward(ctx, gz: Tensor):
+        x2, a, b, h, w = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        gz = gz.contiguous()
+        gh = (gz @ b).mul_(s)  # [N, r] = dL/dh, h = x·Aᵀ
+        gx = rows_times_wt(gz, w.t()).addmm_(gh, a) if need_x else None
+        ga = gh.T @ x2 if need_a else None
+        gb = (gz.T @ h).mul_(s) if need_b else None
+        return gx, ga, gb, None, None, None
+
+
+class _DoraRowsLinear(torch.autograd.Function):
+    """y = d ∘ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias with d = m / (‖W + s·B·A‖_rows + eps), the norms from
+    ‖W‖²_rows + 2s·rowsum(P∘B) + s²·rowsum((B·AAᵀ)∘B), P = W·Aᵀ (`maths.row_col_scales`), forward AND backward
+    written out: one product with W each way (A's rows ride along), no autograd graph of ~30 small kernels."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
+                row_sq: Tensor) -> Tensor:
+        n = x2.shape[0]
+        out = rows_times_wt(torch.cat([x2, a]), w)
+        z, p = out[:n], out[n:].T  # p = W·Aᵀ [out, r]
+        h = x2 @ a.T  # [N, r]
+        z.addmm_(h, b.T, alpha=scale)
+        bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
+        q = row_sq + (2 * scale) * (p * b).sum(1) + (scale * scale) * (bk * b).sum(1)
+        norm = q.clamp_min(0).sqrt()
+        inv = 1 / (norm + EPS)
+        d = m * inv
+        y = z * d if bias is None else torch.addcmul(bias, z, d)
+        ctx.save_for_backward(x2, a, b, m, w, z, h, p, bk, norm, inv, d)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, a, b, m, w, z, h, p, bk, norm, inv, d = ctx.saved_tensors
+        s, n, r = ctx.scale, x2.shape[0], a.shape[0]
+        need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
+        g_d = (g * z).sum(0)  # [out]
+        g_m = (g_d * inv).view_as(m) if need_m else None
+        g_norm = -g_d * m * inv * inv
+        g_q = torch.where(norm > 0, g_norm / (2 * norm).clamp_min(EPS), torch.zeros_like(norm))[:, None]  # [out, 1]
+        rows = torch.empty(n + r, g.shape[1], dtype=g.dtype, device=g.device)
+        g_z = torch.mul(g, d, out=rows[:n])
+        rows[n:] = ((2 * s) * g_q * b).T  # dL/dP = 2s·diag(g_q)·B, and dL/dA gets (dL/dP)ᵀ·W
+        through_w = rows_times_wt(rows if need_x else rows[n:], w.t())  # [(N +) r, in] = rows·W
+        g_h = (g_z @ b).mul_(s)  # [N, r]
+        g_x = through_w[:n].addmm_(g_h, a) if need_x else None
+        g_a = g_b = None
+        if need_a:  # + through h = x·Aᵀ, + through AAᵀ (symmetric): 2·(s²·Bᵀ diag(g_q) B)·A
+            g_a = through_w[-r:].addmm_(g_h.T, x2).addmm_(b.T @ (g_q * b), a, alpha=2 * s * s)
+        if need_b:
+            g_b = (g_z.T @ h).mul_(s).add_(g_q * p, alpha=2 * s).add_(g_q * bk, alpha=2 * s * s)
+        return g_x, g_a, g_b, g_m, None, None, None, None
+
+
+def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
+    """The fused node is used for fp32 x86 CPU training (oneDNN products) outside autocast."""
+    return (onednn_applies(x, w) and down.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def low_rank_product(x2: Tensor, down: Tensor, up: Tensor, scale: float, w: Tensor,
+                     bias: Tensor | None = None) -> Tensor:
+    """x2·Wᵀ + s·(x2·downᵀ)·upᵀ + bias  [N, out] for x2 [N, in]."""
+    return _LowRankProduct.apply(x2, down, up, scale, w, bias)
+
+
+def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
+                     bias: Tensor | None, row_sq: Tensor) -> Tensor:
+    """DoRA-rows layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]."""
+    return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq)
+
+
+__all__ = ["dora_rows_linear", "fused_applies", "low_rank_product"]
