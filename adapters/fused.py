@@ -92,6 +92,52 @@ class _DoraRowsLinear(torch.autograd.Function):
         return g_x, g_a, g_b, g_m, None, None, None, None
 
 
+class _DoraColsLinear(torch.autograd.Function):
+    """y = (x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ + bias with c = m / ‖W + s·B·A‖_cols, the norms from ‖W‖²_cols +
+    2s·colsum(Q∘A) + s²·colsum((BᵀB·A)∘A), Q = Bᵀ·W [r, in]. Q and its gradient's share of dB are products of r
+    rows with W in the other direction than the layer's own product, so they are one extra pass over W each way."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
+                col_sq: Tensor) -> Tensor:
+        q_bw = rows_times_wt(b.T, w.t())  # Bᵀ·W [r, in]
+        kb = b.T @ b  # [r, r]
+        kb_a = kb @ a
+        q = col_sq + (2 * scale) * (q_bw * a).sum(0) + (scale * scale) * (kb_a * a).sum(0)
+        norm = q.clamp_min(0).sqrt()
+        inv = 1 / (norm + EPS)
+        c = m * inv
+        xc = x2 * c
+        z = rows_times_wt(xc, w, bias)
+        h = xc @ a.T  # [N, r]
+        z.addmm_(h, b.T, alpha=scale)
+        ctx.save_for_backward(x2, xc, a, b, m, w, h, q_bw, kb, kb_a, norm, inv, c)
+        ctx.scale = scale
+        return z
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, xc, a, b, m, w, h, q_bw, kb, kb_a, norm, inv, c = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
+        g = g.contiguous()
+        g_h = (g @ b).mul_(s)  # [N, r]
+        g_xc = rows_times_wt(g, w.t()).addmm_(g_h, a)  # [N, in]
+        g_c = (g_xc * x2).sum(0)
+        g_x = g_xc.mul_(c) if need_x else None
+        g_m = (g_c * inv).view_as(m) if need_m else None
+        g_norm = -g_c * m * inv * inv
+        g_q = torch.where(norm > 0, g_norm / (2 * norm).clamp_min(EPS), torch.zeros_like(norm))  # [in]
+        g_qa = g_q * a  # [r, in]
+        g_a = g_b = None
+        if need_a:  # through h = xc·Aᵀ, the cross term (Q fixed) and the quad term (BᵀB symmetric)
+            g_a = (g_h.T @ xc).add_(g_q * q_bw, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
+        if need_b:  # through the low-rank path, Q = Bᵀ·W (dB = W·dQᵀ, dQ = 2s·g_q∘A) and BᵀB
+            g_b = (g.T @ h).mul_(s)
+            g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s).addmm_(b, a @ g_qa.T, alpha=2 * s * s)
+        return g_x, g_a, g_b, g_m, None, None, None, None
+
+
 def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
     """The fused node is used for fp32 x86 CPU training (oneDNN products) outside autocast."""
     return (onednn_applies(x, w) and down.dtype == torch.float32 and torch.is_grad_enabled()
@@ -110,4 +156,10 @@ def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, sc
     return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq)
 
 
-__all__ = ["dora_rows_linear", "fused_applies", "low_rank_product"]
+def dora_cols_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
+                     bias: Tensor | None, col_sq: Tensor) -> Tensor:
+    """dora-cols layer output [N, out] for x2 [N, in]; col_sq: the cached squared column norms of W [in]."""
+    return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq)
+
+
+__all__ = ["dora_cols_linear", "dora_rows_linear", "fused_applies", "low_rank_product"]

@@ -131,3 +131,29 @@ def test_a_run_trained_by_a_live_process_is_neither_deleted_nor_resumed_twice(tm
     assert runs_cli(registry.root, "list") == 0 and registry.get(run_id)["status"] == "training"
     assert runs_cli(registry.root, "delete", run_id) == 2 and registry.run_dir(run_id).is_dir()
     assert runs_cli(registry.root, "resume", run_id, "--nproc", "2") == 2
+
+
+def test_the_manager_controls_a_run_that_another_live_process_trains_through_request_files(tmp_path):
+    """The panel, the SA3 Run Control node and the routes go through TrainingManager.control: for a run trained by
+    `sa3-lora train` or torchrun elsewhere, pause/resume/save/stop become request files; restart and delete, which
+    would start a second trainer or pull the folder from under a live one, are refused."""
+    from sa3_lora_studio.training.manager import TrainingManager
+
+    registry, run_id = _registry_with_run(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        registry.update(run_id, owner=dict(process_owner(), pid=child.pid, started=_start(child.pid)))
+        manager = TrainingManager(registry.root)
+        folder = registry.run_dir(run_id)
+        for action, kind in (("pause", "pause"), ("resume", "continue"), ("save", "save"), ("stop", "stop")):
+            assert manager.control(run_id, action)["requested"] == action
+            assert take_request(folder, kind), action
+        for action in ("restart", "delete"):
+            with pytest.raises(RunError, match="another process"):
+                manager.control(run_id, action, confirm=True)
+        assert folder.exists() and registry.get(run_id)["status"] == "training"
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(RunError, match="not running"):  # its process is gone: the old, in-process rules apply
+        TrainingManager(registry.root).control(run_id, "pause")

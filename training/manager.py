@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .events import EventLog
-from .runs import RunConfig, RunError, RunRegistry
+from .requests import write_request
+from .runs import ACTIVE, RunConfig, RunError, RunRegistry, owner_alive, process_owner
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
+_REQUEST_FOR = {"stop": "stop", "pause": "pause", "resume": "continue", "save": "save"}  # cross-process requests
 
 
 class TrainingManager:
@@ -53,6 +55,15 @@ class TrainingManager:
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
         running = self.worker.is_running(run_id) or run_id in self.worker.queued()
+        owner = record.get("owner") or {}
+        elsewhere = (not running and record["status"] in ACTIVE and owner_alive(owner)
+                     and owner != process_owner())
+        if elsewhere:  # trained by another live process (`sa3-lora train`, torchrun, another ComfyUI)
+            if action in ("delete", "restart"):
+                raise RunError(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
+                               f"(its checkpoint is kept), then {action}")
+            write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
+            return {**self.registry.get(run_id), "requested": action}
         if action == "delete":
             if not confirm:
                 raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")

@@ -280,7 +280,7 @@ class RunRegistry:
         with self._lock:
             runs = self._read_index()
             for run in runs.values():
-                if run.get("status") in ACTIVE and not _owner_alive(run.get("owner")):
+                if run.get("status") in ACTIVE and not owner_alive(run.get("owner")):
                     run["status"] = "interrupted"
                     changed.append(run["id"])
             if changed:
@@ -303,7 +303,7 @@ def process_owner() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
 
 
-def _owner_alive(owner: dict | None) -> bool:
+def owner_alive(owner: dict | None) -> bool:
     """Whether the process recorded as training a run still exists. Unknown owners count as dead (the old
     behaviour), owners on another host as alive (we cannot look; a shared runs folder must not lose live runs)."""
     if not owner or os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
