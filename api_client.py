@@ -70,6 +70,21 @@ def _format_node_errors(payload: dict) -> str:
     return "; ".join(parts) or json.dumps(payload)[:500]
 
 
+async def _finished_history(session, server: str, prompt_id: str, wait_seconds: float = 30.0) -> dict:
+    """The prompt's `/history` entry. ComfyUI sends its end-of-prompt websocket messages before it stores the
+    history, so the entry can be missing for a moment: poll until it is there (an empty dict if it never comes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    while True:
+        async with session.get(f"{server}/history/{prompt_id}") as resp:
+            entry = (await resp.json(content_type=None) or {}).get(prompt_id)
+        if entry and (entry.get("status") or {}).get("completed", True):
+            return entry
+        if loop.time() >= deadline:
+            return entry or {}
+        await asyncio.sleep(0.2)
+
+
 async def queue_workflow(server: str, graph: dict, out_dir: str | Path, timeout: float = 3600.0,
                          log=print) -> list[Path]:
     import aiohttp
@@ -119,8 +134,7 @@ async def queue_workflow(server: str, graph: dict, out_dir: str | Path, timeout:
                 elif kind == "execution_success" or (kind == "executing" and data.get("node") is None
                                                      and data.get("prompt_id") == prompt_id):
                     break
-        async with session.get(f"{server}/history/{prompt_id}") as resp:
-            history = (await resp.json(content_type=None)).get(prompt_id, {})
+        history = await _finished_history(session, server, prompt_id)
         files = []
         for node_id, outputs in (history.get("outputs") or {}).items():
             for items in outputs.values():

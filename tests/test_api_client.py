@@ -16,8 +16,9 @@ GRAPH = {"1": {"class_type": "SA3LoadPack", "inputs": {"pack": "sa3-small-music"
 class FakeComfy:
     """The request/response shapes of ComfyUI's API, with a scripted execution."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=False, history_late_by=0):
         self.fail, self.received, self.sockets = fail, [], []
+        self.history_late_by = history_late_by  # like ComfyUI: /history is written after the end messages
         self.app = web.Application()
         self.app.router.add_post("/prompt", self.prompt)
         self.app.router.add_get("/ws", self.ws)
@@ -58,6 +59,9 @@ class FakeComfy:
         await sock.send_json({"type": "executing", "data": {"node": None, "prompt_id": pid}})
 
     async def history(self, request):
+        if self.history_late_by > 0:
+            self.history_late_by -= 1
+            return web.json_response({})
         return web.json_response({"p1": {"outputs": {"3": {"audio": [
             {"filename": "../../evil/out.flac", "subfolder": "", "type": "output"}]}}, "status": {}}})
 
@@ -67,8 +71,8 @@ class FakeComfy:
 
 @pytest.fixture
 def server():
-    def start(fail=False):
-        fake = FakeComfy(fail)
+    def start(fail=False, history_late_by=0):
+        fake = FakeComfy(fail, history_late_by)
         loop = asyncio.new_event_loop()
         runner = web.AppRunner(fake.app)
         loop.run_until_complete(runner.setup())
@@ -100,6 +104,15 @@ def test_queue_posts_follows_progress_and_downloads_outputs(server, tmp_path, ca
     assert saved.read_bytes().startswith(b"fLaC-bytes-")
     out = capsys.readouterr().out
     assert "1/2" in out and "step 3" in out
+
+
+def test_outputs_are_downloaded_when_the_history_is_written_after_the_end_message(server, tmp_path):
+    # Seen with a real ComfyUI: the client read an empty /history right after `executing: None` and saved nothing.
+    fake, url = server(history_late_by=3)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(GRAPH))
+    assert main(["queue", str(wf), "--server", url, "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "3" / "out.flac").exists()
 
 
 def test_queue_exits_nonzero_with_the_node_error(server, tmp_path, capsys):
