@@ -4,6 +4,9 @@
 - `dora_rows_linear`: y = d ∘ z + bias with d = m / ‖W + s·B·A‖_rows, the norms from ‖W‖², P = W·Aᵀ and B·AAᵀ.
   The r rows of A ride along with the N rows of x through the ONE forward product with W, so P costs r/N of it
   instead of a separate memory-bound pass; in the backward the rows [dz; dPᵀ] share the one product with W.
+- `dora_cols_linear`: c = m / ‖W + s·B·A‖_cols needs Q = Bᵀ·W, the other product direction: one pass each way.
+- `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) in one row-blocked walk over W each way.
+  BoRA stays ~2x the frozen layer's cost (eight W passes instead of two; bench in the session notes).
 
 x [N, in], W [out, in] frozen, A [r, in], B [out, r]. Why by hand: autograd's graph of the same maths runs two more
 passes over W (for P and its gradient) and ~30 small kernels per layer, which on two CPU threads cost about as much
@@ -138,6 +141,105 @@ class _DoraColsLinear(torch.autograd.Function):
         return g_x, g_a, g_b, g_m, None, None, None, None
 
 
+BLOCK_BYTES = 16 << 20  # BoRA walks W in row blocks of this size (bench: 16 MB beat 1 MB, 4 MB and whole-W)
+
+
+def _row_blocks(w: Tensor) -> list[slice]:
+    """Row ranges of W of about BLOCK_BYTES each: the per-block products below re-read a block from cache."""
+    rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * w.element_size()))
+    return [slice(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
+
+
+class _BoraLinear(torch.autograd.Function):
+    """BoRA: y = d ∘ ((x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ) + bias, V = W + s·B·A, d = m_r / ‖V‖_rows, c = m_c / ‖diag(d)·V‖_cols.
+
+    Row norms need P = W·Aᵀ; the column norms of diag(d)·V need Q = (d²∘B)ᵀ·W and S = (d²)ᵀ·(W∘W). d of a row
+    depends only on that row, so all three come from ONE pass over W in row blocks (P, then d, then the block's
+    share of Q and S), and the backward's three W terms likewise; plus the layer's own product each way."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m_r: Tensor, m_c: Tensor, scale: float, w: Tensor,
+                bias: Tensor | None, row_sq: Tensor) -> Tensor:
+        s, r = scale, a.shape[0]
+        p = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device)
+        q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
+        col_sq = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
+        bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
+        d = torch.empty_like(m_r)
+        norm_r = torch.empty_like(m_r)
+        for rows in _row_blocks(w):
+            wb = w[rows]
+            p[rows] = rows_times_wt(a, wb).T
+            qr = row_sq[rows] + (2 * s) * (p[rows] * b[rows]).sum(1) + (s * s) * (bk[rows] * b[rows]).sum(1)
+            norm_r[rows] = qr.clamp_min(0).sqrt()
+            d[rows] = m_r[rows] / (norm_r[rows] + EPS)
+            g2 = d[rows] * d[rows]
+            q.add_(rows_times_wt((b[rows] * g2[:, None]).T, wb.t()))
+            col_sq.addmv_((wb * wb).T, g2)
+        g2 = d * d
+        kb = b.T @ (b * g2[:, None])  # Bᵀ diag(d²) B [r, r]
+        kb_a = kb @ a
+        qc = col_sq + (2 * s) * (q * a).sum(0) + (s * s) * (kb_a * a).sum(0)
+        norm_c = qc.clamp_min(0).sqrt()
+        c = m_c / (norm_c + EPS)
+        xc = x2 * c
+        z = rows_times_wt(xc, w)
+        h = xc @ a.T  # [N, r]
+        z.addmm_(h, b.T, alpha=s)
+        y = z * d if bias is None else torch.addcmul(bias, z, d)
+        ctx.save_for_backward(x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, norm_c, d, c)
+        ctx.scale = s
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, norm_c, d, c = ctx.saved_tensors
+        s = ctx.scale
+        need_x = ctx.needs_input_grad[0]
+        g_d = (g * z).sum(0)  # [out], from y = d∘z
+        g_z = g * d
+        g_h = (g_z @ b).mul_(s)
+        g_xc = rows_times_wt(g_z, w.t()).addmm_(g_h, a)  # [N, in]
+        g_c = (g_xc * x2).sum(0)
+        g_x = g_xc.mul_(c) if need_x else None
+        inv_c = 1 / (norm_c + EPS)
+        g_mc = g_c * inv_c
+        g_qc = torch.where(norm_c > 0, -g_c * m_c * inv_c * inv_c / (2 * norm_c).clamp_min(EPS),
+                           torch.zeros_like(norm_c))  # [in]
+        g2 = d * d
+        g_qa = g_qc * a  # [r, in]; dL/dQ = 2s·g_qa
+        # column-norm terms: S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW, Kb = Bᵀdiag(d²)B
+        g_a = (g_h.T @ xc).add_(g_qc * q, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
+        g_kb = (s * s) * (a @ g_qa.T)  # [r, r], symmetric
+        g_b = (g_z.T @ h).mul_(s)
+        g_g2 = torch.empty_like(d)
+        g_ub = torch.empty_like(b)  # dL/d(d²∘B)
+        g_p = torch.empty_like(p)
+        g_mr = torch.empty_like(m_r)
+        g_qr_all = torch.empty_like(m_r)
+        g_row = torch.zeros_like(a)  # Σ_blocks g_Pᵀ·W_block
+        inv_r_all = 1 / (norm_r + EPS)
+        for rows in _row_blocks(w):
+            wb = w[rows]
+            g_g2[rows] = (wb * wb) @ g_qc
+            g_ub[rows] = rows_times_wt(g_qa, wb).T.mul_(2 * s) + b[rows] @ g_kb
+            g_g2[rows] += (g_ub[rows] * b[rows]).sum(1)
+            g_dr = g_d[rows] + 2 * d[rows] * g_g2[rows]
+            inv_r = inv_r_all[rows]
+            g_mr[rows] = g_dr * inv_r
+            nr = norm_r[rows]
+            g_qr = torch.where(nr > 0, -g_dr * m_r[rows] * inv_r * inv_r / (2 * nr).clamp_min(EPS),
+                               torch.zeros_like(nr))[:, None]
+            g_qr_all[rows] = g_qr[:, 0]
+            g_p[rows] = (2 * s) * g_qr * b[rows]
+            g_row.add_(rows_times_wt(g_p[rows].T, wb.t()))
+            g_b[rows] += g_ub[rows] * g2[rows, None] + (2 * s) * g_qr * p[rows] + (2 * s * s) * g_qr * bk[rows]
+        g_b.addmm_(b * g2[:, None], g_kb)  # Kb = Bᵀ·(d²∘B): the (d²∘B) side went into g_ub, this is the Bᵀ side
+        # row-norm terms: P = W·Aᵀ (dL/dA += g_Pᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
+        g_a.add_(g_row).addmm_(b.T @ (g_qr_all[:, None] * b), a, alpha=2 * s * s)
+        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None
+
+
 def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
     """The fused node is used for fp32 x86 CPU training (oneDNN products) outside autocast."""
     return (onednn_applies(x, w) and down.dtype == torch.float32 and torch.is_grad_enabled()
@@ -162,4 +264,10 @@ def dora_cols_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, sc
     return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq)
 
 
-__all__ = ["dora_cols_linear", "dora_rows_linear", "fused_applies", "low_rank_product"]
+def bora_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude_r: Tensor, magnitude_c: Tensor, scale: float,
+                w: Tensor, bias: Tensor | None, row_sq: Tensor) -> Tensor:
+    """BoRA layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]."""
+    return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq)
+
+
+__all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "low_rank_product"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
-from .fused import dora_cols_linear, dora_rows_linear, fused_applies, low_rank_product
+from .fused import bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, low_rank_product
 
 EPS = 1e-12  # added to the norms by the reference (after the square root)
 
@@ -288,6 +288,10 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
         if renorm == "rows":
             row_sq = base_sq[0] if base_sq is not None else (w * w).sum(1)
             y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, row_sq)
+            return y.view(*x.shape[:-1], w.shape[0])
+        if renorm == "both":
+            row_sq = base_sq[0] if base_sq is not None else (w * w).sum(1)
+            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, row_sq)
             return y.view(*x.shape[:-1], w.shape[0])
         if renorm == "cols":
             col_sq = base_sq[1] if base_sq is not None else (w * w).sum(0)
