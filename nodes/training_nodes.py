@@ -98,11 +98,13 @@ class SA3TrainLoRA:
                                 "(for headless API use); otherwise return the run id at once."}),
         }, "optional": {
             "prompt_config": ("SA3_PROMPT_CONFIG", {"tooltip": "From SA3 Compose Prompts (default: captions only)."}),
-            "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
-                              "alpha and targets are used)."}),
             "trigger_word": ("STRING", {"default": "", "tooltip": "Prepended to every prompt unless the prompt config sets its own."}),
             "demo_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "One demo prompt per line "
                              "(empty = underfit-like defaults: base CFG 7 and 1, ARC, unconditional)."}),
+            # Socket-only inputs go last: ComfyUI frontend 1.58 mis-assigns saved widget values (shifted by one from
+            # here on) when a forceInput input sits between widgets on a node with a seed control widget.
+            "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
+                              "alpha and targets are used)."}),
         }}
 
     RETURN_TYPES = ("SA3_RUN", "STRING")

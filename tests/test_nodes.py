@@ -52,6 +52,23 @@ def test_every_node_has_a_display_name_category_and_tooltips():
                 assert opts and opts[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def test_socket_only_inputs_come_after_every_widget_input():
+    # Seen in a real ComfyUI (frontend 1.58.1): on SA3 Train LoRA, a forceInput STRING between widgets made a loaded
+    # workflow put each saved widget value one widget too early (wait_until_done got the trigger word).
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        order = [(n, kind, opts[0] if opts else {}) for section in ("required", "optional")
+                 for n, (kind, *opts) in spec.get(section, {}).items()]
+        is_widget = [isinstance(kind, list) or (kind in WIDGET_TYPES and not o.get("forceInput")) for _, kind, o in order]
+        socket_only_strings = [i for i, (_, kind, o) in enumerate(order) if o.get("forceInput")]
+        for i in socket_only_strings:
+            later_widgets = [order[j][0] for j in range(i + 1, len(order)) if is_widget[j]]
+            assert not later_widgets, f"{name}.{order[i][0]} (forceInput) comes before widgets {later_widgets}"
+
+
 def gen_inputs(model, **kw):
     base = dict(model=model, prompt="dog barking", negative_prompt="", duration=0.01, seed=1, steps=2, cfg=0.0,
                 sampler="auto", batch_size=1)
