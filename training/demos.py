@@ -64,7 +64,7 @@ def run_demos(trainer, step: int) -> list[dict]:
                                      sampler="pingpong" if spec.arc else "euler",
                                      loras=[{"adapter": adapter, "strength": spec.lora_strength}])
         wav = audio[0]
-        sf.write(tmp_dir / f"demo_{i}.flac", wav.T.numpy(), rate, format="FLAC")
+        sf.write(str(tmp_dir / f"demo_{i}.flac"), wav.T.numpy(), rate, format="FLAC")  # old PySoundFile: no Path
         spectrogram_png(wav, rate, tmp_dir / f"demo_{i}.png")
         settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
                     (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
