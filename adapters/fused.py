@@ -1,16 +1,17 @@
-"""Hand-written autograd nodes for adapted Linears in fp32 CPU training (oneDNN products, `sa3/fast_linear.py`).
+"""Hand-written autograd nodes for DoRA/BoRA layers in fp32 CPU training (oneDNN products, `sa3/fast_linear.py`).
 
-- `low_rank_product`: z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias (LoRA, LoRA-XS, and the inner product of dora-cols/BoRA).
-- `dora_rows_linear`: y = d ∘ z + bias with d = m / ‖W + s·B·A‖_rows, the norms from ‖W‖², P = W·Aᵀ and B·AAᵀ.
-  The r rows of A ride along with the N rows of x through the ONE forward product with W, so P costs r/N of it
-  instead of a separate memory-bound pass; in the backward the rows [dz; dPᵀ] share the one product with W.
-- `dora_cols_linear`: c = m / ‖W + s·B·A‖_cols needs Q = Bᵀ·W, the other product direction: one pass each way.
-- `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) in one row-blocked walk over W each way.
-  BoRA stays ~2x the frozen layer's cost (eight W passes instead of two; bench in the session notes).
+z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with x [N, in], W [out, in] frozen, A [r, in], B [out, r]; the magnitudes renormalise it.
+- `dora_rows_linear`: y = d ∘ z + bias, d = m / ‖W + s·B·A‖_rows from ‖W‖², P = W·Aᵀ and B·AAᵀ. The r rows of A
+  ride along with the N rows of x through the ONE forward product with W, so P costs r/N of it instead of a separate
+  memory-bound pass; in the backward the rows [dz; dPᵀ] share the one product with W.
+- `dora_cols_linear`: z of x∘c, c = m / ‖W + s·B·A‖_cols, needs Q = Bᵀ·W (the other product direction): one extra
+  pass over W each way.
+- `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) come from one row-blocked walk over W each
+  way, still about 1.7-2x the frozen layer's cost (eight passes over W instead of two).
 
-x [N, in], W [out, in] frozen, A [r, in], B [out, r]. Why by hand: autograd's graph of the same maths runs two more
-passes over W (for P and its gradient) and ~30 small kernels per layer, which on two CPU threads cost about as much
-as the frozen matmuls' backward (bench/train_step.py). Equality with the formed-weight gradients is tested.
+Why by hand: autograd's graph of the same maths makes extra passes over W (for P and its gradient) and runs ~30
+small kernels per layer. bench/adapter_layers.py prints each node against autograd per layer shape (plain LoRA is
+left to autograd: a node measured no faster). Equality with the formed-weight gradients is tested.
 """
 
 from __future__ import annotations
@@ -20,33 +21,28 @@ from torch import Tensor
 
 from ..sa3.fast_linear import onednn_applies, rows_times_wt
 
-EPS = 1e-12  # as maths.EPS (maths imports this module)
+BLOCK_BYTES = 4 << 20  # row blocks of W for passes that form W∘W or re-read a block (bench/adapter_layers.py)
 
 
-class _LowRankProduct(torch.autograd.Function):
-    """z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias, backward written out (dx = dz·W + s·(dz·B)·A in one oneDNN product plus an
-    r-sized one)."""
+def row_blocks(w: Tensor) -> list[slice]:
+    """Row ranges of W [out, in] of about BLOCK_BYTES each (at least one row)."""
+    rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * w.element_size()))
+    return [slice(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
 
-    @staticmethod
-    def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, scale: float, w: Tensor, bias: Tensor | None) -> Tensor:
-        z = rows_times_wt(x2, w, bias)
-        h = x2 @ a.T  # [N, r]
-        z.addmm_(h, b.T, alpha=scale)
-        ctx.save_for_backward(x2, a, b, h, w)
-        ctx.scale = scale
-        return z
 
-    @staticmethod
-    def backward(ctx, gz: Tensor):
-        x2, a, b, h, w = ctx.saved_tensors
-        s = ctx.scale
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        gz = gz.contiguous()
-        gh = (gz @ b).mul_(s)  # [N, r] = dL/dh, h = x·Aᵀ
-        gx = rows_times_wt(gz, w.t()).addmm_(gh, a) if need_x else None
-        ga = gh.T @ x2 if need_a else None
-        gb = (gz.T @ h).mul_(s) if need_b else None
-        return gx, ga, gb, None, None, None
+EPS = 1e-12  # added to the norms by the reference (after the square root); maths.py uses this one too
+
+
+def _renorm_factor(sq_norm: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(m / (‖·‖ + eps), ‖·‖, 1 / (‖·‖ + eps)) from a squared norm (clamped at 0: the expanded form can round below)."""
+    norm = sq_norm.clamp_min(0).sqrt()
+    inv = 1 / (norm + EPS)
+    return magnitude * inv, norm, inv
+
+
+def _sq_norm_grad(g_factor: Tensor, magnitude: Tensor, norm: Tensor, inv: Tensor) -> Tensor:
+    """dL/dq for factor = m / (√q + eps) given dL/dfactor; 0 where the norm is 0 (the clamp's gradient)."""
+    return torch.where(norm > 0, -g_factor * magnitude * inv * inv / (2 * norm).clamp_min(EPS), torch.zeros_like(norm))
 
 
 class _DoraRowsLinear(torch.autograd.Function):
@@ -63,10 +59,7 @@ class _DoraRowsLinear(torch.autograd.Function):
         h = x2 @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=scale)
         bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
-        q = row_sq + (2 * scale) * (p * b).sum(1) + (scale * scale) * (bk * b).sum(1)
-        norm = q.clamp_min(0).sqrt()
-        inv = 1 / (norm + EPS)
-        d = m * inv
+        d, norm, inv = _renorm_factor(row_sq + (2 * scale) * (p * b).sum(1) + (scale * scale) * (bk * b).sum(1), m)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
         ctx.save_for_backward(x2, a, b, m, w, z, h, p, bk, norm, inv, d)
         ctx.scale = scale
@@ -79,8 +72,7 @@ class _DoraRowsLinear(torch.autograd.Function):
         need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         g_d = (g * z).sum(0)  # [out]
         g_m = (g_d * inv).view_as(m) if need_m else None
-        g_norm = -g_d * m * inv * inv
-        g_q = torch.where(norm > 0, g_norm / (2 * norm).clamp_min(EPS), torch.zeros_like(norm))[:, None]  # [out, 1]
+        g_q = _sq_norm_grad(g_d, m, norm, inv)[:, None]  # [out, 1]
         rows = torch.empty(n + r, g.shape[1], dtype=g.dtype, device=g.device)
         g_z = torch.mul(g, d, out=rows[:n])
         rows[n:] = ((2 * s) * g_q * b).T  # dL/dP = 2s·diag(g_q)·B, and dL/dA gets (dL/dP)ᵀ·W
@@ -105,22 +97,19 @@ class _DoraColsLinear(torch.autograd.Function):
                 col_sq: Tensor) -> Tensor:
         q_bw = rows_times_wt(b.T, w.t())  # Bᵀ·W [r, in]
         kb = b.T @ b  # [r, r]
-        kb_a = kb @ a
-        q = col_sq + (2 * scale) * (q_bw * a).sum(0) + (scale * scale) * (kb_a * a).sum(0)
-        norm = q.clamp_min(0).sqrt()
-        inv = 1 / (norm + EPS)
-        c = m * inv
+        q = col_sq + (2 * scale) * (q_bw * a).sum(0) + (scale * scale) * ((kb @ a) * a).sum(0)
+        c, norm, inv = _renorm_factor(q, m)
         xc = x2 * c
         z = rows_times_wt(xc, w, bias)
         h = xc @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=scale)
-        ctx.save_for_backward(x2, xc, a, b, m, w, h, q_bw, kb, kb_a, norm, inv, c)
+        ctx.save_for_backward(x2, xc, a, b, m, w, h, q_bw, kb, norm, inv, c)
         ctx.scale = scale
         return z
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x2, xc, a, b, m, w, h, q_bw, kb, kb_a, norm, inv, c = ctx.saved_tensors
+        x2, xc, a, b, m, w, h, q_bw, kb, norm, inv, c = ctx.saved_tensors
         s = ctx.scale
         need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         g = g.contiguous()
@@ -129,8 +118,7 @@ class _DoraColsLinear(torch.autograd.Function):
         g_c = (g_xc * x2).sum(0)
         g_x = g_xc.mul_(c) if need_x else None
         g_m = (g_c * inv).view_as(m) if need_m else None
-        g_norm = -g_c * m * inv * inv
-        g_q = torch.where(norm > 0, g_norm / (2 * norm).clamp_min(EPS), torch.zeros_like(norm))  # [in]
+        g_q = _sq_norm_grad(g_c, m, norm, inv)  # [in]
         g_qa = g_q * a  # [r, in]
         g_a = g_b = None
         if need_a:  # through h = xc·Aᵀ, the cross term (Q fixed) and the quad term (BᵀB symmetric)
@@ -139,15 +127,6 @@ class _DoraColsLinear(torch.autograd.Function):
             g_b = (g.T @ h).mul_(s)
             g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s).addmm_(b, a @ g_qa.T, alpha=2 * s * s)
         return g_x, g_a, g_b, g_m, None, None, None, None
-
-
-BLOCK_BYTES = 16 << 20  # BoRA walks W in row blocks of this size (bench: 16 MB beat 1 MB, 4 MB and whole-W)
-
-
-def _row_blocks(w: Tensor) -> list[slice]:
-    """Row ranges of W of about BLOCK_BYTES each: the per-block products below re-read a block from cache."""
-    rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * w.element_size()))
-    return [slice(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
 
 
 class _BoraLinear(torch.autograd.Function):
@@ -165,35 +144,31 @@ class _BoraLinear(torch.autograd.Function):
         q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
         col_sq = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
         bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
-        d = torch.empty_like(m_r)
-        norm_r = torch.empty_like(m_r)
-        for rows in _row_blocks(w):
+        d, norm_r, inv_r = torch.empty_like(m_r), torch.empty_like(m_r), torch.empty_like(m_r)
+        for rows in row_blocks(w):
             wb = w[rows]
             p[rows] = rows_times_wt(a, wb).T
             qr = row_sq[rows] + (2 * s) * (p[rows] * b[rows]).sum(1) + (s * s) * (bk[rows] * b[rows]).sum(1)
-            norm_r[rows] = qr.clamp_min(0).sqrt()
-            d[rows] = m_r[rows] / (norm_r[rows] + EPS)
+            d[rows], norm_r[rows], inv_r[rows] = _renorm_factor(qr, m_r[rows])
             g2 = d[rows] * d[rows]
             q.add_(rows_times_wt((b[rows] * g2[:, None]).T, wb.t()))
             col_sq.addmv_((wb * wb).T, g2)
         g2 = d * d
         kb = b.T @ (b * g2[:, None])  # Bᵀ diag(d²) B [r, r]
-        kb_a = kb @ a
-        qc = col_sq + (2 * s) * (q * a).sum(0) + (s * s) * (kb_a * a).sum(0)
-        norm_c = qc.clamp_min(0).sqrt()
-        c = m_c / (norm_c + EPS)
+        qc = col_sq + (2 * s) * (q * a).sum(0) + (s * s) * ((kb @ a) * a).sum(0)
+        c, norm_c, inv_c = _renorm_factor(qc, m_c)
         xc = x2 * c
         z = rows_times_wt(xc, w)
         h = xc @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=s)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
-        ctx.save_for_backward(x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, norm_c, d, c)
+        ctx.save_for_backward(x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, inv_r, norm_c, inv_c, d, c)
         ctx.scale = s
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, norm_c, d, c = ctx.saved_tensors
+        x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, inv_r, norm_c, inv_c, d, c = ctx.saved_tensors
         s = ctx.scale
         need_x = ctx.needs_input_grad[0]
         g_d = (g * z).sum(0)  # [out], from y = d∘z
@@ -202,10 +177,8 @@ class _BoraLinear(torch.autograd.Function):
         g_xc = rows_times_wt(g_z, w.t()).addmm_(g_h, a)  # [N, in]
         g_c = (g_xc * x2).sum(0)
         g_x = g_xc.mul_(c) if need_x else None
-        inv_c = 1 / (norm_c + EPS)
         g_mc = g_c * inv_c
-        g_qc = torch.where(norm_c > 0, -g_c * m_c * inv_c * inv_c / (2 * norm_c).clamp_min(EPS),
-                           torch.zeros_like(norm_c))  # [in]
+        g_qc = _sq_norm_grad(g_c, m_c, norm_c, inv_c)  # [in]
         g2 = d * d
         g_qa = g_qc * a  # [r, in]; dL/dQ = 2s·g_qa
         # column-norm terms: S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW, Kb = Bᵀdiag(d²)B
@@ -214,25 +187,19 @@ class _BoraLinear(torch.autograd.Function):
         g_b = (g_z.T @ h).mul_(s)
         g_g2 = torch.empty_like(d)
         g_ub = torch.empty_like(b)  # dL/d(d²∘B)
-        g_p = torch.empty_like(p)
         g_mr = torch.empty_like(m_r)
         g_qr_all = torch.empty_like(m_r)
         g_row = torch.zeros_like(a)  # Σ_blocks g_Pᵀ·W_block
-        inv_r_all = 1 / (norm_r + EPS)
-        for rows in _row_blocks(w):
+        for rows in row_blocks(w):
             wb = w[rows]
             g_g2[rows] = (wb * wb) @ g_qc
             g_ub[rows] = rows_times_wt(g_qa, wb).T.mul_(2 * s) + b[rows] @ g_kb
             g_g2[rows] += (g_ub[rows] * b[rows]).sum(1)
             g_dr = g_d[rows] + 2 * d[rows] * g_g2[rows]
-            inv_r = inv_r_all[rows]
-            g_mr[rows] = g_dr * inv_r
-            nr = norm_r[rows]
-            g_qr = torch.where(nr > 0, -g_dr * m_r[rows] * inv_r * inv_r / (2 * nr).clamp_min(EPS),
-                               torch.zeros_like(nr))[:, None]
+            g_mr[rows] = g_dr * inv_r[rows]
+            g_qr = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])[:, None]
             g_qr_all[rows] = g_qr[:, 0]
-            g_p[rows] = (2 * s) * g_qr * b[rows]
-            g_row.add_(rows_times_wt(g_p[rows].T, wb.t()))
+            g_row.add_(rows_times_wt(((2 * s) * g_qr * b[rows]).T, wb.t()))  # dL/dP of the block, times W
             g_b[rows] += g_ub[rows] * g2[rows, None] + (2 * s) * g_qr * p[rows] + (2 * s * s) * g_qr * bk[rows]
         g_b.addmm_(b * g2[:, None], g_kb)  # Kb = Bᵀ·(d²∘B): the (d²∘B) side went into g_ub, this is the Bᵀ side
         # row-norm terms: P = W·Aᵀ (dL/dA += g_Pᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
@@ -244,12 +211,6 @@ def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
     """The fused node is used for fp32 x86 CPU training (oneDNN products) outside autocast."""
     return (onednn_applies(x, w) and down.dtype == torch.float32 and torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu"))
-
-
-def low_rank_product(x2: Tensor, down: Tensor, up: Tensor, scale: float, w: Tensor,
-                     bias: Tensor | None = None) -> Tensor:
-    """x2·Wᵀ + s·(x2·downᵀ)·upᵀ + bias  [N, out] for x2 [N, in]."""
-    return _LowRankProduct.apply(x2, down, up, scale, w, bias)
 
 
 def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
@@ -270,4 +231,4 @@ def bora_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude_r: Tensor, magni
     return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq)
 
 
-__all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "low_rank_product"]
+__all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "row_blocks"]

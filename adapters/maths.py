@@ -17,9 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
-from .fused import bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, low_rank_product
-
-EPS = 1e-12  # added to the norms by the reference (after the square root)
+from .fused import EPS, bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, row_blocks
 
 # file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
 ADAPTER_TYPES = {
@@ -220,24 +218,20 @@ def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | fl
 
 class _WeightedColSq(torch.autograd.Function):
     """g2 [out] -> Σ_i g2_i·W_ij² [in] for a frozen W [out, in], with W∘W formed in row blocks and never saved
-    (autograd would keep a full W∘W per layer alive until the backward)."""
-
-    BLOCK = 1024
+    (autograd would keep a full W∘W per layer alive until the backward). The BoRA path off the fused CPU node."""
 
     @staticmethod
     def forward(ctx, g2: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(w)
         out = g2.new_zeros(w.shape[1])
-        for i in range(0, w.shape[0], _WeightedColSq.BLOCK):
-            rows = w[i:i + _WeightedColSq.BLOCK]
-            out.addmv_((rows * rows).T, g2[i:i + _WeightedColSq.BLOCK])
+        for rows in row_blocks(w):
+            out.addmv_((w[rows] * w[rows]).T, g2[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (w,) = ctx.saved_tensors
-        parts = [(rows * rows) @ grad for rows in w.split(_WeightedColSq.BLOCK)]
-        return torch.cat(parts), None
+        return torch.cat([(w[rows] * w[rows]) @ grad for rows in row_blocks(w)]), None
 
 
 def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:
@@ -275,38 +269,29 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
     y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
 
-    Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training the whole product is
-    one autograd node (`fused.low_rank_product`) and DoRA-rows gets its W·downᵀ from the same product. dora-cols and
-    BoRA need upᵀ·W (BoRA also W·downᵀ first): memory-bound passes of their own."""
+    Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training each DoRA/BoRA type is
+    one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product); plain LoRA/-XS
+    is frozen_linear + addmm under autograd, as fast as a hand-written node (bench/adapter_layers.py)."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm != "none" and float(scale) == 0.0:
         return frozen_linear(x, w, bias)
     down, up = _low_rank_factors(adapter_type, t)
     x2 = x.reshape(-1, x.shape[-1])
-    if fused_applies(x, w, down):
-        s = float(scale)
+    if renorm != "none" and fused_applies(x, w, down):  # one hand-written autograd node per layer (fused.py)
+        s, (rows_sq, cols_sq) = float(scale), base_sq if base_sq is not None else base_sq_norms(w)
         if renorm == "rows":
-            row_sq = base_sq[0] if base_sq is not None else (w * w).sum(1)
-            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, row_sq)
-            return y.view(*x.shape[:-1], w.shape[0])
-        if renorm == "both":
-            row_sq = base_sq[0] if base_sq is not None else (w * w).sum(1)
-            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, row_sq)
-            return y.view(*x.shape[:-1], w.shape[0])
-        if renorm == "cols":
-            col_sq = base_sq[1] if base_sq is not None else (w * w).sum(0)
-            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, col_sq)
-            return y.view(*x.shape[:-1], w.shape[0])
+            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, rows_sq)
+        elif renorm == "cols":
+            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, cols_sq)
         else:
-            d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
-            z = low_rank_product(x2 if c is None else x2 * c, down, up, s, w, bias if d is None else None)
-    else:
-        d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
-        if c is not None:
-            x2 = x2 * c.to(x.dtype)
-        base = frozen_linear(x2, w, bias if d is None else None)
-        low = nn.functional.linear(x2, down.to(x.dtype)) * scale  # [N, r]: scaling r columns, not out
-        z = torch.addmm(base, low, up.to(x.dtype).T)
+            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, rows_sq)
+        return y.view(*x.shape[:-1], w.shape[0])
+    d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
+    if c is not None:
+        x2 = x2 * c.to(x.dtype)
+    base = frozen_linear(x2, w, bias if d is None else None)
+    low = nn.functional.linear(x2, down.to(x.dtype)) * scale  # [N, r]: scaling r columns, not out
+    z = torch.addmm(base, low, up.to(x.dtype).T)
     if d is not None:
         d = d.to(z.dtype)
         z = z * d if bias is None else torch.addcmul(bias, z, d)

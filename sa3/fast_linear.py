@@ -1,9 +1,10 @@
 """`x·Wᵀ + b` for FROZEN weights through oneDNN on x86 CPUs, in inference and in training.
 
-Why: on the bench machines (AMD EPYC, 2 threads) oneDNN's fp32 matmul is 1.2-1.8x faster than the default sgemm
-for the DiT's shapes, and the backward of a frozen Linear needs only the input gradient `g·W`, which is the same
-kind of product with Wᵀ (oneDNN reads the transposed view in place; no copy of W is made). Anything else (a weight
-that trains, GPU, half precision, other CPUs) takes `F.linear` and torch's own autograd.
+Why: on the bench machine (2 threads) oneDNN's fp32 matmul beats torch's default sgemm for the DiT's shapes
+(bench/adapter_layers.py, "F.linear" vs "frozen": 1.15-1.27x for forward + backward), and the backward of a frozen
+Linear needs only the input gradient `g·W`, the same kind of product with Wᵀ (oneDNN reads the transposed view in
+place; no copy of W is made). Anything else (a weight that trains, GPU, half precision, other CPUs) takes `F.linear`
+and torch's own autograd.
 """
 
 from __future__ import annotations
