@@ -57,11 +57,6 @@ class DatasetError(Exception):
 # small helpers
 
 
-# One implementation of atomic writes for the whole pack (temp file + fsync + os.replace).
-write_atomic = atomic_write
-write_json_atomic = atomic_write_json
-
-
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
@@ -260,7 +255,7 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         "metadata_sources": sources,
     }
     save_npy_atomic(npy_path, latents.astype(dtype))
-    write_json_atomic(json_path, meta)  # the JSON last: its presence means this file is done
+    atomic_write_json(json_path, meta)  # the JSON last: its presence means this file is done
     rec.update(status="encoded", latents=f"{relpath}.npy", metadata=f"{relpath}.json", n_latents=n,
                seconds=round(seconds, 6), source_sample_rate=info.sample_rate, source_channels=info.channels,
                decoder=info.decoder)
@@ -487,7 +482,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                         "pending": sum(f["status"] == "pending" for f in files), "excluded": len(scan.excluded),
                         "seconds": round(report.seconds, 3), "minutes": round(report.seconds / 60, 3),
                         "n_latents": sum(int(f.get("n_latents") or 0) for f in enc)})
-            write_json_atomic(out_dir / MANIFEST, manifest)
+            atomic_write_json(out_dir / MANIFEST, manifest)
 
         flush(False)
         n, last_flush = len(todo), time.monotonic()
@@ -742,7 +737,7 @@ def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Encode
                         os.link(src / f[key], dst)
                     except OSError:
                         shutil.copy2(src / f[key], dst)
-    write_json_atomic(root / MANIFEST, manifest)
+    atomic_write_json(root / MANIFEST, manifest)
     return load_dataset(root)
 
 

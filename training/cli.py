@@ -11,8 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .runs import ACTIVE as ACTIVE_STATUSES
-from .runs import atomic_write_json
+from .runs import RunError, atomic_write_json, trained_elsewhere
 
 DEFAULT_RUNS_DIR = "sa3-runs"
 
@@ -56,9 +55,7 @@ def _follow(manager, run_id: str) -> int:
 
 
 def _cmd_train(args) -> int:
-    from dataclasses import replace
-
-    from .runs import RunConfig, RunRegistry
+    from .runs import RunConfig
 
     data = json.loads(Path(args.config).read_text(encoding="utf-8"))
     for key in ("dataset", "model", "steps", "name"):
@@ -76,29 +73,31 @@ def _cmd_train(args) -> int:
         run_id = manager.submit(config)
         print(f"run {run_id} in {manager.registry.run_dir(run_id)}", flush=True)
         return _follow(manager, run_id)
-    # As train_distributed does: the run's own config, with `steps` from the file given (a run can be extended).
-    registry = RunRegistry(args.runs_dir)
-    registry.mark_interrupted_after_restart()
-    _refuse_if_running(registry, run_id)
-    atomic_write_json(registry.run_dir(run_id) / "config.json",
-                      replace(registry.config(run_id), steps=config.steps).to_dict())
-    return _resume_here(args, run_id)
+    return _resume_here(args, run_id, steps=config.steps)
 
 
-def _resume_here(args, run_id: str) -> int:
-    """Resume `run_id` in this process (one device) from its last checkpoint and follow it."""
+def _resume_here(args, run_id: str, steps: int | None = None) -> int:
+    """Resume `run_id` in this process (one device) from its last checkpoint and follow it. steps: as
+    train_distributed does, the run keeps its own config except `steps` (a finished run can be extended)."""
+    from dataclasses import replace
+
     manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
+    if steps is not None:
+        registry = manager.registry
+        atomic_write_json(registry.run_dir(run_id) / "config.json",
+                          replace(registry.config(run_id), steps=steps).to_dict())
     manager.registry.update(run_id, world_size=1)
     manager.control(run_id, "restart")
     return _follow(manager, run_id)
 
 
 def _refuse_if_running(registry, run_id: str) -> None:
-    status = registry.get(run_id)["status"]
-    if status in ACTIVE_STATUSES:
-        raise RuntimeError(f"run {run_id} is {status} in another process; stop it first "
-                           f"(`sa3-lora runs stop {run_id}`)")
+    """Before touching a run's files from here (call after `mark_interrupted_after_restart`)."""
+    record = registry.get(run_id)
+    if trained_elsewhere(record):
+        raise RunError(f"run {run_id} is {record['status']} in another process; stop it first "
+                       f"(`sa3-lora runs stop {run_id}`)")
 
 
 def torchrun_command(runs_dir: str | Path, run_id: str, nproc: int) -> list[str]:
@@ -169,8 +168,8 @@ def _cmd_runs(args) -> int:
         print(f"asked {args.run_id} to {REQUEST_MESSAGES[args.runs_what]}")
         return 0
     if args.runs_what == "delete":
-        _refuse_if_running(registry, args.run_id)  # its process would go on writing into a deleted folder
-        _manager(args).control(args.run_id, "delete", confirm=True)  # the command line asks nothing; the UI confirms
+        # the command line asks nothing (the UI confirms); refused while another live process trains the run
+        _manager(args).control(args.run_id, "delete", confirm=True)
         print(f"deleted {args.run_id}")
         return 0
     raise AssertionError(args.runs_what)

@@ -67,20 +67,6 @@ def _dit_on_rows(dit, rows: slice, x, *args, **kwargs):
     return torch.cat([before, v, after])
 
 
-class _LocalRowsModel:
-    """The trainer's model, except that `dit` computes only this rank's rows of the batch."""
-
-    def __init__(self, model, rows: slice):
-        self._model, self._rows = model, rows
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    @property
-    def dit(self):
-        return partial(_dit_on_rows, self._model.dit, self._rows)
-
-
 class _LocalRowsTree:
     """A module tree (the trainer's adapter view) whose DiT, `tree.model.model`, computes only this rank's rows."""
 
@@ -121,18 +107,14 @@ class DistributedTrainer(Trainer):
                 dist.broadcast(p.data, src=0)
 
     def loss_for_batch(self, batch: dict, step: int):
-        # Only the DiT call is split; all random draws stay global. The trainer runs the DiT either as
-        # `self.view.model.model` (the adapter view) or as `self.model.dit`: both are swapped for row-slicing ones.
-        model, view = self.model, getattr(self, "view", None)
-        self.model = _LocalRowsModel(model, self.rows)
-        if view is not None:
-            self.view = _LocalRowsTree(view, self.rows)
+        # Only the DiT call is split; all random draws stay global. The trainer runs the DiT as
+        # `self.view.model.model` (its adapter view; `rectified_flow_loss(tree=...)`), swapped for a row-slicing one.
+        view = self.view
+        self.view = _LocalRowsTree(view, self.rows)
         try:
             return super().loss_for_batch(batch, step)
         finally:
-            self.model = model
-            if view is not None:
-                self.view = view
+            self.view = view
 
     def all_reduce_gradients(self) -> None:
         """Sum the adapter gradients over ranks (each rank's loss is already divided by the global batch).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .events import EventLog
 from .requests import write_request
-from .runs import ACTIVE, RunConfig, RunError, RunRegistry, owner_alive, process_owner
+from .runs import RunConfig, RunError, RunRegistry, trained_elsewhere
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
@@ -55,10 +55,7 @@ class TrainingManager:
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
         running = self.worker.is_running(run_id) or run_id in self.worker.queued()
-        owner = record.get("owner") or {}
-        elsewhere = (not running and record["status"] in ACTIVE and owner_alive(owner)
-                     and owner != process_owner())
-        if elsewhere:  # trained by another live process (`sa3-lora train`, torchrun, another ComfyUI)
+        if not running and trained_elsewhere(record):
             if action in ("delete", "restart"):
                 raise RunError(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
                                f"(its checkpoint is kept), then {action}")

@@ -288,6 +288,13 @@ class RunRegistry:
         return changed
 
 
+def trained_elsewhere(record: dict) -> bool:
+    """An active run whose recorded owner process is alive, asked by code that is not running it (the CLI, or a
+    TrainingManager whose worker does not have it): another trainer has it (`sa3-lora train`, torchrun, another
+    ComfyUI or manager). It can be sent requests (`requests.py`) but must not be restarted or deleted."""
+    return record.get("status") in ACTIVE and owner_alive(record.get("owner"))
+
+
 def _process_start(pid: int) -> str | None:
     """The start time of a process in clock ticks since boot (Linux /proc), None where it cannot be read. Recorded
     with the pid, it tells a live owner from a new process that reused its pid (e.g. after a container restart)."""
