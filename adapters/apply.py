@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from .files import LoadedAdapter, weights_fingerprint
 from .maths import (
+    BaseProducts,
     adapter_scale,
-    base_sq_norms,
+    base_products,
     check_adapter_type,
     effective_weight,
     factored_linear,
@@ -184,7 +185,7 @@ class AdaptedLayer(nn.Module):
         self._merged_key: tuple | None = None
         self._ready: Tensor | None = None  # merged mode: the weight valid for the current state (fast path)
         self._is_conv = isinstance(base, nn.Conv1d)
-        self._base_sq: tuple[Tensor, Tensor] | None = None
+        self._base_products: BaseProducts | None = None  # of the frozen part, for the last slot
 
     def __getattr__(self, name: str):
         try:
@@ -230,7 +231,7 @@ class AdaptedLayer(nn.Module):
             if self._merged is None or self._merged_key != key:
                 with torch.no_grad():
                     self._merged = self._chain(w, self.slots[:n_slots])
-                    self._base_sq = None
+                    self._base_products = None
                 self._merged_key = key
             return self._merged
         return self._chain(w, self.slots[:n_slots])
@@ -246,7 +247,7 @@ class AdaptedLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Drop the private merged weight (the base weight was never modified)."""
-        self._merged, self._merged_key, self._base_sq, self._ready = None, None, None, None
+        self._merged, self._merged_key, self._base_products, self._ready = None, None, None, None
 
     def static_weight(self) -> Tensor | None:
         """The merged effective weight when this layer is static in merged mode (the fast path), else None. Lets a
@@ -262,11 +263,12 @@ class AdaptedLayer(nn.Module):
         slots = self.slots
         if self.mode == "factored" and isinstance(base, nn.Linear) and slots and slots[-1].enabled:
             w = self._effective_weight(len(slots) - 1)
-            if self._base_sq is None:
-                with torch.no_grad():
-                    self._base_sq = base_sq_norms(w.reshape(w.shape[0], -1))
             last = slots[-1]
-            return factored_linear(x, w, self.bias, last.adapter_type, last.tensors(), last.scale(), self._base_sq)
+            t = last.tensors()
+            if self._base_products is None:
+                with torch.no_grad():
+                    self._base_products = base_products(w.reshape(w.shape[0], -1), t)
+            return factored_linear(x, w, self.bias, last.adapter_type, t, last.scale(), self._base_products)
         w = self._effective_weight(len(slots))
         if isinstance(base, nn.Conv1d):
             return base._conv_forward(x, w, self.bias)

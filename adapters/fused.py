@@ -48,21 +48,25 @@ def _sq_norm_grad(g_factor: Tensor, magnitude: Tensor, norm: Tensor, inv: Tensor
 class _DoraRowsLinear(torch.autograd.Function):
     """y = d ∘ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias with d = m / (‖W + s·B·A‖_rows + eps), the norms from
     ‖W‖²_rows + 2s·rowsum(P∘B) + s²·rowsum((B·AAᵀ)∘B), P = W·Aᵀ (`maths.row_col_scales`), forward AND backward
-    written out: one product with W each way (A's rows ride along), no autograd graph of ~30 small kernels."""
+    written out: one product with W each way (A's rows ride along), no autograd graph of ~30 small kernels.
+    P may come in (an -xs layer's (W·V)·Mᵀ): then no rows ride along and dL/dP goes back to it."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
-                row_sq: Tensor) -> Tensor:
+                row_sq: Tensor, p_in: Tensor | None) -> Tensor:
         n = x2.shape[0]
-        out = rows_times_wt(torch.cat([x2, a]), w)
-        z, p = out[:n], out[n:].T  # p = W·Aᵀ [out, r]
+        if p_in is None:
+            out = rows_times_wt(torch.cat([x2, a]), w)
+            z, p = out[:n], out[n:].T  # p = W·Aᵀ [out, r]
+        else:
+            z, p = rows_times_wt(x2, w), p_in
         h = x2 @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=scale)
         bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
         d, norm, inv = _renorm_factor(row_sq + (2 * scale) * (p * b).sum(1) + (scale * scale) * (bk * b).sum(1), m)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
         ctx.save_for_backward(x2, a, b, m, w, z, h, p, bk, norm, inv, d)
-        ctx.scale = scale
+        ctx.scale, ctx.p_given = scale, p_in is not None
         return y
 
     @staticmethod
@@ -73,29 +77,37 @@ class _DoraRowsLinear(torch.autograd.Function):
         g_d = (g * z).sum(0)  # [out]
         g_m = (g_d * inv).view_as(m) if need_m else None
         g_q = _sq_norm_grad(g_d, m, norm, inv)[:, None]  # [out, 1]
-        rows = torch.empty(n + r, g.shape[1], dtype=g.dtype, device=g.device)
+        g_p = (2 * s) * g_q * b  # dL/dP [out, r]; dL/dA gets (dL/dP)ᵀ·W when P came from A's rows
+        ride = need_a and not ctx.p_given
+        rows = torch.empty(n + r if ride else n, g.shape[1], dtype=g.dtype, device=g.device)
         g_z = torch.mul(g, d, out=rows[:n])
-        rows[n:] = ((2 * s) * g_q * b).T  # dL/dP = 2s·diag(g_q)·B, and dL/dA gets (dL/dP)ᵀ·W
-        through_w = rows_times_wt(rows if need_x else rows[n:], w.t())  # [(N +) r, in] = rows·W
+        if ride:
+            rows[n:] = g_p.T
+        through_w = None
+        if need_x or ride:
+            through_w = rows_times_wt(rows if need_x else rows[n:], w.t())  # [(N +) r, in] = rows·W
         g_h = (g_z @ b).mul_(s)  # [N, r]
         g_x = through_w[:n].addmm_(g_h, a) if need_x else None
         g_a = g_b = None
         if need_a:  # + through h = x·Aᵀ, + through AAᵀ (symmetric): 2·(s²·Bᵀ diag(g_q) B)·A
-            g_a = through_w[-r:].addmm_(g_h.T, x2).addmm_(b.T @ (g_q * b), a, alpha=2 * s * s)
+            g_a = torch.mm(g_h.T, x2) if not ride else through_w[-r:].addmm_(g_h.T, x2)
+            g_a.addmm_(b.T @ (g_q * b), a, alpha=2 * s * s)
         if need_b:
             g_b = (g_z.T @ h).mul_(s).add_(g_q * p, alpha=2 * s).add_(g_q * bk, alpha=2 * s * s)
-        return g_x, g_a, g_b, g_m, None, None, None, None
+        g_p_in = g_p if ctx.p_given and ctx.needs_input_grad[8] else None
+        return g_x, g_a, g_b, g_m, None, None, None, None, g_p_in
 
 
 class _DoraColsLinear(torch.autograd.Function):
     """y = (x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ + bias with c = m / ‖W + s·B·A‖_cols, the norms from ‖W‖²_cols +
     2s·colsum(Q∘A) + s²·colsum((BᵀB·A)∘A), Q = Bᵀ·W [r, in]. Q and its gradient's share of dB are products of r
-    rows with W in the other direction than the layer's own product, so they are one extra pass over W each way."""
+    rows with W in the other direction than the layer's own product, so they are one extra pass over W each way,
+    unless Q comes in (an -xs layer's cached Uᵀ·W): then dL/dQ goes back to it."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
-                col_sq: Tensor) -> Tensor:
-        q_bw = rows_times_wt(b.T, w.t())  # Bᵀ·W [r, in]
+                col_sq: Tensor, q_in: Tensor | None) -> Tensor:
+        q_bw = rows_times_wt(b.T, w.t()) if q_in is None else q_in  # Bᵀ·W [r, in]
         kb = b.T @ b  # [r, r]
         q = col_sq + (2 * scale) * (q_bw * a).sum(0) + (scale * scale) * ((kb @ a) * a).sum(0)
         c, norm, inv = _renorm_factor(q, m)
@@ -104,7 +116,7 @@ class _DoraColsLinear(torch.autograd.Function):
         h = xc @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=scale)
         ctx.save_for_backward(x2, xc, a, b, m, w, h, q_bw, kb, norm, inv, c)
-        ctx.scale = scale
+        ctx.scale, ctx.q_given = scale, q_in is not None
         return z
 
     @staticmethod
@@ -119,14 +131,17 @@ class _DoraColsLinear(torch.autograd.Function):
         g_x = g_xc.mul_(c) if need_x else None
         g_m = (g_c * inv).view_as(m) if need_m else None
         g_q = _sq_norm_grad(g_c, m, norm, inv)  # [in]
-        g_qa = g_q * a  # [r, in]
+        g_qa = g_q * a  # [r, in]; dL/dQ = 2s·g_qa
         g_a = g_b = None
         if need_a:  # through h = xc·Aᵀ, the cross term (Q fixed) and the quad term (BᵀB symmetric)
             g_a = (g_h.T @ xc).add_(g_q * q_bw, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
-        if need_b:  # through the low-rank path, Q = Bᵀ·W (dB = W·dQᵀ, dQ = 2s·g_q∘A) and BᵀB
+        if need_b:  # through the low-rank path, Q = Bᵀ·W (dB = W·dQᵀ) and BᵀB
             g_b = (g.T @ h).mul_(s)
-            g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s).addmm_(b, a @ g_qa.T, alpha=2 * s * s)
-        return g_x, g_a, g_b, g_m, None, None, None, None
+            if not ctx.q_given:
+                g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s)
+            g_b.addmm_(b, a @ g_qa.T, alpha=2 * s * s)
+        g_q_in = (2 * s) * g_qa if ctx.q_given and ctx.needs_input_grad[8] else None
+        return g_x, g_a, g_b, g_m, None, None, None, None, g_q_in
 
 
 class _BoraLinear(torch.autograd.Function):
@@ -134,20 +149,22 @@ class _BoraLinear(torch.autograd.Function):
 
     Row norms need P = W·Aᵀ; the column norms of diag(d)·V need Q = (d²∘B)ᵀ·W and S = (d²)ᵀ·(W∘W). d of a row
     depends only on that row, so all three come from ONE pass over W in row blocks (P, then d, then the block's
-    share of Q and S), and the backward's three W terms likewise; plus the layer's own product each way."""
+    share of Q and S), and the backward's three W terms likewise; plus the layer's own product each way.
+    P may come in (an -xs layer's (W·V)·Mᵀ): then the walks skip it and dL/dP goes back to it."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m_r: Tensor, m_c: Tensor, scale: float, w: Tensor,
-                bias: Tensor | None, row_sq: Tensor) -> Tensor:
+                bias: Tensor | None, row_sq: Tensor, p_in: Tensor | None) -> Tensor:
         s, r = scale, a.shape[0]
-        p = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device)
+        p = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device) if p_in is None else p_in
         q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
         col_sq = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
         bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
         d, norm_r, inv_r = torch.empty_like(m_r), torch.empty_like(m_r), torch.empty_like(m_r)
         for rows in row_blocks(w):
             wb = w[rows]
-            p[rows] = rows_times_wt(a, wb).T
+            if p_in is None:
+                p[rows] = rows_times_wt(a, wb).T
             qr = row_sq[rows] + (2 * s) * (p[rows] * b[rows]).sum(1) + (s * s) * (bk[rows] * b[rows]).sum(1)
             d[rows], norm_r[rows], inv_r[rows] = _renorm_factor(qr, m_r[rows])
             g2 = d[rows] * d[rows]
@@ -163,7 +180,7 @@ class _BoraLinear(torch.autograd.Function):
         z.addmm_(h, b.T, alpha=s)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
         ctx.save_for_backward(x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, inv_r, norm_c, inv_c, d, c)
-        ctx.scale = s
+        ctx.scale, ctx.p_given = s, p_in is not None
         return y
 
     @staticmethod
@@ -189,7 +206,7 @@ class _BoraLinear(torch.autograd.Function):
         g_ub = torch.empty_like(b)  # dL/d(d²∘B)
         g_mr = torch.empty_like(m_r)
         g_qr_all = torch.empty_like(m_r)
-        g_row = torch.zeros_like(a)  # Σ_blocks g_Pᵀ·W_block
+        g_row = None if ctx.p_given else torch.zeros_like(a)  # Σ_blocks g_Pᵀ·W_block
         for rows in row_blocks(w):
             wb = w[rows]
             g_g2[rows] = (wb * wb) @ g_qc
@@ -199,12 +216,18 @@ class _BoraLinear(torch.autograd.Function):
             g_mr[rows] = g_dr * inv_r[rows]
             g_qr = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])[:, None]
             g_qr_all[rows] = g_qr[:, 0]
-            g_row.add_(rows_times_wt(((2 * s) * g_qr * b[rows]).T, wb.t()))  # dL/dP of the block, times W
+            if g_row is not None:
+                g_row.add_(rows_times_wt(((2 * s) * g_qr * b[rows]).T, wb.t()))  # dL/dP of the block, times W
             g_b[rows] += g_ub[rows] * g2[rows, None] + (2 * s) * g_qr * p[rows] + (2 * s * s) * g_qr * bk[rows]
         g_b.addmm_(b * g2[:, None], g_kb)  # Kb = Bᵀ·(d²∘B): the (d²∘B) side went into g_ub, this is the Bᵀ side
         # row-norm terms: P = W·Aᵀ (dL/dA += g_Pᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
-        g_a.add_(g_row).addmm_(b.T @ (g_qr_all[:, None] * b), a, alpha=2 * s * s)
-        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None
+        g_a.addmm_(b.T @ (g_qr_all[:, None] * b), a, alpha=2 * s * s)
+        g_p_in = None
+        if g_row is not None:
+            g_a.add_(g_row)
+        elif ctx.needs_input_grad[9]:
+            g_p_in = (2 * s) * g_qr_all[:, None] * b
+        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in
 
 
 def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
@@ -214,21 +237,24 @@ def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
 
 
 def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
-                     bias: Tensor | None, row_sq: Tensor) -> Tensor:
-    """DoRA-rows layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]."""
-    return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq)
+                     bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None) -> Tensor:
+    """DoRA-rows layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]; w_down:
+    W·downᵀ [out, r] when the caller has it cheaper than a pass over W (-xs), else None."""
+    return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq, w_down)
 
 
 def dora_cols_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
-                     bias: Tensor | None, col_sq: Tensor) -> Tensor:
-    """dora-cols layer output [N, out] for x2 [N, in]; col_sq: the cached squared column norms of W [in]."""
-    return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq)
+                     bias: Tensor | None, col_sq: Tensor, up_w: Tensor | None = None) -> Tensor:
+    """dora-cols layer output [N, out] for x2 [N, in]; col_sq: the cached squared column norms of W [in]; up_w:
+    upᵀ·W [r, in] when the caller has it cached (-xs), else None."""
+    return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq, up_w)
 
 
 def bora_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude_r: Tensor, magnitude_c: Tensor, scale: float,
-                w: Tensor, bias: Tensor | None, row_sq: Tensor) -> Tensor:
-    """BoRA layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]."""
-    return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq)
+                w: Tensor, bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None) -> Tensor:
+    """BoRA layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]; w_down as for
+    `dora_rows_linear`."""
+    return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq, w_down)
 
 
 __all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "row_blocks"]

@@ -12,6 +12,7 @@ The factored forms at the bottom (`factored_linear`, `row_col_scales`) give the 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -189,29 +190,59 @@ def _low_rank_factors(adapter_type: str, t: dict[str, Tensor]) -> tuple[Tensor, 
     return t["M_xs"].to(t["U"].dtype) @ t["V"].T, t["U"]
 
 
-def base_sq_norms(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Squared row [out] and column [in] norms of a base weight w [out, in]: cache them once per base weight."""
+class BaseProducts(NamedTuple):
+    """What the factored forms need of a frozen base weight W [out, in], computed once per base weight
+    (`base_products`) instead of at every step: its squared row [out] and column [in] norms and, for the -xs types
+    (whose bases U [out, r] and V [in, r] never train), W·V [out, r] and Uᵀ·W [r, in]. With those, W·downᵀ =
+    (W·V)·Mᵀ and upᵀ·W = Uᵀ·W cost r×r products instead of a pass over W (bench/adapter_layers.py)."""
+
+    row_sq: Tensor
+    col_sq: Tensor
+    w_v: Tensor | None = None
+    ut_w: Tensor | None = None
+
+
+def base_products(w: Tensor, t: dict[str, Tensor] | None = None) -> BaseProducts:
+    """`BaseProducts` of w [out, in]; t: the layer's adapter tensors (their U, V when it is an -xs type)."""
     sq = w.float() * w.float()
-    return sq.sum(1), sq.sum(0)
+    if t is None or "U" not in t:
+        return BaseProducts(sq.sum(1), sq.sum(0))
+    u, v = t["U"], t["V"]
+    w = w.to(u.dtype)
+    return BaseProducts(sq.sum(1), sq.sum(0), w @ v, u.T @ w)
+
+
+def _xs_cross_products(adapter_type: str, t: dict[str, Tensor], products: BaseProducts | None
+                       ) -> tuple[Tensor | None, Tensor | None]:
+    """(P = W·downᵀ [out, r], Q = upᵀ·W [r, in]) from the cached -xs products, None where not cached; P follows M_xs
+    under autograd (down = M·Vᵀ, so P = (W·V)·Mᵀ), Q is constant (up = U)."""
+    if products is None or products.w_v is None or not adapter_type.endswith("-xs"):
+        return None, None
+    return products.w_v @ t["M_xs"].to(products.w_v.dtype).T, products.ut_w
 
 
 def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | float, dim: int,
-                         base_sq: Tensor | None = None, row_weights: Tensor | None = None) -> Tensor:
+                         base_sq: Tensor | None = None, row_weights: Tensor | None = None,
+                         cross_product: Tensor | None = None) -> Tensor:
     """Squared row (dim=1) or column (dim=0) norms of diag(g)·(W + s·up·down) without forming it, where g =
     row_weights (rows: must be None): ‖g∘W‖² + 2s·<g²∘W, up·down> + s²·‖g∘(up·down)‖².
-    base_sq: the cached squared row/column norms of W (`base_sq_norms`), used when g is None."""
+    base_sq: the cached squared row/column norms of W (`base_products`), used when g is None; cross_product: the
+    cached W·downᵀ (rows) or upᵀ·W (columns, g None) of an -xs layer (`_xs_cross_products`)."""
     if dim == 1:
-        cross = ((w @ down.T) * up).sum(1)  # <W_i, (up·down)_i> = up_i · (W_i · downᵀ)
+        p = w @ down.T if cross_product is None else cross_product
+        cross = (p * up).sum(1)  # <W_i, (up·down)_i> = up_i · (W_i · downᵀ)
         quad = ((up @ (down @ down.T)) * up).sum(1)  # ‖(up·down)_i‖² = up_i (down downᵀ) up_iᵀ
         sq = (w * w).sum(1) if base_sq is None else base_sq
         return sq + 2 * scale * cross + scale * scale * quad
     if row_weights is None:
         sq = (w * w).sum(0) if base_sq is None else base_sq
         up_g = up
+        q = up.T @ w if cross_product is None else cross_product
     else:
         g2 = row_weights * row_weights
         sq, up_g = _weighted_col_sq(g2, w), up * g2[:, None]
-    cross = ((up_g.T @ w) * down).sum(0)
+        q = up_g.T @ w
+    cross = (q * down).sum(0)
     quad = (((up.T @ up_g) @ down) * down).sum(0)
     return sq + 2 * scale * cross + scale * scale * quad
 
@@ -241,52 +272,56 @@ def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:
 
 
 def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float,
-                   base_sq: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor | None]:
+                   products: BaseProducts | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Per-row and per-column factors (d [out] or None, c [in] or None) with
     effective_weight = diag(d) · (W + s·ΔW) · diag(c), computed from W, the factors and ‖W‖² only (exact maths; not
     bit-identical to `effective_weight`, whose norms are taken on the formed matrix). w: [out, in] (2-D view).
-    base_sq: cached `base_sq_norms(w)`."""
+    products: cached `base_products(w, t)`."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm == "none":
         return None, None
     down, up = _low_rank_factors(adapter_type, t)
     w = w.to(down.dtype)
-    rows_sq, cols_sq = base_sq if base_sq is not None else (None, None)
+    rows_sq, cols_sq = (products.row_sq, products.col_sq) if products is not None else (None, None)
+    p, q = _xs_cross_products(adapter_type, t, products)
     if renorm == "rows":
-        n = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq).clamp_min(0).sqrt()
+        n = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p).clamp_min(0).sqrt()
         return t["magnitude"] / (n + EPS), None
     if renorm == "cols":
-        n = _sq_norms_plus_delta(w, down, up, scale, 0, cols_sq).clamp_min(0).sqrt()
+        n = _sq_norms_plus_delta(w, down, up, scale, 0, cols_sq, cross_product=q).clamp_min(0).sqrt()
         return None, t["magnitude"] / (n + EPS)
-    n_r = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq).clamp_min(0).sqrt()
+    n_r = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p).clamp_min(0).sqrt()
     d = t["magnitude_r"] / (n_r + EPS)
     n_c = _sq_norms_plus_delta(w, down, up, scale, 0, row_weights=d).clamp_min(0).sqrt()
     return d, t["magnitude_c"] / (n_c + EPS)
 
 
 def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str, t: dict[str, Tensor],
-                    scale: Tensor | float, base_sq: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                    scale: Tensor | float, products: BaseProducts | None = None) -> Tensor:
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
     y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
+    products: the cached `base_products(w, t)` (computed here when None).
 
     Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training each DoRA/BoRA type is
-    one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product); plain LoRA/-XS
-    is frozen_linear + addmm under autograd, as fast as a hand-written node (bench/adapter_layers.py)."""
+    one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product, -xs types from
+    the cached W·V and Uᵀ·W); plain LoRA/-XS is frozen_linear + addmm under autograd, as fast as a hand-written node
+    (bench/adapter_layers.py)."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm != "none" and float(scale) == 0.0:
         return frozen_linear(x, w, bias)
     down, up = _low_rank_factors(adapter_type, t)
     x2 = x.reshape(-1, x.shape[-1])
     if renorm != "none" and fused_applies(x, w, down):  # one hand-written autograd node per layer (fused.py)
-        s, (rows_sq, cols_sq) = float(scale), base_sq if base_sq is not None else base_sq_norms(w)
+        s, products = float(scale), products if products is not None else base_products(w, t)
+        p, q = _xs_cross_products(adapter_type, t, products)
         if renorm == "rows":
-            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, rows_sq)
+            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, products.row_sq, p)
         elif renorm == "cols":
-            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, cols_sq)
+            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, products.col_sq, q)
         else:
-            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, rows_sq)
+            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, products.row_sq, p)
         return y.view(*x.shape[:-1], w.shape[0])
-    d, c = row_col_scales(w, adapter_type, t, scale, base_sq)
+    d, c = row_col_scales(w, adapter_type, t, scale, products)
     if c is not None:
         x2 = x2 * c.to(x.dtype)
     base = frozen_linear(x2, w, bias if d is None else None)

@@ -41,15 +41,15 @@ def layer_case(out_f: int, in_f: int, rows: int, rank: int, repeats: int) -> dic
     upstream = torch.randn(rows, out_f, generator=g)
     res = {"F.linear": best_ms(lambda: F.linear(x, w, bias).backward(upstream), repeats),
            "frozen": best_ms(lambda: frozen_linear(x, w, bias).backward(upstream), repeats)}
-    base_sq = M.base_sq_norms(w)
     for adapter_type in ADAPTER_TYPES:
         t = M.init_tensors(adapter_type, w, rank, generator=g)
         t = {k: (v + 0.01 * torch.randn(v.shape, generator=g)).requires_grad_(k in M.TRAINABLE_NAMES)
              for k, v in t.items()}
         scale = M.adapter_scale(rank, rank, 1.0)
+        products = M.base_products(w.detach(), t)  # cached per layer, as the adapter view does
 
-        def step(adapter_type=adapter_type, t=t, scale=scale):
-            M.factored_linear(x, w, bias, adapter_type, t, scale, base_sq).backward(upstream)
+        def step(adapter_type=adapter_type, t=t, scale=scale, products=products):
+            M.factored_linear(x, w, bias, adapter_type, t, scale, products).backward(upstream)
 
         res[f"{adapter_type} node"] = best_ms(step, repeats)
         original = M.fused_applies

@@ -112,7 +112,7 @@ def test_factored_linear_equals_the_formed_weight(adapter_type, strength):
     scale = M.adapter_scale(8, 4, strength)
     w = layer.weight.detach()
     ref = nn.functional.linear(x, M.effective_weight(w, adapter_type, t, scale), layer.bias)
-    cached = M.base_sq_norms(w)
+    cached = M.base_products(w, t)
     got = M.factored_linear(x, w, layer.bias, adapter_type, t, scale, cached)
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
     assert torch.allclose(M.factored_linear(x, w, layer.bias, adapter_type, t, scale), ref, atol=2e-5, rtol=1e-5)
@@ -120,10 +120,12 @@ def test_factored_linear_equals_the_formed_weight(adapter_type, strength):
 
 @pytest.mark.parametrize("adapter_type", TYPES)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-node", "autograd"])
-def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused, monkeypatch):
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused, cached, monkeypatch):
     """Training runs the factored form: the gradients of every trainable tensor and of the input match the ones
     through the reference's formed weight, both with the fused CPU node (W·Aᵀ rows riding along, hand-written
-    backward) and with plain autograd (GPU, half precision)."""
+    backward) and with plain autograd (GPU, half precision), with the layer's cached base products (for -xs: W·V and
+    Uᵀ·W, so P and Q come into the node and their gradients go back through M_xs) and without."""
     if not fused:
         monkeypatch.setattr(M, "fused_applies", lambda *args: False)
     else:  # BoRA walks W in row blocks: make it several blocks of uneven size (40 rows of 24 fp32 = 7+7+...+5)
@@ -146,7 +148,7 @@ def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused,
         if form == "formed":
             y = nn.functional.linear(xi, M.effective_weight(w, adapter_type, leaves, scale), bias)
         else:
-            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, M.base_sq_norms(w))
+            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, M.base_products(w, t if cached else None))
         (y * upstream).sum().backward()
         grads.append({"x": xi.grad, **{k: v.grad for k, v in leaves.items() if v.requires_grad}})
     assert grads[0].keys() == grads[1].keys()
