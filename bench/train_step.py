@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from sa3_lora_studio.adapters import ADAPTER_TYPES
 from sa3_lora_studio.sa3.config import family_defaults, read_config
+from sa3_lora_studio.training.cpu_heap import trim_heap
 from sa3_lora_studio.training.vram import build_random_dit_tree, make_training_step
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sa3" / "tiny-small"
@@ -75,6 +76,7 @@ def bench_model(spec: str, label: str, args) -> None:
     for adapter_type in args.adapters:
         for gc in args.gc:
             step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on")
+            trim_heap()  # the previous configuration's kept heap (training/cpu_heap.py) must not count as this peak
             _reset_peak()
             fwd()
             step()  # warm-up (creates the AdamW state)

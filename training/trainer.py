@@ -22,6 +22,7 @@ from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, 
 from ..encoding import PromptConfig, batch_prompts, load_dataset
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
+from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
@@ -302,6 +303,16 @@ class Trainer:
         return asked.stop
 
     def train(self, control: RunControl, set_status=lambda status, **kw: None) -> str:
+        """Train until done or stopped; returns "done" or "stopped". On the CPU, freed step memory stays mapped
+        while this runs (`cpu_heap`: no page faults re-touching the activations at every step)."""
+        kept = self.device.type == "cpu" and keep_heap()
+        try:
+            return self._train_loop(control, set_status)
+        finally:
+            if kept:
+                release_heap()
+
+    def _train_loop(self, control: RunControl, set_status) -> str:
         c = self.config
         from .demos import run_demos
 

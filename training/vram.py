@@ -182,6 +182,9 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone."""
     from ..adapters import AdaptedModel, Root, new_adapter
     from ..sa3.schedules import masked_flow_loss
+    from .cpu_heap import keep_heap
+
+    keep_heap()  # as Trainer.train does on the CPU; this process exists to measure steps, so it is never released
 
     roots = (Root("model", gated=True, filter_strip="model."),)
     g = torch.Generator().manual_seed(seed)
