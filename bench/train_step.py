@@ -70,6 +70,7 @@ def bench_model(spec: str, label: str, args) -> None:
     params = sum(p.numel() for p in tree.parameters()) / 1e6
     build = time.perf_counter() - t0
     d = config.dit
+    real_size = params >= 100  # M parameters; the targets are stated for the small-music config
     print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} "
           f"(+{d.get('num_memory_tokens', 0)} memory) batch={args.batch} rank={args.rank} fp32  "
           f"built in {build:.1f} s, rss {_rss_gb('VmRSS'):.2f} GB", flush=True)
@@ -90,6 +91,8 @@ def bench_model(spec: str, label: str, args) -> None:
             peak = _rss_gb("VmHWM")
             verdict = (("ok " if peak <= OFFICIAL_SMALL_PEAK_GB else "MISS") + " (peak)") if gc == "on" else \
                 ("ok " if ratio <= 2.6 else "MISS") + " (time)"
+            if not real_size:  # per-call overhead dominates a toy model's tiny products: the targets do not apply
+                verdict = "   (toy)"
             print(f"  {adapter_type:13s} gc={gc:3s}  forward {forward:7.3f} s  step {sec:7.3f} s  {ratio:5.2f}x fwd "
                   f"{verdict}  (median {median_ratio:4.2f}x)  {1 / sec:7.3f} steps/s  "
                   f"peak_rss {peak:.2f} GB", flush=True)
