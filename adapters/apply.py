@@ -267,7 +267,7 @@ class AdaptedLayer(nn.Module):
             t = last.tensors()
             if self._base_products is None:
                 with torch.no_grad():
-                    self._base_products = base_products(w.reshape(w.shape[0], -1), t)
+                    self._base_products = base_products(w.reshape(w.shape[0], -1), last.adapter_type, t)
             return factored_linear(x, w, self.bias, last.adapter_type, t, last.scale(), self._base_products)
         w = self._effective_weight(len(slots))
         if isinstance(base, nn.Conv1d):

@@ -102,11 +102,13 @@ class _DoraColsLinear(torch.autograd.Function):
     """y = (x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ + bias with c = m / ‖W + s·B·A‖_cols, the norms from ‖W‖²_cols +
     2s·colsum(Q∘A) + s²·colsum((BᵀB·A)∘A), Q = Bᵀ·W [r, in]. Q and its gradient's share of dB are products of r
     rows with W in the other direction than the layer's own product, so they are one extra pass over W each way,
-    unless Q comes in (an -xs layer's cached Uᵀ·W): then dL/dQ goes back to it."""
+    unless Q comes in: an -xs layer's cached Uᵀ·W, a constant (U never trains), so it gets no gradient."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
                 col_sq: Tensor, q_in: Tensor | None) -> Tensor:
+        if q_in is not None and ctx.needs_input_grad[2]:
+            raise ValueError("a given Q = upᵀ·W must belong to a frozen up (-xs's U): its dB share needs W")
         q_bw = rows_times_wt(b.T, w.t()) if q_in is None else q_in  # Bᵀ·W [r, in]
         kb = b.T @ b  # [r, r]
         q = col_sq + (2 * scale) * (q_bw * a).sum(0) + (scale * scale) * ((kb @ a) * a).sum(0)
@@ -140,8 +142,7 @@ class _DoraColsLinear(torch.autograd.Function):
             if not ctx.q_given:
                 g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s)
             g_b.addmm_(b, a @ g_qa.T, alpha=2 * s * s)
-        g_q_in = (2 * s) * g_qa if ctx.q_given and ctx.needs_input_grad[8] else None
-        return g_x, g_a, g_b, g_m, None, None, None, None, g_q_in
+        return g_x, g_a, g_b, g_m, None, None, None, None, None
 
 
 class _BoraLinear(torch.autograd.Function):
@@ -246,7 +247,7 @@ def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, sc
 def dora_cols_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
                      bias: Tensor | None, col_sq: Tensor, up_w: Tensor | None = None) -> Tensor:
     """dora-cols layer output [N, out] for x2 [N, in]; col_sq: the cached squared column norms of W [in]; up_w:
-    upᵀ·W [r, in] when the caller has it cached (-xs), else None."""
+    upᵀ·W [r, in] when the caller has it cached (-xs: Uᵀ·W, constant), else None."""
     return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq, up_w)
 
 

@@ -202,23 +202,29 @@ class BaseProducts(NamedTuple):
     ut_w: Tensor | None = None
 
 
-def base_products(w: Tensor, t: dict[str, Tensor] | None = None) -> BaseProducts:
-    """`BaseProducts` of w [out, in]; t: the layer's adapter tensors (their U, V when it is an -xs type)."""
+def base_products(w: Tensor, adapter_type: str | None = None, t: dict[str, Tensor] | None = None) -> BaseProducts:
+    """`BaseProducts` of w [out, in]. With the layer's adapter type and tensors t, an -xs DoRA/BoRA layer also gets
+    the products its renorm uses (W·V for row norms, Uᵀ·W for column norms); other types need none."""
     sq = w.float() * w.float()
-    if t is None or "U" not in t:
-        return BaseProducts(sq.sum(1), sq.sum(0))
+    row_sq, col_sq = sq.sum(1), sq.sum(0)
+    if adapter_type is None or t is None or not adapter_type.endswith("-xs"):
+        return BaseProducts(row_sq, col_sq)
+    _, renorm = check_adapter_type(adapter_type)
     u, v = t["U"], t["V"]
     w = w.to(u.dtype)
-    return BaseProducts(sq.sum(1), sq.sum(0), w @ v, u.T @ w)
+    w_v = w @ v if renorm in ("rows", "both") else None
+    ut_w = u.T @ w if renorm == "cols" else None  # BoRA's column term weights U's rows by d², so it cannot be cached
+    return BaseProducts(row_sq, col_sq, w_v, ut_w)
 
 
 def _xs_cross_products(adapter_type: str, t: dict[str, Tensor], products: BaseProducts | None
                        ) -> tuple[Tensor | None, Tensor | None]:
     """(P = W·downᵀ [out, r], Q = upᵀ·W [r, in]) from the cached -xs products, None where not cached; P follows M_xs
-    under autograd (down = M·Vᵀ, so P = (W·V)·Mᵀ), Q is constant (up = U)."""
-    if products is None or products.w_v is None or not adapter_type.endswith("-xs"):
+    under autograd (down = M·Vᵀ, so P = (W·V)·Mᵀ), Q is a constant (up = U)."""
+    if products is None or not adapter_type.endswith("-xs"):
         return None, None
-    return products.w_v @ t["M_xs"].to(products.w_v.dtype).T, products.ut_w
+    p = None if products.w_v is None else products.w_v @ t["M_xs"].to(products.w_v.dtype).T
+    return p, products.ut_w
 
 
 def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | float, dim: int,
@@ -276,7 +282,7 @@ def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Te
     """Per-row and per-column factors (d [out] or None, c [in] or None) with
     effective_weight = diag(d) · (W + s·ΔW) · diag(c), computed from W, the factors and ‖W‖² only (exact maths; not
     bit-identical to `effective_weight`, whose norms are taken on the formed matrix). w: [out, in] (2-D view).
-    products: cached `base_products(w, t)`."""
+    products: cached `base_products(w, adapter_type, t)`."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm == "none":
         return None, None
@@ -300,7 +306,8 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
                     scale: Tensor | float, products: BaseProducts | None = None) -> Tensor:
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
     y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
-    products: the cached `base_products(w, t)` (computed here when None).
+    products: the layer's cached `base_products(w, adapter_type, t)`; without it only the squared norms are
+    computed here (the -xs products would cost more than the pass over W they save in a single call).
 
     Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training each DoRA/BoRA type is
     one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product, -xs types from
@@ -312,7 +319,7 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
     down, up = _low_rank_factors(adapter_type, t)
     x2 = x.reshape(-1, x.shape[-1])
     if renorm != "none" and fused_applies(x, w, down):  # one hand-written autograd node per layer (fused.py)
-        s, products = float(scale), products if products is not None else base_products(w, t)
+        s, products = float(scale), products if products is not None else base_products(w)
         p, q = _xs_cross_products(adapter_type, t, products)
         if renorm == "rows":
             y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, products.row_sq, p)

@@ -46,7 +46,7 @@ def layer_case(out_f: int, in_f: int, rows: int, rank: int, repeats: int) -> dic
         t = {k: (v + 0.01 * torch.randn(v.shape, generator=g)).requires_grad_(k in M.TRAINABLE_NAMES)
              for k, v in t.items()}
         scale = M.adapter_scale(rank, rank, 1.0)
-        products = M.base_products(w.detach(), t)  # cached per layer, as the adapter view does
+        products = M.base_products(w.detach(), adapter_type, t)  # cached per layer, as the adapter view does
 
         def step(adapter_type=adapter_type, t=t, scale=scale, products=products):
             M.factored_linear(x, w, bias, adapter_type, t, scale, products).backward(upstream)

@@ -112,7 +112,7 @@ def test_factored_linear_equals_the_formed_weight(adapter_type, strength):
     scale = M.adapter_scale(8, 4, strength)
     w = layer.weight.detach()
     ref = nn.functional.linear(x, M.effective_weight(w, adapter_type, t, scale), layer.bias)
-    cached = M.base_products(w, t)
+    cached = M.base_products(w, adapter_type, t)
     got = M.factored_linear(x, w, layer.bias, adapter_type, t, scale, cached)
     assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
     assert torch.allclose(M.factored_linear(x, w, layer.bias, adapter_type, t, scale), ref, atol=2e-5, rtol=1e-5)
@@ -141,6 +141,9 @@ def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused,
     x = torch.randn(2, 7, 24, generator=gen)
     upstream = torch.randn(2, 7, 40, generator=gen)
     scale = M.adapter_scale(8, 4, 1.5)
+    products = M.base_products(w, adapter_type, t) if cached else M.base_products(w)
+    xs_renorm = adapter_type.endswith("-xs") and adapter_type != "lora-xs"
+    assert (products.w_v is not None or products.ut_w is not None) == (cached and xs_renorm)  # P/Q really come in
     grads = []
     for form in ("formed", "factored"):
         leaves = {k: v.clone().requires_grad_(k in M.TRAINABLE_NAMES) for k, v in t.items()}
@@ -148,7 +151,7 @@ def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused,
         if form == "formed":
             y = nn.functional.linear(xi, M.effective_weight(w, adapter_type, leaves, scale), bias)
         else:
-            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, M.base_products(w, t if cached else None))
+            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, products)
         (y * upstream).sum().backward()
         grads.append({"x": xi.grad, **{k: v.grad for k, v in leaves.items() if v.requires_grad}})
     assert grads[0].keys() == grads[1].keys()
