@@ -145,6 +145,7 @@ class AdapterSlot(nn.Module):
         self.enabled = True
         self.dropout_p = 0.0  # LoRA dropout (low-rank types only), active only via AdaptedModel.set_training(True)
         self.dropout_active = False
+        self.detach_norm = False  # DoRA/BoRA training option: the norms get no gradient (adapters/fused.py)
 
     def tensors(self) -> dict[str, Tensor]:
         names = tensor_names(self.adapter_type) + (("U", "V") if self.adapter_type.endswith("-xs") else ())
@@ -212,7 +213,7 @@ class AdaptedLayer(nn.Module):
     def _chain(self, w: Tensor, slots: Sequence[AdapterSlot]) -> Tensor:
         for s in slots:
             if s.enabled:
-                w = effective_weight(w, s.adapter_type, s.tensors(), s.scale())
+                w = effective_weight(w, s.adapter_type, s.tensors(), s.scale(), s.detach_norm)
         return w
 
     def _effective_weight(self, n_slots: int) -> Tensor:
@@ -268,7 +269,8 @@ class AdaptedLayer(nn.Module):
             if self._base_products is None:
                 with torch.no_grad():
                     self._base_products = base_products(w.reshape(w.shape[0], -1), last.adapter_type, t)
-            return factored_linear(x, w, self.bias, last.adapter_type, t, last.scale(), self._base_products)
+            return factored_linear(x, w, self.bias, last.adapter_type, t, last.scale(), self._base_products,
+                                   last.detach_norm)
         w = self._effective_weight(len(slots))
         if isinstance(base, nn.Conv1d):
             return base._conv_forward(x, w, self.bias)
@@ -377,10 +379,11 @@ class AdaptedModel:
     roots: the sub-modules that file layer paths are relative to (default: the tree itself, gated).
     mode: "merged" | "parametrized" | "factored" (see the module docstring; default merged, factored when
     trainable). trainable: the LAST adapter's tensors become fp32 nn.Parameters with requires_grad (the others stay
-    frozen buffers). Change gating/strength only through `update`, `at_sigma` and `set_strength`."""
+    frozen buffers); detach_norm: its DoRA/BoRA norms get no gradient (a training option, adapters/fused.py). Change
+    gating/strength only through `update`, `at_sigma` and `set_strength`."""
 
     def __init__(self, tree: nn.Module, uses: Sequence[AdapterUse | LoadedAdapter], roots: Sequence[Root] = (Root(),),
-                 mode: str | None = None, trainable: bool = False):
+                 mode: str | None = None, trainable: bool = False, detach_norm: bool = False):
         mode = mode or ("factored" if trainable else "merged")
         if mode not in MODES or (trainable and mode == "merged"):
             raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
@@ -415,6 +418,7 @@ class AdaptedModel:
                                    use_index=i, layer=layer)
                 slot.strength = use.strength
                 slot.dropout_p = float(a.config.get("dropout") or 0.0) if slot.trainable else 0.0
+                slot.detach_norm = detach_norm and slot.trainable
                 slots_by_path.setdefault(full, []).append(slot)
                 base_by_path[full] = module
                 self._gated[full] = layer.removeprefix(root.filter_strip).lower() if root.gated else None

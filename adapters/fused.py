@@ -9,6 +9,11 @@ z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with x [N, in], W [out, in] frozen, A [r, in], 
 - `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) come from one row-blocked walk over W each
   way, still about 1.7-2x the frozen layer's cost (eight passes over W instead of two).
 
+detach_norm (every node): the norms are constants in the backward, as the DoRA paper's section 4.3 suggests and
+PEFT does; the magnitudes still learn through m / ‖·‖. The forward is unchanged, and the backward no longer needs the
+norms' own passes over W (DoRA-rows's ride-along rows, DoRA-cols's dB product, BoRA's whole row-block walk). The
+official trainer does not detach: it is an option (`RunConfig.detach_norm`), exact gradients are the default.
+
 Why by hand: autograd's graph of the same maths makes extra passes over W (for P and its gradient) and runs ~30
 small kernels per layer. bench/adapter_layers.py prints each node against autograd per layer shape (plain LoRA is
 left to autograd: a node measured no faster). Equality with the formed-weight gradients is tested.
@@ -53,7 +58,7 @@ class _DoraRowsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
-                row_sq: Tensor, p_in: Tensor | None) -> Tensor:
+                row_sq: Tensor, p_in: Tensor | None, detach_norm: bool) -> Tensor:
         n = x2.shape[0]
         if p_in is None:
             out = rows_times_wt(torch.cat([x2, a]), w)
@@ -66,7 +71,7 @@ class _DoraRowsLinear(torch.autograd.Function):
         d, norm, inv = _renorm_factor(row_sq + (2 * scale) * (p * b).sum(1) + (scale * scale) * (bk * b).sum(1), m)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
         ctx.save_for_backward(x2, a, b, m, w, z, h, p, bk, norm, inv, d)
-        ctx.scale, ctx.p_given = scale, p_in is not None
+        ctx.scale, ctx.p_given, ctx.detach_norm = scale, p_in is not None, detach_norm
         return y
 
     @staticmethod
@@ -76,9 +81,9 @@ class _DoraRowsLinear(torch.autograd.Function):
         need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         g_d = (g * z).sum(0)  # [out]
         g_m = (g_d * inv).view_as(m) if need_m else None
-        g_q = _sq_norm_grad(g_d, m, norm, inv)[:, None]  # [out, 1]
-        g_p = (2 * s) * g_q * b  # dL/dP [out, r]; dL/dA gets (dL/dP)ᵀ·W when P came from A's rows
-        ride = need_a and not ctx.p_given
+        g_q = None if ctx.detach_norm else _sq_norm_grad(g_d, m, norm, inv)[:, None]  # [out, 1]
+        g_p = None if g_q is None else (2 * s) * g_q * b  # dL/dP [out, r]; dL/dA gets (dL/dP)ᵀ·W (A's rows)
+        ride = need_a and not ctx.p_given and g_p is not None
         rows = torch.empty(n + r if ride else n, g.shape[1], dtype=g.dtype, device=g.device)
         g_z = torch.mul(g, d, out=rows[:n])
         if ride:
@@ -91,11 +96,14 @@ class _DoraRowsLinear(torch.autograd.Function):
         g_a = g_b = None
         if need_a:  # + through h = x·Aᵀ, + through AAᵀ (symmetric): 2·(s²·Bᵀ diag(g_q) B)·A
             g_a = torch.mm(g_h.T, x2) if not ride else through_w[-r:].addmm_(g_h.T, x2)
-            g_a.addmm_(b.T @ (g_q * b), a, alpha=2 * s * s)
+            if g_q is not None:
+                g_a.addmm_(b.T @ (g_q * b), a, alpha=2 * s * s)
         if need_b:
-            g_b = (g_z.T @ h).mul_(s).add_(g_q * p, alpha=2 * s).add_(g_q * bk, alpha=2 * s * s)
+            g_b = (g_z.T @ h).mul_(s)
+            if g_q is not None:
+                g_b.add_(g_q * p, alpha=2 * s).add_(g_q * bk, alpha=2 * s * s)
         g_p_in = g_p if ctx.p_given and ctx.needs_input_grad[8] else None
-        return g_x, g_a, g_b, g_m, None, None, None, None, g_p_in
+        return g_x, g_a, g_b, g_m, None, None, None, None, g_p_in, None
 
 
 class _DoraColsLinear(torch.autograd.Function):
@@ -106,7 +114,7 @@ class _DoraColsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, w: Tensor, bias: Tensor | None,
-                col_sq: Tensor, q_in: Tensor | None) -> Tensor:
+                col_sq: Tensor, q_in: Tensor | None, detach_norm: bool) -> Tensor:
         if q_in is not None and ctx.needs_input_grad[2]:
             raise ValueError("a given Q = upᵀ·W must belong to a frozen up (-xs's U): its dB share needs W")
         q_bw = rows_times_wt(b.T, w.t()) if q_in is None else q_in  # Bᵀ·W [r, in]
@@ -118,7 +126,7 @@ class _DoraColsLinear(torch.autograd.Function):
         h = xc @ a.T  # [N, r]
         z.addmm_(h, b.T, alpha=scale)
         ctx.save_for_backward(x2, xc, a, b, m, w, h, q_bw, kb, norm, inv, c)
-        ctx.scale, ctx.q_given = scale, q_in is not None
+        ctx.scale, ctx.q_given, ctx.detach_norm = scale, q_in is not None, detach_norm
         return z
 
     @staticmethod
@@ -132,17 +140,22 @@ class _DoraColsLinear(torch.autograd.Function):
         g_c = (g_xc * x2).sum(0)
         g_x = g_xc.mul_(c) if need_x else None
         g_m = (g_c * inv).view_as(m) if need_m else None
+        g_a = g_b = None
+        if need_a:  # through h = xc·Aᵀ
+            g_a = g_h.T @ xc
+        if need_b:  # through the low-rank path
+            g_b = (g.T @ h).mul_(s)
+        if ctx.detach_norm:
+            return g_x, g_a, g_b, g_m, None, None, None, None, None, None
         g_q = _sq_norm_grad(g_c, m, norm, inv)  # [in]
         g_qa = g_q * a  # [r, in]; dL/dQ = 2s·g_qa
-        g_a = g_b = None
-        if need_a:  # through h = xc·Aᵀ, the cross term (Q fixed) and the quad term (BᵀB symmetric)
-            g_a = (g_h.T @ xc).add_(g_q * q_bw, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
-        if need_b:  # through the low-rank path, Q = Bᵀ·W (dB = W·dQᵀ) and BᵀB
-            g_b = (g.T @ h).mul_(s)
+        if need_a:  # the norms' cross term (Q fixed) and quad term (BᵀB symmetric)
+            g_a.add_(g_q * q_bw, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
+        if need_b:  # the norms' Q = Bᵀ·W (dB = W·dQᵀ) and BᵀB
             if not ctx.q_given:
                 g_b.add_(rows_times_wt(g_qa, w).T, alpha=2 * s)
             g_b.addmm_(b, a @ g_qa.T, alpha=2 * s * s)
-        return g_x, g_a, g_b, g_m, None, None, None, None, None
+        return g_x, g_a, g_b, g_m, None, None, None, None, None, None
 
 
 class _BoraLinear(torch.autograd.Function):
@@ -155,7 +168,7 @@ class _BoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m_r: Tensor, m_c: Tensor, scale: float, w: Tensor,
-                bias: Tensor | None, row_sq: Tensor, p_in: Tensor | None) -> Tensor:
+                bias: Tensor | None, row_sq: Tensor, p_in: Tensor | None, detach_norm: bool) -> Tensor:
         s, r = scale, a.shape[0]
         p = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device) if p_in is None else p_in
         q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
@@ -181,7 +194,7 @@ class _BoraLinear(torch.autograd.Function):
         z.addmm_(h, b.T, alpha=s)
         y = z * d if bias is None else torch.addcmul(bias, z, d)
         ctx.save_for_backward(x2, xc, a, b, m_r, m_c, w, z, h, p, q, bk, kb, norm_r, inv_r, norm_c, inv_c, d, c)
-        ctx.scale, ctx.p_given = s, p_in is not None
+        ctx.scale, ctx.p_given, ctx.detach_norm = s, p_in is not None, detach_norm
         return y
 
     @staticmethod
@@ -196,6 +209,9 @@ class _BoraLinear(torch.autograd.Function):
         g_c = (g_xc * x2).sum(0)
         g_x = g_xc.mul_(c) if need_x else None
         g_mc = g_c * inv_c
+        if ctx.detach_norm:  # constant norms: the low-rank path's terms and m / ‖·‖ only, no walk over W
+            g_a, g_b = g_h.T @ xc, (g_z.T @ h).mul_(s)
+            return g_x, g_a, g_b, (g_d * inv_r).view_as(m_r), g_mc.view_as(m_c), None, None, None, None, None, None
         g_qc = _sq_norm_grad(g_c, m_c, norm_c, inv_c)  # [in]
         g2 = d * d
         g_qa = g_qc * a  # [r, in]; dL/dQ = 2s·g_qa
@@ -228,7 +244,7 @@ class _BoraLinear(torch.autograd.Function):
             g_a.add_(g_row)
         elif ctx.needs_input_grad[9]:
             g_p_in = (2 * s) * g_qr_all[:, None] * b
-        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in
+        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in, None
 
 
 def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
@@ -238,24 +254,28 @@ def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
 
 
 def dora_rows_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
-                     bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None) -> Tensor:
+                     bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None,
+                     detach_norm: bool = False) -> Tensor:
     """DoRA-rows layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]; w_down:
-    W·downᵀ [out, r] when the caller has it cheaper than a pass over W (-xs), else None."""
-    return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq, w_down)
+    W·downᵀ [out, r] when the caller has it cheaper than a pass over W (-xs), else None; detach_norm: the norms get
+    no gradient (module docstring)."""
+    return _DoraRowsLinear.apply(x2, down, up, magnitude, scale, w, bias, row_sq, w_down, detach_norm)
 
 
 def dora_cols_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude: Tensor, scale: float, w: Tensor,
-                     bias: Tensor | None, col_sq: Tensor, up_w: Tensor | None = None) -> Tensor:
+                     bias: Tensor | None, col_sq: Tensor, up_w: Tensor | None = None,
+                     detach_norm: bool = False) -> Tensor:
     """dora-cols layer output [N, out] for x2 [N, in]; col_sq: the cached squared column norms of W [in]; up_w:
-    upᵀ·W [r, in] when the caller has it cached (-xs: Uᵀ·W, constant), else None."""
-    return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq, up_w)
+    upᵀ·W [r, in] when the caller has it cached (-xs: Uᵀ·W, constant), else None; detach_norm as above."""
+    return _DoraColsLinear.apply(x2, down, up, magnitude, scale, w, bias, col_sq, up_w, detach_norm)
 
 
 def bora_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude_r: Tensor, magnitude_c: Tensor, scale: float,
-                w: Tensor, bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None) -> Tensor:
-    """BoRA layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]; w_down as for
-    `dora_rows_linear`."""
-    return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq, w_down)
+                w: Tensor, bias: Tensor | None, row_sq: Tensor, w_down: Tensor | None = None,
+                detach_norm: bool = False) -> Tensor:
+    """BoRA layer output [N, out] for x2 [N, in]; row_sq: the cached squared row norms of W [out]; w_down and
+    detach_norm as for `dora_rows_linear`."""
+    return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq, w_down, detach_norm)
 
 
 __all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "row_blocks"]

@@ -97,20 +97,26 @@ def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- renorms
 
-def renorm_rows(v: Tensor, magnitude: Tensor) -> Tensor:
+def _norm(v: Tensor, dim: int, detach: bool) -> Tensor:
+    """‖v‖ along dim (kept), a constant for autograd when detach (`factored_linear`'s detach_norm)."""
+    n = v.norm(dim=dim, keepdim=True)
+    return n.detach() if detach else n
+
+
+def renorm_rows(v: Tensor, magnitude: Tensor, detach_norm: bool = False) -> Tensor:
     """Give each output row of v [out, in] the length magnitude[out]."""
-    return v / (v.norm(dim=1, keepdim=True) + EPS) * magnitude.unsqueeze(1)  # reference op order: bit parity
+    return v / (_norm(v, 1, detach_norm) + EPS) * magnitude.unsqueeze(1)  # reference op order: bit parity
 
 
-def renorm_cols(v: Tensor, magnitude: Tensor) -> Tensor:
+def renorm_cols(v: Tensor, magnitude: Tensor, detach_norm: bool = False) -> Tensor:
     """Give each input column of v [out, in] the length magnitude[in]."""
-    return v / (v.norm(dim=0, keepdim=True) + EPS) * magnitude.unsqueeze(0)
+    return v / (_norm(v, 0, detach_norm) + EPS) * magnitude.unsqueeze(0)
 
 
-def renorm_both(v: Tensor, magnitude_r: Tensor, magnitude_c: Tensor) -> Tensor:
+def renorm_both(v: Tensor, magnitude_r: Tensor, magnitude_c: Tensor, detach_norm: bool = False) -> Tensor:
     """BoRA: rows to magnitude_r, then columns to magnitude_c."""
-    rows = magnitude_r.unsqueeze(1) * (v / (v.norm(dim=1, keepdim=True) + EPS))
-    return rows / (rows.norm(dim=0, keepdim=True) + EPS) * magnitude_c.unsqueeze(0)
+    rows = magnitude_r.unsqueeze(1) * (v / (_norm(v, 1, detach_norm) + EPS))
+    return rows / (_norm(rows, 0, detach_norm) + EPS) * magnitude_c.unsqueeze(0)
 
 
 def delta_of(adapter_type: str, t: dict[str, Tensor]) -> Tensor:
@@ -121,11 +127,13 @@ def delta_of(adapter_type: str, t: dict[str, Tensor]) -> Tensor:
     return xs_delta(t["U"], t["M_xs"], t["V"])
 
 
-def effective_weight(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float) -> Tensor:
+def effective_weight(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float,
+                     detach_norm: bool = False) -> Tensor:
     """One adapter applied to a weight w (Linear [out, in] or Conv1d [out, in, k]) -> a tensor of w's shape and dtype.
 
     scale = alpha / rank · strength (`adapter_scale`). DoRA/BoRA renormalise at every scale != 0 and return w itself
-    at scale 0, as the reference does; plain LoRA/-xs multiply by 0."""
+    at scale 0, as the reference does; plain LoRA/-xs multiply by 0. detach_norm: the norms are constants for
+    autograd (training option, fused.py's docstring); the value is the same."""
     _, renorm = check_adapter_type(adapter_type)
     delta = delta_of(adapter_type, t)
     if renorm == "none":
@@ -135,11 +143,11 @@ def effective_weight(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: 
     work_dtype = t["lora_A"].dtype if "lora_A" in t else t["U"].dtype  # norms in the adapter's (fp32) dtype
     v = w.reshape(w.shape[0], -1).to(work_dtype) + scale * delta
     if renorm == "rows":
-        out = renorm_rows(v, t["magnitude"])
+        out = renorm_rows(v, t["magnitude"], detach_norm)
     elif renorm == "cols":
-        out = renorm_cols(v, t["magnitude"])
+        out = renorm_cols(v, t["magnitude"], detach_norm)
     else:
-        out = renorm_both(v, t["magnitude_r"], t["magnitude_c"])
+        out = renorm_both(v, t["magnitude_r"], t["magnitude_c"], detach_norm)
     return out.view(w.shape).to(w.dtype)
 
 
@@ -278,36 +286,42 @@ def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:
 
 
 def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Tensor | float,
-                   products: BaseProducts | None = None) -> tuple[Tensor | None, Tensor | None]:
+                   products: BaseProducts | None = None, detach_norm: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """Per-row and per-column factors (d [out] or None, c [in] or None) with
     effective_weight = diag(d) · (W + s·ΔW) · diag(c), computed from W, the factors and ‖W‖² only (exact maths; not
     bit-identical to `effective_weight`, whose norms are taken on the formed matrix). w: [out, in] (2-D view).
-    products: cached `base_products(w, adapter_type, t)`."""
+    products: cached `base_products(w, adapter_type, t)`. detach_norm: the norms are constants for autograd."""
     _, renorm = check_adapter_type(adapter_type)
     if renorm == "none":
         return None, None
+
+    def norm(sq: Tensor) -> Tensor:
+        n = sq.clamp_min(0).sqrt()
+        return n.detach() if detach_norm else n
+
     down, up = _low_rank_factors(adapter_type, t)
     w = w.to(down.dtype)
     rows_sq, cols_sq = (products.row_sq, products.col_sq) if products is not None else (None, None)
     p, q = _xs_cross_products(adapter_type, t, products)
     if renorm == "rows":
-        n = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p).clamp_min(0).sqrt()
+        n = norm(_sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p))
         return t["magnitude"] / (n + EPS), None
     if renorm == "cols":
-        n = _sq_norms_plus_delta(w, down, up, scale, 0, cols_sq, cross_product=q).clamp_min(0).sqrt()
+        n = norm(_sq_norms_plus_delta(w, down, up, scale, 0, cols_sq, cross_product=q))
         return None, t["magnitude"] / (n + EPS)
-    n_r = _sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p).clamp_min(0).sqrt()
+    n_r = norm(_sq_norms_plus_delta(w, down, up, scale, 1, rows_sq, cross_product=p))
     d = t["magnitude_r"] / (n_r + EPS)
-    n_c = _sq_norms_plus_delta(w, down, up, scale, 0, row_weights=d).clamp_min(0).sqrt()
+    n_c = norm(_sq_norms_plus_delta(w, down, up, scale, 0, row_weights=d))
     return d, t["magnitude_c"] / (n_c + EPS)
 
 
 def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str, t: dict[str, Tensor],
-                    scale: Tensor | float, products: BaseProducts | None = None) -> Tensor:
+                    scale: Tensor | float, products: BaseProducts | None = None, detach_norm: bool = False) -> Tensor:
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
     y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
     products: the layer's cached `base_products(w, adapter_type, t)`; without it only the squared norms are
     computed here (the -xs products would cost more than the pass over W they save in a single call).
+    detach_norm: the DoRA/BoRA norms are constants for autograd (a training option; see fused.py).
 
     Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training each DoRA/BoRA type is
     one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product, -xs types from
@@ -322,13 +336,14 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
         s, products = float(scale), products if products is not None else base_products(w)
         p, q = _xs_cross_products(adapter_type, t, products)
         if renorm == "rows":
-            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, products.row_sq, p)
+            y = dora_rows_linear(x2, down, up, t["magnitude"], s, w, bias, products.row_sq, p, detach_norm)
         elif renorm == "cols":
-            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, products.col_sq, q)
+            y = dora_cols_linear(x2, down, up, t["magnitude"], s, w, bias, products.col_sq, q, detach_norm)
         else:
-            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, products.row_sq, p)
+            y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, products.row_sq, p,
+                            detach_norm)
         return y.view(*x.shape[:-1], w.shape[0])
-    d, c = row_col_scales(w, adapter_type, t, scale, products)
+    d, c = row_col_scales(w, adapter_type, t, scale, products, detach_norm)
     if c is not None:
         x2 = x2 * c.to(x.dtype)
     base = frozen_linear(x2, w, bias if d is None else None)

@@ -2,6 +2,7 @@
 
     python bench/train_step.py                                   # tiny fixture + small-music, all 8 types, gc off/on
     python bench/train_step.py --models small-music --adapters dora-rows --gc off --repeats 3
+    python bench/train_step.py --models small-music --adapters bora --gc off --norm-grad exact detached
 
 Per model (random weights, the config's DiT; fp32, batch 1, 10 s crop, rank 16 on every DiT Linear/Conv1d) and per
 (adapter type, checkpointing): the no-grad forward of the base DiT and the training step as `Trainer.train_step` does
@@ -11,7 +12,8 @@ forward by design) is taken on the best (least disturbed) time of each: on a sha
 +-15 % from minute to minute, which the minimum filters and a median of a few does not; the median ratio is printed
 beside it. Also steps/s and the peak RSS during that configuration (VmHWM reset through /proc/self/clear_refs;
 target with checkpointing: at most the official trainer's peak, 3.85 GB for the small-music config, measured on the
-official code). Side by side with the official step itself: bench/train_step_vs_reference.py.
+official code). Side by side with the official step itself: bench/train_step_vs_reference.py. --norm-grad detached times the
+`RunConfig.detach_norm` option (DoRA/BoRA norms without gradient; lora types compute the same either way).
 The tiny fixture's latent rate is an artefact of its toy autoencoder, so it gets the latent count of a 10 s crop of
 the real models.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from sa3_lora_studio.adapters import ADAPTER_TYPES
+from sa3_lora_studio.adapters.maths import check_adapter_type
 from sa3_lora_studio.sa3.config import family_defaults, read_config
 from sa3_lora_studio.training.cpu_heap import trim_heap
 from sa3_lora_studio.training.vram import build_random_dit_tree, make_training_step
@@ -74,29 +77,33 @@ def bench_model(spec: str, label: str, args) -> None:
     print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} "
           f"(+{d.get('num_memory_tokens', 0)} memory) batch={args.batch} rank={args.rank} fp32  "
           f"built in {build:.1f} s, rss {_rss_gb('VmRSS'):.2f} GB", flush=True)
-    for adapter_type in args.adapters:
-        for gc in args.gc:
-            step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on")
-            trim_heap()  # the previous configuration's kept heap (training/cpu_heap.py) must not count as this peak
-            _reset_peak()
-            fwd()
-            step()  # warm-up (creates the AdamW state)
-            fwd_times, step_times = [], []
-            for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
-                fwd_times.append(_seconds(fwd))
-                step_times.append(_seconds(step))
-            forward, sec = min(fwd_times), min(step_times)
-            ratio = sec / forward
-            median_ratio = statistics.median(step_times) / statistics.median(fwd_times)
-            peak = _rss_gb("VmHWM")
-            verdict = (("ok " if peak <= OFFICIAL_SMALL_PEAK_GB else "MISS") + " (peak)") if gc == "on" else \
-                ("ok " if ratio <= 2.6 else "MISS") + " (time)"
-            if not real_size:  # per-call overhead dominates a toy model's tiny products: the targets do not apply
-                verdict = "   (toy)"
-            print(f"  {adapter_type:13s} gc={gc:3s}  forward {forward:7.3f} s  step {sec:7.3f} s  {ratio:5.2f}x fwd "
-                  f"{verdict}  (median {median_ratio:4.2f}x)  {1 / sec:7.3f} steps/s  "
-                  f"peak_rss {peak:.2f} GB", flush=True)
-            del step, fwd
+    configurations = [(t, gc, norm_grad) for t in args.adapters for gc in args.gc for norm_grad in args.norm_grad
+                      if norm_grad == "exact" or check_adapter_type(t)[1] != "none"]  # detaching needs a norm
+    for adapter_type, gc, norm_grad in configurations:
+        detached = norm_grad == "detached"
+        step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on",
+                                       detach_norm=detached)
+        trim_heap()  # the previous configuration's kept heap (training/cpu_heap.py) must not count as this peak
+        _reset_peak()
+        fwd()
+        step()  # warm-up (creates the AdamW state)
+        fwd_times, step_times = [], []
+        for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
+            fwd_times.append(_seconds(fwd))
+            step_times.append(_seconds(step))
+        forward, sec = min(fwd_times), min(step_times)
+        ratio = sec / forward
+        median_ratio = statistics.median(step_times) / statistics.median(fwd_times)
+        peak = _rss_gb("VmHWM")
+        verdict = (("ok " if peak <= OFFICIAL_SMALL_PEAK_GB else "MISS") + " (peak)") if gc == "on" else \
+            ("ok " if ratio <= 2.6 else "MISS") + " (time)"
+        if not real_size:  # per-call overhead dominates a toy model's tiny products: the targets do not apply
+            verdict = "   (toy)"
+        name = adapter_type + (" detached" if detached else "")
+        print(f"  {name:22s} gc={gc:3s}  forward {forward:7.3f} s  step {sec:7.3f} s  {ratio:5.2f}x fwd "
+              f"{verdict}  (median {median_ratio:4.2f}x)  {1 / sec:7.3f} steps/s  "
+              f"peak_rss {peak:.2f} GB", flush=True)
+        del step, fwd
     tree.model.model.gradient_checkpointing = False
 
 
@@ -106,6 +113,8 @@ def main() -> None:
                     help="model folders, config JSONs or families")
     ap.add_argument("--adapters", nargs="+", default=list(ADAPTER_TYPES), choices=list(ADAPTER_TYPES))
     ap.add_argument("--gc", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--norm-grad", nargs="+", default=["exact"], choices=["exact", "detached"],
+                    help="DoRA/BoRA norm gradients: exact (official) and/or detached (RunConfig.detach_norm)")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)

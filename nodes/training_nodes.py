@@ -101,6 +101,9 @@ class SA3TrainLoRA:
             "trigger_word": ("STRING", {"default": "", "tooltip": "Prepended to every prompt unless the prompt config sets its own."}),
             "demo_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "One demo prompt per line "
                              "(empty = underfit-like defaults: base CFG 7 and 1, ARC, unconditional)."}),
+            "detach_norm": ("BOOLEAN", {"default": False, "tooltip": "DoRA/BoRA types: the weight norms get no "
+                            "gradient (DoRA paper 4.3, PEFT's default). Faster steps (BoRA most), same files; the "
+                            "official trainer keeps exact gradients (off)."}),
             # Socket-only inputs go last: ComfyUI frontend 1.58 mis-assigns saved widget values (shifted by one from
             # here on) when a forceInput input sits between widgets on a node with a seed control widget.
             "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
@@ -116,7 +119,7 @@ class SA3TrainLoRA:
 
     def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
-              prompt_config=None, continue_from=None, trigger_word="", demo_prompts=""):
+              prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False):
         from ..training.runs import DemoSpec, RunConfig, RunError
         from .model_nodes import register_model
 
@@ -131,8 +134,8 @@ class SA3TrainLoRA:
             config = RunConfig(dataset=str(dataset), model=spec, name=name, adapter_type=adapter_type, rank=rank,
                                alpha=alpha or None, targets=targets, steps=steps, batch_size=batch_size,
                                crop_seconds=crop_seconds, lr=learning_rate, precision=dtype,
-                               gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                               demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
+                               gradient_checkpointing=gradient_checkpointing, detach_norm=detach_norm,
+                               checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None

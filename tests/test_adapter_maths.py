@@ -121,11 +121,13 @@ def test_factored_linear_equals_the_formed_weight(adapter_type, strength):
 @pytest.mark.parametrize("adapter_type", TYPES)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-node", "autograd"])
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
-def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused, cached, monkeypatch):
+@pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detached"])
+def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused, cached, detach_norm, monkeypatch):
     """Training runs the factored form: the gradients of every trainable tensor and of the input match the ones
     through the reference's formed weight, both with the fused CPU node (W·Aᵀ rows riding along, hand-written
     backward) and with plain autograd (GPU, half precision), with the layer's cached base products (for -xs: W·V and
-    Uᵀ·W, so P and Q come into the node and their gradients go back through M_xs) and without."""
+    Uᵀ·W, so P and Q come into the node and their gradients go back through M_xs) and without; and with the norms
+    detached (the training option), against the formed weight whose norms are detached."""
     if not fused:
         monkeypatch.setattr(M, "fused_applies", lambda *args: False)
     else:  # BoRA walks W in row blocks: make it several blocks of uneven size (40 rows of 24 fp32 = 7+7+...+5)
@@ -144,19 +146,24 @@ def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused,
     products = M.base_products(w, adapter_type, t) if cached else M.base_products(w)
     xs_renorm = adapter_type.endswith("-xs") and adapter_type != "lora-xs"
     assert (products.w_v is not None or products.ut_w is not None) == (cached and xs_renorm)  # P/Q really come in
-    grads = []
-    for form in ("formed", "factored"):
+    grads, outputs = [], []
+    for form, detach in (("formed", detach_norm), ("factored", detach_norm), ("formed", not detach_norm)):
         leaves = {k: v.clone().requires_grad_(k in M.TRAINABLE_NAMES) for k, v in t.items()}
         xi = x.clone().requires_grad_(True)
         if form == "formed":
-            y = nn.functional.linear(xi, M.effective_weight(w, adapter_type, leaves, scale), bias)
+            y = nn.functional.linear(xi, M.effective_weight(w, adapter_type, leaves, scale, detach), bias)
         else:
-            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, products)
+            y = M.factored_linear(xi, w, bias, adapter_type, leaves, scale, products, detach)
         (y * upstream).sum().backward()
+        outputs.append(y.detach())
         grads.append({"x": xi.grad, **{k: v.grad for k, v in leaves.items() if v.requires_grad}})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4), name
+    assert torch.allclose(outputs[1], outputs[2], atol=1e-5, rtol=1e-5)  # detaching changes no value
+    if M.check_adapter_type(adapter_type)[1] != "none":  # ... but the gradients of the direction tensors
+        trained = "M_xs" if adapter_type.endswith("-xs") else "lora_B"
+        assert not torch.allclose(grads[0][trained], grads[2][trained], atol=1e-4, rtol=1e-4)
 
 
 def test_weighted_column_norms_are_blockwise_exact(monkeypatch):

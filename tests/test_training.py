@@ -85,6 +85,24 @@ def test_training_changes_the_adapter_and_never_the_shared_base_weights(tmp_path
     assert any(t["lora_B"].abs().max() > 0 for t in adapter.layers.values())  # trained away from identity
 
 
+def test_detached_norms_are_a_run_option_that_changes_the_gradients_not_the_file(tmp_path, tiny, dataset, fixtures_dir):
+    """RunConfig.detach_norm reaches the trained layers: from the same seed, a BoRA run with detached norms ends
+    elsewhere than the exact one (B's first update differs: its norm terms need no B), and writes the same kind of file."""
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    runs = {d: manager.submit(_config(dataset, fixtures_dir, name=f"bora-{d}", adapter_type="bora", steps=2,
+                                      checkpoint_every=2, detach_norm=d)) for d in (False, True)}
+    files = {}
+    for detached, run in runs.items():
+        assert manager.wait(run, 300)["status"] == "done"
+        assert manager.registry.config(run).detach_norm is detached  # kept for resume
+        latest, _ = _final_adapter(manager, run)
+        files[detached] = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
+    exact, detached = files[False], files[True]
+    assert detached.adapter_type == exact.adapter_type == "bora" and detached.layers.keys() == exact.layers.keys()
+    assert all(torch.isfinite(t).all() for layer in detached.layers.values() for t in layer.values())
+    assert any(not torch.equal(exact.layers[k]["lora_B"], detached.layers[k]["lora_B"]) for k in exact.layers)
+
+
 def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, dataset, fixtures_dir):
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
     paused = threading.Event()

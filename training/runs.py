@@ -100,6 +100,7 @@ class RunConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    detach_norm: bool = False  # DoRA/BoRA: the norms get no gradient (DoRA paper 4.3, PEFT); faster, not official
     timestep_sampler: str = "trunc_logit_normal"
     ot_coupling: bool = True
     inpaint_probabilities: tuple[float, float, float] = (0.1, 0.8, 0.1)  # segments, full generation, causal

@@ -124,7 +124,7 @@ class Trainer:
                                   include=list(c.include) or None, exclude=list(c.exclude) or None, preset=c.targets,
                                   dropout=c.dropout, generator=g)
         self.adapter = adapter
-        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True)
+        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm)
         params = self.stack.parameters()
         named = [(s_name, p) for slot in self.stack.slots(0).values() for s_name, p in slot.named_parameters()]
         decay = [p for n, p in named if not n.startswith("magnitude")]

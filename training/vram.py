@@ -177,7 +177,7 @@ def build_random_dit_tree(model_config, seed: int = 0) -> torch.nn.Module:
 
 
 def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: int, crop_latents: int,
-                       gradient_checkpointing: bool = False, seed: int = 0):
+                       gradient_checkpointing: bool = False, seed: int = 0, detach_norm: bool = False):
     """(step(), forward()) closures over random inputs: one training step as Trainer.train_step does it (adapter
     view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone."""
     from ..adapters import AdaptedModel, Root, new_adapter
@@ -189,7 +189,7 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     roots = (Root("model", gated=True, filter_strip="model."),)
     g = torch.Generator().manual_seed(seed)
     adapter = new_adapter(tree, adapter_type, rank, roots=roots, preset="all", generator=g)
-    stack = AdaptedModel(tree, [adapter], roots, trainable=True)
+    stack = AdaptedModel(tree, [adapter], roots, trainable=True, detach_norm=detach_norm)
     params = stack.parameters()
     with torch.no_grad():  # a trained-looking adapter: B / M_xs away from zero so every path does real work
         for p in params:
