@@ -210,7 +210,8 @@ class _BoraLinear(torch.autograd.Function):
         g_x = g_xc.mul_(c) if need_x else None
         g_mc = g_c * inv_c
         if ctx.detach_norm:  # constant norms: the low-rank path's terms and m / ‖·‖ only, no walk over W
-            g_a, g_b = g_h.T @ xc, (g_z.T @ h).mul_(s)
+            g_a = g_h.T @ xc if ctx.needs_input_grad[1] else None
+            g_b = (g_z.T @ h).mul_(s) if ctx.needs_input_grad[2] else None  # -xs: up = U is frozen
             return g_x, g_a, g_b, (g_d * inv_r).view_as(m_r), g_mc.view_as(m_c), None, None, None, None, None, None
         g_qc = _sq_norm_grad(g_c, m_c, norm_c, inv_c)  # [in]
         g2 = d * d

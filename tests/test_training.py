@@ -87,7 +87,8 @@ def test_training_changes_the_adapter_and_never_the_shared_base_weights(tmp_path
 
 def test_detached_norms_are_a_run_option_that_changes_the_gradients_not_the_file(tmp_path, tiny, dataset, fixtures_dir):
     """RunConfig.detach_norm reaches the trained layers: from the same seed, a BoRA run with detached norms ends
-    elsewhere than the exact one (B's first update differs: its norm terms need no B), and writes the same kind of file."""
+    elsewhere than the exact one (already B's first update differs: the exact one has the norms' W·Aᵀ term), and
+    writes the same kind of file."""
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
     runs = {d: manager.submit(_config(dataset, fixtures_dir, name=f"bora-{d}", adapter_type="bora", steps=2,
                                       checkpoint_every=2, detach_norm=d)) for d in (False, True)}
