@@ -77,19 +77,9 @@ def write_audio_file(path, samples, sample_rate: int, fmt: str):
         path = path.with_suffix(ext)
         sf.write(str(path), np.ascontiguousarray(samples.T), sample_rate, **kw)
         return path
-    import av
+    from .audio_write import encode_with_pyav
 
     ext, codec, container_fmt = PYAV_FORMATS[fmt]
     path = path.with_suffix(ext)
-    layout = {1: "mono", 2: "stereo"}[samples.shape[0]]
-    with av.open(str(path), "w", format=container_fmt) as c:
-        stream = c.add_stream(codec, rate=sample_rate)
-        stream.layout = layout
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32), format="fltp",
-                                           layout=layout)
-        frame.sample_rate = sample_rate
-        for packet in stream.encode(frame):
-            c.mux(packet)
-        for packet in stream.encode(None):
-            c.mux(packet)
+    encode_with_pyav(path, samples, sample_rate, codec, container_fmt)
     return path

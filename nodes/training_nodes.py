@@ -66,6 +66,7 @@ def memory_warning(model, config) -> str | None:
     return check_fits(estimate_training_memory(model.config, config), model.device)
 
 
+DEMO_FORMATS = ["flac", "mp3", "opus"]  # encoding.audio_write.OUTPUT_FORMATS (a test keeps them equal)
 ADAPTER_TYPE_CHOICES = ["dora-rows", "lora", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs"]
 
 
@@ -104,10 +105,14 @@ class SA3TrainLoRA:
             "detach_norm": ("BOOLEAN", {"default": False, "tooltip": "DoRA/BoRA types: the weight norms get no "
                             "gradient (DoRA paper 4.3, PEFT's default). Faster steps (BoRA most), same files; the "
                             "official trainer keeps exact gradients (off)."}),
+            "demo_format": (DEMO_FORMATS, {"default": "flac", "tooltip": "Demo audio files: flac (lossless), mp3 "
+                            "or opus (small, for long runs with many demos)."}),
             # Socket-only inputs go last: ComfyUI frontend 1.58 mis-assigns saved widget values (shifted by one from
             # here on) when a forceInput input sits between widgets on a node with a seed control widget.
             "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
                               "alpha and targets are used)."}),
+            "demos": ("SA3_DEMOS", {"tooltip": "From SA3 Training Demo nodes (chained): demos with their own model "
+                      "(base/ARC), CFG, steps, seed, length and strength; demo_prompts lines are added after them."}),
         }}
 
     RETURN_TYPES = ("SA3_RUN", "STRING")
@@ -119,22 +124,22 @@ class SA3TrainLoRA:
 
     def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
-              prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False):
+              prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False,
+              demo_format="flac", demos=None):
         from ..training.runs import DemoSpec, RunConfig, RunError
         from .model_nodes import register_model
 
         spec = model.pack or model.source
         dtype = DTYPE_NAMES.get(model.dtype, "fp32")
         register_model((spec, "base", dtype, str(model.device)), model)
-        demos = ()
-        if demo_prompts.strip():
-            demos = tuple(DemoSpec(p.strip(), False, 7.0, seed=i) for i, p in enumerate(demo_prompts.splitlines())
-                          if p.strip())
+        prompt_lines = [p.strip() for p in demo_prompts.splitlines() if p.strip()]
+        demos = tuple(demos or ()) + tuple(DemoSpec(p, False, 7.0, seed=i) for i, p in enumerate(prompt_lines))
         try:
             config = RunConfig(dataset=str(dataset), model=spec, name=name, adapter_type=adapter_type, rank=rank,
                                alpha=alpha or None, targets=targets, steps=steps, batch_size=batch_size,
                                crop_seconds=crop_seconds, lr=learning_rate, precision=dtype,
                                gradient_checkpointing=gradient_checkpointing, detach_norm=detach_norm,
+                               demo_format=demo_format,
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
         except RunError as e:
@@ -149,6 +154,46 @@ class SA3TrainLoRA:
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")
         return {"ui": {"text": [text]}, "result": (run_id, run_id)}
+
+
+class SA3TrainingDemo:
+    """One demo of a training run (`training.runs.DemoSpec`), appended to the chained list."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "What to generate; empty = "
+                       "unconditional (or a prompt re-rolled from the dataset, see from_dataset)."}),
+            "from_dataset": ("BOOLEAN", {"default": False, "tooltip": "Ignore prompt: each demo step draws a "
+                             "dataset item's prompt (seeded), composed as in training."}),
+            "sampler_model": (["base", "arc"], {"default": "base", "tooltip": "base: Euler on the trained model; "
+                              "arc: ping-pong on the pack's ARC model with the adapter (how it is used later)."}),
+            "cfg": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1, "tooltip": "-1 = the "
+                    "model's default (base 7, ARC 1)."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": "0 = the model's default (base 50, ARC 8)."}),
+            "demo_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Fixed across the run so "
+                          "demos compare step to step."}),
+            "seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 380.0, "step": 0.5, "tooltip": "0 = the "
+                        "training crop length."}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "The "
+                              "adapter's strength in this demo (1 = as trained)."}),
+        }, "optional": {"demos": ("SA3_DEMOS", {"tooltip": "Earlier demos of the list (chain the nodes)."})}}
+
+    RETURN_TYPES = ("SA3_DEMOS",)
+    RETURN_NAMES = ("demos",)
+    FUNCTION = "add"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Adds a demo to a training run's list (feed the chain into SA3 Train LoRA's demos input)."
+
+    def add(self, prompt, from_dataset, sampler_model, cfg, steps, demo_seed, seconds, lora_strength, demos=None):
+        from ..training.runs import DemoSpec, RunError
+
+        try:
+            demo = DemoSpec(None if from_dataset else prompt.strip(), sampler_model == "arc",
+                            None if cfg < 0 else cfg, steps or None, demo_seed, seconds or None, lora_strength)
+        except RunError as e:
+            raise ValueError(f"SA3 Training Demo: {e}") from None
+        return (tuple(demos or ()) + (demo,),)
 
 
 class SA3RunStatus:
@@ -211,6 +256,7 @@ class SA3RunControl:
         return (run, f"{record['id']}: {record['status']}")
 
 
-NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3RunStatus": SA3RunStatus, "SA3RunControl": SA3RunControl}
-NODE_DISPLAY_NAME_MAPPINGS = {"SA3TrainLoRA": "SA3 Train LoRA", "SA3RunStatus": "SA3 Run Status",
-                              "SA3RunControl": "SA3 Run Control"}
+NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3TrainingDemo": SA3TrainingDemo, "SA3RunStatus": SA3RunStatus,
+                       "SA3RunControl": SA3RunControl}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3TrainLoRA": "SA3 Train LoRA", "SA3TrainingDemo": "SA3 Training Demo",
+                              "SA3RunStatus": "SA3 Run Status", "SA3RunControl": "SA3 Run Control"}

@@ -164,3 +164,39 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     (stack,) = run_node("SA3LoadLoRA", lora="", strength=1.0, interval_start=0.0, interval_end=1.0,
                         skip_first_steps=0, layer_filter="", lora_path=lora)
     assert stack[0]["path"] == lora
+
+
+def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, tmp_path):
+    from sa3_lora_studio.encoding.audio_io import decode_audio
+    from sa3_lora_studio.encoding.audio_write import OUTPUT_FORMATS
+    from sa3_lora_studio.nodes.training_nodes import DEMO_FORMATS, get_manager
+
+    assert DEMO_FORMATS == list(OUTPUT_FORMATS)
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
+    (audio_dir / "tone.txt").write_text("a soft tone")
+    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="t", include="",
+                          exclude="", dtype="float32", force=False)
+    demo = dict(cfg=-1.0, steps=2, seconds=0.25, lora_strength=0.5)
+    (first,) = run_node("SA3TrainingDemo", prompt=" a bell ", from_dataset=False, sampler_model="base",
+                        demo_seed=5, **demo)
+    (chain,) = run_node("SA3TrainingDemo", prompt="ignored", from_dataset=True, sampler_model="arc", demo_seed=6,
+                        demos=first, **demo)
+    assert [(d.prompt, d.arc, d.cfg, d.seed) for d in chain] == [("a bell", False, None, 5), (None, True, None, 6)]
+    run, _ = run_node("SA3TrainLoRA", model=model, dataset=dataset, name="demo run", adapter_type="lora", rank=2,
+                      alpha=0.0, targets="all", steps=1, batch_size=1, crop_seconds=0.05, learning_rate=1e-3,
+                      checkpoint_every=1, demo_every=1, seed=0, gradient_checkpointing=False, wait_until_done=True,
+                      demos=chain, demo_prompts="a drum\n\n", demo_format="opus")
+    manager = get_manager()
+    assert manager.registry.get(run)["status"] == "done", manager.registry.get(run)["error"]
+    folder = manager.registry.run_dir(run) / "demos" / "step_000001"
+    assert sorted(p.name for p in folder.glob("*.opus")) == ["demo_0.opus", "demo_1.opus", "demo_2.opus"]
+    settings = [__import__("json").loads((folder / f"demo_{i}.json").read_text()) for i in range(3)]
+    assert [(s["prompt"] == "a bell", s["arc"], s["cfg"], s["lora_strength"]) for s in settings[:2]] == [
+        (True, False, 7.0, 0.5), (False, True, 1.0, 0.5)]
+    assert settings[2]["prompt"] == "a drum" and settings[2]["cfg"] == 7.0
+    decoded = decode_audio(folder / "demo_0.opus")
+    assert decoded.sample_rate == 48000 and decoded.channels == 2 and abs(decoded.seconds - settings[0]["duration"]) < 0.01
+    assert settings[0]["duration"] <= 0.25  # the tiny model's sample_size caps the length

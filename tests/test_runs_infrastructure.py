@@ -97,3 +97,19 @@ def test_run_control_stop_wakes_a_paused_run():
     control.request_stop()
     t.join(1)
     assert not t.is_alive() and control.stop.is_set()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"demo_format": "wav"}, "RunConfig.demo_format: 'wav'"),
+    ({"demos": [{"prompt": "x", "strength": 1}]}, r"RunConfig.demos\[0\]: unknown key\(s\) \['strength'\]"),
+    ({"demos": ["a bell"]}, r"RunConfig.demos\[0\]: expected an object"),
+    ({"demos": [{"steps": 0}]}, "DemoSpec.steps: 0"),
+    ({"demos": [{}, {"duration": -2}]}, "DemoSpec.duration: -2"),
+    ({"demos": [{"cfg": float("nan")}]}, "DemoSpec.cfg: nan"),
+])
+def test_bad_demo_settings_are_named(change, named):
+    from sa3_lora_studio.training.runs import RunConfig
+
+    with pytest.raises(RunError, match=named):
+        RunConfig.from_dict({"dataset": "d", **change})
+    assert RunConfig.from_dict({"dataset": "d", "demo_format": "opus", "demos": [{"prompt": ""}]}).demos[0].prompt == ""

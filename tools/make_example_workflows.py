@@ -129,7 +129,9 @@ def train_lora_from_audio_folder() -> Graph:
            "2. Queue: the folder is encoded once (only new files later), prompts are composed from captions and tags, "
            "and training starts in the background on the BASE model.\n"
            "3. Watch the SA3 Training panel, or queue again: SA3 Run Status refreshes the loss charts and gives the "
-           "newest checkpoint. Checkpoints appear in SA3 Load LoRA as 'sa3 runs/<run>/...'.", size=(560, 220))
+           "newest checkpoint. Checkpoints appear in SA3 Load LoRA as 'sa3 runs/<run>/...'.\n"
+           "Demos: every demo_every steps the chained SA3 Training Demo nodes render (a fixed prompt on the base model, "
+           "a dataset prompt on ARC, as the LoRA will be used); without them, underfit-like defaults.", size=(560, 240))
     pack = _load_pack(g, "base")
     enc = g.add("SA3EncodeAudioFolder", (380, 250), size=(360, 300), folder=TRAINING_FOLDER, dataset_name="my-dataset")
     g.connect(pack, 0, enc, "model")
@@ -138,6 +140,12 @@ def train_lora_from_audio_folder() -> Graph:
     g.connect(enc, 0, compose, "dataset")
     train = g.add("SA3TrainLoRA", (1180, 250), size=(380, 560), name="my-lora", adapter_type="dora-rows", rank=16,
                   steps=1000, batch_size=1, crop_seconds=30.0, learning_rate=1e-4, checkpoint_every=200, demo_every=200)
+    fixed = g.add("SA3TrainingDemo", (780, 560), size=(360, 330), title="Demo: fixed prompt, base",
+                  prompt="mystyle, " + PROMPT, cfg=7.0, demo_seed=1, seconds=10.0)
+    rolled = g.add("SA3TrainingDemo", (780, 930), size=(360, 330), title="Demo: dataset prompt, ARC",
+                   from_dataset=True, sampler_model="arc", demo_seed=2, seconds=10.0)
+    g.connect(fixed, 0, rolled, "demos")
+    g.connect(rolled, 0, train, "demos")
     g.connect(pack, 0, train, "model")
     g.connect(enc, 0, train, "dataset")
     g.connect(compose, 0, train, "prompt_config")

@@ -1,6 +1,6 @@
 """Demos during training: every `demo_every` steps (and at step 0, the base model's baseline), render each demo of
 the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
-`demos/step_<S>/demo_<i>.flac` + a tinted spectrogram `.png` + the settings `.json`.
+`demos/step_<S>/demo_<i>.flac` (or .mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
 
 Demos reuse the loaded model (no second copy for base demos) and apply the adapter as a private view, so nobody else
 using the shared model hears it.
@@ -11,9 +11,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import soundfile as sf
-
 from ..encoding import batch_prompts
+from ..encoding.audio_write import write_audio
 from ..sa3.spectrogram import spectrogram_png
 from .runs import DemoSpec, atomic_write_json, default_demos
 
@@ -64,22 +63,22 @@ def run_demos(trainer, step: int) -> list[dict]:
                                      sampler="pingpong" if spec.arc else "euler",
                                      loras=[{"adapter": adapter, "strength": spec.lora_strength}])
         wav = audio[0]
-        sf.write(str(tmp_dir / f"demo_{i}.flac"), wav.T.numpy(), rate, format="FLAC")  # old PySoundFile: no Path
+        audio_name = write_audio(tmp_dir / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
         spectrogram_png(wav, rate, tmp_dir / f"demo_{i}.png")
         settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
                     (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
                     "duration": duration, "lora_strength": spec.lora_strength, "step": step}
         atomic_write_json(tmp_dir / f"demo_{i}.json", settings)
-        written.append((i, settings))
+        written.append((i, audio_name, settings))
     if out_dir.exists():  # a re-run of the same step (resume): replace
         import shutil
 
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     events = []
-    for i, settings in written:
+    for i, audio_name, settings in written:
         rel = Path("demos") / out_dir.name
-        events.append(trainer.log.emit("demo", step=step, index=i, audio=f"{rel}/demo_{i}.flac",
+        events.append(trainer.log.emit("demo", step=step, index=i, audio=f"{rel}/{audio_name}",
                                        image=f"{rel}/demo_{i}.png", settings=settings))
     return events
 

@@ -5,7 +5,7 @@ A run folder reads without our code:
     <root>/<run_id>/events.jsonl            append-only events (step, loss, samples, checkpoint, demo, error)
     <root>/<run_id>/checkpoints/<name>-step=000400.safetensors   the adapter, SA3-native (loads everywhere)
     <root>/<run_id>/checkpoints/<name>-step=000400.state.pt      optimiser, RNG states, data cursor, step
-    <root>/<run_id>/demos/step_000400/demo_0.{flac,png,json}
+    <root>/<run_id>/demos/step_000400/demo_0.{flac|mp3|opus,png,json}
     <root>/<run_id>/latest.json             the newest checkpoint, written last (temp + fsync + rename)
     <root>/runs.json                        index of runs with their status (atomic)
 """
@@ -66,6 +66,26 @@ class DemoSpec:
     duration: float | None = None  # seconds; None = the training crop length
     lora_strength: float = 1.0
 
+    def __post_init__(self):
+        if self.cfg is not None and not self.cfg >= 0:
+            raise RunError(f"DemoSpec.cfg: {self.cfg!r} must be >= 0 (or None for the model's default)")
+        if self.steps is not None and self.steps < 1:
+            raise RunError(f"DemoSpec.steps: {self.steps!r} must be >= 1 (or None for the model's default)")
+        if self.duration is not None and not self.duration > 0:
+            raise RunError(f"DemoSpec.duration: {self.duration!r} seconds must be > 0 (or None for the crop length)")
+        if not abs(self.lora_strength) < float("inf"):
+            raise RunError(f"DemoSpec.lora_strength: {self.lora_strength!r} must be a finite number")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "demo") -> DemoSpec:
+        """A DemoSpec from its JSON form; unknown keys are a RunError naming `where` and the known keys."""
+        if not isinstance(data, dict):
+            raise RunError(f"{where}: expected an object with keys {sorted(f.name for f in fields(cls))}, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise RunError(f"{where}: unknown key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        return cls(**data)
+
 
 def default_demos() -> list[DemoSpec]:
     """Like underfit's default set: base CFG 7 and 1, ARC CFG 1, and one unconditional."""
@@ -109,6 +129,7 @@ class RunConfig:
     checkpoint_every: int = 200
     demo_every: int = 200
     demos: tuple[DemoSpec, ...] = ()
+    demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, mp3 or opus
     seed: int = 0
     continue_from: str | None = None
     reset_step: bool = False
@@ -146,6 +167,10 @@ class RunConfig:
             bad("inpaint_probabilities", "three probabilities (segments, full, causal) summing to 1")
         if not 0 <= self.cfg_dropout < 1:
             bad("cfg_dropout", "must be in [0, 1)")
+        from ..encoding.audio_write import OUTPUT_FORMATS
+
+        if self.demo_format not in OUTPUT_FORMATS:
+            bad("demo_format", f"{self.demo_format!r} is not an audio format; use one of {sorted(OUTPUT_FORMATS)}")
         if self.checkpoint_every < 1 or self.demo_every < 0:
             bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
 
@@ -160,7 +185,8 @@ class RunConfig:
             if key in data and data[key] is not None:
                 data[key] = tuple(data[key])
         if "demos" in data:
-            data["demos"] = tuple(d if isinstance(d, DemoSpec) else DemoSpec(**d) for d in data["demos"] or ())
+            data["demos"] = tuple(d if isinstance(d, DemoSpec) else DemoSpec.from_dict(d, f"RunConfig.demos[{i}]")
+                                  for i, d in enumerate(data["demos"] or ()))
         return cls(**data)
 
     def to_dict(self) -> dict:
