@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 
+from ..sa3.field_types import check_field_types
 from .captions import PATH_FIELDS, RESERVED_FIELDS
 
 SOURCES = ("caption", "tags", "path", "fixed")
@@ -58,6 +59,7 @@ class PromptConfig:
     fallback: bool = True
 
     def __post_init__(self):
+        check_field_types(self, "PromptConfig")
         for name in ("caption_weight", "tags_weight", "path_weight", "fixed_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PromptConfig.{name}={getattr(self, name)} is negative; balances are >= 0")

@@ -41,6 +41,19 @@ def resolve_lora(name: str) -> Path:
     return folder_file_path("loras", name)
 
 
+def chosen_lora(node: str, lora: str, lora_path: str | None) -> Path:
+    """The file a LoRA node uses: a connected `lora_path` wins (even empty: SA3 Run Status gives "" until the run's
+    first checkpoint, and falling back to the list would silently load another LoRA), else the list's choice."""
+    if lora_path is not None:
+        if not lora_path.strip():
+            raise ValueError(f"{node}: lora_path is connected but empty (SA3 Run Status gives no file until the "
+                             "run saves its first checkpoint)")
+        return Path(lora_path.strip())
+    if not lora:
+        raise ValueError(f"{node}: choose a LoRA file")
+    return resolve_lora(lora)
+
+
 class SA3LoadLoRA:
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,9 +91,7 @@ class SA3LoadLoRA:
 
         if interval_end < interval_start:
             raise ValueError(f"SA3 Load LoRA: interval_end {interval_end} is below interval_start {interval_start}")
-        path = Path(lora_path) if lora_path else resolve_lora(lora) if lora else None
-        if path is None:
-            raise ValueError("SA3 Load LoRA: choose a LoRA file")
+        path = chosen_lora("SA3 Load LoRA", lora, lora_path)
         try:
             load_adapter_cached(path)  # validate now, with the file named in the error
         except Exception as e:
@@ -106,7 +117,7 @@ class SA3LoRAInfo:
     def info(self, lora, lora_path=None):
         from ..adapters import read_adapter_file
 
-        path = Path(lora_path) if lora_path else resolve_lora(lora)
+        path = chosen_lora("SA3 LoRA Info", lora, lora_path)
         info = read_adapter_file(path).info()
         text = "\n".join(f"{k}: {v}" for k, v in info.items() if v not in (None, "", []))
         return {"ui": {"text": [text]}, "result": (json.dumps(info, default=str, indent=1),)}
@@ -136,7 +147,7 @@ class SA3ExportLoRAForComfyUI:
         from ..adapters import read_adapter_file
         from ..adapters.comfy_export import export_for_comfyui
 
-        src = Path(lora_path) if lora_path else resolve_lora(lora)
+        src = chosen_lora("SA3 Export LoRA for ComfyUI", lora, lora_path)
         name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
         report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)

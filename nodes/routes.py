@@ -7,6 +7,7 @@ run's folder by `RunRegistry.run_file` (no `..`, no absolute paths, no symlinks 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 from collections.abc import Callable
@@ -16,9 +17,36 @@ from aiohttp import web
 from ..training.events import loss_by_timestep, read_events
 from ..training.runs import RunError
 
+MAX_OFFSET = 1 << 60  # byte offsets into events.jsonl; larger ones cannot be seeked to
+
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def _run_error(e: RunError) -> web.Response:
+    """404 for a run or file that does not exist, 409 for an action the run's state refuses, 403 for a path that
+    leaves the run folder, 400 otherwise."""
+    text = str(e)
+    if text.startswith("no run") or "does not exist" in text:
+        return _error(404, text)
+    if "not running" in text or "already" in text or "is queued" in text or "another process" in text:
+        return _error(409, text)
+    if "folder" in text and ("leaves" in text or "outside" in text or "not a relative path" in text):
+        return _error(403, text)
+    return _error(400, text)
+
+
+def _int_query(request, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter in [low, high]; RunError (400) naming it otherwise."""
+    raw = request.query.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RunError(f"{name}={raw!r} must be an integer") from None
+    if not low <= value <= high:
+        raise RunError(f"{name}={value} must be between {low} and {high}")
+    return value
 
 
 def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Callable]]:
@@ -42,39 +70,30 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
 
     async def get_events(request):
         manager = get_manager()
-        run_id = request.match_info["run_id"]
         try:
-            offset = int(request.query.get("offset", "0"))
-            if offset < 0:
-                raise ValueError
-            path = manager.registry.run_dir(run_id) / "events.jsonl"
-        except ValueError:
-            return _error(400, "offset must be a non-negative integer")
+            path = manager.registry.run_dir(request.match_info["run_id"]) / "events.jsonl"
+            offset = _int_query(request, "offset", 0, 0, MAX_OFFSET)
         except RunError as e:
-            return _error(404, str(e))
+            return _run_error(e)
         events, next_offset = read_events(path, offset)
         return web.json_response({"events": events, "offset": next_offset})
 
     async def get_loss_by_timestep(request):
         manager = get_manager()
-        run_id = request.match_info["run_id"]
         try:
-            bins = max(1, min(20, int(request.query.get("bins", "5"))))
-            path = manager.registry.run_dir(run_id) / "events.jsonl"
-        except ValueError:
-            return _error(400, "bins must be an integer")
+            path = manager.registry.run_dir(request.match_info["run_id"]) / "events.jsonl"
+            bins = _int_query(request, "bins", 5, 1, 20)
         except RunError as e:
-            return _error(404, str(e))
+            return _run_error(e)
         events, _ = read_events(path, 0, limit_bytes=1 << 30)
         return web.json_response({"bins": loss_by_timestep(events, bins)})
 
     async def get_file(request):
         manager = get_manager()
-        run_id = request.match_info["run_id"]
         try:
-            path = manager.registry.run_file(run_id, request.query.get("path", ""))
+            path = manager.registry.run_file(request.match_info["run_id"], request.query.get("path", ""))
         except RunError as e:
-            return _error(404 if "does not exist" in str(e) or "no run" in str(e) else 403, str(e))
+            return _run_error(e)
         headers = {}
         if request.query.get("download"):
             headers["Content-Disposition"] = f'attachment; filename="{path.name}"'
@@ -87,13 +106,16 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         body = {}
         if request.can_read_body:
             try:
-                body = await request.json()
-            except json.JSONDecodeError:
-                body = {}
-        try:
-            result = manager.control(run_id, action, confirm=bool(body.get("confirm")))
+                body = json.loads(await request.read() or b"{}")
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+                return _error(400, "the request body must be a JSON object, e.g. {\"confirm\": true}")
+            if not isinstance(body, dict):
+                return _error(400, "the request body must be a JSON object, e.g. {\"confirm\": true}")
+        try:  # off the event loop: a control call touches files and must never stall ComfyUI's server
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: manager.control(run_id, action, confirm=body.get("confirm") is True))
         except RunError as e:
-            return _error(409 if "not running" in str(e) or "already" in str(e) else 400, str(e))
+            return _run_error(e)
         return web.json_response({"ok": True, "run": result})
 
     async def loaded_models(request):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .comfy_bridge import CATEGORY, output_dir, send_event
+from .comfy_bridge import CATEGORY, output_dir, send_event, throw_if_interrupted
 
 _MANAGER = None
 _MANAGER_LOCK = threading.Lock()
@@ -46,8 +46,24 @@ def get_manager(root: str | Path | None = None):
             from ..training.manager import TrainingManager
 
             base = Path(root) if root else (output_dir() or Path.cwd()) / "sa3_runs"
-            _MANAGER = TrainingManager(base, listeners=[_forward_event], model_provider=model_provider)
+            _MANAGER = TrainingManager(base, listeners=[_forward_event], model_provider=model_provider,
+                                       **manager_options())
         return _MANAGER
+
+
+def manager_options(environ=None) -> dict:
+    """The training options of a ComfyUI process, from its environment (set them before starting ComfyUI):
+    SA3_AUTO_RESUME=1 resumes runs a restart interrupted; SA3_RUNS_PER_DEVICE=N trains N runs at once per device."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    auto = environ.get("SA3_AUTO_RESUME", "0").strip().lower()
+    if auto not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError(f"SA3_AUTO_RESUME={auto!r}: use 1 or 0")
+    per_device = environ.get("SA3_RUNS_PER_DEVICE", "1").strip() or "1"
+    if not per_device.isdigit() or int(per_device) < 1:
+        raise ValueError(f"SA3_RUNS_PER_DEVICE={per_device!r}: use a whole number >= 1")
+    return {"auto_resume": auto in ("1", "true", "yes"), "runs_per_device": int(per_device)}
 
 
 def reset_manager() -> None:
@@ -63,7 +79,7 @@ def memory_warning(model, config) -> str | None:
         from ..training.vram import check_fits, estimate_training_memory
     except ImportError:
         return None
-    return check_fits(estimate_training_memory(model.config, config), model.device)
+    return check_fits(estimate_training_memory(model.config, config), model.device, loaded=True)
 
 
 DEMO_FORMATS = ["flac", "mp3", "opus"]  # encoding.audio_write.OUTPUT_FORMATS (a test keeps them equal)
@@ -126,9 +142,13 @@ class SA3TrainLoRA:
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
               prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False,
               demo_format="flac", demos=None):
+        from ..training.preflight import check_run_inputs
         from ..training.runs import DemoSpec, RunConfig, RunError
         from .model_nodes import register_model
 
+        if model.is_arc:
+            raise ValueError("SA3 Train LoRA: model is an ARC (post-trained) model; connect an SA3 Load Pack with "
+                             "variant 'base' (adapters are trained on base and then used on ARC)")
         spec = model.pack or model.source
         dtype = DTYPE_NAMES.get(model.dtype, "fp32")
         register_model((spec, "base", dtype, str(model.device)), model)
@@ -142,14 +162,17 @@ class SA3TrainLoRA:
                                demo_format=demo_format,
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
+            check_run_inputs(config, model.latent_dim)  # a bad dataset or LoRA file fails here, not in the background
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
         warning = memory_warning(model, config)
         manager = get_manager()
         run_id = manager.submit(config)
         text = f"run {run_id} started" + (f"\nwarning: {warning}" if warning else "")
-        if wait_until_done:
-            record = manager.wait(run_id)
+        if wait_until_done:  # ComfyUI's cancel ends the wait (the run trains on; stop it with SA3 Run Control)
+            while not manager.worker.join(run_id, 0.5):
+                throw_if_interrupted()
+            record = manager.registry.get(run_id)
             text = f"run {run_id}: {record['status']} at step {record['step']}"
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")

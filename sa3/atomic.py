@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,3 +45,34 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False))
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) against other processes: flock on POSIX, a one-byte
+    msvcrt lock on Windows. For read-modify-write of files several processes share (the runs index). Not reentrant:
+    take it once per process (callers pair it with a thread lock)."""
+    with open(path, "a+b") as f:
+        if os.name == "nt":
+            import msvcrt
+
+            f.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # retries for ~10 s, then raises: keep waiting
+                    break
+                except OSError:
+                    continue
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

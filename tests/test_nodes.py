@@ -200,3 +200,53 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
     decoded = decode_audio(folder / "demo_0.opus")
     assert decoded.sample_rate == 48000 and decoded.channels == 2 and abs(decoded.seconds - settings[0]["duration"]) < 0.01
     assert settings[0]["duration"] <= 0.25  # the tiny model's sample_size caps the length
+
+
+def _train_inputs(**changes):
+    inputs = dict(name="n", adapter_type="lora", rank=2, alpha=0.0, targets="all",
+                  steps=1, batch_size=1, crop_seconds=0.02, learning_rate=1e-3, checkpoint_every=1, demo_every=0,
+                  seed=0, gradient_checkpointing=False, wait_until_done=True)
+    return {**inputs, **changes}
+
+
+def test_train_lora_refuses_bad_inputs_before_a_run_is_registered(comfy, tmp_path, dataset):
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    (base,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    (arc,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (dict(model=arc, dataset=str(dataset)), "ARC .*variant 'base'"),
+        (dict(dataset=str(tmp_path / "missing")), "RunConfig.dataset: .*missing"),
+        (dict(dataset=str(tmp_path / "empty")), "RunConfig.dataset: .*empty: no .npy"),
+        (dict(dataset=str(dataset), continue_from=str(tmp_path / "no.safetensors")),
+         "RunConfig.continue_from: no.safetensors"),
+        (dict(dataset=str(dataset), prompt_config={"caption_weight": "x"}), "PromptConfig.caption_weight"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_node("SA3TrainLoRA", **_train_inputs(**{"model": base, **changes}))
+    assert get_manager().registry.list() == []
+    (again,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    assert again is base and not again.is_arc  # the ARC model never took the base model's cache slot
+
+
+def test_load_lora_with_a_connected_but_empty_path_names_the_cause(comfy):
+    with pytest.raises(ValueError, match="lora_path is connected but empty"):
+        run_node("SA3LoadLoRA", lora="style.safetensors", strength=1.0, interval_start=0.0, interval_end=1.0,
+                 skip_first_steps=0, layer_filter="", lora_path="")
+    (stack,) = run_node("SA3LoadLoRA", lora="style.safetensors", strength=1.0, interval_start=0.0, interval_end=1.0,
+                        skip_first_steps=0, layer_filter="")
+    assert stack[0]["path"].endswith("style.safetensors")
+
+
+def test_training_options_of_a_comfyui_process_come_from_its_environment(comfy):
+    from sa3_lora_studio.nodes.training_nodes import manager_options
+
+    assert manager_options({}) == {"auto_resume": False, "runs_per_device": 1}
+    assert manager_options({"SA3_AUTO_RESUME": "1", "SA3_RUNS_PER_DEVICE": "2"}) == {"auto_resume": True,
+                                                                                      "runs_per_device": 2}
+    for environ, named in (({"SA3_AUTO_RESUME": "maybe"}, "SA3_AUTO_RESUME"), ({"SA3_RUNS_PER_DEVICE": "0"},
+                                                                                "SA3_RUNS_PER_DEVICE")):
+        with pytest.raises(ValueError, match=named):
+            manager_options(environ)

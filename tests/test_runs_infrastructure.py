@@ -113,3 +113,96 @@ def test_bad_demo_settings_are_named(change, named):
     with pytest.raises(RunError, match=named):
         RunConfig.from_dict({"dataset": "d", **change})
     assert RunConfig.from_dict({"dataset": "d", "demo_format": "opus", "demos": [{"prompt": ""}]}).demos[0].prompt == ""
+
+
+class _GatedManager:
+    """A real TrainingManager whose job trains nothing: it runs until its gate opens or its stop flag is set."""
+
+    def __new__(cls, root):
+        from sa3_lora_studio.training.manager import TrainingManager
+
+        class Gated(TrainingManager):
+            def _run_job(self, run_id, control):
+                self.registry.update(run_id, status="training")
+                while not (self.gate.is_set() or control.stop.is_set()):
+                    time.sleep(0.01)
+                self.registry.update(run_id, status="stopped" if control.stop.is_set() else "done")
+
+        manager = Gated(root)
+        manager.gate = threading.Event()
+        return manager
+
+
+def _run_config(name):
+    from sa3_lora_studio.training.runs import RunConfig
+
+    return RunConfig(dataset="datasets/x", name=name)
+
+
+def test_a_queued_run_stops_at_once_and_waiting_for_a_queued_run_waits_for_its_end(tmp_path):
+    manager = _GatedManager(tmp_path)
+    events = []
+    manager.listeners.append(events.append)
+    first, second, third = (manager.submit(_run_config(n)) for n in ("a", "b", "c"))
+    assert manager.worker.queued() == [second, third]
+    assert manager.control(second, "stop")["status"] == "stopped"
+    assert {"type": "status", "status": "stopped"}.items() <= events[-1].items() and events[-1]["run"] == second
+    assert manager.worker.queued() == [third] and manager.worker.join(second, 0)
+    with pytest.raises(RunError, match="nothing to save"):
+        manager.control(third, "save")
+    assert not manager.worker.join(third, 0.2)  # queued behind the first: not finished, not returned early
+    manager.gate.set()
+    assert manager.wait(third, 10)["status"] == "done" and manager.registry.get(first)["status"] == "done"
+    assert manager.registry.get(second)["status"] == "stopped"
+    assert manager.control(second, "restart")["status"] in ("queued", "training")  # restarts like any stopped run
+    assert manager.wait(second, 10)["status"] == "done"
+
+
+def test_deleting_a_training_run_returns_at_once_and_removes_it_when_its_thread_ends(tmp_path):
+    manager = _GatedManager(tmp_path)
+    run = manager.submit(_run_config("a"))
+    deadline = time.time() + 5
+    while manager.registry.get(run)["status"] != "training" and time.time() < deadline:
+        time.sleep(0.01)
+    started = time.time()
+    assert manager.control(run, "delete", confirm=True) == {"id": run, "deleted": False, "deleting": True}
+    assert time.time() - started < 1
+    assert manager.worker.join(run, 10)
+    assert run not in [r["id"] for r in manager.registry.list()] and not (tmp_path / run).exists()
+
+
+def _create_runs(root: str, n: int) -> None:
+    from sa3_lora_studio.training.runs import RunRegistry
+
+    registry = RunRegistry(root)
+    for i in range(n):
+        registry.create(_run_config(f"p{os.getpid()}-{i}"))
+
+
+def test_processes_sharing_a_runs_folder_never_lose_each_others_runs(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_create_runs, args=(str(tmp_path), 25)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    index = json.loads((tmp_path / "runs.json").read_text())
+    assert len(index) == 50 == len([p for p in tmp_path.iterdir() if (p / "config.json").exists()])
+
+
+def test_a_damaged_index_is_kept_aside_and_rebuilt_from_the_run_folders(tmp_path):
+    from sa3_lora_studio.training.runs import RunRegistry
+
+    registry = RunRegistry(tmp_path)
+    runs = [registry.create(_run_config(n)) for n in ("a", "b")]
+    atomic_write_json(registry.run_dir(runs[1]) / "latest.json", {"step": 40, "path": "checkpoints/x.safetensors"})
+    (tmp_path / "runs.json").write_bytes(b'[{"id": "' + runs[0].encode() + b'", "sta')  # torn by a crash
+    listed = {r["id"]: r for r in registry.list()}
+    assert set(listed) == set(runs) and listed[runs[1]]["step"] == 40
+    assert {r["status"] for r in listed.values()} == {"interrupted"}  # one action resumes each
+    assert len(list(tmp_path.glob("runs.json.damaged-*"))) == 1
+    assert registry.update(runs[0], status="stopped")["status"] == "stopped"
+    assert len(json.loads((tmp_path / "runs.json").read_text())) == 2

@@ -180,3 +180,56 @@ def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path,
 class EventLogStub:
     def emit(self, *args, **kwargs):
         return {}
+
+
+def test_a_run_killed_during_demos_resumes_and_renders_that_steps_demos_again(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+
+    def stop_at_2(event):
+        if event["type"] == "step" and event["step"] == 2:
+            manager.control(event["run"], "stop")
+
+    manager.listeners.append(stop_at_2)
+    demo = [{"prompt": "x", "steps": 1, "duration": 0.01}]
+    run = manager.submit(_config(dataset, fixtures_dir, steps=4, demo_every=4, demos=demo))
+    assert manager.wait(run, 300)["status"] == "stopped"
+    manager.listeners.remove(stop_at_2)
+    demos = manager.registry.run_dir(run) / "demos"
+    (demos / "step_000004.partial").mkdir()  # what a process killed while rendering step 4's demos leaves
+    (demos / "step_000004.partial" / "demo_7.flac").write_bytes(b"half")
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    assert sorted(p.name for p in demos.iterdir()) == ["step_000000", "step_000004"]
+    assert sorted(p.name for p in (demos / "step_000004").iterdir()) == ["demo_0.flac", "demo_0.json", "demo_0.png"]
+
+
+def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+
+    def stop_when_demos_start(event):
+        if event["type"] == "status" and event.get("status") == "demos":
+            manager.control(event["run"], "stop")
+
+    manager.listeners.append(stop_when_demos_start)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=4, demo_every=2,
+                                 demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 3))
+    record = manager.wait(run, 300)
+    assert record["status"] == "stopped" and record["step"] == 0
+    assert not list((manager.registry.run_dir(run) / "demos").iterdir())  # dropped, rendered again on resume
+    assert manager.registry.latest_checkpoint(run)["step"] == 0
+
+
+def test_a_non_finite_gradient_skips_the_update_and_keeps_the_schedule(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.trainer import Trainer
+
+    trainer = Trainer(_config(dataset, fixtures_dir, warmup_steps=3), tmp_path, "r", EventLogStub(), _provider(tiny))
+    trainer.setup()
+    before = [p.detach().clone() for p in trainer.params]
+    hook = trainer.params[0].register_hook(lambda g: g * float("inf"))
+    metrics = trainer.train_step(0)
+    assert metrics["skipped"] and not math.isfinite(metrics["grad_norm"]) and math.isfinite(metrics["loss"])
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert all(p.grad is None for p in trainer.params) and trainer.scheduler.last_epoch == 1
+    hook.remove()
+    assert not trainer.train_step(1)["skipped"]
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))

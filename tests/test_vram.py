@@ -58,3 +58,12 @@ def test_check_fits_warns_only_when_the_estimate_exceeds_free_memory(small):
     assert check_fits(dict(estimate, total=1), "cpu") is None
     warning = check_fits(dict(estimate, total=free * 4), "cpu")
     assert warning and "gradient checkpointing" in warning and "GB" in warning
+
+
+def test_check_fits_does_not_count_an_already_loaded_model_twice(small):
+    free = free_device_memory("cpu")
+    estimate = estimate_training_memory(small, _run())
+    loaded = estimate["weights"] + estimate["text_encoder"]
+    fits_once_loaded = dict(estimate, weights=free, total=free + loaded // 2 + estimate["text_encoder"])
+    assert check_fits(fits_once_loaded, "cpu")  # counted from scratch it exceeds free memory
+    assert check_fits(fits_once_loaded, "cpu", loaded=True) is None

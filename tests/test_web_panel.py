@@ -448,3 +448,45 @@ def test_text_is_readable_and_controls_are_labelled_and_focusable_in_both_themes
     not_focusable = browser.eval("""[...document.querySelectorAll(`.sa3-panel button:not(:disabled),
         .sa3-panel input, .sa3-panel a[href], .sa3-chart`)].filter(e => e.tabIndex < 0).map(e => e.outerHTML.slice(0, 80))""")
     assert not_focusable == []
+
+
+def post(site, path, body: bytes | None = None):
+    """(status, parsed JSON) of a raw POST with exactly `body` as its bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"} if body is not None else {})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_routes_answer_unknown_runs_with_404_and_bad_parameters_with_400(site):
+    for path in ("/sa3/runs/nope/events", "/sa3/runs/nope/loss_by_timestep", "/sa3/runs/nope/file?path=a"):
+        status, _, body = get(site, path)
+        assert status == 404 and "no run" in json.loads(body)["error"], path
+    assert post(site, "/sa3/runs/nope/stop")[0] == 404
+    done = urllib.parse.quote(site.runs["done"])
+    for query, named in (("events?offset=99999999999999999999", "offset"), ("events?offset=-1", "offset"),
+                         ("events?offset=abc", "offset"), ("loss_by_timestep?bins=x", "bins"),
+                         ("loss_by_timestep?bins=0", "bins")):
+        status, _, body = get(site, f"/sa3/runs/{done}/{query}")
+        assert status == 400 and named in json.loads(body)["error"], query
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"yes"', b"null", b"\xff\xfe", b"{not json"])
+def test_control_route_refuses_a_body_that_is_not_a_json_object(site, body):
+    status, answer = post(site, f"/sa3/runs/{urllib.parse.quote(site.runs['done'])}/delete", body)
+    assert status == 400 and "JSON object" in answer["error"]
+    assert site.manager.registry.run_dir(site.runs["done"]).is_dir()
+
+
+def test_delete_needs_confirm_to_be_true_itself_and_a_run_whose_folder_went_missing_still_lists(site):
+    registry = site.manager.registry
+    run = registry.create(RunConfig(dataset="datasets/gone", name="gone"))
+    for confirm in ("false", "true", 1):
+        status, answer = post(site, f"/sa3/runs/{run}/delete", json.dumps({"confirm": confirm}).encode())
+        assert status == 400 and "confirm=true" in answer["error"]
+    shutil.rmtree(registry.run_dir(run))
+    status, _, body = get(site, "/sa3/runs")
+    assert status == 200 and run in [r["id"] for r in json.loads(body)["runs"]]
+    assert post(site, f"/sa3/runs/{run}/delete", b'{"confirm": true}') == (200, {"ok": True, "run": {
+        "id": run, "deleted": True}})
+    assert run not in [r["id"] for r in registry.list()]

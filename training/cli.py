@@ -55,15 +55,23 @@ def _follow(manager, run_id: str) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .preflight import check_run_inputs
     from .runs import RunConfig
 
-    data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunError(f"{args.config}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{args.config}: a run config is a JSON object of RunConfig fields, not {type(data).__name__}")
     for key in ("dataset", "model", "steps", "name"):
         value = getattr(args, key, None)
         if value is not None:
             data[key] = value
     config = RunConfig.from_dict(data)
     run_id = os.environ.get("SA3_RUN_ID") or None  # set by `sa3-lora runs resume`: continue that run
+    if run_id is None:
+        check_run_inputs(config)  # before a run folder is made for it
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .distributed import train_distributed
 

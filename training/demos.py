@@ -45,14 +45,23 @@ def arc_model_for(trainer):
     return trainer._arc_model
 
 
-def run_demos(trainer, step: int) -> list[dict]:
+def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
+    """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
+    their events, or None when `stop_requested()` turned true between two demos (the step's demos are then dropped
+    and rendered again when the run resumes, so a stop acts within one demo instead of after the whole set)."""
+    import shutil
+
     specs = list(trainer.config.demos) or default_demos()
     out_dir = trainer.folder / "demos" / f"step_{step:06d}"
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # an earlier attempt that crashed mid-demos
+    tmp_dir.mkdir(parents=True)
     adapter = trainer.stack.export(0)
     written = []
     for i, spec in enumerate(specs):
+        if stop_requested():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            return None
         model = arc_model_for(trainer) if spec.arc else trainer.model
         if model is None:
             continue
@@ -71,8 +80,6 @@ def run_demos(trainer, step: int) -> list[dict]:
         atomic_write_json(tmp_dir / f"demo_{i}.json", settings)
         written.append((i, audio_name, settings))
     if out_dir.exists():  # a re-run of the same step (resume): replace
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     events = []

@@ -144,16 +144,13 @@ class DistributedTrainer(Trainer):
             result, t = self.loss_for_batch(batch, step)
             result.loss.backward()
         self.all_reduce_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.stack.update()
+        grad_norm, lr, skipped = self.apply_update()  # the same norm on every rank after the all-reduce
         per_item = torch.zeros(c.batch_size, dtype=torch.float64, device=self.device)
         per_item[self.rows] = result.per_item.detach()[self.rows].double()
         dist.all_reduce(per_item)
         per_item = per_item.cpu()
-        return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": float(grad_norm), "world_size": self.world_size,
+        return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+                "world_size": self.world_size,
                 "samples": [[round(float(ti), 5), float(li)] for ti, li in zip(t.cpu().tolist(), per_item.tolist())]}
 
     def save_checkpoint(self) -> dict | None:

@@ -34,7 +34,7 @@ class EventLog:
         self.listeners = list(listeners or [])
 
     def emit(self, type_: str, **payload) -> dict:
-        event = {"type": type_, "run": self.run_id, "time": round(time.time(), 3), **payload}
+        event = _finite({"type": type_, "run": self.run_id, "time": round(time.time(), 3), **payload})
         line = json.dumps(event, ensure_ascii=False, allow_nan=False, default=_jsonable) + "\n"
         with _lock_for(self.path):
             with open(self.path, "a", encoding="utf-8") as f:
@@ -46,6 +46,18 @@ class EventLog:
             except Exception:  # a broken browser connection must never stop training
                 pass
         return event
+
+
+def _finite(value):
+    """value with every NaN/inf float (a diverged loss, an fp16 overflow's grad norm) as None: the file stays strict
+    JSON that browsers parse, and the event is still written."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value):

@@ -24,7 +24,7 @@ class TrainingManager:
         self.registry = RunRegistry(root)
         self.listeners = list(listeners or [])
         self.model_provider = model_provider  # (spec, variant, dtype, device) -> SA3Model; shares loaded models
-        self.worker = TrainingWorker(self._run_job, per_device=runs_per_device)
+        self.worker = TrainingWorker(self._job, per_device=runs_per_device)
         interrupted = self.registry.mark_interrupted_after_restart()
         if auto_resume:
             for run_id in interrupted:
@@ -42,6 +42,13 @@ class TrainingManager:
         self.worker.submit(run_id, device_key=config.device)
         return run_id
 
+    def _job(self, run_id: str, control: RunControl) -> None:
+        try:
+            self._run_job(run_id, control)
+        finally:
+            if control.delete_when_done:  # deleted while it trained: the folder goes once nothing writes to it
+                self.registry.delete(run_id)
+
     def _run_job(self, run_id: str, control: RunControl) -> None:
         from .trainer import run_training
 
@@ -49,45 +56,64 @@ class TrainingManager:
 
     def control(self, run_id: str, action: str, confirm: bool = False) -> dict:
         """stop | pause | resume (continue a paused run) | save (checkpoint now) | restart (resume an interrupted,
-        stopped or failed run from its last checkpoint) | delete (needs confirm=True)."""
+        stopped or failed run from its last checkpoint) | delete (needs confirm=True). Never blocks: a running run
+        deleted stops at its next step boundary and its folder goes when its thread ends."""
         if action not in ACTIONS:
             raise RunError(f"action {action!r} is not one of {ACTIONS}")
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
-        running = self.worker.is_running(run_id) or run_id in self.worker.queued()
-        if not running and trained_elsewhere(record):
+        started = self.worker.is_running(run_id)
+        queued = not started and run_id in self.worker.queued()
+        if not (started or queued) and trained_elsewhere(record):
             if action in ("delete", "restart"):
                 raise RunError(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
                                f"(its checkpoint is kept), then {action}")
             write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
             return {**self.registry.get(run_id), "requested": action}
+        if queued and action in ("stop", "delete") and self.worker.cancel_queued(run_id):
+            if action == "delete":
+                return self._delete(run_id, confirm)
+            self.registry.update(run_id, status="stopped")
+            self.event_log(run_id).emit("status", status="stopped", message="stopped before it started")
+            return self.registry.get(run_id)
         if action == "delete":
-            if not confirm:
-                raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
-            if control and running:
+            if started:
+                self._check_confirmed(confirm)
+                control.delete_when_done = True
                 control.request_stop()
-                self.worker.join(run_id, 60)
-            self.registry.delete(run_id)
-            return {"id": run_id, "deleted": True}
+                return {"id": run_id, "deleted": False, "deleting": True}
+            return self._delete(run_id, confirm)
         if action == "restart":
-            if running:
+            if started or queued:
                 raise RunError(f"run {run_id} is already {record['status']}")
             self.registry.update(run_id, status="queued", error=None)
             self.event_log(run_id).emit("status", status="queued")
             config = self.registry.config(run_id)
             self.worker.submit(run_id, device_key=config.device)
             return self.registry.get(run_id)
-        if not control or not running:
+        if not control or not (started or queued):
             raise RunError(f"run {run_id} is not running (status {record['status']}); use restart to resume it")
+        if action == "save" and queued:
+            raise RunError(f"run {run_id} is queued and has not trained yet: nothing to save")
         if action == "stop":
             control.request_stop()
         elif action == "pause":
-            control.pause()
+            control.pause()  # a queued run starts paused
         elif action == "resume":
             control.resume()
         elif action == "save":
             control.save_now.set()
         return self.registry.get(run_id)
+
+    @staticmethod
+    def _check_confirmed(confirm: bool) -> None:
+        if confirm is not True:
+            raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
+
+    def _delete(self, run_id: str, confirm: bool) -> dict:
+        self._check_confirmed(confirm)
+        self.registry.delete(run_id)
+        return {"id": run_id, "deleted": True}
 
     def wait(self, run_id: str, timeout: float | None = None) -> dict:
         self.worker.join(run_id, timeout)

@@ -19,10 +19,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..sa3.atomic import atomic_write_json
+from ..sa3.atomic import atomic_write_json, file_lock
+from ..sa3.field_types import check_field_types
 
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
 ACTIVE = ("queued", "loading", "training", "demos", "paused")
@@ -67,6 +70,10 @@ class DemoSpec:
     lora_strength: float = 1.0
 
     def __post_init__(self):
+        try:
+            check_field_types(self, "DemoSpec")
+        except ValueError as e:
+            raise RunError(str(e)) from None
         if self.cfg is not None and not self.cfg >= 0:
             raise RunError(f"DemoSpec.cfg: {self.cfg!r} must be >= 0 (or None for the model's default)")
         if self.steps is not None and self.steps < 1:
@@ -142,6 +149,10 @@ class RunConfig:
         def bad(field_name, why):
             raise RunError(f"RunConfig.{field_name}: {why}")
 
+        try:
+            check_field_types(self, "RunConfig")
+        except ValueError as e:
+            raise RunError(str(e)) from None
         if not self.dataset:
             bad("dataset", "give the folder of an encoded dataset")
         from ..adapters import PRESETS, resolve_adapter_type
@@ -171,6 +182,23 @@ class RunConfig:
 
         if self.demo_format not in OUTPUT_FORMATS:
             bad("demo_format", f"{self.demo_format!r} is not an audio format; use one of {sorted(OUTPUT_FORMATS)}")
+        if not self.lr > 0:
+            bad("lr", f"{self.lr} must be > 0")
+        if self.alpha is not None and not self.alpha > 0:
+            bad("alpha", f"{self.alpha} must be > 0 (or null for alpha = rank)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", f"{self.betas} must be two numbers in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "mask_loss_weight"):
+            if not getattr(self, name) >= 0:
+                bad(name, f"{getattr(self, name)} must be >= 0")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", f"{self.dropout} must be in [0, 1)")
+        try:
+            from ..encoding import PromptConfig
+
+            PromptConfig.from_dict(self.prompt_config)
+        except (TypeError, ValueError) as e:
+            bad("prompt_config", str(e))
         if self.checkpoint_every < 1 or self.demo_every < 0:
             bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
 
@@ -205,35 +233,81 @@ class RunRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._thread_lock = threading.RLock()
+        self._depth = 0  # nesting of _lock() in the thread that holds it: the file lock is taken once
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The index's lock across threads AND processes (ComfyUI, `sa3-lora train`, torchrun ranks may share one
+        runs folder): every read-modify-write of runs.json happens inside it."""
+        with self._thread_lock:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    with file_lock(self.root / ".runs.lock"):
+                        yield
+                else:
+                    yield
+            finally:
+                self._depth -= 1
 
     @property
     def index_path(self) -> Path:
         return self.root / "runs.json"
 
     def _read_index(self) -> dict[str, dict]:
+        """The index; rebuilt from the run folders when it is missing or unreadable (the damaged file is kept
+        beside it), so one bad file never hides, or lets the next write drop, every run."""
         try:
             data = json.loads(self.index_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            data = []
-        return {r["id"]: r for r in data if isinstance(r, dict) and "id" in r}
+            if not isinstance(data, list):
+                raise ValueError("not a list of runs")
+        except FileNotFoundError:
+            data = None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, a wrong shape
+            self.index_path.replace(self.index_path.with_name(f"runs.json.damaged-{int(time.time())}"))
+            data = None
+        runs = {r["id"]: r for r in data or [] if isinstance(r, dict) and isinstance(r.get("id"), str)}
+        if data is None:
+            runs = self._runs_from_folders()
+            if runs:
+                self._write_index(runs)
+        return runs
+
+    def _runs_from_folders(self) -> dict[str, dict]:
+        """Index records rebuilt from the run folders (config.json, latest.json): status `interrupted` (one action
+        resumes each from its last checkpoint), step = the newest checkpoint's."""
+        runs = {}
+        for config_path in sorted(self.root.glob("*/config.json")):
+            run_id = config_path.parent.name
+            try:
+                config = RunConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError):
+                continue  # not a run folder we can use
+            latest = self.latest_checkpoint(run_id) or {}
+            created = config_path.stat().st_mtime
+            runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": "interrupted",
+                            "step": int(latest.get("step", 0)), "total_steps": config.steps, "model": config.model,
+                            "adapter_type": config.adapter_type, "rank": config.rank, "created_at": created,
+                            "updated_at": time.time(), "error": None}
+        return runs
 
     def _write_index(self, runs: dict[str, dict]) -> None:
         atomic_write_json(self.index_path, sorted(runs.values(), key=lambda r: r.get("created_at", 0)))
 
     def list(self) -> list[dict]:
-        with self._lock:
+        with self._lock():
             return sorted(self._read_index().values(), key=lambda r: r.get("created_at", 0))
 
     def get(self, run_id: str) -> dict:
-        with self._lock:
+        with self._lock():
             runs = self._read_index()
             if run_id not in runs:
                 raise RunError(f"no run {run_id!r} in {self.root}")
             return runs[run_id]
 
     def create(self, config: RunConfig) -> str:
-        with self._lock:
+        with self._lock():
             label = slugify(config.name or Path(config.dataset).name)
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{uuid.uuid4().hex[:4]}"
             folder = self.run_dir(run_id, must_exist=False)
@@ -249,7 +323,7 @@ class RunRegistry:
             return run_id
 
     def update(self, run_id: str, **changes) -> dict:
-        with self._lock:
+        with self._lock():
             runs = self._read_index()
             if run_id not in runs:
                 raise RunError(f"no run {run_id!r}")
@@ -268,9 +342,11 @@ class RunRegistry:
     def delete(self, run_id: str) -> None:
         import shutil
 
-        with self._lock:
+        with self._lock():
             runs = self._read_index()
-            folder = self.run_dir(run_id)
+            folder = self.run_dir(run_id, must_exist=False)  # a folder removed by hand still leaves the index
+            if run_id not in runs and not folder.is_dir():
+                raise RunError(f"no run {run_id!r} in {self.root}")
             runs.pop(run_id, None)
             self._write_index(runs)
             shutil.rmtree(folder, ignore_errors=True)
@@ -291,12 +367,18 @@ class RunRegistry:
         return path
 
     def config(self, run_id: str) -> RunConfig:
-        return RunConfig.from_dict(json.loads((self.run_dir(run_id) / "config.json").read_text(encoding="utf-8")))
+        path = self.run_dir(run_id) / "config.json"
+        try:
+            return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise RunError(f"run {run_id}: {path.name} does not exist; the run folder is incomplete") from None
+        except (ValueError, TypeError) as e:  # damaged JSON, or fields this version does not know
+            raise RunError(f"run {run_id}: {path} is unreadable ({e})") from None
 
     def latest_checkpoint(self, run_id: str) -> dict | None:
         try:
             return json.loads((self.run_dir(run_id) / "latest.json").read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, RunError):  # RunError: the run's folder is gone
             return None
 
     def mark_interrupted_after_restart(self) -> list[str]:
@@ -304,7 +386,7 @@ class RunRegistry:
         Runs still trained by a live process (`sa3-lora train`, torchrun, another ComfyUI) on this runs folder keep
         their status."""
         changed = []
-        with self._lock:
+        with self._lock():
             runs = self._read_index()
             for run in runs.values():
                 if run.get("status") in ACTIVE and not owner_alive(run.get("owner")):

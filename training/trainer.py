@@ -14,16 +14,18 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
-from ..encoding import PromptConfig, batch_prompts, load_dataset
+from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, write_adapter_file
+from ..encoding import PromptConfig, batch_prompts
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
+from .preflight import open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
@@ -97,12 +99,7 @@ class Trainer:
         if self.model.is_arc:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
                                              "trained on the base model")
-        self.dataset = load_dataset(c.dataset)
-        if len(self.dataset) == 0:
-            raise RunError(f"dataset {c.dataset} has no encoded files")
-        if self.dataset.latent_dim != self.model.latent_dim:
-            raise RunError(f"dataset {c.dataset} has {self.dataset.latent_dim}-dim latents but the model expects "
-                           f"{self.model.latent_dim}; encode it with this model's autoencoder")
+        self.dataset = open_dataset(c, self.model.latent_dim)
         self.items = self.dataset.prompt_items()
         prompt_config = dict(c.prompt_config)
         if c.trigger_word and not prompt_config.get("trigger"):
@@ -113,7 +110,7 @@ class Trainer:
         self.shift = schedules.training_shift_from_config(self.model.config.diffusion)
 
         if c.continue_from:
-            adapter = read_adapter_file(c.continue_from)
+            adapter = open_continue_from(c)
             if not c.reset_step:
                 self.step_offset = int(adapter.metadata.get("step", 0) or 0)
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
@@ -256,19 +253,32 @@ class Trainer:
                                         c.mask_loss_weight, tree=self.view)
         return result, t
 
-    def train_step(self, step: int) -> dict:
+    def apply_update(self) -> tuple[float, float, bool]:
+        """Clip the gradients, step AdamW and the schedule; returns (grad norm before clipping, lr used, skipped).
+        A non-finite norm (an fp16 overflow) skips the update as a loss scaler would; the schedule still moves so
+        step s keeps its learning rate."""
         c = self.config
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf")))
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # torch warns of a schedule step without an optimiser step: wanted here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.stack.update()  # the merged/cached forms of the trained layers are stale after the update
+        return grad_norm, lr, skipped
+
+    def train_step(self, step: int) -> dict:
         batch = self.make_batch(step)
         result, t = self.loss_for_batch(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.stack.update()  # the merged/cached forms of the trained layers are stale after the update
+        grad_norm, lr, skipped = self.apply_update()
         per_item = result.per_item.detach().float().cpu().tolist()
-        return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
+        return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "samples": [[round(float(ti), 5), li] for ti, li in zip(t.cpu().tolist(), per_item)]}
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -318,13 +328,14 @@ class Trainer:
 
         set_status("training")
         last_time, last_step = time.time(), self.step
-        demos_done = {int(p.name.split("_")[1]) for p in (self.folder / "demos").glob("step_*") if p.is_dir()}
+        demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
+                      if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
         while True:
             if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
                     and self.global_step not in demos_done:
                 set_status("demos")
-                run_demos(self, self.global_step)
-                demos_done.add(self.global_step)
+                if run_demos(self, self.global_step, stop_requested=control.stop.is_set) is not None:
+                    demos_done.add(self.global_step)
                 set_status("training")
             if self.step >= c.steps:
                 break
@@ -343,6 +354,9 @@ class Trainer:
                 raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
                                "or use fp32/bf16 precision")
             self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
+            if metrics["skipped"]:
+                self.log.emit("warning", message=f"step {self.global_step}: the gradient norm was "
+                              f"{metrics['grad_norm']}, the update was skipped (fp16 overflow? try bf16 or fp32)")
             if self.registry is not None and (self.step % 5 == 0 or self.step == c.steps):
                 self.registry.update(self.run_id, step=self.global_step)
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:

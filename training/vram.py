@@ -146,14 +146,18 @@ def free_device_memory(device) -> int | None:
     return None
 
 
-def check_fits(estimate: dict, device) -> str | None:
-    """A warning when the estimate exceeds the device's free memory (None when it fits or is unknown)."""
+def check_fits(estimate: dict, device, loaded: bool = False) -> str | None:
+    """A warning when the estimate exceeds the device's free memory (None when it fits or is unknown). loaded: the
+    model's weights and text encoder already sit on the device (a node's input model), so free memory need only hold
+    the rest."""
     free = free_device_memory(device)
-    if free is None or estimate["total"] <= free:
+    needed = estimate["total"] - (estimate["weights"] + estimate["text_encoder"] if loaded else 0)
+    if free is None or needed <= free:
         return None
     gb = 2**30
     parts = ", ".join(f"{k} {estimate[k] / gb:.2f}" for k in ("weights", "text_encoder", "adapter", "activations"))
-    return (f"training needs about {estimate['total'] / gb:.1f} GB but {device} has {free / gb:.1f} GB free ({parts} "
+    beyond = " beyond the loaded model" if loaded else ""
+    return (f"training needs about {needed / gb:.1f} GB{beyond} but {device} has {free / gb:.1f} GB free ({parts} "
             f"GB). Lower the batch or the crop length, turn on gradient checkpointing, or use bf16 weights.")
 
 

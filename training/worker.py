@@ -21,6 +21,7 @@ class RunControl:
     stop: threading.Event = field(default_factory=threading.Event)
     resume_event: threading.Event = field(default_factory=threading.Event)  # set = running, clear = paused
     save_now: threading.Event = field(default_factory=threading.Event)
+    delete_when_done: bool = False  # deleted while running: the manager removes the folder when the job ends
 
     def __post_init__(self):
         self.resume_event.set()
@@ -69,6 +70,7 @@ class TrainingWorker:
         self._active: dict[str, set[str]] = {}
         self.controls: dict[str, RunControl] = {}
         self.threads: dict[str, threading.Thread] = {}
+        self.finished: dict[str, threading.Event] = {}  # set when the run's job has ended or it left the queue
         self.errors: dict[str, str] = {}
 
     def submit(self, run_id: str, device_key: str = "default") -> RunControl:
@@ -77,6 +79,8 @@ class TrainingWorker:
             if control is None or run_id not in self.threads or not self.threads[run_id].is_alive():
                 control = RunControl()
                 self.controls[run_id] = control
+            if self.finished.get(run_id) is None or self.finished[run_id].is_set():
+                self.finished[run_id] = threading.Event()
             self._queues.setdefault(device_key, deque()).append(run_id)
         self._pump(device_key)
         return control
@@ -88,7 +92,8 @@ class TrainingWorker:
             while queue and len(active) < self._per_device:
                 run_id = queue.popleft()
                 if self.controls[run_id].stop.is_set():
-                    continue  # stopped while still queued
+                    self.finished[run_id].set()  # stopped while still queued
+                    continue
                 active.add(run_id)
                 thread = threading.Thread(target=self._thread_main, args=(run_id, device_key),
                                           name=f"sa3-train-{run_id}", daemon=True)
@@ -103,7 +108,18 @@ class TrainingWorker:
         finally:
             with self._lock:
                 self._active.get(device_key, set()).discard(run_id)
+                self.finished[run_id].set()
             self._pump(device_key)
+
+    def cancel_queued(self, run_id: str) -> bool:
+        """Take a run that has not started out of its queue; True when it was queued."""
+        with self._lock:
+            for queue in self._queues.values():
+                if run_id in queue:
+                    queue.remove(run_id)
+                    self.finished[run_id].set()
+                    return True
+        return False
 
     def queued(self) -> list[str]:
         with self._lock:
@@ -114,8 +130,7 @@ class TrainingWorker:
         return bool(thread and thread.is_alive())
 
     def join(self, run_id: str, timeout: float | None = None) -> bool:
-        thread = self.threads.get(run_id)
-        if thread is None:
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
+        """Wait until the run's job has ended (a queued run waits for its turn, then for its end); True when it
+        has, False on timeout. A run this worker never saw counts as ended."""
+        finished = self.finished.get(run_id)
+        return True if finished is None else finished.wait(timeout)
