@@ -206,3 +206,22 @@ def test_a_damaged_index_is_kept_aside_and_rebuilt_from_the_run_folders(tmp_path
     assert len(list(tmp_path.glob("runs.json.damaged-*"))) == 1
     assert registry.update(runs[0], status="stopped")["status"] == "stopped"
     assert len(json.loads((tmp_path / "runs.json").read_text())) == 2
+
+
+def test_a_run_whose_training_process_died_lists_as_interrupted_without_a_restart(tmp_path):
+    import subprocess
+    import sys
+
+    from sa3_lora_studio.training.runs import RunRegistry, process_owner
+
+    registry = RunRegistry(tmp_path)
+    mine, theirs = registry.create(_run_config("mine")), registry.create(_run_config("theirs"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    registry.update(theirs, status="training")
+    index = json.loads((tmp_path / "runs.json").read_text())
+    for record in index:  # as a CLI trainer that has since died would have left it
+        if record["id"] == theirs:
+            record["owner"] = {**process_owner(), "pid": int(dead.stdout), "started": "1"}
+    atomic_write_json(tmp_path / "runs.json", index)
+    statuses = {r["id"]: r["status"] for r in registry.list()}
+    assert statuses == {mine: "queued", theirs: "interrupted"}

@@ -481,6 +481,7 @@ def test_control_route_refuses_a_body_that_is_not_a_json_object(site, body):
 def test_delete_needs_confirm_to_be_true_itself_and_a_run_whose_folder_went_missing_still_lists(site):
     registry = site.manager.registry
     run = registry.create(RunConfig(dataset="datasets/gone", name="gone"))
+    registry.update(run, status="stopped")
     for confirm in ("false", "true", 1):
         status, answer = post(site, f"/sa3/runs/{run}/delete", json.dumps({"confirm": confirm}).encode())
         assert status == 400 and "confirm=true" in answer["error"]

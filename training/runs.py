@@ -296,8 +296,23 @@ class RunRegistry:
         atomic_write_json(self.index_path, sorted(runs.values(), key=lambda r: r.get("created_at", 0)))
 
     def list(self) -> list[dict]:
+        """Every run, oldest first. On POSIX, a run whose training process died while this one runs (a crashed
+        `sa3-lora train` beside ComfyUI) shows as interrupted here, not only after a restart."""
         with self._lock():
-            return sorted(self._read_index().values(), key=lambda r: r.get("created_at", 0))
+            runs = self._read_index()
+            if os.name == "posix" and self._mark_dead_owners(runs):
+                self._write_index(runs)
+            return sorted(runs.values(), key=lambda r: r.get("created_at", 0))
+
+    @staticmethod
+    def _mark_dead_owners(runs: dict[str, dict]) -> list[str]:
+        """Active runs whose owner process is gone become `interrupted` (in `runs`); their ids."""
+        changed = []
+        for run in runs.values():
+            if run.get("status") in ACTIVE and not owner_alive(run.get("owner")):
+                run["status"] = "interrupted"
+                changed.append(run["id"])
+        return changed
 
     def get(self, run_id: str) -> dict:
         with self._lock():
@@ -318,7 +333,8 @@ class RunRegistry:
             now = time.time()
             runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": "queued", "step": 0,
                             "total_steps": config.steps, "model": config.model, "adapter_type": config.adapter_type,
-                            "rank": config.rank, "created_at": now, "updated_at": now, "error": None}
+                            "rank": config.rank, "created_at": now, "updated_at": now, "error": None,
+                            "owner": process_owner()}  # queued here: no other process takes it for dead
             self._write_index(runs)
             return run_id
 
@@ -385,13 +401,9 @@ class RunRegistry:
         """On start-up: runs that were active when their process died are `interrupted` (resumable in one action).
         Runs still trained by a live process (`sa3-lora train`, torchrun, another ComfyUI) on this runs folder keep
         their status."""
-        changed = []
         with self._lock():
             runs = self._read_index()
-            for run in runs.values():
-                if run.get("status") in ACTIVE and not owner_alive(run.get("owner")):
-                    run["status"] = "interrupted"
-                    changed.append(run["id"])
+            changed = self._mark_dead_owners(runs)
             if changed:
                 self._write_index(runs)
         return changed
