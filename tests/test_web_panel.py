@@ -491,3 +491,19 @@ def test_delete_needs_confirm_to_be_true_itself_and_a_run_whose_folder_went_miss
     assert post(site, f"/sa3/runs/{run}/delete", b'{"confirm": true}') == (200, {"ok": True, "run": {
         "id": run, "deleted": True}})
     assert run not in [r["id"] for r in registry.list()]
+
+
+def test_deleting_a_training_run_stops_it_and_the_panel_drops_it_when_its_files_are_gone(site, browser):
+    registry = site.manager.registry
+    doomed = site.manager.submit(RunConfig(dataset="datasets/tiny-synth", name="doomed", steps=50))
+    site.manager.feed(doomed).put({"type": "step", "step": 1, "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0,
+                                   "samples": [[0.5, 0.5]]})
+    wait_until(lambda: registry.get(doomed)["step"] == 1, what="the doomed run's first step")
+    open_panel(browser, site, run=doomed)
+    browser.click("[data-action=delete]")
+    browser.click("[data-action=confirm-delete]")
+    wait_until(lambda: len(control_posts(site, doomed, "delete")) == 1, what="POST delete")
+    browser.wait(f"!document.querySelector('.sa3-run[data-run-id=\"{doomed}\"]')")
+    wait_until(lambda: not (site.root / doomed).exists(), what="the run folder to go")
+    assert doomed not in [r["id"] for r in registry.list()] and not site.manager.worker.is_running(doomed)
+    assert browser.call("errors") == []

@@ -6,6 +6,7 @@ the CLI makes its own. Listeners receive every event (ComfyUI forwards them to t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,15 @@ class TrainingManager:
         finally:
             if control.delete_when_done:  # deleted while it trained: the folder goes once nothing writes to it
                 self.registry.delete(run_id)
+                self._tell({"type": "deleted", "run": run_id, "time": round(time.time(), 3)})
+
+    def _tell(self, event: dict) -> None:
+        """An event for the listeners only (its run's events file is gone)."""
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken browser connection must not fail the worker
+                pass
 
     def _run_job(self, run_id: str, control: RunControl) -> None:
         from .trainer import run_training
@@ -77,7 +87,7 @@ class TrainingManager:
             self.event_log(run_id).emit("status", status="stopped", message="stopped before it started")
             return self.registry.get(run_id)
         if action == "delete":
-            if started:
+            if started:  # the panel drops it on the listeners' "deleted" event
                 self._check_confirmed(confirm)
                 control.delete_when_done = True
                 control.request_stop()

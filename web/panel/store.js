@@ -165,6 +165,18 @@ export class Store {
   receive(event) {
     const runId = event.run;
     if (!runId) return;
+    if (event.type === "deleted") {  // a run deleted while it trained: gone once its trainer stopped
+      this.runs = this.runs.filter((r) => r.id !== runId);
+      this.runData.delete(runId);
+      if (this.selectedId === runId) {
+        this.selectedId = null;
+        const next = this.runs[this.runs.length - 1];
+        if (next) this.select(next.id);
+        else this.emit("selected");
+      }
+      this.emit("runs");
+      return;
+    }
     const record = this.runs.find((r) => r.id === runId);
     if (!record) {
       // a run we have not seen yet (submitted from a node): list once, not once per event of the burst
@@ -210,7 +222,9 @@ export class Store {
     if (!run) return null;
     try {
       const result = await this.api.control(run.id, action, body);
-      if (action === "delete") {
+      if (action === "delete" && result?.run?.deleting) {
+        this.say(`Deleting ${run.name}: it stops at its next step, then its files go.`);
+      } else if (action === "delete") {
         this.runData.delete(run.id);
         this.selectedId = null;
         await this.refreshRuns();
