@@ -590,9 +590,19 @@ class EncodedDataset:
         return float(sum(e.get("seconds") or 0 for e in self.entries))
 
     def latents(self, i: int) -> np.ndarray:
-        """[latent_dim, T] as stored (float32 or float16)."""
-        z = np.load(self.root / self.entries[i]["latents"])
-        return z[0] if z.ndim == 3 else z
+        """[latent_dim, T] as stored (float32 or float16). DatasetError naming the file when it is unreadable, of
+        another width than the dataset's, or holds NaN/inf (a disk error or a bad encode: re-encode that file)."""
+        path = self.root / self.entries[i]["latents"]
+        try:
+            z = np.load(path)
+        except (OSError, ValueError, EOFError) as e:
+            raise DatasetError(f"{path}: unreadable latent file ({e}); re-encode it or remove it from the dataset") from None
+        z = z[0] if z.ndim == 3 else z
+        if z.ndim != 2 or (self.latent_dim is not None and z.shape[0] != self.latent_dim):
+            raise DatasetError(f"{path}: latents of shape {list(z.shape)}, expected [{self.latent_dim}, T]; re-encode it")
+        if not np.isfinite(z).all():
+            raise DatasetError(f"{path}: latents hold NaN or inf values; re-encode it or remove it from the dataset")
+        return z
 
     def metadata(self, i: int) -> dict:
         """The file's metadata dict (a shallow copy: callers may set keys). Read from disk once; training asks every

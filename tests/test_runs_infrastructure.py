@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -197,15 +198,22 @@ def test_a_damaged_index_is_kept_aside_and_rebuilt_from_the_run_folders(tmp_path
     from sa3_lora_studio.training.runs import RunRegistry
 
     registry = RunRegistry(tmp_path)
-    runs = [registry.create(_run_config(n)) for n in ("a", "b")]
+    runs = [registry.create(_run_config(n)) for n in ("a", "b", "c", "d")]
+    registry.update(runs[0], status="training")  # still trained by this (live) process
+    registry.update(runs[1], status="stopped")
     atomic_write_json(registry.run_dir(runs[1]) / "latest.json", {"step": 40, "path": "checkpoints/x.safetensors"})
+    registry.update(runs[2], status="done")
+    atomic_write_json(registry.run_dir(runs[2]) / "latest.json", {"step": 1000, "path": "checkpoints/y.safetensors"})
+    registry.update(runs[3], status="training")
+    dead_owner = {"pid": 2**22 + 1, "host": socket.gethostname(), "started": "1", "status": "training"}
+    atomic_write_json(registry.run_dir(runs[3]) / "owner.json", dead_owner)  # its process has gone
     (tmp_path / "runs.json").write_bytes(b'[{"id": "' + runs[0].encode() + b'", "sta')  # torn by a crash
     listed = {r["id"]: r for r in registry.list()}
     assert set(listed) == set(runs) and listed[runs[1]]["step"] == 40
-    assert {r["status"] for r in listed.values()} == {"interrupted"}  # one action resumes each
+    assert [listed[r]["status"] for r in runs] == ["training", "interrupted", "done", "interrupted"]
     assert len(list(tmp_path.glob("runs.json.damaged-*"))) == 1
-    assert registry.update(runs[0], status="stopped")["status"] == "stopped"
-    assert len(json.loads((tmp_path / "runs.json").read_text())) == 2
+    assert registry.update(runs[1], status="queued")["status"] == "queued"
+    assert len(json.loads((tmp_path / "runs.json").read_text())) == 4
 
 
 def test_a_run_whose_training_process_died_lists_as_interrupted_without_a_restart(tmp_path):

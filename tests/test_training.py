@@ -233,3 +233,74 @@ def test_a_non_finite_gradient_skips_the_update_and_keeps_the_schedule(tmp_path,
     hook.remove()
     assert not trainer.train_step(1)["skipped"]
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def _stopped_run(manager, dataset, fixtures_dir, stop_at, **kw):
+    def stop(event):
+        if event["type"] == "step" and event["step"] == stop_at:
+            manager.control(event["run"], "stop")
+
+    manager.listeners.append(stop)
+    run = manager.submit(_config(dataset, fixtures_dir, **kw))
+    assert manager.wait(run, 300)["status"] == "stopped"
+    manager.listeners.remove(stop)
+    return run
+
+
+def test_resume_skips_a_damaged_latest_state_for_the_newest_intact_one_and_says_so(tmp_path, tiny, dataset,
+                                                                                   fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    events = []
+    manager.listeners.append(events.append)
+    run = _stopped_run(manager, dataset, fixtures_dir, 3, steps=6, checkpoint_every=2)
+    folder = manager.registry.run_dir(run)
+    latest = json.loads((folder / "latest.json").read_text())
+    assert latest["step"] == 3
+    (folder / latest["state_path"]).write_bytes(b"PK\x03\x04 truncated by a full disk")
+    (folder / "latest.json").write_text('{"step": 3, "pa')
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    messages = [e.get("message", "") for e in events if e["type"] in ("warning", "status")]
+    assert any("latest.json is damaged" in m for m in messages)
+    assert any(latest["state_path"] in m and "unreadable" in m for m in messages)
+    assert "resumed from step 2" in messages
+
+
+def test_a_continued_run_resumes_from_its_own_checkpoint_when_the_source_file_is_gone(tmp_path, tiny, dataset,
+                                                                                      fixtures_dir):
+    import shutil
+
+    source = tmp_path / "source.safetensors"
+    shutil.copy(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors", source)
+    original = read_adapter_file(source)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = _stopped_run(manager, dataset, fixtures_dir, 1, steps=3, checkpoint_every=1, continue_from=str(source))
+    assert (manager.registry.get(run)["adapter_type"], manager.registry.get(run)["rank"]) == (
+        original.adapter_type, original.rank)  # the file's, not the config's lora/4
+    source.unlink()
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    latest, _ = _final_adapter(manager, run)
+    trained = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
+    assert trained.adapter_type == original.adapter_type and set(trained.layers) == set(original.layers)
+
+
+def test_a_latent_file_broken_mid_run_is_named_and_the_last_good_step_is_saved(tmp_path, tiny, dataset, fixtures_dir):
+    import shutil
+
+    from sa3_lora_studio.encoding import load_dataset
+
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    victim = copy / load_dataset(copy).entries[0]["latents"]
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+
+    def break_at_2(event):
+        if event["type"] == "step" and event["step"] == 2:
+            victim.write_bytes(victim.read_bytes()[:90])
+
+    manager.listeners.append(break_at_2)
+    run = manager.submit(_config(copy, fixtures_dir, steps=8, checkpoint_every=100, batch_size=3))
+    record = manager.wait(run, 300)
+    assert record["status"] == "failed" and victim.name in record["error"] and "re-encode" in record["error"]
+    assert manager.registry.latest_checkpoint(run)["step"] == 2  # nothing trained before the failure is lost

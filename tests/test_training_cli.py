@@ -157,3 +157,55 @@ def test_the_manager_controls_a_run_that_another_live_process_trains_through_req
         child.wait()
     with pytest.raises(RunError, match="not running"):  # its process is gone: the old, in-process rules apply
         TrainingManager(registry.root).control(run_id, "pause")
+
+
+def test_runs_list_json_is_json_alone(tmp_path, capsys):
+    registry, run_id = _registry_with_run(tmp_path, status="done")
+    capsys.readouterr()
+    assert runs_cli(registry.root, "list", "--json") == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
+
+
+def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
+    from sa3_lora_studio.cli import main
+
+    for text, why in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
+        (tmp_path / "run.json").write_text(text)
+        assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) != 0
+        err = capsys.readouterr().err
+        assert "run.json" in err and why in err
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"crop_seconds": float("inf")}, "crop_seconds"), ({"crop_seconds": 1e6}, "crop_seconds"),
+    ({"device": "cudax"}, "RunConfig.device: 'cudax'"), ({"include": ["", "attn"]}, "include"),
+    ({"exclude": 3}, "RunConfig.exclude: 3 must be a list"),
+])
+def test_settings_that_would_fail_a_run_later_are_refused_by_name(change, named):
+    with pytest.raises(RunError, match=named):
+        RunConfig.from_dict({"dataset": "d", **change})
+
+
+def test_a_pattern_given_as_a_string_is_one_pattern_and_names_keep_their_letters():
+    from sa3_lora_studio.training.runs import slugify
+
+    assert RunConfig.from_dict({"dataset": "d", "include": "attn", "exclude": "project_in"}).include == ("attn",)
+    assert RunConfig.from_dict({"dataset": "d", "exclude": "project_in"}).exclude == ("project_in",)
+    assert slugify("音楽 / piano..") == "音楽-piano" and slugify("../..") == "run"
+
+
+def test_an_event_after_a_torn_line_starts_on_its_own_line_and_bad_bytes_are_skipped(tmp_path):
+    from sa3_lora_studio.training.events import EventLog, read_events
+
+    path = tmp_path / "events.jsonl"
+    EventLog(path, "r").emit("step", step=1, loss=0.5)
+    with open(path, "ab") as f:
+        f.write(b'{"type": "step", "step": 2, "lo')  # the process died mid-write
+    EventLog(path, "r").emit("status", status="queued")  # the resume's first event
+    with open(path, "ab") as f:
+        f.write(b'\xff\xfe{"type": "x"}\n')
+    log = EventLog(path, "r")
+    log.emit("step", step=2, loss=float("nan"), samples=[[0.5, float("inf")]])
+    events, _ = read_events(path)
+    assert [(e["type"], e.get("step")) for e in events] == [("step", 1), ("status", None), ("step", 2)]
+    assert events[2]["loss"] is None and events[2]["samples"] == [[0.5, None]]

@@ -154,6 +154,7 @@ def _cmd_runs(args) -> int:
         runs = registry.list()
         if args.json:
             print(json.dumps(runs, indent=1))
+            return 0
         for r in runs:
             latest = registry.latest_checkpoint(r["id"])
             print(f"{r['id']:48} {r['status']:11} {r['step']:>6}/{r['total_steps']:<6} {r['adapter_type']}/{r['rank']}"

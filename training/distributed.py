@@ -135,6 +135,8 @@ class DistributedTrainer(Trainer):
         for p, g, r, has_grad in zip(self.params, grads, reduced, present.tolist()):
             p.grad = r.view_as(g).clone() if has_grad else None
 
+    checkpoint_on_failure = False
+
     def train_step(self, step: int) -> dict:
         # Trainer.train_step with the all-reduce between backward and clipping, and the logged loss made global.
         c = self.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +33,20 @@ class EventLog:
     def __init__(self, path: str | Path, run_id: str, listeners: list[Callable[[dict], None]] | None = None):
         self.path, self.run_id = Path(path), run_id
         self.listeners = list(listeners or [])
+        self._tail_checked = False
 
     def emit(self, type_: str, **payload) -> dict:
         event = _finite({"type": type_, "run": self.run_id, "time": round(time.time(), 3), **payload})
         line = json.dumps(event, ensure_ascii=False, allow_nan=False, default=_jsonable) + "\n"
         with _lock_for(self.path):
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
+            with open(self.path, "a+b") as f:
+                if not self._tail_checked:  # a crash may have torn the last line: never glue this event onto it
+                    self._tail_checked = True
+                    if f.seek(0, os.SEEK_END) > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")
+                f.write(line.encode("utf-8"))
                 f.flush()
         for listener in self.listeners:
             try:
@@ -84,8 +92,8 @@ def read_events(path: str | Path, offset: int = 0, limit_bytes: int = 8 << 20) -
     for raw in data[: end + 1].splitlines():
         try:
             events.append(json.loads(raw))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash mid-write: skip it, keep the rest
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError: a line torn by a crash mid-write
+            continue
     return events, offset + end + 1
 
 
@@ -97,13 +105,21 @@ def ema(values: list[float], alpha: float = 0.05) -> list[float]:
     return out
 
 
+def current_steps(events: list[dict]) -> list[dict]:
+    """The step events of the run's current history, in step order: steps trained again after a crash and resume
+    replace their lost first attempt (the last event of each step wins), so curves never run backwards."""
+    by_step = {}
+    for e in events:
+        if e.get("type") == "step":
+            by_step[e["step"]] = e
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> list[dict]:
     """Per-sample (t, loss) pairs binned into `bins` equal-width noise-level bins over [0, 1]; per bin the raw points
     and an EMA-smoothed curve over steps: [{"lo", "hi", "steps": [...], "loss": [...], "smoothed": [...]}]."""
     series = [{"lo": i / bins, "hi": (i + 1) / bins, "steps": [], "loss": []} for i in range(bins)]
-    for e in events:
-        if e.get("type") != "step":
-            continue
+    for e in current_steps(events):
         for t, loss in e.get("samples", []):
             if loss is None or not math.isfinite(loss):
                 continue
@@ -117,8 +133,8 @@ def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> 
 
 def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
-    for e in events:
-        if e.get("type") == "step" and e.get(key) is not None:
+    for e in current_steps(events):
+        if e.get(key) is not None:
             steps.append(e["step"])
             values.append(e[key])
     return steps, values

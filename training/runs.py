@@ -27,6 +27,7 @@ from pathlib import Path
 from ..sa3.atomic import atomic_write_json, file_lock
 from ..sa3.field_types import check_field_types
 
+MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
 ACTIVE = ("queued", "loading", "training", "demos", "paused")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -52,7 +53,7 @@ def confine(root: Path, relative: str) -> Path:
 
 
 def slugify(name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    slug = re.sub(r"[^\w.-]+", "-", name.strip()).strip("-.")  # \w: letters of any script ("音楽" stays)
     return slug[:60] or "run"
 
 
@@ -168,8 +169,19 @@ class RunConfig:
             bad("rank", "must be >= 1")
         if self.steps < 1 or self.batch_size < 1:
             bad("steps" if self.steps < 1 else "batch_size", "must be >= 1")
-        if self.crop_seconds <= 0:
-            bad("crop_seconds", "must be > 0")
+        if not 0 < self.crop_seconds <= MAX_CROP_SECONDS:
+            bad("crop_seconds", f"{self.crop_seconds} must be > 0 and at most {MAX_CROP_SECONDS} (the longest SA3 "
+                "model's window; each model caps it at its own)")
+        if not all(isinstance(p, str) and p for p in self.include + self.exclude):
+            bad("include" if any(not isinstance(p, str) or not p for p in self.include) else "exclude",
+                "layer patterns are non-empty strings")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                bad("device", f"{self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps")
         if self.precision not in PRECISIONS:
             bad("precision", f"use one of {PRECISIONS}")
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
@@ -209,8 +221,13 @@ class RunConfig:
         if unknown:
             raise RunError(f"unknown run config field(s) {unknown}; known: {sorted(known)}")
         data = dict(data)
+        for key in ("include", "exclude"):  # one pattern as a plain string, not its characters
+            if isinstance(data.get(key), str):
+                data[key] = (data[key],)
         for key in ("include", "exclude", "betas", "inpaint_probabilities"):
             if key in data and data[key] is not None:
+                if not isinstance(data[key], (list, tuple)):
+                    raise RunError(f"RunConfig.{key}: {data[key]!r} must be a list")
                 data[key] = tuple(data[key])
         if "demos" in data:
             data["demos"] = tuple(d if isinstance(d, DemoSpec) else DemoSpec.from_dict(d, f"RunConfig.demos[{i}]")
@@ -275,8 +292,10 @@ class RunRegistry:
         return runs
 
     def _runs_from_folders(self) -> dict[str, dict]:
-        """Index records rebuilt from the run folders (config.json, latest.json): status `interrupted` (one action
-        resumes each from its last checkpoint), step = the newest checkpoint's."""
+        """Index records rebuilt from the run folders (config.json, latest.json, owner.json): a run still active in
+        a live process (owner.json, kept while a run is active) keeps its status; the others are `done` when their
+        newest checkpoint reached the run's steps, else `interrupted` (one action resumes each); step = the newest
+        checkpoint's."""
         runs = {}
         for config_path in sorted(self.root.glob("*/config.json")):
             run_id = config_path.parent.name
@@ -286,7 +305,15 @@ class RunRegistry:
                 continue  # not a run folder we can use
             latest = self.latest_checkpoint(run_id) or {}
             created = config_path.stat().st_mtime
-            runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": "interrupted",
+            try:
+                owner = json.loads((config_path.parent / "owner.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = None
+            if isinstance(owner, dict) and owner_alive(owner) and owner.get("status") in ACTIVE:
+                status = owner["status"]  # still active in a live process: neither resumed twice nor refused a stop
+            else:
+                status = "done" if int(latest.get("step", 0)) >= config.steps else "interrupted"
+            runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": status, "owner": owner,
                             "step": int(latest.get("step", 0)), "total_steps": config.steps, "model": config.model,
                             "adapter_type": config.adapter_type, "rank": config.rank, "created_at": created,
                             "updated_at": time.time(), "error": None}
@@ -329,6 +356,7 @@ class RunRegistry:
             (folder / "checkpoints").mkdir(parents=True)
             (folder / "demos").mkdir()
             atomic_write_json(folder / "config.json", config.to_dict())
+            atomic_write_json(folder / "owner.json", {**process_owner(), "status": "queued"})
             runs = self._read_index()
             now = time.time()
             runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": "queued", "step": 0,
@@ -347,6 +375,12 @@ class RunRegistry:
                 raise RunError(f"status {changes['status']!r} is not one of {STATUSES}")
             if changes.get("status") in ACTIVE:  # who runs it: other processes must not take it for dead
                 changes["owner"] = process_owner()
+            folder = self.run_dir(run_id, must_exist=False)
+            if "status" in changes and folder.is_dir():  # the folder's copy survives a damaged index
+                if changes["status"] in ACTIVE:
+                    atomic_write_json(folder / "owner.json", {**changes["owner"], "status": changes["status"]})
+                else:
+                    (folder / "owner.json").unlink(missing_ok=True)
                 if runs[run_id].get("status") not in ACTIVE:  # starting again: requests left for a dead process go
                     from .requests import clear_requests
 

@@ -13,13 +13,14 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, write_adapter_file
+from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
 from ..encoding import PromptConfig, batch_prompts
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
@@ -109,7 +110,13 @@ class Trainer:
         self.crop_latents = max(1, round(c.crop_seconds * self.model.config.latent_rate))
         self.shift = schedules.training_shift_from_config(self.model.config.diffusion)
 
-        if c.continue_from:
+        resume = self.find_resume_point()
+        if c.continue_from and resume is not None and not Path(c.continue_from).is_file():
+            # the run's own checkpoint has the adapter; the file it started from may have moved since
+            adapter = read_adapter_file(self.folder / resume["path"])
+            self.log.emit("warning", message=f"continue_from {Path(c.continue_from).name} is gone; resuming from "
+                          f"the run's own checkpoint at step {resume['step']}")
+        elif c.continue_from:
             adapter = open_continue_from(c)
             if not c.reset_step:
                 self.step_offset = int(adapter.metadata.get("step", 0) or 0)
@@ -131,6 +138,8 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.params = params
+        self.param_names = [f"{layer}.{name}" for layer, slot in self.stack.slots(0).items()
+                            for name, _ in slot.named_parameters()]  # the order of `params` (slot by slot)
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
         warmup = max(0, c.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -139,16 +148,21 @@ class Trainer:
         # checkpointed block recomputed by autograd's backward threads would not see a per-thread route).
         self.view = self.stack.module
         self.view.model.model.gradient_checkpointing = c.gradient_checkpointing
-        self.resume_if_possible()
+        if resume is not None:
+            self.load_state(resume["state"])
+            self.last_saved_step = self.global_step
+            self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
+        if self.registry is not None:  # a continued file sets type and rank, whatever the config said
+            self.registry.update(self.run_id, adapter_type=adapter.adapter_type, rank=adapter.rank)
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"step": self.step, "step_offset": self.step_offset,
-                "adapter": [p.detach().clone() for p in self.params],
+                "adapter": [p.detach().clone() for p in self.params], "adapter_names": list(self.param_names),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, state: dict) -> None:
-        if len(state["adapter"]) != len(self.params):
+        if len(state["adapter"]) != len(self.params) or state.get("adapter_names", self.param_names) != self.param_names:
             raise RunError("the training state does not match this run's adapter (different targets?)")
         with torch.no_grad():
             for p, saved in zip(self.params, state["adapter"]):
@@ -157,16 +171,38 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
 
-    def resume_if_possible(self) -> None:
+    def find_resume_point(self) -> dict | None:
+        """The newest readable checkpoint of this run: {"step", "path", "state_path", "state"} or None when it has
+        none. latest.json names it; when that file or its state is damaged or missing, the newest intact state file
+        in checkpoints/ is used instead (a warning names what was skipped). A run with checkpoints of which none
+        reads is a RunError naming them: it must not silently start again from step 0."""
+        candidates, seen = [], set()
         latest = self.folder / "latest.json"
-        if not latest.exists():
-            return
-        info = json.loads(latest.read_text(encoding="utf-8"))
-        state_path = self.folder / info["state_path"]
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        self.load_state(state)
-        self.last_saved_step = self.global_step
-        self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
+        try:
+            info = json.loads(latest.read_text(encoding="utf-8"))
+            candidates.append((info["state_path"], info["path"]))
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as e:
+            self.log.emit("warning", message=f"{latest.name} is damaged ({e}); using the newest intact checkpoint")
+        states = sorted((self.folder / "checkpoints").glob("*.state.pt"), key=_checkpoint_step, reverse=True)
+        candidates += [(f"checkpoints/{p.name}", f"checkpoints/{p.name.removesuffix('.state.pt')}.safetensors")
+                       for p in states]
+        for state_path, adapter_path in candidates:
+            if state_path in seen:
+                continue
+            seen.add(state_path)
+            try:
+                state = torch.load(self.folder / state_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated by a full disk, deleted by hand, ...
+                self.log.emit("warning", message=f"skipping {state_path}: unreadable ({type(e).__name__}: {e})")
+                continue
+            return {"step": int(state["step_offset"]) + int(state["step"]), "path": adapter_path,
+                    "state_path": state_path, "state": state}
+        if seen:
+            raise RunError(f"no readable training state among {sorted(seen)}; the run cannot resume (start a new "
+                           "run with continue_from set to one of its .safetensors checkpoints)")
+        return None
 
     @property
     def global_step(self) -> int:
@@ -253,6 +289,20 @@ class Trainer:
                                         c.mask_loss_weight, tree=self.view)
         return result, t
 
+    checkpoint_on_failure = True  # DistributedTrainer: False (its checkpoint needs every rank, which may be gone)
+    _updating = False  # True while the parameters move: a failure then leaves no consistent step to save
+
+    def checkpoint_before_failing(self) -> None:
+        """A step failed (a latent file broke mid-run, ...): save the last completed step, if not saved yet, so the
+        failure loses nothing; never hides the original error."""
+        if not (self.checkpoint_on_failure and self.is_main) or self._updating \
+                or self.last_saved_step == self.global_step:
+            return
+        try:
+            self.save_checkpoint()
+        except Exception as e:
+            self.log.emit("warning", message=f"could not save step {self.global_step} after the failure: {e}")
+
     def apply_update(self) -> tuple[float, float, bool]:
         """Clip the gradients, step AdamW and the schedule; returns (grad norm before clipping, lr used, skipped).
         A non-finite norm (an fp16 overflow) skips the update as a loss scaler would; the schedule still moves so
@@ -261,6 +311,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
+        self._updating = True
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -269,6 +320,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         self.stack.update()  # the merged/cached forms of the trained layers are stale after the update
+        self._updating = False
         return grad_norm, lr, skipped
 
     def train_step(self, step: int) -> dict:
@@ -344,7 +396,11 @@ class Trainer:
                     self.save_checkpoint()
                 set_status("stopped")
                 return "stopped"
-            metrics = self.train_step(self.step)
+            try:
+                metrics = self.train_step(self.step)
+            except Exception:
+                self.checkpoint_before_failing()
+                raise
             self.step += 1
             now = time.time()
             rate = (self.step - last_step) / max(now - last_time, 1e-9)
@@ -363,6 +419,12 @@ class Trainer:
                 self.save_checkpoint()
         set_status("done")
         return "done"
+
+
+def _checkpoint_step(path: Path) -> int:
+    """S of a `<name>-step=<S>.state.pt` checkpoint file (-1 for other names: tried last)."""
+    match = re.search(r"-step=(\d+)\.state\.pt$", path.name)
+    return int(match.group(1)) if match else -1
 
 
 def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_emb, seconds, keep=None,

@@ -19,12 +19,20 @@ export function ema(values, alpha = 0.05) {
   return out;
 }
 
+/** The step events of the run's current history, in step order: a step trained again after a crash and resume
+ * replaces its lost first attempt (the last event of each step wins). Mirrors `current_steps`. */
+export function currentSteps(events) {
+  const byStep = new Map();
+  for (const e of events) if (e.type === "step") byStep.set(e.step, e);
+  return [...byStep.keys()].sort((a, b) => a - b).map((step) => byStep.get(step));
+}
+
 /** Steps and values of one numeric field of the step events: {steps: [...], values: [...]}. */
 export function stepSeries(events, key) {
   const steps = [];
   const values = [];
-  for (const e of events) {
-    if (e.type === "step" && e[key] !== undefined && e[key] !== null) {
+  for (const e of currentSteps(events)) {
+    if (e[key] !== undefined && e[key] !== null) {
       steps.push(e.step);
       values.push(Number(e[key]));
     }
@@ -36,8 +44,7 @@ export function stepSeries(events, key) {
  * [{lo, hi, steps, loss, smoothed}] (t = 1 is noise, t = 0 is data). */
 export function lossByNoiseLevel(events, bins = 5, alpha = 0.05) {
   const series = Array.from({ length: bins }, (_, i) => ({ lo: i / bins, hi: (i + 1) / bins, steps: [], loss: [] }));
-  for (const e of events) {
-    if (e.type !== "step") continue;
+  for (const e of currentSteps(events)) {
     for (const [t, loss] of e.samples || []) {
       if (loss === null || !Number.isFinite(loss)) continue;
       const i = Math.min(bins - 1, Math.max(0, Math.floor(t * bins)));
