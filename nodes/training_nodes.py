@@ -123,6 +123,8 @@ class SA3TrainLoRA:
                             "official trainer keeps exact gradients (off)."}),
             "demo_format": (DEMO_FORMATS, {"default": "flac", "tooltip": "Demo audio files: flac (lossless), mp3 "
                             "or opus (small, for long runs with many demos)."}),
+            "reset_step": ("BOOLEAN", {"default": False, "tooltip": "With continue_from: count steps from 0 "
+                           "instead of continuing the file's step count."}),
             # Socket-only inputs go last: ComfyUI frontend 1.58 mis-assigns saved widget values (shifted by one from
             # here on) when a forceInput input sits between widgets on a node with a seed control widget.
             "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
@@ -141,7 +143,7 @@ class SA3TrainLoRA:
     def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
               prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False,
-              demo_format="flac", demos=None):
+              demo_format="flac", demos=None, reset_step=False):
         from ..training.preflight import check_run_inputs
         from ..training.runs import DemoSpec, RunConfig, RunError
         from .model_nodes import register_model
@@ -160,7 +162,7 @@ class SA3TrainLoRA:
                                crop_seconds=crop_seconds, lr=learning_rate, precision=dtype,
                                gradient_checkpointing=gradient_checkpointing, detach_norm=detach_norm,
                                demo_format=demo_format,
-                               checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None,
+                               checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
             check_run_inputs(config, model.latent_dim)  # a bad dataset or LoRA file fails here, not in the background
         except RunError as e:

@@ -250,3 +250,14 @@ def test_training_options_of_a_comfyui_process_come_from_its_environment(comfy):
                                                                                 "SA3_RUNS_PER_DEVICE")):
         with pytest.raises(ValueError, match=named):
             manager_options(environ)
+
+
+def test_continuing_a_lora_counts_on_from_its_step_unless_reset(comfy, dataset):
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    first, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), steps=2))
+    _, _, lora, _ = run_node("SA3RunStatus", run=first, bins=5)
+    assert lora.endswith("step=000002.safetensors")
+    for reset, step in ((False, 3), (True, 1)):
+        run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from=lora,
+                                                          reset_step=reset))
+        assert run_node("SA3RunStatus", run=run, bins=5)[2].endswith(f"step={step:06d}.safetensors"), reset
