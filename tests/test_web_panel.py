@@ -512,3 +512,15 @@ def test_deleting_a_training_run_stops_it_and_the_panel_drops_it_when_its_files_
     wait_until(lambda: not (site.root / doomed).exists(), what="the run folder to go")
     assert doomed not in [r["id"] for r in registry.list()] and not site.manager.worker.is_running(doomed)
     assert browser.call("errors") == []
+
+
+def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, browser):
+    live = site.runs["live"]
+    open_panel(browser, site)
+    message = "step 31: the gradient norm was inf, the update was skipped (fp16 overflow? try bf16 or fp32)"
+    site.manager.feed(live).put({"type": "warning", "message": message})
+    row = f"document.querySelector('.sa3-run[data-run-id=\"{live}\"] [data-field=warning]')"
+    browser.wait(f"{row}?.textContent.includes('update was skipped')")
+    open_panel(browser, site, run=live)  # a fresh page reads it from the run's events
+    browser.wait(f"{row}?.textContent.includes('update was skipped')")
+    assert browser.call("errors") == []

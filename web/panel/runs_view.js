@@ -43,6 +43,11 @@ function runRow(run, selected, store) {
   const eta = active ? etaSeconds(step, total, run.steps_per_s) : null;
   numbers.appendChild(el("span", null, `ETA ${formatDuration(eta)}`)).dataset.field = "eta";
 
+  if (run.warning && !(run.error && run.status === "failed")) {
+    const warning = li.appendChild(el("p", "sa3-run-warning", `⚠ ${run.warning}`));
+    warning.dataset.field = "warning";
+    warning.setAttribute("role", "note");
+  }
   if (run.error && (run.status === "failed" || run.status === "interrupted")) {
     const error = li.appendChild(el("p", "sa3-run-error", run.error));
     error.dataset.field = "error";

@@ -131,9 +131,11 @@ export class Store {
         d.loaded = true;
         // steps/s is only in the step events: take the newest for the runs list
         const lastStep = d.events.findLast((e) => e.type === "step" && e.steps_per_s !== undefined);
+        const lastWarning = d.events.findLast((e) => e.type === "warning");
         const record = this.runs.find((r) => r.id === runId);
-        if (record && lastStep) {
-          record.steps_per_s = lastStep.steps_per_s;
+        if (record && (lastStep || lastWarning)) {
+          if (lastStep) record.steps_per_s = lastStep.steps_per_s;
+          if (lastWarning) record.warning = lastWarning.message;
           this.emit("runs");
         }
       } catch (err) {
@@ -198,6 +200,8 @@ export class Store {
       record.latest_checkpoint = { path: event.path, step: event.step };
     } else if (event.type === "error") {
       record.error = event.message;
+    } else if (event.type === "warning") {
+      record.warning = event.message;  // the newest one: a skipped update, a damaged checkpoint, no ARC model...
     }
     this.emit("runs");
     if (runId === this.selectedId) this.emit("selected");
