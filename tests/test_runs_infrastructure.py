@@ -151,6 +151,9 @@ def test_a_queued_run_stops_at_once_and_waiting_for_a_queued_run_waits_for_its_e
     assert manager.worker.queued() == [third] and manager.worker.join(second, 0)
     with pytest.raises(RunError, match="nothing to save"):
         manager.control(third, "save")
+    with pytest.raises(RunError, match="confirm=true"):
+        manager.control(third, "delete")
+    assert manager.worker.queued() == [third]  # an unconfirmed delete changes nothing
     assert not manager.worker.join(third, 0.2)  # queued behind the first: not finished, not returned early
     manager.gate.set()
     assert manager.wait(third, 10)["status"] == "done" and manager.registry.get(first)["status"] == "done"

@@ -48,12 +48,17 @@ class EventLog:
                             f.write(b"\n")
                 f.write(line.encode("utf-8"))
                 f.flush()
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken browser connection must never stop training
-                pass
+        notify(self.listeners, event)
         return event
+
+
+def notify(listeners: list[Callable[[dict], None]], event: dict) -> None:
+    """Give an event to live listeners (ComfyUI's websocket, tests); a failing one never stops training."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # a broken browser connection
+            pass
 
 
 def _finite(value):

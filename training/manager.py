@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .events import EventLog
+from .events import EventLog, notify
 from .requests import write_request
 from .runs import RunConfig, RunError, RunRegistry, trained_elsewhere
 from .worker import RunControl, TrainingWorker
@@ -49,15 +49,8 @@ class TrainingManager:
         finally:
             if control.delete_when_done:  # deleted while it trained: the folder goes once nothing writes to it
                 self.registry.delete(run_id)
-                self._tell({"type": "deleted", "run": run_id, "time": round(time.time(), 3)})
+                notify(self.listeners, {"type": "deleted", "run": run_id, "time": round(time.time(), 3)})  # no file
 
-    def _tell(self, event: dict) -> None:
-        """An event for the listeners only (its run's events file is gone)."""
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken browser connection must not fail the worker
-                pass
 
     def _run_job(self, run_id: str, control: RunControl) -> None:
         from .trainer import run_training
@@ -80,19 +73,20 @@ class TrainingManager:
                                f"(its checkpoint is kept), then {action}")
             write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
             return {**self.registry.get(run_id), "requested": action}
+        if action == "delete":
+            self._check_confirmed(confirm)  # before anything changes
         if queued and action in ("stop", "delete") and self.worker.cancel_queued(run_id):
             if action == "delete":
-                return self._delete(run_id, confirm)
+                return self._delete(run_id)
             self.registry.update(run_id, status="stopped")
             self.event_log(run_id).emit("status", status="stopped", message="stopped before it started")
             return self.registry.get(run_id)
         if action == "delete":
             if started:  # the panel drops it on the listeners' "deleted" event
-                self._check_confirmed(confirm)
                 control.delete_when_done = True
                 control.request_stop()
                 return {"id": run_id, "deleted": False, "deleting": True}
-            return self._delete(run_id, confirm)
+            return self._delete(run_id)
         if action == "restart":
             if started or queued:
                 raise RunError(f"run {run_id} is already {record['status']}")
@@ -120,8 +114,7 @@ class TrainingManager:
         if confirm is not True:
             raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
 
-    def _delete(self, run_id: str, confirm: bool) -> dict:
-        self._check_confirmed(confirm)
+    def _delete(self, run_id: str) -> dict:
         self.registry.delete(run_id)
         return {"id": run_id, "deleted": True}
 
