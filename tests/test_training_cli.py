@@ -124,6 +124,11 @@ def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_
     assert registry.get(run_id)["status"] == "done" and registry.latest_checkpoint(run_id)["step"] == steps
     logged = [e["step"] for e in run_events(registry, run_id) if e["type"] == "step"]
     assert logged == list(range(1, steps + 1))
+    # fewer steps than it has trained would leave it "done 40/10": refused, the config kept
+    shorter = subprocess.run(command + ["--steps", "10"], env=dict(env, SA3_RUN_ID=run_id), capture_output=True,
+                             text=True, timeout=240)
+    assert shorter.returncode != 0 and "below the 40 steps" in shorter.stderr
+    assert registry.config(run_id).steps == steps
 
 
 def test_a_run_trained_by_a_live_process_is_neither_deleted_nor_resumed_twice(tmp_path):

@@ -93,8 +93,13 @@ def _resume_here(args, run_id: str, steps: int | None = None) -> int:
     _refuse_if_running(manager.registry, run_id)
     if steps is not None:
         registry = manager.registry
-        atomic_write_json(registry.run_dir(run_id) / "config.json",
-                          replace(registry.config(run_id), steps=steps).to_dict())
+        config, record = registry.config(run_id), registry.get(run_id)
+        offset = max(0, int(record.get("total_steps", config.steps)) - config.steps)  # a continued file's steps
+        trained = int((registry.latest_checkpoint(run_id) or {}).get("step", offset)) - offset
+        if steps < trained:
+            raise RunError(f"--steps {steps} is below the {trained} steps run {run_id} has trained; give more steps "
+                           "to extend it, or none to finish its own")
+        atomic_write_json(registry.run_dir(run_id) / "config.json", replace(config, steps=steps).to_dict())
     manager.registry.update(run_id, world_size=1)
     manager.control(run_id, "restart")
     return _follow(manager, run_id)
