@@ -215,3 +215,41 @@ def test_a_distributed_run_pauses_saves_continues_stops_and_resumes_like_an_unin
     (_, a), (_, b) = _state(registry, run_id), _state(straight, other["id"])
     assert a["step"] == b["step"] == steps
     assert all(torch.equal(x, y) for x, y in zip(a["adapter"], b["adapter"])), f"stopped at {stopped_at}"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and int(proc) != os.getpid():
+                pids.append(int(proc))
+    return pids
+
+
+def test_killing_torchrun_itself_stops_its_ranks_with_a_checkpoint(tmp_path, dataset, fixtures_dir):
+    config_path = tmp_path / "run.json"
+    config_path.write_text(json.dumps(_config(dataset, fixtures_dir, batch_size=1, steps=500, checkpoint_every=1000)))
+    runs = tmp_path / "orphaned"
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen(_torchrun_command(config_path, runs), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        registry = RunRegistry(runs)
+        run_id = wait_until(lambda: [r["id"] for r in registry.list()], proc, "the run to be registered")[0]
+        wait_until(lambda: last_step(registry, run_id) >= 1, proc, "the first step")
+        proc.kill()  # the agent only, as an OOM killer would: its ranks live in their own sessions
+        proc.wait(30)
+        deadline = time.time() + 90
+        while _processes_mentioning(str(runs)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _processes_mentioning(str(runs)), "ranks kept training after torchrun was killed"
+        record, latest = registry.get(run_id), registry.latest_checkpoint(run_id)
+        assert record["status"] == "stopped" and latest and latest["step"] >= 1
+    finally:
+        for pid in _processes_mentioning(str(runs)):
+            os.kill(pid, 9)
+        log.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -187,6 +188,23 @@ def _device_for(config: RunConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def stop_when_orphaned(control: RunControl, poll_seconds: float = 1.0) -> threading.Thread:
+    """Stop the run (rank 0 saves first) when this process's parent changes: torchrun's agent killed without warning
+    (SIGKILL, an OOM kill) would otherwise leave its ranks training on in their own sessions, unseen and unstoppable
+    by Ctrl-C."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not control.stop.wait(poll_seconds):
+            if os.getppid() != parent:
+                control.request_stop()
+                return
+
+    thread = threading.Thread(target=watch, name="sa3-orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | None = None,
                       listeners: list[Callable[[dict], None]] | None = None) -> int:
     """Entry of every rank under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
@@ -208,6 +226,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         control.request_stop()  # acted on by rank 0's decision at the next step boundary (saves first)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop_when_orphaned(control)
     registry = RunRegistry(runs_dir) if rank == 0 else None
     try:
         run_id = run_id or os.environ.get("SA3_RUN_ID") or None
