@@ -158,6 +158,7 @@ console.log(JSON.stringify({
   latest: series.latestCheckpoint(events).step,
   eta: [series.etaSeconds(30, 200, 2.5), series.etaSeconds(200, 200, 2.5), series.etaSeconds(3, 10, 0)],
   durations: [5, 154, 7384].map(series.formatDuration),
+  ticks: [[1, 2], [1, 3], [0, 60], [5, 5]].map(([a, b]) => series.stepTicks(a, b)),
 }));
 """
 
@@ -182,6 +183,8 @@ def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):
     assert got["latest"] == 60
     assert got["eta"] == [68.0, None, None]
     assert got["durations"] == ["5 s", "2 min 34 s", "2 h 03 min"]
+    assert got["ticks"] == [[[1, "start"], [2, "end"]], [[1, "start"], [2, "middle"], [3, "end"]],
+                            [[0, "start"], [30, "middle"], [60, "end"]], [[5, "start"]]]  # each step labelled once
 
 
 # --------------------------------------------------------------------------------------------------------- browser

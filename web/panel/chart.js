@@ -2,6 +2,8 @@
 // No library (nothing may come from a CDN). The figure element keeps the plotted series in `figure.sa3Series`
 // (full resolution, what the readout reports) so tests can check what is drawn.
 
+import { stepTicks } from "./series.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 const HEIGHT = 170;  // px; the width follows the panel
 const PAD = { left: 46, right: 10, top: 8, bottom: 20 };
@@ -106,7 +108,7 @@ export function lineChart({ id, title, logY = false, unit = "" }) {
       svg("text", { x: PAD.left - 4, y: y + 4, "text-anchor": "end", class: "sa3-axis" }, root).textContent =
         fmt(logY ? 10 ** yv : yv);
     }
-    for (const [x, anchor] of [[x0, "start"], [Math.round((x0 + x1) / 2), "middle"], [Math.round(x1), "end"]]) {
+    for (const [x, anchor] of stepTicks(x0, x1)) {
       svg("text", { x: px(x), y: HEIGHT - 5, "text-anchor": anchor, class: "sa3-axis" }, root).textContent =
         String(x);
     }

@@ -109,3 +109,14 @@ export function formatNumber(v) {
 export function baseName(path) {
   return String(path || "").split(/[\\/]/).pop();
 }
+
+/** Step labels of a chart's x axis from step x0 to x1: [[step, text-anchor]], first, middle and last, each step once
+ * (in a 2-step run the middle rounds to the last step and would print over it). */
+export function stepTicks(x0, x1) {
+  const last = Math.round(x1);
+  const middle = Math.round((x0 + x1) / 2);
+  const ticks = [[x0, "start"]];
+  if (middle !== x0 && middle !== last) ticks.push([middle, "middle"]);
+  if (last !== x0) ticks.push([last, "end"]);
+  return ticks;
+}
