@@ -600,8 +600,11 @@ class EncodedDataset:
         z = z[0] if z.ndim == 3 else z
         if z.ndim != 2 or (self.latent_dim is not None and z.shape[0] != self.latent_dim):
             raise DatasetError(f"{path}: latents of shape {list(z.shape)}, expected [{self.latent_dim}, T]; re-encode it")
-        if not np.isfinite(z).all():
-            raise DatasetError(f"{path}: latents hold NaN or inf values; re-encode it or remove it from the dataset")
+        checked = self.__dict__.setdefault("_finite_checked", set())  # once per file: training reads it every step
+        if i not in checked:
+            if not np.isfinite(z).all():
+                raise DatasetError(f"{path}: latents hold NaN or inf values; re-encode it or remove it from the dataset")
+            checked.add(i)
         return z
 
     def metadata(self, i: int) -> dict:

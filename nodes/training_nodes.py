@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..encoding.audio_write import OUTPUT_FORMATS
 from .comfy_bridge import CATEGORY, output_dir, send_event, throw_if_interrupted
 
 _MANAGER = None
@@ -82,7 +83,6 @@ def memory_warning(model, config) -> str | None:
     return check_fits(estimate_training_memory(model.config, config), model.device, loaded=True)
 
 
-DEMO_FORMATS = ["flac", "mp3", "opus"]  # encoding.audio_write.OUTPUT_FORMATS (a test keeps them equal)
 ADAPTER_TYPE_CHOICES = ["dora-rows", "lora", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs"]
 
 
@@ -121,7 +121,7 @@ class SA3TrainLoRA:
             "detach_norm": ("BOOLEAN", {"default": False, "tooltip": "DoRA/BoRA types: the weight norms get no "
                             "gradient (DoRA paper 4.3, PEFT's default). Faster steps (BoRA most), same files; the "
                             "official trainer keeps exact gradients (off)."}),
-            "demo_format": (DEMO_FORMATS, {"default": "flac", "tooltip": "Demo audio files: flac (lossless), mp3 "
+            "demo_format": (list(OUTPUT_FORMATS), {"default": "flac", "tooltip": "Demo audio files: flac (lossless), mp3 "
                             "or opus (small, for long runs with many demos)."}),
             "reset_step": ("BOOLEAN", {"default": False, "tooltip": "With continue_from: count steps from 0 "
                            "instead of continuing the file's step count."}),

@@ -7,6 +7,7 @@ writing the same path never share a temp file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -61,8 +62,9 @@ def file_lock(path: str | Path) -> Iterator[None]:
                 try:
                     msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # retries for ~10 s, then raises: keep waiting
                     break
-                except OSError:
-                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EDEADLOCK, errno.EACCES):  # held by another process: wait on
+                        raise
             try:
                 yield
             finally:

@@ -101,7 +101,7 @@ def test_run_control_stop_wakes_a_paused_run():
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"demo_format": "wav"}, "RunConfig.demo_format: 'wav'"),
+    ({"demo_format": "wav"}, "RunConfig.demo_format='wav' is not an audio output format"),
     ({"demos": [{"prompt": "x", "strength": 1}]}, r"RunConfig.demos\[0\]: unknown key\(s\) \['strength'\]"),
     ({"demos": ["a bell"]}, r"RunConfig.demos\[0\]: expected an object"),
     ({"demos": [{"steps": 0}]}, "DemoSpec.steps: 0"),
@@ -236,3 +236,15 @@ def test_a_run_whose_training_process_died_lists_as_interrupted_without_a_restar
     atomic_write_json(tmp_path / "runs.json", index)
     statuses = {r["id"]: r["status"] for r in registry.list()}
     assert statuses == {mine: "queued", theirs: "interrupted"}
+
+
+def test_a_rebuilt_continued_run_counts_its_own_steps_not_the_files(tmp_path):
+    from sa3_lora_studio.training.runs import RunConfig, RunRegistry
+
+    registry = RunRegistry(tmp_path)
+    run = registry.create(RunConfig(dataset="d", steps=200, continue_from="base.safetensors"))
+    registry.update(run, status="interrupted")
+    atomic_write_json(registry.run_dir(run) / "latest.json", {"step": 1050, "step_offset": 1000, "path": "x"})
+    (tmp_path / "runs.json").unlink()
+    record = registry.get(run)
+    assert (record["status"], record["step"], record["total_steps"]) == ("interrupted", 1050, 1200)

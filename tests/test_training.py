@@ -304,3 +304,27 @@ def test_a_latent_file_broken_mid_run_is_named_and_the_last_good_step_is_saved(t
     record = manager.wait(run, 300)
     assert record["status"] == "failed" and victim.name in record["error"] and "re-encode" in record["error"]
     assert manager.registry.latest_checkpoint(run)["step"] == 2  # nothing trained before the failure is lost
+
+
+def test_a_stop_during_the_final_demos_ends_stopped_and_a_restart_renders_them(tmp_path, tiny, dataset,
+                                                                                fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    seen = []
+
+    def stop_at_the_final_demos(event):
+        if event["type"] == "status" and event.get("status") == "demos":
+            seen.append(event)
+            if len(seen) == 2:  # step 0's demos, then the final step's
+                manager.control(event["run"], "stop")
+
+    manager.listeners.append(stop_at_the_final_demos)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2,
+                                 demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 2))
+    assert manager.wait(run, 300)["status"] == "stopped"
+    demos = manager.registry.run_dir(run) / "demos"
+    assert sorted(p.name for p in demos.iterdir()) == ["step_000000"]
+    assert manager.registry.latest_checkpoint(run)["step"] == 2
+    manager.listeners.remove(stop_at_the_final_demos)
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done"
+    assert sorted(p.name for p in demos.iterdir()) == ["step_000000", "step_000002"]

@@ -93,9 +93,8 @@ def _resume_here(args, run_id: str, steps: int | None = None) -> int:
     _refuse_if_running(manager.registry, run_id)
     if steps is not None:
         registry = manager.registry
-        config, record = registry.config(run_id), registry.get(run_id)
-        offset = max(0, int(record.get("total_steps", config.steps)) - config.steps)  # a continued file's steps
-        trained = int((registry.latest_checkpoint(run_id) or {}).get("step", offset)) - offset
+        config, latest = registry.config(run_id), registry.latest_checkpoint(run_id) or {}
+        trained = int(latest.get("step", 0)) - int(latest.get("step_offset", 0))  # a continued file's steps come first
         if steps < trained:
             raise RunError(f"--steps {steps} is below the {trained} steps run {run_id} has trained; give more steps "
                            "to extend it, or none to finish its own")

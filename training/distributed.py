@@ -188,21 +188,19 @@ def _device_for(config: RunConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def stop_when_orphaned(control: RunControl, poll_seconds: float = 1.0) -> threading.Thread:
-    """Stop the run (rank 0 saves first) when this process's parent changes: torchrun's agent killed without warning
-    (SIGKILL, an OOM kill) would otherwise leave its ranks training on in their own sessions, unseen and unstoppable
-    by Ctrl-C."""
+def stop_when_orphaned(control: RunControl, finished: threading.Event, poll_seconds: float = 1.0) -> None:
+    """Until `finished` is set: stop the run (rank 0 saves first) when this process's parent changes. torchrun's
+    agent killed without warning (SIGKILL, an OOM kill) would otherwise leave its ranks training on in their own
+    sessions, unseen and unstoppable by Ctrl-C."""
     parent = os.getppid()
 
     def watch() -> None:
-        while not control.stop.wait(poll_seconds):
+        while not finished.wait(poll_seconds):
             if os.getppid() != parent:
                 control.request_stop()
                 return
 
-    thread = threading.Thread(target=watch, name="sa3-orphan-watch", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="sa3-orphan-watch", daemon=True).start()
 
 
 def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | None = None,
@@ -226,7 +224,8 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         control.request_stop()  # acted on by rank 0's decision at the next step boundary (saves first)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    stop_when_orphaned(control)
+    finished = threading.Event()
+    stop_when_orphaned(control, finished)
     registry = RunRegistry(runs_dir) if rank == 0 else None
     try:
         run_id = run_id or os.environ.get("SA3_RUN_ID") or None
@@ -269,6 +268,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
             print(f"run {run_id}: {status} at step {trainer.global_step}", flush=True)
         return 0
     finally:
+        finished.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
         dist.destroy_process_group()

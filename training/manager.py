@@ -6,6 +6,7 @@ the CLI makes its own. Listeners receive every event (ComfyUI forwards them to t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ class TrainingManager:
         self.registry = RunRegistry(root)
         self.listeners = list(listeners or [])
         self.model_provider = model_provider  # (spec, variant, dtype, device) -> SA3Model; shares loaded models
+        self._delete_lock = threading.Lock()
         self.worker = TrainingWorker(self._job, per_device=runs_per_device)
         interrupted = self.registry.mark_interrupted_after_restart()
         if auto_resume:
@@ -48,8 +50,7 @@ class TrainingManager:
             self._run_job(run_id, control)
         finally:
             if control.delete_when_done:  # deleted while it trained: the folder goes once nothing writes to it
-                self.registry.delete(run_id)
-                notify(self.listeners, {"type": "deleted", "run": run_id, "time": round(time.time(), 3)})  # no file
+                self._delete(run_id)
 
 
     def _run_job(self, run_id: str, control: RunControl) -> None:
@@ -75,7 +76,9 @@ class TrainingManager:
             return {**self.registry.get(run_id), "requested": action}
         if action == "delete":
             self._check_confirmed(confirm)  # before anything changes
-        if queued and action in ("stop", "delete") and self.worker.cancel_queued(run_id):
+        if queued and action in ("stop", "delete") and not self.worker.cancel_queued(run_id):
+            started, queued = True, False  # it started in between: treat it as running
+        if queued and action in ("stop", "delete"):
             if action == "delete":
                 return self._delete(run_id)
             self.registry.update(run_id, status="stopped")
@@ -85,6 +88,8 @@ class TrainingManager:
             if started:  # the panel drops it on the listeners' "deleted" event
                 control.delete_when_done = True
                 control.request_stop()
+                if self.worker.join(run_id, 0):  # it ended meanwhile: its job may have checked the flag before
+                    return self._delete(run_id)
                 return {"id": run_id, "deleted": False, "deleting": True}
             return self._delete(run_id)
         if action == "restart":
@@ -115,7 +120,13 @@ class TrainingManager:
             raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
 
     def _delete(self, run_id: str) -> dict:
-        self.registry.delete(run_id)
+        """Remove the run (once: a second caller racing the first finds it gone) and tell the listeners."""
+        with self._delete_lock:
+            try:
+                self.registry.delete(run_id)
+            except RunError:
+                return {"id": run_id, "deleted": True}  # already gone
+        notify(self.listeners, {"type": "deleted", "run": run_id, "time": round(time.time(), 3)})  # its file is gone
         return {"id": run_id, "deleted": True}
 
     def wait(self, run_id: str, timeout: float | None = None) -> dict:

@@ -190,10 +190,12 @@ class RunConfig:
             bad("inpaint_probabilities", "three probabilities (segments, full, causal) summing to 1")
         if not 0 <= self.cfg_dropout < 1:
             bad("cfg_dropout", "must be in [0, 1)")
-        from ..encoding.audio_write import OUTPUT_FORMATS
+        from ..encoding.audio_write import check_output_format
 
-        if self.demo_format not in OUTPUT_FORMATS:
-            bad("demo_format", f"{self.demo_format!r} is not an audio format; use one of {sorted(OUTPUT_FORMATS)}")
+        try:
+            check_output_format(self.demo_format, "RunConfig.demo_format")
+        except ValueError as e:
+            raise RunError(str(e)) from None
         if not self.lr > 0:
             bad("lr", f"{self.lr} must be > 0")
         if self.alpha is not None and not self.alpha > 0:
@@ -309,12 +311,14 @@ class RunRegistry:
                 owner = json.loads((config_path.parent / "owner.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 owner = None
+            offset = int(latest.get("step_offset", 0))  # a continued file's steps come before this run's
             if isinstance(owner, dict) and owner_alive(owner) and owner.get("status") in ACTIVE:
                 status = owner["status"]  # still active in a live process: neither resumed twice nor refused a stop
             else:
-                status = "done" if int(latest.get("step", 0)) >= config.steps else "interrupted"
+                status = "done" if int(latest.get("step", 0)) - offset >= config.steps else "interrupted"
             runs[run_id] = {"id": run_id, "name": config.name or run_id, "status": status, "owner": owner,
-                            "step": int(latest.get("step", 0)), "total_steps": config.steps, "model": config.model,
+                            "step": int(latest.get("step", 0)), "total_steps": offset + config.steps,
+                            "model": config.model,
                             "adapter_type": config.adapter_type, "rank": config.rank, "created_at": created,
                             "updated_at": time.time(), "error": None}
         return runs

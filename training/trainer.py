@@ -226,7 +226,7 @@ class Trainer:
         tmp = ckpt_dir / f".{name}.state.pt.tmp"
         torch.save(self.state_dict(), tmp)
         fsync_replace(tmp, state_path)
-        info = {"step": self.global_step, "path": f"checkpoints/{adapter_path.name}",
+        info = {"step": self.global_step, "step_offset": self.step_offset, "path": f"checkpoints/{adapter_path.name}",
                 "state_path": f"checkpoints/{state_path.name}", "time": time.time()}
         atomic_write_json(self.folder / "latest.json", info)
         self.last_saved_step = self.global_step
@@ -383,13 +383,18 @@ class Trainer:
         demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
                       if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
         while True:
+            dropped = False  # a stop between two demos drops the step's demos (a restart renders them)
             if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
                     and self.global_step not in demos_done:
                 set_status("demos")
-                if run_demos(self, self.global_step, stop_requested=control.stop.is_set) is not None:
+                dropped = run_demos(self, self.global_step, stop_requested=control.stop.is_set) is None
+                if not dropped:
                     demos_done.add(self.global_step)
                 set_status("training")
             if self.step >= c.steps:
+                if dropped:  # the final step is saved already; "stopped", so that a restart renders its demos
+                    set_status("stopped")
+                    return "stopped"
                 break
             if self.at_step_boundary(control, set_status):
                 if self.last_saved_step != self.global_step:
