@@ -40,7 +40,7 @@ def run_node(node_name, **inputs):
     return result
 
 
-def test_every_node_has_a_display_name_category_and_tooltips():
+def test_every_node_has_a_display_name_category_and_tooltips(comfy):  # comfy: runs live in its output folder
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("SA3 ")
         assert cls.CATEGORY == "audio/SA3 LoRA Studio"
@@ -55,7 +55,7 @@ def test_every_node_has_a_display_name_category_and_tooltips():
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
-def test_socket_only_inputs_come_after_every_widget_input():
+def test_socket_only_inputs_come_after_every_widget_input(comfy):
     # Seen in a real ComfyUI (frontend 1.58.1): on SA3 Train LoRA, a forceInput STRING between widgets made a loaded
     # workflow put each saved widget value one widget too early (wait_until_done got the trigger word).
     for name, cls in NODE_CLASS_MAPPINGS.items():
