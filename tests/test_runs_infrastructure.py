@@ -245,6 +245,11 @@ def test_a_rebuilt_continued_run_counts_its_own_steps_not_the_files(tmp_path):
     run = registry.create(RunConfig(dataset="d", steps=200, continue_from="base.safetensors"))
     registry.update(run, status="interrupted")
     atomic_write_json(registry.run_dir(run) / "latest.json", {"step": 1050, "step_offset": 1000, "path": "x"})
+    odd = tmp_path / "20260101-000000-odd-0000"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"dataset": "d", "crop_seconds": 1000}))  # refused by this version
     (tmp_path / "runs.json").unlink()
     record = registry.get(run)
     assert (record["status"], record["step"], record["total_steps"]) == ("interrupted", 1050, 1200)
+    listed = registry.get(odd.name)  # listed with its reason, not dropped from the index
+    assert listed["status"] == "failed" and "crop_seconds" in listed["error"]

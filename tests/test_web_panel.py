@@ -526,4 +526,9 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
     browser.wait(f"{row}?.textContent.includes('update was skipped')")
     open_panel(browser, site, run=live)  # a fresh page reads it from the run's events
     browser.wait(f"{row}?.textContent.includes('update was skipped')")
+    for status in ("queued", "training"):  # a restart: the warning belonged to the attempt before it
+        site.manager.feed(live).put({"type": "status", "status": status})
+    browser.wait(f"!{row}")
+    open_panel(browser, site, run=live)
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]') && !{row}")
     assert browser.call("errors") == []

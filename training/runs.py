@@ -301,12 +301,15 @@ class RunRegistry:
         runs = {}
         for config_path in sorted(self.root.glob("*/config.json")):
             run_id = config_path.parent.name
+            created = config_path.stat().st_mtime
             try:
                 config = RunConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-            except (ValueError, TypeError):
-                continue  # not a run folder we can use
+            except (ValueError, TypeError) as e:  # listed with the reason (e.g. a setting this version refuses)
+                runs[run_id] = {"id": run_id, "name": run_id, "status": "failed", "step": 0, "total_steps": 0,
+                                "model": "?", "adapter_type": "?", "rank": 0, "created_at": created,
+                                "updated_at": time.time(), "error": f"{config_path.name}: {e}"}
+                continue
             latest = self.latest_checkpoint(run_id) or {}
-            created = config_path.stat().st_mtime
             try:
                 owner = json.loads((config_path.parent / "owner.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):

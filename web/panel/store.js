@@ -131,7 +131,8 @@ export class Store {
         d.loaded = true;
         // steps/s is only in the step events: take the newest for the runs list
         const lastStep = d.events.findLast((e) => e.type === "step" && e.steps_per_s !== undefined);
-        const lastWarning = d.events.findLast((e) => e.type === "warning");
+        const attempt = d.events.findLastIndex((e) => e.type === "status" && e.status === "queued");
+        const lastWarning = d.events.slice(Math.max(0, attempt)).findLast((e) => e.type === "warning");
         const record = this.runs.find((r) => r.id === runId);
         if (record && (lastStep || lastWarning)) {
           if (lastStep) record.steps_per_s = lastStep.steps_per_s;
@@ -195,6 +196,7 @@ export class Store {
       }
     } else if (event.type === "status") {
       record.status = event.status;
+      if (event.status === "queued") record.warning = null;  // a warning belongs to the attempt that raised it
       record.error = event.error ?? (event.status === "failed" ? record.error : null);
     } else if (event.type === "checkpoint") {
       record.latest_checkpoint = { path: event.path, step: event.step };
