@@ -15,7 +15,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..training.events import loss_by_timestep, read_events
-from ..training.runs import RunError
+from ..training.runs import PathOutsideRun, RunConflict, RunError, RunNotFound
 
 MAX_OFFSET = 1 << 60  # byte offsets into events.jsonl; larger ones cannot be seeked to
 
@@ -25,16 +25,11 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _run_error(e: RunError) -> web.Response:
-    """404 for a run or file that does not exist, 409 for an action the run's state refuses, 403 for a path that
-    leaves the run folder, 400 otherwise."""
-    text = str(e)
-    if text.startswith("no run") or "does not exist" in text:
-        return _error(404, text)
-    if "not running" in text or "already" in text or "is queued" in text or "another process" in text:
-        return _error(409, text)
-    if "folder" in text and ("leaves" in text or "outside" in text or "not a relative path" in text):
-        return _error(403, text)
-    return _error(400, text)
+    """The HTTP status of a RunError by its kind: 404 not found, 409 refused by the run's state, 403 a path that
+    leaves the runs folder, 400 otherwise."""
+    status = 404 if isinstance(e, RunNotFound) else 409 if isinstance(e, RunConflict) else \
+        403 if isinstance(e, PathOutsideRun) else 400
+    return _error(status, str(e))
 
 
 def _int_query(request, name: str, default: int, low: int, high: int) -> int:

@@ -532,3 +532,13 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
     open_panel(browser, site, run=live)
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]') && !{row}")
     assert browser.call("errors") == []
+
+
+def test_control_route_statuses_follow_the_kind_of_refusal(site):
+    done = urllib.parse.quote(site.runs["done"])
+    status, answer = post(site, f"/sa3/runs/{done}/pause")  # a finished run: its state refuses
+    assert status == 409 and "not running" in answer["error"]
+    assert post(site, f"/sa3/runs/{done}/fly")[0] == 400  # an unknown action
+    status, _, _ = get(site, file_route(site.runs["done"], "../runs.json"))
+    assert status == 403
+    assert post(site, "/sa3/runs/nope/pause")[0] == 404

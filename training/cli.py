@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .runs import RunError, atomic_write_json, trained_elsewhere
+from .runs import RunConflict, RunError, atomic_write_json, trained_elsewhere
 
 DEFAULT_RUNS_DIR = "sa3-runs"
 
@@ -108,7 +108,7 @@ def _refuse_if_running(registry, run_id: str) -> None:
     """Before touching a run's files from here (call after `mark_interrupted_after_restart`)."""
     record = registry.get(run_id)
     if trained_elsewhere(record):
-        raise RunError(f"run {run_id} is {record['status']} in another process; stop it first "
+        raise RunConflict(f"run {run_id} is {record['status']} in another process; stop it first "
                        f"(`sa3-lora runs stop {run_id}`)")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .events import EventLog, notify
 from .requests import write_request
-from .runs import RunConfig, RunError, RunRegistry, trained_elsewhere
+from .runs import RunConfig, RunConflict, RunError, RunRegistry, trained_elsewhere
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
@@ -70,7 +70,7 @@ class TrainingManager:
         queued = not started and run_id in self.worker.queued()
         if not (started or queued) and trained_elsewhere(record):
             if action in ("delete", "restart"):
-                raise RunError(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
+                raise RunConflict(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
                                f"(its checkpoint is kept), then {action}")
             write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
             return {**self.registry.get(run_id), "requested": action}
@@ -94,16 +94,16 @@ class TrainingManager:
             return self._delete(run_id)
         if action == "restart":
             if started or queued:
-                raise RunError(f"run {run_id} is already {record['status']}")
+                raise RunConflict(f"run {run_id} is already {record['status']}")
             self.registry.update(run_id, status="queued", error=None)
             self.event_log(run_id).emit("status", status="queued")
             config = self.registry.config(run_id)
             self.worker.submit(run_id, device_key=config.device)
             return self.registry.get(run_id)
         if not control or not (started or queued):
-            raise RunError(f"run {run_id} is not running (status {record['status']}); use restart to resume it")
+            raise RunConflict(f"run {run_id} is not running (status {record['status']}); use restart to resume it")
         if action == "save" and queued:
-            raise RunError(f"run {run_id} is queued and has not trained yet: nothing to save")
+            raise RunConflict(f"run {run_id} is queued and has not trained yet: nothing to save")
         if action == "stop":
             control.request_stop()
         elif action == "pause":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sa3.atomic import atomic_write_json
-from .runs import ACTIVE, RunError, RunRegistry
+from .runs import ACTIVE, RunConflict, RunError, RunRegistry
 from .worker import RunControl
 
 REQUEST_KINDS = ("stop", "save", "pause", "continue")  # the order they are applied in
@@ -45,7 +45,7 @@ def write_request(registry: RunRegistry, run_id: str, kind: str) -> Path:
     path = request_path(registry.run_dir(run_id), kind)  # run_dir confines the run id to the registry root
     status = registry.get(run_id)["status"]
     if status not in ACTIVE:
-        raise RunError(f"run {run_id} is {status}, not running; `sa3-lora runs resume {run_id}` continues it")
+        raise RunConflict(f"run {run_id} is {status}, not running; `sa3-lora runs resume {run_id}` continues it")
     if kind in _CANCELS:
         path.with_name(f"{_CANCELS[kind]}.request").unlink(missing_ok=True)
     return atomic_write_json(path, {"request": kind, "time": time.time()})

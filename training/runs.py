@@ -35,20 +35,32 @@ TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
 
 
 class RunError(ValueError):
-    pass
+    """A run's input, state or path is wrong; the message names what and why."""
+
+
+class RunNotFound(RunError):
+    """No such run, or no such file in it (HTTP 404)."""
+
+
+class RunConflict(RunError):
+    """The action does not fit the run's state: not running, already running, trained elsewhere (HTTP 409)."""
+
+
+class PathOutsideRun(RunError):
+    """A path or run id that would leave the runs folder (HTTP 403)."""
 
 
 def confine(root: Path, relative: str) -> Path:
     """Resolve `relative` inside `root`, refusing absolute paths, `..`, and symlinks that lead outside `root`."""
     if not relative or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative) or "\x00" in relative:
-        raise RunError(f"path {relative!r} is not a relative path inside the run folder")
+        raise PathOutsideRun(f"path {relative!r} is not a relative path inside the run folder")
     parts = Path(relative.replace("\\", "/")).parts
     if any(p == ".." for p in parts):
-        raise RunError(f"path {relative!r} leaves the run folder")
+        raise PathOutsideRun(f"path {relative!r} leaves the run folder")
     root = root.resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
-        raise RunError(f"path {relative!r} resolves outside the run folder")
+        raise PathOutsideRun(f"path {relative!r} resolves outside the run folder")
     return target
 
 
@@ -352,7 +364,7 @@ class RunRegistry:
         with self._lock():
             runs = self._read_index()
             if run_id not in runs:
-                raise RunError(f"no run {run_id!r} in {self.root}")
+                raise RunNotFound(f"no run {run_id!r} in {self.root}")
             return runs[run_id]
 
     def create(self, config: RunConfig) -> str:
@@ -377,7 +389,7 @@ class RunRegistry:
         with self._lock():
             runs = self._read_index()
             if run_id not in runs:
-                raise RunError(f"no run {run_id!r}")
+                raise RunNotFound(f"no run {run_id!r}")
             if "status" in changes and changes["status"] not in STATUSES:
                 raise RunError(f"status {changes['status']!r} is not one of {STATUSES}")
             if changes.get("status") in ACTIVE:  # who runs it: other processes must not take it for dead
@@ -403,7 +415,7 @@ class RunRegistry:
             runs = self._read_index()
             folder = self.run_dir(run_id, must_exist=False)  # a folder removed by hand still leaves the index
             if run_id not in runs and not folder.is_dir():
-                raise RunError(f"no run {run_id!r} in {self.root}")
+                raise RunNotFound(f"no run {run_id!r} in {self.root}")
             runs.pop(run_id, None)
             self._write_index(runs)
             shutil.rmtree(folder, ignore_errors=True)
@@ -411,16 +423,16 @@ class RunRegistry:
     def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
         folder = confine(self.root, run_id)
         if folder.parent != self.root.resolve():
-            raise RunError(f"run id {run_id!r} is not a run folder name")
+            raise PathOutsideRun(f"run id {run_id!r} is not a run folder name")
         if must_exist and not folder.is_dir():
-            raise RunError(f"no run folder for {run_id!r}")
+            raise RunNotFound(f"no run folder for {run_id!r}")
         return folder
 
     def run_file(self, run_id: str, relative: str) -> Path:
         """A file inside a run folder, confined (for routes serving demos, images and checkpoints)."""
         path = confine(self.run_dir(run_id), relative)
         if not path.is_file():
-            raise RunError(f"{relative!r} does not exist in run {run_id}")
+            raise RunNotFound(f"{relative!r} does not exist in run {run_id}")
         return path
 
     def config(self, run_id: str) -> RunConfig:
@@ -428,7 +440,7 @@ class RunRegistry:
         try:
             return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
-            raise RunError(f"run {run_id}: {path.name} does not exist; the run folder is incomplete") from None
+            raise RunNotFound(f"run {run_id}: {path.name} does not exist; the run folder is incomplete") from None
         except (ValueError, TypeError) as e:  # damaged JSON, or fields this version does not know
             raise RunError(f"run {run_id}: {path} is unreadable ({e})") from None
 
