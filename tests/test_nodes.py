@@ -259,3 +259,23 @@ def test_continuing_a_lora_counts_on_from_its_step_unless_reset(comfy, dataset):
         run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from=lora,
                                                           reset_step=reset))
         assert run_node("SA3RunStatus", run=run, bins=5)[2].endswith(f"step={step:06d}.safetensors"), reset
+
+
+def test_comfyui_cancel_ends_a_waiting_train_node_and_the_run_trains_on(comfy, dataset):
+    import threading
+    import time
+
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    manager = get_manager()
+    started = threading.Event()
+    manager.listeners.append(lambda e: e["type"] == "step" and started.set())
+    threading.Thread(target=lambda: started.wait(120) and setattr(comfy, "interrupt", True), daemon=True).start()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), steps=100000))
+    (run,) = [r["id"] for r in manager.registry.list()]
+    time.sleep(0.5)
+    assert manager.worker.is_running(run) and manager.registry.get(run)["status"] == "training"
+    manager.control(run, "stop")
+    assert manager.wait(run, 120)["status"] == "stopped"
