@@ -74,8 +74,8 @@ class TrainingManager:
                                f"(its checkpoint is kept), then {action}")
             write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
             return {**self.registry.get(run_id), "requested": action}
-        if action == "delete":
-            self._check_confirmed(confirm)  # before anything changes
+        if action == "delete" and confirm is not True:  # checked before anything changes
+            raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
         if queued and action in ("stop", "delete") and not self.worker.cancel_queued(run_id):
             started, queued = True, False  # it started in between: treat it as running
         if queued and action in ("stop", "delete"):
@@ -113,11 +113,6 @@ class TrainingManager:
         elif action == "save":
             control.save_now.set()
         return self.registry.get(run_id)
-
-    @staticmethod
-    def _check_confirmed(confirm: bool) -> None:
-        if confirm is not True:
-            raise RunError("delete needs confirm=true (it removes the run's checkpoints and demos)")
 
     def _delete(self, run_id: str) -> dict:
         """Remove the run (once: a second caller racing the first finds it gone) and tell the listeners."""

@@ -67,9 +67,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def checkpoint_name(config: RunConfig, run_id: str, step: int) -> str:
+    """`<run name>-step=<S>`: the stem of a checkpoint's two files (`checkpoint_files`)."""
     from .runs import slugify
 
     return f"{slugify(config.name or run_id)}-step={step:06d}"
+
+
+ADAPTER_SUFFIX, STATE_SUFFIX = ".safetensors", ".state.pt"
+
+
+def checkpoint_files(stem: str) -> tuple[str, str]:
+    """(adapter file, training-state file) names of the checkpoint `stem`."""
+    return stem + ADAPTER_SUFFIX, stem + STATE_SUFFIX
+
+
+def checkpoint_step(state_path: Path) -> int:
+    """S of a `<name>-step=<S>.state.pt` file (-1 for other names: tried last)."""
+    match = re.search(r"-step=(\d+)" + re.escape(STATE_SUFFIX) + "$", state_path.name)
+    return int(match.group(1)) if match else -1
 
 
 class Trainer:
@@ -185,9 +200,10 @@ class Trainer:
             pass
         except (ValueError, KeyError, TypeError) as e:
             self.log.emit("warning", message=f"{latest.name} is damaged ({e}); using the newest intact checkpoint")
-        states = sorted((self.folder / "checkpoints").glob("*.state.pt"), key=_checkpoint_step, reverse=True)
-        candidates += [(f"checkpoints/{p.name}", f"checkpoints/{p.name.removesuffix('.state.pt')}.safetensors")
-                       for p in states]
+        states = sorted((self.folder / "checkpoints").glob("*" + STATE_SUFFIX), key=checkpoint_step, reverse=True)
+        for p in states:
+            adapter_name, state_name = checkpoint_files(p.name.removesuffix(STATE_SUFFIX))
+            candidates.append((f"checkpoints/{state_name}", f"checkpoints/{adapter_name}"))
         for state_path, adapter_path in candidates:
             if state_path in seen:
                 continue
@@ -215,15 +231,16 @@ class Trainer:
         ckpt_dir = self.folder / "checkpoints"
         ckpt_dir.mkdir(exist_ok=True)
         adapter = self.stack.export(0)
-        adapter_path = ckpt_dir / f"{name}.safetensors"
-        tmp = ckpt_dir / f".{name}.safetensors.tmp"
+        adapter_name, state_name = checkpoint_files(name)
+        adapter_path = ckpt_dir / adapter_name
+        tmp = ckpt_dir / f".{adapter_name}.tmp"
         write_adapter_file(tmp, adapter, base_pack=self.model.pack or Path(str(c.model)).name, step=self.global_step,
                            epoch=self.global_step * c.batch_size // max(1, len(self.dataset)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
                            base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
         fsync_replace(tmp, adapter_path)
-        state_path = ckpt_dir / f"{name}.state.pt"
-        tmp = ckpt_dir / f".{name}.state.pt.tmp"
+        state_path = ckpt_dir / state_name
+        tmp = ckpt_dir / f".{state_name}.tmp"
         torch.save(self.state_dict(), tmp)
         fsync_replace(tmp, state_path)
         info = {"step": self.global_step, "step_offset": self.step_offset, "path": f"checkpoints/{adapter_path.name}",
@@ -424,12 +441,6 @@ class Trainer:
                 self.save_checkpoint()
         set_status("done")
         return "done"
-
-
-def _checkpoint_step(path: Path) -> int:
-    """S of a `<name>-step=<S>.state.pt` checkpoint file (-1 for other names: tried last)."""
-    match = re.search(r"-step=(\d+)\.state\.pt$", path.name)
-    return int(match.group(1)) if match else -1
 
 
 def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_emb, seconds, keep=None,
