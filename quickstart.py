@@ -43,6 +43,7 @@ def run_quickstart(args) -> int:
 
     from .encoding import encode_folder
     from .sa3.model import load_model
+    from .sa3.sibling import load_sibling
     from .sa3.tiny import write_tiny_pack
     from .training.manager import TrainingManager
     from .training.runs import DemoSpec, RunConfig
@@ -57,14 +58,13 @@ def run_quickstart(args) -> int:
     base_dir, arc_dir = write_tiny_pack(out / "models" / "tiny", seed=args.seed)
     say(f"tiny pack written: {base_dir} and {arc_dir}")
     base = load_model(base_dir)
-    arc = load_model(arc_dir)
 
     audio_dir = synthesise_dataset(out / "audio", args.seed)
     report = encode_folder(audio_dir, out / "dataset", encoder=base)
     say(f"dataset encoded: {report.summary()}")
 
-    def provider(spec, variant, dtype, device):
-        return arc if variant == "arc" else base
+    def provider(spec, variant, dtype, device):  # the run trains on the loaded base model; ARC demos load beside it
+        return base
 
     manager = TrainingManager(out / "runs", model_provider=provider)
     demos = [DemoSpec("deep sub bass drone", False, 7.0, steps=8, seed=1, duration=1.0),
@@ -96,6 +96,7 @@ def run_quickstart(args) -> int:
     lora = manager.registry.run_dir(run_id) / latest["path"]
     say(f"trained LoRA: {lora}")
 
+    arc = load_sibling(base, arc_dir)  # the ARC DiT, sharing the base model's autoencoder and text encoder
     audio, rate = arc.generate("qstyle, deep sub bass drone", duration=2.0, seed=args.seed,
                                loras=[{"path": str(lora), "strength": 1.0, "skip_first_steps": 1}])
     wav_path = out / "generated.wav"

@@ -25,6 +25,12 @@ def get_or_load(key: tuple, loader):
         return model
 
 
+def find_loaded(key: tuple):
+    """The model cached under `key`, or None (nothing is loaded)."""
+    with _LOCK:
+        return _CACHE.get(key)
+
+
 def register_model(key: tuple, model) -> None:
     """Make an already loaded model findable under another key (a run's model spec)."""
     with _LOCK:

@@ -40,6 +40,18 @@ def model_provider(spec: str, variant: str, dtype: str, device: str):
     return get_or_load((spec, variant, dtype, str(device)), loader)
 
 
+def loaded_model(spec: str, variant: str, dtype: str, device: str):
+    """The model already in the cache for these settings, or None. A run's ARC demos use the ARC pack when SA3 Load
+    Pack has it loaded; otherwise the run loads only its DiT beside the base model for itself (`sa3.sibling`),
+    instead of caching a whole second pack for the rest of the session."""
+    from .model_nodes import find_loaded
+
+    return find_loaded((spec, variant, dtype, str(device)))
+
+
+model_provider.loaded = loaded_model
+
+
 def get_manager(root: str | Path | None = None):
     global _MANAGER
     with _MANAGER_LOCK:

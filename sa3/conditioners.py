@@ -65,6 +65,7 @@ class PromptConditioner(nn.Module):
         # Not registered (see the module docstring): set through __dict__ so nn.Module does not adopt them.
         self.__dict__["text_encoder"] = None
         self.__dict__["tokenizer"] = None
+        self.__dict__["text_encoder_source"] = None
         self.cache = TextEncoderCache(cache_size)
         self._lock = threading.RLock()
 
@@ -89,8 +90,10 @@ class PromptConditioner(nn.Module):
         return new
 
     # --- the text encoder ---
-    def set_text_encoder(self, encoder: T5GemmaEncoder, tokenizer: PromptTokenizer) -> None:
-        """Attach a loaded encoder + tokenizer (frozen, eval). Its width must equal `text_dim`."""
+    def set_text_encoder(self, encoder: T5GemmaEncoder, tokenizer: PromptTokenizer,
+                         source: str | Path | None = None) -> None:
+        """Attach a loaded encoder + tokenizer (frozen, eval). Its width must equal `text_dim`. source: the folder
+        or file it came from (`text_encoder_source`, which tells whether another model may share it)."""
         width = encoder.config.hidden_size
         if width != self.text_dim:
             raise ConditionerError(f"the text encoder is {width} wide but this prompt conditioner expects "
@@ -98,13 +101,22 @@ class PromptConditioner(nn.Module):
         with self._lock:
             self.__dict__["text_encoder"] = encoder.eval().requires_grad_(False)
             self.__dict__["tokenizer"] = tokenizer
+            self.__dict__["text_encoder_source"] = Path(source) if source is not None else None
             self.cache.clear()
+
+    def share_text_encoder(self, other: PromptConditioner) -> None:
+        """Use `other`'s loaded encoder and tokenizer (one copy in memory for two models of a pack), and its lock:
+        encoding moves the encoder between devices, which must not race between the two."""
+        if other.text_encoder is None:
+            raise ConditionerError("the other prompt conditioner has no text encoder to share")
+        self.set_text_encoder(other.text_encoder, other.tokenizer, other.text_encoder_source)
+        self._lock = other._lock
 
     def load_text_encoder(self, source: str | Path, dtype: str | torch.dtype = torch.float32,
                           device: str | torch.device = "cpu", config=None) -> None:
         """Load T5Gemma from a Hugging Face folder or ComfyUI's `t5gemma_b_b_ul2.safetensors`, in `dtype` on
         `device` (see `text.load_text_encoder`; `config` only matters for a single file of a non-standard size)."""
-        self.set_text_encoder(*load_text_encoder(source, dtype=dtype, device=device, config=config))
+        self.set_text_encoder(*load_text_encoder(source, dtype=dtype, device=device, config=config), source=source)
 
     @property
     def has_text_encoder(self) -> bool:

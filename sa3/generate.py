@@ -75,6 +75,9 @@ def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
     return model.encode_audio(out[None], model.sample_rate, chunked=False)
 
 
+ADAPTER_MODES = {"fast": "merged", "low": "factored"}  # generate's adapter_memory -> the adapter view's mode
+
+
 def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
              duration: float | Sequence[float] = 10.0, seed: int | None = None, steps: int | None = None,
              cfg_scale: float | None = None, sampler: str | None = None, batch_size: int | None = None,
@@ -83,7 +86,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
              loras=None, apg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
              padding_seconds: float = PADDING_SECONDS, chunked_decode: bool | None = None,
              callback: Callable[[dict], None] | None = None, return_latents: bool = False,
-             truncate: bool = True) -> tuple[Tensor, int]:
+             truncate: bool = True, adapter_memory: str = "fast") -> tuple[Tensor, int]:
     """Generate audio. Returns (waveform [B, 2, N] float in [-1, 1] on CPU, sample_rate) — or (latents, rate) with
     `return_latents`. Defaults follow the model kind: ARC = ping-pong, 8 steps, CFG 1; base = Euler, 50, CFG 7.
 
@@ -91,7 +94,10 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     init_audio: (waveform, rate) or AUDIO dict for audio-to-audio, noised to `init_noise_level` (1 = ignore it).
     inpaint_audio + inpaint_regions: regenerate [(start_s, end_s), ...] of the source; continuation is a region from
     the source's end to `duration`. paste_back puts the source latents back outside the regions after sampling.
-    loras: [{"path", "strength", "interval": (lo, hi)}] or loaded adapters, applied in order (see adapters/)."""
+    loras: [{"path", "strength", "interval": (lo, hi)}] or loaded adapters, applied in order (see adapters/).
+    adapter_memory: "fast" forms each adapted weight once (a copy of the adapted layers' weights while sampling);
+    "low" computes the adapter path beside the shared weights at every step (no copy, a little slower; training
+    demos use it, and a model streaming its DiT from host memory always does)."""
     cfg = model.config
     kind = "arc" if cfg.is_arc else "base"
     default_sampler, default_steps, default_cfg = DEFAULTS[kind]
@@ -125,7 +131,10 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     noise = samplers_mod.draw_noise((n, cfg.latent_dim, n_latents), generator, device)
 
     # The adapter stack is active for conditioning too: adapters also adapt the seconds conditioner's Linear.
-    session = _adapter_session(model, loras)
+    if adapter_memory not in ADAPTER_MODES:
+        raise ValueError(f"adapter_memory={adapter_memory!r}; use one of {sorted(ADAPTER_MODES)}")
+    mode = "factored" if getattr(model, "streams_dit", False) else ADAPTER_MODES[adapter_memory]
+    session = _adapter_session(model, loras, mode)
     with session:
         cond = model.encode_text(prompts, durations)
         negative = None
@@ -191,9 +200,9 @@ class _NoAdapters:
         return self
 
 
-def _adapter_session(model, loras):
+def _adapter_session(model, loras, mode: str):
     if not loras:
         return _NoAdapters()
     from ..adapters import adapter_session  # the adapter stack applied per sampling step (see adapters/)
 
-    return adapter_session(model, loras)
+    return adapter_session(model, loras, mode=mode)

@@ -86,6 +86,11 @@ def _keep_fp32(key: str, dtype: torch.dtype) -> bool:
     return key.endswith("inv_freq") or (dtype == torch.float16 and key.startswith(AUTOENCODER_PREFIX))
 
 
+def loaded_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded in when the model is asked for `dtype`."""
+    return torch.float32 if _keep_fp32(key, dtype) else dtype
+
+
 class SA3Model:
     """A loaded SA3 checkpoint (DiT + conditioners + SAME), plus its text encoder when one was found.
 
@@ -98,6 +103,8 @@ class SA3Model:
                  source: str = "", pack: str | None = None, variant: str | None = None):
         self.config, self.modules, self.dtype, self.device = config, modules, dtype, torch.device(device)
         self.source, self.pack, self.variant = source, pack, variant
+        self.streams_dit = False  # DiT blocks lent from host memory per forward (`sa3.sibling`)
+        self.shared_parts: tuple[str, ...] = ()  # parts shared with the model it was loaded beside
 
     # --- parts ---
     @property
@@ -233,23 +240,26 @@ def build_modules(config: SA3Config) -> SA3Modules:
         return SA3Modules(config)
 
 
-def load_weights(modules: SA3Modules, file: SafetensorsFile, dtype: torch.dtype, device) -> None:
+def load_weights(modules: SA3Modules, file: SafetensorsFile, dtype: torch.dtype, device,
+                 shared: frozenset[str] = frozenset()) -> None:
     """Strictly fill `modules` from a full SA3 checkpoint. RoPE `inv_freq` buffers may be absent (re-saved files
-    drop them); they are recomputed then. Any other missing or extra tensor is an error naming it."""
+    drop them); they are recomputed then. Any other missing or extra tensor is an error naming it.
+    shared: keys already filled with another model's equal tensors (`sa3.sibling`); the file has them, unread."""
     keys = set(file.keys())
-    expected = modules.state_dict(keep_vars=True)
+    expected = {k: v for k, v in modules.state_dict(keep_vars=True).items() if k not in shared}
     computed = frozenset(k for k in expected if k.endswith("inv_freq") and k not in keys)
     for name in computed:
         owner = modules.get_submodule(name.rsplit(".", 1)[0])
         owner.inv_freq = owner.compute_inv_freq(device="cpu")
 
     def dtype_for(key: str):
-        return torch.float32 if _keep_fp32(key, dtype) else dtype
+        return loaded_dtype(key, dtype)
 
     key_map = {k: k for k in expected if k not in computed}
-    load_into_meta_module(modules, file, key_map, dtype_for, device, what="SA3 model", computed=computed)
+    load_into_meta_module(modules, file, key_map, dtype_for, device, what="SA3 model", computed=computed | shared)
     allowed = {"text_encoders.", "cond_stage_model."}  # ComfyUI files may bundle other parts we load separately
-    check_unexpected(file, set(key_map.values()), lambda k: any(k.startswith(p) for p in allowed), what="SA3 model")
+    check_unexpected(file, set(key_map.values()) | shared, lambda k: any(k.startswith(p) for p in allowed),
+                     what="SA3 model")
     if str(device) != "cpu":
         modules.to(device)
 
@@ -271,21 +281,23 @@ def _find_text_encoder_for(folder: Path, config: SA3Config) -> Path | None:
     return None
 
 
-def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu", *,
-               variant: str | None = None, text_encoder: str | Path | None = None, config: str | Path | dict | None = None,
-               objective: str | None = None, models_dir: str | Path | None = None, download: bool = False,
-               **config_overrides) -> SA3Model:
-    """Load an SA3 model.
+@dataclass
+class CheckpointLocation:
+    """Where a model's parts are: `weights` (the .safetensors, opened as `file`), its `config`, its text encoder
+    folder or file (None when none was found), and the pack/variant when a pack name was given."""
+    path: Path
+    file: SafetensorsFile
+    config: SA3Config
+    text_encoder: Path | None
+    pack: str | None
+    variant: str | None
 
-    source: a folder in the official Hub layout (model_config.json + model.safetensors [+ t5gemma-b-b-ul2/]);
-      a pack name (`sa3-medium`, `sa3-small-music`, `sa3-small-sfx`, with `variant` "base" or "arc"; resolved in
-      `models_dir`, downloaded when `download=True`); or a single ComfyUI checkpoint `.safetensors` file, whose
-      config is inferred from its tensors (`objective`, `config_overrides` and `config=` fill what the weights do
-      not say) — give its text encoder with `text_encoder=` (ComfyUI's `t5gemma_b_b_ul2.safetensors` or a folder).
-    dtype: "fp32" | "bf16" | "fp16" for the DiT and conditioners (the SAME autoencoder stays fp32 under fp16).
-    Peak RAM while loading is about the model's size in `dtype` plus its largest tensor."""
-    torch_dtype = resolve_dtype(dtype)
-    device = torch.device(device)
+
+def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_encoder: str | Path | None = None,
+                      config: str | Path | dict | None = None, objective: str | None = None,
+                      models_dir: str | Path | None = None, download: bool = False,
+                      **config_overrides) -> CheckpointLocation:
+    """Resolve a model source (see `load_model`) to its files and config without loading any weight."""
     pack = None
     path = Path(source)
     if not path.exists() and isinstance(source, str) and not any(c in source for c in "/\\"):
@@ -327,14 +339,35 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: st
         cfg = cfg.with_overrides(objective=objective, **config_overrides)
     if cfg.objective not in ("rectified_flow", "rf_denoiser"):
         raise ConfigError(f"objective={cfg.objective!r}")
+    return CheckpointLocation(path, file, cfg, te, pack, variant if pack else ("arc" if cfg.is_arc else "base"))
 
-    modules = build_modules(cfg)
-    load_weights(modules, file, torch_dtype, device)
+
+def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu", *,
+               variant: str | None = None, text_encoder: str | Path | None = None, config: str | Path | dict | None = None,
+               objective: str | None = None, models_dir: str | Path | None = None, download: bool = False,
+               **config_overrides) -> SA3Model:
+    """Load an SA3 model.
+
+    source: a folder in the official Hub layout (model_config.json + model.safetensors [+ t5gemma-b-b-ul2/]);
+      a pack name (`sa3-medium`, `sa3-small-music`, `sa3-small-sfx`, with `variant` "base" or "arc"; resolved in
+      `models_dir`, downloaded when `download=True`); or a single ComfyUI checkpoint `.safetensors` file, whose
+      config is inferred from its tensors (`objective`, `config_overrides` and `config=` fill what the weights do
+      not say) — give its text encoder with `text_encoder=` (ComfyUI's `t5gemma_b_b_ul2.safetensors` or a folder).
+    dtype: "fp32" | "bf16" | "fp16" for the DiT and conditioners (the SAME autoencoder stays fp32 under fp16).
+    Peak RAM while loading is about the model's size in `dtype` plus its largest tensor.
+    A second model of the same pack (its ARC variant beside the base) loads with `sa3.sibling.load_sibling`,
+    which shares the parts both have in common."""
+    torch_dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    loc = locate_checkpoint(source, variant=variant, text_encoder=text_encoder, config=config, objective=objective,
+                            models_dir=models_dir, download=download, **config_overrides)
+    modules = build_modules(loc.config)
+    load_weights(modules, loc.file, torch_dtype, device)
     modules.eval().requires_grad_(False)
-    model = SA3Model(cfg, modules, torch_dtype, device, source=str(path), pack=pack,
-                     variant=variant if pack else ("arc" if cfg.is_arc else "base"))
-    if te is not None:
-        model.conditioner.conditioners["prompt"].load_text_encoder(te, dtype=torch_dtype, device=device)
+    model = SA3Model(loc.config, modules, torch_dtype, device, source=str(loc.path), pack=loc.pack,
+                     variant=loc.variant)
+    if loc.text_encoder is not None:
+        model.conditioner.conditioners["prompt"].load_text_encoder(loc.text_encoder, dtype=torch_dtype, device=device)
     return model
 
 

@@ -198,6 +198,13 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
     decoded = decode_audio(folder / "demo_0.opus")
     assert decoded.sample_rate == 48000 and decoded.channels == 2 and abs(decoded.seconds - settings[0]["duration"]) < 0.01
     assert settings[0]["duration"] <= 0.25  # the tiny model's sample_size caps the length
+    # the ARC demo loaded its DiT beside the run's base model instead of caching a whole ARC pack for the session
+    from sa3_lora_studio.nodes import model_nodes, training_nodes
+
+    assert [key[1] for key in model_nodes.loaded_models()] == ["base"]
+    (arc,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    assert training_nodes.model_provider.loaded("sa3-small-music", "arc", "fp32", "cpu") is arc
+    assert training_nodes.model_provider.loaded("sa3-small-music", "arc", "bf16", "cpu") is None
 
 
 def _train_inputs(**changes):

@@ -125,15 +125,11 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
 
 
 def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, tiny, dataset, fixtures_dir):
-    arc = load_model(fixtures_dir / "tiny-small-arc")
-
-    def provider(spec, variant, dtype, device):
-        return arc if variant == "arc" else tiny
-
     demos = [DemoSpec("warm bass drone", False, 3.0, steps=2, seed=1, duration=0.01),
              DemoSpec(None, True, 1.0, steps=2, seed=2, duration=0.01), DemoSpec("", False, 1.0, steps=2, duration=0.01)]
-    manager = TrainingManager(tmp_path / "runs", model_provider=provider)
-    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2, demos=[d.__dict__ for d in demos]))
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2, demos=[d.__dict__ for d in demos],
+                                 arc_model=str(fixtures_dir / "tiny-small-arc"), adapter_type="lora"))
     assert manager.wait(run, 300)["status"] == "done"
     folder = manager.registry.run_dir(run)
     for step in (0, 2):
@@ -145,6 +141,20 @@ def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, t
             assert settings["arc"] == (i == 1) and settings["steps"] == 2
     events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
     assert sum(e["type"] == "demo" for e in events) == 6
+    assert not any(e["type"] == "warning" for e in events)
+
+    # the ARC demo (the ARC DiT loaded beside the training model) sounds as the whole ARC model does: at step 0 the
+    # new LoRA is the identity (B = 0); at step 2 with the checkpoint, which is stored in fp16 (the demo used fp32)
+    arc = load_model(fixtures_dir / "tiny-small-arc")
+    for step, loras, atol in ((0, [], 1e-5), (2, [{"path": str(folder / manager.registry.latest_checkpoint(run)["path"]),
+                                                  "strength": 1.0}], 2e-3)):
+        demo = folder / "demos" / f"step_{step:06d}"
+        settings = json.loads((demo / "demo_1.json").read_text())
+        expected, _ = arc.generate(settings["prompt"], duration=0.01, seed=2, steps=2, cfg_scale=1.0,
+                                   sampler="pingpong", loras=loras)
+        heard = torch.from_numpy(sf.read(demo / "demo_1.flac", dtype="float32")[0]).T
+        assert expected[0].abs().max() > 1e-2
+        assert torch.allclose(heard, expected[0], atol=atol), (step, (heard - expected[0]).abs().max())
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora-rows", "bora", "lora-xs"])
@@ -328,3 +338,30 @@ def test_a_stop_during_the_final_demos_ends_stopped_and_a_restart_renders_them(t
     manager.control(run, "restart")
     assert manager.wait(run, 300)["status"] == "done"
     assert sorted(p.name for p in demos.iterdir()) == ["step_000000", "step_000002"]
+
+
+def test_arc_demos_use_a_loaded_arc_model_when_the_provider_has_one_else_a_sibling(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.trainer import Trainer
+
+    arc_spec = str(fixtures_dir / "tiny-small-arc")
+    config = _config(dataset, fixtures_dir, arc_model=arc_spec)
+    plain = Trainer(config, tmp_path, "r", EventLogStub(), _provider(tiny))
+    plain.setup()
+    sibling = plain.load_arc_model(arc_spec)
+    assert sibling.is_arc and sibling.autoencoder is tiny.autoencoder and sibling is not tiny
+
+    loaded_arc = load_model(arc_spec)
+    asked = []
+
+    def provider(spec, variant, dtype, device):
+        return tiny
+
+    def loaded(spec, variant, dtype, device):
+        asked.append((spec, variant, dtype, device))
+        return loaded_arc if variant == "arc" else None
+
+    provider.loaded = loaded
+    cached = Trainer(config, tmp_path, "r", EventLogStub(), provider)
+    cached.setup()
+    assert cached.load_arc_model(arc_spec) is loaded_arc
+    assert asked == [(arc_spec, "arc", "fp32", "cpu")]

@@ -2,8 +2,10 @@
 the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
 `demos/step_<S>/demo_<i>.flac` (or .mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
 
-Demos reuse the loaded model (no second copy for base demos) and apply the adapter as a private view, so nobody else
-using the shared model hears it.
+Demos reuse the loaded model and apply the adapter as a private view that computes the adapter path beside the shared
+weights (no merged copy), so nobody else using the shared model hears it and demos need no more memory than
+training. ARC demos use the ARC pack's DiT loaded beside the base model, sharing its autoencoder and text encoder
+(`sa3.sibling`; on a GPU its blocks stay in host memory and visit the device one at a time).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ def demo_prompt(trainer, spec: DemoSpec, index: int, step: int) -> str:
 
 def arc_model_for(trainer):
     """The ARC model for ARC demos: `arc_model` of the run config, else the base pack's ARC variant. None (with a
-    warning event, once) when it is not available."""
+    warning event, once) when it is not available. `Trainer.load_arc_model` says where it comes from."""
     if getattr(trainer, "_arc_model", None) is not None or getattr(trainer, "_arc_missing", False):
         return getattr(trainer, "_arc_model", None)
     c = trainer.config
     spec = c.arc_model or c.model
     try:
-        trainer._arc_model = trainer.load_model(spec, "arc")
+        trainer._arc_model = trainer.load_arc_model(spec)
         if not trainer._arc_model.is_arc:
             trainer.log.emit("warning", message=f"ARC demos: {spec} is not an ARC model; using it with ping-pong anyway")
     except Exception as e:  # a missing ARC pack must not stop training
@@ -70,7 +72,8 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
         prompt = demo_prompt(trainer, spec, i, step)
         audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
                                      sampler="pingpong" if spec.arc else "euler",
-                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}])
+                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}],
+                                     adapter_memory="low")  # no merged copy of the weights beside training's
         wav = audio[0]
         audio_name = write_audio(tmp_dir / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
         spectrogram_png(wav, rate, tmp_dir / f"demo_{i}.png")
