@@ -151,6 +151,15 @@ def widget_slots(cls) -> list[tuple[str, bool]]:
     return slots
 
 
+def widget_count_fits(cls, slots: list[tuple[str, bool]], n_values: int) -> bool:
+    """A node's stored widget values fit its widget slots: all of them, or all but trailing OPTIONAL widgets that
+    were added to the node after the workflow was saved (the frontend, and the API, give those their defaults)."""
+    if n_values == len(slots):
+        return True
+    optional = set(cls.INPUT_TYPES().get("optional") or {})
+    return n_values < len(slots) and all(name in optional for name, sent in slots[n_values:] if sent)
+
+
 def socket_inputs(cls) -> list[tuple[str, str, bool]]:
     """Inputs drawn as sockets (not widgets): [(name, type, optional)]."""
     spec = cls.INPUT_TYPES()
@@ -235,7 +244,7 @@ def ui_to_api(ui_workflow: dict, node_classes: dict, stock_nodes: dict | None = 
             inputs.update({name: values[name] for name, sent in slots if sent and name in values})
         else:
             values = list(values or [])
-            if len(values) != len(slots):
+            if not widget_count_fits(cls, slots, len(values)):
                 raise ValueError(f"node {node_id} ({kind}): {len(values)} widget values for {len(slots)} widgets "
                                  f"{[name for name, _ in slots]}")
             inputs.update({name: value for (name, sent), value in zip(slots, values) if sent})
@@ -294,7 +303,7 @@ def check_ui_workflow(ui_workflow: dict, node_classes: dict, stock_nodes: dict |
         values = node.get("widgets_values") or []
         if isinstance(values, dict):
             values = [values.get(name) for name, _ in slots]
-        if len(values) != len(slots):
+        if not widget_count_fits(cls, slots, len(values)):
             problems.append(f"{where}: {len(values)} widget values for {len(slots)} widgets {[n for n, _ in slots]}")
             continue
         for (name, sent), value in zip(slots, values):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sa3.generate import ADAPTER_MODES
 from .comfy_bridge import CATEGORY, progress_callback
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
@@ -61,14 +62,20 @@ def _common_inputs():
 
 
 def _optional_inputs():
-    return {"loras": ("SA3_LORA_STACK", {"tooltip": "From SA3 Load LoRA (chain several to stack them)."})}
+    return {
+        "lora_memory": (list(ADAPTER_MODES), {"default": "fast", "tooltip": "fast: each LoRA-adapted weight is formed "
+                        "once (a copy of those weights while sampling). low: the LoRA path is computed beside the "
+                        "model's weights at every step (no copy, a little slower) — for tight VRAM."}),
+        "loras": ("SA3_LORA_STACK", {"tooltip": "From SA3 Load LoRA (chain several to stack them)."}),
+    }
 
 
-def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, **extra):
+def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory="fast",
+         **extra):
     waveform, rate = model.generate(
         prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
         cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
-        loras=loras, callback=progress_callback(steps or model.default_steps), **extra)
+        loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=lora_memory, **extra)
     return (audio_output(waveform, rate),)
 
 
@@ -82,8 +89,9 @@ class SA3Generate:
     CATEGORY = CATEGORY
     DESCRIPTION = "Text to audio with Stable Audio 3 (and any stacked LoRAs)."
 
-    def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras=None):
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras)
+    def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras=None,
+                 lora_memory="fast"):
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory)
 
 
 class SA3AudioToAudio:
@@ -101,9 +109,9 @@ class SA3AudioToAudio:
     DESCRIPTION = "Audio to audio (style transfer / variation): the source is noised to `noise_level` and re-generated."
 
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio,
-                 noise_level, loras=None):
+                 noise_level, loras=None, lora_memory="fast"):
         init = audio_input(audio, "SA3 Audio to Audio")
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
                     init_audio=init, init_noise_level=noise_level)
 
 
@@ -126,7 +134,7 @@ class SA3Inpaint:
     DESCRIPTION = "Inpainting (regenerate regions of a clip) and continuation (extend a clip), guided by the prompt."
 
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio, regions,
-                 continuation, paste_back, loras=None):
+                 continuation, paste_back, loras=None, lora_memory="fast"):
         source = audio_input(audio, "SA3 Inpaint")
         if continuation:
             source_seconds = source[0].shape[-1] / source[1]
@@ -140,7 +148,7 @@ class SA3Inpaint:
                 raise ValueError(f"SA3 Inpaint: {e}") from None
             if not spans:
                 raise ValueError("SA3 Inpaint: give at least one region, e.g. '4.0-8.0'")
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
                     inpaint_audio=source, inpaint_regions=spans, paste_back=paste_back)
 
 

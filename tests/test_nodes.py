@@ -114,6 +114,8 @@ def test_lora_stack_changes_the_output_and_info_describes_it(comfy):
     assert [e["strength"] for e in stack] == [1.0, 0.5] and stack[1]["interval"] == (0.0, 0.5)
     (styled,) = run_node("SA3Generate", **gen_inputs(model, loras=stack))
     assert not torch.equal(plain["waveform"], styled["waveform"])
+    (low,) = run_node("SA3Generate", **gen_inputs(model, loras=stack, lora_memory="low"))  # a stack of two, interval
+    assert torch.allclose(low["waveform"], styled["waveform"], atol=1e-4)
     (again,) = run_node("SA3Generate", **gen_inputs(model))
     assert torch.equal(plain["waveform"], again["waveform"])  # the shared model is unchanged
     (info,) = run_node("SA3LoRAInfo", lora="dora.safetensors")

@@ -128,6 +128,14 @@ def test_widget_values_map_by_position_and_seed_control_values_are_dropped():
         "prompt": "a prompt", "negative_prompt": "", "duration": 10.0, "seed": 5, "steps": 8, "cfg": 1.0,
         "sampler": "auto", "batch_size": 1, "model": ["1", 0]}}
     assert api["1"]["inputs"]["download_missing"] is False
+    # GEN_WIDGETS predate the optional lora_memory widget: it takes its default; the current layout names it
+    assert wf.check_ui_workflow(ui, NODE_CLASS_MAPPINGS) == []
+    ui["nodes"][1]["widgets_values"] = GEN_WIDGETS + ["low"]
+    assert wf.ui_to_api(ui, NODE_CLASS_MAPPINGS)["2"]["inputs"]["lora_memory"] == "low"
+    ui["nodes"][1]["widgets_values"] = GEN_WIDGETS[:-1]  # a required widget missing is still an error
+    with pytest.raises(ValueError, match="8 widget values for 10 widgets"):
+        wf.ui_to_api(ui, NODE_CLASS_MAPPINGS)
+    assert "8 widget values" in wf.check_ui_workflow(ui, NODE_CLASS_MAPPINGS)[0]
 
 
 def test_a_linked_widget_keeps_its_position_and_the_api_gets_the_link():
