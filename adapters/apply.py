@@ -219,6 +219,8 @@ class AdaptedLayer(nn.Module):
     def _effective_weight(self, n_slots: int) -> Tensor:
         """The chain over the first n_slots slots; merged mode caches the full chain without autograd."""
         w = self.original.detach()
+        if n_slots == 0:  # never cached: a model streaming its blocks lends W anew at every forward (sa3/sibling.py)
+            return w
         if self.mode == "merged" and n_slots == len(self.slots):
             key = self.state_key()
             if self._merged is None or self._merged_key != key:

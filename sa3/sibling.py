@@ -41,11 +41,14 @@ def _same_autoencoder(base: SA3Model, loc) -> bool:
     return True
 
 
+TEXT_ENCODER_FILES = (".safetensors", ".json", ".model")  # weights (+ index), configs, tokenizers; not READMEs
+
+
 def _weight_files(source: Path) -> list[Path]:
-    """The files that make a text encoder: the file itself, or a folder's files (config, weights, tokenizer)."""
+    """The files that make a text encoder: the file itself, or a folder's weights, configs and tokenizer."""
     if source.is_file():
         return [source]
-    return sorted(p for p in source.iterdir() if p.is_file())
+    return sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(TEXT_ENCODER_FILES))
 
 
 def same_text_encoder(a: Path | None, b: Path | None) -> bool:

@@ -125,6 +125,10 @@ def test_merged_equals_parametrized_equals_factored_and_the_base_is_untouched(tr
                                                                                             "factored")}
     assert torch.equal(outs["merged"], outs["parametrized"])
     assert torch.allclose(outs["factored"], outs["parametrized"], atol=1e-5, rtol=1e-5)
+    factored = AdaptedModel(tree, uses, ROOTS, mode="factored")
+    factored.module(*inputs)
+    # a single adapter keeps no reference to W (a model streaming its blocks lends W per forward: sa3/host_streaming)
+    assert all(layer._merged is None for layer in factored.layers.values())
     assert not torch.allclose(outs["merged"], base_out, atol=1e-3)
     assert torch.equal(tree(*inputs), base_out)  # the shared base computes what it did
     after = tree.state_dict()
