@@ -71,8 +71,11 @@ def load_sibling(base: SA3Model, source: str | Path, variant: str | None = "arc"
     on its device, sharing base's SAME autoencoder and text encoder when they are equal to its own.
 
     stream_dit: keep the DiT blocks in host memory and lend them to the device per block (default: when base is on
-    an accelerator). The returned model's `shared_parts` names what it shares ("autoencoder", "text encoder")."""
+    an accelerator). The returned model's `shared_parts` names what it shares ("autoencoder", "text encoder");
+    `source` naming base's own checkpoint returns base itself."""
     loc = locate_checkpoint(source, variant=variant, models_dir=models_dir, download=download)
+    if base.source and Path(base.source).exists() and os.path.samefile(loc.path, base.source):
+        return base  # the same checkpoint: nothing to load (e.g. ARC demos of a run whose model is a plain folder)
     device = base.device
     stream = device.type != "cpu" if stream_dit is None else stream_dit
     modules = build_modules(loc.config)

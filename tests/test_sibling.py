@@ -133,3 +133,7 @@ def test_low_memory_adapters_form_no_copy_of_a_linear_weight(tiny, fixtures_dir,
     assert torch.allclose(low, fast, atol=1e-4)
     with pytest.raises(ValueError, match="adapter_memory"):
         _generate(tiny, lora, adapter_memory="tiny")
+
+
+def test_a_sibling_of_the_same_checkpoint_is_the_model_itself(tiny, fixtures_dir):
+    assert load_sibling(tiny, fixtures_dir / "tiny-small", "arc") is tiny
