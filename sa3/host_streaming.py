@@ -5,7 +5,8 @@ GPU, it would make demos need more device memory than training itself. Streamed,
 a time; the price is one copy of the DiT over the bus per model evaluation (8 for an ARC demo at CFG 1).
 
 The tensors keep their identity (their `.data` is swapped), so views that share them (adapter sessions,
-`adapters.apply`) see the lent copy during the block's forward.
+`adapters.apply`) see the lent copy during the block's forward. Because the swap is the module's state, a streamed
+model serves one thread at a time (a training run's demos); the kept host tensors are never computed on.
 """
 
 from __future__ import annotations

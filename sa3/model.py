@@ -283,8 +283,9 @@ def _find_text_encoder_for(folder: Path, config: SA3Config) -> Path | None:
 
 @dataclass
 class CheckpointLocation:
-    """Where a model's parts are: `weights` (the .safetensors, opened as `file`), its `config`, its text encoder
-    folder or file (None when none was found), and the pack/variant when a pack name was given."""
+    """Where a model's parts are: `path` (the folder or checkpoint file the source names), `file` (its weights,
+    opened), its `config`, its text encoder folder or file (None when none was found), its pack (when a pack name
+    was given) and variant."""
     path: Path
     file: SafetensorsFile
     config: SA3Config
