@@ -52,6 +52,7 @@ from .maths import (
     effective_weight,
     factored_linear,
     init_tensors,
+    row_col_scales,
     svd_bases,
     tensor_names,
 )
@@ -187,6 +188,7 @@ class AdaptedLayer(nn.Module):
         self._ready: Tensor | None = None  # merged mode: the weight valid for the current state (fast path)
         self._is_conv = isinstance(base, nn.Conv1d)
         self._base_products: BaseProducts | None = None  # of the frozen part, for the last slot
+        self._scales, self._scales_key = None, None  # factored inference: the last slot's renorm factors (d, c)
 
     def __getattr__(self, name: str):
         try:
@@ -251,6 +253,7 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         """Drop the private merged weight (the base weight was never modified)."""
         self._merged, self._merged_key, self._base_products, self._ready = None, None, None, None
+        self._scales, self._scales_key = None, None
 
     def static_weight(self) -> Tensor | None:
         """The merged effective weight when this layer is static in merged mode (the fast path), else None. Lets a
@@ -271,8 +274,15 @@ class AdaptedLayer(nn.Module):
             if self._base_products is None:
                 with torch.no_grad():
                     self._base_products = base_products(w.reshape(w.shape[0], -1), last.adapter_type, t)
+            scales = None
+            if not last.trainable and not torch.is_grad_enabled():  # frozen tensors: the renorm factors are constant
+                key = self.state_key()
+                if self._scales_key != key:
+                    self._scales = row_col_scales(w, last.adapter_type, t, last.scale(), self._base_products)
+                    self._scales_key = key
+                scales = self._scales
             return factored_linear(x, w, self.bias, last.adapter_type, t, last.scale(), self._base_products,
-                                   last.detach_norm)
+                                   last.detach_norm, scales)
         w = self._effective_weight(len(slots))
         if isinstance(base, nn.Conv1d):
             return base._conv_forward(x, w, self.bias)

@@ -316,12 +316,14 @@ def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Te
 
 
 def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str, t: dict[str, Tensor],
-                    scale: Tensor | float, products: BaseProducts | None = None, detach_norm: bool = False) -> Tensor:
+                    scale: Tensor | float, products: BaseProducts | None = None, detach_norm: bool = False,
+                    scales: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
     """A Linear layer's output with one adapter, never forming W + s·ΔW: x [..., in] -> [..., out].
     y = ((x∘c)·Wᵀ + s·((x∘c)·downᵀ)·upᵀ) ∘ d + bias. At scale 0 DoRA/BoRA give the base output (reference rule).
     products: the layer's cached `base_products(w, adapter_type, t)`; without it only the squared norms are
     computed here (the -xs products would cost more than the pass over W they save in a single call).
     detach_norm: the DoRA/BoRA norms are constants for autograd (a training option; see fused.py).
+    scales: `row_col_scales` of this layer when the caller keeps them (a frozen adapter in a generation session).
 
     Cost: one product with the frozen W per direction (`frozen_linear`). In fp32 CPU training each DoRA/BoRA type is
     one hand-written autograd node (`fused.py`; DoRA-rows gets W·downᵀ from the layer's own product, -xs types from
@@ -343,7 +345,7 @@ def factored_linear(x: Tensor, w: Tensor, bias: Tensor | None, adapter_type: str
             y = bora_linear(x2, down, up, t["magnitude_r"], t["magnitude_c"], s, w, bias, products.row_sq, p,
                             detach_norm)
         return y.view(*x.shape[:-1], w.shape[0])
-    d, c = row_col_scales(w, adapter_type, t, scale, products, detach_norm)
+    d, c = scales if scales is not None else row_col_scales(w, adapter_type, t, scale, products, detach_norm)
     if c is not None:
         x2 = x2 * c.to(x.dtype)
     base = frozen_linear(x2, w, bias if d is None else None)

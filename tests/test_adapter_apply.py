@@ -349,3 +349,26 @@ def test_lora_dropout_acts_only_in_training_steps(tree, inputs):
     assert not torch.allclose(am.module(*inputs), ref)
     am.set_training(False)
     assert torch.equal(am.module(*inputs), ref)
+
+
+@pytest.mark.parametrize("adapter_type", ["dora-rows", "bora", "dora-cols-xs"])
+def test_factored_inference_keeps_a_frozen_adapters_renorm_factors_until_its_state_changes(tree, inputs, adapter_type,
+                                                                                          monkeypatch):
+    import sa3_lora_studio.adapters.apply as apply
+
+    calls = []
+    real = apply.row_col_scales
+    monkeypatch.setattr(apply, "row_col_scales", lambda *a, **k: calls.append(1) or real(*a, **k))
+    uses = [AdapterUse(trained(tree, adapter_type))]
+    view = AdaptedModel(tree, uses, ROOTS, mode="factored")
+    linears = sum(isinstance(layer._base, nn.Linear) for layer in view.layers.values())
+    with torch.no_grad():
+        first = view.module(*inputs)
+        assert len(calls) == linears
+        assert torch.equal(view.module(*inputs), first) and len(calls) == linears  # kept
+        view.set_strength(0, 0.4)
+        weaker = view.module(*inputs)
+        assert len(calls) == 2 * linears  # the strength changed the factors
+    fresh = AdaptedModel(tree, [AdapterUse(uses[0].adapter, strength=0.4)], ROOTS, mode="parametrized")
+    with torch.no_grad():
+        assert torch.allclose(weaker, fresh.module(*inputs), atol=1e-5)
