@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..sa3.fast_linear import frozen_linear
 from .files import LoadedAdapter, weights_fingerprint
 from .maths import (
     BaseProducts,
@@ -264,7 +265,7 @@ class AdaptedLayer(nn.Module):
         ready = self._ready
         if ready is not None and self.mode == "merged":  # the static case: exactly the base layer's cost
             bias = self._parameters["bias"]
-            return self._base._conv_forward(x, ready, bias) if self._is_conv else nn.functional.linear(x, ready, bias)
+            return self._base._conv_forward(x, ready, bias) if self._is_conv else frozen_linear(x, ready, bias)
         base = object.__getattribute__(self, "_base")
         slots = self.slots
         if self.mode == "factored" and isinstance(base, nn.Linear) and slots and slots[-1].enabled:
@@ -286,7 +287,7 @@ class AdaptedLayer(nn.Module):
         w = self._effective_weight(len(slots))
         if isinstance(base, nn.Conv1d):
             return base._conv_forward(x, w, self.bias)
-        return nn.functional.linear(x, w, self.bias)
+        return frozen_linear(x, w, self.bias)  # oneDNN for a weight without gradient, as the base layers compute
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch

@@ -17,6 +17,7 @@ from sa3_lora_studio.adapters import (
     skip_steps_interval,
 )
 from sa3_lora_studio.adapters import maths as M
+from sa3_lora_studio.sa3.dit import linear
 from torch import nn
 
 TYPES = list(M.ADAPTER_TYPES)
@@ -30,8 +31,9 @@ class Block(nn.Module):
         self.self_attn.to_out = nn.Linear(3 * d, d)
         self.ff = nn.Linear(d, d)
 
-    def forward(self, x):
-        return x + self.ff(self.self_attn.to_out(torch.tanh(self.self_attn.to_qkv(x))))
+    def forward(self, x):  # the DiT's own `linear` (oneDNN for plain frozen Linears on x86, as in the real model)
+        attn = self.self_attn
+        return x + linear(self.ff, linear(attn.to_out, torch.tanh(linear(attn.to_qkv, x))))
 
 
 class Net(nn.Module):
@@ -45,7 +47,7 @@ class Net(nn.Module):
         self.to_timestep_embed = nn.Linear(d, d)
 
     def forward(self, x):
-        x = self.preprocess_conv(x.transpose(1, 2)).transpose(1, 2) + self.to_timestep_embed(x)
+        x = self.preprocess_conv(x.transpose(1, 2)).transpose(1, 2) + linear(self.to_timestep_embed, x)
         for layer in self.transformer.layers:
             x = layer(x)
         return x
@@ -63,7 +65,7 @@ class Tree(nn.Module):
         self.conditioner.conditioners.seconds = nn.Linear(4, 16)
 
     def forward(self, x, s):
-        return self.model.model(x + self.conditioner.conditioners.seconds(s)[:, None])
+        return self.model.model(x + linear(self.conditioner.conditioners.seconds, s)[:, None])
 
 
 ROOTS = (Root("model", gated=True, filter_strip="model."), Root("conditioner", gated=False))
