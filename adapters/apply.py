@@ -178,12 +178,13 @@ class AdaptedLayer(nn.Module):
     """A Linear/Conv1d of the view: the base layer's weight and bias (shared, never written) plus a chain of
     adapter slots. Unknown attributes (in_features, kernel_size, ...) are read from the base layer."""
 
-    def __init__(self, base: nn.Module, slots: list[AdapterSlot], mode: str):
+    def __init__(self, base: nn.Module, slots: list[AdapterSlot], mode: str, streamed: bool = False):
         super().__init__()
         object.__setattr__(self, "_base", base)  # not a submodule: its tensors are registered below under official names
         self.parametrizations = nn.ModuleDict({"weight": _Chain(base.weight, slots)})
         self._parameters["bias"] = base.bias  # shared (or None); set directly: the name also exists on the base
         self.mode = mode
+        self.streamed = streamed  # the base weight is lent per forward (sa3/host_streaming.py): keep no W-sized cache
         self._merged: Tensor | None = None
         self._merged_key: tuple | None = None
         self._ready: Tensor | None = None  # merged mode: the weight valid for the current state (fast path)
@@ -232,7 +233,7 @@ class AdaptedLayer(nn.Module):
                 self._merged_key = key
             self._ready = self._merged
             return self._merged
-        if self.mode == "factored" and n_slots < len(self.slots):  # prefix of a stack: static, cached
+        if self.mode == "factored" and n_slots < len(self.slots) and not self.streamed:  # a stack's prefix: cached
             key = tuple(s.state_key() for s in self.slots[:n_slots])
             if self._merged is None or self._merged_key != key:
                 with torch.no_grad():
@@ -393,13 +394,19 @@ class AdaptedModel:
     mode: "merged" | "parametrized" | "factored" (see the module docstring; default merged, factored when
     trainable). trainable: the LAST adapter's tensors become fp32 nn.Parameters with requires_grad (the others stay
     frozen buffers); detach_norm: its DoRA/BoRA norms get no gradient (a training option, adapters/fused.py). Change
-    gating/strength only through `update`, `at_sigma` and `set_strength`."""
+    gating/strength only through `update`, `at_sigma` and `set_strength`.
+    device: where the adapter tensors go (default: each base weight's device). streamed: the tree's weights are lent
+    to `device` per forward from host memory (`sa3.host_streaming`): factored mode only, and no weight-sized cache
+    (a stack's prefix is formed at every forward)."""
 
     def __init__(self, tree: nn.Module, uses: Sequence[AdapterUse | LoadedAdapter], roots: Sequence[Root] = (Root(),),
-                 mode: str | None = None, trainable: bool = False, detach_norm: bool = False):
+                 mode: str | None = None, trainable: bool = False, detach_norm: bool = False,
+                 device: str | torch.device | None = None, streamed: bool = False):
         mode = mode or ("factored" if trainable else "merged")
         if mode not in MODES or (trainable and mode == "merged"):
             raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+        if streamed and mode != "factored":
+            raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
         self.uses = [u if isinstance(u, AdapterUse) else AdapterUse(u) for u in uses]
         self.roots, self.mode, self.trainable = tuple(roots), mode, trainable
         self.report = ApplyReport()
@@ -423,10 +430,12 @@ class AdaptedModel:
                     unmatched.append(layer)
                     continue
                 _check_shapes(layer, module, a, name)
-                device = module.weight.device  # adapter tensors live where the base weight does (CPU, CUDA, ...)
-                tensors = {k: v.to(device) for k, v in a.layers[layer].items()}
+                # adapter tensors live where the layer computes: its weight's device unless told (a streamed
+                # weight sits in host memory between forwards)
+                where = module.weight.device if device is None else torch.device(device)
+                tensors = {k: v.to(where) for k, v in a.layers[layer].items()}
                 if a.is_xs:  # bases from the ORIGINAL base weight, as the reference does when stacking
-                    tensors["U"], tensors["V"] = (b.to(module.weight.device) for b in svd_bases(module.weight, a.rank))
+                    tensors["U"], tensors["V"] = (b.to(where) for b in svd_bases(module.weight, a.rank))
                 slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,
                                    use_index=i, layer=layer)
                 slot.strength = use.strength
@@ -460,7 +469,7 @@ class AdaptedModel:
             self.report.applied.append(applied)
             self.report.unmatched.append(unmatched)
         for full, slots in slots_by_path.items():
-            self.layers[full] = AdaptedLayer(base_by_path[full], slots, mode)
+            self.layers[full] = AdaptedLayer(base_by_path[full], slots, mode, streamed)
         self.module = _view(tree, self.layers)
         self.update()
 
@@ -644,8 +653,10 @@ def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str =
     this thread; call `with s.at_sigma(t[0], step=i):` around each DiT evaluation. model: an object holding the
     full tree as `.modules` (SA3Model) or the tree itself. Encode the conditioning INSIDE the session: the seconds
     Linear of the conditioner is adapted too (never gated)."""
-    tree = model if isinstance(model, nn.Module) else model.modules
-    return AdaptedModel(tree, [as_use(x) for x in loras], roots, mode=mode)
+    if isinstance(model, nn.Module):
+        return AdaptedModel(model, [as_use(x) for x in loras], roots, mode=mode)
+    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode=mode, device=model.device,
+                        streamed=getattr(model, "streams_dit", False))
 
 
 # ---------------------------------------------------------------------------------------------------- new adapters

@@ -137,3 +137,32 @@ def test_low_memory_adapters_form_no_copy_of_a_linear_weight(tiny, fixtures_dir,
 
 def test_a_sibling_of_the_same_checkpoint_is_the_model_itself(tiny, fixtures_dir):
     assert load_sibling(tiny, fixtures_dir / "tiny-small", "arc") is tiny
+
+
+def test_a_streamed_model_keeps_adapters_where_it_computes_and_no_weight_sized_cache(tiny, arc_whole, fixtures_dir):
+    from sa3_lora_studio.adapters import adapter_session
+
+    arc = load_sibling(tiny, fixtures_dir / "tiny-small-arc", stream_dit=True)
+    loras = [{"path": str(fixtures_dir / "golden" / "lora" / f"{kind}.safetensors"), "strength": 0.7}
+             for kind in ("bora", "dora-cols-xs")]  # a stack: the first adapter is the second one's prefix
+    cond = arc.encode_text(["a bell"], [0.01])
+    x = torch.randn(1, arc.latent_dim, 2, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model, mode in ((arc, "factored"), (arc_whole, "factored"), (arc_whole, "merged")):
+        session = adapter_session(model, loras, mode=mode)
+        with torch.inference_mode(), session:
+            outputs.append(model.velocity(x, 0.5, cond))
+        if model is arc:
+            assert all(layer._merged is None for layer in session.layers.values())  # nothing W-sized kept
+            assert all(layer.streamed for layer in session.layers.values())
+    assert torch.equal(outputs[0], outputs[1]) and torch.allclose(outputs[0], outputs[2], atol=1e-5)
+
+    # the adapter tensors go to the device the model computes on, not to where a streamed block rests between uses
+    class Elsewhere:
+        modules, device, streams_dit = arc.modules, torch.device("meta"), True
+
+    session = adapter_session(Elsewhere(), loras[:1], mode="factored")
+    assert {t.device.type for layer in session.layers.values() for slot in layer.slots
+            for t in slot.tensors().values()} == {"meta"}
+    with pytest.raises(ValueError, match="factored"):
+        adapter_session(Elsewhere(), loras[:1], mode="merged")
