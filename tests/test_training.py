@@ -229,6 +229,35 @@ def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, 
     assert manager.registry.latest_checkpoint(run)["step"] == 0
 
 
+def test_a_failing_demo_is_skipped_with_a_warning_and_training_goes_on(tmp_path, tiny, dataset, fixtures_dir,
+                                                                      monkeypatch):
+    import sa3_lora_studio.training.demos as demos_module
+
+    real = demos_module.write_audio
+
+    def breaks_demo_1(path, *args, **kwargs):
+        if path.name == "demo_1":
+            path.with_suffix(".flac").write_bytes(b"half")  # a partial file the failure leaves behind
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(demos_module, "write_audio", breaks_demo_1)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2, checkpoint_every=5,
+                                 demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 3))
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    folder = manager.registry.run_dir(run)
+    for step in (0, 2):
+        names = sorted(p.name for p in (folder / "demos" / f"step_{step:06d}").iterdir())
+        assert names == ["demo_0.flac", "demo_0.json", "demo_0.png", "demo_2.flac", "demo_2.json", "demo_2.png"]
+    events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert warnings == [f"demo 1 at step {s} failed and was skipped: RuntimeError: CUDA out of memory (simulated)"
+                        for s in (0, 2)]
+    assert [e["index"] for e in events if e["type"] == "demo"] == [0, 2, 0, 2]
+    assert manager.registry.latest_checkpoint(run)["step"] == 2
+
+
 def test_a_non_finite_gradient_skips_the_update_and_keeps_the_schedule(tmp_path, tiny, dataset, fixtures_dir):
     from sa3_lora_studio.training.trainer import Trainer
 

@@ -47,10 +47,30 @@ def arc_model_for(trainer):
     return trainer._arc_model
 
 
+def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, folder: Path) -> tuple[int, str, dict]:
+    """Demo i of the step into folder: audio, spectrogram, settings; returns (i, audio file name, settings)."""
+    max_seconds = model.config.sample_size / model.config.sample_rate
+    duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
+    prompt = demo_prompt(trainer, spec, i, step)
+    audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
+                                 sampler="pingpong" if spec.arc else "euler",
+                                 loras=[{"adapter": adapter, "strength": spec.lora_strength}],
+                                 adapter_memory="low")  # no merged copy of the weights beside training's
+    wav = audio[0]
+    audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
+    spectrogram_png(wav, rate, folder / f"demo_{i}.png")
+    settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
+                (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
+                "duration": duration, "lora_strength": spec.lora_strength, "step": step}
+    atomic_write_json(folder / f"demo_{i}.json", settings)
+    return i, audio_name, settings
+
+
 def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
     """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
     their events, or None when `stop_requested()` turned true between two demos (the step's demos are then dropped
-    and rendered again when the run resumes, so a stop acts within one demo instead of after the whole set)."""
+    and rendered again when the run resumes, so a stop acts within one demo instead of after the whole set). A demo
+    that fails is skipped with a warning event; training goes on."""
     import shutil
 
     specs = list(trainer.config.demos) or default_demos()
@@ -67,21 +87,13 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
         model = arc_model_for(trainer) if spec.arc else trainer.model
         if model is None:
             continue
-        max_seconds = model.config.sample_size / model.config.sample_rate
-        duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
-        prompt = demo_prompt(trainer, spec, i, step)
-        audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
-                                     sampler="pingpong" if spec.arc else "euler",
-                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}],
-                                     adapter_memory="low")  # no merged copy of the weights beside training's
-        wav = audio[0]
-        audio_name = write_audio(tmp_dir / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
-        spectrogram_png(wav, rate, tmp_dir / f"demo_{i}.png")
-        settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
-                    (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
-                    "duration": duration, "lora_strength": spec.lora_strength, "step": step}
-        atomic_write_json(tmp_dir / f"demo_{i}.json", settings)
-        written.append((i, audio_name, settings))
+        try:
+            written.append(_render_demo(trainer, model, spec, i, step, adapter, tmp_dir))
+        except Exception as e:  # a demo must not end the training it illustrates (e.g. out of memory, a codec)
+            for leftover in tmp_dir.glob(f"demo_{i}.*"):
+                leftover.unlink()
+            trainer.log.emit("warning", message=f"demo {i} at step {step} failed and was skipped: "
+                                                f"{type(e).__name__}: {e}")
     if out_dir.exists():  # a re-run of the same step (resume): replace
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
