@@ -376,8 +376,8 @@ def test_arc_demos_use_a_loaded_arc_model_when_the_provider_has_one_else_a_sibli
     config = _config(dataset, fixtures_dir, arc_model=arc_spec)
     plain = Trainer(config, tmp_path, "r", EventLogStub(), _provider(tiny))
     plain.setup()
-    sibling = plain.load_arc_model(arc_spec)
-    assert sibling.is_arc and sibling.autoencoder is tiny.autoencoder and sibling is not tiny
+    sibling, private = plain.load_arc_model(arc_spec)
+    assert sibling.is_arc and sibling.autoencoder is tiny.autoencoder and sibling is not tiny and private
 
     loaded_arc = load_model(arc_spec)
     asked = []
@@ -392,5 +392,14 @@ def test_arc_demos_use_a_loaded_arc_model_when_the_provider_has_one_else_a_sibli
     provider.loaded = loaded
     cached = Trainer(config, tmp_path, "r", EventLogStub(), provider)
     cached.setup()
-    assert cached.load_arc_model(arc_spec) is loaded_arc
+    assert cached.load_arc_model(arc_spec) == (loaded_arc, False)
     assert asked == [(arc_spec, "arc", "fp32", "cpu")]
+
+    # a round of demos drops the ARC model the run loaded for itself, and keeps the provider's
+    from sa3_lora_studio.training.demos import run_demos
+
+    demo = {"prompt": "x", "arc": True, "steps": 1, "duration": 0.01}
+    for trainer, kept in ((plain, None), (cached, loaded_arc)):
+        trainer.config = _config(dataset, fixtures_dir, arc_model=arc_spec, demos=[demo])
+        assert len(run_demos(trainer, 0)) == 1 and (tmp_path / "demos" / "step_000000" / "demo_0.flac").is_file()
+        assert trainer._arc_model is kept

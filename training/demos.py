@@ -4,8 +4,9 @@ the run with the adapter as it is now, on the base model (Euler) or the ARC mode
 
 Demos reuse the loaded model and apply the adapter as a private view that computes the adapter path beside the shared
 weights (no merged copy), so nobody else using the shared model hears it and demos need no more memory than
-training. ARC demos use the ARC pack's DiT loaded beside the base model, sharing its autoencoder and text encoder
-(`sa3.sibling`; on a GPU its blocks stay in host memory and visit the device one at a time).
+training. ARC demos use the ARC pack's DiT loaded beside the base model for each round of demos, sharing its
+autoencoder and text encoder (`sa3.sibling`; on a GPU its blocks stay in host memory and visit the device one at a
+time).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def arc_model_for(trainer):
     c = trainer.config
     spec = c.arc_model or c.model
     try:
-        trainer._arc_model = trainer.load_arc_model(spec)
+        trainer._arc_model, trainer._arc_private = trainer.load_arc_model(spec)
         if not trainer._arc_model.is_arc:
             trainer.log.emit("warning", message=f"ARC demos: {spec} is not an ARC model; using it with ping-pong anyway")
     except Exception as e:  # a missing ARC pack must not stop training
@@ -66,6 +67,14 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     return i, audio_name, settings
 
 
+def release_arc_model(trainer) -> None:
+    """Drop an ARC model the run loaded for itself once a round of demos is rendered (the next round loads it again,
+    seconds against the minutes of training between rounds), so training never holds it; a model from the
+    provider's cache stays where it is."""
+    if getattr(trainer, "_arc_private", False):
+        trainer._arc_model = None
+
+
 def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
     """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
     their events, or None when `stop_requested()` turned true between two demos (the step's demos are then dropped
@@ -80,20 +89,23 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     tmp_dir.mkdir(parents=True)
     adapter = trainer.stack.export(0)
     written = []
-    for i, spec in enumerate(specs):
-        if stop_requested():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            return None
-        model = arc_model_for(trainer) if spec.arc else trainer.model
-        if model is None:
-            continue
-        try:
-            written.append(_render_demo(trainer, model, spec, i, step, adapter, tmp_dir))
-        except Exception as e:  # a demo must not end the training it illustrates (e.g. out of memory, a codec)
-            for leftover in tmp_dir.glob(f"demo_{i}.*"):
-                leftover.unlink()
-            trainer.log.emit("warning", message=f"demo {i} at step {step} failed and was skipped: "
-                                                f"{type(e).__name__}: {e}")
+    try:
+        for i, spec in enumerate(specs):
+            if stop_requested():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                return None
+            model = arc_model_for(trainer) if spec.arc else trainer.model
+            if model is None:
+                continue
+            try:
+                written.append(_render_demo(trainer, model, spec, i, step, adapter, tmp_dir))
+            except Exception as e:  # a demo must not end the training it illustrates (e.g. out of memory, a codec)
+                for leftover in tmp_dir.glob(f"demo_{i}.*"):
+                    leftover.unlink()
+                trainer.log.emit("warning", message=f"demo {i} at step {step} failed and was skipped: "
+                                                    f"{type(e).__name__}: {e}")
+    finally:
+        release_arc_model(trainer)
     if out_dir.exists():  # a re-run of the same step (resume): replace
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
@@ -105,4 +117,4 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     return events
 
 
-__all__ = ["run_demos", "demo_prompt", "arc_model_for"]
+__all__ = ["run_demos", "demo_prompt", "arc_model_for", "release_arc_model"]

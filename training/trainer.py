@@ -109,16 +109,17 @@ class Trainer:
                           models_dir=self.config.models_dir)
 
     def load_arc_model(self, spec: str):
-        """The ARC model for ARC demos: the one already loaded in this process when the model provider has it
-        (ComfyUI's model cache), else a sibling of the training model holding only the ARC DiT and conditioner
-        (`sa3.sibling.load_sibling`), which lives as long as this run."""
+        """(model, private) for ARC demos: the ARC model already loaded in this process when the model provider has
+        it (ComfyUI's model cache; not private), else a sibling of the training model holding only the ARC DiT and
+        conditioner (`sa3.sibling.load_sibling`; private: the run drops it after each round of demos)."""
         from ..sa3.sibling import load_sibling
 
         loaded = getattr(self.model_provider, "loaded", None)
         found = loaded(spec, "arc", self.config.precision, str(self.device)) if loaded is not None else None
         if found is not None:
-            return found
-        return load_sibling(self.model, spec, "arc", models_dir=self.config.models_dir)
+            return found, False
+        sibling = load_sibling(self.model, spec, "arc", models_dir=self.config.models_dir)
+        return sibling, sibling is not self.model
 
     def setup(self) -> None:
         c = self.config
