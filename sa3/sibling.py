@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -25,10 +26,24 @@ from .model import SA3Model, build_modules, load_weights, loaded_dtype, locate_c
 PRETRANSFORM = "pretransform."  # the SAME autoencoder's keys in a full checkpoint (`SA3Modules.pretransform`)
 
 
+# pretransform module -> {(checkpoint, size, mtime, dtype): equal?}: a run loads its ARC sibling for every round of
+# demos, and need not read the SAME weights again for an answer it has
+_AUTOENCODER_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _same_autoencoder(base: SA3Model, loc) -> bool:
     """The checkpoint's SAME tensors, loaded as `base` loads them, equal base's (config and every tensor)."""
     if loc.config.pretransform != base.config.pretransform:
         return False
+    stat = loc.file.path.stat()
+    key = (str(loc.file.path.resolve()), stat.st_size, stat.st_mtime_ns, base.dtype)
+    known = _AUTOENCODER_CHECKS.setdefault(base.modules.pretransform, {})
+    if key not in known:
+        known[key] = _equal_autoencoder_tensors(base, loc)
+    return known[key]
+
+
+def _equal_autoencoder_tensors(base: SA3Model, loc) -> bool:
     state = base.modules.pretransform.state_dict()
     keys = [PRETRANSFORM + k for k in state]
     if set(keys) != {k for k in loc.file.keys() if k.startswith(PRETRANSFORM)}:
@@ -53,7 +68,7 @@ def _weight_files(source: Path) -> list[Path]:
 
 def same_text_encoder(a: Path | None, b: Path | None) -> bool:
     """Two text encoder sources hold the same encoder: the same path, the same files (links into one Hub cache) or
-    files of equal bytes."""
+    files of equal bytes (`filecmp` remembers a comparison while the files' size and time stay the same)."""
     if a is None or b is None or not a.exists() or not b.exists():
         return False
     if os.path.samefile(a, b):

@@ -48,6 +48,21 @@ def test_the_sibling_shares_autoencoder_and_text_encoder_and_equals_the_whole_mo
                            arc.dit.transformer.layers[0].self_attn.to_out.weight)
 
 
+def test_the_autoencoder_check_is_remembered_until_the_checkpoint_changes(tiny, fixtures_dir, tmp_path, monkeypatch):
+    import sa3_lora_studio.sa3.sibling as sibling
+
+    calls = []
+    real = sibling._equal_autoencoder_tensors
+    monkeypatch.setattr(sibling, "_equal_autoencoder_tensors", lambda *a: calls.append(1) or real(*a))
+    folder = _copy_arc(fixtures_dir, tmp_path)
+    for _ in range(2):
+        assert "autoencoder" in load_sibling(tiny, folder).shared_parts
+    assert len(calls) == 1
+    _copy_arc(fixtures_dir, tmp_path / "x", lambda k, t: t * 2 if k.startswith("pretransform.") else t)
+    shutil.copy(tmp_path / "x" / "arc" / "model.safetensors", folder / "model.safetensors")  # replaced in place
+    assert "autoencoder" not in load_sibling(tiny, folder).shared_parts and len(calls) == 2
+
+
 def test_an_autoencoder_that_differs_is_loaded_for_the_sibling_alone(tiny, fixtures_dir, tmp_path):
     folder = _copy_arc(fixtures_dir, tmp_path, lambda k, t: t + 1e-3 if k.startswith("pretransform.") else t)
     arc = load_sibling(tiny, folder)
