@@ -189,7 +189,8 @@ class AdaptedLayer(nn.Module):
         self._merged_key: tuple | None = None
         self._ready: Tensor | None = None  # merged mode: the weight valid for the current state (fast path)
         self._is_conv = isinstance(base, nn.Conv1d)
-        self._base_products: BaseProducts | None = None  # of the frozen part, for the last slot
+        self._base_products: BaseProducts | None = None  # of the frozen part (the prefix), for the last slot
+        self._products_key: tuple | None = None  # the prefix's state they were computed for
         self._scales, self._scales_key = None, None  # factored inference: the last slot's renorm factors (d, c)
 
     def __getattr__(self, name: str):
@@ -238,7 +239,6 @@ class AdaptedLayer(nn.Module):
             if self._merged is None or self._merged_key != key:
                 with torch.no_grad():
                     self._merged = self._chain(w, self.slots[:n_slots])
-                    self._base_products = None
                 self._merged_key = key
             return self._merged
         return self._chain(w, self.slots[:n_slots])
@@ -255,6 +255,7 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         """Drop the private merged weight (the base weight was never modified)."""
         self._merged, self._merged_key, self._base_products, self._ready = None, None, None, None
+        self._products_key = None
         self._scales, self._scales_key = None, None
 
     def static_weight(self) -> Tensor | None:
@@ -273,9 +274,11 @@ class AdaptedLayer(nn.Module):
             w = self._effective_weight(len(slots) - 1)
             last = slots[-1]
             t = last.tensors()
-            if self._base_products is None:
+            prefix_key = tuple(s.state_key() for s in slots[:-1])
+            if self._base_products is None or self._products_key != prefix_key:  # the prefix is what they describe
                 with torch.no_grad():
                     self._base_products = base_products(w.reshape(w.shape[0], -1), last.adapter_type, t)
+                self._products_key = prefix_key
             scales = None
             if not last.trainable and not torch.is_grad_enabled():  # frozen tensors: the renorm factors are constant
                 key = self.state_key()

@@ -181,3 +181,17 @@ def test_a_streamed_model_keeps_adapters_where_it_computes_and_no_weight_sized_c
             for t in slot.tensors().values()} == {"meta"}
     with pytest.raises(ValueError, match="factored"):
         adapter_session(Elsewhere(), loras[:1], mode="merged")
+
+
+def test_a_streamed_stack_follows_its_first_adapters_interval(tiny, arc_whole, fixtures_dir):
+    arc = load_sibling(tiny, fixtures_dir / "tiny-small-arc", stream_dit=True)
+    loras = [{"path": str(fixtures_dir / "golden" / "lora" / "bora.safetensors"), "interval": (0.0, 0.95)},
+             {"path": str(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors")}]  # renorms its prefix's rows
+
+    def run(model, stack):
+        audio, _ = model.generate("a bell", duration=0.01, seed=3, steps=4, loras=stack, adapter_memory="low")
+        return audio
+
+    streamed = run(arc, loras)
+    assert torch.equal(streamed, run(arc_whole, loras))
+    assert not torch.allclose(streamed, run(arc_whole, loras[1:]), atol=1e-4)  # the interval's adapter counts
