@@ -411,7 +411,7 @@ class AdaptedModel:
         if streamed and mode != "factored":
             raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
         self.uses = [u if isinstance(u, AdapterUse) else AdapterUse(u) for u in uses]
-        self.roots, self.mode, self.trainable = tuple(roots), mode, trainable
+        self.roots, self.mode, self.trainable, self.streamed = tuple(roots), mode, trainable, streamed
         self.report = ApplyReport()
         self.layers: dict[str, AdaptedLayer] = {}  # full path in the tree -> adapted layer (view only)
         self._gated: dict[str, str | None] = {}  # full path -> filter name (None = not gated)
@@ -538,6 +538,8 @@ class AdaptedModel:
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+        if self.streamed and mode != "factored":
+            raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
         self.mode = mode
         for layer in self.layers.values():
             layer.mode = mode
@@ -658,8 +660,8 @@ def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str =
     Linear of the conditioner is adapted too (never gated)."""
     if isinstance(model, nn.Module):
         return AdaptedModel(model, [as_use(x) for x in loras], roots, mode=mode)
-    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode=mode, device=model.device,
-                        streamed=getattr(model, "streams_dit", False))
+    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode=mode,
+                        device=getattr(model, "device", None), streamed=getattr(model, "streams_dit", False))
 
 
 # ---------------------------------------------------------------------------------------------------- new adapters

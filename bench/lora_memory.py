@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--adapter")
     p.add_argument("--mode")
     args = p.parse_args()
+    if args.evaluations < 2:
+        p.error("--evaluations must be at least 2 (the first one also forms the merged weights)")
     if args.child:
         child(args)
         return

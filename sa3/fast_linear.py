@@ -29,8 +29,8 @@ def onednn_applies(x: Tensor, w: Tensor) -> bool:
 def rows_times_wt(rows: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """rows [N, in] · w [out, in]ᵀ (+ bias) -> [N, out], no autograd; w may be a strided view (e.g. a transpose,
     which makes this `rows · W` for the backward)."""
-    if onednn_applies(rows, w):
-        return ONEDNN_LINEAR(rows.contiguous(), w, bias, "none", [], "")
+    if onednn_applies(rows, w):  # oneDNN reads a strided W in place, but the bias only densely
+        return ONEDNN_LINEAR(rows.contiguous(), w, None if bias is None else bias.contiguous(), "none", [], "")
     return F.linear(rows, w, bias)
 
 

@@ -28,7 +28,7 @@ def place_around_blocks(module: nn.Module, blocks: Iterable[nn.Module], device: 
 
 
 def stream_from_host(blocks: Iterable[nn.Module], device: str | torch.device) -> list[RemovableHandle]:
-    """Keep each block's parameters and buffers in host memory (pinned for CUDA) and copy them to `device` only
+    """Keep each block's parameters and buffers in host memory and copy them to `device` only
     for that block's forward. The blocks must be on the CPU; everything around them belongs on `device`
     (`place_around_blocks`). Returns the hook handles (removing them leaves the blocks on the host)."""
     device = torch.device(device)
@@ -37,15 +37,14 @@ def stream_from_host(blocks: Iterable[nn.Module], device: str | torch.device) ->
         tensors = list(chain(block.parameters(), block.buffers()))
         if any(t.device.type != "cpu" for t in tensors):
             raise ValueError("stream_from_host: the blocks must be in host memory (on the CPU)")
-        if device.type == "cuda":
-            for t in tensors:
-                t.data = t.data.pin_memory()
+        # Not pinned: torch keeps freed pinned memory cached for reuse, so the host RAM of a model dropped after a
+        # round of demos would never be given back; pageable copies are slower but this is demo-time only.
         host = [t.data for t in tensors]
 
         def lend(module, args, tensors=tensors, host=host):
             with torch.no_grad():
                 for t, h in zip(tensors, host):
-                    t.data = h.to(device, non_blocking=True) if h.device != device else h.clone()
+                    t.data = h.to(device) if h.device != device else h.clone()
 
         def take_back(module, args, output, tensors=tensors, host=host):
             for t, h in zip(tensors, host):

@@ -307,3 +307,16 @@ def test_unsupported_features_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="padding_semantics"):
         dit = DiffusionTransformer(io_channels=4, embed_dim=64, depth=1, num_heads=1, global_cond_dim=8)
         dit(torch.zeros(1, 4, 3), torch.ones(1), None, torch.zeros(1, 8), padding_semantics="varlen")
+
+
+def test_frozen_linear_equals_f_linear_for_strided_weights_and_biases():
+    import torch.nn.functional as F
+    from sa3_lora_studio.sa3.fast_linear import frozen_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g)
+    w = torch.randn(12, 16, generator=g)[:, ::2]  # a strided weight [12, 8]
+    for bias in (None, torch.randn(24, generator=g)[::2], torch.randn(1, generator=g).expand(12)):
+        expected = F.linear(x, w, bias)
+        assert torch.allclose(frozen_linear(x, w, bias), expected, atol=1e-5)
+        assert torch.allclose(frozen_linear(x, w.t().contiguous().t(), bias), expected, atol=1e-5)

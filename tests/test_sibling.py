@@ -194,4 +194,6 @@ def test_a_streamed_stack_follows_its_first_adapters_interval(tiny, arc_whole, f
 
     streamed = run(arc, loras)
     assert torch.equal(streamed, run(arc_whole, loras))
+    merged, _ = arc_whole.generate("a bell", duration=0.01, seed=3, steps=4, loras=loras, adapter_memory="fast")
+    assert torch.allclose(streamed, merged, atol=1e-4)  # the reference semantics (formed weights)
     assert not torch.allclose(streamed, run(arc_whole, loras[1:]), atol=1e-4)  # the interval's adapter counts

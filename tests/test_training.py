@@ -403,3 +403,43 @@ def test_arc_demos_use_a_loaded_arc_model_when_the_provider_has_one_else_a_sibli
         trainer.config = _config(dataset, fixtures_dir, arc_model=arc_spec, demos=[demo])
         assert len(run_demos(trainer, 0)) == 1 and (tmp_path / "demos" / "step_000000" / "demo_0.flac").is_file()
         assert trainer._arc_model is kept
+
+
+def test_an_arc_load_that_fails_once_skips_one_round_and_a_missing_arc_model_turns_arc_demos_off(
+        tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.sa3.loading import CheckpointError
+    from sa3_lora_studio.training.demos import run_demos
+    from sa3_lora_studio.training.trainer import Trainer
+
+    class Log:
+        def __init__(self):
+            self.warnings = []
+
+        def emit(self, kind, **payload):
+            if kind == "warning":
+                self.warnings.append(payload["message"])
+            return {"type": kind, **payload}
+
+    demo = {"prompt": "x", "arc": True, "steps": 1, "duration": 0.01}
+    config = _config(dataset, fixtures_dir, arc_model=str(fixtures_dir / "tiny-small-arc"), demos=[demo])
+    for failure, rounds_with_arc in ((RuntimeError("CUDA out of memory (simulated)"), [2, 4]),
+                                     (CheckpointError("tiny-small-arc: no model.safetensors"), [])):
+        log = Log()
+        trainer = Trainer(config, tmp_path / type(failure).__name__, "r", log, _provider(tiny))
+        trainer.setup()
+        real, calls = trainer.load_arc_model, []
+
+        def fails_first(spec, real=real, calls=calls, failure=failure):
+            calls.append(spec)
+            if len(calls) == 1 or isinstance(failure, CheckpointError):
+                raise failure
+            return real(spec)
+
+        trainer.load_arc_model = fails_first
+        written = [step for step in (0, 2, 4) if run_demos(trainer, step)]
+        assert written == rounds_with_arc
+        if rounds_with_arc:
+            assert log.warnings == ["ARC demos skipped this round: loading the ARC model failed (RuntimeError: CUDA "
+                                    "out of memory (simulated))"] and len(calls) == 3
+        else:  # warned once, not tried again
+            assert log.warnings == [f"ARC demos skipped: no ARC model ({failure})"] and len(calls) == 1

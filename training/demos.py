@@ -16,6 +16,9 @@ from pathlib import Path
 
 from ..encoding import batch_prompts
 from ..encoding.audio_write import write_audio
+from ..sa3.config import ConfigError
+from ..sa3.loading import CheckpointError
+from ..sa3.packs import PackError
 from ..sa3.spectrogram import spectrogram_png
 from .runs import DemoSpec, atomic_write_json, default_demos
 
@@ -31,20 +34,27 @@ def demo_prompt(trainer, spec: DemoSpec, index: int, step: int) -> str:
 
 
 def arc_model_for(trainer):
-    """The ARC model for ARC demos: `arc_model` of the run config, else the base pack's ARC variant. None (with a
-    warning event, once) when it is not available. `Trainer.load_arc_model` says where it comes from."""
+    """The ARC model for ARC demos: `arc_model` of the run config, else the base pack's ARC variant, or None with a
+    warning event. A missing or unusable checkpoint turns ARC demos off for the run (warned once); any other error
+    (e.g. out of memory while loading) skips this round's ARC demos and the next round tries again.
+    `Trainer.load_arc_model` says where the model comes from."""
     if getattr(trainer, "_arc_model", None) is not None or getattr(trainer, "_arc_missing", False):
         return getattr(trainer, "_arc_model", None)
     c = trainer.config
     spec = c.arc_model or c.model
     try:
         trainer._arc_model, trainer._arc_private = trainer.load_arc_model(spec)
-        if not trainer._arc_model.is_arc:
-            trainer.log.emit("warning", message=f"ARC demos: {spec} is not an ARC model; using it with ping-pong anyway")
-    except Exception as e:  # a missing ARC pack must not stop training
+    except (CheckpointError, ConfigError, PackError, OSError) as e:  # nothing to load: no use trying every round
         trainer._arc_missing = True
-        trainer._arc_model = None
         trainer.log.emit("warning", message=f"ARC demos skipped: no ARC model ({e})")
+        return None
+    except Exception as e:
+        trainer.log.emit("warning", message=f"ARC demos skipped this round: loading the ARC model failed "
+                                            f"({type(e).__name__}: {e})")
+        return None
+    if not trainer._arc_model.is_arc and not getattr(trainer, "_arc_warned", False):
+        trainer._arc_warned = True
+        trainer.log.emit("warning", message=f"ARC demos: {spec} is not an ARC model; using it with ping-pong anyway")
     return trainer._arc_model
 
 
