@@ -443,3 +443,28 @@ def test_an_arc_load_that_fails_once_skips_one_round_and_a_missing_arc_model_tur
                                     "out of memory (simulated))"] and len(calls) == 3
         else:  # warned once, not tried again
             assert log.warnings == [f"ARC demos skipped: no ARC model ({failure})"] and len(calls) == 1
+
+
+def test_a_non_arc_model_for_arc_demos_is_warned_about_once_though_loaded_every_round(tmp_path, tiny, dataset,
+                                                                                     fixtures_dir):
+    import shutil
+
+    from sa3_lora_studio.training.demos import run_demos
+    from sa3_lora_studio.training.trainer import Trainer
+
+    copy = tmp_path / "not-arc"
+    shutil.copytree(fixtures_dir / "tiny-small", copy)  # a base model in another folder: loaded beside, not ARC
+    warnings = []
+
+    class Log:
+        def emit(self, kind, **payload):
+            if kind == "warning":
+                warnings.append(payload["message"])
+            return {}
+
+    demo = {"prompt": "x", "arc": True, "steps": 1, "duration": 0.01}
+    trainer = Trainer(_config(dataset, fixtures_dir, arc_model=str(copy), demos=[demo]), tmp_path / "run", "r", Log(),
+                      _provider(tiny))
+    trainer.setup()
+    assert all(len(run_demos(trainer, step)) == 1 for step in (0, 2, 4))
+    assert warnings == [f"ARC demos: {copy} is not an ARC model; using it with ping-pong anyway"]
