@@ -388,6 +388,15 @@ def _check_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, name: s
         raise AdapterMismatch(f"{name}: {layer} has rank {r} > min{(out_f, in_f)}; its -xs bases cannot exist here")
 
 
+def _check_mode(mode: str, trainable: bool, streamed: bool) -> None:
+    """The modes a view may take: merged forms weights without autograd (not for training), and a streamed tree's
+    weights exist on the device only during their block's forward, so only factored mode can use them."""
+    if mode not in MODES or (trainable and mode == "merged"):
+        raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
+    if streamed and mode != "factored":
+        raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
+
+
 class AdaptedModel:
     """A stack of adapters applied to a shared module tree, as a view (`.module`); the tree is never modified.
 
@@ -406,10 +415,7 @@ class AdaptedModel:
                  mode: str | None = None, trainable: bool = False, detach_norm: bool = False,
                  device: str | torch.device | None = None, streamed: bool = False):
         mode = mode or ("factored" if trainable else "merged")
-        if mode not in MODES or (trainable and mode == "merged"):
-            raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
-        if streamed and mode != "factored":
-            raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
+        _check_mode(mode, trainable, streamed)
         self.uses = [u if isinstance(u, AdapterUse) else AdapterUse(u) for u in uses]
         self.roots, self.mode, self.trainable, self.streamed = tuple(roots), mode, trainable, streamed
         self.report = ApplyReport()
@@ -536,10 +542,7 @@ class AdaptedModel:
         self._signature = None
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}")
-        if self.streamed and mode != "factored":
-            raise ValueError("a tree whose weights are streamed takes adapters in factored mode only")
+        _check_mode(mode, self.trainable, self.streamed)
         self.mode = mode
         for layer in self.layers.values():
             layer.mode = mode
@@ -657,11 +660,13 @@ def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str =
     """The stack for one generation: `with adapter_session(model, loras) as s:` routes the model's adapted layers in
     this thread; call `with s.at_sigma(t[0], step=i):` around each DiT evaluation. model: an object holding the
     full tree as `.modules` (SA3Model) or the tree itself. Encode the conditioning INSIDE the session: the seconds
-    Linear of the conditioner is adapted too (never gated)."""
+    Linear of the conditioner is adapted too (never gated). A model streaming its DiT (`sa3.sibling`) always gets
+    factored mode."""
     if isinstance(model, nn.Module):
         return AdaptedModel(model, [as_use(x) for x in loras], roots, mode=mode)
-    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode=mode,
-                        device=getattr(model, "device", None), streamed=getattr(model, "streams_dit", False))
+    streamed = getattr(model, "streams_dit", False)  # its DiT is lent per forward: only factored mode can use it
+    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode="factored" if streamed else mode,
+                        device=getattr(model, "device", None), streamed=streamed)
 
 
 # ---------------------------------------------------------------------------------------------------- new adapters

@@ -133,8 +133,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     # The adapter stack is active for conditioning too: adapters also adapt the seconds conditioner's Linear.
     if adapter_memory not in ADAPTER_MODES:
         raise ValueError(f"adapter_memory={adapter_memory!r}; use one of {sorted(ADAPTER_MODES)}")
-    mode = "factored" if getattr(model, "streams_dit", False) else ADAPTER_MODES[adapter_memory]
-    session = _adapter_session(model, loras, mode)
+    session = _adapter_session(model, loras, ADAPTER_MODES[adapter_memory])  # a streamed model: always "low"
     with session:
         cond = model.encode_text(prompts, durations)
         negative = None

@@ -179,8 +179,14 @@ def test_a_streamed_model_keeps_adapters_where_it_computes_and_no_weight_sized_c
     session = adapter_session(Elsewhere(), loras[:1], mode="factored")
     assert {t.device.type for layer in session.layers.values() for slot in layer.slots
             for t in slot.tensors().values()} == {"meta"}
+    assert adapter_session(Elsewhere(), loras[:1], mode="merged").mode == "factored"  # the one mode it can use
+    from sa3_lora_studio.adapters import SA3_ROOTS, AdaptedModel, AdapterUse, read_adapter_file
+
     with pytest.raises(ValueError, match="factored"):
-        adapter_session(Elsewhere(), loras[:1], mode="merged")
+        AdaptedModel(arc.modules, [AdapterUse(read_adapter_file(loras[0]["path"]))], SA3_ROOTS, mode="merged",
+                     streamed=True)
+    with pytest.raises(ValueError, match="factored"):
+        session.set_mode("merged")
 
 
 def test_a_streamed_stack_follows_its_first_adapters_interval(tiny, arc_whole, fixtures_dir):
