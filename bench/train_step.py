@@ -74,7 +74,8 @@ def bench_model(spec: str, label: str, args) -> None:
     build = time.perf_counter() - t0
     d = config.dit
     real_size = params >= 100  # M parameters; the targets are stated for the small-music config
-    print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} "
+    prompt = "distinct context tokens" if args.prompt_tokens is None else f"{args.prompt_tokens}-token prompt"
+    print(f"{label}: embed_dim={d['embed_dim']} depth={d['depth']} params={params:.1f}M latents={n} {prompt} "
           f"(+{d.get('num_memory_tokens', 0)} memory) batch={args.batch} rank={args.rank} fp32  "
           f"built in {build:.1f} s, rss {_rss_gb('VmRSS'):.2f} GB", flush=True)
     configurations = [(t, gc, norm_grad) for t in args.adapters for gc in args.gc for norm_grad in args.norm_grad
@@ -82,7 +83,7 @@ def bench_model(spec: str, label: str, args) -> None:
     for adapter_type, gc, norm_grad in configurations:
         detached = norm_grad == "detached"
         step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on",
-                                       detach_norm=detached)
+                                       detach_norm=detached, prompt_tokens=args.prompt_tokens)
         trim_heap()  # the previous configuration's kept heap (training/cpu_heap.py) must not count as this peak
         _reset_peak()
         fwd()
@@ -115,6 +116,9 @@ def main() -> None:
     ap.add_argument("--gc", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--norm-grad", nargs="+", default=["exact"], choices=["exact", "detached"],
                     help="DoRA/BoRA norm gradients: exact (official) and/or detached (RunConfig.detach_norm)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="a prompt of this many tokens, padded (the DiT attends the padding run once); "
+                         "default: every context token distinct, the most cross-attention work")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)

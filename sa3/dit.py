@@ -68,6 +68,33 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
+def collapse_token_runs(cond: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Runs of equal consecutive context tokens, each to be attended once with the log of its length as a bias.
+
+    Why: an SA3 prompt fills its unused positions with one learned padding embedding (a zeroed negative prompt with
+    zeros), so a short prompt is mostly one token repeated. Cross-attention has no positions, so n equal keys and
+    values weigh exactly like one key whose score gains log(n) (e^(s + log n) = n·e^s), values and gradients alike:
+    the keys/values of the repeats need not be projected nor attended in any block.
+
+    cond: [B, L, Dc]. Returns (first [B, U] int64: the index of each run's first token, bias [B, 1, 1, U] float32:
+    log(run length), -inf on filler slots of items with fewer than U runs), or None when no token repeats its
+    predecessor (then nothing changes)."""
+    starts = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)  # [B, L]: a run begins here
+    starts[:, 1:] = (cond[:, 1:] != cond[:, :-1]).any(dim=-1)
+    runs = starts.sum(dim=1)  # [B]
+    n_runs = int(runs.max())
+    if n_runs == cond.shape[1]:
+        return None
+    first = torch.zeros(cond.shape[0], n_runs, dtype=torch.long, device=cond.device)
+    bias = torch.full((cond.shape[0], 1, 1, n_runs), float("-inf"), device=cond.device)
+    for i in range(cond.shape[0]):
+        index = starts[i].nonzero().squeeze(1)  # [u]
+        lengths = torch.diff(index, append=index.new_tensor([cond.shape[1]]))
+        first[i, : len(index)] = index
+        bias[i, 0, 0, : len(index)] = lengths.float().log()
+    return first, bias
+
+
 class BlockRMSNorm(RMSNorm):
     """The block norm (`gamma`, eps 1e-5). force_fp32 (the real configs' `norm_kwargs`) normalises half-precision
     activations in fp32 and casts back, as the reference does."""
@@ -138,8 +165,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
                 key_mask: Tensor | None = None, value_mask: Tensor | None = None) -> Tensor:
         """x: [B, N, E]; context: [B, L, E] (cross) or None (self); rope: (cos, sin) [N, 1, 1, R/2] or None;
-        key_mask: [B, 1, 1, N] bool, True = attend; value_mask: [B, N, 1, 1] (the reference's V-zeroing quirk).
-        Returns [B, N, E]."""
+        key_mask: [B, 1, 1, N or L] bool, True = attend, or a float bias added to the scores (cross-attention over
+        `collapse_token_runs`); value_mask: [B, N, 1, 1] (the reference's V-zeroing quirk). Returns [B, N, E]."""
         h, d, pairs = self.n_heads, self.dim_heads, 2 if self.differential else 1
         if context is None:
             qkv = rearrange(linear(self.to_qkv, x), "b n (s h d) -> b n s h d", h=h, d=d)  # q, k, v[, q_diff, k_diff]
@@ -159,6 +186,8 @@ class Attention(nn.Module):
             v = v * value_mask
         q, k = rearrange(q, "b n s h d -> s b h n d"), rearrange(k, "b n s h d -> s b h n d")
         v = rearrange(v, "b n h d -> b h n d")
+        if key_mask is not None and key_mask.is_floating_point():
+            key_mask = key_mask.to(q.dtype)  # SDPA takes a float bias in the query's dtype
         out = F.scaled_dot_product_attention(q[0], k[0], v, attn_mask=key_mask)
         if self.differential:
             out = out - F.scaled_dot_product_attention(q[1], k[1], v, attn_mask=key_mask)
@@ -223,12 +252,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None, global_cond: Tensor, local_cond: Tensor | None,
                 rope: tuple[Tensor, Tensor] | None, n_memory: int = 0, key_mask: Tensor | None = None,
                 value_mask: Tensor | None = None, query_mask: Tensor | None = None,
-                context_rows: Tensor | None = None) -> Tensor:
+                context_rows: Tensor | None = None, context_bias: Tensor | None = None) -> Tensor:
         """x: [B, N, E], the n_memory memory tokens first; context: [B, L, E], or [Bc, L, E] for the items
         context_rows [Bc] (int) when the others have an all-zero context; global_cond: [B, 6E] from
         `global_cond_embedder`; local_cond: [B, T or 1, local_add_cond_dim] (frame tokens only); key_mask and
         value_mask as in `Attention`; query_mask [B, N, 1] zeroes the self-attention and FF branches at padded
-        frames. Returns [B, N, E]."""
+        frames; context_bias [B or Bc, 1, 1, L]: the cross-attention score bias of a collapsed context
+        (`collapse_token_runs`). Returns [B, N, E]."""
         scale_sa, shift_sa, gate_sa, scale_ff, shift_ff, gate_ff = (
             (self.to_scale_shift_gate + global_cond).unsqueeze(1).chunk(6, dim=-1))  # each [B, 1, E]
 
@@ -238,9 +268,9 @@ class TransformerBlock(nn.Module):
 
         if context is not None and hasattr(self, "cross_attn"):
             if context_rows is None:
-                x = x + self.cross_attn(self.cross_attend_norm(x), context=context)
+                x = x + self.cross_attn(self.cross_attend_norm(x), context=context, key_mask=context_bias)
             else:  # an all-zero context adds exactly zero (see DiffusionTransformer.velocity): skip those items
-                h = self.cross_attn(self.cross_attend_norm(x[context_rows]), context=context)
+                h = self.cross_attn(self.cross_attend_norm(x[context_rows]), context=context, key_mask=context_bias)
                 x = x.index_add(0, context_rows, h)
 
         if local_cond is not None and self.to_local_embed is not None:
@@ -290,8 +320,9 @@ class ContinuousTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None, global_cond: Tensor, local_cond: Tensor | None = None,
                 padding_mask: Tensor | None = None, padding_semantics: str = "mask_keys",
-                context_rows: Tensor | None = None) -> Tensor:
-        """x: [B, T, C_in]; context: [B, L, E] (or [Bc, L, E] for the items context_rows); global_cond: [B, E];
+                context_rows: Tensor | None = None, context_bias: Tensor | None = None) -> Tensor:
+        """x: [B, T, C_in]; context: [B, L, E] (or [Bc, L, E] for the items context_rows) with its score bias
+        context_bias (`TransformerBlock`) or None; global_cond: [B, E];
         local_cond: [B, T or 1, C_local]; padding_mask: [B, T] bool (True = valid) or None. Returns [B, T, C_out]."""
         b, m = x.shape[0], self.num_memory_tokens
         x = self.project_in(x)
@@ -300,7 +331,7 @@ class ContinuousTransformer(nn.Module):
         rope = self.rope(x.shape[1], x.device)
         global_cond = self.global_cond_embedder(global_cond)  # [B, 6E]
 
-        masks = {"context_rows": context_rows}
+        masks = {"context_rows": context_rows, "context_bias": context_bias}
         if padding_mask is not None:
             valid = F.pad(padding_mask.bool(), (m, 0), value=True)  # memory tokens are always valid: [B, N]
             if padding_semantics == "mask_keys":
@@ -472,7 +503,7 @@ class DiffusionTransformer(nn.Module):
         x = x.to(dtype)
         temb = self.to_timestep_embed(self.timestep_condition(t).to(dtype))
         global_embed = self.to_global_embed(global_cond.to(dtype)) + temb  # [B, E]
-        context, context_rows = None, None
+        context, context_rows, context_bias = None, None, None
         if cross_attn_cond is not None:
             # Bias-free projections and a zero-preserving q/k norm make an all-zero context (CFG's default uncond
             # branch) add exactly zero in every cross-attention, values and gradients alike: embed and attend
@@ -483,6 +514,11 @@ class DiffusionTransformer(nn.Module):
             elif has_context.any():
                 context_rows = has_context.nonzero().squeeze(1)
                 context = self.to_cond_embed(cross_attn_cond[context_rows].to(dtype))
+            runs = None if context is None else collapse_token_runs(
+                cross_attn_cond if context_rows is None else cross_attn_cond[context_rows])
+            if runs is not None:  # a prompt's padding tokens: one key each run, weighted by its length
+                first, context_bias = runs
+                context = context.gather(1, first[:, :, None].expand(-1, -1, context.shape[2]))
 
         local = None
         if self.local_add_cond_dim:
@@ -497,7 +533,7 @@ class DiffusionTransformer(nn.Module):
 
         x = self.preprocess_conv(x) + x
         x = self.transformer(x.transpose(1, 2), context, global_embed, local, padding_mask, padding_semantics,
-                             context_rows)
+                             context_rows, context_bias)
         x = x.transpose(1, 2)
         return self.postprocess_conv(x) + x
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import REAL_CONFIGS, load_golden
-from sa3_lora_studio.sa3.dit import DiffusionTransformer, DiTWrapper, apg_project
+from sa3_lora_studio.sa3.dit import DiffusionTransformer, DiTWrapper, apg_project, collapse_token_runs
 from safetensors.torch import load_file
 
 MODELS = {"small": "tiny-small", "medium": "tiny-medium"}
@@ -208,6 +208,79 @@ def test_an_all_zero_context_adds_nothing_so_skipping_its_cross_attention_is_exa
         dit.zero_grad(set_to_none=True)
     for name in g_skip:
         torch.testing.assert_close(g_skip[name], g_full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_collapse_token_runs_finds_each_run_and_its_length():
+    a, b, pad = torch.randn(3, 4).unbind(0)
+    cond = torch.stack([torch.stack([a, b, pad, pad, pad, a]), torch.stack([a, pad, pad, pad, pad, pad])])
+    first, bias = collapse_token_runs(cond)
+    assert first.tolist() == [[0, 1, 2, 5], [0, 1, 0, 0]]
+    assert bias.shape == (2, 1, 1, 4)
+    assert torch.allclose(bias[0, 0, 0].exp(), torch.tensor([1.0, 1, 3, 1]))
+    assert torch.allclose(bias[1, 0, 0, :2].exp(), torch.tensor([1.0, 5]))
+    assert bias[1, 0, 0, 2:].eq(float("-inf")).all()  # filler slots of the item with fewer runs
+    assert collapse_token_runs(torch.stack([torch.stack([a, b, a, b])])) is None  # equal tokens, not adjacent
+
+
+def test_repeated_padding_tokens_are_attended_once_with_the_same_values_and_gradients(dit, golden, size):
+    """A short prompt's padded positions all hold the padding embedding; the DiT attends each run once with a
+    log-length bias. Cross-attention has no positions, so the same tokens interleaved (no two equal neighbours, so
+    nothing collapses) must give the same velocity and gradients: a mixed batch with two prompt lengths, one with an
+    all-zero (skipped) context beside it, with and without guidance."""
+    i = inputs(golden, size)
+    cond = i["cross_attn_cond"]
+    length = cond.shape[1]
+    pad = torch.randn(cond.shape[2], generator=torch.Generator().manual_seed(3))
+
+    def padded(item: int, n_prompt: int, interleave: bool) -> torch.Tensor:
+        tokens = [cond[item, j] for j in range(n_prompt)]
+        pads = [pad] * (length - 1 - n_prompt)
+        if interleave:  # pad, token, pad, token, ... then the leftover pads at the front
+            k = min(len(tokens), len(pads))
+            mixed = [t for pair in zip(pads[:k], tokens[:k]) for t in pair]
+            order = pads[k:] + mixed + tokens[k:]
+        else:
+            order = tokens + pads
+        return torch.stack(order + [cond[item, -1]])  # the seconds token last
+
+    n_short, n_long = 2, (length - 1) // 2
+    collapsed = torch.stack([padded(0, n_short, False), padded(1, n_long, False)])
+    interleaved = torch.stack([padded(0, n_short, True), padded(1, n_long, True)])
+    assert collapse_token_runs(interleaved) is None
+    assert collapse_token_runs(collapsed)[1].shape[-1] == n_long + 2
+
+    def run(ctx, **kw):
+        dit.zero_grad()
+        v = dit(i["x"], i["t"], ctx, i["global_cond"], i["local_inpaint"], **kw)
+        v.square().mean().backward()
+        return v.detach(), {n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None}
+
+    try:
+        for ctx_a, ctx_b, kw in [(collapsed, interleaved, {}),
+                                 (torch.stack([collapsed[0], torch.zeros_like(collapsed[1])]),
+                                  torch.stack([interleaved[0], torch.zeros_like(interleaved[1])]), {}),
+                                 (collapsed, interleaved, {"cfg_scale": 3.0})]:
+            (va, ga), (vb, gb) = run(ctx_a, **kw), run(ctx_b, **kw)
+            torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
+            assert ga.keys() == gb.keys() and ga
+            for name in ga:
+                torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=name)
+    finally:
+        dit.zero_grad(set_to_none=True)
+    seen = []  # the collapsed context really is shorter: the keys/values are projected for each run once
+    attn = dit.model.transformer.layers[0].cross_attn
+    handle = attn.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["context"].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = dit(i["x"], i["t"], collapsed, i["global_cond"], i["local_inpaint"])
+            dit(i["x"], i["t"], interleaved, i["global_cond"], i["local_inpaint"])
+    finally:
+        handle.remove()
+    assert seen == [n_long + 2, length]
+    # the runs' lengths count: one pad instead of many gives another velocity (so the comparisons can fail)
+    single = torch.stack([torch.stack([*collapsed[0, : n_short + 1], collapsed[0, -1]])] * 2)
+    with torch.no_grad():
+        assert (dit(i["x"], i["t"], single, i["global_cond"], i["local_inpaint"])[0] - plain[0]).abs().max() > 1e-4
 
 
 def test_gradient_checkpointing_gives_the_same_output_and_gradients(dit, golden, size):

@@ -181,9 +181,12 @@ def build_random_dit_tree(model_config, seed: int = 0) -> torch.nn.Module:
 
 
 def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: int, crop_latents: int,
-                       gradient_checkpointing: bool = False, seed: int = 0, detach_norm: bool = False):
+                       gradient_checkpointing: bool = False, seed: int = 0, detach_norm: bool = False,
+                       prompt_tokens: int | None = None):
     """(step(), forward()) closures over random inputs: one training step as Trainer.train_step does it (adapter
-    view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone."""
+    view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone.
+    prompt_tokens: that many distinct prompt tokens, then one padding token repeated up to the prompt length (a real
+    prompt's layout); None: every context token distinct (the most cross-attention work)."""
     from ..adapters import AdaptedModel, Root, new_adapter
     from ..sa3.schedules import masked_flow_loss
     from .cpu_heap import keep_heap
@@ -205,6 +208,8 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     target = torch.randn(x.shape, generator=g)
     t = torch.rand(batch, generator=g)
     cross = torch.randn(batch, int(model_config.prompt_max_length) + 1, d["cond_token_dim"], generator=g)
+    if prompt_tokens is not None and prompt_tokens < cross.shape[1] - 1:
+        cross[:, prompt_tokens:-1] = torch.randn(d["cond_token_dim"], generator=g)  # the learned padding embedding
     glob = torch.randn(batch, d["global_cond_dim"], generator=g)
     local = torch.randn(batch, d["local_add_cond_dim"], crop_latents, generator=g)
 
