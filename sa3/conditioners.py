@@ -136,13 +136,31 @@ class PromptConditioner(nn.Module):
 
     @torch.no_grad()
     def encode_tokens(self, input_ids: Tensor, attention_mask: Tensor, device=None) -> Tensor:
-        """T5Gemma last_hidden_state [B, L, text_dim] in the encoder dtype, on `device` (moves the encoder there)."""
+        """T5Gemma last_hidden_state [B, L, text_dim] in the encoder dtype, on `device` (moves the encoder there).
+
+        When this conditioner replaces padded positions ("learned", "zero"), the encoder runs on each prompt's real
+        tokens alone (SA3's tokenizer pads on the left) and the padded positions are zeros: real tokens never
+        attend padded keys, and RoPE scores depend only on the distance between two tokens, so their outputs are
+        the ones of a run over max_length up to rounding, while a short prompt costs a fraction of it. One prompt
+        per call, because the rounding of a small product depends on its row count: a prompt's output then does
+        not depend on the batch it came in (a resumed run re-encodes its prompts to the same bits)."""
         self._require_encoder()
         device = torch.device(device) if device is not None else self.text_encoder.device
+        attention_mask = attention_mask.bool()
         with self._lock:
             if self.text_encoder.device != device:
                 self.text_encoder.to(device)
-            return self.text_encoder(input_ids.to(device), attention_mask.to(device))
+            if self.padding_mode == "none":  # the padded positions' outputs are used: run them all
+                return self.text_encoder(input_ids.to(device), attention_mask.to(device))
+            hidden = torch.zeros(*input_ids.shape, self.text_encoder.config.hidden_size, device=device,
+                                 dtype=self.text_encoder.dtype)
+            for i, row in enumerate(attention_mask.cpu()):
+                real = row.nonzero()
+                if len(real):  # an empty prompt has no real token: all its positions are replaced
+                    span = slice(int(real.min()), int(real.max()) + 1)
+                    hidden[i, span] = self.text_encoder(input_ids[i : i + 1, span].to(device),
+                                                        attention_mask[i : i + 1, span].to(device))[0]
+            return hidden
 
     def encode_prompts(self, texts: Sequence[str], device=None) -> tuple[Tensor, Tensor]:
         """Raw T5 output for B prompts, through the cache: (hidden [B, L, text_dim], mask [B, L] bool)."""

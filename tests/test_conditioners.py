@@ -121,17 +121,46 @@ def load_meta(path):
     return SafetensorsFile(path).metadata
 
 
+def test_t5_runs_only_over_each_prompts_real_tokens_with_the_same_output(multi):
+    """Padded positions are replaced, so T5 runs over each prompt's real tokens only; their outputs equal a run over
+    the whole max_length (they never attend padded keys, and RoPE sees the same distances), and do not depend on
+    the other prompts of the batch (the bits of a small product depend on its row count)."""
+    prompt = multi.conditioners["prompt"]
+    texts = ["a short one", "kick", "", "hat", "snare"]
+    ids, mask = prompt.tokenize(texts)
+    counts = mask.sum(1).tolist()
+    assert max(counts) < ids.shape[1] and counts[2] == 0  # the fixture's prompts leave padding to skip
+    seen = []
+    hook = prompt.text_encoder.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        trimmed = prompt.encode_tokens(ids, mask)
+        alone = prompt.encode_tokens(ids[1:2], mask[1:2])
+    finally:
+        hook.remove()
+    assert seen[:-1] == [(1, c) for c in counts if c > 0]  # one call per prompt, none for the empty one
+    full = prompt.text_encoder(ids, mask)
+    torch.testing.assert_close(trimmed[mask], full[mask], atol=1e-5, rtol=1e-5)
+    assert trimmed.shape == full.shape and not trimmed[~mask].any()
+    assert torch.equal(alone[0], trimmed[1])
+    assert torch.equal(prompt.project(trimmed, mask)[0][~mask], prompt.project(full, mask)[0][~mask])
+    flipped = prompt.encode_tokens(ids.flip(1), mask.flip(1))  # padded on the right: the tail is skipped instead
+    torch.testing.assert_close(flipped[mask.flip(1)], prompt.text_encoder(ids.flip(1), mask.flip(1))[mask.flip(1)],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_repeated_prompt_does_not_rerun_t5(multi):
     prompt = multi.conditioners["prompt"]
     calls = []
     hook = prompt.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         first, _ = prompt(["a cached prompt", "another one"], "cpu")
+        calls.append("|")
         again, _ = prompt(["another one", "a cached prompt", "another one"], "cpu")
+        calls.append("|")
         prompt(["a cached prompt", "a new one"], "cpu")
     finally:
         hook.remove()
-    assert calls == [2, 1]  # the second call ran nothing, the third only the new prompt
+    assert calls == [1, 1, "|", "|", 1]  # one T5 call per new prompt: the second call ran nothing, the third one
     assert torch.equal(again[1], first[0]) and torch.equal(again[0], first[1])
 
 
