@@ -509,16 +509,15 @@ class DiffusionTransformer(nn.Module):
             # branch) add exactly zero in every cross-attention, values and gradients alike: embed and attend
             # only the items with a context
             has_context = cross_attn_cond.flatten(1).any(dim=1)
-            if has_context.all():
+            if has_context.any():
+                if not has_context.all():
+                    context_rows = has_context.nonzero().squeeze(1)
+                    cross_attn_cond = cross_attn_cond[context_rows]
                 context = self.to_cond_embed(cross_attn_cond.to(dtype))
-            elif has_context.any():
-                context_rows = has_context.nonzero().squeeze(1)
-                context = self.to_cond_embed(cross_attn_cond[context_rows].to(dtype))
-            runs = None if context is None else collapse_token_runs(
-                cross_attn_cond if context_rows is None else cross_attn_cond[context_rows])
-            if runs is not None:  # a prompt's padding tokens: one key each run, weighted by its length
-                first, context_bias = runs
-                context = context.gather(1, first[:, :, None].expand(-1, -1, context.shape[2]))
+                runs = collapse_token_runs(cross_attn_cond)
+                if runs is not None:  # a prompt's padding tokens: one key each run, weighted by its length
+                    first, context_bias = runs
+                    context = context.gather(1, first[:, :, None].expand(-1, -1, context.shape[2]))
 
         local = None
         if self.local_add_cond_dim:

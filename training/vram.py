@@ -185,8 +185,8 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
                        prompt_tokens: int | None = None):
     """(step(), forward()) closures over random inputs: one training step as Trainer.train_step does it (adapter
     view, DiT forward, flow loss, backward, clip 1.0, AdamW, update), and the no-grad base DiT forward alone.
-    prompt_tokens: that many distinct prompt tokens, then one padding token repeated up to the prompt length (a real
-    prompt's layout); None: every context token distinct (the most cross-attention work)."""
+    prompt_tokens: one padding token repeated, then that many distinct prompt tokens (a real prompt's layout: SA3
+    pads on the left), then the seconds token; None: every context token distinct (the most cross-attention work)."""
     from ..adapters import AdaptedModel, Root, new_adapter
     from ..sa3.schedules import masked_flow_loss
     from .cpu_heap import keep_heap
@@ -209,7 +209,8 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     t = torch.rand(batch, generator=g)
     cross = torch.randn(batch, int(model_config.prompt_max_length) + 1, d["cond_token_dim"], generator=g)
     if prompt_tokens is not None and prompt_tokens < cross.shape[1] - 1:
-        cross[:, prompt_tokens:-1] = torch.randn(d["cond_token_dim"], generator=g)  # the learned padding embedding
+        n_pad = cross.shape[1] - 1 - prompt_tokens
+        cross[:, :n_pad] = torch.randn(d["cond_token_dim"], generator=g)  # the learned padding embedding
     glob = torch.randn(batch, d["global_cond_dim"], generator=g)
     local = torch.randn(batch, d["local_add_cond_dim"], crop_latents, generator=g)
 
