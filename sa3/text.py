@@ -525,39 +525,55 @@ def _has_spiece(path: Path) -> bool:
 
 
 class TextEncoderCache:
-    """A small LRU of encoder outputs per prompt, keyed by (prompt, max_length, dtype): a repeated prompt does not
-    rerun T5. Values are (hidden [L, D], mask [L]) on the device they were computed on."""
+    """An LRU of encoder outputs per prompt, keyed by (prompt, max_length, dtype) here (any hashable key): a
+    repeated prompt does not rerun T5. Values are tuples of tensors ((hidden [L, D], mask [L]) here) on the device
+    they were computed on. Bounded by entry count and, when max_bytes is given, by the bytes of the tensors held:
+    a training run composes a new prompt at almost every step (shuffled tags), so an unbounded cache would grow by
+    one [L, D] embedding per step."""
 
-    def __init__(self, size: int = 32):
-        self.size = size
-        self.entries: dict[tuple, tuple[Tensor, Tensor]] = {}
+    def __init__(self, size: int = 32, max_bytes: int | None = None):
+        self.size, self.max_bytes = size, max_bytes
+        self.entries: dict[tuple, tuple[Tensor, ...]] = {}
+        self.bytes = 0
         self.lock = threading.Lock()
 
     def __getstate__(self):  # pickled copies start empty (tensors may live on a GPU; the lock cannot be pickled)
-        return {"size": self.size}
+        return {"size": self.size, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state):
-        self.__init__(state["size"])
+        self.__init__(state["size"], state.get("max_bytes"))
 
-    def get(self, key: tuple) -> tuple[Tensor, Tensor] | None:
+    @staticmethod
+    def _nbytes(value: tuple[Tensor, ...]) -> int:
+        return sum(t.numel() * t.element_size() for t in value)
+
+    def get(self, key) -> tuple[Tensor, ...] | None:
         with self.lock:
             value = self.entries.pop(key, None)
             if value is not None:
                 self.entries[key] = value  # most recently used last
             return value
 
-    def put(self, key: tuple, value: tuple[Tensor, Tensor]) -> None:
+    def put(self, key, value: tuple[Tensor, ...]) -> None:
         if self.size <= 0:
             return
         with self.lock:
-            self.entries.pop(key, None)
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= self._nbytes(old)
             self.entries[key] = value
-            while len(self.entries) > self.size:
-                self.entries.pop(next(iter(self.entries)))
+            self.bytes += self._nbytes(value)
+            while len(self.entries) > self.size or (
+                    self.max_bytes is not None and self.bytes > self.max_bytes and len(self.entries) > 1):
+                self.bytes -= self._nbytes(self.entries.pop(next(iter(self.entries))))
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+            self.bytes = 0
 
 
 # --------------------------------------------------------------------------------------------------- conversion

@@ -189,3 +189,31 @@ def test_text_encoder_bundled_under_a_prefix_in_a_checkpoint_is_found(hf, t5_dir
     ids, mask = tok.encode(["dog barking next to a waterfall"], 16)
     with torch.no_grad():
         assert torch.equal(encoder(ids, mask), hf[0](ids, mask))
+
+
+def test_text_encoder_cache_evicts_the_least_recently_used_by_count_and_by_bytes():
+    from sa3_lora_studio.sa3.text import TextEncoderCache
+
+    def value(n):  # n float32 values and an n-long bool mask: 5n bytes
+        return torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+
+    cache = TextEncoderCache(size=3)
+    for key in "abcd":
+        cache.put(key, value(1))
+    assert list(cache.entries) == ["b", "c", "d"]
+    cache.get("b")  # now the most recently used
+    cache.put("e", value(1))
+    assert list(cache.entries) == ["d", "b", "e"]
+
+    cache = TextEncoderCache(size=100, max_bytes=50)
+    cache.put("a", value(4))  # 20 bytes
+    cache.put("b", value(4))
+    cache.put("a", value(4))  # replacing counts its bytes once
+    assert cache.bytes == 40 and list(cache.entries) == ["b", "a"]
+    cache.put("c", value(2))  # 50 bytes: still within
+    cache.put("d", value(2))  # 60 > 50: "b" goes
+    assert list(cache.entries) == ["a", "c", "d"] and cache.bytes == 40
+    cache.put("big", value(100))  # larger than the budget alone: kept, everything older goes
+    assert list(cache.entries) == ["big"] and cache.bytes == 500
+    cache.clear()
+    assert cache.bytes == 0 and len(cache) == 0

@@ -187,6 +187,31 @@ def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path,
         assert all(p.startswith("zz") for p in batch["prompts"])
 
 
+def test_the_runs_prompt_cache_is_bounded_and_a_prompt_encoded_again_gives_the_same_bits(
+        tmp_path, tiny, dataset, fixtures_dir, monkeypatch):
+    """Shuffled tags compose a new prompt at most steps: the run's cache of prompt embeddings stays under its byte
+    budget (least recently used out first), and a prompt that fell out is encoded again to the same bits."""
+    from sa3_lora_studio.training import trainer as trainer_module
+    from sa3_lora_studio.training.trainer import Trainer
+
+    config = _config(dataset, fixtures_dir, prompt_config={"caption_weight": 50, "path_weight": 50}, batch_size=2)
+    roomy = Trainer(config, tmp_path / "roomy", "r", EventLogStub(), _provider(tiny))
+    roomy.setup()
+    prompts = sorted({p for step in range(6) for p in roomy.make_batch(step)["prompts"]})
+    assert len(prompts) >= 3
+    reference = [roomy.encode_prompts([p])[0][0] for p in prompts]
+    entry = reference[0].numel() * reference[0].element_size() + reference[0].shape[0]  # embedding + bool mask
+    monkeypatch.setattr(trainer_module, "PROMPT_CACHE_BYTES", 2 * entry)
+    tight = Trainer(config, tmp_path / "tight", "r", EventLogStub(), _provider(tiny))
+    tight.setup()
+    for _ in range(2):  # the second pass re-encodes what the first pushed out
+        for p, expected in zip(prompts, reference):
+            emb, mask = tight.encode_prompts([p, prompts[0]])
+            assert torch.equal(emb[0], expected) and mask.dtype == torch.bool
+            assert len(tight.prompt_cache) <= 2 and tight.prompt_cache.bytes <= 2 * entry
+    assert len(roomy.prompt_cache) == len(prompts)
+
+
 class EventLogStub:
     def emit(self, *args, **kwargs):
         return {}

@@ -24,6 +24,7 @@ from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, 
 from ..encoding import PromptConfig, batch_prompts
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
+from ..sa3.text import TextEncoderCache
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .preflight import open_continue_from, open_dataset
@@ -32,6 +33,10 @@ from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
 
 CREATED_BY = "sa3-lora-studio"
+# A run's prompt embeddings kept in host memory: about 650 prompts of SA3's [257, 768] fp32. Shuffled tags compose
+# a new prompt at most steps, so the cache must not grow with the run; one encoded again costs a T5 pass over its
+# real tokens only (bench/text_encoder.py), and gives the same bits.
+PROMPT_CACHE_BYTES = 512 << 20
 SILENCE_EXTENSION_SECONDS = 4.0  # mean of the exponential extension of the valid region (official train_lora)
 
 
@@ -97,7 +102,8 @@ class Trainer:
         self.step = 0
         self.step_offset = 0  # from a continued LoRA file's metadata
         self.last_saved_step: int | None = None
-        self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # prompt -> (embedding [L, D], mask [L]) in host memory, bounded: see TextEncoderCache
+        self.prompt_cache = TextEncoderCache(size=2**31, max_bytes=PROMPT_CACHE_BYTES)
 
     # ------------------------------------------------------------------------------------------------ setup
     def load_model(self, spec: str, variant: str):
@@ -267,16 +273,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 once per distinct prompt (cached for the run), then stacked: ([B, L, D], [B, L] bool)."""
+        """T5 once per distinct prompt while it stays in the run's cache (`PROMPT_CACHE_BYTES`, least recently used
+        out first; a prompt encoded again gives the same bits), then stacked on the device: ([B, L, D], [B, L])."""
         prompt_cond = self.model.conditioner.conditioners["prompt"]
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
+        found = {p: self.prompt_cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, value in found.items() if value is None]
         if missing:
             with torch.no_grad():
                 emb, mask = prompt_cond(missing, self.device)
             for p, e, m in zip(missing, emb, mask):
-                self.prompt_cache[p] = (e.detach().clone(), m.detach().clone())
-        embs, masks = zip(*(self.prompt_cache[p] for p in prompts))
-        return torch.stack(embs), torch.stack(masks)
+                found[p] = (e.detach().cpu().clone(), m.detach().cpu().clone())
+                self.prompt_cache.put(p, found[p])
+        embs, masks = zip(*(found[p] for p in prompts))
+        return torch.stack(embs).to(self.device), torch.stack(masks).to(self.device)
 
     def make_batch(self, step: int) -> dict:
         c = self.config
