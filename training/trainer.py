@@ -274,7 +274,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ data
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 once per distinct prompt while it stays in the run's cache (`PROMPT_CACHE_BYTES`, least recently used
-        out first; a prompt encoded again gives the same bits), then stacked on the device: ([B, L, D], [B, L])."""
+        out first; T5 runs per prompt and SA3 has no projection, so one encoded again gives the same bits), then stacked
+        on the device: ([B, L, D], [B, L])."""
         prompt_cond = self.model.conditioner.conditioners["prompt"]
         found = {p: self.prompt_cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, value in found.items() if value is None]
