@@ -169,7 +169,7 @@ class PromptConditioner(nn.Module):
         keys = [(text, self.max_length, self.text_encoder.dtype) for text in texts]
         found = [self.cache.get(k) for k in keys]
         todo = sorted({t for t, f in zip(texts, found, strict=True) if f is None})
-        if todo:  # one batched T5 call for the prompts not cached yet
+        if todo:  # T5 over the prompts not cached yet (each over its own real tokens: `encode_tokens`)
             ids, mask = self.tokenize(todo)
             hidden = self.encode_tokens(ids, mask, device)
             # Own copies, made outside inference mode: a cached row must not pin the whole batch, and must stay

@@ -68,31 +68,52 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
+def round_down_to_bfloat16(x: Tensor) -> Tensor:
+    """x (fp32, >= 0 or -inf) rounded down to a value bf16 holds exactly (and so fp16 too, for |x| in [2^-14, 65504]
+    or 0): its low 16 mantissa bits cleared, which truncates towards zero."""
+    return (x.float().view(torch.int32) & -(1 << 16)).view(torch.float32)
+
+
 def collapse_token_runs(cond: Tensor) -> tuple[Tensor, Tensor] | None:
     """Runs of equal consecutive context tokens, each to be attended once with the log of its length as a bias.
 
     Why: an SA3 prompt fills its unused positions with one learned padding embedding (a zeroed negative prompt with
     zeros), so a short prompt is mostly one token repeated. Cross-attention has no positions, so n equal keys and
-    values weigh exactly like one key whose score gains log(n) (e^(s + log n) = n·e^s), values and gradients alike:
-    the keys/values of the repeats need not be projected nor attended in any block.
+    values weigh like one key whose score gains log(n) (e^(s + log n) = n·e^s): the same values and parameter
+    gradients (an input gradient lands on each run's first token, summed over the run), and the keys/values of the
+    repeats need not be projected nor attended in any block.
 
-    cond: [B, L, Dc]. Returns (first [B, U] int64: the index of each run's first token, bias [B, 1, 1, U] float32:
-    log(run length), -inf on filler slots of items with fewer than U runs), or None when no token repeats its
-    predecessor (then nothing changes)."""
-    starts = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)  # [B, L]: a run begins here
+    A bf16 bias would round log(n) by up to 2^-6 (a run's weight 1.6% off), so a run of n > 1 gets two keys: the
+    first with log(n) rounded down to a bf16 value (exact in bf16, fp16 and fp32), a second with log of the rest
+    (n - e^that, under 3.2% of n), whose own rounding moves the run's weight by under 0.06%.
+
+    cond: [B, L, Dc]. Returns (first [B, U] int64: the context index each key takes its key/value from,
+    bias [B, 1, 1, U] float32: the log-weights, -inf on filler slots of items with fewer keys), or None when
+    collapsing saves no key (then nothing changes)."""
+    batch, length = cond.shape[:2]
+    starts = torch.ones(batch, length, dtype=torch.bool, device=cond.device)  # [B, L]: a run begins here
     starts[:, 1:] = (cond[:, 1:] != cond[:, :-1]).any(dim=-1)
-    runs = starts.sum(dim=1)  # [B]
-    n_runs = int(runs.max())
-    if n_runs == cond.shape[1]:
+    n_runs = int(starts.sum(dim=1).max())
+    if n_runs == length:
         return None
-    first = torch.zeros(cond.shape[0], n_runs, dtype=torch.long, device=cond.device)
-    bias = torch.full((cond.shape[0], 1, 1, n_runs), float("-inf"), device=cond.device)
-    for i in range(cond.shape[0]):
-        index = starts[i].nonzero().squeeze(1)  # [u]
-        lengths = torch.diff(index, append=index.new_tensor([cond.shape[1]]))
-        first[i, : len(index)] = index
-        bias[i, 0, 0, : len(index)] = lengths.float().log()
-    return first, bias
+    run_of = starts.long().cumsum(dim=1) - 1  # [B, L]: each token's run
+    position = torch.arange(length, device=cond.device).expand(batch, length)
+    first = torch.zeros(batch, n_runs, dtype=torch.long, device=cond.device)
+    first.scatter_reduce_(1, run_of, position, "amin", include_self=False)  # fillers keep index 0
+    runs = torch.zeros(batch, n_runs, dtype=torch.float64, device=cond.device)
+    runs.scatter_add_(1, run_of, torch.ones(batch, length, dtype=torch.float64, device=cond.device))  # 0: filler
+    coarse = round_down_to_bfloat16(runs.log())  # [B, U], -inf on fillers
+    rest = (runs - coarse.double().exp()).clamp(min=0)  # float64: n - e^coarse is exact enough to take its log
+    split = rest > runs * 2**-20  # [B, U]: runs whose log-length bf16 does not hold
+    n_split = int(split.sum(dim=1).max())
+    if n_runs + n_split >= length:
+        return None
+    slot = torch.where(split, split.long().cumsum(dim=1) - 1, n_split)  # [B, U]; unsplit runs -> a dropped slot
+    rest_first = first.new_zeros(batch, n_split + 1).scatter_(1, slot, first)[:, :n_split]
+    rest_bias = coarse.new_full((batch, n_split + 1), float("-inf")).scatter_(1, slot, rest.log().float())
+    first = torch.cat([first, rest_first], dim=1)
+    bias = torch.cat([coarse, rest_bias[:, :n_split]], dim=1)
+    return first, bias[:, None, None, :]
 
 
 class BlockRMSNorm(RMSNorm):

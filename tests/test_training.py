@@ -204,11 +204,20 @@ def test_the_runs_prompt_cache_is_bounded_and_a_prompt_encoded_again_gives_the_s
     monkeypatch.setattr(trainer_module, "PROMPT_CACHE_BYTES", 2 * entry)
     tight = Trainer(config, tmp_path / "tight", "r", EventLogStub(), _provider(tiny))
     tight.setup()
-    for _ in range(2):  # the second pass re-encodes what the first pushed out
-        for p, expected in zip(prompts, reference):
-            emb, mask = tight.encode_prompts([p, prompts[0]])
-            assert torch.equal(emb[0], expected) and mask.dtype == torch.bool
-            assert len(tight.prompt_cache) <= 2 and tight.prompt_cache.bytes <= 2 * entry
+    prompt_cond = tight.model.conditioner.conditioners["prompt"]
+    t5_calls = []
+    hook = prompt_cond.text_encoder.register_forward_hook(lambda *args: t5_calls.append(1))
+    try:
+        for _ in range(2):  # the second pass re-encodes what the first pushed out
+            for p, expected in zip(prompts, reference):
+                prompt_cond.cache.clear()  # the model's own small cache (shared with `roomy`) must not answer
+                calls = len(t5_calls)
+                emb, mask = tight.encode_prompts([p, prompts[0]])
+                assert torch.equal(emb[0], expected) and mask.dtype == torch.bool
+                assert len(tight.prompt_cache) <= 2 and tight.prompt_cache.bytes <= 2 * entry
+                assert len(t5_calls) > calls or p == prompts[0]  # prompts[0] is used by every call: it stays
+    finally:
+        hook.remove()
     assert len(roomy.prompt_cache) == len(prompts)
 
 

@@ -33,9 +33,9 @@ from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
 
 CREATED_BY = "sa3-lora-studio"
-# A run's prompt embeddings kept in host memory: about 650 prompts of SA3's [257, 768] fp32. Shuffled tags compose
-# a new prompt at most steps, so the cache must not grow with the run; one encoded again costs a T5 pass over its
-# real tokens only (bench/text_encoder.py), and gives the same bits.
+# A run's prompt embeddings kept in host memory: about 680 prompts of SA3's T5 output ([256, 768] fp32 and a
+# [256] mask). Shuffled tags compose a new prompt at most steps, so the cache must not grow with the run; one encoded
+# again costs a T5 pass over its real tokens only (bench/text_encoder.py), and gives the same bits.
 PROMPT_CACHE_BYTES = 512 << 20
 SILENCE_EXTENSION_SECONDS = 4.0  # mean of the exponential extension of the valid region (official train_lora)
 
