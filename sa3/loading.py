@@ -43,6 +43,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _sniff_wrong_format(path: Path, head: bytes) -> str | None:
+    """What else the file is, from its first 9 bytes, or None. A safetensors file starts with its header's length
+    (8 bytes, little-endian) and then the header's '{': the length's first byte alone can be anything (0x80, a
+    pickle's first byte, for about one file in 32), so the '{' decides first."""
+    if head[8:9] == b"{":
+        return None
     if head[:2] == b"PK":
         return ("is a zip/PyTorch pickle archive (.ckpt/.pt), not safetensors. Model checkpoints must be "
                 ".safetensors; we never unpickle model files")
@@ -61,10 +66,12 @@ class SafetensorsFile:
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
-                head = f.read(8)
+                head = f.read(9)
                 wrong = _sniff_wrong_format(self.path, head)
                 if wrong:
                     raise CheckpointError(f"{self.path.name} {wrong}.")
+                head = head[:8]
+                f.seek(8)
                 if len(head) < 8:
                     raise CheckpointError(f"{self.path.name} is empty or truncated ({size} bytes); download it again.")
                 (header_len,) = struct.unpack("<Q", head)

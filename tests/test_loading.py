@@ -75,6 +75,19 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
         SafetensorsFile(raw)
 
 
+@pytest.mark.parametrize("length, starts", [(0x180, b"\x80\x01"), (0x4B50, b"PK")])
+def test_a_safetensors_header_length_that_starts_like_a_pickle_or_zip_still_loads(tmp_path, length, starts):
+    """The header length's first byte is 0x80 (a pickle's) for about one file in 32; "PK" (a zip's) is rarer."""
+    value = torch.arange(6, dtype=torch.float32).view(2, 3)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(length.to_bytes(8, "little") + header.ljust(length) + value.numpy().tobytes())
+    assert path.read_bytes().startswith(starts)
+    assert torch.equal(load_file(str(path))["w"], value)  # the safetensors library reads it
+    f = SafetensorsFile(path)
+    assert f.shapes["w"] == (2, 3) and torch.equal(f.read("w"), value)
+
+
 def test_truncated_file_says_download_again(fixtures_dir, tmp_path):
     data = (fixtures_dir / "tiny-small" / "model.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
