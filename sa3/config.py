@@ -174,6 +174,22 @@ _OVERRIDE_ALIASES = {
 }
 
 
+def with_prompt_projections(config: SA3Config, shapes: Mapping[str, tuple[int, ...]]) -> SA3Config:
+    """The config with each T5Gemma conditioner's `text_dim` taken from the checkpoint's `proj_out` weight [cond_dim,
+    text_dim] when the config leaves it out (official configs do: the official conditioner builds `proj_out` when the
+    T5 width differs from cond_dim, or when `project_out` asks for it). Without `proj_out` the config is unchanged
+    (text_dim = cond_dim, the real packs). shapes: tensor name -> shape of the checkpoint."""
+    overrides = {}
+    for i, entry in enumerate(config.conditioning.get("configs", [])):
+        if entry.get("type") != "t5gemma" or "text_dim" in (entry.get("config") or {}):
+            continue
+        weight = shapes.get(f"{CONDITIONER_PREFIX}{entry['id']}.proj_out.weight")
+        if weight is not None:
+            overrides[f"model.conditioning.configs.{i}.config.text_dim"] = int(weight[1])
+            overrides[f"model.conditioning.configs.{i}.config.project_out"] = True
+    return config.with_overrides(**overrides) if overrides else config
+
+
 def get_path(d: Mapping, path: str, default=None):
     node: Any = d
     for part in path.split("."):

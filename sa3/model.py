@@ -24,6 +24,7 @@ from .config import (
     SA3Config,
     infer_config,
     read_config,
+    with_prompt_projections,
 )
 from .dit import DiTWrapper
 from .loading import (
@@ -338,6 +339,7 @@ def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_en
     config_overrides.pop("same_stride", None)
     if objective is not None or config_overrides:
         cfg = cfg.with_overrides(objective=objective, **config_overrides)
+    cfg = with_prompt_projections(cfg, file.shapes)
     if cfg.objective not in ("rectified_flow", "rf_denoiser"):
         raise ConfigError(f"objective={cfg.objective!r}")
     return CheckpointLocation(path, file, cfg, te, pack, variant if pack else ("arc" if cfg.is_arc else "base"))

@@ -502,3 +502,44 @@ def test_a_non_arc_model_for_arc_demos_is_warned_about_once_though_loaded_every_
     trainer.setup()
     assert all(len(run_demos(trainer, step)) == 1 for step in (0, 2, 4))
     assert warnings == [f"ARC demos: {copy} is not an ARC model; using it with ping-pong anyway"]
+
+
+def test_a_model_whose_text_encoder_is_narrower_than_cond_dim_loads_and_its_prompt_projection_trains(tmp_path):
+    """The official T5Gemma conditioner adds `proj_out` when the T5 width differs from cond_dim, and its config
+    does not say so: the checkpoint's tensors decide. Adapters on `proj_out` learn (it runs at every step, after the
+    cached frozen T5), so the file's proj_out layer leaves its identity start."""
+    import copy
+    import json
+
+    import numpy as np
+    import soundfile as sf
+    from sa3_lora_studio.encoding import encode_folder
+    from sa3_lora_studio.sa3.tiny import TINY_CONFIG, TINY_T5, write_tiny_model
+
+    config = copy.deepcopy(TINY_CONFIG)
+    wide = TINY_T5["hidden_size"] + 16
+    config["model"]["conditioning"]["cond_dim"] = wide
+    config["model"]["diffusion"]["config"].update(cond_token_dim=wide, global_cond_dim=wide)
+    config["model"]["conditioning"]["configs"][0]["config"]["text_dim"] = TINY_T5["hidden_size"]
+    folder = write_tiny_model(tmp_path / "model", config=config)
+    official = json.loads((folder / "model_config.json").read_text())
+    del official["model"]["conditioning"]["configs"][0]["config"]["text_dim"]  # as an official config reads
+    (folder / "model_config.json").write_text(json.dumps(official))
+    model = load_model(folder)
+    assert model.conditioner.conditioners["prompt"].proj_out.weight.shape == (wide, TINY_T5["hidden_size"])
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(2):
+        tone = 0.3 * np.sin(2 * np.pi * (220 + 330 * i) * np.arange(4410) / 44100)
+        sf.write(audio / f"tone{i}.wav", np.stack([tone, tone], 1).astype(np.float32), 44100)
+        (audio / f"tone{i}.txt").write_text(f"tone number {i}")
+    assert encode_folder(audio, tmp_path / "dataset", encoder=model).complete
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(model))
+    run = manager.submit(RunConfig.from_dict(dict(
+        dataset=str(tmp_path / "dataset"), model=str(folder), adapter_type="lora", rank=2, steps=2, batch_size=2,
+        crop_seconds=0.05, checkpoint_every=2, demo_every=0, seed=1, lr=1e-2, cfg_dropout=0.0)))
+    assert manager.wait(run, 300)["status"] == "done"
+    adapter = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
+    (projection,) = [t for name, t in adapter.layers.items() if name.endswith("prompt.proj_out")]
+    assert projection["lora_B"].abs().max() > 0

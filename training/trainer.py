@@ -273,15 +273,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 once per distinct prompt while it stays in the run's cache (`PROMPT_CACHE_BYTES`, least recently used
-        out first; T5 runs per prompt and SA3 has no projection, so one encoded again gives the same bits), then stacked
-        on the device: ([B, L, D], [B, L])."""
+        """The frozen T5's output, once per distinct prompt while it stays in the run's cache (`PROMPT_CACHE_BYTES`,
+        least recently used out first; T5 runs per prompt, so one encoded again gives the same bits), stacked on the
+        device: (hidden [B, L, text_dim], mask [B, L] bool). The prompt conditioner's own layers (padding embedding,
+        `proj_out` where a model has one, which adapters may target) run at each step: `rectified_flow_loss`."""
         prompt_cond = self.model.conditioner.conditioners["prompt"]
         found = {p: self.prompt_cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, value in found.items() if value is None]
         if missing:
             with torch.no_grad():
-                emb, mask = prompt_cond(missing, self.device)
+                emb, mask = prompt_cond.encode_prompts(missing, self.device)
             for p, e, m in zip(missing, emb, mask):
                 found[p] = (e.detach().cpu().clone(), m.detach().cpu().clone())
                 self.prompt_cache.put(p, found[p])
@@ -323,9 +324,9 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=g)
         inpaint = schedules.random_inpaint_mask(augmented.cpu(), g, probabilities=tuple(c.inpaint_probabilities))
         keep = torch.rand(b, generator=g) >= c.cfg_dropout  # CFG dropout of the whole cross-attention context
-        prompt_emb, _ = self.encode_prompts(batch["prompts"])
+        prompt = self.encode_prompts(batch["prompts"])
         result, _ = rectified_flow_loss(model, x0, noise.to(device), t.to(device), inpaint.to(device), augmented,
-                                        prompt_emb, batch["seconds"], keep.to(device), c.ot_coupling,
+                                        prompt, batch["seconds"], keep.to(device), c.ot_coupling,
                                         c.mask_loss_weight, tree=self.view)
         return result, t
 
@@ -466,17 +467,18 @@ class Trainer:
         return "done"
 
 
-def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_emb, seconds, keep=None,
+def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt, seconds, keep=None,
                         ot_coupling: bool = True, mask_loss_weight: float = 1.0, padding_semantics: str = "mask_keys",
                         tree=None):
     """The official training objective for one batch, given its random sources.
 
     x0: [B, C, T] clean latents; noise: [B, C, T]; t: [B] (already shifted; 1 = noise); inpaint_mask: [B, 1, T]
     (1 = context given to the model, 0 = generated); padding_mask: [B, T] bool (the augmented valid region);
-    prompt_emb: [B, L, D] prompt conditioning; seconds: B durations; keep: [B] bool, False drops the item's whole
+    prompt: the prompt conditioning, [B, L, D] as given, or the frozen T5's (hidden [B, L, text_dim], mask [B, L])
+    to run through the tree's prompt conditioner (its padding embedding and any `proj_out`); seconds: B durations; keep: [B] bool, False drops the item's whole
     cross-attention context (CFG dropout). Noise rows are re-paired with data by minibatch OT when `ot_coupling`.
     x_t = (1-t)·x0 + t·noise, target = noise - x0, MSE on the generated region plus `mask_loss_weight` × the context
-    MSE, padding excluded. The seconds conditioner runs here (with gradients: adapters may adapt it).
+    MSE, padding excluded. The conditioners' own layers run here (with gradients: adapters may adapt them).
     padding_semantics: "mask_keys" (true key masking, what the real models were trained with through flash-attn
     varlen) or "zero_values" (the official CPU fallback's quirk, used by the reference goldens).
     tree: the module tree to run (an adapter view, `AdaptedModel.module`); default the model's own.
@@ -489,6 +491,7 @@ def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt_
     seconds_t = torch.as_tensor(seconds, dtype=torch.float32, device=device)
     tree = tree if tree is not None else model.modules
     sec_emb, _ = tree.conditioner.conditioners["seconds_total"](seconds_t, device)
+    prompt_emb = tree.conditioner.conditioners["prompt"].project(*prompt)[0] if isinstance(prompt, tuple) else prompt
     cross = torch.cat([prompt_emb.to(sec_emb.dtype), sec_emb], dim=1)
     if keep is not None:
         cross = cross * keep[:, None, None].to(cross.dtype)
