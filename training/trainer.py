@@ -476,7 +476,8 @@ def rectified_flow_loss(model, x0, noise, t, inpaint_mask, padding_mask, prompt,
     (1 = context given to the model, 0 = generated); padding_mask: [B, T] bool (the augmented valid region);
     prompt: the prompt conditioning, [B, L, D] as given, or the frozen T5's (hidden [B, L, text_dim], mask [B, L])
     to run through the tree's prompt conditioner (its padding embedding and any `proj_out`); seconds: B durations;
-    keep: [B] bool, False drops the item's whole cross-attention context (CFG dropout). Noise rows are re-paired with data by minibatch OT when `ot_coupling`.
+    keep: [B] bool, False drops the item's whole cross-attention context (CFG dropout). Noise rows are re-paired
+    with data by minibatch OT when `ot_coupling`.
     x_t = (1-t)·x0 + t·noise, target = noise - x0, MSE on the generated region plus `mask_loss_weight` × the context
     MSE, padding excluded. The conditioners' own layers run here (with gradients: adapters may adapt them).
     padding_semantics: "mask_keys" (true key masking, what the real models were trained with through flash-attn
