@@ -15,7 +15,7 @@ from sa3_lora_studio.training.runs import DemoSpec, RunConfig
 
 def _config(dataset, fixtures_dir, **kw):
     base = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="dora-rows", rank=4,
-                steps=4, batch_size=2, crop_seconds=0.03, checkpoint_every=2, demo_every=0, seed=7, lr=1e-3)
+                steps=4, batch_size=2, crop_seconds=0.017, checkpoint_every=2, demo_every=0, seed=7, lr=1e-3)
     base.update(kw)
     return RunConfig.from_dict(base)
 
@@ -543,3 +543,22 @@ def test_a_model_whose_text_encoder_is_narrower_than_cond_dim_loads_and_its_prom
     adapter = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
     (projection,) = [t for name, t in adapter.layers.items() if name.endswith("prompt.proj_out")]
     assert projection["lora_B"].abs().max() > 0
+
+
+def test_a_crop_longer_than_the_models_window_is_capped_with_a_warning(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.trainer import Trainer
+
+    events = []
+
+    class Log:
+        def emit(self, kind, **fields):
+            events.append((kind, fields))
+            return {}
+
+    trainer = Trainer(_config(dataset, fixtures_dir, crop_seconds=1.0), tmp_path / "run", "r", Log(), _provider(tiny))
+    trainer.setup()
+    assert trainer.crop_latents == tiny.config.max_latents
+    assert trainer.make_batch(0)["x0"].shape[-1] == tiny.config.max_latents
+    assert [f["message"] for kind, f in events if kind == "warning"] == [
+        f"crop_seconds 1 is longer than this model's maximum of {tiny.config.max_latents / tiny.config.latent_rate:.3g}"
+        " s; training crops are capped there"]

@@ -98,7 +98,7 @@ def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_
         tmp_path, dataset, fixtures_dir):
     steps = 40
     config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
-                  steps=steps, batch_size=1, crop_seconds=0.03, checkpoint_every=1000, demo_every=0, seed=3,
+                  steps=steps, batch_size=1, crop_seconds=0.017, checkpoint_every=1000, demo_every=0, seed=3,
                   device="cpu")
     (tmp_path / "run.json").write_text(json.dumps(config))
     runs = tmp_path / "runs"

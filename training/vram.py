@@ -115,7 +115,7 @@ def estimate_training_memory(model_config, run_config) -> dict:
     n_params, layers = _count_parameters(model_config)
     n_adapter = adapter_parameter_count(layers, c.adapter_type, c.rank, list(c.include) or None,
                                         list(c.exclude) or None, c.targets)
-    crop = max(1, round(c.crop_seconds * model_config.latent_rate))
+    crop = c.crop_latents(model_config)
     tokens = crop + int(d.get("num_memory_tokens", 0) or 0)
     width, depth, batch = int(d["embed_dim"]), int(d["depth"]), c.batch_size
     per_block = batch * tokens * width * size
