@@ -149,6 +149,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     if inpaint_audio is not None:
         if not inpaint_regions:
             raise ValueError("inpaint_audio needs inpaint_regions [(start_s, end_s), ...]")
+        if not cfg.dit.get("local_add_cond_dim"):
+            raise ValueError(f"{model.source or 'this model'} has no inpainting input (its config has no "
+                             "local_add_cond_dim; every SA3 pack has one): use init_audio (audio-to-audio) instead")
         z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio").repeat(n, 1, 1).to(device)
         latent_mask = schedules.inpaint_latent_mask(inpaint_regions, n_latents, audio_samples, cfg.sample_rate,
                                                     seconds_total=durations)

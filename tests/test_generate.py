@@ -90,3 +90,19 @@ def test_length_reaches_the_native_maximum_not_the_official_120_s_cap(fixtures_d
     with pytest.warns(UserWarning, match="native maximum"):
         capped, _ = model.generate("too long", duration=cfg["sample_size"] / 44100 + 1, steps=1, return_latents=True)
     assert capped.shape[-1] == cfg["sample_size"] // 1024
+
+
+def test_inpainting_on_a_model_without_an_inpainting_input_says_so(tmp_path):
+    """Official-architecture models may lack the inpaint conditioning; the source must not be silently ignored."""
+    import copy
+
+    from sa3_lora_studio.sa3.tiny import TINY_CONFIG, write_tiny_model
+
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["diffusion"]["local_add_cond_ids"] = []
+    config["model"]["diffusion"]["config"]["local_add_cond_dim"] = None
+    model = load_model(write_tiny_model(tmp_path / "plain", config=config))
+    source = (0.3 * torch.sin(torch.arange(8192) / 44100 * 2 * torch.pi * 220)).repeat(2, 1)
+    with pytest.raises(ValueError, match="no inpainting input.*init_audio"):
+        model.generate("pad", duration=0.1, steps=1, inpaint_audio=(source, 44100), inpaint_regions=[(0.02, 0.05)])
+    assert model.generate("pad", duration=0.1, steps=1, init_audio=(source, 44100), init_noise_level=0.5)[0].isfinite().all()
