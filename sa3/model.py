@@ -8,6 +8,7 @@ code); it loads from the pack's `t5gemma-b-b-ul2/` folder or ComfyUI's single `t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,26 @@ class CheckpointLocation:
     variant: str | None
 
 
+def guessed_fields_message(weights: Path, cfg: SA3Config, objective: str | None, stride: int | None,
+                           given: set[str]) -> str | None:
+    """What loading a single file of a custom (not a real pack's) architecture had to guess, and how to say it;
+    None when the caller gave it all. given: the config fields the caller set (`load_model`'s overrides)."""
+    enc = cfg.pretransform["config"]["encoder"]["config"]
+    candidates = [
+        (objective is None, f"{'base' if cfg.objective == 'rectified_flow' else 'ARC'} (from the file name)"),
+        (stride is None, f"SAME stride {enc['strides'][0]} (downsampling ratio {cfg.downsampling_ratio})"),
+        ("sample_rate" not in given, f"sample rate {cfg.sample_rate} Hz"),
+        ("sample_size" not in given, f"maximum length {cfg.sample_size / cfg.sample_rate:.0f} s"),
+        ("prompt_max_length" not in given, f"prompt length {cfg.prompt_max_length} tokens"),
+    ]
+    guesses = [text for guessed, text in candidates if guessed]
+    if not guesses:
+        return None
+    return (f"{weights.name} is not one of the SA3 packs' architectures, and its weights do not hold: "
+            f"{', '.join(guesses)}. These were guessed; if any is wrong the audio will be, so put the model's "
+            f"model_config.json beside it as {weights.with_suffix('.json').name} (or load its folder).")
+
+
 def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_encoder: str | Path | None = None,
                       config: str | Path | dict | None = None, objective: str | None = None,
                       models_dir: str | Path | None = None, download: bool = False,
@@ -323,22 +344,33 @@ def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_en
         weights = path
         cfg = None
         te = Path(text_encoder) if text_encoder else None
+    guessed = False
     file = SafetensorsFile(weights)
     if looks_like_adapter(file.keys(), file.metadata):
         raise CheckpointError(f"{weights.name} is a LoRA/adapter file, not a model. Load a model (pack, folder or "
                               "checkpoint) and apply this file with SA3 Load LoRA / loras=[...].")
     if cfg is None:
-        if config is not None:
-            cfg = read_config(config)
+        sidecar = weights.with_suffix(".json")  # a single file's own model_config.json, for what weights cannot say
+        if config is not None or sidecar.is_file():
+            cfg = read_config(config if config is not None else sidecar)
         else:
             if not any(k.startswith(DIT_PREFIX) for k in file.keys()):
                 raise CheckpointError(f"{weights.name} has no '{DIT_PREFIX}*' tensors: it is not a full SA3 checkpoint "
                                       "(a SAME-only autoencoder file loads with load_autoencoder()).")
-            cfg = infer_config(file.shapes, objective=objective, source=str(weights),
-                               same_stride=config_overrides.pop("same_stride", None))
+            stride = config_overrides.pop("same_stride", None)
+            try:
+                cfg = infer_config(file.shapes, objective=objective, source=str(weights), same_stride=stride)
+            except ConfigError as e:
+                raise ConfigError(f"{weights.name}: {e} (or put that model's model_config.json beside it as "
+                                  f"{sidecar.name})") from None
+            guessed = cfg.family == "custom"
     config_overrides.pop("same_stride", None)
     if objective is not None or config_overrides:
         cfg = cfg.with_overrides(objective=objective, **config_overrides)
+    if guessed:
+        message = guessed_fields_message(weights, cfg, objective, stride, set(config_overrides))
+        if message:
+            warnings.warn(message, stacklevel=2)
     cfg = with_prompt_projections(cfg, file.shapes)
     if cfg.objective not in ("rectified_flow", "rf_denoiser"):
         raise ConfigError(f"objective={cfg.objective!r}")

@@ -147,3 +147,22 @@ def test_a_resaved_file_without_rope_buffers_loads_with_the_official_frequencies
     reference = load_model(fixtures_dir / "tiny-small").modules.state_dict()
     for key, value in load_model(folder).modules.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_a_custom_single_file_warns_what_it_guessed_and_a_json_beside_it_says_instead(fixtures_dir, tmp_path):
+    """The weights do not hold the SAME stride, the sample rate or base/ARC: a file of a non-pack architecture is
+    loaded with guesses named in a warning, and `<name>.json` beside it (the folder's model_config.json) is read."""
+    import warnings
+
+    single = tmp_path / "my_model.safetensors"
+    shutil.copy(fixtures_dir / "tiny-small" / "model.safetensors", single)
+    with pytest.warns(UserWarning, match=r"my_model.safetensors is not one of the SA3 packs.*SAME stride 16.*"
+                                         r"my_model.json"):
+        guessed = load_model(single)
+    assert guessed.downsampling_ratio != load_model(fixtures_dir / "tiny-small").downsampling_ratio  # wrong guess
+    shutil.copy(fixtures_dir / "tiny-small" / "model_config.json", tmp_path / "my_model.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        told = load_model(single)
+    folder = load_model(fixtures_dir / "tiny-small")
+    assert told.config.raw == folder.config.raw and told.downsampling_ratio == folder.downsampling_ratio
