@@ -54,7 +54,8 @@ class SA3Modules(nn.Module):
         super().__init__()
         self.model = DiTWrapper(**config.dit)
         self.conditioner = MultiConditioner(config.conditioning)
-        self.pretransform = AutoencoderPretransform(SAMEAutoencoder.from_config(config.pretransform))
+        self.pretransform = AutoencoderPretransform(SAMEAutoencoder.from_config(config.pretransform,
+                                                                                config.sample_rate))
 
 
 @dataclass
@@ -419,9 +420,11 @@ def load_autoencoder(source: str | Path, config: str | Path | dict | None = None
     prefix = AUTOENCODER_PREFIX if any(k.startswith(AUTOENCODER_PREFIX) for k in file.keys()) else ""
     if config is None and path.is_dir() and (path / "model_config.json").exists():
         config = path
+    sample_rate = 44100  # every SA3 model's; a model_config.json may say otherwise
     if config is not None:
         raw = read_config(config).raw
         pt = raw["model"]["pretransform"] if "model" in raw else raw
+        sample_rate = int(raw.get("sample_rate", sample_rate))
     else:
         shapes = {prefix + k[len(prefix):]: s for k, s in file.shapes.items()}
         probe = infer_autoencoder_config(shapes, None, prefix=prefix)
@@ -429,7 +432,7 @@ def load_autoencoder(source: str | Path, config: str | Path | dict | None = None
         pt = infer_autoencoder_config(shapes, family_defaults(family), prefix=prefix)
     torch_dtype = resolve_dtype(dtype)
     with torch.device("meta"):
-        ae = SAMEAutoencoder.from_config(pt)
+        ae = SAMEAutoencoder.from_config(pt, sample_rate)
     key_map = {k: prefix + k for k in ae.state_dict()}
     load_into_meta_module(ae, file, key_map, lambda k: torch.float32 if k.endswith("inv_freq") else torch_dtype,
                           device, what="SAME autoencoder")

@@ -166,3 +166,17 @@ def test_a_custom_single_file_warns_what_it_guessed_and_a_json_beside_it_says_in
         told = load_model(single)
     folder = load_model(fixtures_dir / "tiny-small")
     assert told.config.raw == folder.config.raw and told.downsampling_ratio == folder.downsampling_ratio
+
+
+def test_the_autoencoder_runs_at_the_models_sample_rate(tmp_path):
+    import copy
+
+    from sa3_lora_studio.sa3.model import load_autoencoder
+    from sa3_lora_studio.sa3.tiny import TINY_CONFIG, write_tiny_model
+
+    config = copy.deepcopy(TINY_CONFIG)
+    config["sample_rate"] = 48000
+    folder = write_tiny_model(tmp_path / "model48k", config=config, text_encoder=False)
+    assert load_model(folder).autoencoder.sample_rate == 48000
+    ae = load_autoencoder(folder)
+    assert ae.sample_rate == 48000 and ae.prepare_audio(torch.zeros(2, 4800), 48000).shape[-1] == 4800
