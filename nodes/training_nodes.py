@@ -176,7 +176,7 @@ class SA3TrainLoRA:
                                demo_format=demo_format,
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
-            check_run_inputs(config, model.latent_dim)  # a bad dataset or LoRA file fails here, not in the background
+            check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not in the background
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
         warning = memory_warning(model, config)

@@ -562,3 +562,22 @@ def test_a_crop_longer_than_the_models_window_is_capped_with_a_warning(tmp_path,
     assert [f["message"] for kind, f in events if kind == "warning"] == [
         f"crop_seconds 1 is longer than this model's maximum of {tiny.config.max_latents / tiny.config.latent_rate:.3g}"
         " s; training crops are capped there"]
+
+
+def test_a_dataset_another_autoencoder_encoded_is_refused_naming_what_differs(dataset, fixtures_dir, tiny):
+    from types import SimpleNamespace
+
+    from sa3_lora_studio.training.preflight import open_dataset
+    from sa3_lora_studio.training.runs import RunError
+
+    config = _config(dataset, fixtures_dir)
+    assert len(open_dataset(config, tiny)) == 3
+    same_width = SimpleNamespace(latent_dim=tiny.latent_dim, downsampling_ratio=4 * tiny.downsampling_ratio,
+                                 sample_rate=tiny.sample_rate)
+    with pytest.raises(RunError, match=rf"RunConfig.dataset: .*another autoencoder: samples per latent "
+                                       rf"{tiny.downsampling_ratio} \(the model's: {4 * tiny.downsampling_ratio}\)"):
+        open_dataset(config, same_width)
+    other_rate = SimpleNamespace(latent_dim=tiny.latent_dim + 1, downsampling_ratio=tiny.downsampling_ratio,
+                                 sample_rate=48000)
+    with pytest.raises(RunError, match=r"latent width .*; sample rate 44100 \(the model's: 48000\)"):
+        open_dataset(config, other_rate)

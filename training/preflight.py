@@ -10,9 +10,9 @@ from ..encoding.dataset import DatasetError, load_dataset
 from .runs import RunConfig, RunError
 
 
-def open_dataset(config: RunConfig, latent_dim: int | None = None):
-    """The run's EncodedDataset; RunError when it cannot be opened, has no encoded file, or holds latents of another
-    width than the model's `latent_dim` (when given)."""
+def open_dataset(config: RunConfig, model=None):
+    """The run's EncodedDataset; RunError when it cannot be opened, has no encoded file, or (when the model is given)
+    holds latents another autoencoder made: another width, latent rate or sample rate than the model's."""
     try:
         dataset = load_dataset(config.dataset)
     except (DatasetError, OSError, ValueError) as e:
@@ -20,9 +20,17 @@ def open_dataset(config: RunConfig, latent_dim: int | None = None):
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")
-    if latent_dim is not None and dataset.latent_dim != latent_dim:
-        raise RunError(f"RunConfig.dataset: {config.dataset} has {dataset.latent_dim}-dim latents but the model "
-                       f"expects {latent_dim}; encode it with this model's autoencoder")
+    if model is not None:
+        mine = {"latent width": model.latent_dim, "samples per latent": model.downsampling_ratio,
+                "sample rate": model.sample_rate}
+        theirs = {"latent width": dataset.latent_dim, "samples per latent": dataset.downsampling_ratio,
+                  "sample rate": dataset.sample_rate}
+        differ = [f"{name} {theirs[name]} (the model's: {mine[name]})" for name in mine
+                  if theirs[name] is not None and int(theirs[name]) != int(mine[name])]
+        if differ:
+            raise RunError(f"RunConfig.dataset: {config.dataset} was encoded by another autoencoder: "
+                           f"{'; '.join(differ)}. Encode the audio again with this model (SA3 Encode Audio Folder "
+                           "or `sa3-lora encode --model ...`)")
     return dataset
 
 
@@ -36,9 +44,10 @@ def open_continue_from(config: RunConfig):
         raise RunError(f"RunConfig.continue_from: {Path(config.continue_from).name}: {e}") from None
 
 
-def check_run_inputs(config: RunConfig, latent_dim: int | None = None) -> None:
-    """Everything a run reads besides the model, checked before it is registered (nothing is queued on bad input)."""
-    open_dataset(config, latent_dim)
+def check_run_inputs(config: RunConfig, model=None) -> None:
+    """Everything a run reads besides the model, checked before it is registered (nothing is queued on bad input);
+    model: the loaded model when the caller has it (`open_dataset`)."""
+    open_dataset(config, model)
     open_continue_from(config)
 
 

@@ -134,7 +134,7 @@ class Trainer:
         if self.model.is_arc:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
                                              "trained on the base model")
-        self.dataset = open_dataset(c, self.model.latent_dim)
+        self.dataset = open_dataset(c, self.model)
         self.items = self.dataset.prompt_items()
         prompt_config = dict(c.prompt_config)
         if c.trigger_word and not prompt_config.get("trigger"):
