@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,56 @@ class ConfigError(ValueError):
     """A model config (given or inferred) is unusable; the message names the field and the fix."""
 
 
+def consistency_problems(raw: Mapping) -> list[str]:
+    """Fields of one model_config.json that must agree with each other (each mismatch loads, then fails deep in a
+    forward): the DiT's conditioning widths with `cond_dim`, its inpaint width with the latent size, the
+    autoencoder's latent size, channels and downsampling ratio with its parts. Fields that are absent are skipped."""
+    model = raw["model"]
+    dit = get_path(model, "diffusion.config", {}) or {}
+    diffusion = model["diffusion"]
+    cond_dim = get_path(model, "conditioning.cond_dim")
+    latent = model.get("io_channels")
+    problems = []
+
+    def differ(name: str, value, expected, why: str) -> None:
+        if value is not None and expected is not None and value != expected:
+            problems.append(f"{name}={value} but {why} is {expected}")
+
+    if dit.get("embed_dim") and dit.get("num_heads") and dit["embed_dim"] % dit["num_heads"]:
+        problems.append(f"diffusion.config.embed_dim={dit['embed_dim']} is not a multiple of num_heads={dit['num_heads']}")
+    if diffusion.get("cross_attention_cond_ids"):
+        differ("diffusion.config.cond_token_dim", dit.get("cond_token_dim"), cond_dim, "conditioning.cond_dim")
+    if diffusion.get("global_cond_ids"):
+        differ("diffusion.config.global_cond_dim", dit.get("global_cond_dim"), cond_dim, "conditioning.cond_dim")
+    if diffusion.get("local_add_cond_ids") and dit.get("local_add_cond_dim"):
+        differ("diffusion.config.local_add_cond_dim", dit["local_add_cond_dim"], None if latent is None else latent + 1,
+               "the inpaint mask plus the latent size (io_channels + 1)")
+    differ("diffusion.config.io_channels", dit.get("io_channels"), latent, "model.io_channels")
+    ids = [e.get("id") for e in get_path(model, "conditioning.configs", []) or []]
+    if "seconds_total" in (diffusion.get("cross_attention_cond_ids") or []) and "seconds_total" not in ids:
+        problems.append("diffusion uses 'seconds_total' but conditioning.configs has no such conditioner")
+    ae = get_path(model, "pretransform.config", {}) or {}
+    enc = get_path(ae, "encoder.config", {}) or {}
+    patch = get_path(ae, "pretransform.config.patch_size")
+    differ("pretransform.config.latent_dim", ae.get("latent_dim"), latent, "model.io_channels")
+    differ("pretransform encoder latent_dim", enc.get("latent_dim"), ae.get("latent_dim"), "pretransform.config.latent_dim")
+    differ("pretransform bottleneck dim", get_path(ae, "bottleneck.config.dim"), ae.get("latent_dim"),
+           "pretransform.config.latent_dim")
+    if patch and get_path(ae, "pretransform.config.channels") and enc.get("in_channels"):
+        differ("pretransform encoder in_channels", enc["in_channels"], patch * get_path(ae, "pretransform.config.channels"),
+               "the patch size times the audio channels")
+    if patch and enc.get("strides") and ae.get("downsampling_ratio"):
+        differ("pretransform.config.downsampling_ratio", ae["downsampling_ratio"], patch * math.prod(enc["strides"]),
+               "the patch size times the encoder strides")
+    width = enc.get("channels")
+    # a head is min(dim_heads, width) wide (the official SAME transformer block)
+    if width and enc.get("dim_heads") and any(width * m % min(enc["dim_heads"], width * m)
+                                              for m in enc.get("c_mults", [1])):
+        problems.append(f"pretransform encoder dim_heads={enc['dim_heads']} does not divide its widths "
+                        f"{[width * m for m in enc.get('c_mults', [1])]}")
+    return problems
+
+
 @dataclass(frozen=True)
 class SA3Config:
     """A parsed SA3 model config. `raw` is the official nested dict (`model_type`, `sample_rate`, `sample_size`,
@@ -82,6 +133,10 @@ class SA3Config:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"{self.source}: model.diffusion.diffusion_objective={self.objective!r}; "
                               f"SA3 uses one of {OBJECTIVES}")
+        problems = consistency_problems(self.raw)
+        if problems:
+            raise ConfigError(f"{self.source or 'config'}: the sections disagree: {'; '.join(problems)}. The "
+                              "official code could not build this model either; check the model_config.json")
 
     # --- sections (official kwargs dicts) ---
     @property

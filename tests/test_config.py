@@ -1,5 +1,6 @@
 """Config parsing and inference of the config from a bare state dict (ComfyUI single files have no JSON)."""
 
+import copy
 import json
 
 import pytest
@@ -83,3 +84,24 @@ def test_a_config_without_model_section_is_refused_with_its_name(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="invalid JSON"):
         read_config(tmp_path)
+
+
+@pytest.mark.parametrize("path, value, named", [
+    ("model.diffusion.config.num_heads", 3, "embed_dim=64 is not a multiple of num_heads=3"),
+    ("model.diffusion.config.cond_token_dim", 48, "cond_token_dim=48 but conditioning.cond_dim is 32"),
+    ("model.diffusion.config.global_cond_dim", 48, "global_cond_dim=48 but conditioning.cond_dim is 32"),
+    ("model.diffusion.config.local_add_cond_dim", 5, r"local_add_cond_dim=5 but .*io_channels \+ 1\) is 9"),
+    ("model.pretransform.config.downsampling_ratio", 64, "downsampling_ratio=64 but .* strides is 32"),
+    ("model.pretransform.config.bottleneck.config.dim", 16, "bottleneck dim=16 but pretransform.config.latent_dim is 8"),
+    ("model.pretransform.config.encoder.config.in_channels", 8, "in_channels=8 but .* audio channels is 16"),
+    ("model.pretransform.config.encoder.config.dim_heads", 6, "dim_heads=6 does not divide its widths"),
+])
+def test_sections_that_disagree_are_refused_naming_both_fields(path, value, named):
+    from sa3_lora_studio.sa3.config import ConfigError, set_path
+    from sa3_lora_studio.sa3.tiny import TINY_CONFIG
+
+    read_config(TINY_CONFIG)  # consistent as written
+    raw = copy.deepcopy(TINY_CONFIG)
+    set_path(raw, path, value)
+    with pytest.raises(ConfigError, match=named):
+        read_config(raw)
