@@ -671,6 +671,18 @@ def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str =
 
 # ---------------------------------------------------------------------------------------------------- new adapters
 
+def check_xs_rank(weights: dict[str, Tensor], rank: int) -> None:
+    """An -xs adapter's frozen bases are the top `rank` singular vectors of each weight [out, in...]: every targeted
+    layer needs rank <= min(out, in). ValueError naming the layers that are too small and both ways out."""
+    small = {name: min(w.shape[0], w[0].numel()) for name, w in weights.items() if rank > min(w.shape[0], w[0].numel())}
+    if small:
+        names = sorted(small, key=small.get)
+        raise ValueError(f"rank {rank} is above what {len(small)} targeted layer(s) can hold for an -xs adapter "
+                         f"(rank <= min(out, in)): {', '.join(f'{n} ({small[n]})' for n in names[:6])}"
+                         f"{' ...' if len(names) > 6 else ''}. Use rank <= {min(small.values())}, or exclude "
+                         f"those layers (exclude={names[:6]!r})")
+
+
 def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | None = None,
                 roots: Sequence[Root] = (Root(),), include: Sequence[str] | None = None,
                 exclude: Sequence[str] | None = None, preset: str | None = None, dropout: float = 0.0,
@@ -686,12 +698,12 @@ def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | No
     for root in roots:
         sub = tree.get_submodule(root.path) if root.path else tree
         for name in select_targets(sub, include, exclude):
-            w = sub.get_submodule(name).weight
-            if adapter_type.endswith("-xs") and rank > min(w.shape[0], w[0].numel()):
-                raise ValueError(f"rank {rank} > min{(w.shape[0], w[0].numel())} of {name}: -xs needs rank <= both")
-            t = init_tensors(adapter_type, w, rank, generator)
-            layers[name] = {k: v for k, v in t.items() if k not in ("U", "V")}
-            weights[name] = w
+            weights[name] = sub.get_submodule(name).weight
+    if adapter_type.endswith("-xs"):
+        check_xs_rank(weights, rank)
+    for name, w in weights.items():
+        t = init_tensors(adapter_type, w, rank, generator)
+        layers[name] = {k: v for k, v in t.items() if k not in ("U", "V")}
     if not layers:
         raise AdapterMismatch(f"no Linear/Conv1d layer matches include={include} exclude={exclude} preset={preset}")
     config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout, "include": include,

@@ -374,3 +374,11 @@ def test_factored_inference_keeps_a_frozen_adapters_renorm_factors_until_its_sta
     fresh = AdaptedModel(tree, [AdapterUse(uses[0].adapter, strength=0.4)], ROOTS, mode="parametrized")
     with torch.no_grad():
         assert torch.allclose(weaker, fresh.module(*inputs), atol=1e-5)
+
+
+def test_an_xs_rank_above_a_small_layer_names_the_layers_and_both_ways_out(tree):
+    """The seconds Linear is [16, 4]: -xs rank 8 cannot hold it; excluding it (as the message says) works."""
+    with pytest.raises(ValueError, match=r"rank 8 is above .* 1 targeted layer.*conditioners.seconds \(4\).*"
+                                         r"Use rank <= 4, or exclude those layers \(exclude=\['conditioners.seconds'\]\)"):
+        new_adapter(tree, "bora-xs", 8, roots=ROOTS)
+    assert new_adapter(tree, "bora-xs", 8, roots=ROOTS, exclude=["conditioners.seconds"]).layers
