@@ -581,3 +581,11 @@ def test_a_dataset_another_autoencoder_encoded_is_refused_naming_what_differs(da
                                  sample_rate=48000)
     with pytest.raises(RunError, match=r"latent width .*; sample rate 44100 \(the model's: 48000\)"):
         open_dataset(config, other_rate)
+
+
+def test_the_model_label_in_a_files_metadata_names_a_packs_folder_not_just_base():
+    from sa3_lora_studio.training.trainer import model_label
+
+    assert model_label("sa3-small-music") == "sa3-small-music"
+    assert model_label("/models/my-pack/base") == "my-pack/base" and model_label("/m/x/arc/") == "x/arc"
+    assert model_label("/ckpt/stable_audio_3_medium_base.safetensors") == "stable_audio_3_medium_base.safetensors"

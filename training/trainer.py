@@ -40,6 +40,15 @@ PROMPT_CACHE_BYTES = 512 << 20
 SILENCE_EXTENSION_SECONDS = 4.0  # mean of the exponential extension of the valid region (official train_lora)
 
 
+def model_label(spec: str) -> str:
+    """A short name for the model a run trains on, for file metadata and messages: a pack name as given, a folder
+    or file by its name, with its parent for a pack's `base`/`arc` folder (`my-pack/base`, not `base`)."""
+    path = Path(str(spec))
+    if path.name.lower() in ("base", "arc") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(spec)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from the run seed and labels (stable across processes and platforms)."""
     digest = hashlib.sha256(":".join(map(str, ("sa3-train",) + parts)).encode()).digest()
@@ -256,7 +265,7 @@ class Trainer:
         adapter_name, state_name = checkpoint_files(name)
         adapter_path = ckpt_dir / adapter_name
         tmp = ckpt_dir / f".{adapter_name}.tmp"
-        write_adapter_file(tmp, adapter, base_pack=self.model.pack or Path(str(c.model)).name, step=self.global_step,
+        write_adapter_file(tmp, adapter, base_pack=self.model.pack or model_label(c.model), step=self.global_step,
                            epoch=self.global_step * c.batch_size // max(1, len(self.dataset)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
                            base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
