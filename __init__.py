@@ -7,14 +7,17 @@ As a ComfyUI custom node pack this module exports `NODE_CLASS_MAPPINGS`, `NODE_D
     model = load_model("path/to/stable-audio-3-small-music-base")  # or a pack name, or a ComfyUI checkpoint
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
 WEB_DIRECTORY = "./web"
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # The engine is imported on first use so that ComfyUI's start-up and `sa3-lora --help` stay fast.
+    # Nodes and engine are imported on first use (ComfyUI asks for the mappings when it loads the pack), so that
+    # `sa3-lora --help` and other commands that need no torch start at once.
+    if name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
+        from . import nodes
+
+        return getattr(nodes, name)
     if name in ("load_model", "load_autoencoder", "SA3Model"):
         from .sa3 import model as _model
 

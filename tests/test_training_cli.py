@@ -214,3 +214,13 @@ def test_an_event_after_a_torn_line_starts_on_its_own_line_and_bad_bytes_are_ski
     events, _ = read_events(path)
     assert [(e["type"], e.get("step")) for e in events] == [("step", 1), ("status", None), ("step", 2)]
     assert events[2]["loss"] is None and events[2]["samples"] == [[0.5, None]]
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """`sa3-lora --help` (and the argument parsing of every command) imports no torch: it takes about 2 s."""
+    import subprocess
+    import sys
+
+    code = "import sys; from sa3_lora_studio.cli import main; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
