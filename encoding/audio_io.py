@@ -2,6 +2,19 @@
 
 Everything returns numpy float32 `[C, N]` arrays in [-1, 1] (channels first, as torch audio code expects).
 Bad files raise `AudioFileError` whose `reason` is a short phrase for the dataset report ("zero bytes", ...).
+Files that can be used with a caveat decode with `DecodedAudio.warnings`, which the dataset records per file.
+
+Damaged files: the decoders skip damaged packets and go on (as ffmpeg does), so damage in the middle costs that
+part, not the rest of the file; whatever decodes is kept, with a warning when packets were dropped or when the
+decoded length is clearly shorter (below SHORT_DECODE_FRACTION) than the container declares (truncated files).
+An MP4 (AAC) decoded a little longer than its exact declared duration is trimmed to it: the rest is the
+encoder's padding of the last frame.
+
+Sample levels (the autoencoder expects [-1, 1]): integer PCM always decodes within it. Peaks above MAX_PEAK
+(+40 dBFS) are not audio a person made (corrupt data, or integer values stored as floats): the file is skipped.
+Float files (WAV/AIFF/CAF float) peaking above 1 are peak-normalised to 1, which keeps the waveform, only
+quieter; other decoders' samples beyond 1 (lossy decoder overshoot, damaged frames) are clipped to [-1, 1].
+Both record a warning.
 """
 
 from __future__ import annotations
@@ -9,7 +22,7 @@ from __future__ import annotations
 import errno
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +35,8 @@ AUDIO_EXTENSIONS = frozenset({
 
 # A decoder that returns less than this fraction of the container's declared length "stopped early": try the other.
 SHORT_DECODE_FRACTION = 0.98
+MAX_PEAK = 100.0  # |sample| above this (+40 dBFS) is garbage, not a hot mix: the file is skipped
+MAX_PADDING_FRAMES = 2048  # decoded beyond an MP4's declared duration by at most this: encoder padding, trimmed
 
 
 class AudioFileError(Exception):
@@ -34,13 +49,17 @@ class AudioFileError(Exception):
 
 @dataclass
 class DecodedAudio:
-    """samples: [C, N] float32 at `sample_rate` Hz, exactly what a decoder produced.
-    declared_frames: the container's claim (None when it makes none); never used as the duration."""
+    """samples: [C, N] float32 at `sample_rate` Hz, what a decoder produced (levels fitted, module docstring).
+    declared_frames: the container's claim (None when it makes none); never used as the duration.
+    float_samples: the file stores float samples (which may legitimately exceed 1). warnings: caveats for the
+    dataset report (damaged packets, truncation, levels)."""
 
     samples: np.ndarray
     sample_rate: int
     decoder: str
     declared_frames: int | None = None
+    float_samples: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -81,14 +100,40 @@ def check_readable(path: str | Path) -> int:
     return st.st_size
 
 
+def _wav_declared_frames(path: str) -> int | None:
+    """Frames the data chunk of a RIFF WAV (PCM or float) declares, or None for other files and unknown sizes.
+    libsndfile silently trims a truncated file's frame count to what is there, so the header is read here."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        block_align = None
+        while len(chunk := f.read(8)) == 8:
+            cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"fmt ":
+                fmt = f.read(size + size % 2)
+                tag, block_align = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[12:14], "little")
+                if tag not in (1, 3, 0xFFFE):  # compressed WAV: frames are not bytes / block_align
+                    return None
+            elif cid == b"data":
+                unknown = size in (0, 0xFFFFFFFF)  # streaming writers leave the size unset
+                return None if unknown or not block_align else size // block_align
+            else:
+                f.seek(size + size % 2, 1)
+    return None
+
+
 def _decode_soundfile(path: str) -> DecodedAudio:
     import soundfile as sf
 
     with sf.SoundFile(path) as f:
         declared = f.frames if 0 < f.frames < 2**62 else None  # libsndfile reports a huge number for unknown
+        if f.format in ("WAV", "WAVEX"):
+            declared = max(declared or 0, _wav_declared_frames(path) or 0) or None
         data = f.read(dtype="float32", always_2d=True)  # [N, C]
         rate = f.samplerate
-    return DecodedAudio(np.ascontiguousarray(data.T), int(rate), "soundfile", declared)
+        is_float = f.subtype in ("FLOAT", "DOUBLE")
+    return DecodedAudio(np.ascontiguousarray(data.T), int(rate), "soundfile", declared, is_float)
 
 
 def _decode_pyav(path: str) -> DecodedAudio:
@@ -107,28 +152,57 @@ def _decode_pyav(path: str) -> DecodedAudio:
             declared = round(container.duration / 1_000_000 * rate)
         # Convert every frame to planar float at the stream's own rate and layout (no resampling here).
         resampler = av.AudioResampler(format="fltp", layout=stream.layout.name if stream.layout else None, rate=rate)
-        chunks = []
+        chunks, damaged, warnings = [], 0, []
         try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray())
+            for packet in container.demux(stream):  # ends with an empty packet that flushes the decoder
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    damaged += 1  # drop the damaged packet and go on, as ffmpeg does
+                    continue
+                for frame in frames:
+                    chunks += [out.to_ndarray() for out in resampler.resample(frame)]
         except av.error.FFmpegError as e:
             if not chunks:
                 raise
-            # A damaged tail: keep what decoded; the caller compares against the other decoder.
-            _ = e
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
+            warnings.append(f"the container is damaged after {sum(c.shape[-1] for c in chunks) / rate:.2f} s; "
+                            f"the rest is lost ({str(e).strip()[:120]})")
+        chunks += [out.to_ndarray() for out in resampler.resample(None)]
+        is_float = stream.codec_context.name.startswith("pcm_f")
+        exact_duration = "mp4" in container.format.name.split(",")
     if not chunks:
         raise AudioFileError("no audio decoded")
+    if damaged:
+        warnings.append(f"{damaged} damaged packet(s) skipped: the audio has gaps there")
     data = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
     if channels and data.shape[0] != channels and data.shape[0] == 1:
         data = data.reshape(channels, -1)  # packed layouts come back as one interleaved row
-    return DecodedAudio(np.ascontiguousarray(data), int(rate), "pyav", declared)
+    if exact_duration and declared is not None and 0 < data.shape[1] - declared <= MAX_PADDING_FRAMES:
+        data = data[:, :declared]  # the AAC encoder's padding of the last frame: MP4 durations are exact
+    return DecodedAudio(np.ascontiguousarray(data), int(rate), "pyav", declared, is_float, warnings)
 
 
 def _short(d: DecodedAudio) -> bool:
     return d.declared_frames is not None and d.frames < SHORT_DECODE_FRACTION * d.declared_frames
+
+
+def fit_level(d: DecodedAudio) -> None:
+    """Bring d.samples into [-1, 1] in place by the module's level policy, noting what was done in d.warnings.
+    Raises AudioFileError when the peak is above MAX_PEAK."""
+    peak = float(np.abs(d.samples).max()) if d.samples.size else 0.0
+    if peak <= 1.0:
+        return
+    level = f"peak {peak:.3g} ({20 * math.log10(peak):+.1f} dBFS)"
+    if peak > MAX_PEAK:
+        raise AudioFileError("samples out of range", f"{level}: corrupt data or integer values stored as "
+                             "floats; re-export the file with samples in [-1, 1]")
+    if d.float_samples:
+        d.samples *= np.float32(1.0 / peak)
+        d.warnings.append(f"float samples at {level}: scaled by {1 / peak:.3g} to fit [-1, 1]")
+    else:
+        over = int(np.count_nonzero(np.abs(d.samples) > 1.0))
+        np.clip(d.samples, -1.0, 1.0, out=d.samples)
+        d.warnings.append(f"{over} sample(s) beyond [-1, 1] clipped ({level}; decoder overshoot or damaged data)")
 
 
 def decode_audio(path: str | Path) -> DecodedAudio:
@@ -136,7 +210,8 @@ def decode_audio(path: str | Path) -> DecodedAudio:
 
     soundfile (libsndfile) goes first; PyAV (FFmpeg) is tried when soundfile refuses the file or returns clearly
     less than the container declares, and the longer result wins. The duration is what was decoded, not the
-    header's claim. Raises AudioFileError (zero bytes, unreadable, symlink loop, not audio, NaN/inf samples)."""
+    header's claim; when it is clearly shorter, a warning says so. Levels are fitted into [-1, 1] (`fit_level`).
+    Raises AudioFileError (zero bytes, unreadable, symlink loop, not audio, NaN/inf samples, out of range)."""
     path = os.fspath(path)
     check_readable(path)
     errors = []
@@ -161,16 +236,51 @@ def decode_audio(path: str | Path) -> DecodedAudio:
         raise AudioFileError("not audio or undecodable", "; ".join(errors))
     if not np.isfinite(best.samples).all():
         raise AudioFileError("NaN/inf samples")
+    if _short(best):
+        best.warnings.append(f"decoded {best.seconds:.2f} s of the {best.declared_frames / best.sample_rate:.2f} s "
+                             "the file declares: truncated or damaged, the rest is lost")
+    fit_level(best)
     return best
+
+
+# Speaker order of multichannel files by channel count: the WAVE_FORMAT_EXTENSIBLE default masks and FLAC's
+# fixed orders (which agree). Counts without a standard layout are mixed as unknown (equally to both sides).
+SPEAKER_LAYOUTS = {
+    3: ("FL", "FR", "FC"),
+    4: ("FL", "FR", "BL", "BR"),  # quad
+    5: ("FL", "FR", "FC", "BL", "BR"),  # 5.0
+    6: ("FL", "FR", "FC", "LFE", "BL", "BR"),  # 5.1
+    7: ("FL", "FR", "FC", "LFE", "BC", "SL", "SR"),  # 6.1
+    8: ("FL", "FR", "FC", "LFE", "BL", "BR", "SL", "SR"),  # 7.1
+}
+_MINUS_3DB = math.sqrt(0.5)
+# (to left, to right) per speaker: ITU-R BS.775 Lo/Ro, centre and surrounds at -3 dB, LFE dropped; a back centre
+# is a surround split over both sides.
+STEREO_WEIGHTS = {
+    "FL": (1.0, 0.0), "FR": (0.0, 1.0), "FC": (_MINUS_3DB, _MINUS_3DB), "LFE": (0.0, 0.0),
+    "BL": (_MINUS_3DB, 0.0), "BR": (0.0, _MINUS_3DB), "SL": (_MINUS_3DB, 0.0), "SR": (0.0, _MINUS_3DB),
+    "BC": (0.5, 0.5),
+}
+
+
+def stereo_weights(n_channels: int) -> np.ndarray:
+    """[2, n_channels] float32 downmix matrix for n_channels >= 3 (SPEAKER_LAYOUTS order), each row summing to 1
+    so the mix cannot clip; left and right are mirror images."""
+    layout = SPEAKER_LAYOUTS.get(n_channels)
+    if layout is None:  # no standard order: every channel to both sides
+        weights = np.full((2, n_channels), _MINUS_3DB, dtype=np.float32)
+    else:
+        weights = np.array([STEREO_WEIGHTS[s] for s in layout], dtype=np.float32).T
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 def downmix(samples: np.ndarray, channels: int = 2) -> np.ndarray:
     """[C, N] -> [channels, N] (channels 1 or 2).
 
-    Mono is duplicated to both sides. More than two channels, in the usual order (L, R, C, LFE, Ls, Rs, ...):
-    the centre goes to both sides at -3 dB, the LFE is dropped, other channels alternate left/right at full
-    weight, and each side is divided by its total weight so the mix cannot clip (ITU-R BS.775 for 5.1, up to
-    the normalisation). To stereo from more channels, 3-channel files are taken as L, R, C."""
+    Mono is duplicated to both sides. More than two channels are taken in the standard WAV/FLAC speaker order for
+    their count (SPEAKER_LAYOUTS: 3 = L R C, 4 = quad, 5 = 5.0, 6 = 5.1, 7 = 6.1, 8 = 7.1) and mixed by ITU-R
+    BS.775 (centre and surrounds at -3 dB, LFE dropped), each side divided by its total weight so the mix cannot
+    clip; other counts go equally to both sides."""
     c = samples.shape[0]
     if channels == 1:
         return samples.mean(axis=0, keepdims=True)
@@ -180,19 +290,7 @@ def downmix(samples: np.ndarray, channels: int = 2) -> np.ndarray:
         return np.repeat(samples, 2, axis=0)
     if c == 2:
         return samples
-    weights = np.zeros((2, c), dtype=np.float32)
-    weights[0, 0] = weights[1, 1] = 1.0
-    centre = math.sqrt(0.5)
-    weights[:, 2] = centre
-    lfe = 3 if c >= 6 else None  # 5.1 / 7.1 put the LFE fourth; quad and 5.0 have none
-    side = 0
-    for ch in range(3, c):
-        if ch == lfe:
-            continue
-        weights[side, ch] = 1.0 if c >= 6 else centre
-        side = 1 - side
-    weights /= weights.sum(axis=1, keepdims=True)
-    return weights @ samples
+    return stereo_weights(c) @ samples
 
 
 def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:

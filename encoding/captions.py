@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import unicodedata
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Fields the encoder writes itself; sidecars cannot override them and prompts never use them.
-RESERVED_FIELDS = frozenset({
-    "seconds_total", "seconds_start", "padding_mask", "path", "relpath", "sample_rate", "timestamps", "load_time",
-    "latent_relpath", "seconds_decoded", "source_sample_rate", "source_channels", "decoder", "content_hash",
-    "metadata_sources", "n_latents", "latent_filename", "latent_crop_start", "latent_crop_length", "src_relpath",
-    "audio_samples", "latent_shape",
+# Every field encode_folder writes into a file's JSON besides its metadata (dataset.py refuses to write any other,
+# so a new field is reserved the moment it exists and never leaks into a prompt).
+ENCODER_FIELDS = frozenset({
+    "seconds_total", "seconds_start", "padding_mask", "path", "relpath", "sample_rate", "timestamps",
+    "seconds_decoded", "source_sample_rate", "source_channels", "decoder", "content_hash", "encoder_fingerprint",
+    "latent_dtype", "metadata_sources", "audio_warnings",
+})
+# Fields sidecars cannot override and prompts never use: ours, and what official/underfit encoders write.
+RESERVED_FIELDS = ENCODER_FIELDS | frozenset({
+    "load_time", "latent_relpath", "n_latents", "latent_filename", "latent_crop_start", "latent_crop_length",
+    "src_relpath", "audio_samples", "latent_shape",
 })
 PATH_FIELDS = ("file_stem", "folder", "top_folder")
 
@@ -57,36 +63,91 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _read_json_sidecar(audio: Path, warnings: list[str]) -> tuple[dict, str | None]:
+def utf8_text(text: str) -> str:
+    """text that UTF-8 (and so our JSON files) can hold: a name byte that was not valid UTF-8, which os.fsdecode
+    turns into a lone surrogate U+DC80..U+DCFF, is spelled `\\xNN` (lossless and readable); any other lone
+    surrogate becomes U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                       else "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def name_text(name: str) -> str:
+    """A file or folder name as it appears in relpaths, manifests and prompts: NFC, then `utf8_text`."""
+    return utf8_text(nfc(name))
+
+
+def _is_file(path: Path, warnings: list[str], root: Path | None) -> bool:
+    """Path.is_file that reports, instead of raising, a location it may not look into (a folder without
+    execute permission raises PermissionError)."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        warnings.append(f"{_shown(path, root)}: cannot look for a sidecar here ({e.strerror or e}); skipped")
+        return False
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    """A sidecar's path for a warning: relative to the dataset root when inside it, else absolute."""
+    try:
+        return name_text(path.relative_to(root).as_posix()) if root is not None else name_text(str(path))
+    except ValueError:
+        return name_text(str(path.absolute()))
+
+
+def _drop_non_finite(data: dict, where: str, warnings: list[str]) -> dict:
+    """JSON sidecar fields without NaN/Infinity (Python's json reads them, strict JSON has no such values: the
+    per-file JSON we write must stay readable by every JSON parser)."""
+    def finite(v) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, (list, tuple)):
+            return all(map(finite, v))
+        if isinstance(v, dict):
+            return all(map(finite, v.values()))
+        return True
+
+    bad = sorted(k for k, v in data.items() if not finite(v))
+    if bad:
+        warnings.append(f"{where}: NaN/Infinity is not valid JSON; field(s) {', '.join(bad)} ignored")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
+def _read_json_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
     stem = audio.stem
     for cand in (audio.with_suffix(".json"), audio.parent / "json" / f"{stem}.json",
                  audio.parent.parent / "json" / f"{stem}.json"):
-        if not cand.is_file():
+        if not _is_file(cand, warnings, root):
             continue
+        shown = _shown(cand, root)
         try:
             data = json.loads(cand.read_text(encoding="utf-8-sig"))
         except (ValueError, OSError) as e:
-            warnings.append(f"{cand.name}: invalid JSON sidecar ignored ({str(e)[:120]})")
+            warnings.append(f"{shown}: invalid JSON sidecar ignored ({str(e)[:120]})")
             continue
         if not isinstance(data, dict):
-            warnings.append(f"{cand.name}: JSON sidecar is a {type(data).__name__}, not an object; ignored")
+            warnings.append(f"{shown}: JSON sidecar is a {type(data).__name__}, not an object; ignored")
             continue
-        return {str(k): v for k, v in data.items() if v is not None and v != ""}, str(cand)
+        data = _drop_non_finite(data, shown, warnings)
+        return {str(k): v for k, v in data.items() if v is not None and v != ""}, utf8_text(str(cand))
     return {}, None
 
 
-def _read_txt_sidecar(audio: Path, warnings: list[str]) -> tuple[dict, str | None]:
+def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
     stem = audio.stem
     for cand in (audio.with_suffix(".txt"), audio.parent / "txt" / f"{stem}.txt",
                  audio.parent.parent / "txt" / f"{stem}.txt"):
-        if not cand.is_file():
+        if not _is_file(cand, warnings, root):
             continue
         try:
             text = cand.read_text(encoding="utf-8-sig").strip()
         except (UnicodeDecodeError, OSError) as e:
-            warnings.append(f"{cand.name}: unreadable text sidecar ignored ({str(e)[:120]})")
+            warnings.append(f"{_shown(cand, root)}: unreadable text sidecar ignored ({str(e)[:120]})")
             continue
-        return ({"prompt": text} if text else {}), str(cand)
+        return ({"prompt": text} if text else {}), utf8_text(str(cand))
     return {}, None
 
 
@@ -152,8 +213,8 @@ def path_fields(audio_path: str | Path, root: str | Path | None) -> dict:
         rel_parent = audio.parent.relative_to(root) if root is not None else Path()
     except ValueError:
         rel_parent = Path()
-    parts = [nfc(p) for p in rel_parent.parts]
-    return {"file_stem": nfc(audio.stem), "folder": "/".join(parts), "top_folder": parts[0] if parts else ""}
+    parts = [name_text(p) for p in rel_parent.parts]
+    return {"file_stem": name_text(audio.stem), "folder": "/".join(parts), "top_folder": parts[0] if parts else ""}
 
 
 def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, warnings: list[str] | None = None,
@@ -161,16 +222,17 @@ def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, w
     """All metadata for one audio file, in the documented order (module docstring).
 
     audio_path: the audio file; root: the dataset folder (for path fields). Appends human-readable problems
-    (invalid sidecars) to `warnings` and, per source used, {source: where} to `sources`. Never raises on bad
-    sidecars or tags."""
+    (invalid or unreachable sidecars, named by their path relative to root) to `warnings` and, per source used,
+    {source: where} to `sources`. Never raises on bad sidecars, tags or folders it may not look into."""
     audio = Path(audio_path)
+    root = Path(root) if root is not None else None
     warns: list[str] = [] if warnings is None else warnings
     layers: list[tuple[str, dict, str | None]] = []
     layers.append(("path", path_fields(audio, root), None))
     tags = read_tags(audio)
-    layers.append(("tags", tags, str(audio) if tags else None))
-    layers.append(("txt", *_read_txt_sidecar(audio, warns)))
-    layers.append(("json", *_read_json_sidecar(audio, warns)))
+    layers.append(("tags", tags, utf8_text(str(audio)) if tags else None))
+    layers.append(("txt", *_read_txt_sidecar(audio, root, warns)))
+    layers.append(("json", *_read_json_sidecar(audio, root, warns)))
     merged: dict = {}
     for name, fields, where in layers:  # lowest priority first: later layers override
         if fields:
@@ -178,5 +240,5 @@ def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, w
             if sources is not None:
                 sources[name] = where or ""
     for w in warns:
-        log.warning("%s: %s", audio.name, w)
+        log.debug("%s: %s", name_text(audio.name), w)  # the dataset report lists them with the file
     return merged

@@ -12,8 +12,9 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "encode", help="encode a folder of audio to an SA3 latent dataset",
         description="Encode every audio file under FOLDER with the pack's SAME autoencoder into DIR. Re-running "
-                    "re-encodes only new or changed files and continues an interrupted run. Exit code 0 when the "
-                    "dataset was written, even if some files were skipped (they are listed with reasons).")
+                    "re-encodes only new or changed files, re-reads every caption, and continues an interrupted run. "
+                    "Exit code 0 when the dataset was written, even if some files were skipped (they are listed "
+                    "with reasons); 1 when it was interrupted or no file could be used; 2 on a usage error.")
     p.add_argument("folder", help="folder of audio files (any depth)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pack", help="pack name (sa3-medium, sa3-small-music, sa3-small-sfx)")
@@ -25,7 +26,10 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="leave out files matching these")
     p.add_argument("--exclude-from", default=None, metavar="FILE", help="a file with one relpath/glob per line")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="latent storage dtype")
-    p.add_argument("--force", action="store_true", help="re-encode everything")
+    p.add_argument("--force", action="store_true", help="re-encode everything (implies --prune)")
+    p.add_argument("--prune", action="store_true",
+                   help="allow removing earlier outputs when DIR was encoded from another folder or none of its files "
+                        "is in this run (refused otherwise, as a likely mistake)")
     p.add_argument("--devices", nargs="*", default=None,
                    help="one worker process per device, e.g. cuda:0 cuda:1, or 'all' for every visible GPU "
                         "(default: one process on --device)")
@@ -74,7 +78,7 @@ class _Bar:
 def _cmd_encode(args) -> int:
     from functools import partial
 
-    from .dataset import encode_folder, load_encoder
+    from .dataset import encode_folder, load_encoder, plan_encode
 
     source = args.pack or args.model
     variant = args.variant if args.pack else None
@@ -83,19 +87,28 @@ def _cmd_encode(args) -> int:
         exclude += [ln.strip() for ln in Path(args.exclude_from).read_text(encoding="utf-8").splitlines()
                     if ln.strip() and not ln.startswith("#")]
     factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
-    kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force,
+    kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force, prune=args.prune,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
-    if args.devices == ["all"]:
-        import torch
+    try:
+        plan_encode(args.folder, args.out, args.include, exclude, prune=args.prune or args.force)  # before the model
+        if args.devices == ["all"]:
+            import torch
 
-        args.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [args.device]
-    if args.devices and len(args.devices) > 1:
-        report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
-    else:
-        device = args.devices[0] if args.devices else args.device
-        report = encode_folder(args.folder, args.out, factory(device), **kw)
+            args.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [args.device]
+        if args.devices and len(args.devices) > 1:
+            report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
+        else:
+            device = args.devices[0] if args.devices else args.device
+            report = encode_folder(args.folder, args.out, factory(device), **kw)
+    except KeyboardInterrupt:
+        print(f"\nsa3-lora encode: interrupted; the files finished so far are kept in {args.out}. Run the same "
+              "command again to continue.", file=sys.stderr)
+        return 130
+    except OSError as e:  # the dataset folder itself (permissions, a full disk): no traceback, the message says it
+        print(f"sa3-lora encode: {e}", file=sys.stderr)
+        return 2
     print(report.summary())
-    return 0 if not report.interrupted else 1
+    return 0 if report.complete and report.usable else 1
 
 
 def _cmd_inspect(args) -> int:
@@ -109,6 +122,7 @@ def _cmd_inspect(args) -> int:
         "dtype": m.get("dtype"), "totals": m.get("totals", {}),
         "skipped": [{"relpath": f["relpath"], "reason": f.get("reason"), "detail": f.get("detail", "")}
                     for f in ds.skipped],
+        "warnings": [{"relpath": e["relpath"], "warning": w} for e in ds.entries for w in e.get("warnings", [])],
     }
     if args.prompts:
         from .prompts import PromptConfig, preview_prompts
@@ -131,6 +145,8 @@ def _cmd_inspect(args) -> int:
               f"{t.get('excluded', 0)} excluded, {t.get('n_latents', 0)} latent frames")
     for s in info["skipped"]:
         print(f"  skipped {s['relpath']}: {s['reason']}")
+    for w in info["warnings"]:
+        print(f"  warning {w['relpath']}: {w['warning']}")
     for row in info.get("prompts", []):
         print(f"  [{row['source'] or '-'}] {row['relpath']}: {row['prompt']}")
     return 0

@@ -11,8 +11,14 @@ Layout of a dataset folder DIR (readable by the official `PreEncodedDataset` as-
                           and "complete": true only once everything above is written (atomic replace)
 
 <relpath> keeps the audio extension (`a.wav.npy`, `a.flac.npy`), so same-stem files never collide. Relpaths are
-'/'-separated and Unicode NFC. `seconds_total` follows the official convention (ceil of the decoded length, an
-integer); the exact decoded duration is `seconds_decoded`.
+'/'-separated and Unicode NFC; name bytes that are not UTF-8 are spelled `\\xNN` (`captions.name_text`). A name
+longer than MAX_NAME_BYTES is shortened on disk (`output_relpath`); the manifest maps each relpath to its files
+("latents", "metadata"). `seconds_total` follows the official convention (ceil of the decoded length, an integer);
+the exact decoded duration is `seconds_decoded`. Every JSON file is strict UTF-8 JSON (no NaN/Infinity).
+
+Re-runs encode new and changed audio, re-read every file's captions/tags/sidecars (so edited captions arrive
+without re-encoding), and remove the outputs of files that are gone or now excluded, but never a whole dataset by
+accident: see `plan_encode`.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sa3.atomic import atomic_write, atomic_write_json
+from ..sa3.atomic import atomic_write
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
-from .captions import lookup_metadata, nfc
+from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, utf8_text
 
 MANIFEST = "dataset.json"
 SILENCE = "silence.npy"
@@ -47,10 +53,13 @@ SILENCE_LATENTS = 64  # frames of encoded silence stored; loaders tile it when t
 # do not chunk themselves, or to bound the size of one call.
 DEFAULT_CHUNK_LATENTS = None
 DEFAULT_OVERLAP_LATENTS = 16  # context each side of an outer chunk, discarded
+# Longest file or folder name we write, in UTF-8 bytes, before ".npy"/".json": with that suffix and the atomic
+# writer's temp-name decoration ("." + name + ".XXXXXXXX.tmp", 14 more) a name stays under the 255-byte NAME_MAX.
+MAX_NAME_BYTES = 200
 
 
-class DatasetError(Exception):
-    pass
+class DatasetError(ValueError):
+    """A dataset problem the user can fix; the message names the file or folder and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +68,42 @@ class DatasetError(Exception):
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
+
+
+def _utf8_safe(data):
+    """data with every string (keys too) made writable as UTF-8 by `utf8_text`."""
+    if isinstance(data, str):
+        return utf8_text(data)
+    if isinstance(data, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_utf8_safe(v) for v in data]
+    return data
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write data atomically as strict JSON in UTF-8: ValueError on NaN/Infinity (which only Python reads back);
+    strings UTF-8 cannot hold (undecodable file-name bytes) are spelled `\\xNN`."""
+    return atomic_write(path, json.dumps(_utf8_safe(data), indent=1, ensure_ascii=False, allow_nan=False))
+
+
+def fit_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """name when its UTF-8 form has at most max_bytes, else its start (cut at a character boundary) + "~" + 12 hex
+    digits of its sha256 + its extension: deterministic, and distinct names stay distinct."""
+    raw = name.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return name
+    stem, ext = os.path.splitext(name)
+    ext = ext if len(ext.encode("utf-8")) <= 16 else ""
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:12]
+    room = max_bytes - len(tag) - len(ext.encode("utf-8"))
+    return stem.encode("utf-8")[:room].decode("utf-8", "ignore") + tag + ext
+
+
+def output_relpath(relpath: str) -> str:
+    """Where a file's outputs go in the dataset folder, without the ".npy"/".json" suffix: its relpath with every
+    name longer than MAX_NAME_BYTES shortened by `fit_name`."""
+    return "/".join(fit_name(part) for part in relpath.split("/"))
 
 
 def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -75,8 +120,11 @@ def matches(relpath: str, patterns) -> bool:
     patterns without '/'). Exact names are compared first, so names with [brackets] work as explicit entries."""
     name = relpath.rsplit("/", 1)[-1]
     for p in patterns:
-        p = nfc(str(p)).replace("\\", "/")
-        if relpath == p or name == p or fnmatch.fnmatchcase(relpath, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)):
+        exact = name_text(str(p))  # a relpath copied from a manifest may hold "\\xNN"
+        p = exact.replace("\\", "/")
+        if relpath in (exact, p) or name in (exact, p) or fnmatch.fnmatchcase(relpath, p):
+            return True
+        if "/" not in p and fnmatch.fnmatchcase(name, p):
             return True
         if p.endswith("/") and relpath.startswith(p):  # a folder
             return True
@@ -113,19 +161,21 @@ class ScanResult:
     files: list[tuple[Path, str]] = field(default_factory=list)  # (path as found, NFC '/' relpath)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason) found while walking
     excluded: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)  # extension -> number of files that are not audio
 
 
 def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ...] = ()) -> ScanResult:
     """Every audio file under `folder` (by extension), sorted by relpath. Follows symlinks; directory loops are
     reported once and not entered; AppleDouble `._*` files and hidden folders are ignored. include: when given,
-    only matching relpaths; exclude: matching relpaths are left out (see `matches`)."""
+    only matching relpaths; exclude: matching relpaths are left out (see `matches`). Two names that differ only in
+    Unicode normalisation (NFC/NFD) have one relpath: the NFC-spelled one is kept, the other is a problem."""
     folder = Path(folder)
     res = ScanResult()
     seen_dirs = set()
     skip_real = {os.path.realpath(s) for s in skip}
-    found = []
+    found = []  # (relpath, relpath as spelled on disk, path)
 
-    def walk(d: Path, rel: str) -> None:
+    def walk(d: Path, rel: str, raw_rel: str) -> None:
         try:
             st = d.stat()
         except OSError as e:
@@ -142,27 +192,101 @@ def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ..
             res.problems.append((rel or ".", f"unreadable folder ({e.strerror})"))
             return
         for e in entries:
-            r = f"{rel}/{nfc(e.name)}" if rel else nfc(e.name)
+            r = f"{rel}/{name_text(e.name)}" if rel else name_text(e.name)
+            raw = f"{raw_rel}/{utf8_text(e.name)}" if raw_rel else utf8_text(e.name)
             if e.name.startswith("._") or (e.name.startswith(".") and e.is_dir()):
                 continue  # AppleDouble files, hidden folders
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
+            ext = os.path.splitext(e.name)[1].lower()
             if is_dir:
                 if os.path.realpath(e.path) in skip_real:
                     continue
-                walk(Path(e.path), r)
-            elif os.path.splitext(e.name)[1].lower() in AUDIO_EXTENSIONS:
-                found.append((Path(e.path), r))
+                walk(Path(e.path), r, raw)
+            elif ext in AUDIO_EXTENSIONS:
+                found.append((r, raw, Path(e.path)))
+            else:
+                res.ignored[ext or "(none)"] = res.ignored.get(ext or "(none)", 0) + 1
 
-    walk(folder, "")
-    for path, rel in sorted(found, key=lambda x: x[1]):
-        if (include and not matches(rel, include)) or (exclude and matches(rel, exclude)):
+    walk(folder, "", "")
+    kept: dict[str, str] = {}
+    for rel, raw, path in sorted(found, key=lambda x: (x[0], x[1] != x[0], x[1])):  # the NFC spelling first
+        if rel in kept:
+            res.problems.append((raw, f"differs from {kept[rel]!r} only in Unicode normalisation (accents stored as "
+                                      "combining characters, NFD) so both would be one dataset file; rename or "
+                                      "remove one of them"))
+        elif (include and not matches(rel, include)) or (exclude and matches(rel, exclude)):
+            kept[rel] = raw
             res.excluded.append(rel)
         else:
+            kept[rel] = raw
             res.files.append((path, rel))
     return res
+
+
+def _nothing_to_encode(folder: Path, scan: ScanResult, include, exclude) -> str:
+    """Why a scan selected no file, and what to check."""
+    if scan.excluded:
+        return (f"{folder}: none of its {len(scan.excluded)} audio files is selected by include={list(include)} "
+                f"exclude={list(exclude)}; patterns match relpaths such as {scan.excluded[0]!r} or file names")
+    msg = f"{folder}: no audio files found"
+    if scan.ignored:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(scan.ignored.items(), key=lambda kv: -kv[1])[:6])
+        msg += f" ({sum(scan.ignored.values())} other files ignored: {kinds})"
+    if scan.problems:
+        msg += f"; {len(scan.problems)} entries could not be used (first: {scan.problems[0][0]}: {scan.problems[0][1]})"
+    return (msg + f". Audio is recognised by extension: {' '.join(sorted(AUDIO_EXTENSIONS))}. If the folder is on "
+            "an external drive, check that it is mounted.")
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _removals(out_dir: Path, folder: Path, present: set[str], prune: bool) -> list[str]:
+    """Relpaths of earlier encoded files a run over `present` would remove (gone from the source, or now
+    excluded). DatasetError when that looks like a mistake rather than an edit: the dataset came from another
+    folder, or none of its files is left (an unmounted drive, a typo in include); prune=True allows it."""
+    old = _load_manifest(out_dir) or {}
+    encoded = [f["relpath"] for f in old.get("files", [])
+               if isinstance(f, dict) and f.get("status") == "encoded" and isinstance(f.get("relpath"), str)]
+    gone = sorted(r for r in encoded if r not in present)
+    if not gone or prune:
+        return gone
+    source = old.get("source_folder")
+    moved = isinstance(source, str) and not _same_folder(source, folder)
+    if moved or len(gone) == len(encoded):
+        why = f"was encoded from {source}" if moved else "has none of its files in this run"
+        shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        raise DatasetError(f"{out_dir}: this dataset of {len(encoded)} encoded files {why}, so encoding {folder} "
+                           f"into it would remove {len(gone)} of them ({shown}). Nothing was changed. Encode into "
+                           "another folder, or pass --prune (prune=True, or force) to replace them.")
+    return gone
+
+
+def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
+                prune: bool = False) -> tuple[ScanResult, list[str]]:
+    """Everything about an encode that is checked before an encoder is needed: returns (the scan, relpaths of
+    earlier outputs this run removes). DatasetError naming the folder when the source is not a folder, `out_dir`
+    is a file, no audio file is selected (with the extensions recognised and what was ignored), or the run would
+    remove earlier outputs by mistake (`_removals`)."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    if not folder.exists():
+        raise DatasetError(f"{folder}: no such folder; give the folder that holds the audio files")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is a file; give the folder that holds the audio (pick files with include)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir} is a file; the dataset is written to a folder: give a new or existing dataset folder")
+    scan = scan_folder(folder, include, exclude, skip=(out_dir,))
+    if not scan.files:
+        raise DatasetError(_nothing_to_encode(folder, scan, include, exclude))
+    present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
+    return scan, _removals(out_dir, folder, present, prune)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,12 +334,41 @@ def encode_silence(encoder, n_latents: int = SILENCE_LATENTS) -> np.ndarray:
 
 
 def _output_paths(out_dir: Path, relpath: str) -> tuple[Path, Path]:
-    return out_dir / f"{relpath}.npy", out_dir / f"{relpath}.json"
+    """(latents .npy, metadata .json) of a relpath, named by `output_relpath`."""
+    out = output_relpath(relpath)
+    return out_dir / f"{out}.npy", out_dir / f"{out}.json"
+
+
+def _skipped(rec: dict, error: BaseException) -> dict:
+    """rec as a skipped record, the error as its reason."""
+    if isinstance(error, AudioFileError):
+        return {**rec, "status": "skipped", "reason": error.reason, "detail": error.detail}
+    # e.g. out of memory on one huge file: report it, keep going with the others
+    return {**rec, "status": "skipped", "reason": "encoding failed", "detail": f"{type(error).__name__}: {error}"[:500]}
+
+
+def _file_metadata(path: Path, root: Path) -> tuple[dict, list[str], dict]:
+    """(metadata, warnings, sources) of one audio file by the one lookup (`captions.lookup_metadata`)."""
+    warnings: list[str] = []
+    sources: dict[str, str] = {}
+    md = lookup_metadata(path, root, warnings=warnings, sources=sources)
+    return md, warnings, sources
+
+
+def _file_json(metadata: dict, sources: dict, encoded: dict) -> dict:
+    """A file's JSON: its metadata, then the fields the encoder writes (`encoded`) and where the metadata came
+    from. The encoder may write only captions.ENCODER_FIELDS: the fields prompts never see."""
+    unreserved = set(encoded) - ENCODER_FIELDS
+    if unreserved:  # a new encoder field must be reserved, or it reaches prompts built from "every field"
+        raise RuntimeError(f"encoder fields {sorted(unreserved)} are missing from captions.ENCODER_FIELDS")
+    return {**metadata, **encoded, "metadata_sources": sources}
 
 
 def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
                  content_hash: str, chunk_latents: int | None, decoded=None) -> dict:
-    """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped')."""
+    """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped'). Never
+    raises: whatever goes wrong with this file (bad audio, out of memory, an output it cannot write) is its
+    skip reason, and the run goes on."""
     rec = {"relpath": relpath, "hash": content_hash}
     try:
         audio, info = decoded if decoded is not None else load_audio(path, encoder.sample_rate, 2)
@@ -226,18 +379,13 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         latents = encode_waveform(encoder, audio, chunk_latents)
         if not np.isfinite(latents).all():
             raise AudioFileError("encoder produced NaN/inf")
-    except AudioFileError as e:
-        return {**rec, "status": "skipped", "reason": e.reason, "detail": e.detail}
-    except Exception as e:  # e.g. out of memory on one huge file: report it, keep going with the others
-        return {**rec, "status": "skipped", "reason": "encoding failed", "detail": f"{type(e).__name__}: {e}"[:500]}
-    warnings: list[str] = []
-    sources: dict[str, str] = {}
-    md = lookup_metadata(path, root, warnings=warnings, sources=sources)
+        md, warnings, sources = _file_metadata(path, root)
+    except Exception as e:
+        return _skipped(rec, e)
     n = latents.shape[-1]
     npy_path, json_path = _output_paths(out_dir, relpath)
     seconds = info.seconds
-    meta = {
-        **md,
+    encoded = {
         "seconds_start": 0,
         "seconds_total": int(math.ceil(audio.shape[-1] / encoder.sample_rate)),  # official: ceil(len / sr)
         "padding_mask": [1] * n,
@@ -252,15 +400,19 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         "content_hash": content_hash,
         "encoder_fingerprint": ident["fingerprint"],
         "latent_dtype": dtype,
-        "metadata_sources": sources,
+        **({"audio_warnings": list(info.warnings)} if info.warnings else {}),
     }
-    save_npy_atomic(npy_path, latents.astype(dtype))
-    atomic_write_json(json_path, meta)  # the JSON last: its presence means this file is done
-    rec.update(status="encoded", latents=f"{relpath}.npy", metadata=f"{relpath}.json", n_latents=n,
-               seconds=round(seconds, 6), source_sample_rate=info.sample_rate, source_channels=info.channels,
-               decoder=info.decoder)
-    if warnings:
-        rec["warnings"] = warnings
+    try:
+        save_npy_atomic(npy_path, latents.astype(dtype))
+        write_json(json_path, _file_json(md, sources, encoded))  # the JSON last: its presence means this file is done
+    except (OSError, ValueError) as e:  # a name the output file system refuses, a full disk: skip this file
+        return {**rec, "status": "skipped", "reason": "could not write its outputs",
+                "detail": f"{utf8_text(str(npy_path.parent))}: {type(e).__name__}: {e}"[:500]}
+    rec.update(status="encoded", latents=f"{output_relpath(relpath)}.npy", metadata=f"{output_relpath(relpath)}.json",
+               n_latents=n, seconds=round(seconds, 6), source_sample_rate=info.sample_rate,
+               source_channels=info.channels, decoder=info.decoder)
+    if info.warnings or warnings:
+        rec["warnings"] = list(info.warnings) + warnings
     return rec
 
 
@@ -280,7 +432,11 @@ _WORKER: dict = {}
 
 
 def _worker_init(factory, devices, counter) -> None:
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
 
     with counter.get_lock():
         rank = counter.value
@@ -328,6 +484,7 @@ class EncodeReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
     excluded: list[str] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning) of files in the dataset
     interrupted: bool = False
     seconds: float = 0.0  # audio seconds in the dataset
 
@@ -335,12 +492,20 @@ class EncodeReport:
     def complete(self) -> bool:
         return not self.interrupted
 
+    @property
+    def usable(self) -> int:
+        """Files the dataset holds after this run."""
+        return len(self.encoded) + len(self.reused)
+
     def summary(self) -> str:
         lines = [f"{self.out_dir}: {len(self.encoded)} encoded, {len(self.reused)} unchanged, "
-                 f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded; "
-                 f"{self.seconds / 60:.1f} min of audio" + (" (INTERRUPTED: run again to continue)"
-                                                            if self.interrupted else "")]
+                 f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded, "
+                 f"{len({rel for rel, _ in self.warnings})} with warnings; {self.seconds / 60:.1f} min of audio"
+                 + (" (INTERRUPTED: run again to continue)" if self.interrupted else "")]
         lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
+        lines += [f"  warning {rel}: {text}" for rel, text in self.warnings]
+        if not self.interrupted and not self.usable:
+            lines.append("  no usable file: every file was skipped (reasons above); the dataset is empty")
         return "\n".join(lines)
 
 
@@ -351,38 +516,63 @@ def _load_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> dict | None:
-    """A finished earlier encode of this exact content with this encoder, read from its per-file JSON (so a run
-    killed before its manifest was written still resumes)."""
+def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> tuple[dict, dict] | None:
+    """(manifest record, file JSON) of a finished earlier encode of this exact content with this encoder, read
+    from its per-file JSON (so a run killed before its manifest was written still resumes)."""
     npy_path, json_path = _output_paths(out_dir, relpath)
-    if not npy_path.is_file():
-        return None
     try:
+        if not npy_path.is_file():
+            return None
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
+    if not isinstance(meta, dict) or (
+            meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
             or meta.get("latent_dtype", "float32") != dtype):
         return None
-    return {"relpath": relpath, "hash": content_hash, "status": "encoded", "latents": f"{relpath}.npy",
-            "metadata": f"{relpath}.json", "n_latents": len(meta.get("padding_mask", [])),
-            "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
-            "source_sample_rate": meta.get("source_sample_rate"), "source_channels": meta.get("source_channels"),
-            "decoder": meta.get("decoder")}
+    out = output_relpath(relpath)
+    rec = {"relpath": relpath, "hash": content_hash, "status": "encoded", "latents": f"{out}.npy",
+           "metadata": f"{out}.json", "n_latents": len(meta.get("padding_mask", [])),
+           "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
+           "source_sample_rate": meta.get("source_sample_rate"), "source_channels": meta.get("source_channels"),
+           "decoder": meta.get("decoder")}
+    return rec, meta
+
+
+def _refresh_metadata(out_dir: Path, path: Path, root: Path, rec: dict, meta: dict) -> dict:
+    """Re-read a reused file's captions, tags and sidecars (cheap: no decoding) and rewrite its JSON when they
+    changed, so edited captions reach the dataset without re-encoding. Returns rec with the file's warnings (its
+    audio's, kept from the encode, and its sidecars', current)."""
+    md, warnings, sources = _file_metadata(path, root)
+    encoded = {k: v for k, v in meta.items() if k in ENCODER_FIELDS and k != "metadata_sources"}
+    encoded["path"] = str(Path(path).absolute())  # the source folder may have moved
+    fresh = _file_json(md, sources, encoded)
+    if _utf8_safe(fresh) != meta:
+        try:
+            write_json(out_dir / rec["metadata"], fresh)
+        except (OSError, ValueError) as e:
+            warnings.append(f"its captions changed but {rec['metadata']} could not be updated ({e})")
+    warnings = list(meta.get("audio_warnings") or []) + warnings
+    return {**rec, "warnings": warnings} if warnings else rec
 
 
 def _remove_outputs(out_dir: Path, relpath: str) -> None:
-    for p in _output_paths(out_dir, relpath):
-        p.unlink(missing_ok=True)
-    d = (out_dir / relpath).parent
-    while d != out_dir and d.is_dir() and not any(d.iterdir()):  # tidy emptied folders
-        d.rmdir()
-        d = d.parent
+    """Delete a file's outputs and the folders that leaves empty; best effort (the manifest no longer lists them,
+    so a file that cannot be deleted is never used)."""
+    try:
+        for p in _output_paths(out_dir, relpath):
+            p.unlink(missing_ok=True)
+        d = (out_dir / output_relpath(relpath)).parent
+        while d != out_dir and d.is_dir() and not any(d.iterdir()):  # tidy emptied folders
+            d.rmdir()
+            d = d.parent
+    except OSError:
+        pass
 
 
 def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, encoder_factory: Callable | None = None,
                   devices: list[str] | None = None, include=(), exclude=(), dtype: str = "float32",
-                  force: bool = False, progress: Callable[[dict], None] | None = None,
+                  force: bool = False, prune: bool = False, progress: Callable[[dict], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
                   model_info: dict | None = None) -> EncodeReport:
     """Encode every audio file under `folder` into the dataset folder `out_dir` (module docstring for the layout).
@@ -392,21 +582,26 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
       process per entry, e.g. ["cuda:0", "cuda:1"] or ["cpu", "cpu"]), files shared out among them; the output
       is the same as with one process.
     include/exclude: globs or explicit relpaths (see `matches`). dtype: "float32" | "float16" for the latents.
-    force: re-encode everything; otherwise files whose content hash (and encoder and dtype) are unchanged are
-      kept, and outputs of files that are gone or now excluded are removed.
+    force: re-encode everything (and allow what prune allows); otherwise files whose content hash (and encoder
+      and dtype) are unchanged are kept, their captions/tags/sidecars re-read, and outputs of files that are gone
+      or now excluded are removed.
+    prune: also remove earlier outputs when the dataset came from another folder or none of its files is left
+      (refused otherwise, as a likely mistake: see `plan_encode`, which runs first and raises DatasetError).
     progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
     should_stop(): polled between files; when it returns True (or on KeyboardInterrupt) the finished files and an
       incomplete manifest are kept, and a re-run continues from there.
-    Bad files are skipped with a reason (report.skipped and the manifest); the rest is still encoded."""
+    Bad files are skipped with a reason (report.skipped and the manifest); the rest is still encoded. Caveats on
+    files that were encoded (damaged audio, fitted levels, bad sidecars) are their "warnings"."""
     folder, out_dir = Path(folder), Path(out_dir)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}: use 'float32' or 'float16'")
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: not a folder")
     if (encoder is None) == (encoder_factory is None):
         raise ValueError("give exactly one of encoder= or encoder_factory=")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scan = scan_folder(folder, include, exclude, skip=(out_dir,))
+    scan, gone = plan_encode(folder, out_dir, include, exclude, prune=prune or force)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"{out_dir}: cannot create the dataset folder ({e.strerror or e})") from None
     report = EncodeReport(out_dir=out_dir, excluded=scan.excluded)
     old = _load_manifest(out_dir) or {}
     old_files = {f["relpath"]: f for f in old.get("files", []) if isinstance(f, dict) and "relpath" in f}
@@ -424,9 +619,12 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         silence_path = out_dir / SILENCE
         if force or not silence_path.is_file() or old.get("encoder", {}).get("fingerprint") != ident["fingerprint"]:
             silence = pool.apply(_worker_silence) if pool else encode_silence(encoder)
-            save_npy_atomic(silence_path, silence.astype(dtype))
+            try:
+                save_npy_atomic(silence_path, silence.astype(dtype))
+            except OSError as e:
+                raise DatasetError(f"{silence_path}: cannot write to the dataset folder ({e})") from None
 
-        # Hash files and decide what is already done.
+        # Hash files and decide what is already done; reused files get their metadata re-read.
         records: dict[str, dict] = {}
         todo: list[tuple[Path, str, str]] = []
         for path, rel in scan.files:
@@ -446,7 +644,8 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                 continue
             done = None if force else _reusable(out_dir, rel, h, ident, dtype)
             if done is not None:
-                records[rel] = {**done, "size": size, "mtime_ns": st.st_mtime_ns}
+                records[rel] = {**_refresh_metadata(out_dir, path, folder, *done), "size": size,
+                                "mtime_ns": st.st_mtime_ns}
                 report.reused.append(rel)
             else:
                 todo.append((path, rel, h))
@@ -455,11 +654,10 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         for rel, reason in scan.problems:
             records.setdefault(rel, {"relpath": rel, "status": "skipped", "reason": reason})
 
-        # Outputs of files that disappeared or are now excluded go away.
-        for rel, prev in old_files.items():
-            if rel not in records and prev.get("status") == "encoded":
-                _remove_outputs(out_dir, rel)
-                report.removed.append(rel)
+        # Outputs of files that disappeared or are now excluded go away (plan_encode refused a likely mistake).
+        for rel in gone:
+            _remove_outputs(out_dir, rel)
+            report.removed.append(rel)
 
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "complete": False,
@@ -480,9 +678,10 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                 totals={"files": len(files), "encoded": len(enc),
                         "skipped": sum(f["status"] == "skipped" for f in files),
                         "pending": sum(f["status"] == "pending" for f in files), "excluded": len(scan.excluded),
+                        "with_warnings": sum(bool(f.get("warnings")) for f in enc),
                         "seconds": round(report.seconds, 3), "minutes": round(report.seconds / 60, 3),
                         "n_latents": sum(int(f.get("n_latents") or 0) for f in enc)})
-            atomic_write_json(out_dir / MANIFEST, manifest)
+            write_json(out_dir / MANIFEST, manifest)
 
         flush(False)
         n, last_flush = len(todo), time.monotonic()
@@ -517,7 +716,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                     def decode(k):
                         try:
                             return load_audio(todo[k][0], encoder.sample_rate, 2)
-                        except AudioFileError as e:
+                        except Exception as e:  # this file's skip reason, not the run's end
                             return e
                     ahead = ex.submit(decode, 0) if todo else None
                     for i, (path, rel, h) in enumerate(todo):
@@ -526,9 +725,8 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                             break
                         decoded = ahead.result()
                         ahead = ex.submit(decode, i + 1) if i + 1 < n else None
-                        if isinstance(decoded, AudioFileError):
-                            rec = {"relpath": rel, "hash": h, "status": "skipped", "reason": decoded.reason,
-                                   "detail": decoded.detail}
+                        if isinstance(decoded, Exception):
+                            rec = _skipped({"relpath": rel, "hash": h}, decoded)
                         else:
                             rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h, chunk_latents,
                                                decoded=decoded)
@@ -539,8 +737,10 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
             report.interrupted = True
             flush(False)
             raise
-        report.skipped = [(f["relpath"], f["reason"]) for f in map(records.get, sorted(records))
-                          if f["status"] == "skipped"]
+        in_order = [records[k] for k in sorted(records)]
+        report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
+        report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
+                           for w in f.get("warnings", [])]
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
     finally:
@@ -750,7 +950,7 @@ def import_dataset(src: str | Path, out_dir: str | Path | None = None) -> Encode
                         os.link(src / f[key], dst)
                     except OSError:
                         shutil.copy2(src / f[key], dst)
-    atomic_write_json(root / MANIFEST, manifest)
+    write_json(root / MANIFEST, manifest)
     return load_dataset(root)
 
 
@@ -760,8 +960,10 @@ def load_dataset(path: str | Path) -> EncodedDataset:
     root = Path(path)
     manifest = _load_manifest(root)
     if manifest is None or manifest.get("format") != FORMAT:
+        if not root.exists():
+            raise DatasetError(f"{root}: no such dataset folder")
         if not root.is_dir():
-            raise DatasetError(f"{root}: not a folder")
+            raise DatasetError(f"{root} is a file; give the dataset folder (the one holding {MANIFEST})")
         root = _underfit_latent_root(root)
         manifest, _ = _scan_pre_encoded(root)
     entries = [f for f in manifest.get("files", []) if f.get("status") == "encoded"]

@@ -58,14 +58,38 @@ def test_downmix_follows_the_documented_rules():
     x6 = rng.uniform(-1, 1, (6, n)).astype(np.float32)  # L R C LFE Ls Rs
     y = downmix(x6)
     c = np.sqrt(0.5)
-    left = (x6[0] + c * x6[2] + x6[4]) / (2 + c)
-    right = (x6[1] + c * x6[2] + x6[5]) / (2 + c)
+    left = (x6[0] + c * x6[2] + c * x6[4]) / (1 + 2 * c)  # ITU-R BS.775: centre and surrounds at -3 dB
+    right = (x6[1] + c * x6[2] + c * x6[5]) / (1 + 2 * c)
     np.testing.assert_allclose(y, np.stack([left, right]), rtol=1e-5, atol=1e-6)  # LFE dropped
     assert np.abs(downmix(np.ones((8, n), np.float32))).max() <= 1 + 1e-6  # never clips
     x3 = rng.uniform(-1, 1, (3, n)).astype(np.float32)
     np.testing.assert_allclose(downmix(x3)[0], (x3[0] + c * x3[2]) / (1 + c), rtol=1e-5, atol=1e-6)
     assert downmix(x3[:1]).shape == (2, n)
     np.testing.assert_array_equal(downmix(x3[:2]), x3[:2])
+
+
+MIRROR = {"FL": "FR", "FR": "FL", "BL": "BR", "BR": "BL", "SL": "SR", "SR": "SL"}
+
+
+@pytest.mark.parametrize("n_channels", [3, 4, 5, 6, 7, 8, 10])
+def test_every_channel_count_downmixes_left_and_right_as_mirror_images(n_channels):
+    w = downmix(np.eye(n_channels, dtype=np.float32))  # column k: where channel k lands, [2, C]
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)  # each side's weights sum to 1: no clipping
+    layout = audio_io.SPEAKER_LAYOUTS.get(n_channels, ())
+    for k, speaker in enumerate(layout):
+        twin = layout.index(MIRROR.get(speaker, speaker))
+        np.testing.assert_allclose(w[:, k], w[::-1, twin], rtol=1e-6)  # its mirror speaker, sides swapped
+        if speaker in ("FL", "BL", "SL"):
+            assert w[0, k] > 0 and w[1, k] == 0  # a left speaker stays on the left
+    if not layout:  # no standard order for this count: every channel to both sides alike
+        np.testing.assert_allclose(w[0], w[1])
+
+
+def test_quad_back_speakers_go_to_their_own_side_at_minus_3_db():
+    w = downmix(np.eye(4, dtype=np.float32))  # FL FR BL BR
+    front, back = w[0, 0], w[0, 2]
+    assert w[1, 2] == 0 and w[0, 3] == 0 and w[1, 3] == back and w[1, 1] == front
+    assert back / front == pytest.approx(np.sqrt(0.5))
 
 
 def test_multichannel_wav_is_downmixed_to_stereo(tmp_path):
@@ -103,6 +127,53 @@ def test_truncated_file_records_the_decoded_duration_not_the_header(tmp_path):
     path.write_bytes(data[:44 + (len(data) - 44) // 2])  # header still claims 1 s
     d = decode_audio(path)
     assert abs(d.seconds - 0.5) < 0.01
+    assert len(d.warnings) == 1 and "decoded 0.50 s of the 1.00 s" in d.warnings[0]
+
+
+def test_damage_in_the_middle_of_a_file_keeps_the_audio_after_it_with_a_warning(tmp_path):
+    x = tone(2.0, 44100)
+    path = write_audio_file(tmp_path / "damaged", x, 44100, "flac")
+    data = bytearray(path.read_bytes())
+    for pos in np.random.default_rng(0).integers(len(data) // 3, 2 * len(data) // 3, 30):
+        data[pos] ^= 0xFF  # 30 flipped bytes in the middle third (the decoder used to stop at the first)
+    path.write_bytes(bytes(data))
+    d = decode_audio(path)
+    assert 1.2 < d.seconds < 2.0
+    np.testing.assert_allclose(d.samples[:, -4096:], x[:, -4096:], atol=1e-4)  # the file's real end is there
+    assert any("damaged packet" in w for w in d.warnings) and any("of the 2.00 s" in w for w in d.warnings)
+
+
+def test_a_clean_file_decodes_without_warnings(tmp_path):
+    assert decode_audio(write_audio_file(tmp_path / "clean", tone(0.3, 44100), 44100, "flac")).warnings == []
+
+
+def test_hot_float_file_is_peak_normalised_with_a_warning(tmp_path):
+    x = 18.0 * tone(0.2, 44100) / 0.3  # peak 18: a float mix far above full scale
+    d = decode_audio(write_audio_file(tmp_path / "hot", x, 44100, "wavf"))
+    assert np.abs(d.samples).max() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(d.samples, x / 18.0, atol=1e-5)  # same waveform, only quieter
+    assert len(d.warnings) == 1 and "peak 18" in d.warnings[0] and "scaled" in d.warnings[0]
+
+
+def test_absurd_sample_values_are_rejected(tmp_path):
+    x = tone(0.2, 44100)
+    x[0, 10] = 1e30
+    assert _reason(write_audio_file(tmp_path / "huge", x, 44100, "wavf")) == "samples out of range"
+
+
+def test_lossy_decoder_overshoot_is_clipped_with_a_warning():
+    x = tone(0.1, 44100)
+    x[1, 5:8] = [1.5, -12.7, 1.2]  # what a damaged MP3 frame decodes to
+    d = audio_io.DecodedAudio(x.copy(), 44100, "soundfile", float_samples=False)
+    audio_io.fit_level(d)
+    assert np.abs(d.samples).max() == 1.0 and d.samples[1, 6] == -1.0
+    np.testing.assert_array_equal(d.samples[0], x[0])  # the rest untouched
+    assert len(d.warnings) == 1 and "3 sample(s)" in d.warnings[0] and "clipped" in d.warnings[0]
+
+
+def test_aac_encoder_padding_is_trimmed_to_the_mp4_duration(tmp_path):
+    d = decode_audio(write_audio_file(tmp_path / "pad", tone(0.75, 44100), 44100, "m4a"))
+    assert d.declared_frames is not None and d.frames == d.declared_frames  # not the whole last 1024-frame block
 
 
 def test_nan_and_inf_samples_are_rejected(tmp_path):

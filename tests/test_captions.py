@@ -2,12 +2,14 @@
 with mutagen into real files), path fields."""
 
 import json
+import os
+from pathlib import Path
 
 import mutagen
 import pytest
 from mutagen.id3 import COMM, TALB, TBPM, TCON, TIT2, TKEY, TPE1, TPUB, TXXX
 from mutagen.mp4 import MP4FreeForm
-from sa3_lora_studio.encoding.captions import lookup_metadata, read_tags
+from sa3_lora_studio.encoding.captions import lookup_metadata, name_text, path_fields, read_tags
 from sa3_lora_studio.encoding.toy import tone, write_audio_file
 
 TAGS = {"title": "Night Drive", "artist": "Kōji & the Ølbrygg", "album": "Roads", "genre": "Synthwave",
@@ -129,3 +131,54 @@ def test_path_fields_without_any_sidecar_or_tag(tmp_path):
     audio = write_audio_file(folder / "Águas de 50% $ 'x'", tone(0.1, 44100), 44100, "wavf")
     md = lookup_metadata(audio, tmp_path)
     assert md == {"file_stem": "Águas de 50% $ 'x'", "folder": "Bossa [live]/set 1", "top_folder": "Bossa [live]"}
+
+
+def test_sidecar_warnings_name_the_sidecar_by_its_path_under_the_root(tmp_path):
+    audio = _song(tmp_path / "album" / "disc 1")
+    (tmp_path / "album" / "disc 1" / "song.json").write_text("{oops")
+    warnings = []
+    lookup_metadata(audio, tmp_path, warnings=warnings)
+    assert warnings[0].startswith("album/disc 1/song.json: invalid JSON")
+
+
+def test_a_sidecar_folder_it_may_not_look_into_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    audio = _song(tmp_path / "b")
+    locked = tmp_path / "b" / "json"
+    locked.mkdir()
+    (tmp_path / "b" / "song.txt").write_text("still read")
+    os.chmod(locked, 0)
+    if os.geteuid() == 0:  # root looks anywhere: make stat() refuse as it would for a normal user
+        real_is_file = Path.is_file
+
+        def refusing_is_file(self):
+            if self.parent == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_is_file(self)
+        monkeypatch.setattr(Path, "is_file", refusing_is_file)
+    warnings = []
+    try:
+        md = lookup_metadata(audio, tmp_path, warnings=warnings)
+    finally:
+        os.chmod(locked, 0o755)
+    assert md["prompt"] == "still read" and md["title"] == TAGS["title"]
+    assert len(warnings) == 1 and warnings[0].startswith("b/json/song.json: cannot look") and "denied" in warnings[0]
+
+
+def test_nan_and_infinity_in_a_json_sidecar_are_dropped_with_a_warning(tmp_path):
+    audio = _song(tmp_path)
+    (tmp_path / "song.json").write_text('{"prompt": "ok", "bpm": NaN, "energy": [1, Infinity], "key": "C"}')
+    warnings = []
+    md = lookup_metadata(audio, tmp_path, warnings=warnings)
+    assert md["prompt"] == "ok" and md["key"] == "C" and md["bpm"] == TAGS["bpm"]  # the tag fills in
+    assert "energy" not in md
+    assert len(warnings) == 1 and "bpm, energy" in warnings[0]
+    json.dumps(md, allow_nan=False)  # strict JSON again
+
+
+def test_name_bytes_that_are_not_utf8_are_spelled_as_escapes():
+    undecodable = os.fsdecode(b"caf\xe9 \xff")  # how os.scandir hands such a name over
+    assert name_text(undecodable) == "caf\\xe9 \\xff"
+    assert name_text("cafe\u0301") == "caf\u00e9"  # NFC as before
+    fields = path_fields(Path("/r") / os.fsdecode(b"d\xe9j\xe0") / f"{undecodable}.wav", "/r")
+    assert fields == {"file_stem": "caf\\xe9 \\xff", "folder": "d\\xe9j\\xe0", "top_folder": "d\\xe9j\\xe0"}
+    json.dumps(fields, ensure_ascii=False).encode("utf-8")  # writable

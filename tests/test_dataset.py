@@ -290,11 +290,12 @@ def test_two_processes_write_the_same_dataset_as_one(tmp_path, fixtures_dir):
     for i in range(4):
         _write(src / f"d{i % 2}", f"s{i}", "flac", freq=150 + 90 * i)
     (src / "d0" / "bad.wav").write_bytes(b"")
+    _write(src / "d1", "曲" * 80, "flac")  # too long for NAME_MAX with ".npy" and a temp suffix: shortened
     one, two = tmp_path / "one", tmp_path / "two"
     factory = functools.partial(load_encoder, str(model_path))
     encode_folder(src, one, factory("cpu"))
     r = encode_folder(src, two, encoder_factory=factory, devices=["cpu", "cpu"])
-    assert len(r.encoded) == 4 and r.skipped == [("d0/bad.wav", "zero bytes")]
+    assert len(r.encoded) == 5 and r.skipped == [("d0/bad.wav", "zero bytes")]
     for npy in sorted(one.rglob("*.npy")):
         np.testing.assert_array_equal(np.load(npy), np.load(two / npy.relative_to(one)))
     for js in sorted(one.rglob("*.json")):

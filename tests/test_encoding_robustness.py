@@ -1,0 +1,353 @@
+"""Encoding folders that fight back: names the output file system or UTF-8 cannot hold, sidecar folders we may not
+enter, re-runs that must not wipe a dataset, edited captions and their warnings, encoder fields in prompts, twin
+Unicode names, and what the CLI says about each. The stand-in ToyEncoder keeps every test fast."""
+
+import errno
+import json
+import os
+import unicodedata
+
+import numpy as np
+import pytest
+from sa3_lora_studio.encoding import dataset
+from sa3_lora_studio.encoding.captions import RESERVED_FIELDS, lookup_metadata
+from sa3_lora_studio.encoding.dataset import (
+    MANIFEST,
+    MAX_NAME_BYTES,
+    DatasetError,
+    encode_folder,
+    fit_name,
+    load_dataset,
+    output_relpath,
+)
+from sa3_lora_studio.encoding.prompts import PromptConfig, tag_parts
+from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
+
+LONG = "曲" * 80  # 240 UTF-8 bytes: a legal name, but "<name>.wav.npy" and its temp file pass the 255-byte NAME_MAX
+
+
+def _write(folder, name, fmt="wav16", seconds=0.2, freq=440.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_audio_file(folder / name, tone(seconds, 44100, freq=freq), 44100, fmt)
+
+
+def _truncated(folder, name):
+    """A WAV whose header claims 1 s and whose data holds 0.5 s."""
+    path = _write(folder, name, seconds=1.0)
+    data = path.read_bytes()
+    path.write_bytes(data[:44 + (len(data) - 44) // 2])
+    return path
+
+
+def _manifest(out):
+    return json.loads((out / MANIFEST).read_bytes().decode("utf-8"))  # strict UTF-8, as any reader would
+
+
+def _records(out):
+    return {f["relpath"]: f for f in _manifest(out)["files"]}
+
+
+def _metadata(out, relpath):
+    ds = load_dataset(out)
+    return ds.metadata([e["relpath"] for e in ds.entries].index(relpath))
+
+
+def _listing(out):
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}")
+    return json.loads(path.read_bytes().decode("utf-8"), parse_constant=refuse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# names
+
+
+def test_long_names_are_shortened_on_disk_and_mapped_in_the_manifest(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    _write(src, LONG, freq=300)
+    (src / f"{LONG}.txt").write_text("long caption")
+    _write(src / ("夜" * 80), "b", freq=500)  # a folder name as long
+    report = encode_folder(src, out, ToyEncoder())
+    rels = ["a.wav", f"{'夜' * 80}/b.wav", f"{LONG}.wav"]
+    assert sorted(report.encoded) == rels and _manifest(out)["complete"]
+    for rel in rels:
+        rec = _records(out)[rel]
+        assert rec["latents"] == f"{output_relpath(rel)}.npy" and (out / rec["latents"]).is_file()
+        assert all(len(part.encode()) <= MAX_NAME_BYTES + len(".json") for part in rec["metadata"].split("/"))
+    md = _metadata(out, f"{LONG}.wav")
+    assert md["relpath"] == f"{LONG}.wav" and md["prompt"] == "long caption" and md["file_stem"] == LONG
+    again = encode_folder(src, out, ToyEncoder())
+    assert again.encoded == [] and sorted(again.reused) == rels
+
+
+def test_shortened_names_are_deterministic_distinct_and_keep_the_extension():
+    a, b = fit_name("x" * 300 + ".wav"), fit_name("x" * 299 + "y.wav")
+    assert a == fit_name("x" * 300 + ".wav") and a != b
+    assert a.endswith(".wav") and len(a.encode()) <= MAX_NAME_BYTES and len(fit_name(LONG).encode()) <= MAX_NAME_BYTES
+    assert fit_name("short.wav") == "short.wav"
+
+
+def test_an_output_the_file_system_refuses_skips_that_file_and_the_run_goes_on(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        _write(src, name)
+    real_save = dataset.save_npy_atomic
+
+    def refusing_save(path, array):
+        if path.name == "b.wav.npy":
+            raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+        real_save(path, array)
+    monkeypatch.setattr(dataset, "save_npy_atomic", refusing_save)
+    report = encode_folder(src, out, ToyEncoder())
+    assert sorted(report.encoded) == ["a.wav", "c.wav"]
+    assert report.skipped == [("b.wav", "could not write its outputs")]
+    assert "File name too long" in _records(out)["b.wav"]["detail"] and _manifest(out)["complete"]
+
+
+def test_a_file_name_that_is_not_utf8_is_encoded_under_an_escaped_relpath(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    ok = _write(src, "ok")
+    try:
+        with open(os.path.join(os.fsencode(src), b"caf\xe9 latin1.wav"), "wb") as f:
+            f.write(ok.read_bytes())
+        with open(os.path.join(os.fsencode(src), b"caf\xe9 latin1.txt"), "wb") as f:
+            f.write(b"latin-1 named")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    report = encode_folder(src, out, ToyEncoder())
+    rel = "caf\\xe9 latin1.wav"
+    assert sorted(report.encoded) == [rel, "ok.wav"] and _manifest(out)["complete"]
+    md = _metadata(out, rel)
+    assert md["prompt"] == "latin-1 named" and md["file_stem"] == "caf\\xe9 latin1"
+    assert "\\xe9" in _strict_json(out / _records(out)[rel]["metadata"])["path"]
+    assert encode_folder(src, out, ToyEncoder()).reused == [rel, "ok.wav"]
+
+
+def test_nfc_and_nfd_twins_keep_the_nfc_file_and_skip_the_other_with_a_reason(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "caf\u00e9", seconds=0.2)
+    nfd = unicodedata.normalize("NFD", "café")
+    _write(src, nfd, seconds=0.5)
+    if len(os.listdir(src)) < 2:
+        pytest.skip("this file system stores one spelling per name")
+    report = encode_folder(src, out, ToyEncoder())
+    assert report.encoded == ["café.wav"]
+    assert [rel for rel, _ in report.skipped] == [f"{nfd}.wav"] and "Unicode normalisation" in report.skipped[0][1]
+    assert _metadata(out, "café.wav")["seconds_decoded"] == pytest.approx(0.2)  # data and manifest agree
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# re-runs
+
+
+def test_an_empty_or_unselected_source_never_wipes_an_existing_dataset(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name in ("tone_pcm_16", "tone_pcm_24", "tone_float"):
+        _write(src, name)
+    encode_folder(src, out, ToyEncoder())
+    before = _listing(out)
+    unmounted = tmp_path / "drive"
+    unmounted.mkdir()
+    with pytest.raises(DatasetError, match="no audio files found.*mounted"):
+        encode_folder(unmounted, out, ToyEncoder())
+    with pytest.raises(DatasetError, match="none of its 3 audio files is selected"):
+        encode_folder(src, out, ToyEncoder(), include=["tone_pcm16*"])  # the typo of tone_pcm_16*
+    assert _listing(out) == before and _manifest(out)["totals"]["encoded"] == 3
+
+
+def test_another_source_folder_replaces_a_dataset_only_when_asked(tmp_path):
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "out"
+    for name in ("a", "b"):
+        _write(src, name)
+    _write(other, "c")
+    encode_folder(src, out, ToyEncoder())
+    before = _listing(out)
+    with pytest.raises(DatasetError, match=f"encoded from {src}.*remove 2 of them.*--prune"):
+        encode_folder(other, out, ToyEncoder())
+    assert _listing(out) == before
+    report = encode_folder(other, out, ToyEncoder(), prune=True)
+    assert report.removed == ["a.wav", "b.wav"] and [e["relpath"] for e in load_dataset(out).entries] == ["c.wav"]
+
+
+def test_a_moved_source_folder_with_the_same_files_just_carries_on(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name in ("a", "b"):
+        _write(src, name)
+    encode_folder(src, out, ToyEncoder())
+    moved = src.rename(tmp_path / "moved")
+    report = encode_folder(moved, out, ToyEncoder())
+    assert sorted(report.reused) == ["a.wav", "b.wav"] and report.removed == []
+    assert _manifest(out)["source_folder"] == str(moved.absolute())
+    assert _metadata(out, "a.wav")["path"] == str((moved / "a.wav").absolute())
+
+
+def test_edited_captions_reach_the_dataset_on_a_rerun_without_reencoding(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    _write(src, "b", freq=300)
+    (src / "a.txt").write_text("old caption")
+    (src / "json").mkdir()
+    (src / "json" / "b.json").write_text(json.dumps({"genre": "dub"}))
+    enc = ToyEncoder()
+    encode_folder(src, out, enc)
+    calls = enc.calls
+    (src / "a.txt").write_text("new caption")
+    (src / "json" / "b.json").write_text(json.dumps({"genre": "techno"}))
+    report = encode_folder(src, out, enc)
+    assert enc.calls == calls and sorted(report.reused) == ["a.wav", "b.wav"]  # no audio was encoded again
+    assert _metadata(out, "a.wav")["prompt"] == "new caption" and _metadata(out, "b.wav")["genre"] == "techno"
+    (src / "a.txt").unlink()
+    encode_folder(src, out, enc)
+    assert "prompt" not in _metadata(out, "a.wav") and enc.calls == calls
+
+
+def test_unchanged_captions_leave_the_file_json_untouched(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    (src / "a.txt").write_text("caption")
+    encode_folder(src, out, ToyEncoder())
+    before = (out / "a.wav.json").stat().st_mtime_ns
+    encode_folder(src, out, ToyEncoder())
+    assert (out / "a.wav.json").stat().st_mtime_ns == before
+
+
+def test_sidecar_and_audio_warnings_name_the_file_and_survive_reruns(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src / "sub", "song")
+    (src / "sub" / "song.json").write_text("{oops")
+    _truncated(src, "half")
+    expected = {"sub/song.wav": "sub/song.json: invalid JSON", "half.wav": "decoded 0.50 s of the 1.00 s"}
+    for _ in range(2):  # the first run encodes, the second reuses: the warnings must be there both times
+        report = encode_folder(src, out, ToyEncoder())
+        records = _records(out)
+        for rel, text in expected.items():
+            assert len(records[rel]["warnings"]) == 1 and records[rel]["warnings"][0].startswith(text)
+        assert sorted(rel for rel, _ in report.warnings) == sorted(expected)
+        assert "  warning sub/song.wav: sub/song.json: invalid JSON" in report.summary()
+        assert _manifest(out)["totals"]["with_warnings"] == 2
+
+
+def test_nan_in_a_sidecar_never_reaches_the_written_json(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    (src / "a.json").write_text('{"prompt": "ok", "bpm": NaN}')
+    encode_folder(src, out, ToyEncoder())
+    md = _strict_json(out / "a.wav.json")
+    assert md["prompt"] == "ok" and "bpm" not in md and "NaN" in _records(out)["a.wav"]["warnings"][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_no_field_the_encoder_writes_reaches_a_prompt_built_from_every_field(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    (src / "a.json").write_text(json.dumps({"mood": "calm"}))
+    _truncated(src, "half")  # its JSON also carries audio_warnings
+    encode_folder(src, out, ToyEncoder())
+    every_field = PromptConfig(caption_weight=0, tags_weight=100, tag_keys=None)
+    ds = load_dataset(out)
+    for rel, md in ds.prompt_items():
+        assert set(md) - set(lookup_metadata(src / rel, src)) <= RESERVED_FIELDS  # all the encoder added
+        assert tag_parts(md, every_field) == (["Mood: calm"] if rel == "a.wav" else [])
+
+
+def test_the_encoder_refuses_to_write_a_field_that_is_not_reserved():
+    with pytest.raises(RuntimeError, match="ENCODER_FIELDS"):
+        dataset._file_json({"title": "x"}, {}, {"seconds_total": 1, "new_internal_field": 2})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture
+def models_loaded(monkeypatch):
+    """The CLI with the ToyEncoder for any model; the list holds each model source it loaded."""
+    loaded = []
+
+    def load_toy(source, device="cpu", variant=None, models_dir=None):
+        loaded.append(source)
+        return ToyEncoder()
+    monkeypatch.setattr(dataset, "load_encoder", load_toy)
+    return loaded
+
+
+def _encode_cli(folder, out, *extra):
+    from sa3_lora_studio.cli import main
+
+    return main(["encode", str(folder), "--model", "toy", "--out", str(out), "--quiet", *extra])
+
+
+def test_cli_checks_the_folders_before_loading_the_model_and_prints_no_traceback(tmp_path, capsys, models_loaded):
+    from sa3_lora_studio.cli import main
+
+    audio = _write(tmp_path / "src", "a")
+    cases = [(tmp_path / "missing", tmp_path / "out", "missing: no such folder"),
+             (audio, tmp_path / "out", "a.wav is a file; give the folder"),
+             (tmp_path / "src", audio, "a.wav is a file; the dataset is written to a folder")]
+    for folder, out, message in cases:
+        assert _encode_cli(folder, out) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert models_loaded == []
+    assert main(["dataset", "inspect", str(tmp_path / "nope")]) == 2
+    assert "nope: no such dataset folder" in capsys.readouterr().err
+
+
+def test_cli_says_when_a_folder_holds_no_audio_and_which_extensions_count(tmp_path, capsys, models_loaded):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readme.md").write_text("hi")
+    (src / "clip.mkv").write_bytes(b"\0" * 100)
+    assert _encode_cli(src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "no audio files found (2 other files ignored: " in err and ".mkv" in err and ".flac" in err
+    assert models_loaded == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_does_not_report_a_folder_of_only_bad_files_as_a_success(tmp_path, capsys, models_loaded):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "zero.wav").write_bytes(b"")
+    (src / "text.mp3").write_text("not audio\n" * 20)
+    assert _encode_cli(src, tmp_path / "out") == 1
+    assert "no usable file: every file was skipped" in capsys.readouterr().out
+
+
+def test_cli_refuses_to_replace_a_dataset_from_another_folder_unless_pruning(tmp_path, capsys, models_loaded):
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "out"
+    _write(src, "a")
+    _write(other, "b")
+    assert _encode_cli(src, out) == 0
+    assert _encode_cli(other, out) == 2 and "--prune" in capsys.readouterr().err
+    assert _encode_cli(other, out, "--prune") == 0
+    assert [e["relpath"] for e in load_dataset(out).entries] == ["b.wav"]
+
+
+def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, models_loaded, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        _write(src, name)
+    real_encode = dataset.encode_waveform
+    calls = []
+
+    def interrupted_on_the_second_file(encoder, audio, *args):
+        if len(calls) == 2:  # the silence, then the first file
+            raise KeyboardInterrupt
+        calls.append(audio.shape)
+        return real_encode(encoder, audio, *args)
+    monkeypatch.setattr(dataset, "encode_waveform", interrupted_on_the_second_file)
+    assert _encode_cli(src, out) == 130
+    err = capsys.readouterr().err
+    assert "Run the same command again to continue" in err and "Traceback" not in err
+    assert not _manifest(out)["complete"] and _manifest(out)["totals"]["encoded"] == 1
+    monkeypatch.setattr(dataset, "encode_waveform", real_encode)
+    assert _encode_cli(src, out) == 0 and "2 encoded, 1 unchanged" in capsys.readouterr().out
+    assert np.isfinite(load_dataset(out).latents(0)).all()
