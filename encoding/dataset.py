@@ -141,15 +141,29 @@ def encoder_identity(encoder) -> dict:
     }
     fp = getattr(encoder, "fingerprint", None)
     if fp is None and getattr(encoder, "autoencoder", None) is not None:
-        # Names, shapes and a sample of each tensor: cheap, and different for any other checkpoint.
-        h = hashlib.sha256()
-        for k, v in encoder.autoencoder.state_dict().items():
-            flat = v.detach().reshape(-1)[:64].float().cpu().numpy()
-            h.update(f"{k}{tuple(v.shape)}".encode())
-            h.update(flat.tobytes())
-        fp = h.hexdigest()[:24]
+        fp = _autoencoder_digest(encoder.autoencoder, exact=True)
     ident["fingerprint"] = str(fp if fp is not None else ident["name"])
+    # which autoencoder, whatever precision it was loaded in: training refuses another one's latents
+    weights = getattr(encoder, "fingerprint", None)
+    if weights is None and getattr(encoder, "autoencoder", None) is not None:
+        weights = _autoencoder_digest(encoder.autoencoder, exact=False)
+    ident["weights"] = str(weights if weights is not None else ident["name"])
     return ident
+
+
+def _autoencoder_digest(autoencoder, exact: bool) -> str:
+    """Names, shapes and a sample of each tensor: cheap, and different for any other checkpoint. exact: the values
+    as loaded (a bf16 load differs from an fp32 one: its latents differ too); else rounded to bf16, which a load of
+    the same file in fp32, bf16 or fp16 (the autoencoder then stays fp32) gives alike."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in autoencoder.state_dict().items():
+        flat = v.detach().reshape(-1)[:64].float()
+        flat = flat if exact else flat.to(torch.bfloat16).float()
+        h.update(f"{k}{tuple(v.shape)}".encode())
+        h.update(flat.cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -589,3 +589,21 @@ def test_the_model_label_in_a_files_metadata_names_a_packs_folder_not_just_base(
     assert model_label("sa3-small-music") == "sa3-small-music"
     assert model_label("/models/my-pack/base") == "my-pack/base" and model_label("/m/x/arc/") == "x/arc"
     assert model_label("/ckpt/stable_audio_3_medium_base.safetensors") == "stable_audio_3_medium_base.safetensors"
+
+
+def test_a_dataset_from_an_autoencoder_with_other_weights_is_refused_whatever_precision_this_one_has(
+        dataset, fixtures_dir, tiny):
+    """Same shapes, other weights (small vs medium SAME at real size, or a fine-tuned one): refused. The same
+    autoencoder loaded in bf16 is the same autoencoder."""
+    import copy
+
+    from sa3_lora_studio.training.preflight import open_dataset
+    from sa3_lora_studio.training.runs import RunError
+
+    config = _config(dataset, fixtures_dir)
+    assert len(open_dataset(config, load_model(fixtures_dir / "tiny-small", dtype="bf16"))) == 3
+    other = copy.deepcopy(tiny)
+    with torch.no_grad():
+        next(other.autoencoder.parameters()).view(-1)[0] += 0.5
+    with pytest.raises(RunError, match="another autoencoder: its autoencoder's weights are not this model's"):
+        open_dataset(config, other)

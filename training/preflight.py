@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapters import read_adapter_file
-from ..encoding.dataset import DatasetError, load_dataset
+from ..encoding.dataset import DatasetError, encoder_identity, load_dataset
 from .runs import RunConfig, RunError
 
 
@@ -27,6 +27,11 @@ def open_dataset(config: RunConfig, model=None):
                   "sample rate": dataset.sample_rate}
         differ = [f"{name} {theirs[name]} (the model's: {mine[name]})" for name in mine
                   if theirs[name] is not None and int(theirs[name]) != int(mine[name])]
+        recorded = (dataset.manifest.get("encoder") or {}).get("weights")  # datasets before it recorded none
+        if not differ and recorded and getattr(model, "autoencoder", None) is not None:
+            if recorded != encoder_identity(model)["weights"]:
+                name = (dataset.manifest.get("encoder") or {}).get("name", "another model")
+                differ = [f"its autoencoder's weights are not this model's (it was encoded with {name})"]
         if differ:
             raise RunError(f"RunConfig.dataset: {config.dataset} was encoded by another autoencoder: "
                            f"{'; '.join(differ)}. Encode the audio again with this model (SA3 Encode Audio Folder "
