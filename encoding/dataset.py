@@ -106,6 +106,30 @@ def output_relpath(relpath: str) -> str:
     return "/".join(fit_name(part) for part in relpath.split("/"))
 
 
+def _duration_text(seconds: float) -> str:
+    """'12.3 s' under a minute, '4.5 min' above (a short dataset is not '0.0 min')."""
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def folder_signature(folder: str | Path, skip: tuple[str | Path, ...] = ()) -> str:
+    """A digest of every file's relpath, size and modification time under folder (stat only, no reading; folders in
+    `skip`, such as a dataset written inside it, left out), so a caller (ComfyUI's cache) can tell whether an
+    encode could find anything new: audio or a sidecar added, edited or removed. A missing folder counts as empty."""
+    skipped = {os.path.realpath(p) for p in skip}
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skipped)
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            rel = os.path.relpath(path, folder)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
 def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """sha256 of a file's bytes, as 'sha256:<hex>'."""
     h = hashlib.sha256()
@@ -279,7 +303,8 @@ def _removals(out_dir: Path, folder: Path, present: set[str], prune: bool) -> li
         shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
         raise DatasetError(f"{out_dir}: this dataset of {len(encoded)} encoded files {why}, so encoding {folder} "
                            f"into it would remove {len(gone)} of them ({shown}). Nothing was changed. Encode into "
-                           "another folder, or pass --prune (prune=True, or force) to replace them.")
+                           "another folder, or replace them: `sa3-lora encode --prune`, `force` in SA3 Encode Audio Folder, "
+                           "prune=True in Python.")
     return gone
 
 
@@ -514,7 +539,7 @@ class EncodeReport:
     def summary(self) -> str:
         lines = [f"{self.out_dir}: {len(self.encoded)} encoded, {len(self.reused)} unchanged, "
                  f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded, "
-                 f"{len({rel for rel, _ in self.warnings})} with warnings; {self.seconds / 60:.1f} min of audio"
+                 f"{len({rel for rel, _ in self.warnings})} with warnings; {_duration_text(self.seconds)} of audio"
                  + (" (INTERRUPTED: run again to continue)" if self.interrupted else "")]
         lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
         lines += [f"  warning {rel}: {text}" for rel, text in self.warnings]

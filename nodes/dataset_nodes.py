@@ -40,6 +40,15 @@ class SA3EncodeAudioFolder:
     CATEGORY = CATEGORY
     DESCRIPTION = "Encodes every audio file of a folder to latents for training; bad files are skipped and listed."
 
+    @classmethod
+    def IS_CHANGED(cls, model, folder, dataset_name, include, exclude, dtype, force):
+        # The inputs alone do not say whether files were added or captions edited since the last run: the folder's
+        # files do (a stat walk), and whether the dataset is still there
+        from ..encoding.dataset import folder_signature
+
+        out = dataset_dir_for(dataset_name)
+        return folder_signature(Path(folder).expanduser(), skip=(out,)) + str((out / "dataset.json").is_file())
+
     def encode(self, model, folder, dataset_name, include, exclude, dtype, force):
         import torch
 

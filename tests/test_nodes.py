@@ -1,6 +1,7 @@
 """The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
 
 import shutil
+from pathlib import Path
 
 import comfy_stubs
 import numpy as np
@@ -145,9 +146,19 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
         sf.write(audio_dir / f"tone {i}.wav", 0.3 * np.sin(2 * np.pi * f * t)[:, None].repeat(2, 1), 44100)
         (audio_dir / f"tone {i}.txt").write_text(f"tone number {i}")
     (audio_dir / "broken.wav").write_bytes(b"not audio at all")
-    dataset, report = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="tones",
-                               include="", exclude="", dtype="float32", force=False)
+    encode_inputs = dict(model=model, folder=str(audio_dir), dataset_name="tones", include="", exclude="",
+                         dtype="float32", force=False)
+    dataset, report = run_node("SA3EncodeAudioFolder", **encode_inputs)
     assert "3 encoded" in report and "broken.wav" in report
+    # ComfyUI re-runs a node whose inputs are unchanged only when IS_CHANGED changes: it must see folder edits
+    changed = NODE_CLASS_MAPPINGS["SA3EncodeAudioFolder"].IS_CHANGED
+    before = changed(**encode_inputs)
+    assert changed(**encode_inputs) == before
+    (audio_dir / "tone 1.txt").write_text("tone number one, edited")
+    assert changed(**encode_inputs) != before
+    dataset, report = run_node("SA3EncodeAudioFolder", **encode_inputs)
+    assert "0 encoded" in report
+    assert "tone number one, edited" in (Path(dataset) / "tone 1.wav.json").read_text()
     config, preview = run_node("SA3ComposePrompts", caption_weight=100.0, tags_weight=0.0, path_weight=0.0,
                                fixed_weight=0.0, fixed_text="", tag_keys="", hide_tag_names=False, split_commas=False,
                                hide_extension=True, hide_directories=False, shuffle=True, trigger="zz",
