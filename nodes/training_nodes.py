@@ -92,7 +92,10 @@ def memory_warning(model, config) -> str | None:
         from ..training.vram import check_fits, estimate_training_memory
     except ImportError:
         return None
-    return check_fits(estimate_training_memory(model.config, config), model.device, loaded=True)
+    conditioners = getattr(getattr(model, "conditioner", None), "conditioners", {})
+    encoder = getattr(conditioners["prompt"], "text_encoder", None) if "prompt" in conditioners else None
+    n_text = sum(p.numel() for p in encoder.parameters()) if encoder is not None else None
+    return check_fits(estimate_training_memory(model.config, config, n_text), model.device, loaded=True)
 
 
 ADAPTER_TYPE_CHOICES = ["dora-rows", "lora", "dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs"]

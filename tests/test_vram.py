@@ -78,3 +78,10 @@ def test_check_fits_does_not_count_an_already_loaded_model_twice(small):
     fits_once_loaded = dict(estimate, weights=free, total=free + loaded // 2 + estimate["text_encoder"])
     assert check_fits(fits_once_loaded, "cpu")  # counted from scratch it exceeds free memory
     assert check_fits(fits_once_loaded, "cpu", loaded=True) is None
+
+
+def test_the_text_encoder_counts_at_its_own_size_when_known(small):
+    real = estimate_training_memory(small, _run())
+    tiny = estimate_training_memory(small, _run(), text_encoder_params=1_000_000)
+    assert tiny["text_encoder"] == 4_000_000 and real["text_encoder"] > 1e9
+    assert real["total"] - tiny["total"] == real["text_encoder"] - tiny["text_encoder"]

@@ -105,8 +105,9 @@ def adapter_parameter_count(layers: list[tuple[str, int, int]], adapter_type: st
     return total
 
 
-def estimate_training_memory(model_config, run_config) -> dict:
-    """Bytes needed to train `run_config` (RunConfig) on a model with `model_config` (SA3Config).
+def estimate_training_memory(model_config, run_config, text_encoder_params: int | None = None) -> dict:
+    """Bytes needed to train `run_config` (RunConfig) on a model with `model_config` (SA3Config); its text encoder
+    has `text_encoder_params` parameters (None: the real packs' T5Gemma, which the config does not describe).
 
     Returns {"weights", "text_encoder", "adapter", "activations", "workspace", "total"} (ints, bytes) plus
     "crop_latents" and "tokens" (sequence length the DiT sees, latents + memory tokens)."""
@@ -122,8 +123,8 @@ def estimate_training_memory(model_config, run_config) -> dict:
     activations = (K_GC * depth + K_ACT) * per_block if c.gradient_checkpointing else K_ACT * depth * per_block
     kv_blocks = 1 if c.gradient_checkpointing else depth  # checkpointed blocks recompute their cross K/V
     activations += 2 * batch * (int(model_config.prompt_max_length) + 1) * width * kv_blocks * size
-    out = {"weights": n_params * size, "text_encoder": TEXT_ENCODER_PARAMS * size, "adapter": n_adapter * 16,
-           "activations": int(activations)}
+    out = {"weights": n_params * size, "text_encoder": (text_encoder_params or TEXT_ENCODER_PARAMS) * size,
+           "adapter": n_adapter * 16, "activations": int(activations)}
     # scratch of the kernels and allocator slack grow with what is being computed, not with the frozen weights
     out["workspace"] = int(WORKSPACE_FRACTION * (out["activations"] + out["adapter"]) + WORKSPACE_BYTES)
     out["total"] = sum(out.values())
