@@ -77,6 +77,10 @@ class LoadedAdapter:
         out = dict(self.config)
         for k in ("rank", "alpha"):  # make missing values explicit only if they were missing
             out.setdefault(k, base[k])
+        # A legacy "dora" read as dora-cols (from [1, in] magnitudes) is written with 1-D magnitudes, which every
+        # reader takes for rows under "dora": it gets its resolved name. "dora" meaning rows stays as it was read.
+        if not (out.get("adapter_type") == "dora" and self.adapter_type == "dora-rows"):
+            out["adapter_type"] = self.adapter_type
         return out
 
     def info(self) -> dict:
@@ -113,6 +117,20 @@ def infer_rank(state: dict[str, Tensor]) -> int:
     raise AdapterFileError("no lora_A / lora_B / M_xs tensors to infer the rank from")
 
 
+def _positive_number(value, field_name: str, where: str, kind: type, allow_zero: bool = False):
+    """A lora_config number as `kind`, or AdapterFileError naming the file and field (a string, NaN, zero rank)."""
+    try:
+        number = kind(value)
+        ok = not isinstance(value, (bool, str)) and number == number and abs(number) != float("inf")
+        ok = ok and (number > 0 or (allow_zero and number == 0))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise AdapterFileError(f"{where}: lora_config {field_name}={value!r} is not a usable number "
+                               f"({'>= 0' if allow_zero else '> 0'})")
+    return number
+
+
 def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, metadata: dict | None = None,
                        name: str = "") -> LoadedAdapter:
     """Build a LoadedAdapter from checkpoint-keyed tensors and a lora_config dict (rank/alpha inferred if absent)."""
@@ -121,11 +139,19 @@ def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, met
     if not state:
         raise AdapterFileError(f"{name or 'file'}: no adapter tensors (keys '<layer>.parametrizations.weight.0."
                                f"lora_A' ...); is this a full model checkpoint rather than a LoRA?")
-    adapter_type = resolve_adapter_type(config.get("adapter_type"), state)
+    where = name or "file"
+    try:
+        adapter_type = resolve_adapter_type(config.get("adapter_type"), state)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: lora_config: {e}") from None
     rank = config.get("rank")
-    rank = int(rank) if rank is not None else infer_rank(state)
+    rank = _positive_number(rank, "rank", where, int) if rank is not None else infer_rank(state)
     alpha = config.get("alpha")
-    alpha = alpha if alpha is not None else rank  # reference: alpha defaults to the rank (scaling 1)
+    alpha = _positive_number(alpha, "alpha", where, float, allow_zero=True) if alpha is not None else rank
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise AdapterFileError(f"{where}: tensor {bad} holds NaN or infinite values (a diverged training run, or a "
+                               "damaged file): use an earlier checkpoint")
     layers: dict[str, dict[str, Tensor]] = {}
     indices = set()
     for key, value in state.items():
@@ -141,6 +167,25 @@ def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, met
     return LoadedAdapter(adapter_type, rank, alpha, layers, config, dict(metadata or {}), name)
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors header (8-byte length, then '{'), whatever the file is called."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
+
+
+def _read_lora_config(text: str | None, where: str) -> dict:
+    """The `lora_config` metadata as a dict ({} when absent); AdapterFileError naming the file when malformed."""
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise AdapterFileError(f"{where}: its lora_config metadata is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{where}: its lora_config metadata is {type(config).__name__}, not a JSON object")
+    return config
+
+
 def read_adapter_file(path: str | Path) -> LoadedAdapter:
     """Read a `.safetensors` (SA3-native) or the official trainer's Lightning `.ckpt` adapter file.
 
@@ -149,11 +194,19 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such adapter file")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = dict(f.metadata() or {})
-        config = json.loads(metadata.pop("lora_config")) if "lora_config" in metadata else {}
+    if path.suffix.lower() in (".safetensors", ".sft") or _looks_like_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = dict(f.metadata() or {})
+        except Exception as e:  # the safetensors library's own errors name no file
+            raise AdapterFileError(f"{path.name}: not a readable safetensors file ({e}); download or copy it "
+                                   "again") from None
+        config = _read_lora_config(metadata.pop("lora_config", None), path.name)
+        if not any(_KEY.match(k) for k in state) and any(k.endswith((".lora_up.weight", ".diff")) for k in state):
+            raise AdapterFileError(f"{path.name} is a LoRA in ComfyUI's format (lora_up/lora_down or diff keys, as "
+                                   "SA3 Export LoRA for ComfyUI writes) for ComfyUI's own LoRA loader; SA3 Load LoRA "
+                                   "reads the SA3-native file it was exported from")
         return adapter_from_state(state, config, metadata, path.stem)
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -179,7 +232,14 @@ def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object
         if v is not None:
             metadata[k] = v if isinstance(v, str) else json.dumps(v)
     metadata["lora_config"] = json.dumps(adapter.lora_config())
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in adapter.state_dict().items()}
+    state = adapter.state_dict()
+    fp16_max = torch.finfo(torch.float16).max
+    bad = next((k for k, v in state.items() if v.is_floating_point()
+                and not (torch.isfinite(v).all() and v.abs().max() <= fp16_max)), None)
+    if bad is not None:  # fp16 would store an infinity: every reader would make NaN audio from it
+        raise ValueError(f"{Path(path).name}: not written: {bad} holds NaN, infinite or beyond-fp16 values "
+                         f"(|x| > {fp16_max:g}); the training diverged (lower the learning rate)")
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     return path

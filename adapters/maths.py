@@ -50,11 +50,33 @@ def tensor_names(adapter_type: str) -> tuple[str, ...]:
     return _DELTA_TENSORS[delta] + _RENORM_TENSORS[renorm]
 
 
+def _dora_axis_from_shapes(tensors: dict[str, Tensor]) -> str | None:
+    """"dora-rows" or "dora-cols" from a layer whose magnitude length matches only its fan-out (lora_B [out, r]) or
+    only its fan-in (lora_A [r, in]); None when no layer tells (square layers, -xs files)."""
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        layer, name = key.rsplit(".", 1)
+        layers.setdefault(layer, {})[name] = value
+    for t in layers.values():
+        if {"magnitude", "lora_A", "lora_B"} <= t.keys():
+            n, fan_in, fan_out = t["magnitude"].numel(), t["lora_A"][0].numel(), t["lora_B"].shape[0]
+            if fan_in != fan_out and n in (fan_in, fan_out):
+                return "dora-rows" if n == fan_out else "dora-cols"
+    return None
+
+
 def resolve_adapter_type(adapter_type: str | None, tensors: dict[str, Tensor] | None = None) -> str:
-    """The one home of type resolution. Missing type -> "lora". The legacy alias "dora" becomes "dora-cols" when
-    the first `.magnitude` tensor is stored as [1, fan_in], "dora-rows" when [fan_out, 1] or 1-D (the reference
-    cannot tell a 1-D axis without the model and defaults to rows, the paper's variant)."""
-    adapter_type = adapter_type or "lora"
+    """The one home of type resolution. The legacy alias "dora" becomes "dora-cols" when the first `.magnitude`
+    tensor is stored as [1, fan_in], "dora-rows" when [fan_out, 1] or 1-D (the reference cannot tell a 1-D axis
+    without the model and defaults to rows, the paper's variant). A missing type is read from the tensor names
+    (the reference would take "lora" and drop the magnitudes of a DoRA/BoRA file, or refuse an -xs one): M_xs
+    makes an -xs type, magnitude_r/magnitude_c BoRA, magnitude DoRA (rows or cols as for "dora"), else "lora"."""
+    if adapter_type is None or adapter_type == "":
+        names = {key.rsplit(".", 1)[-1] for key in (tensors or {})}
+        renorm = "bora" if "magnitude_r" in names else "dora" if "magnitude" in names else "lora"
+        if renorm == "dora":
+            renorm = _dora_axis_from_shapes(tensors) or resolve_adapter_type("dora", tensors)
+        return renorm + "-xs" if "M_xs" in names else renorm
     if adapter_type != "dora":
         check_adapter_type(adapter_type)
         return adapter_type

@@ -39,8 +39,13 @@ def test_reference_files_read_and_rewrite_to_the_same_keys_tensors_and_lora_conf
     assert (adapter.rank, adapter.alpha, adapter.scaling) == (4, 8, 2.0)
     out = write_adapter_file(tmp_path / "again.safetensors", adapter)
     (a, meta_a), (b, meta_b) = _raw(src), _raw(out)
-    if name == "dora-legacy-2d-cols":  # we store magnitudes 1-D, as the current reference writes them
+    if name == "dora-legacy-2d-cols":
+        # we store magnitudes 1-D, as the current reference writes them; under "dora" every reader would then take
+        # them for rows, so the file names its resolved type
         a = {k: v.reshape(-1) if k.endswith("magnitude") else v for k, v in a.items()}
+        meta_a = {"lora_config": meta_a["lora_config"].replace('"adapter_type": "dora"', '"adapter_type": "dora-cols"')}
+        again = read_adapter_file(out)
+        assert again.adapter_type == "dora-cols" and again.layers.keys() == adapter.layers.keys()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) and b[k].dtype == torch.float16 for k in a)
     assert meta_b == meta_a  # {"lora_config": same JSON string}
@@ -148,3 +153,59 @@ def test_info_summarises_type_rank_layers_and_our_metadata(fixtures_dir, tmp_pat
     assert info["adapter_type"] == "dora-rows" and info["rank"] == 4 and info["n_layers"] == 31
     assert (info["dit_layers"], info["conditioner_layers"]) == (30, 1)
     assert info["base_pack"] == "small-base" and info["step"] == "1200" and info["trigger_words"] == ["zzq"]
+
+
+def _rewritten(src, dst, change_state=None, config=None):
+    """src's tensors (changed by change_state) with `config` as its lora_config text (None: no lora_config)."""
+    from safetensors.torch import save_file
+
+    state, meta = _raw(src)
+    if change_state:
+        change_state(state)
+    save_file(state, str(dst), metadata=None if config is None else {"lora_config": config})
+    return dst
+
+
+@pytest.mark.parametrize("adapter_type", ["dora-rows", "dora-cols", "bora", "dora-rows-xs", "bora-xs"])
+def test_a_file_without_lora_config_reads_as_the_type_its_tensors_name(fixtures_dir, tmp_path, adapter_type):
+    src = fixtures_dir / "golden" / "lora" / f"{adapter_type}.safetensors"
+    original = read_adapter_file(src)
+    bare = read_adapter_file(_rewritten(src, tmp_path / "bare.safetensors"))
+    assert (bare.adapter_type, bare.rank) == (adapter_type, original.rank) and bare.layers.keys() == original.layers.keys()
+
+
+def test_bad_values_and_metadata_in_a_file_are_refused_naming_the_file(fixtures_dir, tmp_path):
+    src = fixtures_dir / "golden" / "lora" / "lora.safetensors"
+
+    def poison(state):
+        key = next(k for k in state if k.endswith("lora_B"))
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan")
+
+    with pytest.raises(AdapterFileError, match=r"nan\.safetensors|nan: tensor .*lora_B holds NaN"):
+        read_adapter_file(_rewritten(src, tmp_path / "nan.safetensors", poison, json.dumps({"rank": 4, "alpha": 8})))
+    for text, why in [("{not json", "not valid JSON"), ("[4, 8]", "list, not a JSON object"),
+                      (json.dumps({"rank": 0}), "rank=0 is not a usable number"),
+                      (json.dumps({"rank": 4, "alpha": "8"}), "alpha='8' is not a usable number"),
+                      (json.dumps({"adapter_type": "loha"}), "lora_config: adapter_type='loha' is unknown")]:
+        with pytest.raises(AdapterFileError, match=f"bad.*{why}"):
+            read_adapter_file(_rewritten(src, tmp_path / "bad.safetensors", config=text))
+    adapter = read_adapter_file(src)
+    next(iter(adapter.layers.values()))["lora_B"][0, 0] = 1e6  # beyond fp16: written as inf, read as NaN audio
+    with pytest.raises(ValueError, match="diverged.safetensors: not written: .*lora_B holds NaN, infinite or beyond"):
+        write_adapter_file(tmp_path / "diverged.safetensors", adapter)
+
+
+def test_a_safetensors_file_under_another_suffix_reads_and_a_comfyui_export_is_named(fixtures_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = fixtures_dir / "golden" / "lora" / "bora.safetensors"
+    for name in ("upper.SAFETENSORS", "short.sft", "no_suffix"):
+        shutil.copy(src, tmp_path / name)
+        assert read_adapter_file(tmp_path / name).adapter_type == "bora"
+    save_file({"diffusion_model.x.lora_up.weight": torch.zeros(2, 1), "diffusion_model.x.lora_down.weight":
+               torch.zeros(1, 2)}, str(tmp_path / "comfy.safetensors"))
+    with pytest.raises(AdapterFileError, match="comfy.safetensors is a LoRA in ComfyUI's format"):
+        read_adapter_file(tmp_path / "comfy.safetensors")

@@ -60,6 +60,23 @@ def test_legacy_dora_with_2d_column_magnitudes_resolves_to_dora_cols(fixtures_di
         M.resolve_adapter_type("loha")
 
 
+def test_a_file_without_a_type_gets_the_one_its_tensors_name():
+    """No lora_config type: the reference would apply a DoRA/BoRA file as plain LoRA (magnitudes dropped)."""
+    def named(*names, magnitude=None):
+        magnitude = torch.ones(4) if magnitude is None else magnitude
+        return {f"l.parametrizations.weight.0.{n}": (magnitude if n == "magnitude" else torch.ones(2, 2)) for n in names}
+
+    assert M.resolve_adapter_type(None, named("lora_A", "lora_B")) == "lora"
+    assert M.resolve_adapter_type(None, named("lora_A", "lora_B", "magnitude")) == "dora-rows"
+    assert M.resolve_adapter_type(None, named("lora_A", "lora_B", "magnitude", magnitude=torch.ones(1, 4))) == "dora-cols"
+    assert M.resolve_adapter_type(None, named("lora_A", "lora_B", "magnitude_r", "magnitude_c")) == "bora"
+    assert M.resolve_adapter_type(None, named("M_xs")) == "lora-xs"
+    assert M.resolve_adapter_type(None, named("M_xs", "magnitude_r", "magnitude_c")) == "bora-xs"
+    assert M.resolve_adapter_type("", named("M_xs", "magnitude")) == "dora-rows-xs"
+    with pytest.raises(ValueError, match="unknown"):
+        M.resolve_adapter_type("loha")
+
+
 def _layer(kind: str, out_f: int, in_f: int) -> nn.Module:
     torch.manual_seed(out_f * 31 + in_f)
     return nn.Linear(in_f, out_f) if kind == "linear" else nn.Conv1d(in_f, out_f, 3, padding=1)
