@@ -38,8 +38,8 @@ def parse_regions(text: str) -> list[tuple[float, float]]:
             start, end = float(bits[0]), float(bits[1])
         except ValueError:
             raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
-        if not 0 <= start < end:
-            raise ValueError(f"region {part!r}: need 0 <= start < end")
+        if not 0 <= start < end < float("inf"):
+            raise ValueError(f"region {part!r}: need 0 <= start < end, in seconds")
         regions.append((start, end))
     return regions
 

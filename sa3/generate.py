@@ -14,6 +14,7 @@ The flow mirrors the official `StableAudioModel.generate` so a seed gives the of
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -78,6 +79,15 @@ def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
 ADAPTER_MODES = {"fast": "merged", "low": "factored"}  # generate's adapter_memory -> the adapter view's mode
 
 
+def require_finite(**values) -> None:
+    """ValueError naming the first setting that is NaN or infinite (ComfyUI's min/max checks let NaN through, and
+    one NaN makes the whole output NaN). values: numbers or sequences of numbers."""
+    for name, value in values.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(not math.isfinite(float(v)) for v in numbers):
+            raise ValueError(f"{name}={value!r}: must be a finite number")
+
+
 def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
              duration: float | Sequence[float] = 10.0, seed: int | None = None, steps: int | None = None,
              cfg_scale: float | None = None, sampler: str | None = None, batch_size: int | None = None,
@@ -106,6 +116,10 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     cfg_scale = float(default_cfg if cfg_scale is None else cfg_scale)
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    require_finite(cfg_scale=cfg_scale, init_noise_level=init_noise_level, apg_scale=apg_scale,
+                   padding_seconds=padding_seconds, cfg_interval=cfg_interval,
+                   duration=duration if isinstance(duration, (int, float)) else list(duration),
+                   lora_strength=[e["strength"] for e in (loras or ()) if isinstance(e, dict) and "strength" in e])
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = batch_size or len(prompts)
     prompts = _broadcast(prompts[0] if len(prompts) == 1 else prompts, n, "prompt")

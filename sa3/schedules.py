@@ -465,8 +465,11 @@ def inpaint_latent_mask(regions: Sequence[tuple[float, float]], n_latents: int, 
     the region (source length, new duration)."""
     mask = torch.ones(1, 1, audio_samples)
     for start_s, end_s in regions:
-        if not end_s > start_s >= 0:
-            raise ValueError(f"inpaint region ({start_s}, {end_s}) s: need 0 <= start < end")
+        if not (math.isfinite(end_s) and end_s > start_s >= 0):
+            raise ValueError(f"inpaint region ({start_s}, {end_s}) s: need 0 <= start < end, both finite")
+        if start_s * sample_rate >= audio_samples:
+            raise ValueError(f"inpaint region ({start_s}, {end_s}) s starts after the output's end "
+                             f"({audio_samples / sample_rate:.2f} s): nothing would be regenerated")
         start = min(int(start_s * sample_rate), audio_samples)
         end = min(int(end_s * sample_rate), audio_samples)
         mask[..., start:end] = 0

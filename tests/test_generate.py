@@ -106,3 +106,14 @@ def test_inpainting_on_a_model_without_an_inpainting_input_says_so(tmp_path):
     with pytest.raises(ValueError, match="no inpainting input.*init_audio"):
         model.generate("pad", duration=0.1, steps=1, inpaint_audio=(source, 44100), inpaint_regions=[(0.02, 0.05)])
     assert model.generate("pad", duration=0.1, steps=1, init_audio=(source, 44100), init_noise_level=0.5)[0].isfinite().all()
+
+
+def test_nan_or_infinite_settings_and_regions_past_the_end_are_refused_by_name(models):
+    model = models["tiny-small"]
+    source = (0.3 * torch.sin(torch.arange(8192) / 44100 * 2 * torch.pi * 220)).repeat(2, 1)
+    for kwargs, named in [({"cfg_scale": float("nan")}, "cfg_scale=nan"), ({"duration": float("inf")}, "duration=inf"),
+                          ({"loras": [{"path": "x.safetensors", "strength": float("nan")}]}, "lora_strength"),
+                          ({"inpaint_audio": (source, 44100), "inpaint_regions": [(5.0, 6.0)]}, "starts after the output"),
+                          ({"inpaint_audio": (source, 44100), "inpaint_regions": [(0.0, float("inf"))]}, "both finite")]:
+        with pytest.raises(ValueError, match=named):
+            model.generate("pad", **{"duration": 0.01, "steps": 1, **kwargs})
