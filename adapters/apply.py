@@ -458,6 +458,11 @@ class AdaptedModel:
                 raise AdapterMismatch(
                     f"{name}: none of its {len(a.layers)} layers (e.g. {next(iter(a.layers), '?')}) exists in this "
                     f"model; it is for another model or another key layout")
+            if len(unmatched) > applied:  # e.g. only the conditioner's layer found: the DiT would stay as it is
+                raise AdapterMismatch(
+                    f"{name}: only {applied} of its {len(a.layers)} layers exist in this model (missing e.g. "
+                    f"{unmatched[0]}): it is for another model, or its keys use another layout (SA3-native keys "
+                    f"start with 'model.' for the DiT and 'conditioners.' for the conditioner)")
             if unmatched:
                 self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
                            f"(e.g. {unmatched[0]})")

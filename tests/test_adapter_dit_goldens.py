@@ -193,3 +193,17 @@ def test_target_selection_on_the_dit_matches_the_reference_counts_and_lists(setu
     expected = [f"model.transformer.layers.{i}.{n}" for i in range(depth) for n in blocks]
     assert sorted(underfit.layers) == sorted(expected + ["conditioners.seconds_total.embedder.embedding.1"])
     assert underfit.config["include"] is None and "to_local_embed" in underfit.config["exclude"]  # what files record
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_a_file_whose_dit_keys_use_another_layout_is_refused_not_applied_to_the_conditioner_only(setup, fixtures_dir,
+                                                                                                prefix):
+    """Without 'model.' (or with ComfyUI's 'diffusion_model.') only the seconds conditioner's layer would match."""
+    from sa3_lora_studio.adapters import AdapterMismatch, LoadedAdapter
+
+    tree = setup[0]
+    adapter = read_adapter_file(fixtures_dir / "golden" / "lora" / "lora.safetensors")
+    relaid = {(prefix + k.removeprefix("model.") if k.startswith("model.") else k): v for k, v in adapter.layers.items()}
+    moved = LoadedAdapter(adapter.adapter_type, adapter.rank, adapter.alpha, relaid, adapter.config, name="relaid")
+    with pytest.raises(AdapterMismatch, match=r"relaid: only 1 of its \d+ layers exist in this model"):
+        AdaptedModel(tree, [moved], SA3_ROOTS)
