@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sa3.channels import stereo_weights
+
 # Extensions a folder scan treats as audio. Anything else the decoders understand also decodes when asked directly.
 AUDIO_EXTENSIONS = frozenset({
     ".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac",
@@ -243,42 +245,11 @@ def decode_audio(path: str | Path) -> DecodedAudio:
     return best
 
 
-# Speaker order of multichannel files by channel count: the WAVE_FORMAT_EXTENSIBLE default masks and FLAC's
-# fixed orders (which agree). Counts without a standard layout are mixed as unknown (equally to both sides).
-SPEAKER_LAYOUTS = {
-    3: ("FL", "FR", "FC"),
-    4: ("FL", "FR", "BL", "BR"),  # quad
-    5: ("FL", "FR", "FC", "BL", "BR"),  # 5.0
-    6: ("FL", "FR", "FC", "LFE", "BL", "BR"),  # 5.1
-    7: ("FL", "FR", "FC", "LFE", "BC", "SL", "SR"),  # 6.1
-    8: ("FL", "FR", "FC", "LFE", "BL", "BR", "SL", "SR"),  # 7.1
-}
-_MINUS_3DB = math.sqrt(0.5)
-# (to left, to right) per speaker: ITU-R BS.775 Lo/Ro, centre and surrounds at -3 dB, LFE dropped; a back centre
-# is a surround split over both sides.
-STEREO_WEIGHTS = {
-    "FL": (1.0, 0.0), "FR": (0.0, 1.0), "FC": (_MINUS_3DB, _MINUS_3DB), "LFE": (0.0, 0.0),
-    "BL": (_MINUS_3DB, 0.0), "BR": (0.0, _MINUS_3DB), "SL": (_MINUS_3DB, 0.0), "SR": (0.0, _MINUS_3DB),
-    "BC": (0.5, 0.5),
-}
-
-
-def stereo_weights(n_channels: int) -> np.ndarray:
-    """[2, n_channels] float32 downmix matrix for n_channels >= 3 (SPEAKER_LAYOUTS order), each row summing to 1
-    so the mix cannot clip; left and right are mirror images."""
-    layout = SPEAKER_LAYOUTS.get(n_channels)
-    if layout is None:  # no standard order: every channel to both sides
-        weights = np.full((2, n_channels), _MINUS_3DB, dtype=np.float32)
-    else:
-        weights = np.array([STEREO_WEIGHTS[s] for s in layout], dtype=np.float32).T
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
 def downmix(samples: np.ndarray, channels: int = 2) -> np.ndarray:
     """[C, N] -> [channels, N] (channels 1 or 2).
 
     Mono is duplicated to both sides. More than two channels are taken in the standard WAV/FLAC speaker order for
-    their count (SPEAKER_LAYOUTS: 3 = L R C, 4 = quad, 5 = 5.0, 6 = 5.1, 7 = 6.1, 8 = 7.1) and mixed by ITU-R
+    their count (`sa3.channels.SPEAKER_LAYOUTS`: 3 = L R C, 4 = quad, 5 = 5.0, 6 = 5.1, 7 = 6.1, 8 = 7.1) and mixed by ITU-R
     BS.775 (centre and surrounds at -3 dB, LFE dropped), each side divided by its total weight so the mix cannot
     clip; other counts go equally to both sides."""
     c = samples.shape[0]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .channels import stereo_weights
 from .layers import DynamicTanh, RMSNorm, RotaryEmbedding, apply_partial_rotary
 
 # --- attention kernels -------------------------------------------------------------------------------------------
@@ -571,6 +572,8 @@ def prepare_audio(audio, in_sample_rate, target_sample_rate: int, channels: int,
             item = item.mean(dim=0, keepdim=True)
         elif item.shape[0] == 1:
             item = item.expand(channels, -1)
+        elif item.shape[0] > channels == 2:  # surround: mixed as the dataset encoder mixes it, not cut to L/R
+            item = torch.from_numpy(stereo_weights(item.shape[0])).to(item) @ item
         else:
             item = item[:channels]
         prepared.append(item)

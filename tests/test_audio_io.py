@@ -8,6 +8,7 @@ import pytest
 from sa3_lora_studio.encoding import audio_io
 from sa3_lora_studio.encoding.audio_io import AudioFileError, decode_audio, downmix, load_audio, resample
 from sa3_lora_studio.encoding.toy import tone, write_audio_file
+from sa3_lora_studio.sa3.channels import SPEAKER_LAYOUTS
 
 SECONDS = 0.75
 
@@ -75,7 +76,7 @@ MIRROR = {"FL": "FR", "FR": "FL", "BL": "BR", "BR": "BL", "SL": "SR", "SR": "SL"
 def test_every_channel_count_downmixes_left_and_right_as_mirror_images(n_channels):
     w = downmix(np.eye(n_channels, dtype=np.float32))  # column k: where channel k lands, [2, C]
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)  # each side's weights sum to 1: no clipping
-    layout = audio_io.SPEAKER_LAYOUTS.get(n_channels, ())
+    layout = SPEAKER_LAYOUTS.get(n_channels, ())
     for k, speaker in enumerate(layout):
         twin = layout.index(MIRROR.get(speaker, speaker))
         np.testing.assert_allclose(w[:, k], w[::-1, twin], rtol=1e-6)  # its mirror speaker, sides swapped

@@ -202,3 +202,14 @@ def test_prepare_audio_resamples_with_soxr_and_sets_channels():
     torch.testing.assert_close(prepare_audio(stereo, 44100, 44100, channels=1)[0, 0], stereo.mean(0))
     batch = prepare_audio(torch.randn(3, 1, 50), [44100, 44100, 44100], 44100, channels=2, multiple_of=32)
     assert batch.shape == (3, 2, 64)
+
+
+def test_a_surround_source_is_mixed_to_stereo_like_the_dataset_encoder_mixes_it():
+    """Audio-to-audio and inpainting sources with 6 channels keep their centre and surrounds (not cut to L/R)."""
+    import numpy as np
+    from sa3_lora_studio.encoding.audio_io import downmix
+
+    surround = torch.randn(6, 640, generator=torch.Generator().manual_seed(0)) * 0.2
+    mixed = prepare_audio(surround, 44100, 44100, channels=2)[0]
+    torch.testing.assert_close(mixed, torch.from_numpy(downmix(surround.numpy().astype(np.float32))))
+    assert not torch.allclose(mixed, surround[:2])
