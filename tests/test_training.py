@@ -607,3 +607,13 @@ def test_a_dataset_from_an_autoencoder_with_other_weights_is_refused_whatever_pr
         next(other.autoencoder.parameters()).view(-1)[0] += 0.5
     with pytest.raises(RunError, match="another autoencoder: its autoencoder's weights are not this model's"):
         open_dataset(config, other)
+
+
+def test_a_model_loaded_under_inference_mode_is_refused_before_a_run_is_queued(dataset, fixtures_dir):
+    from sa3_lora_studio.training.preflight import check_run_inputs
+    from sa3_lora_studio.training.runs import RunError
+
+    with torch.inference_mode():
+        frozen = load_model(fixtures_dir / "tiny-small")
+    with pytest.raises(RunError, match="loaded under torch.inference_mode"):
+        check_run_inputs(_config(dataset, fixtures_dir), frozen)

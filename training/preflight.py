@@ -49,11 +49,22 @@ def open_continue_from(config: RunConfig):
         raise RunError(f"RunConfig.continue_from: {Path(config.continue_from).name}: {e}") from None
 
 
+def check_trainable(model) -> None:
+    """RunError when the model's weights are inference tensors (loaded under torch.inference_mode(), as ComfyUI runs
+    nodes): autograd cannot save them for the backward, so the run would fail at its first step."""
+    modules = getattr(model, "modules", None)
+    if modules is not None and any(p.is_inference() for p in modules.parameters()):
+        raise RunError("the model was loaded under torch.inference_mode(); load it outside inference mode (with "
+                       "torch.inference_mode(False): load_model(...)) to train on it")
+
+
 def check_run_inputs(config: RunConfig, model=None) -> None:
-    """Everything a run reads besides the model, checked before it is registered (nothing is queued on bad input);
-    model: the loaded model when the caller has it (`open_dataset`)."""
+    """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
+    model when the caller has it (`open_dataset`, `check_trainable`)."""
+    if model is not None:
+        check_trainable(model)
     open_dataset(config, model)
     open_continue_from(config)
 
 
-__all__ = ["check_run_inputs", "open_continue_from", "open_dataset"]
+__all__ = ["check_run_inputs", "check_trainable", "open_continue_from", "open_dataset"]

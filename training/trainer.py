@@ -27,7 +27,7 @@ from ..sa3.atomic import fsync_replace
 from ..sa3.text import TextEncoderCache
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
-from .preflight import open_continue_from, open_dataset
+from .preflight import check_trainable, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .worker import RunControl
@@ -140,6 +140,7 @@ class Trainer:
         c = self.config
         self.device = pick_device(c.device)
         self.model = self.load_model(c.model, "base")
+        check_trainable(self.model)
         if self.model.is_arc:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
                                              "trained on the base model")
