@@ -370,7 +370,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _check_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, name: str) -> None:
+def check_layer_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, name: str) -> None:
     """The adapter's tensors must fit the layer's 2-D weight view [out, in]; error names the first bad layer."""
     out_f, in_f = module.weight.shape[0], module.weight[0].numel()
     t, r = adapter.layers[layer], adapter.rank
@@ -438,7 +438,7 @@ class AdaptedModel:
                 if module is None:
                     unmatched.append(layer)
                     continue
-                _check_shapes(layer, module, a, name)
+                check_layer_shapes(layer, module, a, name)
                 # adapter tensors live where the layer computes: its weight's device unless told (a streamed
                 # weight sits in host memory between forwards)
                 where = module.weight.device if device is None else torch.device(device)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .apply import SA3_ROOTS, Root
+from .apply import SA3_ROOTS, Root, check_layer_shapes
 from .files import LoadedAdapter
 from .maths import adapter_scale, check_adapter_type, effective_weight, svd_bases
 
@@ -64,6 +64,7 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
         except AttributeError:
             report.skipped[layer] = "not a DiT layer (ComfyUI's SA3 LoRA keys cover diffusion_model.* only)"
             continue
+        check_layer_shapes(layer, module, adapter, adapter.name or "adapter")  # another model size: a named error
         w = module.weight.detach().float()
         key = COMFY_PREFIX + layer.removeprefix(dit_prefix)
         t = dict(t)

@@ -92,3 +92,15 @@ def test_comfyui_arithmetic_on_the_export_reproduces_our_effective_weights(tmp_p
         assert report.forms["model.transformer.to_qkv"] == "dora" and report.forms["model.wide_conv"] == "diff"
     if adapter_type in ("dora-rows", "bora"):
         assert set(report.forms.values()) == {"diff"}
+
+
+def test_exporting_for_a_model_of_another_size_names_the_layer():
+    from sa3_lora_studio.adapters import AdapterMismatch
+
+    torch.manual_seed(0)
+    a = new_adapter(Tree().requires_grad_(False), "lora", 2, roots=ROOTS)
+    wider = Tree().requires_grad_(False)
+    wider.model.model.transformer.to_qkv = nn.Linear(12, 36, bias=False)
+    with pytest.raises(AdapterMismatch, match=r"model.transformer.to_qkv.lora_B is \(24, 2\), the loaded model expects "
+                                              r"\(36, 2\)"):
+        export_for_comfyui("unused.safetensors", a, wider, roots=ROOTS)
