@@ -13,6 +13,7 @@ from torch import nn
 
 TARGET_TYPES = (nn.Linear, nn.Conv1d)
 _RANGE = re.compile(r"\[(\d+)-(\d+)\]")
+MAX_RANGE = 4096  # indices one bracket range may span
 
 # underfit's dashboard default: it excludes the conditioning MLPs and the in/out projections, which leaves attention
 # and feed-forward of every block (plus the conditioner's seconds_total Linear, which no pattern excludes).
@@ -35,6 +36,9 @@ def expand_pattern(pattern: str) -> list[str]:
     pools = []
     for a, b in bounds:
         a, b = int(a), int(b)
+        if abs(b - a) >= MAX_RANGE:  # layer indices: a typo like [0-99999999] would fill the memory
+            raise ValueError(f"pattern {pattern!r}: the range [{a}-{b}] spans more than {MAX_RANGE} indices; "
+                             "layer numbers are small (SA3 has at most 24 blocks)")
         pools.append([str(n) for n in range(a, b + (1 if b >= a else -1), 1 if b >= a else -1)])
     out = []
     for combo in itertools.product(*pools):

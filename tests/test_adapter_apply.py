@@ -294,6 +294,8 @@ def test_target_selection_uses_include_exclude_brackets_and_presets(tree):
         f"model.transformer.layers.{i}.{n}" for i in range(2) for n in ("self_attn.to_qkv", "self_attn.to_out", "ff")]
     with pytest.raises(ValueError, match="preset"):
         select_targets(dit, preset="nope")
+    with pytest.raises(ValueError, match=r"range \[0-99999999\] spans more than"):  # a typo must not fill the memory
+        select_targets(dit, include=["transformer.layers.[0-99999999]"])
 
 
 def test_activation_routes_the_base_tree_only_in_this_thread(tree, inputs):
