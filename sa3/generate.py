@@ -79,6 +79,27 @@ def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
 ADAPTER_MODES = {"fast": "merged", "low": "factored"}  # generate's adapter_memory -> the adapter view's mode
 
 
+class SamplerSteps:
+    """Which sampling step a model evaluation at noise level t belongs to, for `skip_first_steps`.
+
+    Single-stage samplers (Euler, ping-pong, DPM++ 2M) evaluate once per step, at the step's first sigma. RK4 also
+    evaluates between sigmas[i] and sigmas[i+1] and then AT sigmas[i+1], which is still step i although the next
+    step starts there: an evaluation at a step's first sigma right after one strictly inside the previous step
+    belongs to the previous step. sigmas: [steps + 1] (one item's schedule, falling to 0)."""
+
+    def __init__(self, sigmas: Tensor):
+        self.starts = [float(s) for s in sigmas[:-1]]
+        self.last_inside: int | None = None  # the step of the last evaluation strictly between two sigmas
+
+    def __call__(self, t: float) -> int:
+        step = max(0, sum(1 for s in self.starts if s >= t) - 1)
+        on_boundary = t in self.starts
+        if on_boundary and self.last_inside == step - 1:
+            step -= 1  # RK4's last stage of the previous step
+        self.last_inside = None if on_boundary else step
+        return step
+
+
 def require_finite(**values) -> None:
     """ValueError naming the first setting that is NaN or infinite (ComfyUI's min/max checks let NaN through, and
     one NaN makes the whole output NaN). values: numbers or sequences of numbers."""
@@ -184,8 +205,11 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
                                       effective_seq_len=effective if len(set(durations)) > 1 else int(effective[0]))
     x = noise if z_init is None else z_init * (1 - sigma_max) + noise * sigma_max
 
+    step_of = SamplerSteps(sigmas if sigmas.dim() == 1 else sigmas[0])
+
     def model_fn(x_t: Tensor, sigma: Tensor) -> Tensor:
-        with session.at_sigma(float(sigma.reshape(-1)[0])):
+        t = float(sigma.reshape(-1)[0])
+        with session.at_sigma(t, step_of(t)):
             return model.velocity(x_t, sigma, cond, local_cond, padding_mask, cfg_scale=cfg_scale,
                                   negative=negative, apg_scale=apg_scale, cfg_interval=cfg_interval)
 
@@ -212,7 +236,7 @@ class _NoAdapters:
     def __exit__(self, *exc):
         return False
 
-    def at_sigma(self, sigma: float):
+    def at_sigma(self, sigma: float, step: int | None = None):
         return self
 
 

@@ -117,3 +117,23 @@ def test_nan_or_infinite_settings_and_regions_past_the_end_are_refused_by_name(m
                           ({"inpaint_audio": (source, 44100), "inpaint_regions": [(0.0, float("inf"))]}, "both finite")]:
         with pytest.raises(ValueError, match=named):
             model.generate("pad", **{"duration": 0.01, "steps": 1, **kwargs})
+
+
+@pytest.mark.parametrize("sampler, evaluations", [("euler", 1), ("pingpong", 1), ("dpmpp", 1), ("rk4", 4)])
+def test_skip_first_steps_counts_sampler_steps_not_model_evaluations(models, fixtures_dir, monkeypatch, sampler,
+                                                                     evaluations):
+    """rk4 evaluates four times per step, the last at the next step's sigma: all four belong to the same step."""
+    from sa3_lora_studio.adapters.apply import AdaptedModel
+
+    seen = []
+    original = AdaptedModel.update
+
+    def record(self, sigma=None, step=None):
+        seen.append(step)
+        return original(self, sigma, step)
+
+    monkeypatch.setattr(AdaptedModel, "update", record)
+    lora = {"path": str(fixtures_dir / "golden" / "lora" / "lora.safetensors"), "strength": 1.0, "skip_first_steps": 1}
+    models["tiny-small"].generate("pad", duration=0.01, steps=3, sampler=sampler, cfg_scale=1.0, loras=[lora],
+                                  adapter_memory="low")
+    assert [s for s in seen if s is not None] == [i for i in range(3) for _ in range(evaluations)]
