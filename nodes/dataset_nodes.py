@@ -47,7 +47,9 @@ class SA3EncodeAudioFolder:
         from ..encoding.dataset import folder_signature
 
         out = dataset_dir_for(dataset_name)
-        return folder_signature(Path(folder).expanduser(), skip=(out,)) + str((out / "dataset.json").is_file())
+        if not (out / "dataset.json").is_file():
+            return float("nan")  # no dataset (yet, or deleted since): run; NaN never equals the last value
+        return folder_signature(Path(folder).expanduser(), skip=(out,))
 
     def encode(self, model, folder, dataset_name, include, exclude, dtype, force):
         import torch

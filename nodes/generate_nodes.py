@@ -39,7 +39,7 @@ def parse_regions(text: str) -> list[tuple[float, float]]:
         except ValueError:
             raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
         if not 0 <= start < end < float("inf"):
-            raise ValueError(f"region {part!r}: need 0 <= start < end, in seconds")
+            raise ValueError(f"region {part!r}: need 0 <= start < end, finite, in seconds")
         regions.append((start, end))
     return regions
 

@@ -12,7 +12,7 @@ RUN_PREFIX = "sa3 runs/"
 
 def lora_choices() -> list[str]:
     """Files from ComfyUI's `loras` folder plus our training runs' checkpoints (newest runs first)."""
-    choices = [f for f in folder_files("loras") if f.endswith((".safetensors", ".ckpt"))]
+    choices = [f for f in folder_files("loras") if f.lower().endswith((".safetensors", ".sft", ".ckpt"))]
     try:
         from .training_nodes import get_manager
 
@@ -94,8 +94,9 @@ class SA3LoadLoRA:
         path = chosen_lora("SA3 Load LoRA", lora, lora_path)
         try:
             load_adapter_cached(path)  # validate now, with the file named in the error
-        except Exception as e:
-            raise ValueError(f"SA3 Load LoRA: {path.name}: {e}") from None
+        except Exception as e:  # our file errors start with the file's name already
+            named = str(e).startswith((path.name, path.stem))
+            raise ValueError(f"SA3 Load LoRA: {'' if named else path.name + ': '}{e}") from None
         entry = {"path": str(path), "strength": float(strength), "interval": (float(interval_start), float(interval_end)),
                  "skip_first_steps": int(skip_first_steps), "layer_filter": layer_filter}
         return (list(loras or []) + [entry],)

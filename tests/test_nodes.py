@@ -119,6 +119,13 @@ def test_lora_stack_changes_the_output_and_info_describes_it(comfy):
     assert torch.allclose(low["waveform"], styled["waveform"], atol=1e-4)
     (again,) = run_node("SA3Generate", **gen_inputs(model))
     assert torch.equal(plain["waveform"], again["waveform"])  # the shared model is unchanged
+    from sa3_lora_studio.nodes.lora_nodes import lora_choices
+
+    loras_dir = Path(comfy.folders["loras"][0])
+    shutil.copy(loras_dir / "style.safetensors", loras_dir / "UPPER.SAFETENSORS")
+    assert "UPPER.SAFETENSORS" in lora_choices()  # ComfyUI lists it; any case of the extension is offered
+    (upper,) = run_node("SA3LoadLoRA", lora="UPPER.SAFETENSORS", strength=1.0, interval_start=0.0, interval_end=1.0,
+                        skip_first_steps=0, layer_filter="")
     (info,) = run_node("SA3LoRAInfo", lora="dora.safetensors")
     assert '"adapter_type": "dora-rows"' in info and '"rank": 4' in info
     with pytest.raises(ValueError, match="interval_end"):
@@ -159,6 +166,11 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     dataset, report = run_node("SA3EncodeAudioFolder", **encode_inputs)
     assert "0 encoded" in report
     assert "tone number one, edited" in (Path(dataset) / "tone 1.wav.json").read_text()
+    kept = Path(str(dataset) + ".kept")
+    shutil.move(dataset, kept)  # a dataset deleted since: the node must run again, whatever it returned last time
+    signature = changed(**encode_inputs)
+    assert signature != signature and signature != changed(**encode_inputs)  # NaN: never equal, so never cached
+    shutil.move(kept, dataset)
     config, preview = run_node("SA3ComposePrompts", caption_weight=100.0, tags_weight=0.0, path_weight=0.0,
                                fixed_weight=0.0, fixed_text="", tag_keys="", hide_tag_names=False, split_commas=False,
                                hide_extension=True, hide_directories=False, shuffle=True, trigger="zz",
