@@ -119,7 +119,7 @@ class SA3Inpaint:
     @classmethod
     def INPUT_TYPES(cls):
         req = _common_inputs()
-        req["audio"] = ("AUDIO", {"tooltip": "The source clip."})
+        req["audio"] = ("AUDIO", {"tooltip": "The source clip (a batch of clips gives one output per clip)."})
         req["regions"] = ("STRING", {"default": "4.0-8.0", "tooltip": "Seconds to regenerate, e.g. '4.0-8.0, 16-20'. "
                                      "Ignored when continuation is on."})
         req["continuation"] = ("BOOLEAN", {"default": False, "tooltip": "Continue the clip from its end up to "

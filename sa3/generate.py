@@ -33,7 +33,8 @@ PADDING_SECONDS = 6.0
 
 
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
-    """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([C, N] float, rate)."""
+    """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([B, C, N] float, rate);
+    a [C, N] or [N] waveform is one clip (B = 1)."""
     if isinstance(audio, dict):
         wav, rate = audio["waveform"], audio["sample_rate"]
     elif isinstance(audio, tuple | list) and len(audio) == 2:
@@ -42,12 +43,12 @@ def as_audio(audio, name: str) -> tuple[Tensor, int]:
     else:
         raise ValueError(f"{name}: give (waveform, sample_rate) or a ComfyUI AUDIO dict")
     wav = torch.as_tensor(np.asarray(wav) if not torch.is_tensor(wav) else wav).float()
-    if wav.dim() == 3:
-        if wav.shape[0] != 1:
-            raise ValueError(f"{name}: one source clip is used for the whole batch; got a batch of {wav.shape[0]}")
-        wav = wav[0]
     if wav.dim() == 1:
         wav = wav[None]
+    if wav.dim() == 2:
+        wav = wav[None]
+    if wav.dim() != 3:
+        raise ValueError(f"{name}: waveform of shape {tuple(wav.shape)}; give [N], [C, N] or [B, C, N] samples")
     if wav.numel() == 0:
         raise ValueError(f"{name}: the audio is empty")
     if not torch.isfinite(wav).all():
@@ -63,17 +64,24 @@ def _broadcast(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def encode_source(model, audio, audio_samples: int, name: str) -> Tensor:
-    """Resample/stereo-ise a source clip, zero-pad or crop it to `audio_samples`, encode -> [1, C, T]."""
+def source_batch(audio, name: str) -> int:
+    """How many clips a source holds (1 for None: no source)."""
+    return 1 if audio is None else as_audio(audio, name)[0].shape[0]
+
+
+def encode_source(model, audio, audio_samples: int, name: str, n: int) -> Tensor:
+    """Resample/stereo-ise source clips, zero-pad or crop them to `audio_samples`, encode -> [n, C, T]: one clip
+    serves the whole batch, else clip i serves item i."""
     from .autoencoder import prepare_audio
 
     wav, rate = as_audio(audio, name)
     ae = model.autoencoder
-    wav = prepare_audio(wav[None], rate, model.sample_rate, ae.io_channels)[0]
-    out = wav.new_zeros(wav.shape[0], audio_samples)
-    n = min(audio_samples, wav.shape[-1])
-    out[:, :n] = wav[:, :n]
-    return model.encode_audio(out[None], model.sample_rate, chunked=False)
+    wav = prepare_audio(list(wav), rate, model.sample_rate, ae.io_channels)
+    out = wav.new_zeros(wav.shape[0], wav.shape[1], audio_samples)
+    k = min(audio_samples, wav.shape[-1])
+    out[..., :k] = wav[..., :k]
+    z = torch.cat([model.encode_audio(clip[None], model.sample_rate, chunked=False) for clip in out])
+    return z.repeat(n, 1, 1) if z.shape[0] == 1 else z
 
 
 ADAPTER_MODES = {"fast": "merged", "low": "factored"}  # generate's adapter_memory -> the adapter view's mode
@@ -143,6 +151,12 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
                    lora_strength=[e["strength"] for e in (loras or ()) if isinstance(e, dict) and "strength" in e])
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = batch_size or len(prompts)
+    clips = max(source_batch(init_audio, "init_audio"), source_batch(inpaint_audio, "inpaint_audio"))
+    if clips > 1:  # a batch of sources (e.g. a batch generated before): one output per clip
+        if n not in (1, clips):
+            raise ValueError(f"the source audio holds {clips} clips but batch_size is {n}: give one clip, or "
+                             f"batch_size {clips} (one output per clip)")
+        n = clips
     prompts = _broadcast(prompts[0] if len(prompts) == 1 else prompts, n, "prompt")
     durations = [float(d) for d in _broadcast(duration, n, "duration")]
     max_seconds = cfg.sample_size / cfg.sample_rate if cfg.sample_size else float("inf")
@@ -177,7 +191,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
 
     z_init = None
     if init_audio is not None:
-        z_init = encode_source(model, init_audio, audio_samples, "init_audio").repeat(n, 1, 1).to(device)
+        z_init = encode_source(model, init_audio, audio_samples, "init_audio", n).to(device)
     mask = torch.zeros(n, 1, n_latents, device=device)
     masked_input = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
     z_source = None
@@ -187,7 +201,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if not cfg.dit.get("local_add_cond_dim"):
             raise ValueError(f"{model.source or 'this model'} has no inpainting input (its config has no "
                              "local_add_cond_dim; every SA3 pack has one): use init_audio (audio-to-audio) instead")
-        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio").repeat(n, 1, 1).to(device)
+        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio", n).to(device)
         latent_mask = schedules.inpaint_latent_mask(inpaint_regions, n_latents, audio_samples, cfg.sample_rate,
                                                     seconds_total=durations)
         mask = latent_mask.to(device).expand(n, 1, n_latents).clone()

@@ -137,3 +137,18 @@ def test_skip_first_steps_counts_sampler_steps_not_model_evaluations(models, fix
     models["tiny-small"].generate("pad", duration=0.01, steps=3, sampler=sampler, cfg_scale=1.0, loras=[lora],
                                   adapter_memory="low")
     assert [s for s in seen if s is not None] == [i for i in range(3) for _ in range(evaluations)]
+
+
+def test_a_batch_of_source_clips_gives_one_output_per_clip(models):
+    """An AUDIO batch (e.g. a batch generated before) feeds audio-to-audio item by item; one clip serves all."""
+    model = models["tiny-small-arc"]
+    t = torch.arange(8192) / 44100
+    clips = torch.stack([(0.3 * torch.sin(2 * torch.pi * f * t)).repeat(2, 1) for f in (220, 880)])  # [2, 2, N]
+    kw = {"duration": 0.1, "steps": 2, "seed": 5, "init_noise_level": 0.6}
+    both, _ = model.generate("pad", init_audio={"waveform": clips, "sample_rate": 44100}, **kw)
+    first, _ = model.generate("pad", init_audio={"waveform": clips[:1], "sample_rate": 44100}, batch_size=2, **kw)
+    assert both.shape[0] == 2 and first.shape[0] == 2
+    torch.testing.assert_close(both[0], first[0], atol=1e-4, rtol=0)  # item 0: same clip, same noise
+    assert (both[1] - first[1]).abs().max() > 1e-2  # item 1 started from the other clip
+    with pytest.raises(ValueError, match="2 clips but batch_size is 3"):
+        model.generate("pad", init_audio={"waveform": clips, "sample_rate": 44100}, batch_size=3, **kw)
