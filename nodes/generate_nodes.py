@@ -98,7 +98,8 @@ class SA3AudioToAudio:
     @classmethod
     def INPUT_TYPES(cls):
         req = _common_inputs()
-        req["audio"] = ("AUDIO", {"tooltip": "Source audio (any sample rate and channel count)."})
+        req["audio"] = ("AUDIO", {"tooltip": "Source audio (any sample rate and channel count; a batch of clips gives "
+                                  "one output per clip)."})
         req["noise_level"] = ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
                               "How much to change: 1.0 ignores the source, lower keeps more of it."})
         return {"required": req, "optional": _optional_inputs()}
