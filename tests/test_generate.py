@@ -144,7 +144,7 @@ def test_a_batch_of_source_clips_gives_one_output_per_clip(models):
     model = models["tiny-small-arc"]
     t = torch.arange(8192) / 44100
     clips = torch.stack([(0.3 * torch.sin(2 * torch.pi * f * t)).repeat(2, 1) for f in (220, 880)])  # [2, 2, N]
-    kw = {"duration": 0.1, "steps": 2, "seed": 5, "init_noise_level": 0.6}
+    kw = {"duration": 0.015, "steps": 2, "seed": 5, "init_noise_level": 0.6}
     both, _ = model.generate("pad", init_audio={"waveform": clips, "sample_rate": 44100}, **kw)
     first, _ = model.generate("pad", init_audio={"waveform": clips[:1], "sample_rate": 44100}, batch_size=2, **kw)
     assert both.shape[0] == 2 and first.shape[0] == 2
