@@ -392,8 +392,9 @@ class PromptTokenizer:
                    truncation_side=config.get("truncation_side", "right"), source=source)
 
     def ids(self, text: str, max_length: int | None = None) -> list[int]:
-        """Token ids of one text with BOS/EOS as configured, truncated to max_length (specials kept), unpadded."""
-        body = self.encode_text(text)
+        """Token ids of one text with BOS/EOS as configured, truncated to max_length (specials kept), unpadded.
+        A lone surrogate (JSON can carry one; UTF-8 cannot) becomes "?", as encoding the text to UTF-8 would."""
+        body = self.encode_text(text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text)
         head = [self.bos_id] if self.add_bos else []
         tail = [self.eos_id] if self.add_eos else []
         if max_length is not None:

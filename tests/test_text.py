@@ -60,6 +60,13 @@ def test_tokenizer_json_gives_the_reference_ids_masks_and_left_padding(hf, case,
     assert (tok.padding_side, tok.add_bos, tok.add_eos) == (case["observed"]["padding_side"], False, False)
 
 
+def test_a_prompt_with_a_lone_surrogate_is_tokenized_as_its_utf8_encoding_would_be(hf):
+    """A JSON prompt may carry "\\udce9" alone; it cannot be UTF-8 and became a TypeError deep in the tokenizer."""
+    _, tok = hf
+    assert tok.ids("caf\udce9 pad", 16) == tok.ids("caf? pad", 16)
+    assert tok.encode(["caf\udce9 pad"], 16)[1].any()
+
+
 def test_tokenizer_config_sets_padding_side_truncation_and_bos_eos(t5_dir, tmp_path):
     config = json.loads((t5_dir / "tokenizer_config.json").read_text())
     config.update(padding_side="right", add_bos_token=True, add_eos_token=True)
