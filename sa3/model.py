@@ -297,6 +297,16 @@ class CheckpointLocation:
     variant: str | None
 
 
+def sidecar_config(path: Path) -> SA3Config | None:
+    """The model_config.json saved beside a single file as `<name>.json`, or None (with a warning) when that JSON is
+    something else: other UIs keep their own per-checkpoint notes under the same name."""
+    try:
+        return read_config(path)
+    except (ConfigError, OSError, ValueError) as e:
+        warnings.warn(f"{path.name} beside the checkpoint is not its model_config.json ({e}); ignored", stacklevel=3)
+        return None
+
+
 def guessed_fields_message(weights: Path, cfg: SA3Config, objective: str | None, stride: int | None,
                            given: set[str]) -> str | None:
     """What loading a single file of a custom (not a real pack's) architecture had to guess, and how to say it;
@@ -352,9 +362,11 @@ def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_en
                               "checkpoint) and apply this file with SA3 Load LoRA / loras=[...].")
     if cfg is None:
         sidecar = weights.with_suffix(".json")  # a single file's own model_config.json, for what weights cannot say
-        if config is not None or sidecar.is_file():
-            cfg = read_config(config if config is not None else sidecar)
-        else:
+        if config is None and sidecar.is_file():
+            cfg = sidecar_config(sidecar)
+        if config is not None:
+            cfg = read_config(config)
+        elif cfg is None:
             if not any(k.startswith(DIT_PREFIX) for k in file.keys()):
                 raise CheckpointError(f"{weights.name} has no '{DIT_PREFIX}*' tensors: it is not a full SA3 checkpoint "
                                       "(a SAME-only autoencoder file loads with load_autoencoder()).")

@@ -160,6 +160,9 @@ def test_a_custom_single_file_warns_what_it_guessed_and_a_json_beside_it_says_in
                                          r"my_model.json"):
         guessed = load_model(single)
     assert guessed.downsampling_ratio != load_model(fixtures_dir / "tiny-small").downsampling_ratio  # wrong guess
+    (tmp_path / "my_model.json").write_text('{"description": "notes another UI keeps per checkpoint"}')
+    with pytest.warns(UserWarning, match="my_model.json beside the checkpoint is not its model_config.json"):
+        assert load_model(single).downsampling_ratio == guessed.downsampling_ratio
     shutil.copy(fixtures_dir / "tiny-small" / "model_config.json", tmp_path / "my_model.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
