@@ -112,13 +112,22 @@ def _duration_text(seconds: float) -> str:
 
 
 def folder_signature(folder: str | Path, skip: tuple[str | Path, ...] = ()) -> str:
-    """A digest of every file's relpath, size and modification time under folder (stat only, no reading; folders in
-    `skip`, such as a dataset written inside it, left out), so a caller (ComfyUI's cache) can tell whether an
-    encode could find anything new: audio or a sidecar added, edited or removed. A missing folder counts as empty."""
+    """A digest of every file's relpath, size and modification time under folder, walked as `scan_folder` walks it
+    (symlinked folders followed once, hidden folders left out, folders in `skip` such as a dataset written inside
+    it too), by stat only, so a caller (ComfyUI's cache) can tell whether an encode could find anything new: audio
+    or a sidecar added, edited or removed. A missing folder counts as empty. Sidecars outside the folder
+    (`../json/`) are not covered."""
     skipped = {os.path.realpath(p) for p in skip}
+    seen: set[str] = set()
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skipped)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop or a second link to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) not in skipped)
         for name in sorted(files):
             path = os.path.join(root, name)
             try:

@@ -351,3 +351,23 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
     monkeypatch.setattr(dataset, "encode_waveform", real_encode)
     assert _encode_cli(src, out) == 0 and "2 encoded, 1 unchanged" in capsys.readouterr().out
     assert np.isfinite(load_dataset(out).latents(0)).all()
+
+
+def test_the_folder_signature_sees_edits_in_symlinked_folders_and_ignores_hidden_ones_and_the_dataset(tmp_path):
+    """ComfyUI re-runs SA3 Encode Audio Folder only when this changes: it must walk what the scan walks."""
+    from sa3_lora_studio.encoding.dataset import folder_signature
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    (src / "a.wav").write_bytes(b"x")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # must not walk forever
+    before = folder_signature(src, skip=(src / "dataset",))
+    (src / ".git").mkdir()
+    (src / ".git" / "index").write_bytes(b"y")
+    (src / "dataset").mkdir()
+    (src / "dataset" / "a.wav.npy").write_bytes(b"z")
+    assert folder_signature(src, skip=(src / "dataset",)) == before
+    (elsewhere / "b.txt").write_text("a caption")
+    assert folder_signature(src, skip=(src / "dataset",)) != before
