@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ENCODER_FIELDS = frozenset({
     "seconds_total", "seconds_start", "padding_mask", "path", "relpath", "sample_rate", "timestamps",
     "seconds_decoded", "source_sample_rate", "source_channels", "decoder", "content_hash", "encoder_fingerprint",
-    "latent_dtype", "metadata_sources", "audio_warnings",
+    "latent_dtype", "metadata_sources", "audio_warnings", "decode_version",
 })
 # Fields sidecars cannot override and prompts never use: ours, and what official/underfit encoders write.
 RESERVED_FIELDS = ENCODER_FIELDS | frozenset({

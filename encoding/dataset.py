@@ -43,6 +43,10 @@ from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_aud
 from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, utf8_text
 
 MANIFEST = "dataset.json"
+# How audio becomes the encoder's input (downmix, levels, damaged packets, AAC padding). Raise it when that changes:
+# an earlier encode is then redone. Files encoded before it was recorded are kept, except multichannel ones (the
+# downmix of 4 to 8 channels changed with version 2).
+DECODE_VERSION = 2
 SILENCE = "silence.npy"
 FORMAT = "sa3-lora-dataset"
 FORMAT_VERSION = 1
@@ -448,6 +452,7 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         "content_hash": content_hash,
         "encoder_fingerprint": ident["fingerprint"],
         "latent_dtype": dtype,
+        "decode_version": DECODE_VERSION,
         **({"audio_warnings": list(info.warnings)} if info.warnings else {}),
     }
     try:
@@ -564,21 +569,33 @@ def _load_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> tuple[dict, dict] | None:
-    """(manifest record, file JSON) of a finished earlier encode of this exact content with this encoder, read
-    from its per-file JSON (so a run killed before its manifest was written still resumes)."""
-    npy_path, json_path = _output_paths(out_dir, relpath)
-    try:
-        if not npy_path.is_file():
-            return None
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or (
-            meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
-            or meta.get("latent_dtype", "float32") != dtype):
-        return None
+def _output_stems(relpath: str) -> list[str]:
+    """Where a relpath's outputs may be, without suffix: `output_relpath`, then the unshortened relpath that
+    datasets written before names were shortened used for names of 201-254 bytes."""
     out = output_relpath(relpath)
+    return [out] if out == relpath else [out, relpath]
+
+
+def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> tuple[dict, dict] | None:
+    """(manifest record, file JSON) of a finished earlier encode of this exact content with this encoder and
+    decoding rules (`DECODE_VERSION`), read from its per-file JSON (so a run killed before its manifest was
+    written still resumes)."""
+    for out in _output_stems(relpath):
+        try:
+            if not (out_dir / f"{out}.npy").is_file():
+                continue
+            meta = json.loads((out_dir / f"{out}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            break
+    else:
+        return None
+    version = meta.get("decode_version")
+    current = version == DECODE_VERSION or (version is None and (meta.get("source_channels") or 2) <= 2)
+    if not current or (meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
+                       or meta.get("latent_dtype", "float32") != dtype):
+        return None
     rec = {"relpath": relpath, "hash": content_hash, "status": "encoded", "latents": f"{out}.npy",
            "metadata": f"{out}.json", "n_latents": len(meta.get("padding_mask", [])),
            "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
@@ -608,8 +625,9 @@ def _remove_outputs(out_dir: Path, relpath: str) -> None:
     """Delete a file's outputs and the folders that leaves empty; best effort (the manifest no longer lists them,
     so a file that cannot be deleted is never used)."""
     try:
-        for p in _output_paths(out_dir, relpath):
-            p.unlink(missing_ok=True)
+        for stem in _output_stems(relpath):
+            for suffix in (".npy", ".json"):
+                (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
         d = (out_dir / output_relpath(relpath)).parent
         while d != out_dir and d.is_dir() and not any(d.iterdir()):  # tidy emptied folders
             d.rmdir()

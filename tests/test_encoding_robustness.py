@@ -371,3 +371,28 @@ def test_the_folder_signature_sees_edits_in_symlinked_folders_and_ignores_hidden
     assert folder_signature(src, skip=(src / "dataset",)) == before
     (elsewhere / "b.txt").write_text("a caption")
     assert folder_signature(src, skip=(src / "dataset",)) != before
+
+
+def test_datasets_written_before_names_were_shortened_or_the_decoding_changed_are_reused_or_redone(tmp_path):
+    """A 210-byte name was stored unshortened before: its outputs are found there, reused and removed there. An
+    encode without `decode_version` is kept for stereo but redone for surround (its downmix changed)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    mid = "m" * 206 + ".wav"  # 210 bytes: shortened now, written as it is before
+    _write(src, mid)
+    _write(src, "stereo.wav", freq=300)
+    write_audio_file(src / "surround.wav", np.tile(tone(0.2, 44100, 1, 500), (6, 1)) * 0.3, 44100, "wav16")
+    encode_folder(src, out, ToyEncoder())
+    short = output_relpath(mid)
+    for suffix in (".npy", ".json"):  # as the earlier code left it
+        (out / f"{short}{suffix}").rename(out / f"{mid}{suffix}")
+    for rel in (mid, "stereo.wav", "surround.wav"):
+        meta_path = out / (rel + ".json")
+        meta = json.loads(meta_path.read_text())
+        del meta["decode_version"]
+        meta_path.write_text(json.dumps(meta))
+    again = encode_folder(src, out, ToyEncoder())
+    assert again.encoded == ["surround.wav"] and sorted(again.reused) == sorted([mid, "stereo.wav"])
+    assert _records(out)[mid]["latents"] == f"{mid}.npy" and load_dataset(out).latents(0).size
+    (src / mid).unlink()
+    encode_folder(src, out, ToyEncoder())
+    assert not (out / f"{mid}.npy").exists() and not (out / f"{mid}.json").exists()
