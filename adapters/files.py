@@ -122,6 +122,7 @@ def _positive_number(value, field_name: str, where: str, kind: type, allow_zero:
     try:
         number = kind(value)
         ok = not isinstance(value, (bool, str)) and number == number and abs(number) != float("inf")
+        ok = ok and (kind is not int or number == value)  # a rank of 4.7 is not silently 4
         ok = ok and (number > 0 or (allow_zero and number == 0))
     except (TypeError, ValueError):
         ok = False

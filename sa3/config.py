@@ -133,7 +133,11 @@ class SA3Config:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"{self.source}: model.diffusion.diffusion_objective={self.objective!r}; "
                               f"SA3 uses one of {OBJECTIVES}")
-        problems = consistency_problems(self.raw)
+        try:
+            problems = consistency_problems(self.raw)
+        except (TypeError, AttributeError, KeyError, ValueError) as e:  # a field of the wrong type
+            raise ConfigError(f"{self.source or 'config'}: a field has the wrong type ({type(e).__name__}: {e}); "
+                              "check the model_config.json") from None
         if problems:
             raise ConfigError(f"{self.source or 'config'}: the sections disagree: {'; '.join(problems)}. The "
                               "official code could not build this model either; check the model_config.json")

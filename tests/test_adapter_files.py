@@ -186,6 +186,7 @@ def test_bad_values_and_metadata_in_a_file_are_refused_naming_the_file(fixtures_
         read_adapter_file(_rewritten(src, tmp_path / "nan.safetensors", poison, json.dumps({"rank": 4, "alpha": 8})))
     for text, why in [("{not json", "not valid JSON"), ("[4, 8]", "list, not a JSON object"),
                       (json.dumps({"rank": 0}), "rank=0 is not a usable number"),
+                      (json.dumps({"rank": 4.7}), "rank=4.7 is not a usable number"),
                       (json.dumps({"rank": 4, "alpha": "8"}), "alpha='8' is not a usable number"),
                       (json.dumps({"adapter_type": "loha"}), "lora_config: adapter_type='loha' is unknown")]:
         with pytest.raises(AdapterFileError, match=f"bad.*{why}"):

@@ -105,3 +105,13 @@ def test_sections_that_disagree_are_refused_naming_both_fields(path, value, name
     set_path(raw, path, value)
     with pytest.raises(ConfigError, match=named):
         read_config(raw)
+
+
+def test_a_field_of_the_wrong_type_is_a_config_error():
+    from sa3_lora_studio.sa3.config import ConfigError
+    from sa3_lora_studio.sa3.tiny import TINY_CONFIG
+
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["model"]["diffusion"]["config"]["num_heads"] = "two"
+    with pytest.raises(ConfigError, match="wrong type"):
+        read_config(raw)
