@@ -74,7 +74,7 @@ def round_down_to_bfloat16(x: Tensor) -> Tensor:
     return (x.float().view(torch.int32) & -(1 << 16)).view(torch.float32)
 
 
-def collapse_token_runs(cond: Tensor) -> tuple[Tensor, Tensor] | None:
+def collapse_token_runs(cond: Tensor, half_precision_bias: bool = True) -> tuple[Tensor, Tensor] | None:
     """Runs of equal consecutive context tokens, each to be attended once with the log of its length as a bias.
 
     Why: an SA3 prompt fills its unused positions with one learned padding embedding (a zeroed negative prompt with
@@ -85,7 +85,8 @@ def collapse_token_runs(cond: Tensor) -> tuple[Tensor, Tensor] | None:
 
     A bf16 bias would round log(n) by up to 2^-6 (a run's weight 1.6% off), so a run of n > 1 gets two keys: the
     first with log(n) rounded down to a bf16 value (exact in bf16, fp16 and fp32), a second with log of the rest
-    (n - e^that, under 3.2% of n), whose own rounding moves the run's weight by under 0.06%.
+    (n - e^that, under 3.2% of n), whose own rounding moves the run's weight by under 0.06%. An fp32 bias holds
+    log(n) itself (half_precision_bias=False): one key per run.
 
     cond: [B, L, Dc]. Returns (first [B, U] int64: the context index each key takes its key/value from,
     bias [B, 1, 1, U] float32: the log-weights, -inf on filler slots of items with fewer keys), or None when
@@ -102,6 +103,8 @@ def collapse_token_runs(cond: Tensor) -> tuple[Tensor, Tensor] | None:
     first.scatter_reduce_(1, run_of, position, "amin", include_self=False)  # fillers keep index 0
     runs = torch.zeros(batch, n_runs, dtype=torch.float64, device=cond.device)
     runs.scatter_add_(1, run_of, torch.ones(batch, length, dtype=torch.float64, device=cond.device))  # 0: filler
+    if not half_precision_bias:
+        return first, runs.log().float()[:, None, None, :]  # -inf on fillers
     coarse = round_down_to_bfloat16(runs.log())  # [B, U], -inf on fillers
     rest = (runs - coarse.double().exp()).clamp(min=0)  # float64: n - e^coarse is exact enough to take its log
     split = rest > runs * 2**-20  # [B, U]: runs whose log-length bf16 does not hold
@@ -535,7 +538,9 @@ class DiffusionTransformer(nn.Module):
                     context_rows = has_context.nonzero().squeeze(1)
                     cross_attn_cond = cross_attn_cond[context_rows]
                 context = self.to_cond_embed(cross_attn_cond.to(dtype))
-                runs = collapse_token_runs(cross_attn_cond)
+                # the attention's dtype decides whether the score bias can hold log(n) (autocast: half precision)
+                half = dtype != torch.float32 or torch.is_autocast_enabled(cross_attn_cond.device.type)
+                runs = collapse_token_runs(cross_attn_cond, half_precision_bias=half)
                 if runs is not None:  # a prompt's padding tokens: one key each run, weighted by its length
                     first, context_bias = runs
                     context = context.gather(1, first[:, :, None].expand(-1, -1, context.shape[2]))

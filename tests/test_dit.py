@@ -229,6 +229,9 @@ def test_collapse_token_runs_finds_each_run_and_its_length():
     torch.testing.assert_close(run_weights(first, bias, 8)[0], torch.tensor([1.0, 1, 3, 0, 0, 1, 1, 1], dtype=torch.float64))
     torch.testing.assert_close(run_weights(first, bias, 8)[1], torch.tensor([1.0, 5, 0, 0, 0, 0, 1, 1], dtype=torch.float64))
     assert bias[1, 0, 0, 4:6].eq(float("-inf")).all()  # filler slots of the item with fewer keys
+    first32, bias32 = collapse_token_runs(cond, half_precision_bias=False)  # fp32 holds log(n): one key per run
+    assert first32.tolist() == [[0, 1, 2, 5, 6, 7], [0, 1, 6, 7, 0, 0]]
+    torch.testing.assert_close(run_weights(first32, bias32, 8), run_weights(first, bias, 8))
     assert collapse_token_runs(torch.stack([torch.stack([a, b, a, b])])) is None  # equal tokens, not adjacent
     assert collapse_token_runs(torch.stack([torch.stack([a, b, pad, pad])])) is None  # 3 runs, 4 keys: no saving
 
@@ -262,10 +265,15 @@ def test_repeated_padding_tokens_are_attended_once_with_the_same_values_and_grad
     collapsed = torch.stack([padded(0, n_short), padded(1, n_long)])
     assert collapse_token_runs(collapsed)[1].shape[-1] < length
 
-    def run(ctx, collapse: bool, **kw):
+    collapse = dit_module.collapse_token_runs
+
+    def run(ctx, mode: str, **kw):
+        """mode: "off" (token by token), "one key" (fp32: a run's bias is log n) or "split" (as in half precision)."""
         with monkeypatch.context() as patch:
-            if not collapse:
-                patch.setattr(dit_module, "collapse_token_runs", lambda cond: None)
+            if mode == "off":
+                patch.setattr(dit_module, "collapse_token_runs", lambda cond, **_: None)
+            elif mode == "split":
+                patch.setattr(dit_module, "collapse_token_runs", lambda cond, **_: collapse(cond, True))
             dit.zero_grad()
             v = dit(i["x"], i["t"], ctx, i["global_cond"], i["local_inpaint"], **kw)
             v.square().mean().backward()
@@ -276,12 +284,14 @@ def test_repeated_padding_tokens_are_attended_once_with_the_same_values_and_grad
         for ctx, kw, checkpointing in [(collapsed, {}, False), (one_skipped, {}, False),
                                        (collapsed, {"cfg_scale": 3.0}, False), (collapsed, {}, True)]:
             dit.gradient_checkpointing = checkpointing
-            (va, ga), (vb, gb) = run(ctx, True, **kw), run(ctx, False, **kw)
-            torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
-            assert ga.keys() == gb.keys() and ga
-            for name in ga:
-                scale = float(gb[name].abs().max())  # fp32 summation-order noise, relative to the gradient's size
-                torch.testing.assert_close(ga[name], gb[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+            vb, gb = run(ctx, "off", **kw)
+            for mode in ("one key", "split"):
+                va, ga = run(ctx, mode, **kw)
+                torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
+                assert ga.keys() == gb.keys() and ga
+                for name in ga:
+                    scale = float(gb[name].abs().max())  # fp32 summation-order noise, relative to the gradient's size
+                    torch.testing.assert_close(ga[name], gb[name], atol=1e-5 * scale, rtol=1e-4, msg=f"{mode} {name}")
     finally:
         dit.gradient_checkpointing = False
         dit.zero_grad(set_to_none=True)
@@ -293,7 +303,7 @@ def test_repeated_padding_tokens_are_attended_once_with_the_same_values_and_grad
             plain = dit(i["x"], i["t"], collapsed, i["global_cond"], i["local_inpaint"])
     finally:
         handle.remove()
-    assert seen == [collapse_token_runs(collapsed)[1].shape[-1]]
+    assert seen == [collapse_token_runs(collapsed, half_precision_bias=False)[1].shape[-1]]  # one key a run in fp32
     # the runs' lengths count: one pad instead of many gives another velocity (so the comparisons can fail)
     single = torch.stack([torch.stack([pad, *collapsed[0, -n_short - 1:]])] * 2)
     with torch.no_grad():
