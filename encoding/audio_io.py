@@ -37,6 +37,7 @@ AUDIO_EXTENSIONS = frozenset({
 
 # A decoder that returns less than this fraction of the container's declared length "stopped early": try the other.
 SHORT_DECODE_FRACTION = 0.98
+DECODE_COPIES = 8  # float32 copies of a file's samples alive at once while it is decoded and encoded (measured ~7)
 MAX_PEAK = 100.0  # |sample| above this (+40 dBFS) is garbage, not a hot mix: the file is skipped
 MAX_PADDING_FRAMES = 2048  # decoded beyond an MP4's declared duration by at most this: encoder padding, trimmed
 
@@ -207,6 +208,46 @@ def fit_level(d: DecodedAudio) -> None:
         d.warnings.append(f"{over} sample(s) beyond [-1, 1] clipped ({level}; decoder overshoot or damaged data)")
 
 
+def declared_length(path: str) -> tuple[int, int, int] | None:
+    """(frames, channels, sample rate) a file's header declares, read without decoding; None when unknown."""
+    try:
+        import soundfile as sf
+
+        info = sf.info(path)
+        if 0 < info.frames < 2**62:
+            return int(info.frames), int(info.channels), int(info.samplerate)
+    except Exception:  # not a libsndfile format: ask FFmpeg
+        pass
+    try:
+        import av
+
+        with av.open(path) as container:
+            stream = container.streams.audio[0]
+            if container.duration and stream.rate:
+                frames = round(container.duration / 1_000_000 * stream.rate)
+                return frames, int(stream.channels or 2), int(stream.rate)
+    except Exception:
+        pass
+    return None
+
+
+def check_fits_in_memory(path: str) -> None:
+    """AudioFileError when the whole file cannot be decoded, resampled and encoded in the free host memory (about
+    DECODE_COPIES float32 copies at 44.1 kHz or its own rate), so a very long file is skipped with a reason instead
+    of the system killing the whole encode."""
+    from ..sa3.host_memory import available_host_memory
+
+    declared, free = declared_length(path), available_host_memory()
+    if declared is None or free is None:
+        return
+    frames, channels, rate = declared
+    need = DECODE_COPIES * 4 * max(channels, 2) * frames * max(1.0, 44100 / rate)
+    if need > free:
+        raise AudioFileError("too long for the free memory", f"{frames / rate / 60:.0f} min of audio needs about "
+                             f"{need / 2**30:.1f} GB to decode and encode, {free / 2**30:.1f} GB is free: split the "
+                             "file into parts, or free memory and run again")
+
+
 def decode_audio(path: str | Path) -> DecodedAudio:
     """Decode a whole file to [C, N] float32 at its own sample rate.
 
@@ -216,6 +257,7 @@ def decode_audio(path: str | Path) -> DecodedAudio:
     Raises AudioFileError (zero bytes, unreadable, symlink loop, not audio, NaN/inf samples, out of range)."""
     path = os.fspath(path)
     check_readable(path)
+    check_fits_in_memory(path)
     errors = []
     best: DecodedAudio | None = None
     for decode in (_decode_soundfile, _decode_pyav):

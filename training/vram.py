@@ -49,6 +49,8 @@ import sys
 
 import torch
 
+from ..sa3.host_memory import available_host_memory
+
 K_ACT = 72.0  # saved activation values per token, embed_dim and block, fitted (see the table above)
 K_GC = 32.0  # per block with gradient checkpointing (saved block inputs + backward buffers), fitted on small-music
 WORKSPACE_FRACTION = 0.05
@@ -139,11 +141,7 @@ def free_device_memory(device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "cpu":
-        try:
-            text = open("/proc/meminfo", encoding="ascii").read()
-            return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
-        except (OSError, AttributeError):
-            return None
+        return available_host_memory()
     return None
 
 
