@@ -64,17 +64,12 @@ def _broadcast(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def source_batch(audio, name: str) -> int:
-    """How many clips a source holds (1 for None: no source)."""
-    return 1 if audio is None else as_audio(audio, name)[0].shape[0]
-
-
-def encode_source(model, audio, audio_samples: int, name: str, n: int) -> Tensor:
-    """Resample/stereo-ise source clips, zero-pad or crop them to `audio_samples`, encode -> [n, C, T]: one clip
-    serves the whole batch, else clip i serves item i."""
+def encode_source(model, source: tuple[Tensor, int], audio_samples: int, n: int) -> Tensor:
+    """Resample/stereo-ise source clips (`as_audio`'s ([B, C, N], rate)), zero-pad or crop them to
+    `audio_samples`, encode -> [n, C, T]: one clip serves the whole batch, else clip i serves item i."""
     from .autoencoder import prepare_audio
 
-    wav, rate = as_audio(audio, name)
+    wav, rate = source
     ae = model.autoencoder
     wav = prepare_audio(list(wav), rate, model.sample_rate, ae.io_channels)
     out = wav.new_zeros(wav.shape[0], wav.shape[1], audio_samples)
@@ -151,7 +146,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
                    lora_strength=[e["strength"] for e in (loras or ()) if isinstance(e, dict) and "strength" in e])
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = batch_size or len(prompts)
-    clips = max(source_batch(init_audio, "init_audio"), source_batch(inpaint_audio, "inpaint_audio"))
+    init_audio = None if init_audio is None else as_audio(init_audio, "init_audio")
+    inpaint_audio = None if inpaint_audio is None else as_audio(inpaint_audio, "inpaint_audio")
+    clips = max([1] + [a[0].shape[0] for a in (init_audio, inpaint_audio) if a is not None])
     if clips > 1:  # a batch of sources (e.g. a batch generated before): one output per clip
         if n not in (1, clips):
             raise ValueError(f"the source audio holds {clips} clips but batch_size is {n}: give one clip, or "
@@ -191,7 +188,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
 
     z_init = None
     if init_audio is not None:
-        z_init = encode_source(model, init_audio, audio_samples, "init_audio", n).to(device)
+        z_init = encode_source(model, init_audio, audio_samples, n).to(device)
     mask = torch.zeros(n, 1, n_latents, device=device)
     masked_input = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
     z_source = None
@@ -201,7 +198,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if not cfg.dit.get("local_add_cond_dim"):
             raise ValueError(f"{model.source or 'this model'} has no inpainting input (its config has no "
                              "local_add_cond_dim; every SA3 pack has one): use init_audio (audio-to-audio) instead")
-        z_source = encode_source(model, inpaint_audio, audio_samples, "inpaint_audio", n).to(device)
+        z_source = encode_source(model, inpaint_audio, audio_samples, n).to(device)
         latent_mask = schedules.inpaint_latent_mask(inpaint_regions, n_latents, audio_samples, cfg.sample_rate,
                                                     seconds_total=durations)
         mask = latent_mask.to(device).expand(n, 1, n_latents).clone()
