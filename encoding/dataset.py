@@ -110,6 +110,11 @@ def output_relpath(relpath: str) -> str:
     return "/".join(fit_name(part) for part in relpath.split("/"))
 
 
+def ignored_entry(name: str, is_dir: bool) -> bool:
+    """Folder entries a scan never looks at: macOS AppleDouble files (`._song.wav`) and hidden folders."""
+    return name.startswith("._") or (is_dir and name.startswith("."))
+
+
 def _duration_text(seconds: float) -> str:
     """'12.3 s' under a minute, '4.5 min' above (a short dataset is not '0.0 min')."""
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
@@ -130,7 +135,7 @@ def folder_signature(folder: str | Path, skip: tuple[str | Path, ...] = ()) -> s
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+        dirs[:] = sorted(d for d in dirs if not ignored_entry(d, is_dir=True)
                          and os.path.realpath(os.path.join(root, d)) not in skipped)
         for name in sorted(files):
             path = os.path.join(root, name)
@@ -245,8 +250,8 @@ def scan_folder(folder: str | Path, include=(), exclude=(), skip: tuple[Path, ..
         for e in entries:
             r = f"{rel}/{name_text(e.name)}" if rel else name_text(e.name)
             raw = f"{raw_rel}/{utf8_text(e.name)}" if raw_rel else utf8_text(e.name)
-            if e.name.startswith("._") or (e.name.startswith(".") and e.is_dir()):
-                continue  # AppleDouble files, hidden folders
+            if e.name.startswith(".") and ignored_entry(e.name, e.is_dir()):  # is_dir() only then: it may raise
+                continue
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
