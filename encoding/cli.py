@@ -90,7 +90,8 @@ def _cmd_encode(args) -> int:
     kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force, prune=args.prune,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
     try:
-        plan_encode(args.folder, args.out, args.include, exclude, prune=args.prune or args.force)  # before the model
+        kw["planned"] = plan_encode(args.folder, args.out, args.include, exclude,  # before the model loads
+                                    prune=args.prune or args.force)
         if args.devices == ["all"]:
             import torch
 

@@ -645,7 +645,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                   devices: list[str] | None = None, include=(), exclude=(), dtype: str = "float32",
                   force: bool = False, prune: bool = False, progress: Callable[[dict], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
-                  model_info: dict | None = None) -> EncodeReport:
+                  model_info: dict | None = None, planned: tuple[ScanResult, list[str]] | None = None) -> EncodeReport:
     """Encode every audio file under `folder` into the dataset folder `out_dir` (module docstring for the layout).
 
     encoder: an object with encode_audio(waveform [B, 2, N], sample_rate) -> [B, D, T], latent_dim, sample_rate,
@@ -661,6 +661,8 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
     progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
     should_stop(): polled between files; when it returns True (or on KeyboardInterrupt) the finished files and an
       incomplete manifest are kept, and a re-run continues from there.
+    planned: what `plan_encode` returned for these same arguments, when the caller ran it already (the CLI does,
+      before loading the model), so the folder is not scanned twice.
     Bad files are skipped with a reason (report.skipped and the manifest); the rest is still encoded. Caveats on
     files that were encoded (damaged audio, fitted levels, bad sidecars) are their "warnings"."""
     folder, out_dir = Path(folder), Path(out_dir)
@@ -668,7 +670,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         raise ValueError(f"dtype={dtype!r}: use 'float32' or 'float16'")
     if (encoder is None) == (encoder_factory is None):
         raise ValueError("give exactly one of encoder= or encoder_factory=")
-    scan, gone = plan_encode(folder, out_dir, include, exclude, prune=prune or force)
+    scan, gone = planned or plan_encode(folder, out_dir, include, exclude, prune=prune or force)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -312,13 +312,17 @@ def test_cli_says_when_a_folder_holds_no_audio_and_which_extensions_count(tmp_pa
     assert models_loaded == [] and not (tmp_path / "out").exists()
 
 
-def test_cli_does_not_report_a_folder_of_only_bad_files_as_a_success(tmp_path, capsys, models_loaded):
+def test_cli_does_not_report_a_folder_of_only_bad_files_as_a_success(tmp_path, capsys, models_loaded, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     (src / "zero.wav").write_bytes(b"")
     (src / "text.mp3").write_text("not audio\n" * 20)
+    scans = []
+    real_scan = dataset.scan_folder
+    monkeypatch.setattr(dataset, "scan_folder", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
     assert _encode_cli(src, tmp_path / "out") == 1
     assert "no usable file: every file was skipped" in capsys.readouterr().out
+    assert len(scans) == 1  # planned before the model loads, and that plan is what is encoded
 
 
 def test_cli_refuses_to_replace_a_dataset_from_another_folder_unless_pruning(tmp_path, capsys, models_loaded):
