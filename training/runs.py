@@ -253,11 +253,11 @@ class RunConfig:
         d["demos"] = [asdict(x) for x in self.demos]
         return d
 
-    def crop_latents(self, model_config) -> int:
+    def crop_latents(self, model_config, capped: bool = True) -> int:
         """The training crop in latent frames for a model (SA3Config): `crop_seconds` at its latent rate, capped at
-        its native maximum length (`sample_size`; the model never saw longer windows)."""
+        its native maximum length (`sample_size`; the model never saw longer windows) unless `capped` is False."""
         crop = max(1, round(self.crop_seconds * model_config.latent_rate))
-        return min(crop, model_config.max_latents) if model_config.max_latents else crop
+        return min(crop, model_config.max_latents) if capped and model_config.max_latents else crop
 
     @property
     def effective_alpha(self) -> float:

@@ -152,7 +152,7 @@ class Trainer:
             prompt_config.setdefault("trigger_percent", 100.0)
         self.prompt_config = PromptConfig.from_dict(prompt_config)
         self.crop_latents = c.crop_latents(self.model.config)
-        if self.crop_latents < round(c.crop_seconds * self.model.config.latent_rate):
+        if self.crop_latents < c.crop_latents(self.model.config, capped=False):
             self.log.emit("warning", message=f"crop_seconds {c.crop_seconds:g} is longer than this model's maximum "
                           f"of {self.crop_latents / self.model.config.latent_rate:.3g} s; training crops are capped there")
         self.shift = schedules.training_shift_from_config(self.model.config.diffusion)
