@@ -92,9 +92,7 @@ def memory_warning(model, config) -> str | None:
         from ..training.vram import check_fits, estimate_training_memory
     except ImportError:
         return None
-    conditioners = getattr(getattr(model, "conditioner", None), "conditioners", {})
-    encoder = getattr(conditioners["prompt"], "text_encoder", None) if "prompt" in conditioners else None
-    n_text = sum(p.numel() for p in encoder.parameters()) if encoder is not None else None
+    n_text = getattr(model, "text_encoder_parameters", None)
     return check_fits(estimate_training_memory(model.config, config, n_text), model.device, loaded=True)
 
 

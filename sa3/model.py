@@ -191,6 +191,12 @@ class SA3Model:
         mask = torch.cat([prompt_mask.bool(), sec_mask.bool()], dim=1)
         return Conditioning(cross, mask, sec_emb[:, 0].to(self.dtype), seconds)
 
+    @property
+    def text_encoder_parameters(self) -> int | None:
+        """Parameters of the loaded T5Gemma encoder (it is not in the checkpoint), None when none is loaded."""
+        encoder = getattr(self.conditioner.conditioners["prompt"], "text_encoder", None)
+        return None if encoder is None else sum(p.numel() for p in encoder.parameters())
+
     def offload_text_encoder(self) -> None:
         """Move the T5Gemma encoder to CPU (it is needed once per prompt, the DiT at every step)."""
         self.conditioner.conditioners["prompt"].offload_text_encoder()

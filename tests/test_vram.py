@@ -85,3 +85,13 @@ def test_the_text_encoder_counts_at_its_own_size_when_known(small):
     tiny = estimate_training_memory(small, _run(), text_encoder_params=1_000_000)
     assert tiny["text_encoder"] == 4_000_000 and real["text_encoder"] > 1e9
     assert real["total"] - tiny["total"] == real["text_encoder"] - tiny["text_encoder"]
+
+
+def test_the_node_counts_the_loaded_text_encoder(fixtures_dir):
+    from sa3_lora_studio import load_model
+    from sa3_lora_studio.nodes.training_nodes import memory_warning
+
+    model = load_model(fixtures_dir / "tiny-small")
+    encoder = model.conditioner.conditioners["prompt"].text_encoder
+    assert model.text_encoder_parameters == sum(p.numel() for p in encoder.parameters()) < 10**7
+    assert memory_warning(model, _run(crop_seconds=0.01)) is None  # a tiny model with its tiny T5 fits
