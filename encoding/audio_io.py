@@ -126,11 +126,25 @@ def _wav_declared_frames(path: str) -> int | None:
     return None
 
 
+def _known_frames(frames: int) -> int | None:
+    """libsndfile's frame count, None when unknown (it reports a huge number then)."""
+    return int(frames) if 0 < frames < 2**62 else None
+
+
+def _pyav_declared_frames(container, stream, rate: int) -> int | None:
+    """Frames an FFmpeg container declares for its audio stream (the stream's duration, else the container's)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return round(float(stream.duration * stream.time_base) * rate)
+    if container.duration:
+        return round(container.duration / 1_000_000 * rate)
+    return None
+
+
 def _decode_soundfile(path: str) -> DecodedAudio:
     import soundfile as sf
 
     with sf.SoundFile(path) as f:
-        declared = f.frames if 0 < f.frames < 2**62 else None  # libsndfile reports a huge number for unknown
+        declared = _known_frames(f.frames)
         if f.format in ("WAV", "WAVEX"):
             declared = max(declared or 0, _wav_declared_frames(path) or 0) or None
         data = f.read(dtype="float32", always_2d=True)  # [N, C]
@@ -148,11 +162,7 @@ def _decode_pyav(path: str) -> DecodedAudio:
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate
         channels = stream.codec_context.channels
-        declared = None
-        if stream.duration is not None and stream.time_base is not None:
-            declared = round(float(stream.duration * stream.time_base) * rate)
-        elif container.duration:
-            declared = round(container.duration / 1_000_000 * rate)
+        declared = _pyav_declared_frames(container, stream, rate)
         # Convert every frame to planar float at the stream's own rate and layout (no resampling here).
         resampler = av.AudioResampler(format="fltp", layout=stream.layout.name if stream.layout else None, rate=rate)
         chunks, damaged, warnings = [], 0, []
@@ -214,18 +224,19 @@ def declared_length(path: str) -> tuple[int, int, int] | None:
         import soundfile as sf
 
         info = sf.info(path)
-        if 0 < info.frames < 2**62:
+        if _known_frames(info.frames):
             return int(info.frames), int(info.channels), int(info.samplerate)
     except Exception:  # not a libsndfile format: ask FFmpeg
         pass
     try:
         import av
 
-        with av.open(path) as container:
+        with av.open(path, metadata_errors="ignore") as container:
             stream = container.streams.audio[0]
-            if container.duration and stream.rate:
-                frames = round(container.duration / 1_000_000 * stream.rate)
-                return frames, int(stream.channels or 2), int(stream.rate)
+            rate = stream.codec_context.sample_rate or stream.rate
+            frames = _pyav_declared_frames(container, stream, rate) if rate else None
+            if frames:
+                return frames, int(stream.codec_context.channels or 2), int(rate)
     except Exception:
         pass
     return None
