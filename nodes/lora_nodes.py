@@ -87,15 +87,15 @@ class SA3LoadLoRA:
 
     def load(self, lora, strength, interval_start, interval_end, skip_first_steps, layer_filter, loras=None,
              lora_path=None):
-        from ..adapters import load_adapter_cached
+        from ..adapters import AdapterFileError, load_adapter_cached
 
         if interval_end < interval_start:
             raise ValueError(f"SA3 Load LoRA: interval_end {interval_end} is below interval_start {interval_start}")
         path = chosen_lora("SA3 Load LoRA", lora, lora_path)
         try:
             load_adapter_cached(path)  # validate now, with the file named in the error
-        except Exception as e:  # our file errors start with the file's name already
-            named = str(e).startswith((path.name, path.stem))
+        except Exception as e:
+            named = isinstance(e, (AdapterFileError, FileNotFoundError))  # these name the file already
             raise ValueError(f"SA3 Load LoRA: {'' if named else path.name + ': '}{e}") from None
         entry = {"path": str(path), "strength": float(strength), "interval": (float(interval_start), float(interval_end)),
                  "skip_first_steps": int(skip_first_steps), "layer_filter": layer_filter}

@@ -126,6 +126,11 @@ def test_lora_stack_changes_the_output_and_info_describes_it(comfy):
     assert "UPPER.SAFETENSORS" in lora_choices()  # ComfyUI lists it; any case of the extension is offered
     (upper,) = run_node("SA3LoadLoRA", lora="UPPER.SAFETENSORS", strength=1.0, interval_start=0.0, interval_end=1.0,
                         skip_first_steps=0, layer_filter="")
+    (loras_dir / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx")
+    with pytest.raises(ValueError, match="SA3 Load LoRA: junk.safetensors: not a readable") as bad:
+        run_node("SA3LoadLoRA", lora="junk.safetensors", strength=1.0, interval_start=0.0, interval_end=1.0,
+                 skip_first_steps=0, layer_filter="")
+    assert str(bad.value).count("junk") == 1  # the file is named once
     (info,) = run_node("SA3LoRAInfo", lora="dora.safetensors")
     assert '"adapter_type": "dora-rows"' in info and '"rank": 4' in info
     with pytest.raises(ValueError, match="interval_end"):
