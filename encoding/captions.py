@@ -9,9 +9,12 @@ composer):
    object, is a warning and the next location/source is used.
 2. Text sidecar, first found of `song.txt`, `txt/song.txt`, `../txt/song.txt`: the whole stripped text becomes the
    `prompt` field (the official SA3 convention, so a folder prepared for `pre_encode_dataset.py` works as-is).
-3. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms): title,
+3. A row of a folder-level table, `metadata.csv` / `.tsv` / `.jsonl` in the audio's folder or one above it up to
+   the dataset root, nearest first (`metadata_tables.py`: the Hugging Face audiofolder convention, `file_name`
+   column; a `caption` or `text` column is the prompt).
+4. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms): title,
    artist, album, genre, label, date, composer, bpm, key, comment and any other text tag, under lower-case names.
-4. Path fields: `file_stem`, `folder` (the audio's folder relative to `root`, '/'-separated, '' at the top) and
+5. Path fields: `file_stem`, `folder` (the audio's folder relative to `root`, '/'-separated, '' at the top) and
    `top_folder`.
 
 Values are kept as found (strings, numbers, lists); multi-valued tags become ", "-joined strings.
@@ -24,6 +27,8 @@ import logging
 import math
 import unicodedata
 from pathlib import Path
+
+from .metadata_tables import TABLE_NAMES, cached_table, tables_for
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,22 @@ def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tu
     return {}, None
 
 
+def _read_table_row(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
+    """The file's row in the nearest metadata table naming it, and "<table>:<line>". Problems of every table
+    consulted (unreadable, no file-name column) are warnings of each file under it."""
+    for folder, rel in tables_for(audio, root):
+        for name in TABLE_NAMES:
+            table = cached_table(folder / name, _ALIASES)
+            if table is None:
+                continue
+            warnings.extend(f"{_shown(table.path, root)}: {p}" for p in table.problems)
+            row = table.row_for(rel)
+            if row is not None:
+                line, fields = row
+                return dict(fields), f"{utf8_text(str(table.path))}:{line}"
+    return {}, None
+
+
 def _text(value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(s for s in (_text(v) for v in value) if s)
@@ -231,6 +252,7 @@ def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, w
     layers.append(("path", path_fields(audio, root), None))
     tags = read_tags(audio)
     layers.append(("tags", tags, utf8_text(str(audio)) if tags else None))
+    layers.append(("table", *_read_table_row(audio, root, warns)))
     layers.append(("txt", *_read_txt_sidecar(audio, root, warns)))
     layers.append(("json", *_read_json_sidecar(audio, root, warns)))
     merged: dict = {}

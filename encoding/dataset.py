@@ -561,10 +561,26 @@ class EncodeReport:
                  f"{len({rel for rel, _ in self.warnings})} with warnings; {_duration_text(self.seconds)} of audio"
                  + (" (INTERRUPTED: run again to continue)" if self.interrupted else "")]
         lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
-        lines += [f"  warning {rel}: {text}" for rel, text in self.warnings]
+        lines += self._warning_lines()
         if not self.interrupted and not self.usable:
             lines.append("  no usable file: every file was skipped (reasons above); the dataset is empty")
         return "\n".join(lines)
+
+
+    def _warning_lines(self, shared_by: int = 3) -> list[str]:
+        """One line per warning, except that a text shared by `shared_by` files or more (a folder's metadata
+        table that every file under it consults) is one line naming how many files and the first few."""
+        files_by_text: dict[str, list[str]] = {}
+        for rel, text in self.warnings:
+            files_by_text.setdefault(text, []).append(rel)
+        lines = []
+        for rel, text in self.warnings:
+            rels = files_by_text[text]
+            if len(rels) < shared_by:
+                lines.append(f"  warning {rel}: {text}")
+            elif rel == rels[0]:
+                lines.append(f"  warning ({len(rels)} files: {', '.join(rels[:3])}, …): {text}")
+        return lines
 
 
 def _load_manifest(out_dir: Path) -> dict | None:

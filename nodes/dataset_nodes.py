@@ -24,7 +24,7 @@ class SA3EncodeAudioFolder:
             "model": ("SA3_MODEL", {"tooltip": "Its SAME autoencoder encodes the audio (SAME-S and SAME-L latents are "
                                                "interchangeable)."}),
             "folder": ("STRING", {"default": "", "tooltip": "Folder of audio files (WAV, FLAC, AIFF, MP3, OGG, Opus, "
-                                  "M4A…), searched recursively. Captions: song.json / song.txt sidecars, tags, paths."}),
+                                  "M4A…), searched recursively. Captions: song.json / song.txt sidecars, metadata.csv rows, tags, paths."}),
             "dataset_name": ("STRING", {"default": "my-dataset", "tooltip": "Written to output/sa3_datasets/<name>."}),
             "include": ("STRING", {"default": "", "multiline": True, "tooltip": "Only files matching these globs "
                                    "(comma or newline separated); empty = all."}),

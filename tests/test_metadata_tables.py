@@ -1,0 +1,140 @@
+"""Folder-level metadata tables (`metadata.csv` / `.tsv` / `.jsonl`, the Hugging Face audiofolder convention) as a
+source of the one metadata lookup: row matching, priority against sidecars and tags, encodings and delimiters,
+problems reported once per dataset, parsed once per change, and edits reaching an encoded dataset."""
+
+import json
+import os
+
+import mutagen
+from mutagen.id3 import TCON
+from sa3_lora_studio.encoding import metadata_tables
+from sa3_lora_studio.encoding.captions import lookup_metadata
+from sa3_lora_studio.encoding.dataset import EncodeReport, encode_folder, load_dataset
+from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
+
+
+def _audio(path, fmt="flac"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_audio_file(path, tone(0.1, 44100), 44100, fmt)
+
+
+def _lookup(path, root):
+    warnings, sources = [], {}
+    md = lookup_metadata(path, root, warnings=warnings, sources=sources)
+    return md, warnings, sources
+
+
+def test_audiofolder_csv_names_files_by_path_from_its_folder_and_its_text_is_the_prompt(tmp_path):
+    a, b = _audio(tmp_path / "a.flac"), _audio(tmp_path / "drums" / "b.flac")
+    (tmp_path / "metadata.csv").write_text(
+        'file_name,text,Genre,Tempo\na.flac,"warm pad, slow",ambient,70\ndrums/b.flac,tight kick,,128\n',
+        encoding="utf-8")
+    md, warnings, sources = _lookup(a, tmp_path)
+    assert md["prompt"] == "warm pad, slow" and md["text"] == "warm pad, slow"
+    assert md["genre"] == "ambient" and md["bpm"] == "70"  # Tempo is the tag alias of bpm
+    assert sources["table"].endswith("metadata.csv:2") and warnings == []
+    md, _, sources = _lookup(b, tmp_path)
+    assert md["prompt"] == "tight kick" and md["bpm"] == "128" and "genre" not in md  # empty cells are no field
+    assert sources["table"].endswith("metadata.csv:3")
+    assert md["file_stem"] == "b" and md["folder"] == "drums"  # the path fields stay
+
+
+def test_sidecars_beat_the_table_and_the_table_beats_embedded_tags(tmp_path):
+    song = _audio(tmp_path / "song.mp3", "mp3")
+    f = mutagen.File(song)
+    f.add_tags()
+    f.tags.add(TCON(encoding=3, text="Jazz"))
+    f.save()
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "song.mp3", "prompt": "from the table", "genre": "House", "mood": "dark"}) + "\n")
+    md, _, _ = _lookup(song, tmp_path)
+    assert (md["prompt"], md["genre"], md["mood"]) == ("from the table", "House", "dark")
+    (tmp_path / "song.txt").write_text("from the text sidecar")
+    (tmp_path / "song.json").write_text(json.dumps({"mood": "bright"}))
+    md, _, sources = _lookup(song, tmp_path)
+    assert (md["prompt"], md["genre"], md["mood"]) == ("from the text sidecar", "House", "bright")
+    assert set(sources) == {"path", "tags", "table", "txt", "json"}
+
+
+def test_the_nearest_table_naming_the_file_wins_and_tables_outside_the_root_are_not_read(tmp_path):
+    root = tmp_path / "set"
+    a, b = _audio(root / "sub" / "a.flac"), _audio(root / "sub" / "b.flac")
+    (root / "metadata.csv").write_text("file_name,caption\nsub/a.flac,root a\nsub/b.flac,root b\n")
+    (root / "sub" / "metadata.tsv").write_text("file_name\tcaption\na.flac\tnear a\n")
+    (tmp_path / "metadata.csv").write_text("file_name,caption\nset/sub/b.flac,outside\n")
+    assert _lookup(a, root)[0]["prompt"] == "near a"
+    assert _lookup(b, root)[0]["prompt"] == "root b"  # the near table does not name b: the next one up does
+    (root / "metadata.csv").unlink()
+    assert "prompt" not in _lookup(b, root)[0]  # the table above the dataset root is not part of the dataset
+
+
+def test_spreadsheet_exports_semicolons_windows_1252_bare_names_and_backslashes(tmp_path):
+    one, two = _audio(tmp_path / "Keys" / "Rhodes.flac"), _audio(tmp_path / "Pads" / "Strings.flac")
+    dup1, dup2 = _audio(tmp_path / "x" / "loop.flac"), _audio(tmp_path / "y" / "loop.flac")
+    rows = ("Filename;Prompt;Caption;Key\n"
+            "Rhodes.flac;café jazz chords;ignored;Eb major\n"  # a bare name: the one file of that name
+            "Pads\\Strings.flac;string pad;;\n"  # a Windows path
+            "loop.flac;ambiguous;;\nloop.flac;ambiguous too;;\n")
+    (tmp_path / "metadata.csv").write_bytes(rows.encode("cp1252"))
+    md, warnings, _ = _lookup(one, tmp_path)
+    assert md["prompt"] == "café jazz chords" and md["caption"] == "ignored" and md["key"] == "Eb major"
+    assert any("metadata.csv: not UTF-8; read as Windows-1252" in w for w in warnings)
+    assert any("listed twice (e.g. loop.flac)" in w for w in warnings)
+    assert _lookup(two, tmp_path)[0]["prompt"] == "string pad"
+    # two rows name "loop.flac" without a folder and two files have that name in other folders: neither is guessed
+    assert "prompt" not in _lookup(dup1, tmp_path)[0] and "prompt" not in _lookup(dup2, tmp_path)[0]
+
+
+def test_a_table_without_a_file_column_is_one_summary_line_not_one_per_file(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(5):
+        _audio(src / f"s{i}.flac")
+    (src / "metadata.csv").write_text("title,artist\nOne,Someone\n")
+    _, warnings, sources = _lookup(src / "s0.flac", src)
+    assert warnings == ["metadata.csv: no column names the audio files (expected one of file_name, filename, file, "
+                        "file_path …); ignored"] and "table" not in sources
+    report = encode_folder(src, out, ToyEncoder())
+    lines = [line for line in report.summary().splitlines() if "metadata.csv" in line]
+    assert len(lines) == 1 and lines[0].startswith("  warning (5 files: s0.flac, s1.flac, s2.flac, …): metadata.csv")
+    assert EncodeReport(out, warnings=[("a", "x"), ("b", "x")]).summary().count("  warning ") == 2  # few: each
+
+
+def test_a_table_is_parsed_once_for_all_its_files_and_again_after_an_edit(tmp_path, monkeypatch):
+    for i in range(6):
+        _audio(tmp_path / f"s{i}.flac")
+    table = tmp_path / "metadata.csv"
+    table.write_text("file_name,text\n" + "".join(f"s{i}.flac,take {i}\n" for i in range(6)))
+    parsed = []
+    real = metadata_tables.parse_table
+    monkeypatch.setattr(metadata_tables, "parse_table", lambda *a: parsed.append(a[0]) or real(*a))
+    assert [_lookup(tmp_path / f"s{i}.flac", tmp_path)[0]["prompt"] for i in range(6)] == [f"take {i}" for i in range(6)]
+    assert parsed == [table]
+    table.write_text("file_name,text\ns0.flac,edited take\n")
+    os.utime(table, ns=(1, 1))
+    assert _lookup(tmp_path / "s0.flac", tmp_path)[0]["prompt"] == "edited take" and len(parsed) == 2
+
+
+def test_an_edited_table_reaches_the_encoded_dataset_without_reencoding(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _audio(src / "a.flac"), _audio(src / "b.flac")
+    (src / "metadata.csv").write_text("file_name,text\na.flac,first caption\n")
+    first = encode_folder(src, out, ToyEncoder())
+    assert sorted(first.encoded) == ["a.flac", "b.flac"]
+    prompts = {e["relpath"]: load_dataset(out).metadata(i).get("prompt") for i, e in enumerate(load_dataset(out).entries)}
+    assert prompts == {"a.flac": "first caption", "b.flac": None}
+    (src / "metadata.csv").write_text("file_name,text\na.flac,second caption\nb.flac,now captioned\n")
+    again = encode_folder(src, out, ToyEncoder())
+    assert again.encoded == [] and sorted(again.reused) == ["a.flac", "b.flac"]
+    ds = load_dataset(out)
+    assert {e["relpath"]: ds.metadata(i).get("prompt") for i, e in enumerate(ds.entries)} == {
+        "a.flac": "second caption", "b.flac": "now captioned"}
+
+
+def test_absolute_paths_inside_the_table_folder_match_and_a_one_column_list_is_read(tmp_path):
+    a, b = _audio(tmp_path / "in" / "a.flac"), _audio(tmp_path / "in" / "b, with comma.flac")
+    (tmp_path / "metadata.csv").write_text(f"path,prompt\n{a},absolute\n/elsewhere/b.flac,not this one\n")
+    assert _lookup(a, tmp_path)[0]["prompt"] == "absolute"
+    (tmp_path / "metadata.csv").write_text('file_name\n"in/b, with comma.flac"\n')
+    assert _lookup(b, tmp_path)[1] == []
+    table = metadata_tables.parse_table(tmp_path / "metadata.csv", {})
+    assert table.row_for("in/b, with comma.flac") == (2, {}) and table.problems == []
