@@ -28,7 +28,7 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .metadata_tables import TABLE_NAMES, cached_table, tables_for
+from .metadata_tables import cached_table, find_row, tables_of, unmatched_rows
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,37 @@ def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tu
 
 
 def _read_table_row(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
-    """The file's row in the nearest metadata table naming it, and "<table>:<line>". Problems of every table
-    consulted (unreadable, no file-name column) are warnings of each file under it."""
-    for folder, rel in tables_for(audio, root):
-        for name in TABLE_NAMES:
-            table = cached_table(folder / name, _ALIASES)
-            if table is None:
-                continue
-            warnings.extend(f"{_shown(table.path, root)}: {p}" for p in table.problems)
-            row = table.row_for(rel)
-            if row is not None:
-                line, fields = row
-                return dict(fields), f"{utf8_text(str(table.path))}:{line}"
-    return {}, None
+    """The file's row in the metadata tables that apply to it (`metadata_tables.find_row`) and "<table>:<line>".
+    Problems of every table consulted (unreadable, no file-name column) are warnings of each file under it."""
+    tables = tables_of(audio, root, _ALIASES)
+    for table, _ in tables:
+        warnings.extend(f"{_shown(table.path, root)}: {p}" for p in table.problems)
+    try:
+        root_rel = audio.relative_to(root).as_posix() if root is not None else None
+    except ValueError:
+        root_rel = None
+    found = find_row(tables, root_rel)
+    if found is None:
+        return {}, None
+    table, row, exact = found
+    if not exact:
+        # the same text for every such file, so the encode report shows it once (the row is in the sources)
+        warnings.append(f"{_shown(table.path, root)}: rows matched loosely (by case, audio extension, bare name or "
+                        "path from the dataset root)")
+    return dict(row.fields), f"{utf8_text(str(table.path))}:{row.line}"
+
+
+def table_warnings(root: str | Path, audio_paths: list[Path]) -> list[tuple[str, str]]:
+    """(table relpath, warning) for each metadata table under root with rows naming none of the audio files
+    (paths under root, as scanned): a path written from another folder, or a file renamed since."""
+    root = Path(root)
+    out = []
+    for path, rows in unmatched_rows(root, audio_paths, _ALIASES):
+        shown = _shown(path, root)
+        total = len(cached_table(path, _ALIASES).rows)
+        out.append((shown, f"{len(rows)} of {total} rows name no audio file here (e.g. line {rows[0].line}: "
+                           f"{rows[0].key!r}); paths are relative to the table's folder"))
+    return out
 
 
 def _text(value) -> str:

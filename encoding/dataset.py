@@ -40,7 +40,7 @@ import numpy as np
 
 from ..sa3.atomic import atomic_write
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
-from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, utf8_text
+from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, table_warnings, utf8_text
 
 MANIFEST = "dataset.json"
 # How audio becomes the encoder's input (downmix, levels, damaged packets, AAC padding). Raise it when that changes:
@@ -542,7 +542,7 @@ class EncodeReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
     excluded: list[str] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning) of files in the dataset
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning): dataset files, tables
     interrupted: bool = False
     seconds: float = 0.0  # audio seconds in the dataset
 
@@ -830,6 +830,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
         report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
                            for w in f.get("warnings", [])]
+        report.warnings += table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
     finally:

@@ -81,8 +81,12 @@ def test_spreadsheet_exports_semicolons_windows_1252_bare_names_and_backslashes(
     assert any("metadata.csv: not UTF-8; read as Windows-1252" in w for w in warnings)
     assert any("listed twice (e.g. loop.flac)" in w for w in warnings)
     assert _lookup(two, tmp_path)[0]["prompt"] == "string pad"
-    # two rows name "loop.flac" without a folder and two files have that name in other folders: neither is guessed
-    assert "prompt" not in _lookup(dup1, tmp_path)[0] and "prompt" not in _lookup(dup2, tmp_path)[0]
+    # "loop.flac" without a folder, listed twice: its last row, for each file of that name, said to be a loose match
+    for dup in (dup1, dup2):
+        md, warnings, sources = _lookup(dup, tmp_path)
+        assert md["prompt"] == "ambiguous too" and sources["table"].endswith("metadata.csv:5")
+        assert ("metadata.csv: rows matched loosely (by case, audio extension, bare name or path from the dataset "
+                "root)") in warnings
 
 
 def test_a_table_without_a_file_column_is_one_summary_line_not_one_per_file(tmp_path):
@@ -137,4 +141,107 @@ def test_absolute_paths_inside_the_table_folder_match_and_a_one_column_list_is_r
     (tmp_path / "metadata.csv").write_text('file_name\n"in/b, with comma.flac"\n')
     assert _lookup(b, tmp_path)[1] == []
     table = metadata_tables.parse_table(tmp_path / "metadata.csv", {})
-    assert table.row_for("in/b, with comma.flac") == (2, {}) and table.problems == []
+    row = table.exact_row("in/b, with comma.flac")
+    assert (row.line, row.fields) == (2, {}) and table.problems == []
+
+
+LOOSE = "metadata.csv: rows matched loosely (by case, audio extension, bare name or path from the dataset root)"
+
+
+def test_loose_matches_case_extension_root_relative_paths_and_never_a_row_of_another_existing_file(tmp_path):
+    kick, warm = _audio(tmp_path / "Drums" / "kick.flac"), _audio(tmp_path / "Pads" / "warm.flac")
+    main_kick, alt_kick = _audio(tmp_path / "Kick.flac"), _audio(tmp_path / "Alt" / "Kick.flac")
+    (tmp_path / "metadata.csv").write_text("file_name,caption\nDRUMS/KICK.WAV,punchy\nPads/warm,airy\n"
+                                           "Kick.flac,main kick\n")
+    for path, prompt in [(kick, "punchy"), (warm, "airy")]:
+        md, warnings, _ = _lookup(path, tmp_path)
+        assert md["prompt"] == prompt and LOOSE in warnings
+    assert _lookup(main_kick, tmp_path)[0]["prompt"] == "main kick"
+    assert "prompt" not in _lookup(alt_kick, tmp_path)[0]  # the bare row names root/Kick.flac, which exists
+    # a table in train/ listing paths from the dataset root (a common slip) still finds them
+    clip = _audio(tmp_path / "train" / "clip0.flac")
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\ntrain/clip0.flac,from the root\n")
+    md, warnings, _ = _lookup(clip, tmp_path)
+    assert md["prompt"] == "from the root" and any("train/metadata.csv: rows matched loosely" in w for w in warnings)
+
+
+def test_an_exact_row_further_up_beats_a_loose_row_nearer(tmp_path):
+    deep = _audio(tmp_path / "sub" / "deep" / "a.flac")
+    (tmp_path / "sub" / "deep" / "metadata.csv").write_text("file_name,text\nA.WAV,loose and near\n")
+    (tmp_path / "metadata.csv").write_text("file_name,text\nsub/deep/a.flac,exact and far\n")
+    md, warnings, _ = _lookup(deep, tmp_path)
+    assert md["prompt"] == "exact and far" and not any("loosely" in w for w in warnings)
+
+
+def test_rows_naming_no_audio_file_are_one_report_warning_per_table(tmp_path):
+    src = tmp_path / "src"
+    _audio(src / "a.flac"), _audio(src / "b.flac")
+    (src / "metadata.csv").write_text("file_name,text\na.flac,ok\ngone.flac,renamed since\nold/b2.wav,moved\n")
+    report = encode_folder(src, tmp_path / "out", ToyEncoder())
+    assert ("metadata.csv", "2 of 3 rows name no audio file here (e.g. line 3: 'gone.flac'); paths are relative to "
+                            "the table's folder") in report.warnings
+    assert "warning metadata.csv: 2 of 3 rows" in report.summary()
+
+
+def test_spreadsheet_quirks_utf16_sep_line_spaced_headers_comments_and_unquoted_commas(tmp_path):
+    a = _audio(tmp_path / "a.flac")
+    cases = {
+        "utf-16": ("file_name\tcaption\na.flac\tpunchy kick\n".encode("utf-16"), "punchy kick"),
+        "sep line": (b"sep=;\nfile_name;caption\na.flac;punchy kick\n", "punchy kick"),
+        "spaced header, comment first": (b"# exported 2026-01-02\n\nFile Name,Caption\na.flac,punchy kick\n",
+                                         "punchy kick"),
+        "a tie in the header": (b"Filename;Description, long\na.flac;a pad, slow\n", None),
+        "unquoted comma": (b'file_name,caption\na.flac,warm pad, slow attack\n', "warm pad, slow attack"),
+    }
+    for label, (data, prompt) in cases.items():
+        (tmp_path / "metadata.csv").write_bytes(data)
+        md, warnings, sources = _lookup(a, tmp_path)
+        assert "table" in sources and md.get("prompt") == prompt, label
+        if label == "a tie in the header":
+            assert md["description, long"] == "a pad, slow"
+        if label == "unquoted comma":
+            assert warnings == ["metadata.csv: line 2 more cells than columns: the rest was kept in 'caption' "
+                                "(quote text that holds ',')"]
+        else:
+            assert not [w for w in warnings if "metadata" in w], (label, warnings)
+
+
+def test_jsonl_with_unescaped_line_separators_and_non_finite_numbers_keeps_every_file(tmp_path):
+    src = tmp_path / "src"
+    for name in "abc":
+        _audio(src / f"{name}.flac")
+    lines = [json.dumps({"file_name": "a.flac", "text": "verse one\u2028verse two"}, ensure_ascii=False),
+             '{"file_name": "b.flac", "text": "ok", "emb": [0.1, NaN], "gain": Infinity}',
+             json.dumps({"file_name": "c.flac", "text": "third"})]
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = encode_folder(src, tmp_path / "out", ToyEncoder())
+    assert sorted(report.encoded) == ["a.flac", "b.flac", "c.flac"] and not report.skipped
+    ds = load_dataset(tmp_path / "out")
+    meta = {e["relpath"]: ds.metadata(i) for i, e in enumerate(ds.entries)}
+    assert meta["a.flac"]["prompt"] == "verse one\u2028verse two" and meta["c.flac"]["metadata_sources"]["table"].endswith(":3")
+    assert meta["b.flac"]["prompt"] == "ok" and "emb" not in meta["b.flac"] and "gain" not in meta["b.flac"]
+    assert any("line 2 NaN/Infinity is not valid JSON" in text for _, text in report.warnings)
+
+
+def test_an_absolute_path_row_matches_whatever_spelling_the_root_was_given_in(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    a = _audio(real / "a.flac")
+    (real / "metadata.csv").write_text(f"file_name,text\n{a},absolute row\n")
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    for root in ("real", "./real", "link", str(tmp_path / "link")):
+        out = tmp_path / f"out-{root.replace('/', '_')}"
+        encode_folder(root, out, ToyEncoder())
+        assert load_dataset(out).metadata(0)["prompt"] == "absolute row", root
+
+
+def test_an_unclosed_quote_that_swallows_rows_is_named_and_an_absolute_file_under_a_relative_root_finds_its_table(
+        tmp_path, monkeypatch):
+    a, b = _audio(tmp_path / "a.flac"), _audio(tmp_path / "sub" / "b.flac")
+    (tmp_path / "metadata.csv").write_text('file_name,caption\na.flac,"never closed\nsub/b.flac,next\n')
+    md, warnings, _ = _lookup(a, tmp_path)
+    assert "metadata.csv: line 2 a quoted cell runs into the next rows (an unclosed quote?)" in warnings
+    (tmp_path / "metadata.csv").write_text('file_name,caption\na.flac,"two\nlines"\nsub/b.flac,next\n')
+    assert _lookup(a, tmp_path)[1] == []  # a caption over two lines is fine
+    monkeypatch.chdir(tmp_path.parent)
+    assert _lookup(b, tmp_path.name)[0]["prompt"] == "next"  # b is absolute, the root relative
