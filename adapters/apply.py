@@ -153,10 +153,11 @@ class AdapterSlot(nn.Module):
         names = tensor_names(self.adapter_type) + (("U", "V") if self.adapter_type.endswith("-xs") else ())
         t = {n: getattr(self, n) for n in names}
         if self.dropout_p > 0 and self.dropout_active and "lora_A" in t:
-            # the reference's LoRA dropout: whole input features of A dropped (and rescaled) per forward
-            keep = nn.functional.dropout(torch.ones(1, t["lora_A"].shape[1], device=t["lora_A"].device),
-                                         self.dropout_p, training=True)
-            t["lora_A"] = t["lora_A"] * keep
+            # the reference's LoRA dropout: whole input features of A dropped (and rescaled) per forward. Drawn by
+            # the CPU generator, whose state gradient checkpointing restores for the recomputed block on any device
+            # (it restores no MPS state: a fresh mask there would give wrong gradients)
+            keep = nn.functional.dropout(torch.ones(1, t["lora_A"].shape[1]), self.dropout_p, training=True)
+            t["lora_A"] = t["lora_A"] * keep.to(t["lora_A"].device)
         return t
 
     def scale(self) -> Tensor:

@@ -65,7 +65,7 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
             report.skipped[layer] = "not a DiT layer (ComfyUI's SA3 LoRA keys cover diffusion_model.* only)"
             continue
         check_layer_shapes(layer, module, adapter, adapter.name or "adapter")  # another model size: a named error
-        w = module.weight.detach().float()
+        w = module.weight.detach().float().cpu()  # the file's tensors are on the CPU: no device mixing
         key = COMFY_PREFIX + layer.removeprefix(dit_prefix)
         t = dict(t)
         if adapter.is_xs:

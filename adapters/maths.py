@@ -11,6 +11,7 @@ The factored forms at the bottom (`factored_linear`, `row_col_scales`) give the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -194,8 +195,10 @@ def init_tensors(adapter_type: str, w0: Tensor, rank: int, generator: torch.Gene
     fan_out, fan_in = w2.shape
     t: dict[str, Tensor] = {}
     if delta == "lowrank":
-        t["lora_A"] = torch.zeros(rank, fan_in, dtype=dtype, device=w0.device)
-        nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5), generator=generator)
+        # drawn where the generator lives (a CPU generator cannot fill a CUDA/MPS tensor), so a seed gives the same
+        # adapter on every device
+        a = torch.zeros(rank, fan_in, dtype=dtype, device=generator.device if generator is not None else w0.device)
+        t["lora_A"] = nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator).to(w0.device)
         t["lora_B"] = torch.zeros(fan_out, rank, dtype=dtype, device=w0.device)
     else:
         u, v = svd_bases(w0, rank)
@@ -257,30 +260,74 @@ def _xs_cross_products(adapter_type: str, t: dict[str, Tensor], products: BasePr
     return p, products.ut_w
 
 
+def _autocast_off(device_type: str):
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to turn off
+        return contextlib.nullcontext()
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """W·x (w_left) or x·W for a frozen W of any dtype and a trainable x: computed in x's dtype with W converted on
+    the fly, saving W itself for the backward. `w.to(fp32) @ x` under autograd saves the converted copy instead: a
+    full fp32 (or, under autocast, another half) copy of every adapted weight alive until the backward in bf16/fp16
+    training."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, x: Tensor, w_left: bool) -> Tensor:
+        ctx.save_for_backward(w)
+        ctx.w_left = w_left
+        with _autocast_off(x.device.type):
+            wx = w.to(x.dtype)
+            return wx @ x if w_left else x @ wx
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (w,) = ctx.saved_tensors
+        with _autocast_off(g.device.type):
+            wg = w.to(g.dtype)
+            return None, (wg.T @ g if ctx.w_left else g @ wg.T), None
+
+
+def frozen_product(w: Tensor, x: Tensor, w_left: bool = True) -> Tensor:
+    """W·x (w_left) or x·W in x's dtype; W frozen (no gradient, none saved but W itself: `_FrozenProduct`)."""
+    if w.requires_grad or not x.requires_grad or not torch.is_grad_enabled():
+        wx = w.to(x.dtype)
+        return wx @ x if w_left else x @ wx
+    return _FrozenProduct.apply(w, x, w_left)
+
+
 def _sq_norms_plus_delta(w: Tensor, down: Tensor, up: Tensor, scale: Tensor | float, dim: int,
                          base_sq: Tensor | None = None, row_weights: Tensor | None = None,
                          cross_product: Tensor | None = None) -> Tensor:
     """Squared row (dim=1) or column (dim=0) norms of diag(g)·(W + s·up·down) without forming it, where g =
     row_weights (rows: must be None): ‖g∘W‖² + 2s·<g²∘W, up·down> + s²·‖g∘(up·down)‖².
     base_sq: the cached squared row/column norms of W (`base_products`), used when g is None; cross_product: the
-    cached W·downᵀ (rows) or upᵀ·W (columns, g None) of an -xs layer (`_xs_cross_products`)."""
+    cached W·downᵀ (rows) or upᵀ·W (columns, g None) of an -xs layer (`_xs_cross_products`). w may be in another
+    dtype than the factors (a bf16 base): the products are taken in the factors' dtype (`frozen_product`)."""
     if dim == 1:
-        p = w @ down.T if cross_product is None else cross_product
+        p = frozen_product(w, down.T) if cross_product is None else cross_product
         cross = (p * up).sum(1)  # <W_i, (up·down)_i> = up_i · (W_i · downᵀ)
         quad = ((up @ (down @ down.T)) * up).sum(1)  # ‖(up·down)_i‖² = up_i (down downᵀ) up_iᵀ
-        sq = (w * w).sum(1) if base_sq is None else base_sq
+        sq = _sq_sum(w, 1, down.dtype) if base_sq is None else base_sq
         return sq + 2 * scale * cross + scale * scale * quad
     if row_weights is None:
-        sq = (w * w).sum(0) if base_sq is None else base_sq
+        sq = _sq_sum(w, 0, down.dtype) if base_sq is None else base_sq
         up_g = up
-        q = up.T @ w if cross_product is None else cross_product
+        q = frozen_product(w, up.T, w_left=False) if cross_product is None else cross_product
     else:
         g2 = row_weights * row_weights
         sq, up_g = _weighted_col_sq(g2, w), up * g2[:, None]
-        q = up_g.T @ w
+        q = frozen_product(w, up_g.T, w_left=False)
     cross = (q * down).sum(0)
     quad = (((up.T @ up_g) @ down) * down).sum(0)
     return sq + 2 * scale * cross + scale * scale * quad
+
+
+def _sq_sum(w: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """Squared row (dim=1) or column (dim=0) sums of W in `dtype`."""
+    wd = w.to(dtype)
+    return (wd * wd).sum(dim)
 
 
 class _WeightedColSq(torch.autograd.Function):
@@ -291,19 +338,23 @@ class _WeightedColSq(torch.autograd.Function):
     def forward(ctx, g2: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(w)
         out = g2.new_zeros(w.shape[1])
-        for rows in row_blocks(w):
-            out.addmv_((w[rows] * w[rows]).T, g2[rows])
+        with _autocast_off(g2.device.type):
+            for rows in row_blocks(w):
+                wb = w[rows].to(g2.dtype)
+                out.addmv_((wb * wb).T, g2[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (w,) = ctx.saved_tensors
-        return torch.cat([(w[rows] * w[rows]) @ grad for rows in row_blocks(w)]), None
+        with _autocast_off(grad.device.type):
+            return torch.cat([(wb * wb) @ grad for wb in (w[rows].to(grad.dtype) for rows in row_blocks(w))]), None
 
 
 def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:
     if w.requires_grad:
-        return g2 @ (w * w)
+        wd = w.to(g2.dtype)
+        return g2 @ (wd * wd)
     return _WeightedColSq.apply(g2, w)
 
 
@@ -322,7 +373,6 @@ def row_col_scales(w: Tensor, adapter_type: str, t: dict[str, Tensor], scale: Te
         return n.detach() if detach_norm else n
 
     down, up = _low_rank_factors(adapter_type, t)
-    w = w.to(down.dtype)
     rows_sq, cols_sq = (products.row_sq, products.col_sq) if products is not None else (None, None)
     p, q = _xs_cross_products(adapter_type, t, products)
     if renorm == "rows":

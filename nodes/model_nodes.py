@@ -48,6 +48,8 @@ def unload_all() -> int:
         _CACHE.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
     return n
 
 

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .channels import stereo_weights
-from .layers import DynamicTanh, RMSNorm, RotaryEmbedding, apply_partial_rotary
+from .layers import DynamicTanh, RMSNorm, RotaryEmbedding, apply_partial_rotary, normal_like
 
 # --- attention kernels -------------------------------------------------------------------------------------------
 
@@ -52,8 +52,10 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: tuple[int,
     delta = k_pos - q_pos
     # Zero-padded keys outside [0, N) are masked; padded queries (discarded below) may see them, so no row is empty.
     visible = (delta >= -w_left) & (delta <= w_right) & (((k_pos >= 0) & (k_pos < n)) | (q_pos >= n))
+    b = q.shape[0]  # batch and heads merged: 4-D inputs (MPS before torch 2.7 takes no 5-D attention)
+    q, k, v = (rearrange(t, "b h nb s d -> (b h) nb s d") for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-    return rearrange(out, "b h nb s d -> b h (nb s) d")[:, :, :n]
+    return rearrange(out, "(b h) nb s d -> b h (nb s) d", b=b)[:, :, :n]
 
 
 def band_mask(n: int, window: tuple[int, int], device=None) -> Tensor:
@@ -227,7 +229,7 @@ class ResamplingBlock(nn.Module):
             x = rearrange(x, "b d n -> b n 1 d")  # [B, T, 1, dim]
         new_tokens = self.new_tokens.expand(b * x.shape[1], self.n_new, -1)
         if self.mask_noise > 0:  # the reference adds it in eval too (decoder only in the real configs)
-            new_tokens = new_tokens + self.mask_noise * torch.empty_like(new_tokens).normal_(generator=generator)
+            new_tokens = new_tokens + self.mask_noise * normal_like(new_tokens, generator)
         x = torch.cat([x, new_tokens.reshape(b, x.shape[1], self.n_new, -1)], dim=2)  # [B, T, group, dim]
         x = self.run_transformers(rearrange(x, "b n g d -> b (n g) d"))  # the learned tokens' outputs
         x = rearrange(x, "b n d -> b d n")
@@ -365,12 +367,10 @@ class SoftNormBottleneck(nn.Module):
         x = z * self.running_std if self.running_std is not None else z
         if self.noise_regularize:
             scaling = self.running_std if self.running_std is not None else x.std(dim=-1, keepdim=True)
-            # empty_like + normal_ is randn_like: same memory layout, so the same draws as the reference
-            noise = torch.empty_like(x).normal_(generator=generator)
+            noise = normal_like(x, generator)  # randn_like's draws, as the reference
             x = x + noise * scaling * (5e-2 if self.training else 1e-3)
         if self.noise_augment_dim > 0:
-            noise = torch.randn((x.shape[0], self.noise_augment_dim, x.shape[-1]), generator=generator,
-                                device=x.device, dtype=x.dtype)
+            noise = normal_like(x.new_empty(x.shape[0], self.noise_augment_dim, x.shape[-1]), generator)
             x = torch.cat([x, self.noise_scaling_factor * noise], dim=1)
         return x
 

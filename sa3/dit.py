@@ -99,8 +99,10 @@ def collapse_token_runs(cond: Tensor, half_precision_bias: bool = True) -> tuple
         return None
     run_of = starts.long().cumsum(dim=1) - 1  # [B, L]: each token's run
     position = torch.arange(length, device=cond.device).expand(batch, length)
-    first = torch.zeros(batch, n_runs, dtype=torch.long, device=cond.device)
-    first.scatter_reduce_(1, run_of, position, "amin", include_self=False)  # fillers keep index 0
+    # a run's first token is where it starts: scatter the starts (others to a dropped column; MPS has no int64
+    # scatter_reduce), fillers keep index 0
+    first = torch.zeros(batch, n_runs + 1, dtype=torch.long, device=cond.device)
+    first = first.scatter_(1, torch.where(starts, run_of, n_runs), position)[:, :n_runs]
     # fp32 throughout (Apple's MPS has no float64): counts are exact below 2^24, and e^coarse is within ~1.2e-7·n of
     # its true value, 8x under the split threshold below, so a rest key's weight is off by at most ~1.2e-7 of its run
     runs = torch.zeros(batch, n_runs, dtype=torch.float32, device=cond.device)

@@ -12,6 +12,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
+def normal_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard-normal noise like x (its shape, dtype, device and memory layout: `randn_like`'s draws), drawn where
+    the generator lives and moved to x: the samplers seed a CPU generator, which cannot draw on CUDA or MPS, and a
+    seed then gives the same noise on every device."""
+    if generator is None or generator.device == x.device:
+        return torch.empty_like(x).normal_(generator=generator)
+    return torch.empty_like(x, device=generator.device).normal_(generator=generator).to(x.device)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position frequencies. Holds the checkpoint buffer `inv_freq` [dim // 2].
 

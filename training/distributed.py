@@ -181,10 +181,15 @@ class DistributedTrainer(Trainer):
 
 
 def _device_for(config: RunConfig, local_rank: int) -> torch.device:
-    if config.device in ("auto", "cuda") and torch.cuda.is_available():
+    """Each rank's device: CUDA device `local_rank` (torchrun's CUDA_VISIBLE_DEVICES picks the cards, not
+    config.device's index), else the CPU (gloo); MPS has no multi-process backend."""
+    if (config.device == "auto" or config.device.startswith("cuda")) and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if config.device.startswith("cuda"):
         raise RunError(f"RunConfig.device={config.device!r} but CUDA is not available to this process")
+    if config.device.startswith("mps"):
+        raise RunError("RunConfig.device='mps': multi-process training runs on CUDA (nccl) or the CPU (gloo); "
+                       "train on MPS in one process (sa3-lora train without torchrun)")
     return torch.device("cpu")
 
 

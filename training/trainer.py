@@ -70,14 +70,21 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[i
 
 
 def pick_device(name: str) -> torch.device:
-    """"auto" = CUDA, else Apple MPS, else CPU; any other name as given."""
+    """"auto" = CUDA, else Apple MPS, else CPU; any other name as given; with its index ("cuda" -> "cuda:0")."""
     if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    # "cuda" != "cuda:0" for torch.device: caches, ComfyUI's loaded models and tensors all name the index
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type == "mps" and device.index is None:
+        device = torch.device("mps", 0)
+    return device
 
 
 def checkpoint_name(config: RunConfig, run_id: str, step: int) -> str:

@@ -142,6 +142,11 @@ def free_device_memory(device) -> int | None:
         return int(free)
     if device.type == "cpu":
         return available_host_memory()
+    if device.type == "mps":  # unified memory: what Metal recommends for this process, less what it holds
+        try:
+            return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory()))
+        except (AttributeError, RuntimeError):
+            return None
     return None
 
 
