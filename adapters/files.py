@@ -240,7 +240,7 @@ def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object
     if bad is not None:  # fp16 would store an infinity: every reader would make NaN audio from it
         raise ValueError(f"{Path(path).name}: not written: {bad} holds NaN, infinite or beyond-fp16 values "
                          f"(|x| > {fp16_max:g}); the training diverged (lower the learning rate)")
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state.items()}
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     return path
