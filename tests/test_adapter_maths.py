@@ -208,3 +208,36 @@ def test_svd_bases_are_sign_canonical_and_orthonormal():
     assert (peaks > 0).all()
     u2, _ = M.svd_bases(-w, 4)  # the convention removes the SVD's sign freedom
     assert torch.allclose(u2.abs(), u.abs(), atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_type", ["dora-rows", "dora-cols", "bora", "dora-rows-xs", "bora-xs"])
+def test_half_precision_norms_keep_no_copy_of_the_weight_for_the_backward_and_match_fp32_maths(adapter_type):
+    """A bf16 base with fp32 factors (GPU training, ComfyUI's default dtype): autograd may keep W itself, never a
+    W-sized converted copy (one per adapted layer until the backward); the norms' gradients are those of the same
+    maths on W taken to fp32."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) / 8).to(torch.bfloat16)
+    t = {k: (v if k in ("U", "V") else v.clone().requires_grad_(True))
+         for k, v in M.init_tensors(adapter_type, w, 4, generator=g).items()}
+    with torch.no_grad():
+        for k in ("lora_B", "M_xs"):
+            if k in t:
+                t[k].add_(0.1 * torch.randn(t[k].shape, generator=g))
+    saved = []
+
+    def pack(tensor):
+        if tensor.numel() >= w.numel() and tensor.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+            saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        d, c = M.row_col_scales(w, adapter_type, t, 0.7, M.base_products(w, adapter_type, t))
+    assert saved == []
+    loss = sum((f * torch.linspace(0.5, 1.5, f.numel())).sum() for f in (d, c) if f is not None)
+    grads = torch.autograd.grad(loss, [v for v in t.values() if v.requires_grad])
+    t32 = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+    w32 = w.float()
+    d32, c32 = M.row_col_scales(w32, adapter_type, t32, 0.7, M.base_products(w32, adapter_type, t32))
+    loss32 = sum((f * torch.linspace(0.5, 1.5, f.numel())).sum() for f in (d32, c32) if f is not None)
+    for got, want in zip(grads, torch.autograd.grad(loss32, [v for v in t32.values() if v.requires_grad])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
