@@ -513,7 +513,9 @@ def test_deleting_a_training_run_stops_it_and_the_panel_drops_it_when_its_files_
     wait_until(lambda: len(control_posts(site, doomed, "delete")) == 1, what="POST delete")
     browser.wait(f"!document.querySelector('.sa3-run[data-run-id=\"{doomed}\"]')")
     wait_until(lambda: not (site.root / doomed).exists(), what="the run folder to go")
-    assert doomed not in [r["id"] for r in registry.list()] and not site.manager.worker.is_running(doomed)
+    # the thread removes the folder as its last act and is marked ended just after: wait for that too
+    wait_until(lambda: not site.manager.worker.is_running(doomed), what="the doomed run's thread to end")
+    assert doomed not in [r["id"] for r in registry.list()]
     assert browser.call("errors") == []
 
 
