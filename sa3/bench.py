@@ -27,7 +27,20 @@ def random_dit(config, dtype: torch.dtype, device: str, seed: int = 0):
         for p in wrapper.parameters():
             if p.dim() >= 2:
                 p.normal_(0, p.shape[1] ** -0.5)
-    return wrapper.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    dit = wrapper.model.to(device=device)
+    for name, p in list(dit.named_parameters()) + list(dit.named_buffers()):
+        if p.is_floating_point() and not name.endswith("inv_freq"):  # RoPE frequencies stay fp32, as load_model keeps them
+            p.data = p.data.to(dtype)
+    return dit.eval().requires_grad_(False)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work: GPU kernels run asynchronously, so a timer must not stop before them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def load_bench_config(spec: str):
@@ -53,15 +66,21 @@ def run_bench(args) -> int:
     glob = torch.randn(b, d["global_cond_dim"], device=args.device, dtype=dtype)
     local = torch.zeros(b, d["local_add_cond_dim"], n, device=args.device, dtype=dtype)
     rss_before = peak_rss_gb()
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
     times = []
     with torch.inference_mode():
         dit(x, t, cross, glob, local)  # warm-up
+        synchronize(args.device)
         for _ in range(args.repeats):
             start = time.perf_counter()
             dit(x, t, cross, glob, local)
+            synchronize(args.device)
             times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in dit.parameters()) / 1e6
+    vram = f"  peak VRAM {torch.cuda.max_memory_allocated(args.device) / 2**30:.2f} GB" if cuda else ""
     print(f"torch {torch.__version__} threads={torch.get_num_threads()} config={args.config} params={params:.0f}M "
           f"dtype={args.dtype} batch={b} latents={n} ({args.seconds:g} s)  forward median {statistics.median(times):.3f} s "
-          f"(min {min(times):.3f})  peak_rss {peak_rss_gb():.2f} GB (after model build {rss_before:.2f} GB)")
+          f"(min {min(times):.3f})  peak_rss {peak_rss_gb():.2f} GB (after model build {rss_before:.2f} GB){vram}")
     return 0

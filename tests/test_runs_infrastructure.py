@@ -253,3 +253,17 @@ def test_a_rebuilt_continued_run_counts_its_own_steps_not_the_files(tmp_path):
     assert (record["status"], record["step"], record["total_steps"]) == ("interrupted", 1050, 1200)
     listed = registry.get(odd.name)  # listed with its reason, not dropped from the index
     assert listed["status"] == "failed" and "crop_seconds" in listed["error"]
+
+
+def test_runs_queue_per_resolved_device_so_auto_and_its_named_device_are_one_queue(monkeypatch):
+    import torch
+    from sa3_lora_studio.training import trainer
+    from sa3_lora_studio.training.manager import device_key
+    from sa3_lora_studio.training.runs import RunConfig
+
+    assert device_key(RunConfig(dataset="d", device="auto")) == device_key(RunConfig(dataset="d", device="cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine: "auto", "cuda", "cuda:0"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    keys = {device_key(RunConfig(dataset="d", device=d)) for d in ("auto", "cuda", "cuda:0")}
+    assert keys == {"cuda:0"} and trainer.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert device_key(RunConfig(dataset="d", device="mps")) == "mps:0"

@@ -20,6 +20,16 @@ ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
 _REQUEST_FOR = {"stop": "stop", "pause": "pause", "resume": "continue", "save": "save"}  # cross-process requests
 
 
+def device_key(config: RunConfig) -> str:
+    """The queue a run waits in: its device as the trainer resolves it ("auto", "cuda" and "cuda:0" are one card)."""
+    from .trainer import pick_device
+
+    try:
+        return str(pick_device(config.device))
+    except RuntimeError:  # a device name torch does not know: the trainer reports it when the run starts
+        return config.device
+
+
 class TrainingManager:
     def __init__(self, root: str | Path, listeners: list[Callable[[dict], None]] | None = None,
                  runs_per_device: int = 1, model_provider=None, auto_resume: bool = False):
@@ -42,7 +52,7 @@ class TrainingManager:
     def submit(self, config: RunConfig) -> str:
         run_id = self.registry.create(config)
         self.event_log(run_id).emit("status", status="queued")
-        self.worker.submit(run_id, device_key=config.device)
+        self.worker.submit(run_id, device_key=device_key(config))
         return run_id
 
     def _job(self, run_id: str, control: RunControl) -> None:
@@ -98,7 +108,7 @@ class TrainingManager:
             self.registry.update(run_id, status="queued", error=None)
             self.event_log(run_id).emit("status", status="queued")
             config = self.registry.config(run_id)
-            self.worker.submit(run_id, device_key=config.device)
+            self.worker.submit(run_id, device_key=device_key(config))
             return self.registry.get(run_id)
         if not control or not (started or queued):
             raise RunConflict(f"run {run_id} is not running (status {record['status']}); use restart to resume it")

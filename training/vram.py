@@ -139,7 +139,8 @@ def free_device_memory(device) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory torch's caching allocator holds but no tensor uses (ComfyUI keeps a large cache) is free to us
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
         return available_host_memory()
     if device.type == "mps":  # unified memory: what Metal recommends for this process, less what it holds
