@@ -617,3 +617,55 @@ def test_a_model_loaded_under_inference_mode_is_refused_before_a_run_is_queued(d
         frozen = load_model(fixtures_dir / "tiny-small")
     with pytest.raises(RunError, match="loaded under torch.inference_mode"):
         check_run_inputs(_config(dataset, fixtures_dir), frozen)
+
+
+def test_fp16_runs_scale_the_loss_and_resume_with_their_scale(tmp_path, dataset, fixtures_dir):
+    """fp16 activations round gradients under 6e-8 to zero: an fp16 run multiplies the loss by a dynamic scale,
+    halves it when the gradients overflow (that update skipped, reported as a loss_scale event, not a warning) and
+    keeps it in the checkpoint, so a run stopped and resumed equals the uninterrupted one."""
+    fp16 = load_model(fixtures_dir / "tiny-small", dtype="fp16")
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(fp16))
+    straight = manager.submit(_config(dataset, fixtures_dir, name="straight", precision="fp16"))
+    assert manager.wait(straight, 300)["status"] == "done"
+    events = [json.loads(line) for line in (manager.registry.run_dir(straight) / "events.jsonl").read_text().splitlines()]
+    scales = [(e["step"], e["scale"]) for e in events if e["type"] == "loss_scale"]
+    assert scales[0] == (1, 2.0**15) and [s for _, s in scales] == [2.0**-k for k in range(-15, -15 + len(scales))]
+    assert not [e for e in events if e["type"] in ("warning", "error")]
+
+    def stop_at_2(event):
+        if event["type"] == "step" and event["step"] == 2 and event["run"] == interrupted:
+            manager.worker.controls[event["run"]].request_stop()
+
+    manager.listeners.append(stop_at_2)
+    interrupted = manager.registry.create(_config(dataset, fixtures_dir, name="interrupted", precision="fp16"))
+    manager.worker.submit(interrupted)
+    assert manager.wait(interrupted, 300)["status"] == "stopped"
+    manager.listeners.remove(stop_at_2)
+    _, at_2 = _final_adapter(manager, interrupted)
+    assert at_2["loss_scale"]["scale"] == min(s for step, s in scales if step <= 2)
+    manager.control(interrupted, "restart")
+    assert manager.wait(interrupted, 300)["status"] == "done"
+    (_, a), (_, b) = _final_adapter(manager, straight), _final_adapter(manager, interrupted)
+    assert all(torch.equal(x, y) for x, y in zip(a["adapter"], b["adapter"]))
+    assert any(not torch.equal(x, y) for x, y in zip(a["adapter"], at_2["adapter"]))  # it trained after step 2
+
+
+def test_the_loss_scale_keeps_gradients_fp16_would_round_to_zero():
+    from sa3_lora_studio.training.trainer import LossScale
+
+    p = torch.ones(4, requires_grad=True)  # an fp32 adapter parameter behind fp16 activations
+
+    def grad_with(scale: LossScale) -> torch.Tensor:
+        p.grad = None
+        loss = ((p.half() * 1e-4).float().sum() * 1e-4)  # dL/dp = 1e-8, under fp16's smallest subnormal
+        (loss * scale.scale).backward()
+        scale.unscale([p.grad])
+        return p.grad
+
+    assert torch.equal(grad_with(LossScale(enabled=False)), torch.zeros(4))
+    torch.testing.assert_close(grad_with(LossScale(enabled=True)), torch.full((4,), 1e-8), rtol=2e-3, atol=0)
+    scale = LossScale(enabled=True, growth_interval=2)
+    scale.update(overflow=True)
+    assert scale.scale == 2.0**15
+    scale.update(overflow=False), scale.update(overflow=False)
+    assert scale.scale == 2.0**16 and LossScale(enabled=False).scale == 1.0

@@ -145,7 +145,7 @@ class DistributedTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self.stack.activate():  # backward inside too: checkpointed blocks are recomputed with the adapter
             result, t = self.loss_for_batch(batch, step)
-            result.loss.backward()
+            self.backward(result.loss)
         self.all_reduce_gradients()
         grad_norm, lr, skipped = self.apply_update()  # the same norm on every rank after the all-reduce
         per_item = torch.zeros(c.batch_size, dtype=torch.float64, device=self.device)

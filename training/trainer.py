@@ -87,6 +87,40 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+class LossScale:
+    """Dynamic loss scaling for fp16 runs (the role of torch's GradScaler, written out so its state is part of the
+    run's checkpoint and a resumed run continues bit-exactly): the loss is multiplied by `scale` before the
+    backward and the adapter gradients divided by it after; an overflow (non-finite gradient norm) halves the scale
+    and skips the update, `growth_interval` good steps in a row double it. Disabled (scale 1, no-op) for fp32 and
+    bf16, whose exponent range holds small gradients."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale = init_scale if enabled else 1.0
+        self.good_steps = 0
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        if self.enabled:
+            for g in grads:
+                g.div_(self.scale)
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale = min(self.scale * 2, 2.0**24)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 def checkpoint_name(config: RunConfig, run_id: str, step: int) -> str:
     """`<run name>-step=<S>`: the stem of a checkpoint's two files (`checkpoint_files`)."""
     from .runs import slugify
@@ -196,6 +230,7 @@ class Trainer:
                             for name, _ in slot.named_parameters()]  # the order of `params` (slot by slot)
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
         warmup = max(0, c.warmup_steps)
+        self.loss_scale = LossScale(enabled=c.precision == "fp16")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         # The adapted model is a view of the shared tree (training runs the view, never thread routing: a
@@ -213,7 +248,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "step_offset": self.step_offset,
                 "adapter": [p.detach().clone() for p in self.params], "adapter_names": list(self.param_names),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "loss_scale": self.loss_scale.state_dict()}
 
     def load_state(self, state: dict) -> None:
         if len(state["adapter"]) != len(self.params) or state.get("adapter_names", self.param_names) != self.param_names:
@@ -223,6 +259,8 @@ class Trainer:
                 p.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "loss_scale" in state:  # states written before fp16 loss scaling start from the initial scale
+            self.loss_scale.load_state_dict(state["loss_scale"])
         self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
 
     def find_resume_point(self) -> dict | None:
@@ -364,14 +402,21 @@ class Trainer:
         except Exception as e:
             self.log.emit("warning", message=f"could not save step {self.global_step} after the failure: {e}")
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), times the fp16 loss scale (`LossScale`): fp16 activation gradients would otherwise
+        round small values to zero."""
+        (loss * self.loss_scale.scale if self.loss_scale.enabled else loss).backward()
+
     def apply_update(self) -> tuple[float, float, bool]:
-        """Clip the gradients, step AdamW and the schedule; returns (grad norm before clipping, lr used, skipped).
-        A non-finite norm (an fp16 overflow) skips the update as a loss scaler would; the schedule still moves so
-        step s keeps its learning rate."""
+        """Unscale (fp16), clip the gradients, step AdamW and the schedule; returns (grad norm before clipping, lr
+        used, skipped). A non-finite norm (an fp16 overflow) skips the update and lowers the loss scale; the
+        schedule still moves so step s keeps its learning rate."""
         c = self.config
+        self.loss_scale.unscale([p.grad for p in self.params if p.grad is not None])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
+        self.loss_scale.update(overflow=skipped)
         self._updating = True
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -388,7 +433,7 @@ class Trainer:
         batch = self.make_batch(step)
         result, t = self.loss_for_batch(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        self.backward(result.loss)
         grad_norm, lr, skipped = self.apply_update()
         per_item = result.per_item.detach().float().cpu().tolist()
         return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
@@ -476,7 +521,11 @@ class Trainer:
                 raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
                                "or use fp32/bf16 precision")
             self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
-            if metrics["skipped"]:
+            if metrics["skipped"] and self.loss_scale.enabled:  # a loss scale finding its level: expected, no alarm
+                self.log.emit("loss_scale", step=self.global_step, scale=self.loss_scale.scale,
+                              message=f"step {self.global_step}: fp16 gradients overflowed at this loss scale; the "
+                                      f"update was skipped and the scale lowered to {self.loss_scale.scale:g}")
+            elif metrics["skipped"]:
                 self.log.emit("warning", message=f"step {self.global_step}: the gradient norm was "
                               f"{metrics['grad_norm']}, the update was skipped (fp16 overflow? try bf16 or fp32)")
             if self.registry is not None and (self.step % 5 == 0 or self.step == c.steps):
