@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .layers import ExpoFourierFeatures
 from .loading import resolve_dtype
-from .text import PromptTokenizer, T5GemmaConfig, T5GemmaEncoder, TextEncoderCache, load_text_encoder
+from .text import PromptTokenizer, T5GemmaConfig, T5GemmaEncoder, TextEncoderCache, load_text_encoder, text_encoder_dtype
 
 TEXT_ENCODER_SUBFOLDER = "t5gemma-b-b-ul2"
 PADDING_MODES = ("none", "zero", "learned")
@@ -360,8 +360,8 @@ def resolve_text_encoder(entry_config: dict, text_encoder: str | Path | None = N
 def build_conditioner(conditioning_config: dict, text_encoder_dir_or_file: str | Path | None = None,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
                       ) -> MultiConditioner:
-    """A MultiConditioner with its T5Gemma loaded, in `dtype` on `device` (fresh conditioner weights: load the
-    checkpoint's `conditioner.*` tensors into it afterwards).
+    """A MultiConditioner with its T5Gemma loaded, in `dtype` (T5Gemma in `text_encoder_dtype(dtype)`) on `device`
+    (fresh conditioner weights: load the checkpoint's `conditioner.*` tensors into it afterwards).
 
     conditioning_config: `model.conditioning` of model_config.json. text_encoder_dir_or_file: see
     `resolve_text_encoder` (None: only the entry's own `model_path`). The T5 width is read from its config or
@@ -373,7 +373,7 @@ def build_conditioner(conditioning_config: dict, text_encoder_dir_or_file: str |
         if entry.get("type") == "t5gemma":
             entry["config"] = dict(entry.get("config") or {})
             path = resolve_text_encoder(entry["config"], text_encoder_dir_or_file)
-            encoder, tokenizer = load_text_encoder(path, dtype=dtype, device=device)
+            encoder, tokenizer = load_text_encoder(path, dtype=text_encoder_dtype(dtype), device=device)
             entry["config"].setdefault("text_dim", encoder.config.hidden_size)
             loaded[entry["id"]] = (encoder, tokenizer)
     multi = MultiConditioner(config).to(device=device, dtype=dtype)

@@ -37,6 +37,7 @@ from .loading import (
     resolve_dtype,
 )
 from .packs import TEXT_ENCODER_SUBFOLDER, PackError, find_text_encoder, get_pack, resolve_pack
+from .text import text_encoder_dtype
 
 
 class AutoencoderPretransform(nn.Module):
@@ -407,7 +408,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: st
       `models_dir`, downloaded when `download=True`); or a single ComfyUI checkpoint `.safetensors` file, whose
       config is inferred from its tensors (`objective`, `config_overrides` and `config=` fill what the weights do
       not say) — give its text encoder with `text_encoder=` (ComfyUI's `t5gemma_b_b_ul2.safetensors` or a folder).
-    dtype: "fp32" | "bf16" | "fp16" for the DiT and conditioners (the SAME autoencoder stays fp32 under fp16).
+    dtype: "fp32" | "bf16" | "fp16" for the DiT and conditioners (the SAME autoencoder and T5Gemma stay fp32 under fp16).
     Peak RAM while loading is about the model's size in `dtype` plus its largest tensor.
     A second model of the same pack (its ARC variant beside the base) loads with `sa3.sibling.load_sibling`,
     which shares the parts both have in common."""
@@ -421,7 +422,8 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "fp32", device: st
     model = SA3Model(loc.config, modules, torch_dtype, device, source=str(loc.path), pack=loc.pack,
                      variant=loc.variant)
     if loc.text_encoder is not None:
-        model.conditioner.conditioners["prompt"].load_text_encoder(loc.text_encoder, dtype=torch_dtype, device=device)
+        model.conditioner.conditioners["prompt"].load_text_encoder(loc.text_encoder, dtype=text_encoder_dtype(torch_dtype),
+                                                                   device=device)
     return model
 
 

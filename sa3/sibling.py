@@ -22,6 +22,7 @@ import torch
 
 from .host_streaming import place_around_blocks, stream_from_host
 from .model import SA3Model, build_modules, load_weights, loaded_dtype, locate_checkpoint
+from .text import text_encoder_dtype
 
 PRETRANSFORM = "pretransform."  # the SAME autoencoder's keys in a full checkpoint (`SA3Modules.pretransform`)
 
@@ -116,7 +117,7 @@ def load_sibling(base: SA3Model, source: str | Path, variant: str | None = "arc"
         prompt.share_text_encoder(base_prompt)
         shared_parts.append("text encoder")
     elif own is not None:
-        prompt.load_text_encoder(own, dtype=base.dtype, device=device)
+        prompt.load_text_encoder(own, dtype=text_encoder_dtype(base.dtype), device=device)
     model.shared_parts = tuple(shared_parts)
     return model
 

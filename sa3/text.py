@@ -473,6 +473,12 @@ def load_t5gemma_encoder(weights: str | Path, config: T5GemmaConfig | None = Non
     return encoder.eval().requires_grad_(False)
 
 
+def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """T5Gemma's dtype for a model loaded in `dtype`: fp32 when fp16 is asked for (Gemma-family activations exceed
+    fp16's range; its output is cast to the conditioner's dtype after), else the same."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def load_text_encoder(source: str | Path, dtype: str | torch.dtype = torch.float32,
                       device: str | torch.device = "cpu", config: T5GemmaConfig | dict | str | Path | None = None
                       ) -> tuple[T5GemmaEncoder, PromptTokenizer]:

@@ -183,3 +183,19 @@ def test_the_autoencoder_runs_at_the_models_sample_rate(tmp_path):
     assert load_model(folder).autoencoder.sample_rate == 48000
     ae = load_autoencoder(folder)
     assert ae.sample_rate == 48000 and ae.prepare_audio(torch.zeros(2, 4800), 48000).shape[-1] == 4800
+
+
+def test_fp16_keeps_the_text_encoder_in_fp32_and_its_prompts_equal_the_fp32_models(fixtures_dir):
+    """Gemma-family activations exceed fp16's range: under fp16 T5Gemma stays fp32 (like the SAME autoencoder), and
+    its output is cast to the conditioner's dtype only after."""
+    from sa3_lora_studio import load_model
+
+    fp16, fp32 = load_model(fixtures_dir / "tiny-small", dtype="fp16"), load_model(fixtures_dir / "tiny-small")
+    t5_16 = fp16.conditioner.conditioners["prompt"].text_encoder
+    assert next(t5_16.parameters()).dtype == torch.float32
+    assert next(load_model(fixtures_dir / "tiny-small", dtype="bf16").conditioner.conditioners["prompt"]
+                .text_encoder.parameters()).dtype == torch.bfloat16
+    prompts = ["a dusty breakbeat", ""]
+    ids, mask = fp16.conditioner.conditioners["prompt"].tokenize(prompts)
+    torch.testing.assert_close(fp16.conditioner.conditioners["prompt"].encode_tokens(ids, mask),
+                               fp32.conditioner.conditioners["prompt"].encode_tokens(ids, mask), rtol=0, atol=0)
