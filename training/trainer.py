@@ -521,7 +521,7 @@ class Trainer:
                 raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
                                "or use fp32/bf16 precision")
             self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
-            if metrics["skipped"] and self.loss_scale.enabled:  # a loss scale finding its level: expected, no alarm
+            if metrics["skipped"] and self.loss_scale.enabled and self.loss_scale.scale > 1:  # finding its level
                 self.log.emit("loss_scale", step=self.global_step, scale=self.loss_scale.scale,
                               message=f"step {self.global_step}: fp16 gradients overflowed at this loss scale; the "
                                       f"update was skipped and the scale lowered to {self.loss_scale.scale:g}")
