@@ -13,6 +13,7 @@ from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_m
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 CUSTOM = "(ComfyUI checkpoint file)"
+NO_FILE = "(none)"  # not "": some ComfyUI builds (the pip-installable fork) refuse an empty combo value
 
 
 def get_or_load(key: tuple, loader):
@@ -78,9 +79,9 @@ class SA3LoadPack:
                 "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto", "tooltip": "auto: CUDA, else Apple MPS, else CPU."}),
             },
             "optional": {
-                "checkpoint": ([""] + folder_files("checkpoints"), {"default": "", "tooltip": "Only for "
+                "checkpoint": ([NO_FILE] + folder_files("checkpoints"), {"default": NO_FILE, "tooltip": "Only for "
                                f"'{CUSTOM}': a single-file SA3 checkpoint from models/checkpoints."}),
-                "text_encoder": ([""] + folder_files("text_encoders"), {"default": "", "tooltip": "Only for "
+                "text_encoder": ([NO_FILE] + folder_files("text_encoders"), {"default": NO_FILE, "tooltip": "Only for "
                                  f"'{CUSTOM}': t5gemma_b_b_ul2.safetensors from models/text_encoders."}),
                 "download_missing": ("BOOLEAN", {"default": False, "tooltip": "Download a missing pack from the "
                                      "Hugging Face Hub (accept its licence on the model page and log in first)."}),
@@ -93,10 +94,11 @@ class SA3LoadPack:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a Stable Audio 3 model for SA3 LoRA Studio nodes; loaded models are cached and shared."
 
-    def load(self, pack, variant, dtype, device, checkpoint="", text_encoder="", download_missing=False):
+    def load(self, pack, variant, dtype, device, checkpoint=NO_FILE, text_encoder=NO_FILE, download_missing=False):
         from ..sa3.model import load_model
 
         dev = pick_device(device)
+        checkpoint, text_encoder = ("" if name in (NO_FILE, ".") else name for name in (checkpoint, text_encoder))
         if pack == CUSTOM:
             if not checkpoint:
                 raise ValueError(f"SA3 Load Pack: choose a checkpoint file for '{CUSTOM}'")

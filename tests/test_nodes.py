@@ -316,3 +316,20 @@ def test_comfyui_cancel_ends_a_waiting_train_node_and_the_run_trains_on(comfy, d
     assert manager.worker.is_running(run) and manager.registry.get(run)["status"] == "training"
     manager.control(run, "stop")
     assert manager.wait(run, 120)["status"] == "stopped"
+
+
+def test_load_pack_offers_a_non_empty_none_for_its_optional_files_and_accepts_the_old_spellings(monkeypatch):
+    """An empty combo value is refused by some ComfyUI builds (the pip-installable fork turns '' into '.'): the
+    optional checkpoint / text encoder offer '(none)'; '', '.' and '(none)' all mean no file."""
+    from sa3_lora_studio.nodes import model_nodes
+
+    optional = model_nodes.SA3LoadPack.INPUT_TYPES()["optional"]
+    for name in ("checkpoint", "text_encoder"):
+        options, spec = optional[name]
+        assert options[0] == spec["default"] == "(none)" and "" not in options
+    seen = []
+    monkeypatch.setattr(model_nodes, "get_or_load", lambda key, loader: seen.append(key) or "model")
+    monkeypatch.setattr(model_nodes, "models_dir", lambda: None)
+    for none in ("(none)", "", "."):
+        with pytest.raises(ValueError, match="choose a checkpoint file"):
+            model_nodes.SA3LoadPack().load(model_nodes.CUSTOM, "base", "fp32", "cpu", checkpoint=none, text_encoder=none)

@@ -117,7 +117,7 @@ GEN_WIDGETS = ["a prompt", "", 10.0, 5, "randomize", 8, 1.0, "auto", 1]
 
 
 def test_widget_values_map_by_position_and_seed_control_values_are_dropped():
-    ui = {"nodes": [ui_node(1, "SA3LoadPack", ["sa3-small-music", "arc", "bf16", "auto", "", "", False]),
+    ui = {"nodes": [ui_node(1, "SA3LoadPack", ["sa3-small-music", "arc", "bf16", "auto", "(none)", "(none)", False]),
                     ui_node(2, "SA3Generate", GEN_WIDGETS, [{"name": "model", "type": "SA3_MODEL", "link": 1},
                                                             {"name": "loras", "type": "SA3_LORA_STACK", "link": None}]),
                     ui_node(3, "Note", ["just a note"]), ui_node(4, "MarkdownNote", ["# a note"])],
