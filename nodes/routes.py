@@ -60,8 +60,9 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             config = manager.registry.config(run_id).to_dict()
         except RunError as e:
             return _error(404, str(e))
-        return web.json_response({"run": record, "config": config,
-                                  "latest_checkpoint": manager.registry.latest_checkpoint(run_id)})
+        latest = manager.registry.latest_checkpoint(run_id)
+        return web.json_response({"run": {**record, "latest_checkpoint": latest}, "config": config,
+                                  "latest_checkpoint": latest})  # in the record too, as /sa3/runs lists it
 
     async def get_events(request):
         manager = get_manager()

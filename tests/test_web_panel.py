@@ -236,6 +236,9 @@ def test_charts_plot_loss_lr_grad_norm_and_loss_by_noise_level_of_the_recorded_r
     with urllib.request.urlopen(site.url + f"/sa3/runs/{site.runs['done']}/loss_by_timestep?bins=5") as r:
         bins = json.load(r)["bins"]
     assert bins == loss_by_timestep(events, 5)
+    with urllib.request.urlopen(site.url + f"/sa3/runs/{site.runs['done']}") as r:
+        one = json.load(r)  # the record carries its latest checkpoint, as the list of runs does
+    assert one["run"]["latest_checkpoint"] == one["latest_checkpoint"] and one["latest_checkpoint"]["step"] > 0
     lbt = series(browser, "loss_by_noise")
     assert [s["name"] for s in lbt] == ["t 0.0–0.2", "t 0.2–0.4", "t 0.4–0.6", "t 0.6–0.8", "t 0.8–1.0"]
     for drawn, served in zip(lbt, bins):
