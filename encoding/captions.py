@@ -257,12 +257,13 @@ def path_fields(audio_path: str | Path, root: str | Path | None) -> dict:
 
 
 def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, warnings: list[str] | None = None,
-                    sources: dict[str, str] | None = None) -> dict:
+                    sources: dict[str, str] | None = None, origins: dict[str, str] | None = None) -> dict:
     """All metadata for one audio file, in the documented order (module docstring).
 
     audio_path: the audio file; root: the dataset folder (for path fields). Appends human-readable problems
     (invalid or unreachable sidecars, named by their path relative to root) to `warnings` and, per source used,
-    {source: where} to `sources`. Never raises on bad sidecars, tags or folders it may not look into."""
+    {source: where} to `sources`, and {field: the source it came from} to `origins` (e.g. origins["prompt"] is
+    "json", "txt" or "table"). Never raises on bad sidecars, tags or folders it may not look into."""
     audio = Path(audio_path)
     root = Path(root) if root is not None else None
     warns: list[str] = [] if warnings is None else warnings
@@ -276,7 +277,10 @@ def lookup_metadata(audio_path: str | Path, root: str | Path | None = None, *, w
     merged: dict = {}
     for name, fields, where in layers:  # lowest priority first: later layers override
         if fields:
-            merged.update({k: v for k, v in fields.items() if k not in RESERVED_FIELDS})
+            kept = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS}
+            merged.update(kept)
+            if origins is not None:
+                origins.update(dict.fromkeys(kept, name))
             if sources is not None:
                 sources[name] = where or ""
     for w in warns:

@@ -23,6 +23,7 @@ accident: see `plan_encode`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import fnmatch
 import hashlib
@@ -404,12 +405,17 @@ def _skipped(rec: dict, error: BaseException) -> dict:
     return {**rec, "status": "skipped", "reason": "encoding failed", "detail": f"{type(error).__name__}: {error}"[:500]}
 
 
-def _file_metadata(path: Path, root: Path) -> tuple[dict, list[str], dict]:
-    """(metadata, warnings, sources) of one audio file by the one lookup (`captions.lookup_metadata`)."""
+CAPTION_SOURCES = {"json": "JSON sidecars", "txt": ".txt sidecars", "table": "metadata tables"}
+
+
+def _file_metadata(path: Path, root: Path) -> tuple[dict, list[str], dict, str | None]:
+    """(metadata, warnings, sources, where its caption came from: "json" | "txt" | "table" | None) of one audio
+    file by the one lookup (`captions.lookup_metadata`)."""
     warnings: list[str] = []
     sources: dict[str, str] = {}
-    md = lookup_metadata(path, root, warnings=warnings, sources=sources)
-    return md, warnings, sources
+    origins: dict[str, str] = {}
+    md = lookup_metadata(path, root, warnings=warnings, sources=sources, origins=origins)
+    return md, warnings, sources, origins.get("prompt") if md.get("prompt") else None
 
 
 def _file_json(metadata: dict, sources: dict, encoded: dict) -> dict:
@@ -436,7 +442,7 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         latents = encode_waveform(encoder, audio, chunk_latents)
         if not np.isfinite(latents).all():
             raise AudioFileError("encoder produced NaN/inf")
-        md, warnings, sources = _file_metadata(path, root)
+        md, warnings, sources, caption = _file_metadata(path, root)
     except Exception as e:
         return _skipped(rec, e)
     n = latents.shape[-1]
@@ -468,7 +474,7 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
                 "detail": f"{utf8_text(str(npy_path.parent))}: {type(e).__name__}: {e}"[:500]}
     rec.update(status="encoded", latents=f"{output_relpath(relpath)}.npy", metadata=f"{output_relpath(relpath)}.json",
                n_latents=n, seconds=round(seconds, 6), source_sample_rate=info.sample_rate,
-               source_channels=info.channels, decoder=info.decoder)
+               source_channels=info.channels, decoder=info.decoder, caption=caption)
     if info.warnings or warnings:
         rec["warnings"] = list(info.warnings) + warnings
     return rec
@@ -543,6 +549,7 @@ class EncodeReport:
     removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
     excluded: list[str] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning): dataset files, tables
+    captions: dict[str, int] = field(default_factory=dict)  # dataset files by caption source ("json"...; "none")
     interrupted: bool = False
     seconds: float = 0.0  # audio seconds in the dataset
 
@@ -560,6 +567,11 @@ class EncodeReport:
                  f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded, "
                  f"{len({rel for rel, _ in self.warnings})} with warnings; {_duration_text(self.seconds)} of audio"
                  + (" (INTERRUPTED: run again to continue)" if self.interrupted else "")]
+        if self.captions:
+            found = [f"{self.captions[k]} from {name}" for k, name in CAPTION_SOURCES.items() if self.captions.get(k)]
+            none = self.captions.get("none", 0)
+            lines.append("  captions: " + ", ".join(found or ["none found"])
+                         + (f"; {none} file(s) without one (tags and path only)" if none and found else ""))
         lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
         lines += self._warning_lines()
         if not self.interrupted and not self.usable:
@@ -629,7 +641,8 @@ def _refresh_metadata(out_dir: Path, path: Path, root: Path, rec: dict, meta: di
     """Re-read a reused file's captions, tags and sidecars (cheap: no decoding) and rewrite its JSON when they
     changed, so edited captions reach the dataset without re-encoding. Returns rec with the file's warnings (its
     audio's, kept from the encode, and its sidecars', current)."""
-    md, warnings, sources = _file_metadata(path, root)
+    md, warnings, sources, caption = _file_metadata(path, root)
+    rec = {**rec, "caption": caption}
     encoded = {k: v for k, v in meta.items() if k in ENCODER_FIELDS and k != "metadata_sources"}
     encoded["path"] = str(Path(path).absolute())  # the source folder may have moved
     fresh = _file_json(md, sources, encoded)
@@ -831,6 +844,8 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
                            for w in f.get("warnings", [])]
         report.warnings += table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
+        report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
+                                                   if f["status"] == "encoded"))
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
     finally:

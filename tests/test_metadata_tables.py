@@ -124,14 +124,18 @@ def test_an_edited_table_reaches_the_encoded_dataset_without_reencoding(tmp_path
     (src / "metadata.csv").write_text("file_name,text\na.flac,first caption\n")
     first = encode_folder(src, out, ToyEncoder())
     assert sorted(first.encoded) == ["a.flac", "b.flac"]
+    assert "  captions: 1 from metadata tables; 1 file(s) without one (tags and path only)" in first.summary()
     prompts = {e["relpath"]: load_dataset(out).metadata(i).get("prompt") for i, e in enumerate(load_dataset(out).entries)}
     assert prompts == {"a.flac": "first caption", "b.flac": None}
     (src / "metadata.csv").write_text("file_name,text\na.flac,second caption\nb.flac,now captioned\n")
+    (src / "b.txt").write_text("the text sidecar wins")
     again = encode_folder(src, out, ToyEncoder())
     assert again.encoded == [] and sorted(again.reused) == ["a.flac", "b.flac"]
+    assert again.captions == {"table": 1, "txt": 1}
+    assert "  captions: 1 from .txt sidecars, 1 from metadata tables\n" in again.summary() + "\n"
     ds = load_dataset(out)
     assert {e["relpath"]: ds.metadata(i).get("prompt") for i, e in enumerate(ds.entries)} == {
-        "a.flac": "second caption", "b.flac": "now captioned"}
+        "a.flac": "second caption", "b.flac": "the text sidecar wins"}
 
 
 def test_absolute_paths_inside_the_table_folder_match_and_a_one_column_list_is_read(tmp_path):
