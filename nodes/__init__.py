@@ -14,16 +14,19 @@ for _module in (model_nodes, generate_nodes, lora_nodes, dataset_nodes, training
 
 
 def _register_routes() -> None:
-    """Inside ComfyUI (PromptServer exists): mount the /sa3 routes and mark runs that were training as interrupted."""
+    """Inside ComfyUI (PromptServer exists): mount the /sa3 routes, mark runs that were training as interrupted, and
+    let ComfyUI's unload/free-memory calls free SA3 models too."""
     try:
         from server import PromptServer
     except ImportError:
         return
     if getattr(PromptServer, "instance", None) is None:
         return
+    from .comfy_bridge import install_memory_hooks
     from .routes import register_routes
 
     register_routes(training_nodes.get_manager)
+    install_memory_hooks(model_nodes.unload_idle, model_nodes.offload_idle)
 
 
 _register_routes()

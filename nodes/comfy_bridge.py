@@ -79,6 +79,56 @@ def free_comfy_memory(bytes_needed: int, device) -> None:
         pass
 
 
+def install_memory_hooks(unload_idle, offload_idle, mm=None) -> bool:
+    """Make ComfyUI's memory management free SA3 models too (our models are not ComfyUI ModelPatchers, so it does
+    not see them): after its `unload_all_models` (the "Unload models" and "Free model and node cache" buttons)
+    `unload_idle()` runs; after its `free_memory(memory_required, device)` (another model is about to load) still
+    leaves too little free, `offload_idle(device)` moves idle SA3 models to host memory. Wrapped once; a failure in
+    ours is printed, never raised into ComfyUI. mm: the `comfy.model_management` module (tests pass a stand-in)."""
+    import functools
+    import traceback
+
+    if mm is None:
+        try:
+            import comfy.model_management as mm
+        except ImportError:
+            return False
+    if getattr(mm, "_sa3_memory_hooks", False):
+        return True
+
+    def quietly(fn, *args):
+        try:
+            fn(*args)
+        except Exception:
+            print("SA3 LoRA Studio: freeing SA3 models for ComfyUI failed:\n" + traceback.format_exc())
+
+    original_unload, original_free = getattr(mm, "unload_all_models", None), getattr(mm, "free_memory", None)
+    if original_unload is not None:
+        @functools.wraps(original_unload)
+        def unload_all_models(*args, **kwargs):
+            result = original_unload(*args, **kwargs)
+            quietly(unload_idle)
+            return result
+
+        mm.unload_all_models = unload_all_models
+    if original_free is not None:
+        def offload_if_short(memory_required, device) -> None:
+            import torch
+
+            if torch.device(device).type != "cpu" and mm.get_free_memory(device) < memory_required:
+                offload_idle(device)
+
+        @functools.wraps(original_free)
+        def free_memory(memory_required, device, *args, **kwargs):
+            result = original_free(memory_required, device, *args, **kwargs)
+            quietly(offload_if_short, memory_required, device)
+            return result
+
+        mm.free_memory = free_memory
+    mm._sa3_memory_hooks = True
+    return True
+
+
 def send_event(event: str, payload: dict) -> None:
     """Websocket event to the browser (safe from background threads: ComfyUI posts it to its loop)."""
     try:

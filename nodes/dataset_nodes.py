@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .comfy_bridge import CATEGORY, output_dir
+from .model_nodes import using
 
 
 def _patterns(text: str) -> list[str]:
@@ -76,7 +77,7 @@ class SA3EncodeAudioFolder:
                 return True
             return False
 
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), using(model):
             report = encode_folder(src, out, encoder=model, include=_patterns(include), exclude=_patterns(exclude),
                                    dtype=dtype, force=force, progress=progress, should_stop=should_stop)
         if report.interrupted:

@@ -6,6 +6,7 @@ import torch
 
 from ..sa3.generate import ADAPTER_MODES
 from .comfy_bridge import CATEGORY, progress_callback
+from .model_nodes import using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
 
@@ -72,10 +73,11 @@ def _optional_inputs():
 
 def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory="fast",
          **extra):
-    waveform, rate = model.generate(
-        prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
-        cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
-        loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=lora_memory, **extra)
+    with using(model):
+        waveform, rate = model.generate(
+            prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
+            cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
+            loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=lora_memory, **extra)
     return (audio_output(waveform, rate),)
 
 

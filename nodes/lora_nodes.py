@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files
+from .model_nodes import using
 
 RUN_PREFIX = "sa3 runs/"
 
@@ -151,7 +152,8 @@ class SA3ExportLoRAForComfyUI:
         src = chosen_lora("SA3 Export LoRA for ComfyUI", lora, lora_path)
         name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
-        report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)
+        with using(model):
+            report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)
         return {"ui": {"text": [f"{out}: {report}"]}, "result": (str(out),)}
 
 

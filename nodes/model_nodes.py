@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from ..sa3.packs import PACKS, get_pack
+from ..sa3.residency import empty_device_cache
 from ..training.trainer import pick_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir
 
 _CACHE: dict[tuple, object] = {}
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its cache key, while the model lives
 _LOCK = threading.Lock()
 CUSTOM = "(ComfyUI checkpoint file)"
 NO_FILE = "(none)"  # not "": some ComfyUI builds (the pip-installable fork) refuse an empty combo value
@@ -23,6 +28,7 @@ def get_or_load(key: tuple, loader):
         if model is None:
             model = loader()
             _CACHE[key] = model
+            _KEYS[model] = key
         return model
 
 
@@ -43,15 +49,73 @@ def loaded_models() -> list[tuple]:
         return list(_CACHE)
 
 
-def unload_all() -> int:
+@contextmanager
+def using(model):
+    """`with using(model):` around every computation a node does with an SA3 model. Brings offloaded weights back
+    to the device and keeps them there meanwhile (`sa3.residency`). A model that an unload dropped from the cache but
+    that ComfyUI still holds as a cached node output is cached again, so runs and nodes keep sharing one copy."""
     with _LOCK:
-        n = len(_CACHE)
-        _CACHE.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        key = _KEYS.get(model)
+        if key is not None:
+            _CACHE.setdefault(key, model)
+    with model.residency.in_use():
+        yield model
+
+
+def _describe(model) -> str:
+    kind = "ARC" if model.is_arc else "base"
+    return f"{model.pack or model.source} {kind} on {model.device}"
+
+
+@dataclass
+class UnloadReport:
+    unloaded: int = 0  # models dropped from the cache (idle ones)
+    offloaded: int = 0  # of those, GPU models whose weights moved to host memory
+    kept: list[str] = field(default_factory=list)  # models in use (a training run, a generation): left loaded
+
+    def summary(self) -> str:
+        text = f"unloaded {self.unloaded} SA3 model(s)"
+        if self.offloaded:
+            text += f", {self.offloaded} moved off the GPU"
+        if self.kept:
+            text += f"; kept {len(self.kept)} in use (a training run or a generation): " + ", ".join(self.kept)
+        return text
+
+
+def unload_idle() -> UnloadReport:
+    """Drop every idle model from the cache and offload its weights from the GPU (ComfyUI's "Unload models", SA3
+    Unload Models). Models in use stay: freeing them is impossible while a run holds them, and dropping them from
+    the cache would only make the next node load a second copy. A dropped CPU model's memory is freed when ComfyUI
+    lets go of the node output holding it (its "Free model and node cache", or a changed workflow)."""
+    report = UnloadReport()
+    with _LOCK:
+        for key, model in list(_CACHE.items()):
+            if model.residency.users:
+                if _describe(model) not in report.kept:
+                    report.kept.append(_describe(model))
+                continue
+            del _CACHE[key]
+            report.unloaded += 1
+            report.offloaded += model.residency.offload()
+    empty_device_cache(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        torch.mps.empty_cache()
-    return n
+        empty_device_cache(torch.device("mps"))
+    return report
+
+
+def offload_idle(device) -> int:
+    """Offload idle cached models on `device` to host memory (another model needs the memory); they stay cached and
+    come back on their next use. Returns how many moved."""
+    device = torch.device(device)
+    with _LOCK:
+        models = {id(m): m for m in _CACHE.values()}.values()
+    return sum(m.residency.offload() for m in models
+               if m.device.type == device.type and (device.index is None or m.device.index in (None, device.index)))
+
+
+def unload_all() -> int:
+    """`unload_idle()`, returning how many models were dropped."""
+    return unload_idle().unloaded
 
 
 def _out_of_memory_message(e: Exception, dtype: str, pack: str) -> str:
@@ -129,7 +193,8 @@ class SA3LoadPack:
 
 
 class SA3UnloadModels:
-    """Free every SA3 model this pack has cached (the next node that needs one loads it again)."""
+    """Free the SA3 models this pack has cached: GPU weights move to host memory at once (a cached SA3 Load Pack
+    output brings them back when next used), and idle models leave the cache. Models in use by a training run stay."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -141,7 +206,7 @@ class SA3UnloadModels:
     OUTPUT_NODE = True
 
     def unload(self, trigger=None):
-        return (f"unloaded {unload_all()} SA3 model(s)",)
+        return (unload_idle().summary(),)
 
 
 NODE_CLASS_MAPPINGS = {"SA3LoadPack": SA3LoadPack, "SA3UnloadModels": SA3UnloadModels}

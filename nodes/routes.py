@@ -120,9 +120,11 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         return web.json_response({"models": [list(map(str, key)) for key in cached()]})
 
     async def unload_models(request):
-        from .model_nodes import unload_all
+        from .model_nodes import unload_idle
 
-        return web.json_response({"unloaded": unload_all()})
+        report = unload_idle()
+        return web.json_response({"unloaded": report.unloaded, "offloaded": report.offloaded, "kept": report.kept,
+                                  "summary": report.summary()})
 
     return [
         ("GET", "/sa3/runs", list_runs),

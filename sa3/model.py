@@ -37,6 +37,7 @@ from .loading import (
     resolve_dtype,
 )
 from .packs import TEXT_ENCODER_SUBFOLDER, PackError, find_text_encoder, get_pack, resolve_pack
+from .residency import Residency
 from .text import text_encoder_dtype
 
 
@@ -101,7 +102,8 @@ class SA3Model:
     Attributes: `config` (SA3Config), `modules` (SA3Modules), `dit` (the DiffusionTransformer), `conditioner`,
     `autoencoder`, `dtype`, `device`, `source` (where it was loaded from), `pack` and `variant` when known.
     Thread-safety: every method here is read-only on the weights; adapters are applied per call (see adapters/),
-    so one loaded model can be shared by several nodes and a training run."""
+    so one loaded model can be shared by several nodes and a training run. Whoever computes with it holds
+    `residency.in_use()`, which brings offloaded weights back and keeps them on the device meanwhile."""
 
     def __init__(self, config: SA3Config, modules: SA3Modules, dtype: torch.dtype, device: torch.device,
                  source: str = "", pack: str | None = None, variant: str | None = None):
@@ -109,6 +111,7 @@ class SA3Model:
         self.source, self.pack, self.variant = source, pack, variant
         self.streams_dit = False  # DiT blocks lent from host memory per forward (`sa3.sibling`)
         self.shared_parts: tuple[str, ...] = ()  # parts shared with the model it was loaded beside
+        self.residency = Residency(self)  # users, and whether the weights are offloaded (`sa3.residency`)
 
     # --- parts ---
     @property

@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 MPS_INT64_UNSUPPORTED = {"aten.scatter_reduce.two", "aten.scatter_reduce_.two"}
-COPY_OPS = {"aten._to_copy.default", "aten.copy_.default", "aten.lift_fresh.default", "aten.set_.source_Tensor"}
+COPY_OPS = {"aten._to_copy.default", "aten.copy_.default", "aten.lift_fresh.default", "aten.set_.source_Tensor",
+            "aten._has_compatible_shallow_copy_type.default"}  # the last: Module.to's type check, computes nothing
 
 
 class Findings(collections.Counter):

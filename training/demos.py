@@ -63,10 +63,11 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     max_seconds = model.config.sample_size / model.config.sample_rate
     duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
     prompt = demo_prompt(trainer, spec, i, step)
-    audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
-                                 sampler="pingpong" if spec.arc else "euler",
-                                 loras=[{"adapter": adapter, "strength": spec.lora_strength}],
-                                 adapter_memory="low")  # no merged copy of the weights beside training's
+    with model.residency.in_use():  # an ARC model from the shared cache may have been offloaded between rounds
+        audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
+                                     sampler="pingpong" if spec.arc else "euler",
+                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}],
+                                     adapter_memory="low")  # no merged copy of the weights beside training's
     wav = audio[0]
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")

@@ -269,6 +269,8 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
                 log.emit("error", message=message)
                 log.emit("status", status="failed", error=message)
             raise
+        finally:
+            trainer.release_model()
         if rank == 0:
             print(f"run {run_id}: {status} at step {trainer.global_step}", flush=True)
         return 0

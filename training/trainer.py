@@ -164,6 +164,12 @@ class Trainer:
         return load_model(spec, dtype=self.config.precision, device=self.device, variant=variant,
                           models_dir=self.config.models_dir)
 
+    def release_model(self) -> None:
+        """The run no longer uses its model (it ended, failed or stopped): it may be offloaded again."""
+        if getattr(self, "_holds_model", False):
+            self._holds_model = False
+            self.model.residency.release()
+
     def load_arc_model(self, spec: str):
         """(model, private) for ARC demos: the ARC model already loaded in this process when the model provider has
         it (ComfyUI's model cache; not private), else a sibling of the training model holding only the ARC DiT and
@@ -181,6 +187,8 @@ class Trainer:
         c = self.config
         self.device = pick_device(c.device)
         self.model = self.load_model(c.model, "base")
+        self.model.residency.acquire()  # the run trains against these weights until `release_model`: never offloaded
+        self._holds_model = True
         check_trainable(self.model)
         if self.model.is_arc:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
@@ -591,6 +599,7 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         log.emit("status", status=status, **extra)
 
     set_status("loading")
+    trainer = None
     try:
         trainer = Trainer(config, registry.run_dir(run_id), run_id, log, model_provider, registry)
         trainer.setup()
@@ -602,6 +611,9 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
         raise
+    finally:
+        if trainer is not None:
+            trainer.release_model()
 
 
 __all__ = ["Trainer", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]

@@ -1,0 +1,199 @@
+"""Freeing SA3 models for ComfyUI: idle GPU models go to host memory and come back on their next use (the same
+object, as a cached SA3 Load Pack output is reused), models in use are kept, and ComfyUI's own unload/free-memory
+calls reach ours (sa3/residency.py, nodes/model_nodes.py, nodes/comfy_bridge.install_memory_hooks)."""
+
+import threading
+import types
+import warnings
+
+import comfy_stubs
+import pytest
+import torch
+from sa3_lora_studio import load_model
+from sa3_lora_studio.nodes import model_nodes
+from sa3_lora_studio.nodes.comfy_bridge import install_memory_hooks
+from simulated_device import simulate
+from test_nodes import _train_inputs, run_node
+
+
+@pytest.fixture
+def cache():
+    model_nodes.unload_all()
+    yield model_nodes
+    model_nodes.unload_all()
+
+
+def _devices(model, text_encoder=True) -> set[str]:
+    """Where the weights are; the text encoder goes back to the device only for a prompt it has not encoded."""
+    tensors = list(model.modules.parameters()) + list(model.modules.buffers())
+    encoder = model.conditioner.conditioners["prompt"].text_encoder
+    if encoder is not None and text_encoder:
+        tensors += list(encoder.parameters())
+    return {t.device.type for t in tensors}
+
+
+def _generate(model, seed=3):
+    """SA3 Generate's output waveform, as ComfyUI runs the node (inference mode)."""
+    from sa3_lora_studio.nodes.generate_nodes import SA3Generate
+
+    seconds = model.config.sample_size / model.sample_rate
+    with torch.inference_mode():
+        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, seed, 2, 3.0, "auto", 1)
+    return audio["waveform"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_an_idle_gpu_model_is_offloaded_and_its_next_use_brings_it_back(fixtures_dir, cache, device):
+    model = load_model(fixtures_dir / "tiny-small")
+    key = ("sa3-small-music", "base", "fp32", f"{device}:0")
+    with warnings.catch_warnings(), simulate(device) as findings:
+        warnings.simplefilter("ignore")
+        model.modules.to(device)
+        model.device = torch.device(device, 0)
+        assert cache.get_or_load(key, lambda: model) is model
+        before = _generate(model)
+        report = cache.unload_idle()
+        assert (report.unloaded, report.offloaded, report.kept) == (1, 1, [])
+        assert "1 moved off the GPU" in report.summary()
+        assert _devices(model) == {"cpu"} and model.residency.offloaded and cache.loaded_models() == []
+        after = _generate(model)  # ComfyUI reuses its cached SA3 Load Pack output: the same object
+        assert _devices(model, text_encoder=False) == {device} and not model.residency.offloaded
+        assert cache.find_loaded(key) is model  # cached again: a run started now shares it, no second copy
+        assert cache.unload_idle().offloaded == 1  # (inside the simulation: its tensors are simulated ones)
+    assert not findings, dict(findings)
+    assert torch.equal(before, after)
+
+
+def test_models_in_use_stay_loaded_and_are_named(fixtures_dir, cache):
+    model = load_model(fixtures_dir / "tiny-small")
+    key = ("sa3-small-music", "base", "fp32", "cuda:0")
+    with warnings.catch_warnings(), simulate("cuda"):
+        warnings.simplefilter("ignore")
+        model.modules.to("cuda")
+        model.device = torch.device("cuda", 0)
+        cache.get_or_load(key, lambda: model)
+        with model.residency.in_use():
+            report = cache.unload_idle()
+            assert (report.unloaded, report.offloaded) == (0, 0) and len(report.kept) == 1
+            assert "kept 1 in use" in report.summary() and "base on cuda:0" in report.summary()
+            assert cache.offload_idle("cuda:0") == 0
+            assert _devices(model, text_encoder=False) == {"cuda"} and cache.find_loaded(key) is model
+        assert model.residency.users == 0
+        assert cache.offload_idle("cuda:1") == 0  # another card's memory is not this model's
+        assert cache.offload_idle("cuda") == 1 and _devices(model) == {"cpu"}
+        assert cache.find_loaded(key) is model  # offloaded for memory pressure, still cached
+        cache.unload_idle()
+    with pytest.raises(RuntimeError, match="released more often"):
+        model.residency.release()
+
+
+def test_a_cpu_model_leaves_the_cache_but_stays_usable_and_is_shared_again(fixtures_dir, cache):
+    model = load_model(fixtures_dir / "tiny-small")
+    key = ("sa3-small-music", "base", "fp32", "cpu")
+    cache.get_or_load(key, lambda: model)
+    report = cache.unload_idle()
+    assert (report.unloaded, report.offloaded) == (1, 0) and cache.loaded_models() == []
+    assert not model.residency.can_offload and _devices(model) == {"cpu"}
+    with cache.using(model):
+        assert cache.find_loaded(key) is model
+    assert cache.get_or_load(key, lambda: pytest.fail("loaded a second copy")) is model
+
+
+def _comfy_model_management(free_bytes):
+    """The calls ComfyUI's model management makes, shaped as upstream's: unload_all_models() frees through the
+    module's own free_memory (so the wrapper sees that call too)."""
+    mm = types.ModuleType("comfy.model_management")
+    mm.calls = []
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        mm.calls.append(("free_memory", memory_required, str(device)))
+        return []
+
+    def unload_all_models():
+        mm.calls.append(("unload_all_models",))
+        mm.free_memory(1e30, torch.device("cuda", 0))
+
+    mm.free_memory, mm.unload_all_models = free_memory, unload_all_models
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: free_bytes[0]
+    return mm
+
+
+def test_comfyui_unload_and_free_memory_reach_sa3_models_once_wrapped(capsys):
+    free_bytes = [8 << 30]
+    mm = _comfy_model_management(free_bytes)
+    seen = []
+    unload = lambda: seen.append("unload_idle")  # noqa: E731
+    offload = lambda device: seen.append(("offload_idle", str(device)))  # noqa: E731
+    assert install_memory_hooks(unload, offload, mm) and install_memory_hooks(unload, offload, mm)  # wrapped once
+    assert mm.free_memory.__name__ == "free_memory" and mm.unload_all_models.__name__ == "unload_all_models"
+    assert mm.free_memory(1 << 30, torch.device("cuda", 0), keep_loaded=[]) == []  # enough free: ours stay
+    mm.free_memory(1 << 30, torch.device("cpu"))  # host memory: nothing of ours to move
+    assert seen == []
+    free_bytes[0] = 512 << 20
+    mm.free_memory(1 << 30, torch.device("cuda", 0))
+    assert seen == [("offload_idle", "cuda:0")]
+    seen.clear()
+    mm.unload_all_models()  # "Unload models": everything idle goes, through both hooks
+    assert seen == [("offload_idle", "cuda:0"), "unload_idle"]
+    assert mm.calls[-2:] == [("unload_all_models",), ("free_memory", 1e30, "cuda:0")]
+
+    def broken():
+        raise OSError("disk gone")
+
+    mm2 = _comfy_model_management(free_bytes)
+    install_memory_hooks(broken, offload, mm2)
+    mm2.unload_all_models()  # our failure is printed, never raised into ComfyUI's prompt worker
+    assert "freeing SA3 models for ComfyUI failed" in capsys.readouterr().out
+
+
+def test_the_hooks_are_installed_when_the_pack_loads_inside_comfyui(monkeypatch, tmp_path):
+    import sys
+
+    import sa3_lora_studio.nodes.routes as routes
+    from sa3_lora_studio import nodes
+
+    comfy_stubs.install(monkeypatch, tmp_path / "comfy")  # PromptServer.instance exists: "inside ComfyUI"
+    mm = sys.modules["comfy.model_management"]
+    mm.unload_all_models = lambda: None
+    monkeypatch.setattr(routes, "register_routes", lambda get_manager: None)
+    nodes._register_routes()
+    assert mm._sa3_memory_hooks and mm.unload_all_models.__wrapped__ is not None
+
+
+def test_a_training_run_keeps_its_model_until_it_ends(comfy_env, dataset):
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    manager = get_manager()
+    stepping, go_on = threading.Event(), threading.Event()
+
+    def on_event(event):
+        if event["type"] == "step":
+            stepping.set()
+            go_on.wait(60)
+
+    manager.listeners.append(on_event)
+    run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), steps=3,
+                                                      wait_until_done=False))
+    assert stepping.wait(120)
+    report = model_nodes.unload_idle()
+    assert report.unloaded == 0 and len(report.kept) == 1 and model.residency.users == 1
+    go_on.set()
+    assert manager.wait(run, 120)["status"] == "done"
+    assert model.residency.users == 0
+    assert model_nodes.unload_idle().unloaded >= 1
+
+
+@pytest.fixture
+def comfy_env(monkeypatch, tmp_path, fixtures_dir):
+    import shutil
+
+    from sa3_lora_studio.nodes import training_nodes
+
+    stubs = comfy_stubs.install(monkeypatch, tmp_path / "comfy")
+    shutil.copytree(fixtures_dir / "tiny-small", stubs.models_dir / "sa3" / "sa3-small-music" / "base")
+    model_nodes.unload_all()
+    training_nodes.reset_manager()
+    yield stubs
+    model_nodes.unload_all()
+    training_nodes.reset_manager()
