@@ -32,6 +32,12 @@ DEFAULTS = {  # per model kind: sampler, steps, CFG (the official docs and Gradi
 PADDING_SECONDS = 6.0
 
 
+def sampling_defaults(model) -> tuple[str, int, float]:
+    """(sampler, steps, CFG) a model samples with when the caller leaves them unset: the one rule for generation,
+    training demos and progress bars."""
+    return DEFAULTS["arc" if model.is_arc else "base"]
+
+
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
     """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([B, C, N] float, rate);
     a [C, N] or [N] waveform is one clip (B = 1)."""
@@ -133,8 +139,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     "low" computes the adapter path beside the shared weights at every step (no copy, a little slower; training
     demos use it, and a model streaming its DiT from host memory always does)."""
     cfg = model.config
-    kind = "arc" if cfg.is_arc else "base"
-    default_sampler, default_steps, default_cfg = DEFAULTS[kind]
+    default_sampler, default_steps, default_cfg = sampling_defaults(model)
     sampler = sampler or default_sampler
     steps = int(steps or default_steps)
     cfg_scale = float(default_cfg if cfg_scale is None else cfg_scale)

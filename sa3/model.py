@@ -208,7 +208,9 @@ class SA3Model:
     # --- generation ---
     @property
     def default_steps(self) -> int:
-        return 8 if self.is_arc else 50
+        from .generate import sampling_defaults
+
+        return sampling_defaults(self)[1]
 
     def generate(self, prompt, **kwargs):
         """Text-to-audio / audio-to-audio / inpainting; see `sa3.generate.generate` for every option.

@@ -33,6 +33,13 @@ class Residency:
         self.users = 0
         self.offloaded = False
 
+    def __getstate__(self) -> dict:  # a copied model (copy.deepcopy) starts with no users and its own lock
+        return {"_model": self._model, "offloaded": self.offloaded}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_model"])
+        self.offloaded = state["offloaded"]
+
     @property
     def can_offload(self) -> bool:
         """A GPU model whose weights all live on its device: a model lending its DiT blocks from host memory per

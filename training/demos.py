@@ -17,6 +17,7 @@ from pathlib import Path
 from ..encoding import batch_prompts
 from ..encoding.audio_write import write_audio
 from ..sa3.config import ConfigError
+from ..sa3.generate import sampling_defaults
 from ..sa3.loading import CheckpointError
 from ..sa3.packs import PackError
 from ..sa3.spectrogram import spectrogram_png
@@ -72,7 +73,7 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")
     settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
-                (1.0 if model.is_arc else 7.0), "steps": spec.steps or model.default_steps, "seed": spec.seed,
+                sampling_defaults(model)[2], "steps": spec.steps or model.default_steps, "seed": spec.seed,
                 "duration": duration, "lora_strength": spec.lora_strength, "step": step}
     atomic_write_json(folder / f"demo_{i}.json", settings)
     return i, audio_name, settings
