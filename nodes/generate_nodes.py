@@ -6,7 +6,7 @@ import torch
 
 from ..sa3.generate import ADAPTER_MODES
 from .comfy_bridge import CATEGORY, progress_callback
-from .model_nodes import using
+from .model_nodes import retry_after_freeing, using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
 
@@ -73,11 +73,16 @@ def _optional_inputs():
 
 def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory="fast",
          **extra):
-    with using(model):
-        waveform, rate = model.generate(
+    def generate():
+        return model.generate(
             prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
             cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
             loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=lora_memory, **extra)
+
+    with using(model):  # held while ComfyUI frees memory for a retry: this model is the one that needs it
+        waveform, rate = retry_after_freeing(
+            generate, model.device, f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch "
+            f"{batch_size}). Try a shorter duration, batch 1, lora_memory 'low', or a model loaded in bf16")
     return (audio_output(waveform, rate),)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import weakref
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sa3.packs import PACKS, get_pack
-from ..sa3.residency import empty_device_cache
+from ..sa3.residency import empty_device_cache, is_out_of_memory
 from ..training.trainer import pick_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir
 
@@ -118,10 +119,25 @@ def unload_all() -> int:
     return unload_idle().unloaded
 
 
-def _out_of_memory_message(e: Exception, dtype: str, pack: str) -> str:
-    return (f"SA3 Load Pack: out of memory loading {pack} in {dtype} ({e}). Try dtype bf16 or fp16, a smaller pack "
-            "(sa3-small-* instead of sa3-medium), device cpu, or unload other models (SA3 Unload Models / ComfyUI's "
-            "'Unload models').")
+def retry_after_freeing(fn, device, advice: str):
+    """fn(); when the device runs out of memory, ComfyUI is asked to free that device (its own models, and through
+    `install_memory_hooks` idle SA3 models; the caller's model stays if it holds `using`), then fn() runs once more.
+    Still out of memory: RuntimeError with `advice`."""
+    try:
+        return fn()
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        first = f"{type(e).__name__}: {str(e).strip()[:300]}"  # a string: the exception's frames hold tensors
+    gc.collect()
+    free_comfy_memory(1 << 62, device)
+    empty_device_cache(torch.device(device))
+    try:
+        return fn()
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+    raise RuntimeError(f"{advice} ({first})")
 
 
 class SA3LoadPack:
@@ -180,16 +196,13 @@ class SA3LoadPack:
             def loader():
                 return load_model(pack, dtype=dtype, device=dev, variant=variant,
                                   models_dir=root / "sa3" if root else None, download=download_missing)
-        try:
+        def load_shared():
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs normal tensors
-                return (get_or_load(key, loader),)
-        except torch.cuda.OutOfMemoryError as e:
-            free_comfy_memory(1 << 62, dev)
-            try:
-                with torch.inference_mode(False):
-                    return (get_or_load(key, loader),)
-            except torch.cuda.OutOfMemoryError:
-                raise RuntimeError(_out_of_memory_message(e, dtype, pack)) from None
+                return get_or_load(key, loader)
+
+        return (retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack} in {dtype} on "
+                                    f"{dev}. Try dtype bf16 or fp16, a smaller pack (sa3-small-* instead of "
+                                    "sa3-medium), or device cpu"),)
 
 
 class SA3UnloadModels:

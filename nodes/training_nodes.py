@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..encoding.audio_write import OUTPUT_FORMATS
-from .comfy_bridge import CATEGORY, output_dir, send_event, throw_if_interrupted
+from .comfy_bridge import CATEGORY, free_comfy_memory, output_dir, send_event, throw_if_interrupted
 
 _MANAGER = None
 _MANAGER_LOCK = threading.Lock()
@@ -84,6 +84,17 @@ def reset_manager() -> None:
     global _MANAGER
     with _MANAGER_LOCK:
         _MANAGER = None
+
+
+def make_room(model, config) -> None:
+    """On a GPU, ask ComfyUI to free what the run needs beyond the loaded model (its estimate): ComfyUI keeps its
+    own models on the device until its next load wants the memory, which a background run never asks for."""
+    from ..training.vram import estimate_training_memory
+
+    if model.device.type == "cpu":
+        return
+    estimate = estimate_training_memory(model.config, config, getattr(model, "text_encoder_parameters", None))
+    free_comfy_memory(estimate["total"] - estimate["weights"] - estimate["text_encoder"], model.device)
 
 
 def memory_warning(model, config) -> str | None:
@@ -159,7 +170,7 @@ class SA3TrainLoRA:
               demo_format="flac", demos=None, reset_step=False):
         from ..training.preflight import check_run_inputs
         from ..training.runs import DemoSpec, RunConfig, RunError
-        from .model_nodes import register_model
+        from .model_nodes import register_model, using
 
         if model.is_arc:
             raise ValueError("SA3 Train LoRA: model is an ARC (post-trained) model; connect an SA3 Load Pack with "
@@ -180,6 +191,8 @@ class SA3TrainLoRA:
             check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not in the background
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
+        with using(model):  # ComfyUI frees its own models if the run needs the room (this one stays)
+            make_room(model, config)
         warning = memory_warning(model, config)
         manager = get_manager()
         run_id = manager.submit(config)

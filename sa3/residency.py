@@ -23,6 +23,12 @@ def empty_device_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or MPS's RuntimeError "MPS backend out of memory"."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
 class Residency:
     """The users count and the offloaded state of one SA3Model. Thread-safe: a training thread, ComfyUI's prompt
     worker and the server's route handlers may all ask at once."""
@@ -83,4 +89,4 @@ class Residency:
         return True
 
 
-__all__ = ["Residency", "empty_device_cache"]
+__all__ = ["Residency", "empty_device_cache", "is_out_of_memory"]

@@ -197,3 +197,63 @@ def comfy_env(monkeypatch, tmp_path, fixtures_dir):
     yield stubs
     model_nodes.unload_all()
     training_nodes.reset_manager()
+
+
+def test_a_generation_out_of_device_memory_frees_comfyui_models_and_other_idle_sa3_models_then_retries(
+        fixtures_dir, cache, monkeypatch, tmp_path):
+    import sys
+
+    comfy_stubs.install(monkeypatch, tmp_path / "comfy")
+    mm = _comfy_model_management([0])  # ComfyUI freed what it could; the device is still full
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setattr(sys.modules["comfy"], "model_management", mm)
+    install_memory_hooks(cache.unload_idle, cache.offload_idle, mm)
+    model, other = load_model(fixtures_dir / "tiny-small"), load_model(fixtures_dir / "tiny-small")
+    real_generate, failures = model.generate, [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")]
+
+    def generate(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_generate(*args, **kwargs)
+
+    model.generate = generate
+    with warnings.catch_warnings(), simulate("cuda") as findings:
+        warnings.simplefilter("ignore")
+        for m, variant in ((model, "base"), (other, "arc")):
+            m.modules.to("cuda")
+            m.device = torch.device("cuda", 0)
+            cache.get_or_load(("sa3-small-music", variant, "fp32", "cuda:0"), lambda m=m: m)
+        wave = _generate(model)
+        assert ("free_memory", 1 << 62, "cuda:0") in mm.calls  # ComfyUI was asked for the whole device
+        assert _devices(other, text_encoder=False) == {"cpu"}  # an idle SA3 model made room
+        assert _devices(model, text_encoder=False) == {"cuda"}  # the generating one stayed where it works
+        failures[:] = [RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)")] * 2
+        with pytest.raises(RuntimeError, match=r"SA3 generation: out of memory on cuda:0 .*lora_memory 'low'.*MPS "
+                                               r"backend out of memory"):
+            _generate(model)
+        failures[:] = [ValueError("not a memory problem")]
+        calls = len(mm.calls)
+        with pytest.raises(ValueError, match="not a memory problem"):
+            _generate(model)
+        assert len(mm.calls) == calls  # no retry for other errors
+        cache.unload_idle()
+    assert not findings, dict(findings)
+    assert wave.shape[0] == 1 and torch.isfinite(wave).all() and model.residency.users == 0
+
+
+def test_training_on_a_gpu_asks_comfyui_for_the_room_it_estimates(comfy_env, dataset, monkeypatch):
+    from sa3_lora_studio.nodes import training_nodes
+    from sa3_lora_studio.training.runs import RunConfig
+    from sa3_lora_studio.training.vram import estimate_training_memory
+
+    model = load_model(comfy_env.models_dir / "sa3" / "sa3-small-music" / "base")
+    asked = []
+    monkeypatch.setattr(training_nodes, "free_comfy_memory", lambda n, device: asked.append((n, str(device),
+                                                                                            model.residency.users)))
+    config = RunConfig(dataset=str(dataset), model="sa3-small-music", steps=1)
+    training_nodes.make_room(model, config)
+    assert asked == []  # a CPU model: host memory is not ComfyUI's to free
+    model.device = torch.device("cuda", 0)
+    training_nodes.make_room(model, config)
+    estimate = estimate_training_memory(model.config, config, model.text_encoder_parameters)
+    assert asked == [(estimate["total"] - estimate["weights"] - estimate["text_encoder"], "cuda:0", 0)]
