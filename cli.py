@@ -12,8 +12,9 @@ import sys
 
 def _cmd_info(args) -> int:
     from .sa3.model import load_model
+    from .training.trainer import pick_device
 
-    model = load_model(args.source, dtype=args.dtype, device=args.device, variant=args.variant,
+    model = load_model(args.source, dtype=args.dtype, device=pick_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)
     cfg = model.config
     n_params = sum(p.numel() for p in model.modules.parameters())
@@ -60,21 +61,23 @@ def _cmd_quickstart(args) -> int:
     return run_quickstart(args)
 
 
+def add_model_args(p, device: str = "cpu") -> None:
+    """The arguments that say which model to load (`sa3.model.load_model`'s)."""
+    p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
+    p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
+    p.add_argument("--text-encoder", default=None, help="T5Gemma folder or ComfyUI t5gemma_b_b_ul2.safetensors")
+    p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=device, help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa3-lora", description="SA3 LoRA Studio: train and use Stable Audio 3 "
                                      "LoRA-family adapters from the command line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def model_args(p):
-        p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
-        p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
-        p.add_argument("--text-encoder", default=None, help="T5Gemma folder or ComfyUI t5gemma_b_b_ul2.safetensors")
-        p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
-        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-        p.add_argument("--device", default="cpu")
-
     p = sub.add_parser("info", help="load a model and print its configuration")
-    model_args(p)
+    add_model_args(p)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("download", help="download a pack from the Hugging Face Hub (gated: accept the licence first)")
@@ -113,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extension_hooks():
     """Subcommands contributed by other parts of the pack (encoding, training, client), if present."""
     from .api_client import add_queue_parser
+    from .generate_cli import add_generate_parser
     from .training.cli import add_train_parsers
 
-    hooks = [add_queue_parser, add_train_parsers]
+    hooks = [add_generate_parser, add_queue_parser, add_train_parsers]
     try:
         from .encoding.cli import add_dataset_parser, add_encode_parser
 
@@ -143,4 +147,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser"]
+__all__ = ["add_model_args", "build_parser", "main"]

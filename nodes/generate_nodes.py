@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sa3.generate import ADAPTER_MODES
+from ..sa3.generate import ADAPTER_MODES, continuation_region, parse_regions
 from .comfy_bridge import CATEGORY, progress_callback
 from .model_nodes import retry_after_freeing, using
 
@@ -28,21 +28,6 @@ def audio_input(audio: dict, name: str) -> tuple[torch.Tensor, int]:
     return wav.detach().clone().float(), int(audio["sample_rate"])
 
 
-def parse_regions(text: str) -> list[tuple[float, float]]:
-    """'4.0-8.0, 16-20' -> [(4.0, 8.0), (16.0, 20.0)] (seconds; each start < end)."""
-    regions = []
-    for part in [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]:
-        bits = part.split("-")
-        try:
-            if len(bits) != 2:
-                raise ValueError
-            start, end = float(bits[0]), float(bits[1])
-        except ValueError:
-            raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
-        if not 0 <= start < end < float("inf"):
-            raise ValueError(f"region {part!r}: need 0 <= start < end, finite, in seconds")
-        regions.append((start, end))
-    return regions
 
 
 def _common_inputs():
@@ -144,18 +129,12 @@ class SA3Inpaint:
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio, regions,
                  continuation, paste_back, loras=None, lora_memory="fast"):
         source = audio_input(audio, "SA3 Inpaint")
-        if continuation:
-            source_seconds = source[0].shape[-1] / source[1]
-            if duration <= source_seconds:
-                raise ValueError(f"SA3 Inpaint: continuation needs duration > the source length ({source_seconds:.2f} s)")
-            spans = [(source_seconds, duration)]
-        else:
-            try:
-                spans = parse_regions(regions)
-            except ValueError as e:
-                raise ValueError(f"SA3 Inpaint: {e}") from None
-            if not spans:
-                raise ValueError("SA3 Inpaint: give at least one region, e.g. '4.0-8.0'")
+        try:
+            spans = [continuation_region(source, duration)] if continuation else parse_regions(regions)
+        except ValueError as e:
+            raise ValueError(f"SA3 Inpaint: {e}") from None
+        if not spans:
+            raise ValueError("SA3 Inpaint: give at least one region, e.g. '4.0-8.0'")
         return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
                     inpaint_audio=source, inpaint_regions=spans, paste_back=paste_back)
 

@@ -38,6 +38,31 @@ def sampling_defaults(model) -> tuple[str, int, float]:
     return DEFAULTS["arc" if model.is_arc else "base"]
 
 
+def parse_regions(text: str) -> list[tuple[float, float]]:
+    """'4.0-8.0, 16-20' -> [(4.0, 8.0), (16.0, 20.0)] (seconds; each start < end)."""
+    regions = []
+    for part in [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]:
+        bits = part.split("-")
+        try:
+            if len(bits) != 2:
+                raise ValueError
+            start, end = float(bits[0]), float(bits[1])
+        except ValueError:
+            raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
+        if not 0 <= start < end < float("inf"):
+            raise ValueError(f"region {part!r}: need 0 <= start < end, finite, in seconds")
+        regions.append((start, end))
+    return regions
+
+
+def continuation_region(source, duration: float) -> tuple[float, float]:
+    """The inpainting region that continues `source` ((waveform [..., N], rate)) from its end up to `duration` s."""
+    source_seconds = source[0].shape[-1] / source[1]
+    if duration <= source_seconds:
+        raise ValueError(f"continuation needs duration > the source length ({source_seconds:.2f} s)")
+    return source_seconds, float(duration)
+
+
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
     """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([B, C, N] float, rate);
     a [C, N] or [N] waveform is one clip (B = 1)."""
@@ -166,7 +191,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if d <= 0:
             raise ValueError(f"duration must be > 0 s (got {d:g})")
         if d > max_seconds:
-            warnings.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.2f} s; "
+            warnings.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.4g} s; "
                           "the output is capped there", stacklevel=2)
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())

@@ -1,0 +1,91 @@
+"""`sa3-lora generate`: the engine's generation from the command line, files and settings it writes, its errors."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from sa3_lora_studio import load_model
+from sa3_lora_studio.cli import main
+from sa3_lora_studio.generate_cli import output_paths, parse_lora
+from sa3_lora_studio.sa3.generate import generate
+
+
+def _lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def _pcm24(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, -1, 1 - 2**-23) * 2**23) / 2**23
+
+
+@pytest.mark.filterwarnings("ignore:duration")
+def test_a_batch_with_stacked_loras_is_the_engine_call_and_names_its_seed(fixtures_dir, tmp_path, capsys):
+    lora, bora = fixtures_dir / "golden" / "lora" / "lora.safetensors", fixtures_dir / "golden" / "lora" / "bora.safetensors"
+    args = [str(fixtures_dir / "tiny-small"), "--prompt", "a bell", "--duration", "0.02", "--steps", "3",
+            "--lora", f"{lora}@0.7", "--lora", str(bora), "--lora-skip-first-steps", "1", "--batch", "2",
+            "--device", "cpu", "--out", str(tmp_path / "takes" / "bell.wav")]
+    assert main(["generate", *args]) == 0
+    lines = _lines(capsys)
+    assert [line["file"] for line in lines] == [str(tmp_path / "takes" / f"bell_{i}.wav") for i in range(2)]
+    seed = lines[0]["seed"]
+    assert seed >= 0 and lines[0]["steps"] == 3 and lines[0]["cfg"] == 7.0 and lines[0]["sampler"] == "euler"
+    assert [(x["strength"], x["skip_first_steps"]) for x in lines[0]["loras"]] == [(0.7, 1), (1.0, 1)]
+    model = load_model(fixtures_dir / "tiny-small")
+    expected, rate = generate(model, "a bell", duration=0.02, seed=seed, steps=3, batch_size=2,
+                              loras=[{"path": str(lora), "strength": 0.7, "skip_first_steps": 1},
+                                     {"path": str(bora), "strength": 1.0, "skip_first_steps": 1}])
+    for i, line in enumerate(lines):
+        written, written_rate = sf.read(line["file"], dtype="float64", always_2d=True)
+        assert written_rate == rate and sf.info(line["file"]).subtype == "PCM_24"
+        np.testing.assert_allclose(written.T, _pcm24(expected[i].double().numpy()), atol=2**-22)
+    assert not np.allclose(sf.read(lines[0]["file"])[0], sf.read(lines[1]["file"])[0])  # two different takes
+    # the seed in the JSON lines makes the takes again
+    assert main(["generate", *args[:-2], "--seed", str(seed), "--out", str(tmp_path / "again.flac")]) == 0
+    for line, again in zip(lines, _lines(capsys)):
+        assert again["file"].endswith(".flac") and sf.info(again["file"]).format == "FLAC"
+        np.testing.assert_allclose(sf.read(again["file"])[0], sf.read(line["file"])[0], atol=2**-22)  # 24-bit LSB
+
+
+@pytest.mark.filterwarnings("ignore:duration")
+def test_inpainting_and_audio_to_audio_read_their_source_files(fixtures_dir, tmp_path, capsys):
+    model = load_model(fixtures_dir / "tiny-small-arc")
+    source = torch.zeros(2, 768).uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(0))
+    sf.write(tmp_path / "source.wav", source.numpy().T, 44100, subtype="FLOAT")
+    common = [str(fixtures_dir / "tiny-small-arc"), "--prompt", "rain", "--duration", "0.02", "--seed", "4",
+              "--device", "cpu"]
+    assert main(["generate", *common, "--inpaint", str(tmp_path / "source.wav"), "--regions", "0.005-0.01",
+                 "--paste-back", "--out", str(tmp_path / "fixed.flac")]) == 0
+    line = _lines(capsys)[0]
+    assert line["regions"] == [[0.005, 0.01]] and line["paste_back"] and line["sampler"] == "pingpong"
+    expected, _ = generate(model, "rain", duration=0.02, seed=4, inpaint_audio=(source, 44100),
+                           inpaint_regions=[(0.005, 0.01)], paste_back=True)
+    np.testing.assert_allclose(sf.read(line["file"], always_2d=True)[0].T, _pcm24(expected[0].double().numpy()),
+                               atol=2**-22)
+    assert main(["generate", *common, "--init-audio", str(tmp_path / "source.wav"), "--init-noise-level", "0.5",
+                 "--out", str(tmp_path / "varied.wav")]) == 0
+    line = _lines(capsys)[0]
+    expected, _ = generate(model, "rain", duration=0.02, seed=4, init_audio=(source, 44100), init_noise_level=0.5)
+    np.testing.assert_allclose(sf.read(line["file"], always_2d=True)[0].T, _pcm24(expected[0].double().numpy()),
+                               atol=2**-22)
+
+
+def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, capsys):
+    model = str(fixtures_dir / "tiny-small")
+    (tmp_path / "noise.wav").write_bytes(b"RIFF....WAVEjunk")
+    cases = [
+        (["--regions", "1-2"], "--regions, --continue and --paste-back need --inpaint"),
+        (["--inpaint", "x.wav"], "--inpaint needs --regions"),
+        (["--inpaint", "x.wav", "--regions", "2-1"], "--regions: region '2-1': need 0 <= start < end"),
+        (["--out", "a.ogg"], "--out a.ogg: the extension picks the format"),
+        (["--lora", "nope.safetensors@0.5"], "--lora nope.safetensors: no such file"),
+        (["--inpaint", str(tmp_path / "noise.wav"), "--continue"], "--inpaint .*noise.wav: not audio"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", model, "--prompt", "x", "--device", "cpu", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err), (extra, err)
+    assert parse_lora("C:/loras/x@y.safetensors") == {"path": "C:/loras/x@y.safetensors", "strength": 1.0}
+    assert parse_lora("a@b.safetensors@-0.5") == {"path": "a@b.safetensors", "strength": -0.5}
+    assert output_paths("out/take.mp3", 3)[2].name == "take_2.mp3"
