@@ -55,6 +55,25 @@ def write_take(path: Path, samples, sample_rate: int) -> Path:
     return write_audio(path, samples, sample_rate, path.suffix.lower()[1:])
 
 
+class StepPrinter:
+    """A sampler callback printing "step i/total" to stderr: one rewritten line at a terminal, else every tenth step.
+    (Audio-to-audio starts part-way down the schedule, so fewer than `total` steps may come.)"""
+
+    def __init__(self, total: int):
+        self.total, self.count, self.tty = total, 0, sys.stderr.isatty()
+
+    def __call__(self, info: dict) -> None:
+        self.count += 1
+        if self.tty:
+            print(f"\rsampling: step {self.count}/{self.total}", end="", file=sys.stderr, flush=True)
+        elif self.count % 10 == 0:
+            print(f"sampling: step {self.count}/{self.total}", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and self.count:
+            print(file=sys.stderr)
+
+
 def _source_audio(path: str | None, option: str):
     if path is None:
         return None
@@ -103,6 +122,7 @@ def run_generate(args) -> int:
                 "duration": args.duration, "seed": seed, "steps": args.steps or steps,
                 "cfg": cfg if args.cfg is None else args.cfg, "sampler": args.sampler or sampler,
                 "loras": loras}
+    progress = StepPrinter(settings["steps"])
     with model.residency.in_use(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         audio, rate = generate(model, args.prompt, negative_prompt=args.negative_prompt or None,
@@ -110,7 +130,8 @@ def run_generate(args) -> int:
                                sampler=settings["sampler"], batch_size=args.batch, init_audio=init,
                                init_noise_level=args.init_noise_level, inpaint_audio=inpaint,
                                inpaint_regions=regions or None, paste_back=args.paste_back, loras=loras or None,
-                               adapter_memory=args.lora_memory)
+                               adapter_memory=args.lora_memory, callback=progress)
+    progress.finish()
     for w in caught:  # e.g. a duration capped at the model's maximum: one plain line, not a source location
         print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
     if init is not None:

@@ -89,3 +89,12 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
     assert parse_lora("C:/loras/x@y.safetensors") == {"path": "C:/loras/x@y.safetensors", "strength": 1.0}
     assert parse_lora("a@b.safetensors@-0.5") == {"path": "a@b.safetensors", "strength": -0.5}
     assert output_paths("out/take.mp3", 3)[2].name == "take_2.mp3"
+
+
+@pytest.mark.filterwarnings("ignore:duration")
+def test_progress_goes_to_stderr_and_the_json_lines_alone_to_stdout(fixtures_dir, tmp_path, capsys):
+    assert main(["generate", str(fixtures_dir / "tiny-small"), "--prompt", "x", "--duration", "0.02", "--steps", "20",
+                 "--device", "cpu", "--out", str(tmp_path / "p.wav")]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["steps"] for line in captured.out.splitlines()] == [20]
+    assert "sampling: step 10/20" in captured.err and "sampling: step 20/20" in captured.err
