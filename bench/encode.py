@@ -28,13 +28,25 @@ except ImportError:  # not installed: import the checkout as the package
 
 
 def peak_rss_mb() -> float:
+    """VmHWM: the peak since the last `reset_peak_rss_mb` (ru_maxrss cannot be reset)."""
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def reset_peak_rss_mb() -> float:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); returns that RSS in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_rss_mb()
+
+
 def main() -> None:
-    from sa3_lora_studio.encoding.audio_io import load_audio
+    from sa3_lora_studio.encoding.audio_io import DECODE_COPIES, load_audio
     from sa3_lora_studio.encoding.dataset import encode_folder, encode_waveform, load_encoder
     from sa3_lora_studio.encoding.toy import ToyEncoder, write_audio_file
+    from sa3_lora_studio.training.cpu_heap import trim_heap
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the long test file")
@@ -74,15 +86,21 @@ def main() -> None:
             enc_times.append(time.perf_counter() - t0)
         model_only = statistics.median(enc_times)
         rss_before = peak_rss_mb()
+        del out
+        trim_heap()
+        base = reset_peak_rss_mb()  # from here the peak is this encode_folder's
         t0 = time.perf_counter()
         report = encode_folder(src, Path(tmp) / "out", encoder, force=True, chunk_latents=args.chunk_latents)
         total = time.perf_counter() - t0
         assert report.encoded == ["long-flac.flac"], report.summary()
         chunk = args.chunk_latents or "model"
+        copies = (peak_rss_mb() - base) / (args.seconds * 44100 * 2 * 4 / 2**20)
+        verdict = "ok" if copies <= DECODE_COPIES else "MORE than"
         print(f"{ctx}  encoder={name} ratio={encoder.downsampling_ratio} chunk={chunk}  model encode {model_only:.2f} s "
               f"({args.seconds / model_only:.1f} audio s/s)  encode_folder {total:.2f} s "
               f"({args.seconds / total:.1f} audio s/s, {total / model_only:.2f}x model)  "
-              f"peak_rss {max(rss_before, peak_rss_mb()):.0f} MB")
+              f"peak_rss {max(rss_before, peak_rss_mb()):.0f} MB; the file's encode peaked at {copies:.2f} copies of its "
+              f"44.1 kHz stereo float32 samples ({verdict} DECODE_COPIES={DECODE_COPIES}, the skip rule's figure)")
 
 
 if __name__ == "__main__":

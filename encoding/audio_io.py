@@ -37,7 +37,12 @@ AUDIO_EXTENSIONS = frozenset({
 
 # A decoder that returns less than this fraction of the container's declared length "stopped early": try the other.
 SHORT_DECODE_FRACTION = 0.98
-DECODE_COPIES = 8  # float32 copies of a file's samples alive at once while it is decoded and encoded (measured ~7)
+# float32 copies of a file's 44.1 kHz stereo samples alive at once while it is decoded and encoded: measured 2.4
+# (44.1 kHz source) to 2.7 (48 kHz, resampled) with the SAME encoder (bench/encode.py prints it), plus a margin
+DECODE_COPIES = 3.5
+ENCODE_RESERVE_BYTES = 640 << 20  # the encoder's working memory for one 128-latent chunk, whatever the file's length:
+# measured 561 MB for SAME-L (sa3-medium) and 163 MB for SAME-S (the small packs), random weights of the real sizes
+READ_BLOCK_FRAMES = 1 << 16  # frames per soundfile read
 MAX_PEAK = 100.0  # |sample| above this (+40 dBFS) is garbage, not a hot mix: the file is skipped
 MAX_PADDING_FRAMES = 2048  # decoded beyond an MP4's declared duration by at most this: encoder padding, trimmed
 
@@ -66,11 +71,19 @@ class DecodedAudio:
 
     @property
     def channels(self) -> int:
-        return self.samples.shape[0]
+        return self._shape()[0]
 
     @property
     def frames(self) -> int:
-        return self.samples.shape[1]
+        return self._shape()[1]
+
+    def _shape(self) -> tuple[int, int]:
+        return self.samples.shape if self.samples is not None else self.released_shape
+
+    def release_samples(self) -> None:
+        """Drop the samples, keep the facts (channels, frames, seconds): `load_audio`'s caller holds the converted
+        audio, and a long file's source samples would otherwise stay alive through its encoding."""
+        self.released_shape, self.samples = self.samples.shape, None
 
     @property
     def seconds(self) -> float:
@@ -147,10 +160,22 @@ def _decode_soundfile(path: str) -> DecodedAudio:
         declared = _known_frames(f.frames)
         if f.format in ("WAV", "WAVEX"):
             declared = max(declared or 0, _wav_declared_frames(path) or 0) or None
-        data = f.read(dtype="float32", always_2d=True)  # [N, C]
         rate = f.samplerate
         is_float = f.subtype in ("FLOAT", "DOUBLE")
-    return DecodedAudio(np.ascontiguousarray(data.T), int(rate), "soundfile", declared, is_float)
+        known = _known_frames(f.frames)
+        if known:  # block by block into [C, N]: no whole interleaved [N, C] copy beside it
+            samples = np.empty((f.channels, known), dtype=np.float32)
+            done = 0
+            while done < known:
+                block = f.read(frames=min(READ_BLOCK_FRAMES, known - done), dtype="float32", always_2d=True)
+                if not len(block):
+                    break  # shorter than its header says: what was read is kept (the caller warns)
+                samples[:, done:done + len(block)] = block.T
+                done += len(block)
+            samples = samples[:, :done]
+        else:
+            samples = np.ascontiguousarray(f.read(dtype="float32", always_2d=True).T)
+    return DecodedAudio(samples, int(rate), "soundfile", declared, is_float)
 
 
 def _decode_pyav(path: str) -> DecodedAudio:
@@ -199,10 +224,18 @@ def _short(d: DecodedAudio) -> bool:
     return d.declared_frames is not None and d.frames < SHORT_DECODE_FRACTION * d.declared_frames
 
 
+def sample_peak(samples: np.ndarray) -> float:
+    """max |sample| (NaN when a sample is NaN, inf when one is infinite), without an |x| copy of a long file."""
+    if not samples.size:
+        return 0.0
+    hi, lo = abs(float(samples.max())), abs(float(samples.min()))  # numpy's max/min are NaN when any sample is
+    return math.nan if math.isnan(hi) or math.isnan(lo) else max(hi, lo)
+
+
 def fit_level(d: DecodedAudio) -> None:
     """Bring d.samples into [-1, 1] in place by the module's level policy, noting what was done in d.warnings.
     Raises AudioFileError when the peak is above MAX_PEAK."""
-    peak = float(np.abs(d.samples).max()) if d.samples.size else 0.0
+    peak = sample_peak(d.samples)
     if peak <= 1.0:
         return
     level = f"peak {peak:.3g} ({20 * math.log10(peak):+.1f} dBFS)"
@@ -244,15 +277,15 @@ def declared_length(path: str) -> tuple[int, int, int] | None:
 
 def check_fits_in_memory(path: str) -> None:
     """AudioFileError when the whole file cannot be decoded, resampled and encoded in the free host memory (about
-    DECODE_COPIES float32 copies at 44.1 kHz or its own rate), so a very long file is skipped with a reason instead
-    of the system killing the whole encode."""
+    DECODE_COPIES float32 copies at 44.1 kHz or its own rate, plus the encoder's working memory), so a very long
+    file is skipped with a reason instead of the system killing the whole encode."""
     from ..sa3.host_memory import available_host_memory
 
     declared, free = declared_length(path), available_host_memory()
     if declared is None or free is None:
         return
     frames, channels, rate = declared
-    need = DECODE_COPIES * 4 * max(channels, 2) * frames * max(1.0, 44100 / rate)
+    need = DECODE_COPIES * 4 * max(channels, 2) * frames * max(1.0, 44100 / rate) + ENCODE_RESERVE_BYTES
     if need > free:
         raise AudioFileError("too long for the free memory", f"{frames / rate / 60:.0f} min of audio needs about "
                              f"{need / 2**30:.1f} GB to decode and encode, {free / 2**30:.1f} GB is free: split the "
@@ -289,7 +322,7 @@ def decode_audio(path: str | Path) -> DecodedAudio:
             break
     if best is None:
         raise AudioFileError("not audio or undecodable", "; ".join(errors))
-    if not np.isfinite(best.samples).all():
+    if not math.isfinite(sample_peak(best.samples)):
         raise AudioFileError("NaN/inf samples")
     if _short(best):
         best.warnings.append(f"decoded {best.seconds:.2f} s of the {best.declared_frames / best.sample_rate:.2f} s "
@@ -318,20 +351,29 @@ def downmix(samples: np.ndarray, channels: int = 2) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """[C, N] float32 at rate_in -> [C, round(N * rate_out / rate_in)] with soxr's band-limited 'HQ' filter."""
+    """[C, N] float32 at rate_in -> [C, round(N * rate_out / rate_in)] with soxr's band-limited 'HQ' filter.
+    Channel by channel into one output array: soxr filters channels independently (the same samples as one
+    interleaved call), and no transposed [N, C] copies of a long file are made."""
     if rate_in == rate_out:
         return samples
     import soxr
 
-    out = soxr.resample(np.ascontiguousarray(samples.T), rate_in, rate_out, quality="HQ")  # soxr wants [N, C]
-    return np.ascontiguousarray(out.T, dtype=np.float32)
+    out = None
+    for c, channel in enumerate(samples):
+        y = soxr.resample(np.ascontiguousarray(channel, dtype=np.float32), rate_in, rate_out, quality="HQ")
+        if out is None:
+            out = np.empty((samples.shape[0], y.shape[0]), dtype=np.float32)
+        out[c] = y
+    return out
 
 
 def load_audio(path: str | Path, sample_rate: int = 44100, channels: int = 2) -> tuple[np.ndarray, DecodedAudio]:
     """Decode, channel-map and resample a file for the autoencoder.
-    Returns ([channels, N'] float32 at `sample_rate`, the DecodedAudio record with the source rate and length)."""
+    Returns ([channels, N'] float32 at `sample_rate`, the DecodedAudio record with the source rate and length; its
+    samples released)."""
     decoded = decode_audio(path)
     audio = resample(downmix(decoded.samples, channels), decoded.sample_rate, sample_rate)
+    decoded.release_samples()
     return audio, decoded
 
 

@@ -364,7 +364,8 @@ def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFA
     r = int(encoder.downsampling_ratio)
     n_latents = math.ceil(audio.shape[-1] / r)
     x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    x = torch.nn.functional.pad(x, (0, n_latents * r - x.shape[-1]))  # zero tail up to the last frame boundary
+    if x.shape[-1] != n_latents * r:  # zero tail up to the last frame boundary (a copy: only when needed)
+        x = torch.nn.functional.pad(x, (0, n_latents * r - x.shape[-1]))
 
     def run(lo: int, hi: int) -> np.ndarray:
         z = encoder.encode_audio(x[None, :, lo * r:hi * r], encoder.sample_rate)[0]

@@ -489,7 +489,8 @@ class SAMEAutoencoder(nn.Module):
         Signals shorter than one chunk are encoded whole. A length that is not a multiple of downsampling_ratio is
         zero-padded first (the reference would drop the tail)."""
         ratio = self.downsampling_ratio
-        audio = F.pad(audio, (0, -audio.shape[-1] % ratio))
+        if audio.shape[-1] % ratio:  # F.pad copies even when it adds nothing: a long signal is not copied for 0
+            audio = F.pad(audio, (0, -audio.shape[-1] % ratio))
         if audio.shape[-1] < chunk_size * ratio:
             return self.encode_unchunked(audio)
         n_latents = audio.shape[-1] // ratio
@@ -579,6 +580,8 @@ def prepare_audio(audio, in_sample_rate, target_sample_rate: int, channels: int,
         prepared.append(item)
     longest = max(item.shape[-1] for item in prepared)
     length = longest + (-longest % multiple_of)
+    if len(prepared) == 1 and prepared[0].shape[-1] == length:  # one long signal: a view, not two copies
+        return prepared[0][None]
     return torch.stack([F.pad(item, (0, length - item.shape[-1])) for item in prepared])
 
 

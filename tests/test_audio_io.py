@@ -228,3 +228,39 @@ def test_pyav_is_tried_when_soundfile_refuses(tmp_path, monkeypatch):
     monkeypatch.setattr(audio_io, "_decode_soundfile", refuses)
     d = decode_audio(path)
     assert d.decoder == "pyav" and d.frames == round(0.5 * 44100)
+
+
+def test_a_long_file_is_decoded_block_by_block_with_the_same_samples_and_no_extra_copies(tmp_path, monkeypatch):
+    """Long files are read block by block into [C, N], resampled channel by channel (soxr's interleaved result
+    exactly), and load_audio lets go of the source samples: fewer copies alive (bench/encode.py measures them)."""
+    import soundfile as sf
+    import soxr
+
+    rate = 48000
+    x = (0.5 * np.random.default_rng(0).standard_normal((3, 25_000))).clip(-1, 1).astype(np.float32)
+    path = tmp_path / "three.wav"
+    sf.write(path, x.T, rate, subtype="FLOAT")
+    monkeypatch.setattr(audio_io, "READ_BLOCK_FRAMES", 4096)  # several blocks and a partial last one
+    d = decode_audio(path)
+    assert d.decoder == "soundfile" and d.samples.flags.c_contiguous and np.array_equal(d.samples, x)
+    stereo = downmix(x)
+    expected = soxr.resample(np.ascontiguousarray(stereo.T), rate, 44100, quality="HQ").T
+    assert np.array_equal(resample(stereo, rate, 44100), expected)
+    audio, info = load_audio(path)
+    assert np.array_equal(audio, expected) and info.samples is None  # released: the caller holds `audio`
+    assert (info.channels, info.frames, info.sample_rate, info.seconds) == (3, 25_000, rate, 25_000 / rate)
+    # a header that claims more frames than the file holds: what is there is kept (decode_audio warns)
+    data = path.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) - 4 * 3 * 5000])
+    cut = decode_audio(tmp_path / "cut.wav")
+    assert cut.frames == 20_000 and np.array_equal(cut.samples, x[:, :20_000])
+
+
+def test_sample_peak_sees_nan_and_inf_wherever_they_are():
+    for bad, expected in ((np.nan, "nan"), (np.inf, "inf"), (-np.inf, "inf")):
+        for position in (0, 3, 7):
+            x = np.full((2, 4), 0.25, dtype=np.float32)
+            x.flat[position] = bad
+            assert str(audio_io.sample_peak(x)) == expected
+    assert audio_io.sample_peak(np.array([[0.5, -0.75]], dtype=np.float32)) == 0.75
+    assert audio_io.sample_peak(np.zeros((2, 0), dtype=np.float32)) == 0.0

@@ -213,3 +213,16 @@ def test_a_surround_source_is_mixed_to_stereo_like_the_dataset_encoder_mixes_it(
     mixed = prepare_audio(surround, 44100, 44100, channels=2)[0]
     torch.testing.assert_close(mixed, torch.from_numpy(downmix(surround.numpy().astype(np.float32))))
     assert not torch.allclose(mixed, surround[:2])
+
+
+def test_prepare_audio_lends_one_aligned_signal_instead_of_copying_it():
+    """A long file's samples are not copied again on their way into the encoder; anything that needs a change
+    (padding, batching, resampling) still gets its own tensor."""
+    x = torch.randn(2, 3 * 4096)
+    lent = prepare_audio(x, 44100, 44100, 2, 4096)
+    assert lent.shape == (1, 2, 3 * 4096) and lent.data_ptr() == x.data_ptr()
+    padded = prepare_audio(x[:, :-5], 44100, 44100, 2, 4096)
+    assert padded.shape == (1, 2, 3 * 4096) and padded[..., -5:].abs().sum() == 0
+    assert torch.equal(padded[0, :, :-5], x[:, :-5]) and padded.data_ptr() != x.data_ptr()
+    batch = prepare_audio([x, x[:, :4096]], 44100, 44100, 2, 4096)
+    assert batch.shape == (2, 2, 3 * 4096) and batch.data_ptr() != x.data_ptr()

@@ -403,14 +403,15 @@ def test_datasets_written_before_names_were_shortened_or_the_decoding_changed_ar
 
 
 def test_a_file_too_long_for_the_free_memory_is_skipped_with_a_reason_and_the_rest_encoded(tmp_path, monkeypatch):
-    """A 2-hour mix decoded whole would need ~20 GB: better one skipped file than the whole encode killed."""
+    """A 2-hour mix decoded whole needs ~9 GB: better one skipped file than the whole encode killed."""
+    from sa3_lora_studio.encoding.audio_io import DECODE_COPIES, ENCODE_RESERVE_BYTES
     from sa3_lora_studio.sa3 import host_memory
 
     src, out = tmp_path / "src", tmp_path / "out"
     _write(src, "short.wav", seconds=0.05)
     _write(src, "long.wav", seconds=2.0)
-    need_long = 8 * 4 * 2 * 2.0 * 44100  # DECODE_COPIES float32 copies of 2 s of stereo
-    monkeypatch.setattr(host_memory, "available_host_memory", lambda: int(need_long / 2))
+    need_long = DECODE_COPIES * 4 * 2 * 2.0 * 44100 + ENCODE_RESERVE_BYTES  # 2 s of stereo, and the encoder's share
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: int(need_long - 4 * 2 * 44100))
     report = encode_folder(src, out, ToyEncoder())
     assert report.encoded == ["short.wav"]
     (reason,) = [r for rel, r in report.skipped if rel == "long.wav"]
