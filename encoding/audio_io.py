@@ -172,10 +172,50 @@ def _decode_soundfile(path: str) -> DecodedAudio:
                     break  # shorter than its header says: what was read is kept (the caller warns)
                 samples[:, done:done + len(block)] = block.T
                 done += len(block)
-            samples = samples[:, :done]
+            samples = first_columns(samples, done)
         else:
             samples = np.ascontiguousarray(f.read(dtype="float32", always_2d=True).T)
     return DecodedAudio(samples, int(rate), "soundfile", declared, is_float)
+
+
+def first_columns(samples: np.ndarray, n: int) -> np.ndarray:
+    """The first n columns of a C-contiguous [C, cap] array as a C-contiguous [C, n] array in the SAME memory
+    (rows moved left in place): trimming a long decode without a second copy of it."""
+    channels, cap = samples.shape
+    if n == cap:
+        return samples
+    flat = samples.reshape(-1)
+    for c in range(1, channels):  # each row moves left of its old place; numpy buffers an overlapping copy
+        flat[c * n:(c + 1) * n] = samples[c, :n]
+    return flat[:channels * n].reshape(channels, n)
+
+
+class PlanarBuffer:
+    """Decoded [C, n] blocks appended into one [C, N] float32 array, allocated once at the expected length (its
+    pages are touched only as they are written) and grown only when a file decodes longer than that."""
+
+    def __init__(self, channels: int, capacity: int):
+        self.channels, self.capacity, self.frames = channels, max(1, capacity), 0
+        self.data: np.ndarray | None = None
+
+    def append(self, block: np.ndarray) -> None:
+        if self.channels and block.shape[0] == 1 != self.channels:  # a packed (interleaved) frame: PyAV gives one row
+            block = block.reshape(-1, self.channels).T
+        if self.data is None:
+            self.channels = block.shape[0]
+            self.data = np.empty((self.channels, self.capacity), dtype=np.float32)
+        end = self.frames + block.shape[1]
+        if end > self.data.shape[1]:
+            grown = np.empty((self.channels, max(end, self.data.shape[1] * 3 // 2)), dtype=np.float32)
+            grown[:, :self.frames] = self.data[:, :self.frames]
+            self.data = grown
+        self.data[:, self.frames:end] = block
+        self.frames = end
+
+    def take(self, n: int) -> np.ndarray:
+        """The first n decoded frames, [C, n] C-contiguous (the buffer is handed over, not copied)."""
+        data, self.data = self.data, None
+        return first_columns(data, min(n, self.frames))
 
 
 def _decode_pyav(path: str) -> DecodedAudio:
@@ -190,7 +230,11 @@ def _decode_pyav(path: str) -> DecodedAudio:
         declared = _pyav_declared_frames(container, stream, rate)
         # Convert every frame to planar float at the stream's own rate and layout (no resampling here).
         resampler = av.AudioResampler(format="fltp", layout=stream.layout.name if stream.layout else None, rate=rate)
-        chunks, damaged, warnings = [], 0, []
+        exact_duration = "mp4" in container.format.name.split(",")
+        # room for the declared length and a decoder's usual overshoot; an undeclared length starts at 30 s and grows
+        expected = declared + max(MAX_PADDING_FRAMES, declared // 100) if declared else 30 * (rate or 48000)
+        buffer = PlanarBuffer(channels, expected)
+        damaged, warnings = 0, []
         try:
             for packet in container.demux(stream):  # ends with an empty packet that flushes the decoder
                 try:
@@ -199,25 +243,25 @@ def _decode_pyav(path: str) -> DecodedAudio:
                     damaged += 1  # drop the damaged packet and go on, as ffmpeg does
                     continue
                 for frame in frames:
-                    chunks += [out.to_ndarray() for out in resampler.resample(frame)]
+                    for out in resampler.resample(frame):
+                        buffer.append(out.to_ndarray())
         except av.error.FFmpegError as e:
-            if not chunks:
+            if not buffer.frames:
                 raise
-            warnings.append(f"the container is damaged after {sum(c.shape[-1] for c in chunks) / rate:.2f} s; "
+            warnings.append(f"the container is damaged after {buffer.frames / rate:.2f} s; "
                             f"the rest is lost ({str(e).strip()[:120]})")
-        chunks += [out.to_ndarray() for out in resampler.resample(None)]
+        for out in resampler.resample(None):
+            buffer.append(out.to_ndarray())
         is_float = stream.codec_context.name.startswith("pcm_f")
-        exact_duration = "mp4" in container.format.name.split(",")
-    if not chunks:
+    if not buffer.frames:
         raise AudioFileError("no audio decoded")
     if damaged:
         warnings.append(f"{damaged} damaged packet(s) skipped: the audio has gaps there")
-    data = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
-    if channels and data.shape[0] != channels and data.shape[0] == 1:
-        data = data.reshape(channels, -1)  # packed layouts come back as one interleaved row
-    if exact_duration and declared is not None and 0 < data.shape[1] - declared <= MAX_PADDING_FRAMES:
-        data = data[:, :declared]  # the AAC encoder's padding of the last frame: MP4 durations are exact
-    return DecodedAudio(np.ascontiguousarray(data), int(rate), "pyav", declared, is_float, warnings)
+    keep = buffer.frames
+    if exact_duration and declared is not None and 0 < keep - declared <= MAX_PADDING_FRAMES:
+        keep = declared  # the AAC encoder's padding of the last frame: MP4 durations are exact
+    data = buffer.take(keep)
+    return DecodedAudio(data, int(rate), "pyav", declared, is_float, warnings)
 
 
 def _short(d: DecodedAudio) -> bool:

@@ -264,3 +264,23 @@ def test_sample_peak_sees_nan_and_inf_wherever_they_are():
             assert str(audio_io.sample_peak(x)) == expected
     assert audio_io.sample_peak(np.array([[0.5, -0.75]], dtype=np.float32)) == 0.75
     assert audio_io.sample_peak(np.zeros((2, 0), dtype=np.float32)) == 0.0
+
+
+def test_a_decode_is_trimmed_and_grown_in_its_own_memory():
+    """PyAV decodes into one buffer sized from the declared length: trimming it (MP4 padding, a short decode) moves
+    rows in place instead of copying the whole file, and a longer decode than declared grows it."""
+    x = np.arange(3 * 10, dtype=np.float32).reshape(3, 10)
+    kept = audio_io.first_columns(x.copy(), 7)
+    assert np.array_equal(kept, x[:, :7]) and kept.flags.c_contiguous
+    buf = x.copy()
+    assert np.shares_memory(audio_io.first_columns(buf, 4), buf)
+    assert audio_io.first_columns(buf, 10) is buf
+    buffer = audio_io.PlanarBuffer(2, capacity=5)
+    blocks = [np.full((2, 3), float(i), dtype=np.float32) for i in range(4)]
+    for block in blocks:
+        buffer.append(block)
+    assert buffer.frames == 12
+    assert np.array_equal(buffer.take(11), np.concatenate(blocks, axis=1)[:, :11])
+    packed = audio_io.PlanarBuffer(2, capacity=4)
+    packed.append(np.array([[1, 2, 3, 4, 5, 6]], dtype=np.float32))  # one row: a packed layout, L R L R ...
+    assert np.array_equal(packed.take(3), [[1, 3, 5], [2, 4, 6]])
