@@ -6,9 +6,15 @@ import json
 from pathlib import Path
 
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files
-from .model_nodes import using
+from .model_nodes import NO_FILE, using
 
 RUN_PREFIX = "sa3 runs/"
+
+
+def lora_list() -> list[str]:
+    """The LoRA combo: `lora_choices()` then "(none)", for a node fed by `lora_path` (a combo needs a valid value:
+    some ComfyUI builds refuse an empty one, and picking an unrelated file there was confusing)."""
+    return lora_choices() + [NO_FILE]
 
 
 def lora_choices() -> list[str]:
@@ -50,8 +56,8 @@ def chosen_lora(node: str, lora: str, lora_path: str | None) -> Path:
             raise ValueError(f"{node}: lora_path is connected but empty (SA3 Run Status gives no file until the "
                              "run saves its first checkpoint)")
         return Path(lora_path.strip())
-    if not lora:
-        raise ValueError(f"{node}: choose a LoRA file")
+    if lora in ("", ".", NO_FILE):  # "." is how the pip-installable fork passes an empty combo value
+        raise ValueError(f"{node}: choose a LoRA file, or connect lora_path (e.g. from SA3 Run Status)")
     return resolve_lora(lora)
 
 
@@ -60,8 +66,8 @@ class SA3LoadLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "lora": (lora_choices() or [""], {"tooltip": "An adapter from models/loras or from an SA3 training "
-                                                             "run (official SA3, underfit, fal and our files)."}),
+                "lora": (lora_list(), {"tooltip": "An adapter from models/loras or from an SA3 training run "
+                                                "(official SA3, underfit, fal and our files); (none) with lora_path."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip":
                                        "alpha/rank × strength. DoRA/BoRA renormalise, so 0.5 is not a linear blend."}),
                 "interval_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
@@ -106,7 +112,7 @@ class SA3LoadLoRA:
 class SA3LoRAInfo:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"lora": (lora_choices() or [""], {"tooltip": "The adapter file to describe."})},
+        return {"required": {"lora": (lora_list(), {"tooltip": "The adapter file to describe."})},
                 "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}
 
     RETURN_TYPES = ("STRING",)
@@ -130,7 +136,7 @@ class SA3ExportLoRAForComfyUI:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("SA3_MODEL", {"tooltip": "The model the LoRA is for (its weights are needed for DoRA/BoRA/-xs)."}),
-            "lora": (lora_choices() or [""], {"tooltip": "The adapter to convert."}),
+            "lora": (lora_list(), {"tooltip": "The adapter to convert."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "Baked into the exported file (DoRA/BoRA are not linear in strength)."}),
             "filename": ("STRING", {"default": "sa3_lora_comfy", "tooltip": "Saved in models/loras/ as <name>.safetensors"}),
         }, "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}

@@ -333,3 +333,22 @@ def test_load_pack_offers_a_non_empty_none_for_its_optional_files_and_accepts_th
     for none in ("(none)", "", "."):
         with pytest.raises(ValueError, match="choose a checkpoint file"):
             model_nodes.SA3LoadPack().load(model_nodes.CUSTOM, "base", "fp32", "cpu", checkpoint=none, text_encoder=none)
+
+
+def test_a_lora_node_fed_by_lora_path_has_a_valid_list_value_even_with_no_lora_files(comfy, fixtures_dir):
+    """The LoRA list ends with '(none)' (some ComfyUI builds refuse an empty combo value, and a fresh install has
+    no LoRA yet when SA3 Run Status feeds lora_path); '(none)' without lora_path asks for a file."""
+    for name in ("SA3LoadLoRA", "SA3LoRAInfo", "SA3ExportLoRAForComfyUI"):
+        options = NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]["lora"][0]
+        assert options[-1] == "(none)" and "style.safetensors" in options and "" not in options
+    for f in comfy.folders["loras"][0].iterdir():
+        f.unlink()
+    assert NODE_CLASS_MAPPINGS["SA3LoadLoRA"].INPUT_TYPES()["required"]["lora"][0] == ["(none)"]
+    inputs = dict(lora="(none)", strength=1.0, interval_start=0.0, interval_end=1.0, skip_first_steps=0, layer_filter="")
+    golden = str(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors")
+    (stack,) = run_node("SA3LoadLoRA", **inputs, lora_path=golden)
+    assert stack[0]["path"] == golden
+    with pytest.raises(ValueError, match=r"choose a LoRA file, or connect lora_path"):
+        run_node("SA3LoadLoRA", **inputs)
+    with pytest.raises(ValueError, match=r"choose a LoRA file"):
+        run_node("SA3LoadLoRA", **{**inputs, "lora": "."})
