@@ -31,7 +31,7 @@ from sa3_lora_studio.adapters import ADAPTER_TYPES
 from sa3_lora_studio.adapters.maths import check_adapter_type
 from sa3_lora_studio.sa3.config import family_defaults, read_config
 from sa3_lora_studio.training.cpu_heap import trim_heap
-from sa3_lora_studio.training.vram import build_random_dit_tree, make_training_step
+from sa3_lora_studio.training.vram import build_random_dit_tree, make_floor_step, make_training_step
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sa3" / "tiny-small"
 REAL_LATENT_RATE = 44100 / 4096
@@ -84,16 +84,20 @@ def bench_model(spec: str, label: str, args) -> None:
         detached = norm_grad == "detached"
         step, fwd = make_training_step(tree, config, adapter_type, args.rank, args.batch, n, gc == "on",
                                        detach_norm=detached, prompt_tokens=args.prompt_tokens)
+        floor = make_floor_step(tree, config, args.batch, n, prompt_tokens=args.prompt_tokens)
         trim_heap()  # the previous configuration's kept heap (training/cpu_heap.py) must not count as this peak
         _reset_peak()
         fwd()
         step()  # warm-up (creates the AdamW state)
-        fwd_times, step_times = [], []
-        for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
+        fwd_times, step_times, floor_times = [], [], []
+        for _ in range(args.repeats):  # interleaved: a busy machine slows all alike
             fwd_times.append(_seconds(fwd))
             step_times.append(_seconds(step))
+            if args.floor:
+                floor_times.append(_seconds(floor))
         forward, sec = min(fwd_times), min(step_times)
         ratio = sec / forward
+        floor_text = f"  floor {min(floor_times) / forward:4.2f}x" if floor_times else ""
         median_ratio = statistics.median(step_times) / statistics.median(fwd_times)
         peak = _rss_gb("VmHWM")
         verdict = (("ok " if peak <= OFFICIAL_SMALL_PEAK_GB else "MISS") + " (peak)") if gc == "on" else \
@@ -102,7 +106,7 @@ def bench_model(spec: str, label: str, args) -> None:
             verdict = "   (toy)"
         name = adapter_type + (" detached" if detached else "")
         print(f"  {name:22s} gc={gc:3s}  forward {forward:7.3f} s  step {sec:7.3f} s  {ratio:5.2f}x fwd "
-              f"{verdict}  (median {median_ratio:4.2f}x)  {1 / sec:7.3f} steps/s  "
+              f"{verdict}  (median {median_ratio:4.2f}x){floor_text}  {1 / sec:7.3f} steps/s  "
               f"peak_rss {peak:.2f} GB", flush=True)
         del step, fwd
     tree.model.model.gradient_checkpointing = False
@@ -124,6 +128,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the floor: the frozen DiT's forward + input-gradient backward, no adapter "
+                         "(`training.vram.make_floor_step`); a step cannot cost less")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__} threads={torch.get_num_threads()} load average "

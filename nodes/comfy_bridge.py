@@ -103,6 +103,10 @@ def install_memory_hooks(unload_idle, offload_idle, mm=None) -> bool:
             print("SA3 LoRA Studio: freeing SA3 models for ComfyUI failed:\n" + traceback.format_exc())
 
     original_unload, original_free = getattr(mm, "unload_all_models", None), getattr(mm, "free_memory", None)
+    if original_unload is None and original_free is None:
+        print("SA3 LoRA Studio: this ComfyUI has no comfy.model_management.unload_all_models / free_memory; its "
+              "'Unload models' will not free SA3 models (use SA3 Unload Models)")
+        return False
     if original_unload is not None:
         @functools.wraps(original_unload)
         def unload_all_models(*args, **kwargs):

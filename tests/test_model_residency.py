@@ -257,3 +257,9 @@ def test_training_on_a_gpu_asks_comfyui_for_the_room_it_estimates(comfy_env, dat
     training_nodes.make_room(model, config)
     estimate = estimate_training_memory(model.config, config, model.text_encoder_parameters)
     assert asked == [(estimate["total"] - estimate["weights"] - estimate["text_encoder"], "cuda:0", 0)]
+
+
+def test_a_comfyui_without_the_functions_is_told_once_not_broken(capsys):
+    mm = types.ModuleType("comfy.model_management")
+    assert install_memory_hooks(lambda: None, lambda device: None, mm) is False
+    assert "will not free SA3 models" in capsys.readouterr().out and not hasattr(mm, "_sa3_memory_hooks")

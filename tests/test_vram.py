@@ -95,3 +95,20 @@ def test_the_node_counts_the_loaded_text_encoder(fixtures_dir):
     encoder = model.conditioner.conditioners["prompt"].text_encoder
     assert model.text_encoder_parameters == sum(p.numel() for p in encoder.parameters()) < 10**7
     assert memory_warning(model, _run(crop_seconds=0.01)) is None  # a tiny model with its tiny T5 fits
+
+
+def test_the_benchmarks_floor_step_is_the_frozen_dits_input_gradient_and_the_step_beside_it_trains(fixtures_dir):
+    """bench/train_step.py's floor: forward + backward of the frozen DiT for its input alone (no weight gets a
+    gradient); the training step built on the same random inputs helper still trains."""
+    import torch
+    from sa3_lora_studio.training.vram import build_random_dit_tree, make_floor_step, make_training_step
+
+    config = read_config(fixtures_dir / "tiny-small" / "model_config.json")
+    tree = build_random_dit_tree(config)
+    floor = make_floor_step(tree, config, batch=2, crop_latents=8)
+    floor()
+    assert all(p.grad is None for p in tree.parameters())
+    step, forward = make_training_step(tree, config, "dora-rows", 2, 2, 8)
+    losses = [step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[2] != losses[0]
+    forward()

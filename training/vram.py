@@ -185,6 +185,41 @@ def build_random_dit_tree(model_config, seed: int = 0) -> torch.nn.Module:
     return tree.eval().requires_grad_(False)
 
 
+def random_step_inputs(model_config, batch: int, crop_latents: int, g: torch.Generator,
+                       prompt_tokens: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(x [B, C, T], target [B, C, T], t [B], cross [B, L + 1, D], global [B, G], local [B, C + 1, T]) of random
+    values, shaped as the DiT's training inputs; prompt_tokens: see `make_training_step`."""
+    d = model_config.dit
+    x = torch.randn(batch, d["io_channels"], crop_latents, generator=g)
+    target = torch.randn(x.shape, generator=g)
+    t = torch.rand(batch, generator=g)
+    cross = torch.randn(batch, int(model_config.prompt_max_length) + 1, d["cond_token_dim"], generator=g)
+    if prompt_tokens is not None and prompt_tokens < cross.shape[1] - 1:
+        n_pad = cross.shape[1] - 1 - prompt_tokens
+        cross[:, :n_pad] = torch.randn(d["cond_token_dim"], generator=g)  # the learned padding embedding
+    glob = torch.randn(batch, d["global_cond_dim"], generator=g)
+    local = torch.randn(batch, d["local_add_cond_dim"], crop_latents, generator=g)
+    return x, target, t, cross, glob, local
+
+
+def make_floor_step(tree, model_config, batch: int, crop_latents: int, seed: int = 0,
+                    prompt_tokens: int | None = None):
+    """floor() closure: the frozen DiT's forward and the backward of its INPUT gradient alone, the same loss. Every
+    adapter step contains this work (the adapters' own products and the chain rule through the conditioning
+    layers come on top), so step / forward cannot go below floor / forward."""
+    from ..sa3.schedules import masked_flow_loss
+
+    g = torch.Generator().manual_seed(seed)
+    x, target, t, cross, glob, local = random_step_inputs(model_config, batch, crop_latents, g, prompt_tokens)
+    dit = tree.model.model
+
+    def floor() -> None:
+        v = dit(x.clone().requires_grad_(True), t, cross, glob, local)
+        masked_flow_loss(v.float(), target).loss.backward()
+
+    return floor
+
+
 def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: int, crop_latents: int,
                        gradient_checkpointing: bool = False, seed: int = 0, detach_norm: bool = False,
                        prompt_tokens: int | None = None):
@@ -207,17 +242,9 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
         for p in params:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    d, dit, view_dit = model_config.dit, tree.model.model, stack.module.model.model
+    dit, view_dit = tree.model.model, stack.module.model.model
     dit.gradient_checkpointing = view_dit.gradient_checkpointing = gradient_checkpointing
-    x = torch.randn(batch, d["io_channels"], crop_latents, generator=g)
-    target = torch.randn(x.shape, generator=g)
-    t = torch.rand(batch, generator=g)
-    cross = torch.randn(batch, int(model_config.prompt_max_length) + 1, d["cond_token_dim"], generator=g)
-    if prompt_tokens is not None and prompt_tokens < cross.shape[1] - 1:
-        n_pad = cross.shape[1] - 1 - prompt_tokens
-        cross[:, :n_pad] = torch.randn(d["cond_token_dim"], generator=g)  # the learned padding embedding
-    glob = torch.randn(batch, d["global_cond_dim"], generator=g)
-    local = torch.randn(batch, d["local_add_cond_dim"], crop_latents, generator=g)
+    x, target, t, cross, glob, local = random_step_inputs(model_config, batch, crop_latents, g, prompt_tokens)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -277,7 +304,8 @@ def measure_training_peak(model: str, adapter_type: str = "dora-rows", rank: int
 
 
 __all__ = ["estimate_training_memory", "free_device_memory", "check_fits", "measure_training_peak",
-           "adapter_parameter_count", "build_random_dit_tree", "make_training_step"]
+           "adapter_parameter_count", "build_random_dit_tree", "make_floor_step", "make_training_step",
+           "random_step_inputs"]
 
 
 def vram_table(packs=("small-music", "medium"), precisions=("bf16", "fp32"), crops=(30.0, 120.0),
