@@ -219,7 +219,8 @@ class SA3UnloadModels:
     OUTPUT_NODE = True
 
     def unload(self, trigger=None):
-        return (unload_idle().summary(),)
+        summary = unload_idle().summary()
+        return {"ui": {"text": [summary]}, "result": (summary,)}
 
 
 NODE_CLASS_MAPPINGS = {"SA3LoadPack": SA3LoadPack, "SA3UnloadModels": SA3UnloadModels}

@@ -263,3 +263,14 @@ def test_a_comfyui_without_the_functions_is_told_once_not_broken(capsys):
     mm = types.ModuleType("comfy.model_management")
     assert install_memory_hooks(lambda: None, lambda device: None, mm) is False
     assert "will not free SA3 models" in capsys.readouterr().out and not hasattr(mm, "_sa3_memory_hooks")
+
+
+def test_the_unload_node_says_what_it_did_in_the_ui(comfy_env):
+    from sa3_lora_studio.nodes import NODE_CLASS_MAPPINGS
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    with model.residency.in_use():
+        out = NODE_CLASS_MAPPINGS["SA3UnloadModels"]().unload()
+        assert out["ui"]["text"] == list(out["result"]) and "kept 1 in use" in out["result"][0]
+    (text,) = run_node("SA3UnloadModels")
+    assert text == "unloaded 1 SA3 model(s)"
