@@ -48,10 +48,11 @@ class Residency:
 
     @property
     def can_offload(self) -> bool:
-        """A GPU model whose weights all live on its device: a model lending its DiT blocks from host memory per
-        forward (`sa3.sibling`) is already as small on the device as it gets."""
+        """A GPU model whose weights all live on its device and are its own: a model lending its DiT blocks from
+        host memory per forward (`sa3.sibling`) is already as small on the device as it gets, and a sibling's
+        shared parts (autoencoder, text encoder) belong to the model it was loaded beside."""
         m = self._model
-        return m.device.type != "cpu" and not m.streams_dit
+        return m.device.type != "cpu" and not m.streams_dit and not m.shared_parts
 
     def acquire(self) -> None:
         """One more user; the weights are back on the device when this returns."""

@@ -274,3 +274,15 @@ def test_the_unload_node_says_what_it_did_in_the_ui(comfy_env):
         assert out["ui"]["text"] == list(out["result"]) and "kept 1 in use" in out["result"][0]
     (text,) = run_node("SA3UnloadModels")
     assert text == "unloaded 1 SA3 model(s)"
+
+
+def test_a_sibling_sharing_parts_or_a_streaming_model_is_never_offloaded(fixtures_dir):
+    """A sibling (sa3.sibling) shares the base model's autoencoder: moving its modules would move the base's."""
+    model = load_model(fixtures_dir / "tiny-small")
+    model.device = torch.device("cuda", 0)  # as seen by the rule (nothing is moved: offload refuses first)
+    model.shared_parts = ("autoencoder",)
+    assert not model.residency.can_offload and not model.residency.offload()
+    model.shared_parts, model.streams_dit = (), True
+    assert not model.residency.can_offload and not model.residency.offload()
+    model.streams_dit = False
+    assert model.residency.can_offload
