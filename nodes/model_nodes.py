@@ -59,8 +59,12 @@ def using(model):
         key = _KEYS.get(model)
         if key is not None:
             _CACHE.setdefault(key, model)
-    with model.residency.in_use():
+    retry_after_freeing(model.residency.acquire, model.device, f"SA3: out of memory moving {_describe(model)} back "
+                        "to its device; free memory (ComfyUI's 'Unload models') or load it in bf16")
+    try:
         yield model
+    finally:
+        model.residency.release()
 
 
 def _describe(model) -> str:

@@ -286,3 +286,28 @@ def test_a_sibling_sharing_parts_or_a_streaming_model_is_never_offloaded(fixture
     assert not model.residency.can_offload and not model.residency.offload()
     model.streams_dit = False
     assert model.residency.can_offload
+
+
+def test_bringing_a_model_back_retries_once_after_asking_comfyui_for_memory(fixtures_dir, cache, monkeypatch):
+    model = load_model(fixtures_dir / "tiny-small")
+    model.residency.offloaded = True  # as after an unload; its device here is the CPU
+    asked, moves, real_to = [], [], model.modules.to
+
+    def to(*args, **kwargs):
+        moves.append(args)
+        if len(moves) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_to(*args, **kwargs)
+
+    monkeypatch.setattr(model.modules, "to", to, raising=False)
+    monkeypatch.setattr(cache, "free_comfy_memory", lambda n, device: asked.append(str(device)))
+    with cache.using(model):
+        assert model.residency.users == 1 and not model.residency.offloaded
+    assert asked == ["cpu"] and len(moves) == 2 and model.residency.users == 0
+    model.residency.offloaded, moves[:] = True, []
+    monkeypatch.setattr(model.modules, "to", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")), raising=False)
+    with pytest.raises(RuntimeError, match="SA3: out of memory moving .* back to its device"):
+        with cache.using(model):
+            pass
+    assert model.residency.users == 0
