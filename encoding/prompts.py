@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 
-from ..sa3.field_types import check_field_types
+from ..sa3.field_types import check_field_types, check_known_keys
 from .captions import PATH_FIELDS, RESERVED_FIELDS
 
 SOURCES = ("caption", "tags", "path", "fixed")
@@ -82,10 +82,7 @@ class PromptConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PromptConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"PromptConfig: unknown fields {unknown}; known: {sorted(known)}")
+        check_known_keys(cls, d, "PromptConfig: unknown fields")
         d = dict(d)
         if d.get("tag_keys") is not None:
             d["tag_keys"] = tuple(d["tag_keys"])

@@ -33,3 +33,13 @@ def check_field_types(obj, owner: str) -> None:
 
 
 __all__ = ["check_field_types"]
+
+
+def check_known_keys(cls, data: dict, message: str, error: type[Exception] = ValueError) -> None:
+    """`error(f"{message} {unknown}; known: {known}")` when `data` has keys that are not fields of dataclass `cls`
+    (a typo in a JSON config is named, never silently ignored)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"{message} {unknown}; known: {sorted(known)}")
+

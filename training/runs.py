@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..sa3.atomic import atomic_write_json, file_lock
-from ..sa3.field_types import check_field_types
+from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
@@ -101,9 +101,7 @@ class DemoSpec:
         """A DemoSpec from its JSON form; unknown keys are a RunError naming `where` and the known keys."""
         if not isinstance(data, dict):
             raise RunError(f"{where}: expected an object with keys {sorted(f.name for f in fields(cls))}, got {data!r}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise RunError(f"{where}: unknown key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        check_known_keys(cls, data, f"{where}: unknown key(s)", RunError)
         return cls(**data)
 
 
@@ -230,10 +228,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RunError(f"unknown run config field(s) {unknown}; known: {sorted(known)}")
+        check_known_keys(cls, data, "unknown run config field(s)", RunError)
         data = dict(data)
         for key in ("include", "exclude"):  # one pattern as a plain string, not its characters
             if isinstance(data.get(key), str):
