@@ -178,16 +178,29 @@ def _decode_soundfile(path: str) -> DecodedAudio:
     return DecodedAudio(samples, int(rate), "soundfile", declared, is_float)
 
 
-def first_columns(samples: np.ndarray, n: int) -> np.ndarray:
-    """The first n columns of a C-contiguous [C, cap] array as a C-contiguous [C, n] array in the SAME memory
-    (rows moved left in place): trimming a long decode without a second copy of it."""
+def first_columns(samples: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """Columns [start, start + n) of a C-contiguous [C, cap] array as a C-contiguous [C, n] array in the SAME
+    memory (rows moved left in place): trimming a long decode without a second copy of it."""
     channels, cap = samples.shape
-    if n == cap:
+    if n == cap and start == 0:
         return samples
     flat = samples.reshape(-1)
-    for c in range(1, channels):  # each row moves left of its old place; numpy buffers an overlapping copy
-        flat[c * n:(c + 1) * n] = samples[c, :n]
+    for c in range(channels):  # each row moves left of its old place; numpy buffers an overlapping copy
+        if c or start:
+            flat[c * n:(c + 1) * n] = samples[c, start:start + n]
     return flat[:channels * n].reshape(channels, n)
+
+
+def itunes_gapless(tags: dict) -> tuple[int, int] | None:
+    """(encoder delay, original frames) from an iTunSMPB tag (" 00000000 DELAY PADDING LENGTH ..." in hex, written
+    by Apple's and other AAC encoders), or None when absent or unreadable."""
+    value = next((v for k, v in tags.items() if k.lower() == "itunsmpb"), None)
+    try:
+        fields = str(value).split()
+        delay, length = int(fields[1], 16), int(fields[3], 16)
+    except (IndexError, ValueError, TypeError):
+        return None
+    return (delay, length) if 0 < delay <= 8192 and length > 0 else None
 
 
 class PlanarBuffer:
@@ -212,10 +225,10 @@ class PlanarBuffer:
         self.data[:, self.frames:end] = block
         self.frames = end
 
-    def take(self, n: int) -> np.ndarray:
-        """The first n decoded frames, [C, n] C-contiguous (the buffer is handed over, not copied)."""
+    def take(self, n: int, start: int = 0) -> np.ndarray:
+        """n decoded frames from `start`, [C, n] C-contiguous (the buffer is handed over, not copied)."""
         data, self.data = self.data, None
-        return first_columns(data, min(n, self.frames))
+        return first_columns(data, min(n, self.frames - start), start)
 
 
 def _decode_pyav(path: str) -> DecodedAudio:
@@ -253,14 +266,17 @@ def _decode_pyav(path: str) -> DecodedAudio:
         for out in resampler.resample(None):
             buffer.append(out.to_ndarray())
         is_float = stream.codec_context.name.startswith("pcm_f")
+        gapless = itunes_gapless({**container.metadata, **stream.metadata}) if exact_duration else None
     if not buffer.frames:
         raise AudioFileError("no audio decoded")
     if damaged:
         warnings.append(f"{damaged} damaged packet(s) skipped: the audio has gaps there")
-    keep = buffer.frames
-    if exact_duration and declared is not None and 0 < keep - declared <= MAX_PADDING_FRAMES:
+    keep, start = buffer.frames, 0
+    if gapless is not None and gapless[0] + gapless[1] <= keep <= sum(gapless) + 2 * MAX_PADDING_FRAMES:
+        start, keep = gapless  # no edit list applied: the encoder's priming is still there, iTunSMPB says how long
+    elif exact_duration and declared is not None and 0 < keep - declared <= MAX_PADDING_FRAMES:
         keep = declared  # the AAC encoder's padding of the last frame: MP4 durations are exact
-    data = buffer.take(keep)
+    data = buffer.take(keep, start)
     return DecodedAudio(data, int(rate), "pyav", declared, is_float, warnings)
 
 

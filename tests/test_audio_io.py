@@ -284,3 +284,45 @@ def test_a_decode_is_trimmed_and_grown_in_its_own_memory():
     packed = audio_io.PlanarBuffer(2, capacity=4)
     packed.append(np.array([[1, 2, 3, 4, 5, 6]], dtype=np.float32))  # one row: a packed layout, L R L R ...
     assert np.array_equal(packed.take(3), [[1, 3, 5], [2, 4, 6]])
+
+
+def _aac_without_edit_list(path, x: np.ndarray, rate: int, itunsmpb: str | None):
+    import av
+
+    container = av.open(str(path), "w", options={"use_editlist": "0", "movflags": "use_metadata_tags"})
+    if itunsmpb:
+        container.metadata["iTunSMPB"] = itunsmpb
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = "stereo"
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="stereo")
+    frame.sample_rate = rate
+    for packet in [*stream.encode(frame), *stream.encode(None)]:
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def _lag(decoded: np.ndarray, original: np.ndarray) -> int:
+    """Samples by which `decoded` is late against `original` (cross-correlation peak of the left channels)."""
+    n = min(decoded.shape[1], original.shape[1])
+    corr = np.correlate(decoded[0, :n], original[0, :n], mode="full")
+    return int(np.argmax(corr)) - (n - 1)
+
+
+def test_aac_priming_is_removed_by_the_itunsmpb_tag_when_no_edit_list_did(tmp_path):
+    """An MP4 without an edit list keeps the AAC encoder's priming (1024 samples for FFmpeg's, 2112 for Apple's) at
+    the start; the iTunSMPB tag names it and the original length, so the decode lines up with the source."""
+    rate = 44100
+    rng = np.random.default_rng(1)
+    x = np.zeros((2, rate), dtype=np.float32)
+    for start in (5000, 20000, 31000):
+        x[:, start:start + 300] = 0.5 * rng.standard_normal(300)
+    tag = f" 00000000 00000400 00000000 {rate:016X} 00000000 00000000"  # delay 1024, padding, 44100 frames
+    tagged = decode_audio(_aac_without_edit_list(tmp_path / "tagged.m4a", x, rate, tag))
+    assert tagged.frames == rate and abs(_lag(tagged.samples, x)) <= 2
+    untagged = decode_audio(_aac_without_edit_list(tmp_path / "plain.m4a", x, rate, None))
+    assert abs(_lag(untagged.samples, x) - 1024) <= 2  # nothing says how long the priming is: kept
+    wrong = f" 00000000 00000400 00000000 {10 * rate:016X} 00000000 00000000"  # a length the file cannot hold
+    assert decode_audio(_aac_without_edit_list(tmp_path / "wrong.m4a", x, rate, wrong)).frames == untagged.frames
+    assert audio_io.itunes_gapless({"iTunSMPB": "garbage"}) is None
+    assert audio_io.itunes_gapless({"itunsmpb": " 00000000 00000840 000001CA 00000000003F31F6"}) == (2112, 0x3F31F6)
