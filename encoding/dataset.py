@@ -47,7 +47,7 @@ MANIFEST = "dataset.json"
 # How audio becomes the encoder's input (downmix, levels, damaged packets, AAC padding). Raise it when that changes:
 # an earlier encode is then redone. Files encoded before it was recorded are kept, except multichannel ones (the
 # downmix of 4 to 8 channels changed with version 2).
-DECODE_VERSION = 2
+DECODE_VERSION = 3  # 3: AAC priming removed by iTunSMPB in MP4s without an edit list; 2: surround downmix
 SILENCE = "silence.npy"
 FORMAT = "sa3-lora-dataset"
 FORMAT_VERSION = 1
@@ -610,6 +610,18 @@ def _output_stems(relpath: str) -> list[str]:
     return [out] if out == relpath else [out, relpath]
 
 
+def _decoded_as_now(meta: dict, relpath: str) -> bool:
+    """Whether an earlier encode's decoding rules give today's audio for this file: `DECODE_VERSION`, or an older
+    one whose change cannot touch it. Version 3 changed only MP4-family files FFmpeg decoded (AAC priming), version 2
+    only files of more than two channels (the first datasets recorded no version)."""
+    version = meta.get("decode_version")
+    if version == DECODE_VERSION:
+        return True
+    mp4_by_ffmpeg = meta.get("decoder") == "pyav" and Path(relpath).suffix.lower() in (".m4a", ".mp4", ".m4b", ".mov")
+    stereo_or_less = (meta.get("source_channels") or 2) <= 2
+    return not mp4_by_ffmpeg and (version == 2 or (version is None and stereo_or_less))
+
+
 def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype: str) -> tuple[dict, dict] | None:
     """(manifest record, file JSON) of a finished earlier encode of this exact content with this encoder and
     decoding rules (`DECODE_VERSION`), read from its per-file JSON (so a run killed before its manifest was
@@ -625,10 +637,8 @@ def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype
             break
     else:
         return None
-    version = meta.get("decode_version")
-    current = version == DECODE_VERSION or (version is None and (meta.get("source_channels") or 2) <= 2)
-    if not current or (meta.get("content_hash") != content_hash or meta.get("encoder_fingerprint") != ident["fingerprint"]
-                       or meta.get("latent_dtype", "float32") != dtype):
+    if (not _decoded_as_now(meta, relpath) or meta.get("content_hash") != content_hash
+            or meta.get("encoder_fingerprint") != ident["fingerprint"] or meta.get("latent_dtype", "float32") != dtype):
         return None
     rec = {"relpath": relpath, "hash": content_hash, "status": "encoded", "latents": f"{out}.npy",
            "metadata": f"{out}.json", "n_latents": len(meta.get("padding_mask", [])),

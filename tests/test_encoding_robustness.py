@@ -417,3 +417,22 @@ def test_a_file_too_long_for_the_free_memory_is_skipped_with_a_reason_and_the_re
     (reason,) = [r for rel, r in report.skipped if rel == "long.wav"]
     assert reason == "too long for the free memory"
     assert _records(out)["long.wav"]["detail"].endswith("split the file into parts, or free memory and run again")
+
+
+def test_a_version_2_dataset_redoes_only_the_mp4_files_ffmpeg_decoded(tmp_path):
+    """Decoding version 3 removes AAC priming in MP4s without an edit list (iTunSMPB): only MP4-family files decoded
+    by FFmpeg can have changed, so an earlier dataset keeps the rest."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a.wav")
+    write_audio_file(src / "b", tone(0.3, 44100), 44100, "m4a")
+    write_audio_file(src / "c", tone(0.3, 44100), 44100, "mp3")
+    first = encode_folder(src, out, ToyEncoder())
+    assert sorted(first.encoded) == ["a.wav", "b.m4a", "c.mp3"]
+    for rel in first.encoded:
+        meta_path = out / (rel + ".json")
+        meta = json.loads(meta_path.read_text())
+        assert meta["decode_version"] == 3
+        meta["decode_version"] = 2
+        meta_path.write_text(json.dumps(meta))
+    again = encode_folder(src, out, ToyEncoder())
+    assert again.encoded == ["b.m4a"] and sorted(again.reused) == ["a.wav", "c.mp3"]
