@@ -30,14 +30,32 @@ def parse_lora(spec: str) -> dict:
     return {"path": spec, "strength": 1.0}
 
 
-def output_paths(out: str, n: int) -> list[Path]:
-    """One path per batch item: `out` itself for one, `<stem>_<i><suffix>` for more; the suffix picks the format."""
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """--prompt, or the lines of --prompts-file (blank lines and lines starting with '#' skipped)."""
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
+    if prompt is not None:
+        return [prompt]
+    try:
+        lines = Path(prompts_file).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts-file {prompts_file}: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts-file {prompts_file}: no prompts (one per line; '#' starts a comment line)")
+    return prompts
+
+
+def output_paths(out: str, n: int, n_prompts: int = 1) -> list[list[Path]]:
+    """Per prompt, one path per batch item: `out` itself for a single take, else `<stem>_<i><suffix>` (`<stem>_p<k>`
+    per prompt of a prompts file, then `_<i>` per take of a batch); the suffix picks the format."""
     path = Path(out)
     if path.suffix.lower() not in WRITERS:
         raise ValueError(f"--out {out}: the extension picks the format; use one of {', '.join(WRITERS)}")
+    stems = [path.stem] if n_prompts == 1 else [f"{path.stem}_p{k}" for k in range(n_prompts)]
     if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
+        return [[path.with_name(stem + path.suffix)] for stem in stems]
+    return [[path.with_name(f"{stem}_{i}{path.suffix}") for i in range(n)] for stem in stems]
 
 
 def write_take(path: Path, samples, sample_rate: int) -> Path:
@@ -108,7 +126,8 @@ def run_generate(args) -> int:
         regions = parse_regions(args.regions or "")
     except ValueError as e:
         raise ValueError(f"--regions: {e}") from None
-    paths = output_paths(args.out, args.batch)
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    paths = output_paths(args.out, args.batch, len(prompts))
     init = _source_audio(args.init_audio, "--init-audio")
     inpaint = _source_audio(args.inpaint, "--inpaint")
     if args.continuation:
@@ -118,30 +137,31 @@ def run_generate(args) -> int:
     model = load_model(args.source, dtype=args.dtype, device=pick_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)
     sampler, steps, cfg = sampling_defaults(model)
-    settings = {"model": model.source, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-                "duration": args.duration, "seed": seed, "steps": args.steps or steps,
-                "cfg": cfg if args.cfg is None else args.cfg, "sampler": args.sampler or sampler,
-                "loras": loras}
-    progress = StepPrinter(settings["steps"])
-    with model.residency.in_use(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        audio, rate = generate(model, args.prompt, negative_prompt=args.negative_prompt or None,
-                               duration=args.duration, seed=seed, steps=settings["steps"], cfg_scale=settings["cfg"],
-                               sampler=settings["sampler"], batch_size=args.batch, init_audio=init,
-                               init_noise_level=args.init_noise_level, inpaint_audio=inpaint,
-                               inpaint_regions=regions or None, paste_back=args.paste_back, loras=loras or None,
-                               adapter_memory=args.lora_memory, callback=progress)
-    progress.finish()
-    for w in caught:  # e.g. a duration capped at the model's maximum: one plain line, not a source location
-        print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
+    common = {"model": model.source, "negative_prompt": args.negative_prompt, "duration": args.duration, "seed": seed,
+              "steps": args.steps or steps, "cfg": cfg if args.cfg is None else args.cfg,
+              "sampler": args.sampler or sampler, "loras": loras}
     if init is not None:
-        settings |= {"init_audio": args.init_audio, "init_noise_level": args.init_noise_level}
+        common |= {"init_audio": args.init_audio, "init_noise_level": args.init_noise_level}
     if inpaint is not None:
-        settings |= {"inpaint": args.inpaint, "regions": regions, "paste_back": args.paste_back}
-    for i, path in enumerate(paths):
-        written = write_take(path, audio[i].numpy(), rate)
-        print(json.dumps({"file": str(written), "seconds": round(audio.shape[-1] / rate, 3), "batch_index": i,
-                          **settings}), flush=True)
+        common |= {"inpaint": args.inpaint, "regions": regions, "paste_back": args.paste_back}
+    for p, (prompt, prompt_paths) in enumerate(zip(prompts, paths)):
+        progress = StepPrinter(common["steps"])
+        with model.residency.in_use(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            audio, rate = generate(model, prompt, negative_prompt=args.negative_prompt or None,
+                                   duration=args.duration, seed=seed, steps=common["steps"], cfg_scale=common["cfg"],
+                                   sampler=common["sampler"], batch_size=args.batch, init_audio=init,
+                                   init_noise_level=args.init_noise_level, inpaint_audio=inpaint,
+                                   inpaint_regions=regions or None, paste_back=args.paste_back, loras=loras or None,
+                                   adapter_memory=args.lora_memory, callback=progress)
+        progress.finish()
+        for w in caught:  # e.g. a duration capped at the model's maximum: one plain line, not a source location
+            print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
+        for i, path in enumerate(prompt_paths):
+            written = write_take(path, audio[i].numpy(), rate)
+            print(json.dumps({"file": str(written), "seconds": round(audio.shape[-1] / rate, 3), "batch_index": i,
+                              **({"prompt_index": p} if len(prompts) > 1 else {}), "prompt": prompt, **common}),
+                  flush=True)
     return 0
 
 
@@ -151,7 +171,10 @@ def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="text-to-audio, audio-to-audio or inpainting, with LoRAs",
                        description=__doc__.split("\n\n")[0])
     add_model_args(p, device="auto")
-    p.add_argument("--prompt", required=True, help="what to generate (an empty string: unconditional)")
+    p.add_argument("--prompt", default=None, help="what to generate (an empty string: unconditional)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="instead of --prompt: one prompt per line, each rendered with the same seed and settings "
+                        "(<out>_p0, <out>_p1, ...), e.g. to compare checkpoints on a fixed set")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--duration", type=float, default=10.0, help="seconds (at most the model's maximum)")
     p.add_argument("--seed", type=int, default=-1, help="-1 = random (the JSON line names the seed used)")
@@ -181,4 +204,4 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
-__all__ = ["add_generate_parser", "output_paths", "parse_lora", "run_generate", "write_take"]
+__all__ = ["add_generate_parser", "output_paths", "parse_lora", "read_prompts", "run_generate", "write_take"]

@@ -1,6 +1,7 @@
 """`sa3-lora generate`: the engine's generation from the command line, files and settings it writes, its errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,16 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
         assert __import__("re").search(message, err), (extra, err)
     assert parse_lora("C:/loras/x@y.safetensors") == {"path": "C:/loras/x@y.safetensors", "strength": 1.0}
     assert parse_lora("a@b.safetensors@-0.5") == {"path": "a@b.safetensors", "strength": -0.5}
-    assert output_paths("out/take.mp3", 3)[2].name == "take_2.mp3"
+    assert output_paths("out/take.mp3", 3)[0][2].name == "take_2.mp3"
+    assert [[p.name for p in take] for take in output_paths("t.wav", 2, 2)] == [["t_p0_0.wav", "t_p0_1.wav"],
+                                                                               ["t_p1_0.wav", "t_p1_1.wav"]]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    for extra, message in ((["--prompts-file", str(tmp_path / "empty.txt")], "no prompts"),
+                           (["--prompts-file", str(tmp_path / "missing.txt")], "--prompts-file .*missing.txt")):
+        assert main(["generate", model, "--device", "cpu", *extra]) == 2
+        assert __import__("re").search(message, capsys.readouterr().err)
+    assert main(["generate", model, "--device", "cpu"]) == 2
+    assert "give --prompt TEXT or --prompts-file FILE" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:duration")
@@ -98,3 +108,19 @@ def test_progress_goes_to_stderr_and_the_json_lines_alone_to_stdout(fixtures_dir
     captured = capsys.readouterr()
     assert [json.loads(line)["steps"] for line in captured.out.splitlines()] == [20]
     assert "sampling: step 10/20" in captured.err and "sampling: step 20/20" in captured.err
+
+
+@pytest.mark.filterwarnings("ignore:duration")
+def test_a_prompts_file_renders_every_prompt_with_the_same_seed_and_settings(fixtures_dir, tmp_path, capsys):
+    (tmp_path / "set.txt").write_text("\ufeff# evaluation set\na bell\n\n  rain on a roof  \n", encoding="utf-8")
+    assert main(["generate", str(fixtures_dir / "tiny-small"), "--prompts-file", str(tmp_path / "set.txt"),
+                 "--duration", "0.02", "--steps", "2", "--seed", "9", "--device", "cpu",
+                 "--out", str(tmp_path / "eval.wav")]) == 0
+    lines = _lines(capsys)
+    assert [(x["prompt"], x["prompt_index"], x["seed"], Path(x["file"]).name) for x in lines] == [
+        ("a bell", 0, 9, "eval_p0.wav"), ("rain on a roof", 1, 9, "eval_p1.wav")]
+    model = load_model(fixtures_dir / "tiny-small")
+    for line in lines:
+        expected, _ = generate(model, line["prompt"], duration=0.02, seed=9, steps=2)
+        np.testing.assert_allclose(sf.read(line["file"], always_2d=True)[0].T, _pcm24(expected[0].double().numpy()),
+                                   atol=2**-22)
