@@ -6,7 +6,7 @@ import torch
 
 from ..sa3.generate import ADAPTER_MODES, continuation_region, parse_regions
 from .comfy_bridge import CATEGORY, progress_callback
-from .model_nodes import retry_after_freeing, using
+from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
 
@@ -58,16 +58,24 @@ def _optional_inputs():
 
 def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory="fast",
          **extra):
-    def generate():
+    def generate(memory: str):
         return model.generate(
             prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
             cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
-            loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=lora_memory, **extra)
+            loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=memory, **extra)
 
+    advice = (f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch {batch_size}). Try a shorter "
+              "duration, batch 1, or a model loaded in bf16")
     with using(model):  # held while ComfyUI frees memory for a retry: this model is the one that needs it
-        waveform, rate = retry_after_freeing(
-            generate, model.device, f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch "
-            f"{batch_size}). Try a shorter duration, batch 1, lora_memory 'low', or a model loaded in bf16")
+        try:
+            waveform, rate = retry_after_freeing(lambda: generate(lora_memory), model.device, advice)
+        except DeviceOutOfMemory:
+            if not loras or lora_memory != "fast":
+                raise
+            # the merged LoRA weights are a copy of the adapted layers: the same adapters computed beside the shared
+            # weights may fit
+            print(f"SA3 LoRA Studio: out of memory on {model.device} with lora_memory 'fast'; generating with 'low'")
+            waveform, rate = retry_after_freeing(lambda: generate("low"), model.device, advice)
     return (audio_output(waveform, rate),)
 
 

@@ -123,10 +123,14 @@ def unload_all() -> int:
     return unload_idle().unloaded
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """Still out of device memory after ComfyUI freed what it could (`retry_after_freeing`)."""
+
+
 def retry_after_freeing(fn, device, advice: str):
     """fn(); when the device runs out of memory, ComfyUI is asked to free that device (its own models, and through
     `install_memory_hooks` idle SA3 models; the caller's model stays if it holds `using`), then fn() runs once more.
-    Still out of memory: RuntimeError with `advice`."""
+    Still out of memory: DeviceOutOfMemory (a RuntimeError) with `advice`."""
     try:
         return fn()
     except Exception as e:
@@ -141,7 +145,7 @@ def retry_after_freeing(fn, device, advice: str):
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-    raise RuntimeError(f"{advice} ({first})")
+    raise DeviceOutOfMemory(f"{advice} ({first})")
 
 
 class SA3LoadPack:

@@ -228,7 +228,7 @@ def test_a_generation_out_of_device_memory_frees_comfyui_models_and_other_idle_s
         assert _devices(other, text_encoder=False) == {"cpu"}  # an idle SA3 model made room
         assert _devices(model, text_encoder=False) == {"cuda"}  # the generating one stayed where it works
         failures[:] = [RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)")] * 2
-        with pytest.raises(RuntimeError, match=r"SA3 generation: out of memory on cuda:0 .*lora_memory 'low'.*MPS "
+        with pytest.raises(RuntimeError, match=r"SA3 generation: out of memory on cuda:0 .*batch 1.*MPS "
                                                r"backend out of memory"):
             _generate(model)
         failures[:] = [ValueError("not a memory problem")]
@@ -311,3 +311,31 @@ def test_bringing_a_model_back_retries_once_after_asking_comfyui_for_memory(fixt
         with cache.using(model):
             pass
     assert model.residency.users == 0
+
+
+def test_a_generation_with_loras_that_never_fits_merged_falls_back_to_low_memory(fixtures_dir, cache, monkeypatch,
+                                                                                   tmp_path, capsys):
+    from sa3_lora_studio.nodes.generate_nodes import SA3Generate
+
+    monkeypatch.setattr(cache, "free_comfy_memory", lambda n, device: None)
+    model = load_model(fixtures_dir / "tiny-small")
+    real_generate, memories = model.generate, []
+
+    def generate(*args, **kwargs):
+        memories.append(kwargs["adapter_memory"])
+        if kwargs["adapter_memory"] == "fast":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(*args, **kwargs)
+
+    model.generate = generate
+    loras = [{"path": str(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors"), "strength": 1.0}]
+    seconds = model.config.sample_size / model.sample_rate
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1, loras=loras)
+        assert memories == ["fast", "fast", "low"] and torch.isfinite(audio["waveform"]).all()
+        assert "generating with 'low'" in capsys.readouterr().out
+        memories.clear()
+        with pytest.raises(RuntimeError, match="SA3 generation: out of memory"):  # no LoRA: nothing to fall back on
+            SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1)
+        assert memories == ["fast", "fast"]
