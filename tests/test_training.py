@@ -669,3 +669,26 @@ def test_the_loss_scale_keeps_gradients_fp16_would_round_to_zero():
     assert scale.scale == 2.0**15
     scale.update(overflow=False), scale.update(overflow=False)
     assert scale.scale == 2.0**16 and LossScale(enabled=False).scale == 1.0
+
+
+def test_a_run_out_of_device_memory_fails_with_what_to_change_and_lets_go_of_its_model(tmp_path, tiny, dataset,
+                                                                                     fixtures_dir, monkeypatch):
+    from sa3_lora_studio.training.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def train_step(self, step):
+        if self.global_step >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, name="oom"))
+    record = manager.wait(run, 300)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("out of device memory at step 2: lower batch_size or crop_seconds, turn on "
+                                      "gradient_checkpointing")
+    assert "OutOfMemoryError: CUDA out of memory" in record["error"]
+    assert manager.registry.latest_checkpoint(run)["step"] == 2  # resumable once the settings change
+    assert tiny.residency.users == 0

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .events import EventLog
 from .requests import StepRequests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
-from .trainer import Trainer
+from .trainer import Trainer, failure_message
 from .worker import RunControl
 
 
@@ -264,7 +264,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
             status = trainer.train(control, set_status)  # the single-process loop; hooks make it rank-aware
         except BaseException as e:
             if registry is not None:
-                message = f"{type(e).__name__}: {e}"
+                message = failure_message(e, trainer)
                 registry.update(run_id, status="failed", error=message)
                 log.emit("error", message=message)
                 log.emit("status", status="failed", error=message)

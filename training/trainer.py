@@ -590,6 +590,19 @@ class _null_context:
         return False
 
 
+def failure_message(error: BaseException, trainer: Trainer | None) -> str:
+    """The `error` a failed run records: the exception, and for running out of device memory what to change (the
+    run resumes from its last checkpoint with the same settings, so it would fail the same way)."""
+    from ..sa3.residency import is_out_of_memory
+
+    message = f"{type(error).__name__}: {error}"
+    if is_out_of_memory(error):
+        where = f" at step {trainer.global_step}" if trainer is not None and hasattr(trainer, "global_step") else ""
+        message = (f"out of device memory{where}: lower batch_size or crop_seconds, turn on gradient_checkpointing, "
+                   f"or load the model in bf16 (the VRAM estimate of SA3 Train LoRA / training.vram). {message}")
+    return message
+
+
 def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: EventLog, model_provider=None) -> str:
     """Entry used by the worker thread and the CLI: loads, resumes if there is a checkpoint, trains, reports."""
     config = registry.config(run_id)
@@ -606,7 +619,7 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         registry.update(run_id, step=trainer.global_step, total_steps=trainer.step_offset + config.steps)
         return trainer.train(control, set_status)
     except BaseException as e:
-        message = f"{type(e).__name__}: {e}"
+        message = failure_message(e, trainer)
         registry.update(run_id, status="failed", error=message)
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
@@ -616,4 +629,4 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
             trainer.release_model()
 
 
-__all__ = ["Trainer", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]
+__all__ = ["Trainer", "failure_message", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]
