@@ -10,6 +10,7 @@ A CPU model has nothing to offload: its memory is freed when the last reference 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -34,10 +35,14 @@ class Residency:
     worker and the server's route handlers may all ask at once."""
 
     def __init__(self, model):
-        self._model = model
+        self._model_ref = weakref.ref(model)  # no model <-> residency cycle: a dropped model is freed at once
         self._lock = threading.RLock()
         self.users = 0
         self.offloaded = False
+
+    @property
+    def _model(self):
+        return self._model_ref()
 
     def __getstate__(self) -> dict:  # a copied model (copy.deepcopy) starts with no users and its own lock
         return {"_model": self._model, "offloaded": self.offloaded}

@@ -339,3 +339,28 @@ def test_a_generation_with_loras_that_never_fits_merged_falls_back_to_low_memory
         with pytest.raises(RuntimeError, match="SA3 generation: out of memory"):  # no LoRA: nothing to fall back on
             SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1)
         assert memories == ["fast", "fast"]
+
+
+def test_a_dropped_model_is_freed_at_once_not_at_the_next_garbage_collection(fixtures_dir):
+    """The residency refers to its model weakly: a model <-> residency cycle would keep a dropped model (and its
+    device memory, e.g. a run's private ARC sibling after a round of demos) until Python's cyclic collector runs."""
+    import copy
+    import gc
+    import weakref
+
+    def dropped(copied: bool):
+        model = load_model(fixtures_dir / "tiny-small")
+        if copied:
+            model = copy.deepcopy(model)
+            assert model.residency._model is model
+        with model.residency.in_use():
+            pass
+        return weakref.ref(model)
+
+    dropped(False)  # torch's first-use initialisation keeps the first call's frames; measure the next ones
+    gc.collect()
+    gc.disable()
+    try:
+        assert dropped(False)() is None and dropped(True)() is None
+    finally:
+        gc.enable()
