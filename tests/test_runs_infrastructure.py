@@ -158,7 +158,8 @@ def test_a_queued_run_stops_at_once_and_waiting_for_a_queued_run_waits_for_its_e
     manager.gate.set()
     assert manager.wait(third, 10)["status"] == "done" and manager.registry.get(first)["status"] == "done"
     assert manager.registry.get(second)["status"] == "stopped"
-    assert manager.control(second, "restart")["status"] in ("queued", "training")  # restarts like any stopped run
+    # restarts like any stopped run (the gate is open: its fake training may already be over when control returns)
+    assert manager.control(second, "restart")["status"] in ("queued", "training", "done")
     assert manager.wait(second, 10)["status"] == "done"
 
 
