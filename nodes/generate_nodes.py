@@ -28,8 +28,6 @@ def audio_input(audio: dict, name: str) -> tuple[torch.Tensor, int]:
     return wav.detach().clone().float(), int(audio["sample_rate"])
 
 
-
-
 def _common_inputs():
     return {
         "model": ("SA3_MODEL", {"tooltip": "From SA3 Load Pack."}),
