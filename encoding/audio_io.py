@@ -40,8 +40,8 @@ SHORT_DECODE_FRACTION = 0.98
 # float32 copies of a file's 44.1 kHz stereo samples alive at once while it is decoded and encoded: measured 2.4
 # (44.1 kHz source) to 2.7 (48 kHz, resampled) with the SAME encoder (bench/encode.py prints it), plus a margin
 DECODE_COPIES = 3.5
-ENCODE_RESERVE_BYTES = 640 << 20  # the encoder's working memory for one 128-latent chunk, whatever the file's length:
-# measured 561 MB for SAME-L (sa3-medium) and 163 MB for SAME-S (the small packs), random weights of the real sizes
+ENCODE_RESERVE_BYTES = 768 << 20  # the encoder's working memory for one 128-latent chunk, whatever the file's length:
+# bench/same_encoder.py measured 560-680 MB for SAME-L (sa3-medium), 110-165 MB for SAME-S (random weights, real sizes)
 READ_BLOCK_FRAMES = 1 << 16  # frames per soundfile read
 MAX_PEAK = 100.0  # |sample| above this (+40 dBFS) is garbage, not a hot mix: the file is skipped
 MAX_PADDING_FRAMES = 2048  # decoded beyond an MP4's declared duration by at most this: encoder padding, trimmed
