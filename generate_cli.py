@@ -16,8 +16,6 @@ import sys
 import warnings
 from pathlib import Path
 
-WRITERS = (".wav", ".flac", ".mp3", ".opus")
-
 
 def parse_lora(spec: str) -> dict:
     """"FILE" or "FILE@STRENGTH" -> {"path", "strength"}; '@' splits only when what follows is a number."""
@@ -49,28 +47,16 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 def output_paths(out: str, n: int, n_prompts: int = 1) -> list[list[Path]]:
     """Per prompt, one path per batch item: `out` itself for a single take, else `<stem>_<i><suffix>` (`<stem>_p<k>`
     per prompt of a prompts file, then `_<i>` per take of a batch); the suffix picks the format."""
+    from .encoding.audio_write import OUTPUT_FORMATS
+
     path = Path(out)
-    if path.suffix.lower() not in WRITERS:
-        raise ValueError(f"--out {out}: the extension picks the format; use one of {', '.join(WRITERS)}")
+    extensions = [ext for ext, *_ in OUTPUT_FORMATS.values()]
+    if path.suffix.lower() not in extensions:
+        raise ValueError(f"--out {out}: the extension picks the format; use one of {', '.join(extensions)}")
     stems = [path.stem] if n_prompts == 1 else [f"{path.stem}_p{k}" for k in range(n_prompts)]
     if n == 1:
         return [[path.with_name(stem + path.suffix)] for stem in stems]
     return [[path.with_name(f"{stem}_{i}{path.suffix}") for i in range(n)] for stem in stems]
-
-
-def write_take(path: Path, samples, sample_rate: int) -> Path:
-    """[C, N] float32 -> path (WAV: 24-bit PCM; FLAC, MP3, Opus: `encoding.audio_write`)."""
-    from .encoding.audio_write import write_audio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".wav":
-        import soundfile as sf
-
-        partial = path.with_name(path.name + ".partial")
-        sf.write(str(partial), samples.T, sample_rate, format="WAV", subtype="PCM_24")
-        partial.replace(path)
-        return path
-    return write_audio(path, samples, sample_rate, path.suffix.lower()[1:])
 
 
 class StepPrinter:
@@ -107,6 +93,7 @@ def _source_audio(path: str | None, option: str):
 def run_generate(args) -> int:
     import torch
 
+    from .encoding.audio_write import write_audio
     from .sa3.generate import continuation_region, generate, parse_regions, sampling_defaults
     from .sa3.model import load_model
     from .training.trainer import pick_device
@@ -158,7 +145,8 @@ def run_generate(args) -> int:
         for w in caught:  # e.g. a duration capped at the model's maximum: one plain line, not a source location
             print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
         for i, path in enumerate(prompt_paths):
-            written = write_take(path, audio[i].numpy(), rate)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = write_audio(path, audio[i].numpy(), rate, path.suffix.lower()[1:])
             print(json.dumps({"file": str(written), "seconds": round(audio.shape[-1] / rate, 3), "batch_index": i,
                               **({"prompt_index": p} if len(prompts) > 1 else {}), "prompt": prompt, **common}),
                   flush=True)
@@ -204,4 +192,4 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
-__all__ = ["add_generate_parser", "output_paths", "parse_lora", "read_prompts", "run_generate", "write_take"]
+__all__ = ["add_generate_parser", "output_paths", "parse_lora", "read_prompts", "run_generate"]

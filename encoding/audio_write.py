@@ -1,6 +1,6 @@
-"""Writing audio files: FLAC through libsndfile (soundfile), MP3 and Opus through FFmpeg (PyAV).
+"""Writing audio files: FLAC and WAV through libsndfile (soundfile), MP3 and Opus through FFmpeg (PyAV).
 
-Used for training demos (`RunConfig.demo_format`) and by the test-signal writers of `toy.py`. Samples are numpy
+Used for training demos (`RunConfig.demo_format`), `sa3-lora generate` and the test-signal writers of `toy.py`. Samples are numpy
 float32 `[C, N]` in [-1, 1], channels first, like everything in `audio_io.py`.
 """
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-# format -> (extension, PyAV codec, container, bitrate in bit/s); FLAC has no codec entry: libsndfile writes it.
+# format -> (extension, PyAV codec, container, bitrate in bit/s); FLAC and WAV have no codec: libsndfile writes them
 OUTPUT_FORMATS = {
     "flac": (".flac", None, None, None),
+    "wav": (".wav", None, None, None),
     "mp3": (".mp3", "libmp3lame", "mp3", 256_000),
     "opus": (".opus", "libopus", "ogg", 160_000),
 }
@@ -51,8 +52,8 @@ def encode_with_pyav(path: str | os.PathLike, samples: np.ndarray, sample_rate: 
 
 
 def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int, fmt: str = "flac") -> Path:
-    """Write [C, N] float32 at sample_rate Hz as `fmt` ("flac" 24-bit, "mp3" 256 kbit/s, "opus" 160 kbit/s at
-    48 kHz) to path with the format's extension (any suffix of path is replaced). Returns the written path; the
+    """Write [C, N] float32 at sample_rate Hz as `fmt` ("flac" and "wav" 24-bit, "mp3" 256 kbit/s, "opus" 160 kbit/s
+    at 48 kHz) to path with the format's extension (any suffix of path is replaced). Returns the written path; the
     file appears whole (written beside it, then renamed), so a reader never sees half a demo."""
     ext, codec, container, bitrate = OUTPUT_FORMATS[check_output_format(fmt)]
     path = Path(path).with_suffix(ext)
@@ -62,7 +63,7 @@ def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int, 
         if codec is None:
             import soundfile as sf
 
-            sf.write(str(partial), samples.T, sample_rate, format="FLAC", subtype="PCM_24")
+            sf.write(str(partial), samples.T, sample_rate, format=fmt.upper(), subtype="PCM_24")
         else:
             if fmt == "opus" and sample_rate != OPUS_RATE:
                 from .audio_io import resample

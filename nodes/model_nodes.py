@@ -101,10 +101,7 @@ def unload_idle() -> UnloadReport:
                 continue
             del _CACHE[key]
             report.unloaded += 1
-            report.offloaded += model.residency.offload()
-    empty_device_cache(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        empty_device_cache(torch.device("mps"))
+            report.offloaded += model.residency.offload()  # (which returns the device's cached blocks too)
     return report
 
 
@@ -116,11 +113,6 @@ def offload_idle(device) -> int:
         models = {id(m): m for m in _CACHE.values()}.values()
     return sum(m.residency.offload() for m in models
                if m.device.type == device.type and (device.index is None or m.device.index in (None, device.index)))
-
-
-def unload_all() -> int:
-    """`unload_idle()`, returning how many models were dropped."""
-    return unload_idle().unloaded
 
 
 class DeviceOutOfMemory(RuntimeError):

@@ -122,7 +122,8 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
     async def unload_models(request):
         from .model_nodes import unload_idle
 
-        report = unload_idle()
+        # off the event loop: moving a GPU model's weights to host memory takes seconds
+        report = await asyncio.get_running_loop().run_in_executor(None, unload_idle)
         return web.json_response({"unloaded": report.unloaded, "offloaded": report.offloaded, "kept": report.kept,
                                   "summary": report.summary()})
 

@@ -145,7 +145,7 @@ class SA3TrainLoRA:
             "detach_norm": ("BOOLEAN", {"default": False, "tooltip": "DoRA/BoRA types: the weight norms get no "
                             "gradient (DoRA paper 4.3, PEFT's default). Faster steps (BoRA most), same files; the "
                             "official trainer keeps exact gradients (off)."}),
-            "demo_format": (list(OUTPUT_FORMATS), {"default": "flac", "tooltip": "Demo audio files: flac (lossless), mp3 "
+            "demo_format": (list(OUTPUT_FORMATS), {"default": "flac", "tooltip": "Demo audio files: flac or wav (lossless), mp3 "
                             "or opus (small, for long runs with many demos)."}),
             "reset_step": ("BOOLEAN", {"default": False, "tooltip": "With continue_from: count steps from 0 "
                            "instead of continuing the file's step count."}),

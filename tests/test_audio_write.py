@@ -29,8 +29,8 @@ def test_each_format_decodes_back_to_the_written_signal(tmp_path, fmt):
 
 
 def test_unknown_format_and_channel_count_are_named(tmp_path):
-    with pytest.raises(ValueError, match="'wav'.*flac"):
-        write_audio(tmp_path / "a", tone(0.1, 44100), 44100, "wav")
+    with pytest.raises(ValueError, match="'aiff'.*flac"):
+        write_audio(tmp_path / "a", tone(0.1, 44100), 44100, "aiff")
     with pytest.raises(ValueError, match="3 channels"):
         write_audio(tmp_path / "a", tone(0.1, 44100, channels=3), 44100, "mp3")
     assert not list(tmp_path.iterdir())  # no half-written file is left behind

@@ -18,9 +18,9 @@ from test_nodes import _train_inputs, run_node
 
 @pytest.fixture
 def cache():
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     yield model_nodes
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
 
 
 def _devices(model, text_encoder=True) -> set[str]:
@@ -192,10 +192,10 @@ def comfy_env(monkeypatch, tmp_path, fixtures_dir):
 
     stubs = comfy_stubs.install(monkeypatch, tmp_path / "comfy")
     shutil.copytree(fixtures_dir / "tiny-small", stubs.models_dir / "sa3" / "sa3-small-music" / "base")
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
     yield stubs
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
 
 

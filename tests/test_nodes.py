@@ -21,10 +21,10 @@ def comfy(monkeypatch, tmp_path, fixtures_dir):
     shutil.copy(fixtures_dir / "golden" / "lora" / "dora-rows.safetensors", stubs.folders["loras"][0] / "dora.safetensors")
     from sa3_lora_studio.nodes import model_nodes, training_nodes
 
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
     yield stubs
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
 
 

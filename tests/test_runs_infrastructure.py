@@ -101,7 +101,7 @@ def test_run_control_stop_wakes_a_paused_run():
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"demo_format": "wav"}, "RunConfig.demo_format='wav' is not an audio output format"),
+    ({"demo_format": "aiff"}, "RunConfig.demo_format='aiff' is not an audio output format"),
     ({"demos": [{"prompt": "x", "strength": 1}]}, r"RunConfig.demos\[0\]: unknown key\(s\) \['strength'\]"),
     ({"demos": ["a bell"]}, r"RunConfig.demos\[0\]: expected an object"),
     ({"demos": [{"steps": 0}]}, "DemoSpec.steps: 0"),

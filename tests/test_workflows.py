@@ -92,10 +92,10 @@ def comfy(tmp_path_factory, fixtures_dir):
         (training / f"tone {i}.txt").write_text(f"a soft sine tone number {i}")
     from sa3_lora_studio.nodes import model_nodes, training_nodes
 
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
     yield stubs
-    model_nodes.unload_all()
+    model_nodes.unload_idle()
     training_nodes.reset_manager()
     mp.undo()
 

@@ -1,6 +1,6 @@
 """Demos during training: every `demo_every` steps (and at step 0, the base model's baseline), render each demo of
 the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
-`demos/step_<S>/demo_<i>.flac` (or .mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
+`demos/step_<S>/demo_<i>.flac` (or .wav/.mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
 
 Demos reuse the loaded model and apply the adapter as a private view that computes the adapter path beside the shared
 weights (no merged copy), so nobody else using the shared model hears it and demos need no more memory than

@@ -5,7 +5,7 @@ A run folder reads without our code:
     <root>/<run_id>/events.jsonl            append-only events (step, loss, samples, checkpoint, demo, error)
     <root>/<run_id>/checkpoints/<name>-step=000400.safetensors   the adapter, SA3-native (loads everywhere)
     <root>/<run_id>/checkpoints/<name>-step=000400.state.pt      optimiser, RNG states, data cursor, step
-    <root>/<run_id>/demos/step_000400/demo_0.{flac|mp3|opus,png,json}
+    <root>/<run_id>/demos/step_000400/demo_0.{flac|wav|mp3|opus,png,json}
     <root>/<run_id>/latest.json             the newest checkpoint, written last (temp + fsync + rename)
     <root>/runs.json                        index of runs with their status (atomic)
 """
@@ -147,7 +147,7 @@ class RunConfig:
     checkpoint_every: int = 200
     demo_every: int = 200
     demos: tuple[DemoSpec, ...] = ()
-    demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, mp3 or opus
+    demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, wav, mp3 or opus
     seed: int = 0
     continue_from: str | None = None
     reset_step: bool = False
