@@ -37,8 +37,8 @@ AUDIO_EXTENSIONS = frozenset({
 
 # A decoder that returns less than this fraction of the container's declared length "stopped early": try the other.
 SHORT_DECODE_FRACTION = 0.98
-# float32 copies of a file's 44.1 kHz stereo samples alive at once while it is decoded and encoded: measured 2.4
-# (44.1 kHz source) to 2.7 (48 kHz, resampled) with the SAME encoder (bench/encode.py prints it), plus a margin
+# float32 copies of a file's 44.1 kHz stereo samples alive at once while it is decoded and encoded: bench/encode.py
+# measured 2.4 (44.1 kHz FLAC), 2.7 (48 kHz FLAC, MP3) and 2.9 (48 kHz M4A) with the SAME encoder; plus a margin
 DECODE_COPIES = 3.5
 ENCODE_RESERVE_BYTES = 768 << 20  # the encoder's working memory for one 128-latent chunk, whatever the file's length:
 # bench/same_encoder.py measured 560-680 MB for SAME-L (sa3-medium), 110-165 MB for SAME-S (random weights, real sizes)
@@ -62,12 +62,13 @@ class DecodedAudio:
     float_samples: the file stores float samples (which may legitimately exceed 1). warnings: caveats for the
     dataset report (damaged packets, truncation, levels)."""
 
-    samples: np.ndarray
+    samples: np.ndarray | None  # None once released (`release_samples`)
     sample_rate: int
     decoder: str
     declared_frames: int | None = None
     float_samples: bool = False
     warnings: list[str] = field(default_factory=list)
+    released_shape: tuple[int, int] = (0, 0)
 
     @property
     def channels(self) -> int:
@@ -157,12 +158,12 @@ def _decode_soundfile(path: str) -> DecodedAudio:
     import soundfile as sf
 
     with sf.SoundFile(path) as f:
-        declared = _known_frames(f.frames)
+        known = _known_frames(f.frames)
+        declared = known
         if f.format in ("WAV", "WAVEX"):
             declared = max(declared or 0, _wav_declared_frames(path) or 0) or None
         rate = f.samplerate
         is_float = f.subtype in ("FLOAT", "DOUBLE")
-        known = _known_frames(f.frames)
         if known:  # block by block into [C, N]: no whole interleaved [N, C] copy beside it
             samples = np.empty((f.channels, known), dtype=np.float32)
             done = 0
@@ -272,7 +273,7 @@ def _decode_pyav(path: str) -> DecodedAudio:
     if damaged:
         warnings.append(f"{damaged} damaged packet(s) skipped: the audio has gaps there")
     keep, start = buffer.frames, 0
-    if gapless is not None and gapless[0] + gapless[1] <= keep <= sum(gapless) + 2 * MAX_PADDING_FRAMES:
+    if gapless is not None and sum(gapless) <= keep <= sum(gapless) + 2 * MAX_PADDING_FRAMES:
         start, keep = gapless  # no edit list applied: the encoder's priming is still there, iTunSMPB says how long
     elif exact_duration and declared is not None and 0 < keep - declared <= MAX_PADDING_FRAMES:
         keep = declared  # the AAC encoder's padding of the last frame: MP4 durations are exact
@@ -292,10 +293,10 @@ def sample_peak(samples: np.ndarray) -> float:
     return math.nan if math.isnan(hi) or math.isnan(lo) else max(hi, lo)
 
 
-def fit_level(d: DecodedAudio) -> None:
+def fit_level(d: DecodedAudio, peak: float | None = None) -> None:
     """Bring d.samples into [-1, 1] in place by the module's level policy, noting what was done in d.warnings.
-    Raises AudioFileError when the peak is above MAX_PEAK."""
-    peak = sample_peak(d.samples)
+    Raises AudioFileError when the peak is above MAX_PEAK. peak: `sample_peak(d.samples)` when the caller has it."""
+    peak = sample_peak(d.samples) if peak is None else peak
     if peak <= 1.0:
         return
     level = f"peak {peak:.3g} ({20 * math.log10(peak):+.1f} dBFS)"
@@ -306,7 +307,7 @@ def fit_level(d: DecodedAudio) -> None:
         d.samples *= np.float32(1.0 / peak)
         d.warnings.append(f"float samples at {level}: scaled by {1 / peak:.3g} to fit [-1, 1]")
     else:
-        over = int(np.count_nonzero(np.abs(d.samples) > 1.0))
+        over = int(np.count_nonzero(d.samples > 1.0)) + int(np.count_nonzero(d.samples < -1.0))  # no |x| copy
         np.clip(d.samples, -1.0, 1.0, out=d.samples)
         d.warnings.append(f"{over} sample(s) beyond [-1, 1] clipped ({level}; decoder overshoot or damaged data)")
 
@@ -382,12 +383,13 @@ def decode_audio(path: str | Path) -> DecodedAudio:
             break
     if best is None:
         raise AudioFileError("not audio or undecodable", "; ".join(errors))
-    if not math.isfinite(sample_peak(best.samples)):
+    peak = sample_peak(best.samples)
+    if not math.isfinite(peak):
         raise AudioFileError("NaN/inf samples")
     if _short(best):
         best.warnings.append(f"decoded {best.seconds:.2f} s of the {best.declared_frames / best.sample_rate:.2f} s "
                              "the file declares: truncated or damaged, the rest is lost")
-    fit_level(best)
+    fit_level(best, peak)
     return best
 
 

@@ -28,7 +28,7 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .metadata_tables import cached_table, find_row, tables_of, unmatched_rows
+from .metadata_tables import find_row, root_relative, tables_in_use, tables_of
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,9 @@ def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tu
 
 def _read_table_row(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
     """The file's row in the metadata tables that apply to it (`metadata_tables.find_row`) and "<table>:<line>".
-    Problems of every table consulted (unreadable, no file-name column) are warnings of each file under it."""
-    tables = tables_of(audio, root, _ALIASES)
-    for table, _ in tables:
-        warnings.extend(f"{_shown(table.path, root)}: {p}" for p in table.problems)
-    try:
-        root_rel = audio.relative_to(root).as_posix() if root is not None else None
-    except ValueError:
-        root_rel = None
-    found = find_row(tables, root_rel)
+    Problems of the tables themselves (unreadable, no file-name column) are reported once per table
+    (`table_warnings`), not on each file under them."""
+    found = find_row(tables_of(audio, root, _ALIASES), root_relative(audio, root))
     if found is None:
         return {}, None
     table, row, exact = found
@@ -178,15 +172,17 @@ def _read_table_row(audio: Path, root: Path | None, warnings: list[str]) -> tupl
 
 
 def table_warnings(root: str | Path, audio_paths: list[Path]) -> list[tuple[str, str]]:
-    """(table relpath, warning) for each metadata table under root with rows naming none of the audio files
-    (paths under root, as scanned): a path written from another folder, or a file renamed since."""
+    """(table relpath, warning) for each metadata table that applies to the audio files (paths under root, as
+    scanned), once per table: its own problems (unreadable, no file-name column, ...), and rows naming none of the
+    files (a path written from another folder, or a file renamed since)."""
     root = Path(root)
     out = []
-    for path, rows in unmatched_rows(root, audio_paths, _ALIASES):
-        shown = _shown(path, root)
-        total = len(cached_table(path, _ALIASES).rows)
-        out.append((shown, f"{len(rows)} of {total} rows name no audio file here (e.g. line {rows[0].line}: "
-                           f"{rows[0].key!r}); paths are relative to the table's folder"))
+    for table, missing in tables_in_use(root, audio_paths, _ALIASES):
+        shown = _shown(table.path, root)
+        out += [(shown, problem) for problem in table.problems]
+        if missing:
+            out.append((shown, f"{len(missing)} of {len(table.rows)} rows name no audio file here (e.g. line "
+                               f"{missing[0].line}: {missing[0].key!r}); paths are relative to the table's folder"))
     return out
 
 

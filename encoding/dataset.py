@@ -406,11 +406,11 @@ def _skipped(rec: dict, error: BaseException) -> dict:
     return {**rec, "status": "skipped", "reason": "encoding failed", "detail": f"{type(error).__name__}: {error}"[:500]}
 
 
-CAPTION_SOURCES = {"json": "JSON sidecars", "txt": ".txt sidecars", "table": "metadata tables"}
+CAPTION_SOURCES = {"json": "JSON sidecars", "txt": ".txt sidecars", "table": "metadata tables", "tags": "embedded tags"}
 
 
 def _file_metadata(path: Path, root: Path) -> tuple[dict, list[str], dict, str | None]:
-    """(metadata, warnings, sources, where its caption came from: "json" | "txt" | "table" | None) of one audio
+    """(metadata, warnings, sources, where its caption came from: "json" | "txt" | "table" | "tags" | None) of one audio
     file by the one lookup (`captions.lookup_metadata`)."""
     warnings: list[str] = []
     sources: dict[str, str] = {}
@@ -549,7 +549,8 @@ class EncodeReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
     excluded: list[str] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning): dataset files, tables
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (relpath, warning) of dataset files
+    table_warnings: list[tuple[str, str]] = field(default_factory=list)  # (table relpath, warning), once per table
     captions: dict[str, int] = field(default_factory=dict)  # dataset files by caption source ("json"...; "none")
     interrupted: bool = False
     seconds: float = 0.0  # audio seconds in the dataset
@@ -574,15 +575,15 @@ class EncodeReport:
             lines.append("  captions: " + ", ".join(found or ["none found"])
                          + (f"; {none} file(s) without one (tags and path only)" if none and found else ""))
         lines += [f"  skipped {rel}: {reason}" for rel, reason in self.skipped]
+        lines += [f"  warning {table}: {text}" for table, text in self.table_warnings]
         lines += self._warning_lines()
         if not self.interrupted and not self.usable:
             lines.append("  no usable file: every file was skipped (reasons above); the dataset is empty")
         return "\n".join(lines)
 
-
     def _warning_lines(self, shared_by: int = 3) -> list[str]:
-        """One line per warning, except that a text shared by `shared_by` files or more (a folder's metadata
-        table that every file under it consults) is one line naming how many files and the first few."""
+        """One line per warning, except that a text shared by `shared_by` files or more (the loose matches of a
+        folder's metadata table) is one line naming how many files and the first few."""
         files_by_text: dict[str, list[str]] = {}
         for rel, text in self.warnings:
             files_by_text.setdefault(text, []).append(rel)
@@ -592,7 +593,8 @@ class EncodeReport:
             if len(rels) < shared_by:
                 lines.append(f"  warning {rel}: {text}")
             elif rel == rels[0]:
-                lines.append(f"  warning ({len(rels)} files: {', '.join(rels[:3])}, …): {text}")
+                more = ", …" if len(rels) > 3 else ""
+                lines.append(f"  warning ({len(rels)} files: {', '.join(rels[:3])}{more}): {text}")
         return lines
 
 
@@ -612,12 +614,13 @@ def _output_stems(relpath: str) -> list[str]:
 
 def _decoded_as_now(meta: dict, relpath: str) -> bool:
     """Whether an earlier encode's decoding rules give today's audio for this file: `DECODE_VERSION`, or an older
-    one whose change cannot touch it. Version 3 changed only MP4-family files FFmpeg decoded (AAC priming), version 2
+    one whose change cannot touch it. Version 3 changed only MP4 files FFmpeg decoded (AAC priming), version 2
     only files of more than two channels (the first datasets recorded no version)."""
     version = meta.get("decode_version")
     if version == DECODE_VERSION:
         return True
-    mp4_by_ffmpeg = meta.get("decoder") == "pyav" and Path(relpath).suffix.lower() in (".m4a", ".mp4", ".m4b", ".mov")
+    # by extension (the decoder checks the container): .aac and .alac may hold MP4 too, so they are redone as well
+    mp4_by_ffmpeg = meta.get("decoder") == "pyav" and Path(relpath).suffix.lower() in (".m4a", ".mp4", ".aac", ".alac")
     stereo_or_less = (meta.get("source_channels") or 2) <= 2
     return not mp4_by_ffmpeg and (version == 2 or (version is None and stereo_or_less))
 
@@ -854,7 +857,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
         report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
                            for w in f.get("warnings", [])]
-        report.warnings += table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
+        report.table_warnings = table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
         report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
                                                    if f["status"] == "encoded"))
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))

@@ -12,7 +12,7 @@ nearest table first; then, when no table has it exactly, a loose match in the sa
 extension ignored (a list written on Windows, or before WAVs became FLACs), a bare file name without folder (a
 flat list for a tree of folders; it applies to each file of that name), or the path from the dataset root instead
 of from the table's folder. A loose match must be the only one in its table and its row must not name another
-file that exists; the file then gets a warning saying how it matched. `unmatched_rows` lists rows that name no
+file that exists; the file then gets a warning saying how it matched. `tables_in_use` lists rows that name no
 audio file, for the encode report.
 
 Read as a spreadsheet writes it: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252 (a warning says
@@ -30,6 +30,7 @@ import math
 import os
 import posixpath
 import re
+import stat
 import threading
 import unicodedata
 from dataclasses import dataclass, field
@@ -315,7 +316,7 @@ def cached_table(path: Path, aliases: dict[str, str]) -> MetadataTable | None:
         st = os.stat(path)
     except OSError:
         return None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         return None
     stamp, key = (st.st_size, st.st_mtime_ns), os.fspath(path)
     with _LOCK:
@@ -330,11 +331,29 @@ def cached_table(path: Path, aliases: dict[str, str]) -> MetadataTable | None:
     return table
 
 
+def _comparable(audio: Path, root: Path) -> tuple[Path, Path]:
+    """Both absolute when one of them is (a relative root with absolute scanned paths, or the reverse)."""
+    if audio.is_absolute() != root.is_absolute():
+        return Path(os.path.abspath(audio)), Path(os.path.abspath(root))
+    return audio, root
+
+
+def root_relative(audio: Path, root: Path | None) -> str | None:
+    """audio's path from the dataset root, None when it is not under root."""
+    if root is None:
+        return None
+    audio, root = _comparable(Path(audio), Path(root))
+    try:
+        return audio.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
 def table_folders(audio: Path, root: Path | None) -> list[tuple[Path, str]]:
     """(folder, audio's relpath from it) for every folder from the audio's own up to root (inclusive), nearest
     first; only the audio's folder when root is None or not above it."""
-    if root is not None and audio.is_absolute() != root.is_absolute():
-        audio, root = Path(os.path.abspath(audio)), Path(os.path.abspath(root))
+    if root is not None:
+        audio, root = _comparable(audio, root)
     folders = [audio.parent]
     if root is not None:
         try:
@@ -374,26 +393,21 @@ def find_row(tables: list[tuple[MetadataTable, str]], root_rel: str | None = Non
     return None
 
 
-def unmatched_rows(root: Path, audio_paths: list[Path], aliases: dict[str, str]) -> list[tuple[Path, list[Row]]]:
+def tables_in_use(root: Path, audio_paths: list[Path], aliases: dict[str, str]) -> list[tuple[MetadataTable, list[Row]]]:
     """(table, rows naming no audio file under its folder) for every table that applies to one of audio_paths
-    (files under root, the scan's list) and has such rows."""
-    under: dict[Path, list[tuple[str, str]]] = {}
+    (files under root, the scan's list), in the order first met."""
+    under: dict[Path, tuple[MetadataTable, list[tuple[str, str | None]]]] = {}
     for audio in map(Path, audio_paths):
-        root_rel = audio.relative_to(root).as_posix()
+        root_rel = root_relative(audio, root)
         for table, rel_to_table in tables_of(audio, root, aliases):
-            under.setdefault(table.path, []).append((rel_to_table, root_rel))
+            under.setdefault(table.path, (table, []))[1].append((rel_to_table, root_rel))
     out = []
-    for path, rels in under.items():
-        table = cached_table(path, aliases)
-        if table is None or not table.rows:
-            continue
+    for table, rels in under.values():
         hit = {id(row) for rel, root_rel in rels
                for row in (table.exact_row(rel), _loose_or_root_relative(table, rel, root_rel)) if row is not None}
-        missing = [row for row in table.rows if id(row) not in hit and table.exact_row(row.key) is row]
-        if missing:
-            out.append((path, missing))
+        out.append((table, [row for row in table.rows if id(row) not in hit and table.exact_row(row.key) is row]))
     return out
 
 
 __all__ = ["CAPTION_COLUMNS", "KEY_COLUMNS", "TABLE_NAMES", "MetadataTable", "Row", "cached_table", "find_row",
-           "parse_table", "table_folders", "tables_of", "unmatched_rows"]
+           "parse_table", "root_relative", "table_folders", "tables_in_use", "tables_of"]

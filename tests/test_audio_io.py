@@ -230,7 +230,8 @@ def test_pyav_is_tried_when_soundfile_refuses(tmp_path, monkeypatch):
     assert d.decoder == "pyav" and d.frames == round(0.5 * 44100)
 
 
-def test_a_long_file_is_decoded_block_by_block_with_the_same_samples_and_no_extra_copies(tmp_path, monkeypatch):
+def test_a_long_file_is_read_in_blocks_resampled_per_channel_and_released_with_the_same_samples(tmp_path,
+                                                                                                monkeypatch):
     """Long files are read block by block into [C, N], resampled channel by channel (soxr's interleaved result
     exactly), and load_audio lets go of the source samples: fewer copies alive (bench/encode.py measures them)."""
     import soundfile as sf
@@ -241,7 +242,16 @@ def test_a_long_file_is_decoded_block_by_block_with_the_same_samples_and_no_extr
     path = tmp_path / "three.wav"
     sf.write(path, x.T, rate, subtype="FLOAT")
     monkeypatch.setattr(audio_io, "READ_BLOCK_FRAMES", 4096)  # several blocks and a partial last one
+    reads, real_read = [], sf.SoundFile.read
+
+    def read(self, frames=-1, *args, **kwargs):
+        reads.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
     d = decode_audio(path)
+    assert reads == [4096] * 6 + [25_000 - 6 * 4096]  # never the whole file at once
+    monkeypatch.setattr(sf.SoundFile, "read", real_read)
     assert d.decoder == "soundfile" and d.samples.flags.c_contiguous and np.array_equal(d.samples, x)
     stereo = downmix(x)
     expected = soxr.resample(np.ascontiguousarray(stereo.T), rate, 44100, quality="HQ").T

@@ -8,7 +8,7 @@ import os
 import mutagen
 from mutagen.id3 import TCON
 from sa3_lora_studio.encoding import metadata_tables
-from sa3_lora_studio.encoding.captions import lookup_metadata
+from sa3_lora_studio.encoding.captions import lookup_metadata, table_warnings
 from sa3_lora_studio.encoding.dataset import EncodeReport, encode_folder, load_dataset
 from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
 
@@ -19,8 +19,11 @@ def _audio(path, fmt="flac"):
 
 
 def _lookup(path, root):
+    """(metadata, the file's warnings + the problems of the tables it consults, sources). Table problems are reported
+    once per table (`table_warnings`), not per file; they are added here as "<table>: <problem>" for the assertions."""
     warnings, sources = [], {}
     md = lookup_metadata(path, root, warnings=warnings, sources=sources)
+    warnings += [f"{table}: {text}" for table, text in table_warnings(root, [path]) if "name no audio file" not in text]
     return md, warnings, sources
 
 
@@ -99,7 +102,9 @@ def test_a_table_without_a_file_column_is_one_summary_line_not_one_per_file(tmp_
                         "file_path …); ignored"] and "table" not in sources
     report = encode_folder(src, out, ToyEncoder())
     lines = [line for line in report.summary().splitlines() if "metadata.csv" in line]
-    assert len(lines) == 1 and lines[0].startswith("  warning (5 files: s0.flac, s1.flac, s2.flac, …): metadata.csv")
+    assert len(lines) == 1 and lines[0].startswith("  warning metadata.csv: no column names the audio files")
+    assert report.warnings == [] and ", 0 with warnings;" in report.summary()  # a table's problem, not the files'
+    assert not any(r.get("warnings") for r in load_dataset(out).manifest["files"])
     assert EncodeReport(out, warnings=[("a", "x"), ("b", "x")]).summary().count("  warning ") == 2  # few: each
 
 
@@ -183,7 +188,7 @@ def test_rows_naming_no_audio_file_are_one_report_warning_per_table(tmp_path):
     (src / "metadata.csv").write_text("file_name,text\na.flac,ok\ngone.flac,renamed since\nold/b2.wav,moved\n")
     report = encode_folder(src, tmp_path / "out", ToyEncoder())
     assert ("metadata.csv", "2 of 3 rows name no audio file here (e.g. line 3: 'gone.flac'); paths are relative to "
-                            "the table's folder") in report.warnings
+                            "the table's folder") in report.table_warnings
     assert "warning metadata.csv: 2 of 3 rows" in report.summary()
 
 
@@ -224,7 +229,7 @@ def test_jsonl_with_unescaped_line_separators_and_non_finite_numbers_keeps_every
     meta = {e["relpath"]: ds.metadata(i) for i, e in enumerate(ds.entries)}
     assert meta["a.flac"]["prompt"] == "verse one\u2028verse two" and meta["c.flac"]["metadata_sources"]["table"].endswith(":3")
     assert meta["b.flac"]["prompt"] == "ok" and "emb" not in meta["b.flac"] and "gain" not in meta["b.flac"]
-    assert any("line 2 NaN/Infinity is not valid JSON" in text for _, text in report.warnings)
+    assert any("line 2 NaN/Infinity is not valid JSON" in text for _, text in report.table_warnings)
 
 
 def test_an_absolute_path_row_matches_whatever_spelling_the_root_was_given_in(tmp_path, monkeypatch):
@@ -249,3 +254,15 @@ def test_an_unclosed_quote_that_swallows_rows_is_named_and_an_absolute_file_unde
     assert _lookup(a, tmp_path)[1] == []  # a caption over two lines is fine
     monkeypatch.chdir(tmp_path.parent)
     assert _lookup(b, tmp_path.name)[0]["prompt"] == "next"  # b is absolute, the root relative
+
+
+def test_prompts_from_embedded_tags_are_counted_in_the_caption_line(tmp_path):
+    src = tmp_path / "src"
+    tagged, _ = _audio(src / "tagged.flac"), _audio(src / "plain.flac")
+    audio = mutagen.File(tagged)
+    audio["prompt"] = "a tagged bell"
+    audio.save()
+    (src / "plain.txt").write_text("a sidecar bell")
+    report = encode_folder(src, tmp_path / "out", ToyEncoder())
+    assert report.captions == {"tags": 1, "txt": 1}
+    assert "captions: 1 from .txt sidecars, 1 from embedded tags" in report.summary()
