@@ -20,6 +20,7 @@ def peak_rss_gb() -> float:
 def random_dit(config, dtype: torch.dtype, device: str, seed: int = 0):
     """The config's DiT with random weights (outputs zero-initialised officially are randomised too)."""
     from .dit import DiTWrapper
+    from .model import loaded_dtype
 
     torch.manual_seed(seed)
     wrapper = DiTWrapper(**config.dit)
@@ -29,8 +30,8 @@ def random_dit(config, dtype: torch.dtype, device: str, seed: int = 0):
                 p.normal_(0, p.shape[1] ** -0.5)
     dit = wrapper.model.to(device=device)
     for name, p in list(dit.named_parameters()) + list(dit.named_buffers()):
-        if p.is_floating_point() and not name.endswith("inv_freq"):  # RoPE frequencies stay fp32, as load_model keeps them
-            p.data = p.data.to(dtype)
+        if p.is_floating_point():  # in the dtypes load_model gives each tensor (RoPE frequencies stay fp32)
+            p.data = p.data.to(loaded_dtype(f"model.model.{name}", dtype))
     return dit.eval().requires_grad_(False)
 
 

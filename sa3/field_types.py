@@ -32,9 +32,6 @@ def check_field_types(obj, owner: str) -> None:
             raise ValueError(f"{owner}.{f.name}: {value!r} is a {type(value).__name__}; expected {f.type}")
 
 
-__all__ = ["check_field_types"]
-
-
 def check_known_keys(cls, data: dict, message: str, error: type[Exception] = ValueError) -> None:
     """`error(f"{message} {unknown}; known: {known}")` when `data` has keys that are not fields of dataclass `cls`
     (a typo in a JSON config is named, never silently ignored)."""
@@ -43,3 +40,5 @@ def check_known_keys(cls, data: dict, message: str, error: type[Exception] = Val
     if unknown:
         raise error(f"{message} {unknown}; known: {sorted(known)}")
 
+
+__all__ = ["check_field_types", "check_known_keys"]

@@ -25,10 +25,7 @@ from torch import Tensor
 from . import samplers as samplers_mod
 from . import schedules
 
-DEFAULTS = {  # per model kind: sampler, steps, CFG (the official docs and Gradio defaults)
-    "arc": ("pingpong", 8, 1.0),
-    "base": ("euler", 50, 7.0),
-}
+DEFAULTS = samplers_mod.DEFAULTS  # per model kind: sampler, steps, CFG
 PADDING_SECONDS = 6.0
 
 

@@ -174,9 +174,15 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 STOCHASTIC = frozenset({"pingpong"})  # samplers that draw from the generator
 
 
+DEFAULTS = {  # per model kind: sampler, steps, CFG (the official docs and Gradio defaults)
+    "arc": ("pingpong", 8, 1.0),
+    "base": ("euler", 50, 7.0),
+}
+
+
 def default_sampler(objective: str) -> str:
     """Post-trained ARC models (`rf_denoiser`) -> "pingpong"; base models (`rectified_flow`) -> "euler"."""
-    return "pingpong" if objective == "rf_denoiser" else "euler"
+    return DEFAULTS["arc" if objective == "rf_denoiser" else "base"][0]
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

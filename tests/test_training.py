@@ -659,7 +659,7 @@ def test_the_loss_scale_keeps_gradients_fp16_would_round_to_zero():
         p.grad = None
         loss = ((p.half() * 1e-4).float().sum() * 1e-4)  # dL/dp = 1e-8, under fp16's smallest subnormal
         (loss * scale.scale).backward()
-        scale.unscale([p.grad])
+        scale.unscale([p])
         return p.grad
 
     assert torch.equal(grad_with(LossScale(enabled=False)), torch.zeros(4))
@@ -669,6 +669,14 @@ def test_the_loss_scale_keeps_gradients_fp16_would_round_to_zero():
     assert scale.scale == 2.0**15
     scale.update(overflow=False), scale.update(overflow=False)
     assert scale.scale == 2.0**16 and LossScale(enabled=False).scale == 1.0
+    # `lowered` (a loss_scale event, not a warning) is about the scale before the update: 2 -> 1 was lowered, 1 not
+    two = LossScale(enabled=True, init_scale=2.0)
+    two.update(overflow=True)
+    assert two.lowered and two.scale == 1.0
+    two.update(overflow=True)
+    assert not two.lowered and two.scale == 1.0
+    two.update(overflow=False)
+    assert not two.lowered
 
 
 def test_a_run_out_of_device_memory_fails_with_what_to_change_and_lets_go_of_its_model(tmp_path, tiny, dataset,
@@ -693,3 +701,18 @@ def test_a_run_out_of_device_memory_fails_with_what_to_change_and_lets_go_of_its
     assert "OutOfMemoryError: CUDA out of memory" in record["error"]
     assert manager.registry.latest_checkpoint(run)["step"] == 2  # resumable once the settings change
     assert tiny.residency.users == users
+
+
+def test_out_of_memory_advice_leaves_out_what_the_run_already_does():
+    from types import SimpleNamespace
+
+    from sa3_lora_studio.training.trainer import failure_message
+
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    both = SimpleNamespace(config=SimpleNamespace(gradient_checkpointing=True, precision="bf16"), global_step=7)
+    assert failure_message(oom, both).startswith("out of device memory at step 7: lower batch_size or crop_seconds "
+                                                 "(the VRAM estimate")
+    neither = SimpleNamespace(config=SimpleNamespace(gradient_checkpointing=False, precision="fp32"), global_step=0)
+    assert ("lower batch_size or crop_seconds, turn on gradient_checkpointing or load the model in bf16"
+            in failure_message(oom, neither))
+    assert failure_message(ValueError("bad"), None) == "ValueError: bad"

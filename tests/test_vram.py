@@ -85,6 +85,10 @@ def test_the_text_encoder_counts_at_its_own_size_when_known(small):
     tiny = estimate_training_memory(small, _run(), text_encoder_params=1_000_000)
     assert tiny["text_encoder"] == 4_000_000 and real["text_encoder"] > 1e9
     assert real["total"] - tiny["total"] == real["text_encoder"] - tiny["text_encoder"]
+    # the precision's size, except fp16, which keeps T5Gemma in fp32 (sa3.text.text_encoder_dtype)
+    sizes = {p: estimate_training_memory(small, _run(precision=p), text_encoder_params=1_000_000)["text_encoder"]
+             for p in ("fp32", "bf16", "fp16")}
+    assert sizes == {"fp32": 4_000_000, "bf16": 2_000_000, "fp16": 4_000_000}
 
 
 def test_the_node_counts_the_loaded_text_encoder(fixtures_dir):
@@ -106,7 +110,18 @@ def test_the_benchmarks_floor_step_is_the_frozen_dits_input_gradient_and_the_ste
     config = read_config(fixtures_dir / "tiny-small" / "model_config.json")
     tree = build_random_dit_tree(config)
     floor = make_floor_step(tree, config, batch=2, crop_latents=8)
+    inputs = []
+    real_forward = tree.model.model.forward
+
+    def forward(x, *args, **kwargs):  # catch the input the floor differentiates
+        inputs.append(x)
+        return real_forward(x, *args, **kwargs)
+
+    tree.model.model.forward = forward
     floor()
+    del tree.model.model.forward
+    (x,) = inputs
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0  # the input's gradient
     assert all(p.grad is None for p in tree.parameters())
     step, forward = make_training_step(tree, config, "dora-rows", 2, 2, 8)
     losses = [step() for _ in range(3)]

@@ -98,16 +98,19 @@ class LossScale:
         self.enabled, self.growth_interval = enabled, growth_interval
         self.scale = init_scale if enabled else 1.0
         self.good_steps = 0
+        self.lowered = False  # the last update lowered the scale (an overflow while it was above 1)
 
-    def unscale(self, grads: list[torch.Tensor]) -> None:
+    def unscale(self, params: list[torch.Tensor]) -> None:
+        """Divide the parameters' gradients by the scale (nothing to do, and no list built, when disabled)."""
         if self.enabled:
-            for g in grads:
-                g.div_(self.scale)
+            torch._foreach_div_([p.grad for p in params if p.grad is not None], self.scale)
 
     def update(self, overflow: bool) -> None:
+        self.lowered = False
         if not self.enabled:
             return
         if overflow:
+            self.lowered = self.scale > 1.0
             self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
         else:
             self.good_steps += 1
@@ -420,7 +423,7 @@ class Trainer:
         used, skipped). A non-finite norm (an fp16 overflow) skips the update and lowers the loss scale; the
         schedule still moves so step s keeps its learning rate."""
         c = self.config
-        self.loss_scale.unscale([p.grad for p in self.params if p.grad is not None])
+        self.loss_scale.unscale(self.params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not math.isfinite(grad_norm)
@@ -529,7 +532,7 @@ class Trainer:
                 raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
                                "or use fp32/bf16 precision")
             self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
-            if metrics["skipped"] and self.loss_scale.enabled and self.loss_scale.scale > 1:  # finding its level
+            if metrics["skipped"] and self.loss_scale.lowered:  # finding its level
                 self.log.emit("loss_scale", step=self.global_step, scale=self.loss_scale.scale,
                               message=f"step {self.global_step}: fp16 gradients overflowed at this loss scale; the "
                                       f"update was skipped and the scale lowered to {self.loss_scale.scale:g}")
@@ -597,9 +600,15 @@ def failure_message(error: BaseException, trainer: Trainer | None) -> str:
 
     message = f"{type(error).__name__}: {error}"
     if is_out_of_memory(error):
-        where = f" at step {trainer.global_step}" if trainer is not None and hasattr(trainer, "global_step") else ""
-        message = (f"out of device memory{where}: lower batch_size or crop_seconds, turn on gradient_checkpointing, "
-                   f"or load the model in bf16 (the VRAM estimate of SA3 Train LoRA / training.vram). {message}")
+        c = trainer.config if trainer is not None else None
+        advice = ["lower batch_size or crop_seconds"]
+        if c is None or not c.gradient_checkpointing:
+            advice.append("turn on gradient_checkpointing")
+        if c is None or c.precision == "fp32":
+            advice.append("load the model in bf16")
+        where = f" at step {trainer.global_step}" if trainer is not None else ""
+        message = (f"out of device memory{where}: {', '.join(advice[:-1])}{' or ' if len(advice) > 1 else ''}"
+                   f"{advice[-1]} (the VRAM estimate of SA3 Train LoRA / training.vram). {message}")
     return message
 
 

@@ -50,6 +50,8 @@ import sys
 import torch
 
 from ..sa3.host_memory import available_host_memory
+from ..sa3.loading import resolve_dtype
+from ..sa3.text import text_encoder_dtype
 
 K_ACT = 72.0  # saved activation values per token, embed_dim and block, fitted (see the table above)
 K_GC = 32.0  # per block with gradient checkpointing (saved block inputs + backward buffers), fitted on small-music
@@ -125,7 +127,8 @@ def estimate_training_memory(model_config, run_config, text_encoder_params: int 
     activations = (K_GC * depth + K_ACT) * per_block if c.gradient_checkpointing else K_ACT * depth * per_block
     kv_blocks = 1 if c.gradient_checkpointing else depth  # checkpointed blocks recompute their cross K/V
     activations += 2 * batch * (int(model_config.prompt_max_length) + 1) * width * kv_blocks * size
-    out = {"weights": n_params * size, "text_encoder": (text_encoder_params or TEXT_ENCODER_PARAMS) * size,
+    text_size = torch.finfo(text_encoder_dtype(resolve_dtype(c.precision))).bits // 8  # fp16 keeps T5Gemma fp32
+    out = {"weights": n_params * size, "text_encoder": (text_encoder_params or TEXT_ENCODER_PARAMS) * text_size,
            "adapter": n_adapter * 16, "activations": int(activations)}
     # scratch of the kernels and allocator slack grow with what is being computed, not with the frozen weights
     out["workspace"] = int(WORKSPACE_FRACTION * (out["activations"] + out["adapter"]) + WORKSPACE_BYTES)
