@@ -33,6 +33,7 @@ import re
 import stat
 import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -306,7 +307,8 @@ def parse_table(path: Path, aliases: dict[str, str]) -> MetadataTable:
     return table
 
 
-_CACHE: dict[str, tuple[tuple[int, int], MetadataTable]] = {}
+_CACHE: OrderedDict[str, tuple[tuple[int, int], MetadataTable]] = OrderedDict()  # least recently used first
+CACHE_TABLES = 64
 _LOCK = threading.Lock()
 
 
@@ -322,12 +324,14 @@ def cached_table(path: Path, aliases: dict[str, str]) -> MetadataTable | None:
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None and hit[0] == stamp:
+            _CACHE.move_to_end(key)
             return hit[1]
     table = parse_table(Path(path), aliases)
     with _LOCK:
-        if len(_CACHE) >= 64:
-            _CACHE.clear()
         _CACHE[key] = (stamp, table)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > CACHE_TABLES:  # the least recently used goes, not the whole cache
+            _CACHE.popitem(last=False)
     return table
 
 

@@ -266,3 +266,20 @@ def test_prompts_from_embedded_tags_are_counted_in_the_caption_line(tmp_path):
     report = encode_folder(src, tmp_path / "out", ToyEncoder())
     assert report.captions == {"tags": 1, "txt": 1}
     assert "captions: 1 from .txt sidecars, 1 from embedded tags" in report.summary()
+
+
+def test_the_table_cache_drops_the_least_recently_used_table_not_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata_tables, "CACHE_TABLES", 3)
+    monkeypatch.setattr(metadata_tables, "_CACHE", type(metadata_tables._CACHE)())
+    parsed = []
+    real = metadata_tables.parse_table
+    monkeypatch.setattr(metadata_tables, "parse_table", lambda *a: parsed.append(a[0].parent.name) or real(*a))
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.csv").write_text("file_name,text\nx.flac,take\n")
+    for name in "abcab":  # a and b used again before d arrives: c is the least recently used
+        metadata_tables.cached_table(tmp_path / name / "metadata.csv", {})
+    metadata_tables.cached_table(tmp_path / "d" / "metadata.csv", {})
+    for name in "abd":
+        metadata_tables.cached_table(tmp_path / name / "metadata.csv", {})
+    assert parsed == ["a", "b", "c", "d"]  # a, b and d stayed; only c left
