@@ -689,6 +689,22 @@ def check_xs_rank(weights: dict[str, Tensor], rank: int) -> None:
                          f"those layers (exclude={names[:6]!r})")
 
 
+def target_weights(tree: nn.Module, roots: Sequence[Root], include: Sequence[str] | None,
+                   exclude: Sequence[str] | None) -> dict[str, Tensor]:
+    """The weights an adapter with these (resolved, `resolve_patterns`) patterns adapts, by layer path relative to
+    its root; AdapterMismatch when none matches (e.g. a typo in a pattern)."""
+    weights: dict[str, Tensor] = {}
+    for root in roots:
+        sub = tree.get_submodule(root.path) if root.path else tree
+        for name in select_targets(sub, include, exclude):
+            weights[name] = sub.get_submodule(name).weight
+    if not weights:
+        example = next((n for r in roots for n in select_targets(tree.get_submodule(r.path) if r.path else tree)), "")
+        raise AdapterMismatch(f"no Linear/Conv1d layer matches include={include} exclude={exclude}"
+                              + (f"; layer names look like {example!r}" if example else ""))
+    return weights
+
+
 def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | None = None,
                 roots: Sequence[Root] = (Root(),), include: Sequence[str] | None = None,
                 exclude: Sequence[str] | None = None, preset: str | None = None, dropout: float = 0.0,
@@ -699,19 +715,13 @@ def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | No
     check_adapter_type(adapter_type)
     alpha = rank if alpha is None else alpha
     include, exclude = resolve_patterns(include, exclude, preset)
-    layers: dict[str, dict[str, Tensor]] = {}
-    weights: dict[str, Tensor] = {}
-    for root in roots:
-        sub = tree.get_submodule(root.path) if root.path else tree
-        for name in select_targets(sub, include, exclude):
-            weights[name] = sub.get_submodule(name).weight
+    weights = target_weights(tree, roots, include, exclude)
     if adapter_type.endswith("-xs"):
         check_xs_rank(weights, rank)
+    layers: dict[str, dict[str, Tensor]] = {}
     for name, w in weights.items():
         t = init_tensors(adapter_type, w, rank, generator)
         layers[name] = {k: v for k, v in t.items() if k not in ("U", "V")}
-    if not layers:
-        raise AdapterMismatch(f"no Linear/Conv1d layer matches include={include} exclude={exclude} preset={preset}")
     config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout, "include": include,
               "exclude": exclude}
     metadata = {"base_fingerprint": weights_fingerprint(weights)}

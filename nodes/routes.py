@@ -109,7 +109,8 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
                 return _error(400, "the request body must be a JSON object, e.g. {\"confirm\": true}")
         try:  # off the event loop: a control call touches files and must never stall ComfyUI's server
             result = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: manager.control(run_id, action, confirm=body.get("confirm") is True))
+                None, lambda: manager.control(run_id, action, confirm=body.get("confirm") is True,
+                                              changes=body.get("changes"), more_steps=body.get("more_steps", 0)))
         except RunError as e:
             return _run_error(e)
         return web.json_response({"ok": True, "run": result})

@@ -155,6 +155,8 @@ class SA3TrainLoRA:
                               "alpha and targets are used)."}),
             "demos": ("SA3_DEMOS", {"tooltip": "From SA3 Training Demo nodes (chained): demos with their own model "
                       "(base/ARC), CFG, steps, seed, length and strength; demo_prompts lines are added after them."}),
+            "options": ("SA3_TRAIN_OPTIONS", {"tooltip": "From SA3 Training Options: layer include/exclude, "
+                        "warm-up, weight decay, betas, clipping, dropout, timestep sampler, inpainting mix, ..."}),
         }}
 
     RETURN_TYPES = ("SA3_RUN", "STRING")
@@ -167,7 +169,7 @@ class SA3TrainLoRA:
     def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
               prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False,
-              demo_format="flac", demos=None, reset_step=False):
+              demo_format="flac", demos=None, reset_step=False, options=None):
         from ..training.preflight import check_run_inputs
         from ..training.runs import DemoSpec, RunConfig, RunError
         from .model_nodes import register_model, using
@@ -187,7 +189,8 @@ class SA3TrainLoRA:
                                gradient_checkpointing=gradient_checkpointing, detach_norm=detach_norm,
                                demo_format=demo_format,
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
-                               trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {})
+                               trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {},
+                               **(options or {}))
             check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not in the background
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
@@ -205,6 +208,98 @@ class SA3TrainLoRA:
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")
         return {"ui": {"text": [text]}, "result": (run_id, run_id)}
+
+
+def _run_default(name: str):
+    """A RunConfig field's default (one source for the node widgets and the schema)."""
+    from dataclasses import MISSING, fields
+
+    from ..training.runs import RunConfig
+
+    field = next(f for f in fields(RunConfig) if f.name == name)
+    return field.default if field.default is not MISSING else field.default_factory()
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    """Layer patterns from a widget: one per line or comma-separated."""
+    return tuple(p.strip() for line in text.splitlines() for p in line.split(",") if p.strip())
+
+
+class SA3TrainingOptions:
+    """Advanced run settings (the RunConfig fields SA3 Train LoRA does not show) for its `options` input."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..training.runs import CROP_FROM, TIMESTEP_SAMPLERS
+
+        d = _run_default
+        betas, inpaint = d("betas"), d("inpaint_probabilities")
+        return {"required": {
+            "include": ("STRING", {"default": "", "multiline": True, "tooltip": "Layer name patterns (one per line "
+                        "or comma-separated, [0-3] ranges allowed) added to the targets preset's include list: with "
+                        "'all', only layers whose name contains one of them are adapted. Empty = the preset's."}),
+            "exclude": ("STRING", {"default": "", "multiline": True, "tooltip": "Leave out layers whose name "
+                        "contains one of these, e.g. seconds_total (the official docs' suggestion) or "
+                        "transformer.layers.[0-3]."}),
+            "warmup_steps": ("INT", {"default": d("warmup_steps"), "min": 0, "max": 100000, "tooltip":
+                             "Steps over which the learning rate rises linearly to its value (0 = none, official)."}),
+            "weight_decay": ("FLOAT", {"default": d("weight_decay"), "min": 0.0, "max": 1.0, "step": 0.001,
+                             "tooltip": "AdamW weight decay of the low-rank tensors (DoRA/BoRA magnitudes never "
+                             "decay)."}),
+            "beta1": ("FLOAT", {"default": betas[0], "min": 0.0, "max": 0.9999, "step": 0.001, "tooltip": "AdamW's "
+                      "first-moment decay (official 0.9)."}),
+            "beta2": ("FLOAT", {"default": betas[1], "min": 0.0, "max": 0.9999, "step": 0.001, "tooltip": "AdamW's "
+                      "second-moment decay (official 0.95)."}),
+            "grad_clip": ("FLOAT", {"default": d("grad_clip"), "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip":
+                          "Clip the gradient norm to this (0 = no clipping)."}),
+            "dropout": ("FLOAT", {"default": d("dropout"), "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
+                        "LoRA dropout on the adapter's input during training (stored in the file's lora_config)."}),
+            "crop_from": (list(CROP_FROM), {"default": d("crop_from"), "tooltip": "Where the training crop of a "
+                          "file longer than crop_seconds begins: random (official) or its start (to learn intros)."}),
+            "timestep_sampler": (list(TIMESTEP_SAMPLERS), {"default": d("timestep_sampler"), "tooltip": "How noise "
+                                 "levels are drawn: the official truncated logit-normal (flipped, length-shifted), "
+                                 "logit-normal, or uniform."}),
+            "ot_coupling": ("BOOLEAN", {"default": d("ot_coupling"), "tooltip": "Pair noise with data by minibatch "
+                            "optimal transport (official; no effect at batch 1)."}),
+            "cfg_dropout": ("FLOAT", {"default": d("cfg_dropout"), "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
+                            "Share of steps trained without the prompt (keeps CFG working)."}),
+            "inpaint_segments": ("FLOAT", {"default": inpaint[0], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                 "Weight of steps that inpaint random segments (the three weights are normalised)."}),
+            "inpaint_full": ("FLOAT", {"default": inpaint[1], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                             "Weight of steps that generate the whole crop."}),
+            "inpaint_causal": ("FLOAT", {"default": inpaint[2], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                               "Weight of steps that continue a kept prefix."}),
+            "mask_loss_weight": ("FLOAT", {"default": d("mask_loss_weight"), "min": 0.0, "max": 10.0, "step": 0.05,
+                                 "tooltip": "Weight of the loss on the kept (context) part of an inpainting step."}),
+            "arc_model": ("STRING", {"default": "", "tooltip": "ARC demos: a pack name or model folder for the ARC "
+                          "weights (empty = the ARC variant of the trained pack)."}),
+        }}
+
+    RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)
+    RETURN_NAMES = ("options",)
+    FUNCTION = "options"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Advanced training settings for SA3 Train LoRA's options input (defaults are the official ones)."
+
+    def options(self, include, exclude, warmup_steps, weight_decay, beta1, beta2, grad_clip, dropout, crop_from,
+                timestep_sampler, ot_coupling, cfg_dropout, inpaint_segments, inpaint_full, inpaint_causal,
+                mask_loss_weight, arc_model):
+        from ..training.runs import RunConfig, RunError
+
+        weights = (inpaint_segments, inpaint_full, inpaint_causal)
+        if not sum(weights) > 0:
+            raise ValueError("SA3 Training Options: inpaint_segments, inpaint_full and inpaint_causal are all 0; give "
+                             "at least one a weight (the official mix is 0.1, 0.8, 0.1)")
+        options = {"include": _patterns(include), "exclude": _patterns(exclude), "warmup_steps": warmup_steps,
+                   "weight_decay": weight_decay, "betas": (beta1, beta2), "grad_clip": grad_clip, "dropout": dropout,
+                   "crop_from": crop_from, "timestep_sampler": timestep_sampler, "ot_coupling": ot_coupling, "cfg_dropout": cfg_dropout,
+                   "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
+                   "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None}
+        try:
+            RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
+        except RunError as e:
+            raise ValueError(f"SA3 Training Options: {e}") from None
+        return (options,)
 
 
 class SA3TrainingDemo:
@@ -228,7 +323,11 @@ class SA3TrainingDemo:
                         "training crop length."}),
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "The "
                               "adapter's strength in this demo (1 = as trained)."}),
-        }, "optional": {"demos": ("SA3_DEMOS", {"tooltip": "Earlier demos of the list (chain the nodes)."})}}
+        }, "optional": {
+            "lora_skip_first_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Leave the adapter off "
+                                      "for the first N sampling steps, as SA3 Load LoRA's skip_first_steps (on ARC, 1 "
+                                      "keeps the base model's structure: hear the LoRA as you will use it)."}),
+            "demos": ("SA3_DEMOS", {"tooltip": "Earlier demos of the list (chain the nodes)."})}}
 
     RETURN_TYPES = ("SA3_DEMOS",)
     RETURN_NAMES = ("demos",)
@@ -236,12 +335,14 @@ class SA3TrainingDemo:
     CATEGORY = CATEGORY
     DESCRIPTION = "Adds a demo to a training run's list (feed the chain into SA3 Train LoRA's demos input)."
 
-    def add(self, prompt, from_dataset, sampler_model, cfg, steps, demo_seed, seconds, lora_strength, demos=None):
+    def add(self, prompt, from_dataset, sampler_model, cfg, steps, demo_seed, seconds, lora_strength, demos=None,
+            lora_skip_first_steps=0):
         from ..training.runs import DemoSpec, RunError
 
         try:
             demo = DemoSpec(None if from_dataset else prompt.strip(), sampler_model == "arc",
-                            None if cfg < 0 else cfg, steps or None, demo_seed, seconds or None, lora_strength)
+                            None if cfg < 0 else cfg, steps or None, demo_seed, seconds or None, lora_strength,
+                            lora_skip_first_steps)
         except RunError as e:
             raise ValueError(f"SA3 Training Demo: {e}") from None
         return (tuple(demos or ()) + (demo,),)
@@ -285,7 +386,13 @@ class SA3RunControl:
     def INPUT_TYPES(cls):
         return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
                              "action": (["stop", "pause", "resume", "save", "restart"], {"tooltip": "restart resumes "
-                                        "an interrupted/stopped run from its last checkpoint."})}}
+                                        "an interrupted, stopped, failed or finished run from its last checkpoint."})},
+                "optional": {
+                    "more_steps": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip": "With restart: train "
+                                   "this many steps beyond the run's total (a finished run goes on; 0 = its own "
+                                   "total)."}),
+                    "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e-1, "step": 1e-6, "tooltip":
+                                      "With restart: a new learning rate from here on (0 = keep the run's)."})}}
 
     RETURN_TYPES = ("SA3_RUN", "STRING")
     RETURN_NAMES = ("run", "status")
@@ -294,20 +401,25 @@ class SA3RunControl:
     OUTPUT_NODE = True
 
     @classmethod
-    def IS_CHANGED(cls, run, action):
+    def IS_CHANGED(cls, run, action, **settings):
         return time.time()
 
-    def control(self, run, action):
+    def control(self, run, action, more_steps=0, learning_rate=0.0):
         from ..training.runs import RunError
 
+        changes = {"lr": learning_rate} if learning_rate else {}
+        if action != "restart" and (changes or more_steps):
+            raise ValueError(f"SA3 Run Control: more_steps and learning_rate apply to restart, not {action}; set "
+                             "them to 0 or choose restart")
         try:
-            record = get_manager().control(run, action)
+            record = get_manager().control(run, action, changes=changes, more_steps=more_steps)
         except RunError as e:
             raise ValueError(f"SA3 Run Control: {e}") from None
         return (run, f"{record['id']}: {record['status']}")
 
 
-NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3TrainingDemo": SA3TrainingDemo, "SA3RunStatus": SA3RunStatus,
-                       "SA3RunControl": SA3RunControl}
-NODE_DISPLAY_NAME_MAPPINGS = {"SA3TrainLoRA": "SA3 Train LoRA", "SA3TrainingDemo": "SA3 Training Demo",
-                              "SA3RunStatus": "SA3 Run Status", "SA3RunControl": "SA3 Run Control"}
+NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3TrainingOptions": SA3TrainingOptions,
+                       "SA3TrainingDemo": SA3TrainingDemo, "SA3RunStatus": SA3RunStatus, "SA3RunControl": SA3RunControl}
+NODE_DISPLAY_NAME_MAPPINGS = {"SA3TrainLoRA": "SA3 Train LoRA", "SA3TrainingOptions": "SA3 Training Options",
+                              "SA3TrainingDemo": "SA3 Training Demo", "SA3RunStatus": "SA3 Run Status",
+                              "SA3RunControl": "SA3 Run Control"}

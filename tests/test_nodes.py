@@ -191,9 +191,66 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     assert any(name == "sa3.step" for name, _ in comfy.events)  # events reached the (stub) websocket
     with pytest.raises(ValueError, match="not running"):
         run_node("SA3RunControl", run=run, action="stop")
+    with pytest.raises(ValueError, match="apply to restart"):
+        run_node("SA3RunControl", run=run, action="pause", more_steps=1)
+    run_node("SA3RunControl", run=run, action="restart", more_steps=1, learning_rate=2e-3)  # trains on to step 3
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    assert get_manager().wait(run, 120)["status"] == "done"
+    _, _, lora, status = run_node("SA3RunStatus", run=run, bins=5)
+    assert "done step 3/3" in status and lora.endswith("step=000003.safetensors")
     (stack,) = run_node("SA3LoadLoRA", lora="", strength=1.0, interval_start=0.0, interval_end=1.0,
                         skip_first_steps=0, layer_filter="", lora_path=lora)
     assert stack[0]["path"] == lora
+
+
+def _widget_defaults(node_name: str) -> dict:
+    spec = NODE_CLASS_MAPPINGS[node_name].INPUT_TYPES()["required"]
+    return {name: (opts[1]["default"] if len(opts) > 1 and "default" in opts[1] else opts[0][0])
+            for name, opts in spec.items()}
+
+
+def test_training_options_reach_the_run_and_a_pattern_matching_no_layer_is_refused_before_it_queues(comfy, tmp_path):
+    from sa3_lora_studio.adapters import read_adapter_file
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+    from sa3_lora_studio.training.runs import RunConfig
+
+    (defaults,) = run_node("SA3TrainingOptions", **_widget_defaults("SA3TrainingOptions"))
+    official = RunConfig(dataset="-")
+    assert RunConfig(dataset="-", **defaults) == official  # the node's defaults are the schema's
+    with pytest.raises(ValueError, match="all 0"):
+        run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "inpaint_segments": 0.0,
+                                          "inpaint_full": 0.0, "inpaint_causal": 0.0})
+    (options,) = run_node("SA3TrainingOptions", **{
+        **_widget_defaults("SA3TrainingOptions"), "include": "self_attn,\ncross_attn.to_q", "exclude": "layers.0.",
+        "warmup_steps": 3, "weight_decay": 0.05, "beta1": 0.8, "grad_clip": 0.5, "dropout": 0.1,
+        "timestep_sampler": "uniform", "inpaint_segments": 1.0, "inpaint_full": 2.0, "inpaint_causal": 1.0})
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
+    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="t", include="",
+                          exclude="", dtype="float32", force=False)
+    train = dict(model=model, dataset=dataset, name="options run", adapter_type="lora", rank=2, alpha=0.0,
+                 targets="all", steps=1, batch_size=1, crop_seconds=0.05, learning_rate=1e-3, checkpoint_every=1,
+                 demo_every=0, seed=0, gradient_checkpointing=False, wait_until_done=True)
+    run, _ = run_node("SA3TrainLoRA", options=options, **train)
+    config = get_manager().registry.config(run)
+    assert (config.include, config.exclude, config.warmup_steps, config.betas, config.timestep_sampler) == (
+        ("self_attn", "cross_attn.to_q"), ("layers.0.",), 3, (0.8, 0.95), "uniform")
+    assert config.inpaint_probabilities == (0.25, 0.5, 0.25) and config.dropout == 0.1
+    latest = get_manager().registry.latest_checkpoint(run)
+    adapter = read_adapter_file(get_manager().registry.run_dir(run) / latest["path"])
+    assert adapter.layers and all(("self_attn" in n or "cross_attn.to_q" in n) and "layers.0." not in n
+                                  for n in adapter.layers)
+    assert adapter.config["dropout"] == 0.1
+    runs_before = len(get_manager().registry.list())
+    (typo,) = run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "include": "self_atn"})
+    with pytest.raises(ValueError, match=r"RunConfig.include/exclude.*no Linear/Conv1d layer matches.*look like"):
+        run_node("SA3TrainLoRA", options=typo, **train)
+    with pytest.raises(ValueError, match="RunConfig.rank: rank 4096"):
+        run_node("SA3TrainLoRA", **{**train, "adapter_type": "lora-xs", "rank": 4096})
+    assert len(get_manager().registry.list()) == runs_before  # nothing was queued
 
 
 def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, tmp_path):
@@ -209,7 +266,7 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
                           exclude="", dtype="float32", force=False)
     demo = dict(cfg=-1.0, steps=2, seconds=0.25, lora_strength=0.5)
     (first,) = run_node("SA3TrainingDemo", prompt=" a bell ", from_dataset=False, sampler_model="base",
-                        demo_seed=5, **demo)
+                        demo_seed=5, lora_skip_first_steps=1, **demo)
     (chain,) = run_node("SA3TrainingDemo", prompt="ignored", from_dataset=True, sampler_model="arc", demo_seed=6,
                         demos=first, **demo)
     assert [(d.prompt, d.arc, d.cfg, d.seed) for d in chain] == [("a bell", False, None, 5), (None, True, None, 6)]
@@ -225,6 +282,7 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
     assert [(s["prompt"] == "a bell", s["arc"], s["cfg"], s["lora_strength"]) for s in settings[:2]] == [
         (True, False, 7.0, 0.5), (False, True, 1.0, 0.5)]
     assert settings[2]["prompt"] == "a drum" and settings[2]["cfg"] == 7.0
+    assert [s["lora_skip_first_steps"] for s in settings] == [1, 0, 0]
     decoded = decode_audio(folder / "demo_0.opus")
     assert decoded.sample_rate == 48000 and decoded.channels == 2 and abs(decoded.seconds - settings[0]["duration"]) < 0.01
     assert settings[0]["duration"] <= 0.25  # the tiny model's sample_size caps the length

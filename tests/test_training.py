@@ -187,6 +187,27 @@ def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path,
         assert all(p.startswith("zz") for p in batch["prompts"])
 
 
+def test_crops_begin_at_random_or_at_each_files_start(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.trainer import Trainer
+
+    at_start = {}
+    for crop_from in ("random", "start"):
+        trainer = Trainer(_config(dataset, fixtures_dir, crop_from=crop_from, crop_seconds=0.01), tmp_path / crop_from,
+                          "r", EventLogStub(), _provider(tiny))
+        trainer.setup()
+        try:
+            n = trainer.crop_latents
+            assert n < min(trainer.dataset.latents(i).shape[1] for i in range(len(trainer.dataset)))  # room to move
+            at_start[crop_from] = [torch.equal(x0, torch.from_numpy(trainer.dataset.latents(i)[:, :n].copy()))
+                                   for step in range(4) for batch in [trainer.make_batch(step)]
+                                   for x0, i in zip(batch["x0"], batch["indices"])]
+        finally:
+            trainer.release_model()
+    assert all(at_start["start"]) and not all(at_start["random"])
+    with pytest.raises(ValueError, match="crop_from"):
+        _config(dataset, fixtures_dir, crop_from="end")
+
+
 def test_the_runs_prompt_cache_is_bounded_and_a_prompt_encoded_again_gives_the_same_bits(
         tmp_path, tiny, dataset, fixtures_dir, monkeypatch):
     """Shuffled tags compose a new prompt at most steps: the run's cache of prompt embeddings stays under its byte
@@ -716,3 +737,57 @@ def test_out_of_memory_advice_leaves_out_what_the_run_already_does():
     assert ("lower batch_size or crop_seconds, turn on gradient_checkpointing or load the model in bf16"
             in failure_message(oom, neither))
     assert failure_message(ValueError("bad"), None) == "ValueError: bad"
+
+
+def test_a_finished_run_trained_further_equals_a_longer_run_and_takes_a_new_learning_rate(tmp_path, tiny, dataset,
+                                                                                          fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight = manager.submit(_config(dataset, fixtures_dir, name="straight", steps=6))
+    extended = manager.submit(_config(dataset, fixtures_dir, name="extended", steps=4))
+    faster = manager.submit(_config(dataset, fixtures_dir, name="faster", steps=4))
+    for run in (straight, extended, faster):
+        assert manager.wait(run, 300)["status"] == "done"
+
+    manager.control(extended, "restart", more_steps=2)  # the same settings: exactly the 6-step run
+    record = manager.control(faster, "restart", changes={"lr": 5e-3, "weight_decay": 0.1, "betas": [0.8, 0.9]},
+                             more_steps=2)
+    assert record["total_steps"] == 6
+    for run in (extended, faster):
+        assert manager.wait(run, 300)["status"] == "done"
+    (a_info, a), (b_info, b) = _final_adapter(manager, straight), _final_adapter(manager, extended)
+    assert a_info["step"] == b_info["step"] == 6 and manager.registry.get(extended)["total_steps"] == 6
+    for x, y in zip(a["adapter"], b["adapter"]):
+        assert torch.equal(x, y)
+    assert manager.registry.config(extended).steps == 6
+
+    _, c = _final_adapter(manager, faster)
+    assert not all(torch.equal(x, y) for x, y in zip(a["adapter"], c["adapter"]))
+    decay, magnitudes = c["optimizer"]["param_groups"]
+    assert decay["lr"] == magnitudes["lr"] == 5e-3 and c["scheduler"]["base_lrs"] == [5e-3, 5e-3]
+    assert decay["weight_decay"] == 0.1 and magnitudes["weight_decay"] == 0.0  # the magnitudes never decay
+    assert tuple(decay["betas"]) == (0.8, 0.9)
+    steps = [e for e in map(json.loads, (manager.registry.run_dir(faster) / "events.jsonl").read_text().splitlines())
+             if e["type"] == "step"]
+    assert [e["lr"] for e in steps if e["step"] > 4] == [5e-3, 5e-3]
+    assert all(e["lr"] == 1e-3 for e in steps if e["step"] <= 4)
+    messages = [e.get("message", "") for e in map(json.loads, (manager.registry.run_dir(faster) / "events.jsonl")
+                                                   .read_text().splitlines()) if e["type"] == "status"]
+    assert any("steps 4 → 6" in m and "lr 0.001 → 0.005" in m for m in messages)
+
+
+def test_a_demo_can_leave_the_adapter_off_for_its_first_sampling_steps(tmp_path, tiny, dataset, fixtures_dir):
+    demo = dict(prompt="a bell", steps=3, seed=2, duration=0.1)
+    demos = [DemoSpec(**demo), DemoSpec(**demo, lora_skip_first_steps=1), DemoSpec(**demo, lora_skip_first_steps=3),
+             DemoSpec(**demo, lora_strength=0.0)]
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    # the DiT's attention and feed-forward only: the conditioners' adapted layers run once per generation, outside
+    # the step gating
+    run = manager.submit(_config(dataset, fixtures_dir, adapter_type="lora", steps=2, demo_every=2, lr=3e-2,
+                                 targets="attention-ff", demos=demos, demo_format="wav"))
+    assert manager.wait(run, 300)["status"] == "done"
+    folder = manager.registry.run_dir(run) / "demos" / "step_000002"
+    full, skip_one, skip_all, off = (sf.read(folder / f"demo_{i}.wav")[0] for i in range(4))
+    assert (skip_all == off).all()  # skipping every step is the model without the adapter
+    assert not (full == off).all() and not (skip_one == off).all() and not (skip_one == full).all()
+    settings = json.loads((folder / "demo_1.json").read_text())
+    assert settings["lora_skip_first_steps"] == 1

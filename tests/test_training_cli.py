@@ -9,7 +9,7 @@ import sys
 import pytest
 from sa3_lora_studio.training.cli import torchrun_command
 from sa3_lora_studio.training.requests import apply_requests, take_request, write_request
-from sa3_lora_studio.training.runs import RunConfig, RunError, RunRegistry, process_owner
+from sa3_lora_studio.training.runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, process_owner
 from sa3_lora_studio.training.worker import RunControl
 from test_distributed import drive_pause_save_continue_stop, run_events, runs_cli
 
@@ -224,3 +224,55 @@ def test_the_command_line_starts_without_importing_torch():
     code = "import sys; from sa3_lora_studio.cli import main; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_stopped_runs_settings_change_within_what_a_resume_may_change(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path, status="stopped")
+    config, changed = registry.amend(run_id, {"lr": 3e-4, "demos": [{"prompt": "pad"}]}, more_steps=7)
+    assert (config.steps, config.lr, config.demos[0].prompt) == (12, 3e-4, "pad")
+    assert set(changed) == {"steps", "lr", "demos"} and changed["steps"] == (5, 12)
+    assert registry.config(run_id) == config and registry.get(run_id)["total_steps"] == 12
+    assert registry.amend(run_id, {"lr": 3e-4}) == (config, {})  # nothing new: nothing written
+    assert "steps 5 → 12" in describe_changes(changed) and "1 demo(s) instead of 0" in describe_changes(changed)
+    for changes, named in (({"rank": 4, "seed": 2}, "rank, seed cannot change"), ({"lr": -1}, "RunConfig.lr"),
+                           ({"steps": 0}, "RunConfig.steps"), ({"batch_size": "2"}, "batch_size"),
+                           ([("lr", 1)], "must be an object")):
+        with pytest.raises(RunError, match=named):
+            registry.amend(run_id, changes)
+    with pytest.raises(RunError, match="more_steps"):
+        registry.amend(run_id, more_steps=-3)
+    assert registry.config(run_id) == config  # a refused change leaves the config as it was
+    registry.update(run_id, status="training")  # this (live) process trains it
+    with pytest.raises(RunConflict, match="stop it"):
+        registry.amend(run_id, {"lr": 1e-4})
+
+
+def test_runs_resume_options_become_settings_changes():
+    from sa3_lora_studio.cli import build_parser
+    from sa3_lora_studio.training.cli import resume_changes
+
+    args = build_parser().parse_args(["runs", "resume", "RUN", "--more-steps", "300", "--lr", "5e-5", "--set",
+                                      "demo_every=50", "--set", "demo_format=opus", "--set", "betas=[0.9, 0.99]"])
+    assert args.more_steps == 300
+    assert resume_changes(args) == {"demo_every": 50, "demo_format": "opus", "betas": [0.9, 0.99], "lr": 5e-5}
+    with pytest.raises(RunError, match="FIELD=VALUE"):
+        resume_changes(build_parser().parse_args(["runs", "resume", "RUN", "--set", "demo_every"]))
+
+
+def test_a_finished_run_is_trained_further_from_the_command_line(tmp_path, dataset, fixtures_dir, capsys):
+    from sa3_lora_studio.cli import main
+
+    config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
+                  steps=2, batch_size=1, crop_seconds=0.017, checkpoint_every=1000, demo_every=0, seed=3,
+                  device="cpu", lr=1e-3)
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(runs)]) == 0
+    registry = RunRegistry(runs)
+    (run_id,) = [r["id"] for r in registry.list()]
+    capsys.readouterr()
+    assert runs_cli(runs, "resume", run_id, "--more-steps", "2", "--lr", "0.002") == 0
+    assert "steps 2 → 4" in capsys.readouterr().out and registry.get(run_id)["status"] == "done"
+    assert registry.latest_checkpoint(run_id)["step"] == 4
+    assert [(e["step"], e["lr"]) for e in run_events(registry, run_id) if e["type"] == "step"] == \
+        [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2e-3)]

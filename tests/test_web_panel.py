@@ -539,6 +539,30 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
     assert browser.call("errors") == []
 
 
+def test_train_more_extends_a_finished_run_and_a_bad_change_is_refused_by_name(site, browser):
+    registry = site.manager.registry
+    finished = write_recorded_run(registry, "finished-keys", 40, 40, "done", demo_every=0)
+    status, answer = post(site, f"/sa3/runs/{finished}/restart", json.dumps({"changes": {"rank": 4}}).encode())
+    assert status == 400 and "rank cannot change" in answer["error"]
+    status, answer = post(site, f"/sa3/runs/{finished}/stop", json.dumps({"more_steps": 5}).encode())
+    assert status == 400 and "only with restart" in answer["error"]
+    assert registry.get(finished)["status"] == "done" and registry.config(finished).steps == 40
+
+    open_panel(browser, site, run=finished)
+    assert browser.eval("document.querySelector('[data-action=restart]').disabled") is True  # nothing to resume
+    browser.eval("(i => { i.value = '25'; })(document.querySelector('.sa3-more input'))")
+    browser.click("[data-action=more]")
+    wait_until(lambda: len(control_posts(site, finished, "restart")) == 1, what="POST restart")
+    wait_until(lambda: site.manager.worker.is_running(finished), what="the extended run to start")
+    assert registry.config(finished).steps == 65 and registry.get(finished)["total_steps"] == 65
+    browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{finished}\"]').dataset.status === 'training'")
+    browser.wait("document.querySelector('.sa3-message').textContent.includes('Train 25 more steps')")
+    assert browser.eval("document.querySelector('[data-action=more]').disabled") is True  # training now
+    site.manager.control(finished, "stop")
+    wait_until(lambda: registry.get(finished)["status"] == "stopped", what="status stopped")
+    assert browser.call("errors") == []
+
+
 def test_control_route_statuses_follow_the_kind_of_refusal(site):
     done = urllib.parse.quote(site.runs["done"])
     status, answer = post(site, f"/sa3/runs/{done}/pause")  # a finished run: its state refuses

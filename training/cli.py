@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .runs import RunConflict, RunError, atomic_write_json, trained_elsewhere
+from .runs import RESUME_SETTINGS, RunConflict, RunError, describe_changes, trained_elsewhere
 
 DEFAULT_RUNS_DIR = "sa3-runs"
 
@@ -81,26 +81,16 @@ def _cmd_train(args) -> int:
         run_id = manager.submit(config)
         print(f"run {run_id} in {manager.registry.run_dir(run_id)}", flush=True)
         return _follow(manager, run_id)
-    return _resume_here(args, run_id, steps=config.steps)
+    return _resume_here(args, run_id, changes={"steps": config.steps})
 
 
-def _resume_here(args, run_id: str, steps: int | None = None) -> int:
-    """Resume `run_id` in this process (one device) from its last checkpoint and follow it. steps: as
-    train_distributed does, the run keeps its own config except `steps` (a finished run can be extended)."""
-    from dataclasses import replace
-
+def _resume_here(args, run_id: str, changes: dict | None = None, more_steps: int = 0) -> int:
+    """Resume `run_id` in this process (one device) from its last checkpoint and follow it, its settings amended
+    first by `changes` / `more_steps` (`RunRegistry.amend`: e.g. a finished run trained further)."""
     manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
-    if steps is not None:
-        registry = manager.registry
-        config, latest = registry.config(run_id), registry.latest_checkpoint(run_id) or {}
-        trained = int(latest.get("step", 0)) - int(latest.get("step_offset", 0))  # a continued file's steps come first
-        if steps < trained:
-            raise RunError(f"--steps {steps} is below the {trained} steps run {run_id} has trained; give more steps "
-                           "to extend it, or none to finish its own")
-        atomic_write_json(registry.run_dir(run_id) / "config.json", replace(config, steps=steps).to_dict())
     manager.registry.update(run_id, world_size=1)
-    manager.control(run_id, "restart")
+    manager.control(run_id, "restart", changes=changes, more_steps=more_steps)
     return _follow(manager, run_id)
 
 
@@ -173,9 +163,14 @@ def _cmd_runs(args) -> int:
         nproc = args.nproc if args.nproc is not None else int(registry.get(args.run_id).get("world_size") or 1)
         if nproc < 1:
             raise ValueError("--nproc must be >= 1")
+        changes = resume_changes(args)
         if nproc > 1:
+            _refuse_if_running(registry, args.run_id)
+            _, changed = registry.amend(args.run_id, changes, args.more_steps)
+            if changed:
+                print(describe_changes(changed), flush=True)
             return _resume_distributed(args, args.run_id, nproc)
-        return _resume_here(args, args.run_id)
+        return _resume_here(args, args.run_id, changes, args.more_steps)
     if args.runs_what in ("stop", "save", "pause", "continue"):
         write_request(registry, args.run_id, args.runs_what)  # the training process takes it at its next step
         print(f"asked {args.run_id} to {REQUEST_MESSAGES[args.runs_what]}")
@@ -186,6 +181,25 @@ def _cmd_runs(args) -> int:
         print(f"deleted {args.run_id}")
         return 0
     raise AssertionError(args.runs_what)
+
+
+def resume_changes(args) -> dict:
+    """The settings `runs resume` changes: --steps, --lr and each --set FIELD=VALUE (VALUE read as JSON, else as
+    text), for `RunRegistry.amend` (which names what may change)."""
+    changes = {}
+    for item in args.set or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise RunError(f"--set {item!r}: write FIELD=VALUE, e.g. --set demo_every=100")
+        try:
+            changes[name.strip()] = json.loads(text)
+        except ValueError:
+            changes[name.strip()] = text  # a bare word: demo_format=opus
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    return changes
 
 
 REQUEST_MESSAGES = {"stop": "save and stop after its current step",
@@ -213,8 +227,9 @@ def add_train_parsers(sub) -> None:
     x.add_argument("--json", action="store_true")
     for name, helptext in (
             ("show", "config and state of a run"),
-            ("resume", "resume a stopped, interrupted or failed run from its last checkpoint, on as many processes "
-                       "as it ran on (a torchrun run is relaunched under torchrun)"),
+            ("resume", "resume a stopped, interrupted, failed or finished run from its last checkpoint, on as "
+                       "many processes as it ran on (a torchrun run is relaunched under torchrun); --more-steps, "
+                       "--steps, --lr and --set change its settings first"),
             ("stop", "ask a running run (in any process) to save and stop"),
             ("save", "ask a running run (in any process) to write a checkpoint now and go on"),
             ("pause", "ask a running run (in any process) to pause at its next step"),
@@ -223,6 +238,14 @@ def add_train_parsers(sub) -> None:
         y = rs.add_parser(name, help=helptext, description=helptext)
         y.add_argument("run_id")
         if name == "resume":
+            y.add_argument("--steps", type=int, default=None, help="the run's new total of steps (a finished run "
+                           "trains on to it)")
+            y.add_argument("--more-steps", type=int, default=0, help="train this many steps more than the run's "
+                           "total (a finished run goes on)")
+            y.add_argument("--lr", type=float, default=None, help="a new learning rate from here on")
+            y.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                           help="change another setting before resuming, e.g. --set demo_every=100 --set "
+                                "batch_size=2 (JSON values); allowed: " + ", ".join(RESUME_SETTINGS))
             y.add_argument("--nproc", type=int, default=None,
                            help="number of processes (default: the run's own; 1 = in this process). batch_size "
                                 "is per process, so the global batch becomes batch_size × N: another N changes "

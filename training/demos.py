@@ -67,14 +67,16 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     with model.residency.in_use():  # an ARC model from the shared cache may have been offloaded between rounds
         audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
                                      sampler="pingpong" if spec.arc else "euler",
-                                     loras=[{"adapter": adapter, "strength": spec.lora_strength}],
+                                     loras=[{"adapter": adapter, "strength": spec.lora_strength,
+                                             "skip_first_steps": spec.lora_skip_first_steps}],
                                      adapter_memory="low")  # no merged copy of the weights beside training's
     wav = audio[0]
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")
     settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
                 sampling_defaults(model)[2], "steps": spec.steps or model.default_steps, "seed": spec.seed,
-                "duration": duration, "lora_strength": spec.lora_strength, "step": step}
+                "duration": duration, "lora_strength": spec.lora_strength,
+                "lora_skip_first_steps": spec.lora_skip_first_steps, "step": step}
     atomic_write_json(folder / f"demo_{i}.json", settings)
     return i, audio_name, settings
 

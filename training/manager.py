@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .events import EventLog, notify
 from .requests import write_request
-from .runs import RunConfig, RunConflict, RunError, RunRegistry, trained_elsewhere
+from .runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, trained_elsewhere
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
@@ -68,12 +68,17 @@ class TrainingManager:
 
         run_training(self.registry, run_id, control, self.event_log(run_id), model_provider=self.model_provider)
 
-    def control(self, run_id: str, action: str, confirm: bool = False) -> dict:
+    def control(self, run_id: str, action: str, confirm: bool = False, changes: dict | None = None,
+                more_steps: int = 0) -> dict:
         """stop | pause | resume (continue a paused run) | save (checkpoint now) | restart (resume an interrupted,
-        stopped or failed run from its last checkpoint) | delete (needs confirm=True). Never blocks: a running run
-        deleted stops at its next step boundary and its folder goes when its thread ends."""
+        stopped, failed or finished run from its last checkpoint; `changes` and `more_steps` amend its settings
+        first, `RunRegistry.amend`: e.g. more_steps=500 trains a finished run 500 steps further) | delete (needs
+        confirm=True). Never blocks: a running run deleted stops at its next step boundary and its folder goes when
+        its thread ends."""
         if action not in ACTIONS:
             raise RunError(f"action {action!r} is not one of {ACTIONS}")
+        if (changes or more_steps) and action != "restart":
+            raise RunError(f"settings change only with restart, not {action}")
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
         started = self.worker.is_running(run_id)
@@ -105,8 +110,13 @@ class TrainingManager:
         if action == "restart":
             if started or queued:
                 raise RunConflict(f"run {run_id} is already {record['status']}")
+            _, changed = self.registry.amend(run_id, changes, more_steps)
             self.registry.update(run_id, status="queued", error=None)
-            self.event_log(run_id).emit("status", status="queued")
+            if changed:
+                self.event_log(run_id).emit("status", status="queued", message=describe_changes(changed),
+                                            changed=sorted(changed))
+            else:
+                self.event_log(run_id).emit("status", status="queued")
             config = self.registry.config(run_id)
             self.worker.submit(run_id, device_key=device_key(config))
             return self.registry.get(run_id)

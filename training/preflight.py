@@ -58,13 +58,34 @@ def check_trainable(model) -> None:
                        "torch.inference_mode(False): load_model(...)) to train on it")
 
 
+def check_targets(config: RunConfig, model) -> None:
+    """RunError naming include/exclude/rank when a new adapter of the run could not be made on the model: no layer
+    matches the patterns (a typo), or an -xs rank above a targeted layer's size. A continued file brings its own."""
+    if config.continue_from:
+        return
+    from ..adapters.apply import SA3_ROOTS, check_xs_rank, target_weights
+    from ..adapters.targets import resolve_patterns
+
+    include, exclude = resolve_patterns(list(config.include) or None, list(config.exclude) or None, config.targets)
+    try:
+        weights = target_weights(model.modules, SA3_ROOTS, include, exclude)
+    except ValueError as e:
+        raise RunError(f"RunConfig.include/exclude (targets {config.targets!r}): {e}") from None
+    if config.adapter_type.endswith("-xs"):
+        try:
+            check_xs_rank(weights, config.rank)
+        except ValueError as e:
+            raise RunError(f"RunConfig.rank: {e}") from None
+
+
 def check_run_inputs(config: RunConfig, model=None) -> None:
     """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
-    model when the caller has it (`open_dataset`, `check_trainable`)."""
+    model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`)."""
     if model is not None:
         check_trainable(model)
+        check_targets(config, model)
     open_dataset(config, model)
     open_continue_from(config)
 
 
-__all__ = ["check_run_inputs", "check_trainable", "open_continue_from", "open_dataset"]
+__all__ = ["check_run_inputs", "check_targets", "check_trainable", "open_continue_from", "open_dataset"]

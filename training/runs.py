@@ -32,6 +32,14 @@ STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "
 ACTIVE = ("queued", "loading", "training", "demos", "paused")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
+CROP_FROM = ("random", "start")  # where a training crop of a longer file begins
+# What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
+# demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
+RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
+                   "crop_from",
+                   "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling", "inpaint_probabilities",
+                   "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos", "demo_format",
+                   "arc_model")
 
 
 class RunError(ValueError):
@@ -81,6 +89,7 @@ class DemoSpec:
     seed: int = 0
     duration: float | None = None  # seconds; None = the training crop length
     lora_strength: float = 1.0
+    lora_skip_first_steps: int = 0  # the adapter is off for the first N sampling steps (ARC: 1 keeps base structure)
 
     def __post_init__(self):
         try:
@@ -93,6 +102,8 @@ class DemoSpec:
             raise RunError(f"DemoSpec.steps: {self.steps!r} must be >= 1 (or None for the model's default)")
         if self.duration is not None and not self.duration > 0:
             raise RunError(f"DemoSpec.duration: {self.duration!r} seconds must be > 0 (or None for the crop length)")
+        if self.lora_skip_first_steps < 0:
+            raise RunError(f"DemoSpec.lora_skip_first_steps: {self.lora_skip_first_steps!r} must be >= 0")
         if not abs(self.lora_strength) < float("inf"):
             raise RunError(f"DemoSpec.lora_strength: {self.lora_strength!r} must be a finite number")
 
@@ -131,6 +142,7 @@ class RunConfig:
     steps: int = 1000
     batch_size: int = 1
     crop_seconds: float = 30.0
+    crop_from: str = "random"  # "random" (official) or "start": every crop of a longer file begins at its start
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
@@ -194,6 +206,8 @@ class RunConfig:
                 bad("device", f"{self.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps")
         if self.precision not in PRECISIONS:
             bad("precision", f"use one of {PRECISIONS}")
+        if self.crop_from not in CROP_FROM:
+            bad("crop_from", f"{self.crop_from!r}: use one of {CROP_FROM}")
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             bad("timestep_sampler", f"use one of {TIMESTEP_SAMPLERS}")
         if len(self.inpaint_probabilities) != 3 or abs(sum(self.inpaint_probabilities) - 1) > 1e-6:
@@ -445,6 +459,45 @@ class RunRegistry:
         except (ValueError, TypeError) as e:  # damaged JSON, or fields this version does not know
             raise RunError(f"run {run_id}: {path} is unreadable ({e})") from None
 
+    def trained_steps(self, run_id: str) -> int:
+        """Steps this run has trained, by its newest checkpoint (a continued file's own steps not counted)."""
+        latest = self.latest_checkpoint(run_id) or {}
+        return int(latest.get("step", 0)) - int(latest.get("step_offset", 0))
+
+    def amend(self, run_id: str, changes: dict | None = None, more_steps: int = 0) -> tuple[RunConfig, dict]:
+        """Change the settings of a run that is not training (`RESUME_SETTINGS`) before it resumes, e.g. to train a
+        finished run further. changes: RunConfig fields in their JSON form; more_steps: added to its `steps`.
+        Returns (the new config, {field: (old, new)} of what changed). The training state keeps what it learnt
+        (adapter, optimiser moments, step); the trainer applies the new learning rate, betas and weight decay."""
+        if changes is not None and not isinstance(changes, dict):
+            raise RunError(f"changes: {changes!r} must be an object of run config fields, e.g. {{\"lr\": 5e-05}}")
+        changes = dict(changes or {})
+        refused = sorted(set(changes) - set(RESUME_SETTINGS))
+        if refused:
+            raise RunError(f"run {run_id}: {', '.join(refused)} cannot change when a run resumes (they define its "
+                           f"adapter or its randomness); these can: {', '.join(RESUME_SETTINGS)}")
+        if not isinstance(more_steps, int) or isinstance(more_steps, bool) or more_steps < 0:
+            raise RunError(f"more_steps: {more_steps!r} must be a whole number >= 0")
+        with self._lock():
+            record = self.get(run_id)
+            if trained_elsewhere(record) or record.get("status") in ACTIVE:
+                raise RunConflict(f"run {run_id} is {record['status']}; stop it before changing its settings")
+            old = self.config(run_id)
+            if more_steps:
+                changes["steps"] = int(changes.get("steps", old.steps)) + more_steps
+            new = RunConfig.from_dict({**old.to_dict(), **changes})
+            trained = self.trained_steps(run_id)
+            if new.steps < trained:
+                raise RunError(f"RunConfig.steps: {new.steps} is below the {trained} steps run {run_id} has "
+                               "trained; give more steps to extend it")
+            before, after = old.to_dict(), new.to_dict()
+            changed = {k: (before[k], after[k]) for k in RESUME_SETTINGS if before[k] != after[k]}
+            if changed:
+                atomic_write_json(self.run_dir(run_id) / "config.json", after)
+                total = int(record.get("total_steps", old.steps)) - old.steps + new.steps  # a file's offset kept
+                self.update(run_id, total_steps=total)
+            return new, changed
+
     def latest_checkpoint(self, run_id: str) -> dict | None:
         try:
             return json.loads((self.run_dir(run_id) / "latest.json").read_text(encoding="utf-8"))
@@ -461,6 +514,13 @@ class RunRegistry:
             if changed:
                 self._write_index(runs)
         return changed
+
+
+def describe_changes(changed: dict) -> str:
+    """'resuming with steps 1000 → 1500, lr 0.0001 → 5e-05' from `RunRegistry.amend`'s {field: (old, new)}."""
+    parts = [f"{name} {before} → {after}" if name != "demos" else f"{len(after)} demo(s) instead of {len(before)}"
+             for name, (before, after) in changed.items()]
+    return "resuming with " + ", ".join(parts)
 
 
 def trained_elsewhere(record: dict) -> bool:

@@ -273,6 +273,19 @@ class Trainer:
         if "loss_scale" in state:  # states written before fp16 loss scaling start from the initial scale
             self.loss_scale.load_state_dict(state["loss_scale"])
         self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
+        self.apply_optimizer_settings()
+
+    def apply_optimizer_settings(self) -> None:
+        """The config's learning rate, betas and weight decay on the loaded optimiser and schedule (the saved
+        state carries those of the run's start; a resumed run may have changed them: `RunRegistry.amend`). The
+        same values give the same numbers, so an unchanged resume stays bit-exact."""
+        c = self.config
+        self.scheduler.base_lrs = [c.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"], group["betas"] = c.lr, c.lr * factor, tuple(c.betas)
+        self.optimizer.param_groups[0]["weight_decay"] = c.weight_decay  # `setup`'s first group; the magnitudes' has none
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def find_resume_point(self) -> dict | None:
         """The newest readable checkpoint of this run: {"step", "path", "state_path", "state"} or None when it has
@@ -364,7 +377,7 @@ class Trainer:
         latents, masks, seconds = [], [], []
         for j, i in enumerate(indices):
             rng = random.Random(derive_seed(c.seed, step, j, "crop"))
-            z, mask, meta = self.dataset.item(i, self.crop_latents, random_crop=True, rng=rng)
+            z, mask, meta = self.dataset.item(i, self.crop_latents, random_crop=c.crop_from == "random", rng=rng)
             latents.append(torch.from_numpy(z))
             masks.append(torch.from_numpy(mask).bool())
             seconds.append(float(meta.get("seconds_total") or mask.sum() / self.model.config.latent_rate))

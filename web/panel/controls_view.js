@@ -1,9 +1,11 @@
-// Controls for the selected run: stop, pause/continue, save now, resume an interrupted run, use/download the newest
-// checkpoint, delete (asks first). Buttons are enabled only when the server would accept the action.
+// Controls for the selected run: stop, pause/continue, save now, resume an interrupted run, train a finished or
+// stopped run further, use/download the newest checkpoint, delete (asks first). Buttons are enabled only when the
+// server would accept the action.
 
 import { ACTIVE, baseName, latestCheckpoint } from "./series.js";
 
 const RESUMABLE = ["interrupted", "stopped", "failed"];  // restart continues from the last checkpoint
+const EXTENDABLE = [...RESUMABLE, "done"];  // restart with more_steps: trains on past the run's total
 
 function button(label, action, help) {
   const b = document.createElement("button");
@@ -38,6 +40,21 @@ export function mount(root, store, { useCheckpoint }) {
   const del = button("Delete…", "delete", "Delete the run with its checkpoints and demos");
   bar.append(stop, pause, save, restart, use, download, del);
 
+  const more = section.appendChild(document.createElement("div"));
+  more.className = "sa3-button-row sa3-more";
+  const moreLabel = more.appendChild(document.createElement("label"));
+  moreLabel.textContent = "Train ";
+  const moreSteps = moreLabel.appendChild(document.createElement("input"));
+  moreSteps.type = "number";
+  moreSteps.min = "1";
+  moreSteps.step = "100";
+  moreSteps.value = "500";
+  moreSteps.className = "sa3-number";
+  moreSteps.setAttribute("aria-label", "Steps to train beyond the run's total");
+  moreLabel.append(" more steps");
+  const moreGo = button("Train more", "more", "Resume from the last checkpoint and train this many steps beyond the run's total");
+  more.append(moreGo);
+
   const confirmBox = section.appendChild(document.createElement("div"));
   confirmBox.className = "sa3-confirm";
   confirmBox.setAttribute("role", "alertdialog");
@@ -70,6 +87,7 @@ export function mount(root, store, { useCheckpoint }) {
     pause.disabled = !active || run.status === "queued";
     save.disabled = !active || run.status === "queued";
     restart.disabled = !RESUMABLE.includes(run.status);
+    moreGo.disabled = moreSteps.disabled = !EXTENDABLE.includes(run.status);
     use.disabled = !checkpoint;
     if (checkpoint) {
       download.href = store.api.fileUrl(run.id, checkpoint.path, true);
@@ -108,6 +126,15 @@ export function mount(root, store, { useCheckpoint }) {
   for (const b of [stop, pause, save, restart]) {
     b.addEventListener("click", () => store.control(b.dataset.action));
   }
+  moreGo.addEventListener("click", () => {
+    const n = Number(moreSteps.value);
+    if (!Number.isInteger(n) || n < 1) {
+      store.say("Train more: give a whole number of steps (1 or more).", "error");
+      moreSteps.focus();
+      return;
+    }
+    store.control("restart", { more_steps: n });
+  });
   use.addEventListener("click", async () => {
     if (!run || !checkpoint) return;
     store.say(await useCheckpoint({ runId: run.id, path: checkpoint.path, step: checkpoint.step,

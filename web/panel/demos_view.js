@@ -17,6 +17,7 @@ function settingsText(s = {}) {
   if (s.seed !== undefined && s.seed !== null) parts.push(`seed ${s.seed}`);
   if (s.duration) parts.push(`${Number(s.duration).toFixed(1)} s`);
   if (s.lora_strength !== undefined && s.lora_strength !== 1) parts.push(`strength ${s.lora_strength}`);
+  if (s.lora_skip_first_steps) parts.push(`LoRA off for ${s.lora_skip_first_steps} step${s.lora_skip_first_steps > 1 ? "s" : ""}`);
   return parts.join(" · ");
 }
 

@@ -240,7 +240,8 @@ export class Store {
         this.say(`Deleted ${run.name}.`);
       } else {
         // the new status arrives as a live event; the response's record may already be older than that event
-        this.say(`${labelFor(action)}: sent to ${run.name}.`);
+        const label = body.more_steps ? `Train ${body.more_steps} more steps` : labelFor(action);
+        this.say(`${label}: sent to ${run.name}.`);
       }
       return result;
     } catch (err) {
