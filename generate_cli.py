@@ -30,7 +30,9 @@ def parse_lora(spec: str) -> dict:
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     """--prompt, or the lines of --prompts-file (blank lines and lines starting with '#' skipped)."""
-    if (prompt is None) == (prompts_file is None):
+    if prompt is not None and prompts_file is not None:
+        raise ValueError("give --prompt TEXT or --prompts-file FILE, not both")
+    if prompt is None and prompts_file is None:
         raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
     if prompt is not None:
         return [prompt]
@@ -90,6 +92,24 @@ def _source_audio(path: str | None, option: str):
     return decoded.samples, decoded.sample_rate
 
 
+def check_numbers(args) -> None:
+    """ValueError naming the option whose number is out of range (before any model loads)."""
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be 1 or more")
+    if not args.duration > 0:
+        raise ValueError(f"--duration {args.duration}: must be more than 0 seconds")
+    if args.steps < 0 or args.lora_skip_first_steps < 0:
+        raise ValueError("--steps and --lora-skip-first-steps must be 0 or more")
+    if args.cfg is not None and not args.cfg >= 0:
+        raise ValueError(f"--cfg {args.cfg}: must be 0 or more")
+    if not 0 < args.init_noise_level <= 1:
+        raise ValueError(f"--init-noise-level {args.init_noise_level}: must be in (0, 1] (1 ignores the init audio)")
+    lo, hi = args.lora_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--lora-interval {lo:g} {hi:g}: give LO HI with 0 <= LO <= HI <= 1 (noise levels, 1 = pure "
+                         "noise)")
+
+
 def run_generate(args) -> int:
     import torch
 
@@ -104,10 +124,19 @@ def run_generate(args) -> int:
         raise ValueError("--inpaint needs --regions '4.0-8.0, 16-20' (seconds to regenerate) or --continue")
     if args.init_audio and args.inpaint:
         raise ValueError("give --init-audio (audio-to-audio) or --inpaint, not both")
+    if args.regions and args.continuation:
+        raise ValueError("give --regions (repair parts) or --continue (extend the end), not both")
+    check_numbers(args)
+    if args.variant and Path(args.source).exists():
+        raise ValueError(f"--variant {args.variant} picks a pack's variant; {args.source} is a model folder or file "
+                         "itself (point at the variant's own folder, e.g. <pack>/arc)")
     loras = [{**parse_lora(spec), "skip_first_steps": args.lora_skip_first_steps,
               "interval": tuple(args.lora_interval)} for spec in args.lora]
-    for lora in loras:
+    for spec, lora in zip(args.lora, loras):
         if not Path(lora["path"]).is_file():
+            _, at, strength = spec.rpartition("@")
+            if at and Path(spec.rpartition("@")[0]).is_file():
+                raise ValueError(f"--lora {spec}: the strength after '@' must be a number, e.g. {spec[:-len(strength)]}0.8")
             raise ValueError(f"--lora {lora['path']}: no such file")
     try:
         regions = parse_regions(args.regions or "")
@@ -186,10 +215,12 @@ def add_generate_parser(sub) -> None:
                    help="with --inpaint: seconds to regenerate (the SA3 Inpaint node's syntax)")
     p.add_argument("--continue", dest="continuation", action="store_true",
                    help="with --inpaint: extend the audio from its end up to --duration seconds")
-    p.add_argument("--paste-back", action="store_true", help="with --inpaint: keep the source exactly outside the regions")
+    p.add_argument("--paste-back", action="store_true", help="with --inpaint: put the source's latents back outside "
+                   "the regions after sampling (the decoder still renders them, so the audio there is close to, not "
+                   "bit-equal to, the source)")
     p.add_argument("--out", default="sa3-take.flac", help="output file; its extension picks the format "
                    "(.wav .flac .mp3 .opus); a batch writes <name>_<i>")
     p.set_defaults(func=run_generate)
 
 
-__all__ = ["add_generate_parser", "output_paths", "parse_lora", "read_prompts", "run_generate"]
+__all__ = ["add_generate_parser", "check_numbers", "output_paths", "parse_lora", "read_prompts", "run_generate"]

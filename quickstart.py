@@ -106,7 +106,11 @@ def run_quickstart(args) -> int:
     spectrogram_png(audio[0], rate, out / "generated.png")
     say(f"generated {audio.shape[-1] / rate:.2f} s on the ARC model with the LoRA: {wav_path}")
     summary = {"lora": str(lora), "generated": str(wav_path), "run": str(manager.registry.run_dir(run_id)),
-               "dataset": str(out / "dataset"), "seconds": round(time.time() - started, 1)}
+               "dataset": str(out / "dataset"), "base_model": str(base_dir), "arc_model": str(arc_dir),
+               "runs_dir": str(manager.registry.root),
+               "try": f"sa3-lora generate {arc_dir} --prompt 'qstyle, warm pad' --duration 2 --lora {lora}@0.8 "
+                      f"--lora-skip-first-steps 1 --out {out / 'again.wav'}",
+               "seconds": round(time.time() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

@@ -209,13 +209,25 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
                                    "SA3 Export LoRA for ComfyUI writes) for ComfyUI's own LoRA loader; SA3 Load LoRA "
                                    "reads the SA3-native file it was exported from")
         return adapter_from_state(state, config, metadata, path.stem)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise AdapterFileError(f"{path.name} is not an adapter file: neither safetensors nor a PyTorch checkpoint "
+                               "(an SA3 LoRA is a .safetensors file, or the official trainer's .ckpt)")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
+    except pickle.UnpicklingError as e:  # weights_only met an object that is no tensor or plain type
         raise AdapterFileError(
             f"{path.name}: refusing to load: it is not a tensors-only checkpoint (torch.load(weights_only=True) "
             f"said: {str(e).splitlines()[0][:200]}). Unpickling arbitrary objects can run code. If you trust the "
             f"file, convert it with the official convert_lora_ckpt_to_safetensors() and load the .safetensors.") from e
+    except Exception as e:  # truncated or damaged: EOFError, IndexError, zipfile errors, ...
+        raise AdapterFileError(f"{path.name}: a damaged PyTorch checkpoint ({type(e).__name__}: {e}); download or "
+                               "copy it again") from None
+    if isinstance(ckpt, dict) and "adapter_names" in ckpt and "optimizer" in ckpt:
+        beside = path.name.removesuffix(".state.pt") + ".safetensors"
+        raise AdapterFileError(f"{path.name} is a training state (optimiser and data position, for resuming); the "
+                               f"LoRA is the .safetensors file beside it: {beside}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise AdapterFileError(f"{path.name}: expected a dict with 'state_dict' (the official trainer's LoRA .ckpt)")
     config = ckpt.get("lora_config") or {}

@@ -101,7 +101,8 @@ def check_readable(path: str | Path) -> int:
         if e.errno == errno.ELOOP:
             raise AudioFileError("symlink loop", path) from None
         if e.errno == errno.ENOENT:
-            raise AudioFileError("missing (dangling symlink?)", path) from None
+            why = "dangling symlink" if os.path.islink(path) else "no such file"
+            raise AudioFileError(why, path) from None
         raise AudioFileError("unreadable", str(e)) from None
     if not os.path.isfile(path):
         raise AudioFileError("not a regular file", path)
@@ -389,6 +390,8 @@ def decode_audio(path: str | Path) -> DecodedAudio:
     if _short(best):
         best.warnings.append(f"decoded {best.seconds:.2f} s of the {best.declared_frames / best.sample_rate:.2f} s "
                              "the file declares: truncated or damaged, the rest is lost")
+    if peak == 0.0:  # encoded all the same (a silent take still teaches silence), but the user likely did not mean it
+        best.warnings.append("digital silence: every sample is 0 (an empty export or a muted track?)")
     fit_level(best, peak)
     return best
 

@@ -546,6 +546,7 @@ class EncodeReport:
     out_dir: Path
     encoded: list[str] = field(default_factory=list)  # encoded in this run
     reused: list[str] = field(default_factory=list)  # unchanged since a previous run
+    recaptioned: list[str] = field(default_factory=list)  # reused, with captions/tags/sidecars changed since
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     removed: list[str] = field(default_factory=list)  # outputs of files no longer present / now excluded
     excluded: list[str] = field(default_factory=list)
@@ -565,7 +566,8 @@ class EncodeReport:
         return len(self.encoded) + len(self.reused)
 
     def summary(self) -> str:
-        lines = [f"{self.out_dir}: {len(self.encoded)} encoded, {len(self.reused)} unchanged, "
+        recaptioned = f" ({len(self.recaptioned)} with new captions or tags)" if self.recaptioned else ""
+        lines = [f"{self.out_dir}: {len(self.encoded)} encoded, {len(self.reused)} unchanged{recaptioned}, "
                  f"{len(self.skipped)} skipped, {len(self.removed)} removed, {len(self.excluded)} excluded, "
                  f"{len({rel for rel, _ in self.warnings})} with warnings; {_duration_text(self.seconds)} of audio"
                  + (" (INTERRUPTED: run again to continue)" if self.interrupted else "")]
@@ -651,22 +653,24 @@ def _reusable(out_dir: Path, relpath: str, content_hash: str, ident: dict, dtype
     return rec, meta
 
 
-def _refresh_metadata(out_dir: Path, path: Path, root: Path, rec: dict, meta: dict) -> dict:
+def _refresh_metadata(out_dir: Path, path: Path, root: Path, rec: dict, meta: dict) -> tuple[dict, bool]:
     """Re-read a reused file's captions, tags and sidecars (cheap: no decoding) and rewrite its JSON when they
-    changed, so edited captions reach the dataset without re-encoding. Returns rec with the file's warnings (its
-    audio's, kept from the encode, and its sidecars', current)."""
+    changed, so edited captions reach the dataset without re-encoding. Returns (rec with the file's warnings (its
+    audio's, kept from the encode, and its sidecars', current), whether its captions or tags changed)."""
     md, warnings, sources, caption = _file_metadata(path, root)
     rec = {**rec, "caption": caption}
     encoded = {k: v for k, v in meta.items() if k in ENCODER_FIELDS and k != "metadata_sources"}
     encoded["path"] = str(Path(path).absolute())  # the source folder may have moved
     fresh = _file_json(md, sources, encoded)
+    changed = {k: v for k, v in _utf8_safe(fresh).items() if k != "path"} != \
+        {k: v for k, v in meta.items() if k != "path"}
     if _utf8_safe(fresh) != meta:
         try:
             write_json(out_dir / rec["metadata"], fresh)
         except (OSError, ValueError) as e:
             warnings.append(f"its captions changed but {rec['metadata']} could not be updated ({e})")
     warnings = list(meta.get("audio_warnings") or []) + warnings
-    return {**rec, "warnings": warnings} if warnings else rec
+    return ({**rec, "warnings": warnings} if warnings else rec), changed
 
 
 def _remove_outputs(out_dir: Path, relpath: str) -> None:
@@ -760,9 +764,11 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                 continue
             done = None if force else _reusable(out_dir, rel, h, ident, dtype)
             if done is not None:
-                records[rel] = {**_refresh_metadata(out_dir, path, folder, *done), "size": size,
-                                "mtime_ns": st.st_mtime_ns}
+                refreshed, recaptioned = _refresh_metadata(out_dir, path, folder, *done)
+                records[rel] = {**refreshed, "size": size, "mtime_ns": st.st_mtime_ns}
                 report.reused.append(rel)
+                if recaptioned:
+                    report.recaptioned.append(rel)
             else:
                 todo.append((path, rel, h))
                 records[rel] = {"relpath": rel, "hash": h, "size": size, "mtime_ns": st.st_mtime_ns,

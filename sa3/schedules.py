@@ -464,16 +464,17 @@ def inpaint_latent_mask(regions: Sequence[tuple[float, float]], n_latents: int, 
     padding), then nearest-resampled to n_latents (each latent takes the value at its first sample). Continuation is
     the region (source length, new duration)."""
     mask = torch.ones(1, 1, audio_samples)
+    longest = max(_seconds_list(seconds_total), default=0.0) if seconds_total is not None else 0.0
+    output_end = min(audio_samples, int(longest * sample_rate)) if longest > 0 else audio_samples
     for start_s, end_s in regions:
         if not (math.isfinite(end_s) and end_s > start_s >= 0):
             raise ValueError(f"inpaint region ({start_s}, {end_s}) s: need 0 <= start < end, both finite")
-        if start_s * sample_rate >= audio_samples:
+        if start_s * sample_rate >= output_end:
             raise ValueError(f"inpaint region ({start_s}, {end_s}) s starts after the output's end "
-                             f"({audio_samples / sample_rate:.2f} s): nothing would be regenerated")
+                             f"({output_end / sample_rate:.2f} s): nothing would be regenerated")
         start = min(int(start_s * sample_rate), audio_samples)
         end = min(int(end_s * sample_rate), audio_samples)
         mask[..., start:end] = 0
-    longest = max(_seconds_list(seconds_total), default=0.0) if seconds_total is not None else 0.0
     if longest > 0:
         mask[..., int(longest * sample_rate):] = 0
     return F.interpolate(mask, size=n_latents, mode="nearest")

@@ -129,6 +129,25 @@ def test_ckpt_with_arbitrary_objects_is_refused_with_a_clear_message(tmp_path):
         read_adapter_file(tmp_path / "bad.ckpt")
 
 
+def test_files_that_are_no_adapter_say_what_they_are(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "kick.wav", torch.zeros(100, 2).numpy(), 44100)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for name in ("kick.wav", "notes.ckpt"):
+        with pytest.raises(AdapterFileError, match="not an adapter file: neither safetensors nor a PyTorch"):
+            read_adapter_file(tmp_path / name)
+    torch.save({"state_dict": {}}, tmp_path / "whole.ckpt")
+    data = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFileError, match="cut.ckpt: a damaged PyTorch checkpoint"):
+        read_adapter_file(tmp_path / "cut.ckpt")
+    torch.save({"step": 4, "adapter": [torch.zeros(2)], "adapter_names": ["x.lora_A"], "optimizer": {}},
+               tmp_path / "run-step=000004.state.pt")  # what a training run writes beside its LoRA
+    with pytest.raises(AdapterFileError, match=r"training state.*beside it: run-step=000004\.safetensors"):
+        read_adapter_file(tmp_path / "run-step=000004.state.pt")
+
+
 def test_files_without_adapter_tensors_are_errors(tmp_path):
     torch.save({"state_dict": {"model.x.weight": torch.zeros(2, 2)}}, tmp_path / "full.ckpt")
     with pytest.raises(AdapterFileError, match="no adapter tensors"):

@@ -148,6 +148,11 @@ def test_a_clean_file_decodes_without_warnings(tmp_path):
     assert decode_audio(write_audio_file(tmp_path / "clean", tone(0.3, 44100), 44100, "flac")).warnings == []
 
 
+def test_a_digitally_silent_file_decodes_with_a_warning(tmp_path):
+    d = decode_audio(write_audio_file(tmp_path / "muted", 0.0 * tone(0.3, 44100), 44100, "flac"))
+    assert d.frames > 0 and d.warnings == ["digital silence: every sample is 0 (an empty export or a muted track?)"]
+
+
 def test_hot_float_file_is_peak_normalised_with_a_warning(tmp_path):
     x = 18.0 * tone(0.2, 44100) / 0.3  # peak 18: a float mix far above full scale
     d = decode_audio(write_audio_file(tmp_path / "hot", x, 44100, "wavf"))

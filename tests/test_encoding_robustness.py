@@ -201,9 +201,13 @@ def test_edited_captions_reach_the_dataset_on_a_rerun_without_reencoding(tmp_pat
     report = encode_folder(src, out, enc)
     assert enc.calls == calls and sorted(report.reused) == ["a.wav", "b.wav"]  # no audio was encoded again
     assert _metadata(out, "a.wav")["prompt"] == "new caption" and _metadata(out, "b.wav")["genre"] == "techno"
+    assert sorted(report.recaptioned) == ["a.wav", "b.wav"] and "2 unchanged (2 with new captions or tags)" in \
+        report.summary()
     (src / "a.txt").unlink()
-    encode_folder(src, out, enc)
-    assert "prompt" not in _metadata(out, "a.wav") and enc.calls == calls
+    report = encode_folder(src, out, enc)
+    assert "prompt" not in _metadata(out, "a.wav") and enc.calls == calls and report.recaptioned == ["a.wav"]
+    report = encode_folder(src, out, enc)
+    assert report.recaptioned == [] and "with new captions" not in report.summary()
 
 
 def test_unchanged_captions_leave_the_file_json_untouched(tmp_path):

@@ -114,6 +114,9 @@ def test_nan_or_infinite_settings_and_regions_past_the_end_are_refused_by_name(m
     for kwargs, named in [({"cfg_scale": float("nan")}, "cfg_scale=nan"), ({"duration": float("inf")}, "duration=inf"),
                           ({"loras": [{"path": "x.safetensors", "strength": float("nan")}]}, "lora_strength"),
                           ({"inpaint_audio": (source, 44100), "inpaint_regions": [(5.0, 6.0)]}, "starts after the output"),
+                          # past the asked duration though inside the model's window: the output's end is 0.01 s
+                          ({"inpaint_audio": (source, 44100), "inpaint_regions": [(0.02, 0.03)]},
+                           r"starts after the output's end \(0\.01 s\)"),
                           ({"inpaint_audio": (source, 44100), "inpaint_regions": [(0.0, float("inf"))]}, "both finite")]:
         with pytest.raises(ValueError, match=named):
             model.generate("pad", **{"duration": 0.01, "steps": 1, **kwargs})

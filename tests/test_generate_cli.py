@@ -82,6 +82,15 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
         (["--out", "a.ogg"], "--out a.ogg: the extension picks the format"),
         (["--lora", "nope.safetensors@0.5"], "--lora nope.safetensors: no such file"),
         (["--inpaint", str(tmp_path / "noise.wav"), "--continue"], "--inpaint .*noise.wav: not audio"),
+        (["--inpaint", "x.wav", "--continue", "--regions", "0-1"], "--regions .* or --continue .*, not both"),
+        (["--batch", "0"], "--batch 0: must be 1 or more"),
+        (["--batch", "-2"], "--batch -2: must be 1 or more"),
+        (["--duration", "0"], "--duration 0"),
+        (["--lora-interval", "0.8", "0.2"], "--lora-interval 0.8 0.2: give LO HI"),
+        (["--init-noise-level", "3"], "--init-noise-level 3"),
+        (["--lora", str(tmp_path / "noise.wav") + "@abc"], "the strength after '@' must be a number"),
+        (["--variant", "arc"], "--variant arc picks a pack's variant; .* is a model folder"),
+        (["--prompts-file", str(tmp_path / "noise.wav")], "not both"),
     ]
     for extra, message in cases:
         assert main(["generate", model, "--prompt", "x", "--device", "cpu", *extra]) == 2, extra

@@ -276,3 +276,34 @@ def test_a_finished_run_is_trained_further_from_the_command_line(tmp_path, datas
     assert registry.latest_checkpoint(run_id)["step"] == 4
     assert [(e["step"], e["lr"]) for e in run_events(registry, run_id) if e["type"] == "step"] == \
         [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2e-3)]
+
+
+def test_train_refuses_a_model_or_arc_model_it_cannot_find_before_making_a_run(tmp_path, dataset, fixtures_dir,
+                                                                               capsys):
+    from sa3_lora_studio.cli import main
+
+    base = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), steps=1)
+    for change, named in (({"model": str(tmp_path / "nope")}, "RunConfig.model: .*nope: no such file or folder"),
+                          ({"arc_model": str(tmp_path / "gone")}, "RunConfig.arc_model: .*gone: no such file"),
+                          ({"model": "sa3-tiny"}, "RunConfig.model: 'sa3-tiny' is neither"),
+                          ({"dataset": None}, "RunConfig.dataset: missing")):
+        config = {**base, **change}
+        if config["dataset"] is None:
+            del config["dataset"]
+        (tmp_path / "run.json").write_text(json.dumps(config))
+        assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) != 0
+        assert __import__("re").search(named, capsys.readouterr().err), change
+        assert not (tmp_path / "runs").exists() or RunRegistry(tmp_path / "runs").list() == []
+
+
+def test_runs_commands_never_make_a_runs_folder_and_a_finished_run_is_pointed_at_more_steps(tmp_path, capsys):
+    missing = tmp_path / "elsewhere"
+    assert runs_cli(missing, "list") == 0
+    assert "no runs: " in capsys.readouterr().err and not missing.exists()
+    assert runs_cli(missing, "stop", "x") != 0
+    assert "no runs folder at" in capsys.readouterr().err and not missing.exists()
+    registry, run_id = _registry_with_run(tmp_path, status="done")
+    with pytest.raises(RunError, match="--more-steps N` trains it further"):
+        write_request(registry, run_id, "stop")
+    with pytest.raises(RunError, match=f"no run 'nope' in {registry.root}"):
+        write_request(registry, "nope", "stop")

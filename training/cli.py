@@ -60,6 +60,8 @@ def _cmd_train(args) -> int:
 
     try:
         data = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RunError(f"--config {args.config}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{args.config}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -142,6 +144,13 @@ def _cmd_runs(args) -> int:
     from .requests import write_request
     from .runs import RunRegistry
 
+    if not Path(args.runs_dir).is_dir():  # not made here: a runs folder typed wrong, or this is another directory
+        where = Path(args.runs_dir).resolve()
+        if args.runs_what == "list":
+            print(f"no runs: {where} does not exist (the runs folder is relative to the current directory unless "
+                  "--runs-dir says otherwise)", file=sys.stderr)
+            return 0
+        raise RunError(f"no runs folder at {where}; give the folder `sa3-lora train` used with --runs-dir")
     registry = RunRegistry(args.runs_dir)  # not a TrainingManager: these commands start nothing in this process
     registry.mark_interrupted_after_restart()  # runs whose process died (live ones elsewhere keep their status)
     if args.runs_what == "list":

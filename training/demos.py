@@ -17,9 +17,9 @@ from pathlib import Path
 from ..encoding import batch_prompts
 from ..encoding.audio_write import write_audio
 from ..sa3.config import ConfigError
-from ..sa3.generate import sampling_defaults
 from ..sa3.loading import CheckpointError
 from ..sa3.packs import PackError
+from ..sa3.samplers import DEFAULTS
 from ..sa3.spectrogram import spectrogram_png
 from .runs import DemoSpec, atomic_write_json, default_demos
 
@@ -64,17 +64,18 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     max_seconds = model.config.sample_size / model.config.sample_rate
     duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
     prompt = demo_prompt(trainer, spec, i, step)
+    sampler, default_steps, default_cfg = DEFAULTS["arc" if spec.arc else "base"]  # an ARC demo samples as ARC,
+    steps, cfg = spec.steps or default_steps, default_cfg if spec.cfg is None else spec.cfg  # whatever the model
     with model.residency.in_use():  # an ARC model from the shared cache may have been offloaded between rounds
-        audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=spec.steps, cfg_scale=spec.cfg,
-                                     sampler="pingpong" if spec.arc else "euler",
+        audio, rate = model.generate(prompt, duration=duration, seed=spec.seed, steps=steps, cfg_scale=cfg,
+                                     sampler=sampler,
                                      loras=[{"adapter": adapter, "strength": spec.lora_strength,
                                              "skip_first_steps": spec.lora_skip_first_steps}],
                                      adapter_memory="low")  # no merged copy of the weights beside training's
     wav = audio[0]
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")
-    settings = {"prompt": prompt, "arc": spec.arc, "cfg": spec.cfg if spec.cfg is not None else
-                sampling_defaults(model)[2], "steps": spec.steps or model.default_steps, "seed": spec.seed,
+    settings = {"prompt": prompt, "arc": spec.arc, "cfg": cfg, "steps": steps, "seed": spec.seed,
                 "duration": duration, "lora_strength": spec.lora_strength,
                 "lora_skip_first_steps": spec.lora_skip_first_steps, "step": step}
     atomic_write_json(folder / f"demo_{i}.json", settings)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .events import EventLog, notify
 from .requests import write_request
-from .runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, trained_elsewhere
+from .runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, describe_owner, trained_elsewhere
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
@@ -85,7 +85,8 @@ class TrainingManager:
         queued = not started and run_id in self.worker.queued()
         if not (started or queued) and trained_elsewhere(record):
             if action in ("delete", "restart"):
-                raise RunConflict(f"run {run_id} is being trained by another process ({record['owner']}); stop it first "
+                owner = describe_owner(record["owner"])
+                raise RunConflict(f"run {run_id} is being trained by another process ({owner}); stop it first "
                                f"(its checkpoint is kept), then {action}")
             write_request(self.registry, run_id, _REQUEST_FOR[action])  # taken at that process's next step
             return {**self.registry.get(run_id), "requested": action}

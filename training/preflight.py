@@ -78,14 +78,33 @@ def check_targets(config: RunConfig, model) -> None:
             raise RunError(f"RunConfig.rank: {e}") from None
 
 
+def check_model_sources(config: RunConfig) -> None:
+    """RunError naming `model` or `arc_model` when its files cannot be found, without loading any weight (the
+    command line's check before a run is registered; a node has its model loaded already)."""
+    from ..sa3.config import ConfigError
+    from ..sa3.loading import CheckpointError
+    from ..sa3.model import locate_checkpoint
+    from ..sa3.packs import PackError
+
+    for name, spec, variant in (("model", config.model, "base"), ("arc_model", config.arc_model, "arc")):
+        if spec:
+            try:
+                locate_checkpoint(spec, variant=variant, models_dir=config.models_dir)
+            except (CheckpointError, ConfigError, PackError, OSError, ValueError) as e:
+                raise RunError(f"RunConfig.{name}: {e}") from None
+
+
 def check_run_inputs(config: RunConfig, model=None) -> None:
     """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
-    model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`)."""
+    model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`), else its files are looked
+    for (`check_model_sources`)."""
     if model is not None:
         check_trainable(model)
         check_targets(config, model)
+    else:
+        check_model_sources(config)
     open_dataset(config, model)
     open_continue_from(config)
 
 
-__all__ = ["check_run_inputs", "check_targets", "check_trainable", "open_continue_from", "open_dataset"]
+__all__ = ["check_model_sources", "check_run_inputs", "check_targets", "check_trainable", "open_continue_from", "open_dataset"]

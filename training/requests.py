@@ -45,7 +45,9 @@ def write_request(registry: RunRegistry, run_id: str, kind: str) -> Path:
     path = request_path(registry.run_dir(run_id), kind)  # run_dir confines the run id to the registry root
     status = registry.get(run_id)["status"]
     if status not in ACTIVE:
-        raise RunConflict(f"run {run_id} is {status}, not running; `sa3-lora runs resume {run_id}` continues it")
+        hint = (f"`sa3-lora runs resume {run_id} --more-steps N` trains it further" if status == "done" else
+                f"`sa3-lora runs resume {run_id}` continues it")
+        raise RunConflict(f"run {run_id} is {status}, not running; {hint}")
     if kind in _CANCELS:
         path.with_name(f"{_CANCELS[kind]}.request").unlink(missing_ok=True)
     return atomic_write_json(path, {"request": kind, "time": time.time()})

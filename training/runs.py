@@ -243,6 +243,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
         check_known_keys(cls, data, "unknown run config field(s)", RunError)
+        if "dataset" not in data:
+            raise RunError("RunConfig.dataset: missing; give the folder of an encoded dataset (`sa3-lora encode "
+                           "AUDIO_FOLDER --out DATASET`)")
         data = dict(data)
         for key in ("include", "exclude"):  # one pattern as a plain string, not its characters
             if isinstance(data.get(key), str):
@@ -440,7 +443,7 @@ class RunRegistry:
         if folder.parent != self.root.resolve():
             raise PathOutsideRun(f"run id {run_id!r} is not a run folder name")
         if must_exist and not folder.is_dir():
-            raise RunNotFound(f"no run folder for {run_id!r}")
+            raise RunNotFound(f"no run {run_id!r} in {self.root}")
         return folder
 
     def run_file(self, run_id: str, relative: str) -> Path:
@@ -543,6 +546,13 @@ def _process_start(pid: int) -> str | None:
 def process_owner() -> dict:
     """Identifies the process that trains a run (stored with active runs in the index)."""
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
+
+
+def describe_owner(owner: dict | None) -> str:
+    """'process 1234 on host studio' for messages (the index's owner record)."""
+    if not owner:
+        return "an unknown process"
+    return f"process {owner.get('pid', '?')} on host {owner.get('host', '?')}"
 
 
 def owner_alive(owner: dict | None) -> bool:
