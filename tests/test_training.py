@@ -156,6 +156,24 @@ def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, t
         assert expected[0].abs().max() > 1e-2
         assert torch.allclose(heard, expected[0], atol=atol), (step, (heard - expected[0]).abs().max())
 
+    # the dataset clips beside the demos: each the start of a file at the crop length, through the autoencoder
+    references = [e for e in events if e["type"] == "reference"]
+    assert [e["index"] for e in references] == [0, 1, 2]  # the fixture dataset has three files: all of them
+    from sa3_lora_studio.encoding.dataset import load_dataset
+
+    data = load_dataset(dataset)
+    index_of = {relpath: i for i, (relpath, _) in enumerate(data.prompt_items())}
+    for e in references:
+        heard = torch.from_numpy(sf.read(folder / e["audio"], dtype="float32")[0]).T
+        assert (folder / e["image"]).stat().st_size > 100 and e["settings"]["reference"] is True
+        item = index_of[e["settings"]["file"]]
+        crop = max(1, round(0.017 * tiny.config.latent_rate))
+        z, mask, _ = data.item(item, crop)
+        expected = tiny.decode_latents(torch.from_numpy(z[:, :int(mask.sum())].copy())[None])[0]
+        assert heard.shape == expected.shape and torch.allclose(heard, expected.clamp(-1, 1), atol=1e-4)
+        assert e["settings"]["prompt"] in ("warm bass drone", "bright bell tone", "noisy snare")
+    assert sorted(e["settings"]["file"] for e in references) == sorted(index_of)
+
 
 @pytest.mark.parametrize("kind", ["lora", "dora-rows", "bora", "lora-xs"])
 def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_path, tiny, dataset, fixtures_dir, kind):
@@ -264,7 +282,7 @@ def test_a_run_killed_during_demos_resumes_and_renders_that_steps_demos_again(tm
     (demos / "step_000004.partial" / "demo_7.flac").write_bytes(b"half")
     manager.control(run, "restart")
     assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
-    assert sorted(p.name for p in demos.iterdir()) == ["step_000000", "step_000004"]
+    assert sorted(p.name for p in demos.iterdir()) == ["reference", "step_000000", "step_000004"]
     assert sorted(p.name for p in (demos / "step_000004").iterdir()) == ["demo_0.flac", "demo_0.json", "demo_0.png"]
 
 
@@ -280,7 +298,8 @@ def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, 
                                  demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 3))
     record = manager.wait(run, 300)
     assert record["status"] == "stopped" and record["step"] == 0
-    assert not list((manager.registry.run_dir(run) / "demos").iterdir())  # dropped, rendered again on resume
+    # the step's demos are dropped (rendered again on resume); the dataset clips came first and stay
+    assert sorted(p.name for p in (manager.registry.run_dir(run) / "demos").iterdir()) == ["reference"]
     assert manager.registry.latest_checkpoint(run)["step"] == 0
 
 
@@ -416,12 +435,15 @@ def test_a_stop_during_the_final_demos_ends_stopped_and_a_restart_renders_them(t
                                  demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 2))
     assert manager.wait(run, 300)["status"] == "stopped"
     demos = manager.registry.run_dir(run) / "demos"
-    assert sorted(p.name for p in demos.iterdir()) == ["step_000000"]
+    assert sorted(p.name for p in demos.iterdir()) == ["reference", "step_000000"]
     assert manager.registry.latest_checkpoint(run)["step"] == 2
     manager.listeners.remove(stop_at_the_final_demos)
     manager.control(run, "restart")
     assert manager.wait(run, 300)["status"] == "done"
-    assert sorted(p.name for p in demos.iterdir()) == ["step_000000", "step_000002"]
+    assert sorted(p.name for p in demos.iterdir()) == ["reference", "step_000000", "step_000002"]
+    references = [e for e in map(json.loads, (demos.parent / "events.jsonl").read_text().splitlines())
+                  if e["type"] == "reference"]
+    assert len(references) == 3  # written once, not again on the restart
 
 
 def test_arc_demos_use_a_loaded_arc_model_when_the_provider_has_one_else_a_sibling(tmp_path, tiny, dataset, fixtures_dir):

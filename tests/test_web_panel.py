@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "web"))
 
 from browser import Browser, missing_requirements  # noqa: E402
 from panel_server import PanelServer  # noqa: E402
-from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run  # noqa: E402
-from sa3_lora_studio.training.events import ema, loss_by_timestep, read_events  # noqa: E402
+from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run, write_reference  # noqa: E402
+from sa3_lora_studio.training.events import EventLog, ema, loss_by_timestep, read_events  # noqa: E402
 from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -560,6 +560,34 @@ def test_train_more_extends_a_finished_run_and_a_bad_change_is_refused_by_name(s
     assert browser.eval("document.querySelector('[data-action=more]').disabled") is True  # training now
     site.manager.control(finished, "stop")
     wait_until(lambda: registry.get(finished)["status"] == "stopped", what="status stopped")
+    assert browser.call("errors") == []
+
+
+def test_dataset_clips_show_above_the_demos_and_never_start_the_play_through(site, browser):
+    registry = site.manager.registry
+    run = write_recorded_run(registry, "with-clips", 40, 40, "done")
+    log = EventLog(registry.run_dir(run) / "events.jsonl", run)
+    for i, (prompt, file) in enumerate([("dusty drums", "kits/dusty.flac"), ("tape hiss pad", "pads/hiss.wav")]):
+        log.emit("reference", **write_reference(registry.run_dir(run), i, {"prompt": prompt, "file": file}))
+    open_panel(browser, site, run=run)
+    browser.wait("!document.querySelector('.sa3-references').hidden")
+    clips = browser.eval("[...document.querySelectorAll('.sa3-reference')].map(c => ({title: c.querySelector('h4')"
+                         ".textContent, prompt: c.querySelector('.sa3-demo-prompt').textContent, detail: "
+                         "c.querySelector('.sa3-demo-settings').textContent, label: c.querySelector('audio')"
+                         ".getAttribute('aria-label')}))")
+    assert [(c["title"], c["prompt"]) for c in clips] == [("Clip 0", "dusty drums"), ("Clip 1", "tape hiss pad")]
+    assert clips[0]["detail"].startswith("kits/dusty.flac · ") and "Dataset clip 0 (dusty.flac)" in clips[0]["label"]
+    shown_step = browser.eval("document.querySelector('.sa3-demo:not(.sa3-reference)').dataset.step")
+    browser.eval("document.querySelector('.sa3-references').open = true")
+    browser.wait("[...document.querySelectorAll('.sa3-reference audio')].every(a => a.duration > 0)")
+    browser.eval("(a => { a.currentTime = a.duration - 0.05; return a.play(); })"
+                 "(document.querySelector('.sa3-reference audio'))")
+    browser.wait("document.querySelector('.sa3-reference audio').ended", timeout=5000)
+    time.sleep(0.3)
+    assert browser.eval("[...document.querySelectorAll('.sa3-demo:not(.sa3-reference) audio')].every(a => a.paused)")
+    assert browser.eval("document.querySelector('.sa3-demo:not(.sa3-reference)').dataset.step") == shown_step
+    status, headers, _ = get(site, file_route(run, "demos/reference/ref_1.flac"))
+    assert status == 200
     assert browser.call("errors") == []
 
 

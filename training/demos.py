@@ -1,6 +1,7 @@
 """Demos during training: every `demo_every` steps (and at step 0, the base model's baseline), render each demo of
 the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
 `demos/step_<S>/demo_<i>.flac` (or .wav/.mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
+Before the first demos, a few dataset clips are written to `demos/reference/` to compare with (`render_references`).
 
 Demos reuse the loaded model and apply the adapter as a private view that computes the adapter path beside the shared
 weights (no merged copy), so nobody else using the shared model hears it and demos need no more memory than
@@ -90,6 +91,50 @@ def release_arc_model(trainer) -> None:
         trainer._arc_model = None
 
 
+REFERENCE_CLIPS = 3  # dataset clips written once per run, to hear beside the demos
+
+
+def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
+    """Once per run, before its first demos: up to n dataset crops (from each file's start, the training crop's
+    length) decoded by the model's own autoencoder into `demos/reference/ref_<i>.*` (audio, spectrogram, settings):
+    the sound the adapter learns from, after the autoencoder's round trip (a dataset encoded wrongly sounds wrong
+    here at once). Their prompt is the one training step 0 composes. Returns their "reference" events ([] when
+    they exist already); a failure is a warning, training goes on."""
+    import shutil
+
+    import torch
+
+    folder = trainer.folder / "demos" / "reference"
+    if folder.is_dir():
+        return []
+    tmp = folder.with_name("reference.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    c, dataset = trainer.config, trainer.dataset
+    picked = random.Random(f"sa3-reference:{c.seed}").sample(range(len(dataset)), k=min(n, len(dataset)))
+    written = []
+    try:
+        for i, item in enumerate(picked):
+            z, mask, _ = dataset.item(item, trainer.crop_latents)
+            frames = max(1, int(mask.sum()))
+            with torch.no_grad():
+                wav = trainer.model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None])[0].cpu()
+            rate = trainer.model.sample_rate
+            audio_name = write_audio(tmp / f"ref_{i}", wav.numpy(), rate, c.demo_format).name
+            spectrogram_png(wav, rate, tmp / f"ref_{i}.png")
+            settings = {"prompt": batch_prompts(trainer.items, [item], trainer.prompt_config, c.seed, 0)[0],
+                        "file": trainer.items[item][0], "duration": wav.shape[-1] / rate, "reference": True}
+            atomic_write_json(tmp / f"ref_{i}.json", settings)
+            written.append((i, audio_name, settings))
+    except Exception as e:  # like a demo: the clips illustrate, they must not end the run
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.log.emit("warning", message=f"dataset reference clips skipped: {type(e).__name__}: {e}")
+        return []
+    tmp.rename(folder)
+    return [trainer.log.emit("reference", index=i, audio=f"demos/reference/{name}",
+                             image=f"demos/reference/ref_{i}.png", settings=settings) for i, name, settings in written]
+
+
 def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
     """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
     their events, or None when `stop_requested()` turned true between two demos (the step's demos are then dropped
@@ -98,6 +143,7 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     import shutil
 
     specs = list(trainer.config.demos) or default_demos()
+    render_references(trainer)
     out_dir = trainer.folder / "demos" / f"step_{step:06d}"
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)  # an earlier attempt that crashed mid-demos
@@ -132,4 +178,4 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     return events
 
 
-__all__ = ["run_demos", "demo_prompt", "arc_model_for", "release_arc_model"]
+__all__ = ["run_demos", "demo_prompt", "arc_model_for", "release_arc_model", "render_references"]

@@ -82,6 +82,24 @@ def write_demo(run_dir: Path, step: int, index: int, settings: dict, rate: int =
     return {"step": step, "index": index, "audio": rel + ".flac", "image": rel + ".png", "settings": settings}
 
 
+def write_reference(run_dir: Path, index: int, settings: dict, rate: int = 22050) -> dict:
+    """A dataset clip as `training.demos.render_references` writes it (demos/reference/ref_<i>.*); returns the
+    reference event payload."""
+    import soundfile as sf
+    import torch
+    from sa3_lora_studio.sa3.spectrogram import spectrogram_png
+
+    folder = run_dir / "demos" / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    audio = demo_audio(0, index + 7, rate=rate)
+    sf.write(folder / f"ref_{index}.flac", audio, rate, format="FLAC")
+    spectrogram_png(torch.from_numpy(audio.T.copy()), rate, folder / f"ref_{index}.png")
+    settings = {"duration": len(audio) / rate, "reference": True, **settings}
+    (folder / f"ref_{index}.json").write_text(json.dumps(settings))
+    rel = f"demos/reference/ref_{index}"
+    return {"index": index, "audio": rel + ".flac", "image": rel + ".png", "settings": settings}
+
+
 def write_recorded_run(registry: RunRegistry, name: str, steps_done: int, total: int, status: str,
                        demo_every: int = 20, checkpoint_every: int = 20, error: str | None = None,
                        model: str = "sa3-small-music", adapter_type: str = "dora-rows", rank: int = 16,

@@ -1,7 +1,8 @@
 // The demos timeline: a step slider; per step the demos' audio players with their tinted spectrograms and settings
-// (prompt, base/ARC, CFG, steps, seed); "play through" continues with the next demo and then the next step.
+// (prompt, base/ARC, CFG, steps, seed); "play through" continues with the next demo and then the next step. Above it,
+// the run's dataset clips (decoded by the model's autoencoder) to compare the demos with.
 
-import { baseName, demoSteps } from "./series.js";
+import { baseName, demoSteps, referenceClips } from "./series.js";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -50,6 +51,10 @@ export function mount(root, store, { useCheckpoint }) {
   const useStep = sliderRow.appendChild(el("button", "sa3-button sa3-small", "Use this step"));
   useStep.type = "button";
   useStep.dataset.action = "use-step";
+  const references = section.appendChild(el("details", "sa3-references"));
+  references.hidden = true;
+  references.appendChild(el("summary", null, "Dataset clips (what the adapter learns from)"));
+  const refCards = references.appendChild(el("div", "sa3-demo-cards"));
   const cards = section.appendChild(el("div", "sa3-demo-cards"));
   const empty = section.appendChild(el("p", "sa3-empty", "No demos yet: they appear every demo_every steps."));
 
@@ -64,20 +69,24 @@ export function mount(root, store, { useCheckpoint }) {
     slider.setAttribute("aria-valuetext", s ? `step ${s.step}` : "none");
   }
 
-  function card(demo, position) {
-    const c = el("article", "sa3-demo");
-    c.dataset.step = String(demo.step);
-    c.dataset.index = String(demo.index ?? position);
+  function card(demo, position, reference = false) {
+    const c = el("article", reference ? "sa3-demo sa3-reference" : "sa3-demo");
+    const n = demo.index ?? position;
+    if (!reference) c.dataset.step = String(demo.step);
+    c.dataset.index = String(n);
     const s = demo.settings || {};
-    c.appendChild(el("h4", null, `Demo ${demo.index ?? position}`));
+    const what = reference ? `dataset clip ${n} (${baseName(s.file || "")})` : `demo ${n} at step ${demo.step}`;
+    c.appendChild(el("h4", null, reference ? `Clip ${n}` : `Demo ${n}`));
     const prompt = c.appendChild(el("p", "sa3-demo-prompt", promptText(s.prompt)));
     prompt.title = prompt.textContent;
-    c.appendChild(el("p", "sa3-demo-settings", settingsText(s)));
+    const detail = reference ? `${s.file || ""}${s.duration ? ` · ${Number(s.duration).toFixed(1)} s` : ""}`
+      : settingsText(s);
+    c.appendChild(el("p", "sa3-demo-settings", detail)).title = detail;
     if (demo.image) {
       const wrap = c.appendChild(el("div", "sa3-spec"));
       const img = wrap.appendChild(el("img"));
       img.src = store.api.fileUrl(runId, demo.image);
-      img.alt = `Spectrogram of demo ${demo.index ?? position} at step ${demo.step}`;
+      img.alt = `Spectrogram of ${what}`;
       img.loading = "lazy";
       wrap.appendChild(el("div", "sa3-playhead"));
     }
@@ -86,15 +95,15 @@ export function mount(root, store, { useCheckpoint }) {
       audio.controls = true;
       audio.preload = "metadata";
       audio.src = store.api.fileUrl(runId, demo.audio);
-      audio.setAttribute("aria-label", `Demo ${demo.index ?? position} at step ${demo.step}: ${baseName(demo.audio)}`);
+      audio.setAttribute("aria-label", `${what[0].toUpperCase()}${what.slice(1)}: ${baseName(demo.audio)}`);
       const head = c.querySelector(".sa3-playhead");
       audio.addEventListener("timeupdate", () => {
         if (head && audio.duration) head.style.left = `${(100 * audio.currentTime) / audio.duration}%`;
       });
       audio.addEventListener("play", () => {
-        for (const other of cards.querySelectorAll("audio")) if (other !== audio) other.pause();
+        for (const other of section.querySelectorAll("audio")) if (other !== audio) other.pause();
       });
-      audio.addEventListener("ended", () => playNext(audio));
+      if (!reference) audio.addEventListener("ended", () => playNext(audio));
       c.querySelector(".sa3-spec")?.addEventListener("click", (e) => {
         // click on the spectrogram = seek there
         const rect = e.currentTarget.getBoundingClientRect();
@@ -110,7 +119,7 @@ export function mount(root, store, { useCheckpoint }) {
     slider.value = String(index);
     stepLabel();
     const s = steps[index];
-    cards.replaceChildren(...(s ? s.demos.map(card) : []));
+    cards.replaceChildren(...(s ? s.demos.map((demo, i) => card(demo, i)) : []));
     useStep.disabled = !s?.checkpoint;
     useStep.title = s?.checkpoint ? `Add an SA3 Load LoRA node with the checkpoint of step ${s.step}`
       : "No checkpoint was saved at this step";
@@ -129,7 +138,17 @@ export function mount(root, store, { useCheckpoint }) {
     }
   }
 
-  const playing = () => [...cards.querySelectorAll("audio")].some((a) => !a.paused && !a.ended);
+  const playing = () => [...section.querySelectorAll("audio")].some((a) => !a.paused && !a.ended);
+  let refSignature = "";
+
+  function showReferences(events) {
+    const clips = referenceClips(events);
+    const sig = clips.map((c) => `${c.index}:${c.audio}`).join(",");
+    if (sig === refSignature) return;
+    refSignature = sig;
+    references.hidden = clips.length === 0;
+    refCards.replaceChildren(...clips.map((clip, i) => card(clip, i, true)));
+  }
 
   slider.addEventListener("input", () => show(Number(slider.value)));
   useStep.addEventListener("click", async () => {
@@ -142,6 +161,8 @@ export function mount(root, store, { useCheckpoint }) {
   const off = store.subscribe("events", ({ run, events }) => {
     const changedRun = (run?.id ?? null) !== runId;
     runId = run?.id ?? null;
+    if (changedRun) refSignature = null;
+    showReferences(events);
     const next = demoSteps(events);
     const sig = next.map((s) => `${s.step}:${s.demos.length}:${s.checkpoint ? 1 : 0}`).join(",");
     if (!changedRun && sig === signature) return;  // nothing new: leave the players alone

@@ -75,6 +75,13 @@ export function demoSteps(events) {
   }));
 }
 
+/** The run's dataset clips ("reference" events, training/demos.py `render_references`) by index. */
+export function referenceClips(events) {
+  const byIndex = new Map();
+  for (const e of events) if (e.type === "reference") byIndex.set(e.index ?? 0, e);
+  return [...byIndex.keys()].sort((a, b) => a - b).map((i) => byIndex.get(i));
+}
+
 /** The newest checkpoint event, or null. */
 export function latestCheckpoint(events) {
   let best = null;
