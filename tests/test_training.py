@@ -813,3 +813,24 @@ def test_a_demo_can_leave_the_adapter_off_for_its_first_sampling_steps(tmp_path,
     assert not (full == off).all() and not (skip_one == off).all() and not (skip_one == full).all()
     settings = json.loads((folder / "demo_1.json").read_text())
     assert settings["lora_skip_first_steps"] == 1
+
+
+def test_a_stop_asked_while_a_demo_samples_ends_it_at_the_next_sampling_step(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.demos import run_demos
+    from sa3_lora_studio.training.trainer import Trainer
+
+    trainer = Trainer(_config(dataset, fixtures_dir, demos=[{"prompt": "x", "steps": 40, "duration": 0.01}] * 2),
+                      tmp_path, "r", EventLogStub(), _provider(tiny))
+    trainer.setup()
+    asked = []
+
+    def stop_on_the_fifth_look():  # the loop's look before demo 0, then one per sampling step
+        asked.append(1)
+        return len(asked) >= 5
+
+    try:
+        assert run_demos(trainer, 0, stop_requested=stop_on_the_fifth_look) is None
+    finally:
+        trainer.release_model()
+    assert len(asked) == 5  # four sampling steps of the first demo's forty, the second never began
+    assert sorted(p.name for p in (tmp_path / "demos").iterdir()) == ["reference"]  # the step's demos dropped

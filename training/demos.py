@@ -60,8 +60,18 @@ def arc_model_for(trainer):
     return trainer._arc_model
 
 
-def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, folder: Path) -> tuple[int, str, dict]:
-    """Demo i of the step into folder: audio, spectrogram, settings; returns (i, audio file name, settings)."""
+class DemoStopped(Exception):
+    """A stop asked for while a demo was sampling: the demo ends at its next sampling step."""
+
+
+def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, folder: Path,
+                 stop_requested=lambda: False) -> tuple[int, str, dict]:
+    """Demo i of the step into folder: audio, spectrogram, settings; returns (i, audio file name, settings).
+    Raises DemoStopped at the first sampling step after `stop_requested()` turns true."""
+
+    def check_stop(info) -> None:
+        if stop_requested():
+            raise DemoStopped
     max_seconds = model.config.sample_size / model.config.sample_rate
     duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
     prompt = demo_prompt(trainer, spec, i, step)
@@ -72,7 +82,8 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
                                      sampler=sampler,
                                      loras=[{"adapter": adapter, "strength": spec.lora_strength,
                                              "skip_first_steps": spec.lora_skip_first_steps}],
-                                     adapter_memory="low")  # no merged copy of the weights beside training's
+                                     adapter_memory="low",  # no merged copy of the weights beside training's
+                                     callback=check_stop)
     wav = audio[0]
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")
@@ -137,9 +148,9 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
 
 def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
     """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
-    their events, or None when `stop_requested()` turned true between two demos (the step's demos are then dropped
-    and rendered again when the run resumes, so a stop acts within one demo instead of after the whole set). A demo
-    that fails is skipped with a warning event; training goes on."""
+    their events, or None when `stop_requested()` turned true during the demos (the step's demos are then dropped
+    and rendered again when the run resumes, so a stop acts within one sampling step, not after the demo or the
+    whole set). A demo that fails is skipped with a warning event; training goes on."""
     import shutil
 
     specs = list(trainer.config.demos) or default_demos()
@@ -159,7 +170,10 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
             if model is None:
                 continue
             try:
-                written.append(_render_demo(trainer, model, spec, i, step, adapter, tmp_dir))
+                written.append(_render_demo(trainer, model, spec, i, step, adapter, tmp_dir, stop_requested))
+            except DemoStopped:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                return None
             except Exception as e:  # a demo must not end the training it illustrates (e.g. out of memory, a codec)
                 for leftover in tmp_dir.glob(f"demo_{i}.*"):
                     leftover.unlink()
