@@ -136,7 +136,8 @@ def run_generate(args) -> int:
         if not Path(lora["path"]).is_file():
             _, at, strength = spec.rpartition("@")
             if at and Path(spec.rpartition("@")[0]).is_file():
-                raise ValueError(f"--lora {spec}: the strength after '@' must be a number, e.g. {spec[:-len(strength)]}0.8")
+                raise ValueError(f"--lora {spec}: the strength after '@' must be a number, e.g. "
+                                 f"{spec.rpartition('@')[0]}@0.8")
             raise ValueError(f"--lora {lora['path']}: no such file")
     try:
         regions = parse_regions(args.regions or "")

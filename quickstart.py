@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def run_quickstart(args) -> int:
     summary = {"lora": str(lora), "generated": str(wav_path), "run": str(manager.registry.run_dir(run_id)),
                "dataset": str(out / "dataset"), "base_model": str(base_dir), "arc_model": str(arc_dir),
                "runs_dir": str(manager.registry.root),
-               "try": f"sa3-lora generate {arc_dir} --prompt 'qstyle, warm pad' --duration 2 --lora {lora}@0.8 "
-                      f"--lora-skip-first-steps 1 --out {out / 'again.wav'}",
+               "try": f"sa3-lora generate {shlex.quote(str(arc_dir))} --prompt 'qstyle, warm pad' --duration 2 "
+                      f"--lora {shlex.quote(f'{lora}@0.8')} --lora-skip-first-steps 1 "
+                      f"--out {shlex.quote(str(out / 'again.wav'))}",
                "seconds": round(time.time() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

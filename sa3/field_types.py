@@ -26,7 +26,11 @@ def check_field_types(obj, owner: str) -> None:
     """ValueError `owner.field: value is a T; expected A` for the first scalar field holding a wrong type."""
     for f in fields(obj):
         value, accepted = getattr(obj, f.name), _accepted(str(f.type))
-        if accepted is None or value is None:
+        if accepted is None:
+            continue
+        if value is None:
+            if "None" not in (part.strip() for part in str(f.type).split("|")):  # null where a value is required
+                raise ValueError(f"{owner}.{f.name}: null; expected {f.type}")
             continue
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
             raise ValueError(f"{owner}.{f.name}: {value!r} is a {type(value).__name__}; expected {f.type}")

@@ -298,8 +298,8 @@ def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, 
                                  demos=[{"prompt": "x", "steps": 1, "duration": 0.01}] * 3))
     record = manager.wait(run, 300)
     assert record["status"] == "stopped" and record["step"] == 0
-    # the step's demos are dropped (rendered again on resume); the dataset clips came first and stay
-    assert sorted(p.name for p in (manager.registry.run_dir(run) / "demos").iterdir()) == ["reference"]
+    # the step's demos are dropped, and the dataset clips not begun (both are rendered on resume)
+    assert not list((manager.registry.run_dir(run) / "demos").iterdir())
     assert manager.registry.latest_checkpoint(run)["step"] == 0
 
 
@@ -834,3 +834,25 @@ def test_a_stop_asked_while_a_demo_samples_ends_it_at_the_next_sampling_step(tmp
         trainer.release_model()
     assert len(asked) == 5  # four sampling steps of the first demo's forty, the second never began
     assert sorted(p.name for p in (tmp_path / "demos").iterdir()) == ["reference"]  # the step's demos dropped
+
+
+def test_lora_dropout_acts_in_training_only_and_a_resumed_run_draws_the_same_masks(tmp_path, tiny, dataset,
+                                                                                    fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    kw = dict(adapter_type="lora", steps=4, lr=1e-2)
+    runs = {name: manager.submit(_config(dataset, fixtures_dir, name=name, **{**kw, **extra})) for name, extra in (
+        ("plain", {}), ("dropout", {"dropout": 0.5}), ("checkpointed", {"dropout": 0.5, "gradient_checkpointing": True}),
+        ("resumed", {"dropout": 0.5, "steps": 2}))}
+    for run in runs.values():
+        assert manager.wait(run, 300)["status"] == "done"
+    manager.control(runs["resumed"], "restart", more_steps=2)
+    assert manager.wait(runs["resumed"], 300)["status"] == "done"
+    final = {name: _final_adapter(manager, run)[1]["adapter"] for name, run in runs.items()}
+    assert not all(torch.equal(a, b) for a, b in zip(final["plain"], final["dropout"]))  # the masks act
+    for a, b in zip(final["dropout"], final["resumed"]):
+        assert torch.equal(a, b)  # the same masks after a resume
+    for a, b in zip(final["dropout"], final["checkpointed"]):
+        assert torch.allclose(a, b, atol=1e-6)  # a recomputed block draws its masks again, the same
+    state = read_adapter_file(manager.registry.run_dir(runs["dropout"]) / manager.registry.latest_checkpoint(
+        runs["dropout"])["path"])
+    assert state.config["dropout"] == 0.5

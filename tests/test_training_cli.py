@@ -307,3 +307,20 @@ def test_runs_commands_never_make_a_runs_folder_and_a_finished_run_is_pointed_at
         write_request(registry, run_id, "stop")
     with pytest.raises(RunError, match=f"no run 'nope' in {registry.root}"):
         write_request(registry, "nope", "stop")
+
+
+def test_a_resume_is_queued_once_and_a_finished_run_needs_more_steps(tmp_path):
+    registry, run_id = _registry_with_run(tmp_path, status="stopped")
+    registry.amend(run_id, more_steps=5, queue=True)
+    assert registry.get(run_id)["status"] == "queued" and registry.config(run_id).steps == 10
+    with pytest.raises(RunConflict, match="already queued"):  # a second window's click, or another process
+        registry.amend(run_id, more_steps=5, queue=True)
+    assert registry.config(run_id).steps == 10
+    registry.update(run_id, status="done")
+    (registry.run_dir(run_id) / "latest.json").write_text(json.dumps({"step": 10, "step_offset": 0}))
+    with pytest.raises(RunConflict, match=r"done \(10 of 10 steps\): nothing to resume"):
+        registry.amend(run_id, queue=True)
+    for changes, named in (({"steps": 12}, "not both"), ({"batch_size": None}, "batch_size"),
+                           ({"lr": float("inf")}, "finite")):
+        with pytest.raises(RunError, match=named):
+            registry.amend(run_id, changes, more_steps=2 if "steps" in changes else 0)

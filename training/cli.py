@@ -91,8 +91,8 @@ def _resume_here(args, run_id: str, changes: dict | None = None, more_steps: int
     first by `changes` / `more_steps` (`RunRegistry.amend`: e.g. a finished run trained further)."""
     manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
-    manager.registry.update(run_id, world_size=1)
     manager.control(run_id, "restart", changes=changes, more_steps=more_steps)
+    manager.registry.update(run_id, world_size=1)  # only once the restart was accepted
     return _follow(manager, run_id)
 
 
@@ -247,8 +247,8 @@ def add_train_parsers(sub) -> None:
         y = rs.add_parser(name, help=helptext, description=helptext)
         y.add_argument("run_id")
         if name == "resume":
-            y.add_argument("--steps", type=int, default=None, help="the run's new total of steps (a finished run "
-                           "trains on to it)")
+            y.add_argument("--steps", type=int, default=None, help="this run's new number of steps, not counting "
+                           "a continued file's own (a finished run trains on to it)")
             y.add_argument("--more-steps", type=int, default=0, help="train this many steps more than the run's "
                            "total (a finished run goes on)")
             y.add_argument("--lr", type=float, default=None, help="a new learning rate from here on")

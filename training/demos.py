@@ -116,7 +116,7 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     import torch
 
     folder = trainer.folder / "demos" / "reference"
-    if folder.is_dir():
+    if folder.is_dir() or getattr(trainer, "_references_failed", False):  # written, or failed once: not again
         return []
     tmp = folder.with_name("reference.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,11 +137,12 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
                         "file": trainer.items[item][0], "duration": wav.shape[-1] / rate, "reference": True}
             atomic_write_json(tmp / f"ref_{i}.json", settings)
             written.append((i, audio_name, settings))
+        tmp.rename(folder)
     except Exception as e:  # like a demo: the clips illustrate, they must not end the run
         shutil.rmtree(tmp, ignore_errors=True)
+        trainer._references_failed = True
         trainer.log.emit("warning", message=f"dataset reference clips skipped: {type(e).__name__}: {e}")
         return []
-    tmp.rename(folder)
     return [trainer.log.emit("reference", index=i, audio=f"demos/reference/{name}",
                              image=f"demos/reference/ref_{i}.png", settings=settings) for i, name, settings in written]
 
@@ -154,7 +155,8 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     import shutil
 
     specs = list(trainer.config.demos) or default_demos()
-    render_references(trainer)
+    if not stop_requested():
+        render_references(trainer)
     out_dir = trainer.folder / "demos" / f"step_{step:06d}"
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)  # an earlier attempt that crashed mid-demos

@@ -143,8 +143,8 @@ class DistributedTrainer(Trainer):
         c = self.config
         batch = self.make_batch(step)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.stack.activate():  # backward inside too: checkpointed blocks are recomputed with the adapter
-            result, t = self.loss_for_batch(batch, step)
+        with self.stack.activate(), self.adapter_dropout(step):  # backward inside too: checkpointed blocks are
+            result, t = self.loss_for_batch(batch, step)  # recomputed with the adapter and its dropout masks
             self.backward(result.loss)
         self.all_reduce_gradients()
         grad_norm, lr, skipped = self.apply_update()  # the same norm on every rank after the all-reduce

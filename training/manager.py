@@ -111,13 +111,13 @@ class TrainingManager:
         if action == "restart":
             if started or queued:
                 raise RunConflict(f"run {run_id} is already {record['status']}")
-            _, changed = self.registry.amend(run_id, changes, more_steps)
-            self.registry.update(run_id, status="queued", error=None)
+            _, changed = self.registry.amend(run_id, changes, more_steps, queue=True)  # a second restart: refused
+            total = self.registry.get(run_id).get("total_steps")
             if changed:
                 self.event_log(run_id).emit("status", status="queued", message=describe_changes(changed),
-                                            changed=sorted(changed))
+                                            changed=sorted(changed), total_steps=total)
             else:
-                self.event_log(run_id).emit("status", status="queued")
+                self.event_log(run_id).emit("status", status="queued", total_steps=total)
             config = self.registry.config(run_id)
             self.worker.submit(run_id, device_key=device_key(config))
             return self.registry.get(run_id)

@@ -79,14 +79,16 @@ def check_targets(config: RunConfig, model) -> None:
 
 
 def check_model_sources(config: RunConfig) -> None:
-    """RunError naming `model` or `arc_model` when its files cannot be found, without loading any weight (the
-    command line's check before a run is registered; a node has its model loaded already)."""
+    """RunError naming `model` or `arc_model` (when ARC demos will use it) when its files cannot be found, without
+    loading any weight (the command line's check before a run is registered; a node has its model loaded)."""
     from ..sa3.config import ConfigError
     from ..sa3.loading import CheckpointError
     from ..sa3.model import locate_checkpoint
     from ..sa3.packs import PackError
 
-    for name, spec, variant in (("model", config.model, "base"), ("arc_model", config.arc_model, "arc")):
+    arc_demos = config.demo_every > 0 and (not config.demos or any(d.arc for d in config.demos))  # [] = defaults
+    for name, spec, variant in (("model", config.model, "base"),
+                                ("arc_model", config.arc_model if arc_demos else None, "arc")):
         if spec:
             try:
                 locate_checkpoint(spec, variant=variant, models_dir=config.models_dir)

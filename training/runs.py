@@ -220,8 +220,8 @@ class RunConfig:
             check_output_format(self.demo_format, "RunConfig.demo_format")
         except ValueError as e:
             raise RunError(str(e)) from None
-        if not self.lr > 0:
-            bad("lr", f"{self.lr} must be > 0")
+        if not 0 < self.lr < float("inf"):
+            bad("lr", f"{self.lr} must be a finite number > 0")
         if self.alpha is not None and not self.alpha > 0:
             bad("alpha", f"{self.alpha} must be > 0 (or null for alpha = rank)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -467,11 +467,14 @@ class RunRegistry:
         latest = self.latest_checkpoint(run_id) or {}
         return int(latest.get("step", 0)) - int(latest.get("step_offset", 0))
 
-    def amend(self, run_id: str, changes: dict | None = None, more_steps: int = 0) -> tuple[RunConfig, dict]:
+    def amend(self, run_id: str, changes: dict | None = None, more_steps: int = 0,
+              queue: bool = False) -> tuple[RunConfig, dict]:
         """Change the settings of a run that is not training (`RESUME_SETTINGS`) before it resumes, e.g. to train a
-        finished run further. changes: RunConfig fields in their JSON form; more_steps: added to its `steps`.
-        Returns (the new config, {field: (old, new)} of what changed). The training state keeps what it learnt
-        (adapter, optimiser moments, step); the trainer applies the new learning rate, betas and weight decay."""
+        finished run further. changes: RunConfig fields in their JSON form; more_steps: added to its `steps`;
+        queue: also mark it queued, in the same hold of the index's lock (two restarts at once, from two windows or
+        processes, then amend it once: the second finds it queued and is refused). Returns (the new config,
+        {field: (old, new)} of what changed). The training state keeps what it learnt (adapter, optimiser
+        moments, step); the trainer applies the new learning rate, betas and weight decay."""
         if changes is not None and not isinstance(changes, dict):
             raise RunError(f"changes: {changes!r} must be an object of run config fields, e.g. {{\"lr\": 5e-05}}")
         changes = dict(changes or {})
@@ -481,24 +484,35 @@ class RunRegistry:
                            f"adapter or its randomness); these can: {', '.join(RESUME_SETTINGS)}")
         if not isinstance(more_steps, int) or isinstance(more_steps, bool) or more_steps < 0:
             raise RunError(f"more_steps: {more_steps!r} must be a whole number >= 0")
+        if more_steps and "steps" in changes:
+            raise RunError("give steps (the run's new length) or more_steps, not both")
         with self._lock():
             record = self.get(run_id)
-            if trained_elsewhere(record) or record.get("status") in ACTIVE:
-                raise RunConflict(f"run {run_id} is {record['status']}; stop it before changing its settings")
+            if trained_elsewhere(record):  # queued or training in a live process (this one included)
+                raise RunConflict(f"run {run_id} is already {record['status']}; stop it before resuming it with "
+                                  "other settings")
             old = self.config(run_id)
             if more_steps:
-                changes["steps"] = int(changes.get("steps", old.steps)) + more_steps
-            new = RunConfig.from_dict({**old.to_dict(), **changes})
+                changes["steps"] = old.steps + more_steps
+            try:
+                new = RunConfig.from_dict({**old.to_dict(), **changes})
+            except TypeError as e:  # a null or a list where a number belongs: check_field_types names most
+                raise RunError(f"run {run_id}: {e}") from None
             trained = self.trained_steps(run_id)
             if new.steps < trained:
                 raise RunError(f"RunConfig.steps: {new.steps} is below the {trained} steps run {run_id} has "
                                "trained; give more steps to extend it")
             before, after = old.to_dict(), new.to_dict()
             changed = {k: (before[k], after[k]) for k in RESUME_SETTINGS if before[k] != after[k]}
+            if queue and record.get("status") == "done" and new.steps <= trained:
+                raise RunConflict(f"run {run_id} is done ({trained} of {new.steps} steps): nothing to resume; give "
+                                  "more steps to train it further")
             if changed:
                 atomic_write_json(self.run_dir(run_id) / "config.json", after)
                 total = int(record.get("total_steps", old.steps)) - old.steps + new.steps  # a file's offset kept
                 self.update(run_id, total_steps=total)
+            if queue:
+                self.update(run_id, status="queued", error=None)
             return new, changed
 
     def latest_checkpoint(self, run_id: str) -> dict | None:
@@ -521,7 +535,10 @@ class RunRegistry:
 
 def describe_changes(changed: dict) -> str:
     """'resuming with steps 1000 → 1500, lr 0.0001 → 5e-05' from `RunRegistry.amend`'s {field: (old, new)}."""
-    parts = [f"{name} {before} → {after}" if name != "demos" else f"{len(after)} demo(s) instead of {len(before)}"
+    def demos(before, after) -> str:
+        return f"{len(after)} demo(s) instead of {len(before)}" if len(after) != len(before) else "changed demos"
+
+    parts = [f"{name} {before} → {after}" if name != "demos" else demos(before, after)
              for name, (before, after) in changed.items()]
     return "resuming with " + ", ".join(parts)
 

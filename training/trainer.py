@@ -9,6 +9,7 @@ checkpoint. The base model may be shared with generation nodes: the adapter is a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -453,11 +454,25 @@ class Trainer:
         self._updating = False
         return grad_norm, lr, skipped
 
+    @contextlib.contextmanager
+    def adapter_dropout(self, step: int):
+        """LoRA dropout (the adapter file's `dropout`) on for step `step`'s forward and backward, off for demos and
+        generation. Its masks come from the CPU generator, seeded here by (run seed, step) inside a fork of its
+        state: a resumed run draws the same masks, every DDP rank the same, and nothing else sees the seeding."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, step, "lora-dropout"))
+            self.stack.set_training(True)
+            try:
+                yield
+            finally:
+                self.stack.set_training(False)
+
     def train_step(self, step: int) -> dict:
         batch = self.make_batch(step)
-        result, t = self.loss_for_batch(batch, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.backward(result.loss)
+        with self.adapter_dropout(step):
+            result, t = self.loss_for_batch(batch, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.backward(result.loss)
         grad_norm, lr, skipped = self.apply_update()
         per_item = result.per_item.detach().float().cpu().tolist()
         return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,

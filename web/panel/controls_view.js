@@ -47,7 +47,7 @@ export function mount(root, store, { useCheckpoint }) {
   const moreSteps = moreLabel.appendChild(document.createElement("input"));
   moreSteps.type = "number";
   moreSteps.min = "1";
-  moreSteps.step = "100";
+  moreSteps.step = "1";
   moreSteps.value = "500";
   moreSteps.className = "sa3-number";
   moreSteps.setAttribute("aria-label", "Steps to train beyond the run's total");

@@ -196,6 +196,7 @@ export class Store {
       }
     } else if (event.type === "status") {
       record.status = event.status;
+      if (Number.isFinite(event.total_steps)) record.total_steps = event.total_steps;  // a run trained further
       if (event.status === "queued") record.warning = null;  // a warning belongs to the attempt that raised it
       record.error = event.error ?? (event.status === "failed" ? record.error : null);
     } else if (event.type === "checkpoint") {
