@@ -591,6 +591,30 @@ def test_dataset_clips_show_above_the_demos_and_never_start_the_play_through(sit
     assert browser.call("errors") == []
 
 
+def test_the_settings_card_shows_the_runs_config_and_follows_a_resume_with_other_settings(site, browser):
+    registry = site.manager.registry
+    run = write_recorded_run(registry, "settings-run", 40, 40, "done", adapter_type="bora", rank=8)
+    open_panel(browser, site, run=run)
+    browser.wait("!document.querySelector('.sa3-settings').hidden")
+    field = "document.querySelector('.sa3-settings dd[data-field={}]').textContent"
+    assert browser.eval(field.format("adapter")) == "bora, rank 8, alpha 8"
+    assert browser.eval(field.format("steps")) == "40, batch 1, 30 s crops"
+    assert browser.eval(field.format("optimiser")).startswith("lr 0.0001, betas 0.9/0.95, weight decay 0.01")
+    browser.click(".sa3-settings summary")  # the card opens
+    browser.click("[data-action=copy-settings]")
+    browser.wait("!document.querySelector('.sa3-settings-json').hidden")
+    shown = json.loads(browser.eval("document.querySelector('.sa3-settings-json').textContent"))
+    assert RunConfig.from_dict(shown) == registry.config(run)  # the JSON is a run config as it stands
+
+    status, _ = post(site, f"/sa3/runs/{run}/restart", json.dumps({"more_steps": 10, "changes": {"lr": 5e-5}}).encode())
+    assert status == 200
+    browser.wait(f"{field.format('steps')} === '50, batch 1, 30 s crops'")
+    assert browser.eval(field.format("optimiser")).startswith("lr 0.00005")
+    site.manager.control(run, "stop")
+    wait_until(lambda: registry.get(run)["status"] == "stopped", what="status stopped")
+    assert browser.call("errors") == []
+
+
 def test_control_route_statuses_follow_the_kind_of_refusal(site):
     done = urllib.parse.quote(site.runs["done"])
     status, answer = post(site, f"/sa3/runs/{done}/pause")  # a finished run: its state refuses

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--run", help="run id to select (default: the panel's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "panel.png")
     parser.add_argument("--width", type=int, default=1240)
+    parser.add_argument("--height", type=int, default=820)
     parser.add_argument("--theme", choices=("dark", "light"), default="dark")
     args = parser.parse_args()
     why = missing_requirements()
@@ -50,10 +51,12 @@ def main() -> None:
         time.sleep(1.0)
     browser = Browser()
     try:
-        browser.goto(f"{server.url}/?width={args.width}&theme={args.theme}", width=args.width, height=820)
+        browser.goto(f"{server.url}/?width={args.width}&theme={args.theme}", width=args.width, height=args.height)
         browser.wait("document.querySelector('.sa3-panel')?.dataset.ready === 'true'")
         if select:
             browser.click(f'.sa3-run[data-run-id="{select}"] button')
+        browser.wait("document.querySelector('.sa3-panel').dataset.loaded === 'true'")
+        browser.eval("document.querySelectorAll('.sa3-references, .sa3-settings').forEach(d => { d.open = true; })")
         browser.wait("[...document.querySelectorAll('.sa3-demo img')].every(i => i.complete && i.naturalWidth > 0)")
         time.sleep(0.3)
         browser.call("hover", selector="[data-chart=loss] svg", x=260, y=70)

@@ -6,6 +6,7 @@ import { mount as mountCharts } from "./charts_view.js";
 import { mount as mountControls } from "./controls_view.js";
 import { mount as mountDemos } from "./demos_view.js";
 import { mount as mountRuns } from "./runs_view.js";
+import { mount as mountSettings } from "./settings_view.js";
 import { Store } from "./store.js";
 
 function addStylesheet(doc) {
@@ -46,6 +47,7 @@ export function mountPanel(el, { transport, useCheckpoint = copyName } = {}) {
   const unmounts = [
     mountRuns(side, store),
     mountControls(side, store, { useCheckpoint }),
+    mountSettings(side, store),
     mountCharts(detail, store),
     mountDemos(detail, store, { useCheckpoint }),
   ];
