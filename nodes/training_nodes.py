@@ -307,6 +307,8 @@ class SA3TrainingDemo:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..training.runs import DEMO_MODES
+
         return {"required": {
             "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "What to generate; empty = "
                        "unconditional (or a prompt re-rolled from the dataset, see from_dataset)."}),
@@ -324,6 +326,9 @@ class SA3TrainingDemo:
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "The "
                               "adapter's strength in this demo (1 = as trained)."}),
         }, "optional": {
+            "mode": (list(DEMO_MODES), {"default": "generate", "tooltip": "generate: text-to-audio; inpaint: "
+                     "regenerate the middle third of a dataset clip (fixed for the run); continue: its second half. "
+                     "With from_dataset, the clip's own prompt."}),
             "lora_skip_first_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Leave the adapter off "
                                       "for the first N sampling steps, as SA3 Load LoRA's skip_first_steps (on ARC, 1 "
                                       "keeps the base model's structure: hear the LoRA as you will use it)."}),
@@ -336,13 +341,13 @@ class SA3TrainingDemo:
     DESCRIPTION = "Adds a demo to a training run's list (feed the chain into SA3 Train LoRA's demos input)."
 
     def add(self, prompt, from_dataset, sampler_model, cfg, steps, demo_seed, seconds, lora_strength, demos=None,
-            lora_skip_first_steps=0):
+            lora_skip_first_steps=0, mode="generate"):
         from ..training.runs import DemoSpec, RunError
 
         try:
             demo = DemoSpec(None if from_dataset else prompt.strip(), sampler_model == "arc",
                             None if cfg < 0 else cfg, steps or None, demo_seed, seconds or None, lora_strength,
-                            lora_skip_first_steps)
+                            lora_skip_first_steps, mode)
         except RunError as e:
             raise ValueError(f"SA3 Training Demo: {e}") from None
         return (tuple(demos or ()) + (demo,),)

@@ -268,7 +268,7 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
     (first,) = run_node("SA3TrainingDemo", prompt=" a bell ", from_dataset=False, sampler_model="base",
                         demo_seed=5, lora_skip_first_steps=1, **demo)
     (chain,) = run_node("SA3TrainingDemo", prompt="ignored", from_dataset=True, sampler_model="arc", demo_seed=6,
-                        demos=first, **demo)
+                        demos=first, mode="continue", **demo)
     assert [(d.prompt, d.arc, d.cfg, d.seed) for d in chain] == [("a bell", False, None, 5), (None, True, None, 6)]
     run, _ = run_node("SA3TrainLoRA", model=model, dataset=dataset, name="demo run", adapter_type="lora", rank=2,
                       alpha=0.0, targets="all", steps=1, batch_size=1, crop_seconds=0.05, learning_rate=1e-3,
@@ -283,6 +283,7 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
         (True, False, 7.0, 0.5), (False, True, 1.0, 0.5)]
     assert settings[2]["prompt"] == "a drum" and settings[2]["cfg"] == 7.0
     assert [s["lora_skip_first_steps"] for s in settings] == [1, 0, 0]
+    assert [s.get("mode") for s in settings] == [None, "continue", None] and settings[1]["source_file"] == "tone.wav"
     decoded = decode_audio(folder / "demo_0.opus")
     assert decoded.sample_rate == 48000 and decoded.channels == 2 and abs(decoded.seconds - settings[0]["duration"]) < 0.01
     assert settings[0]["duration"] <= 0.25  # the tiny model's sample_size caps the length

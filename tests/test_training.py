@@ -856,3 +856,32 @@ def test_lora_dropout_acts_in_training_only_and_a_resumed_run_draws_the_same_mas
     state = read_adapter_file(manager.registry.run_dir(runs["dropout"]) / manager.registry.latest_checkpoint(
         runs["dropout"])["path"])
     assert state.config["dropout"] == 0.5
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "continue"])
+def test_inpaint_and_continue_demos_fill_in_a_fixed_dataset_clip(tmp_path, tiny, dataset, fixtures_dir, mode):
+    from sa3_lora_studio.encoding.dataset import load_dataset
+
+    demos = [{"prompt": None, "steps": 2, "seed": 3, "duration": 0.05, "mode": mode}]
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, adapter_type="lora", steps=2, demo_every=2, demos=demos,
+                                 demo_format="wav"))
+    assert manager.wait(run, 300)["status"] == "done"
+    folder = manager.registry.run_dir(run) / "demos"
+    first, last = (json.loads((folder / f"step_{s:06d}" / "demo_0.json").read_text()) for s in (0, 2))
+    assert first["mode"] == mode and first["source_file"] == last["source_file"]  # the same clip every round
+    data = load_dataset(dataset)
+    index_of = {relpath: i for i, (relpath, _) in enumerate(data.prompt_items())}
+    item = index_of[first["source_file"]]
+    assert first["prompt"] == data.metadata(item).get("prompt")  # the clip's own caption
+    duration = first["duration"]
+    assert first["region"] == pytest.approx([duration / 3, 2 * duration / 3] if mode == "inpaint"
+                                            else [duration / 2, duration], abs=1e-3)
+    # step 0: the new LoRA is the identity, so the demo is the model's own inpainting of the decoded clip
+    window = min(0.05, tiny.config.sample_size / tiny.config.sample_rate)  # the tiny model caps the 0.05 s asked
+    z, mask, _ = data.item(item, max(1, round(window * tiny.config.latent_rate)))
+    source = tiny.decode_latents(torch.from_numpy(z[:, :int(mask.sum())].copy())[None])[0]
+    expected, rate = tiny.generate(first["prompt"], duration=duration, seed=3, steps=2, cfg_scale=7.0,
+                                   inpaint_audio=(source, tiny.sample_rate), inpaint_regions=[tuple(first["region"])])
+    heard = torch.from_numpy(sf.read(folder / "step_000000" / "demo_0.wav", dtype="float32")[0]).T
+    assert heard.shape == expected[0].shape and torch.allclose(heard, expected[0], atol=1e-3)

@@ -75,6 +75,16 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     max_seconds = model.config.sample_size / model.config.sample_rate
     duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
     prompt = demo_prompt(trainer, spec, i, step)
+    source, extra = None, {}
+    if spec.mode != "generate":  # a dataset clip with a part to fill in: the middle third, or the second half
+        item = demo_source(trainer, spec, i)
+        with model.residency.in_use():
+            source = dataset_clip(trainer, model, item, max(1, round(duration * model.config.latent_rate)))
+        duration = min(duration, source.shape[-1] / model.config.sample_rate)
+        region = (duration / 3, 2 * duration / 3) if spec.mode == "inpaint" else (duration / 2, duration)
+        if spec.prompt is None:  # the clip's own prompt, as training composes it
+            prompt = batch_prompts(trainer.items, [item], trainer.prompt_config, trainer.config.seed, step)[0]
+        extra = {"inpaint_audio": (source, model.config.sample_rate), "inpaint_regions": [region]}
     sampler, default_steps, default_cfg = DEFAULTS["arc" if spec.arc else "base"]  # an ARC demo samples as ARC,
     steps, cfg = spec.steps or default_steps, default_cfg if spec.cfg is None else spec.cfg  # whatever the model
     with model.residency.in_use():  # an ARC model from the shared cache may have been offloaded between rounds
@@ -83,13 +93,16 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
                                      loras=[{"adapter": adapter, "strength": spec.lora_strength,
                                              "skip_first_steps": spec.lora_skip_first_steps}],
                                      adapter_memory="low",  # no merged copy of the weights beside training's
-                                     callback=check_stop)
+                                     callback=check_stop, **extra)
     wav = audio[0]
     audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
     spectrogram_png(wav, rate, folder / f"demo_{i}.png")
     settings = {"prompt": prompt, "arc": spec.arc, "cfg": cfg, "steps": steps, "seed": spec.seed,
                 "duration": duration, "lora_strength": spec.lora_strength,
                 "lora_skip_first_steps": spec.lora_skip_first_steps, "step": step}
+    if source is not None:
+        settings |= {"mode": spec.mode, "source_file": trainer.items[item][0],
+                     "region": list(extra["inpaint_regions"][0])}
     atomic_write_json(folder / f"demo_{i}.json", settings)
     return i, audio_name, settings
 
@@ -105,6 +118,23 @@ def release_arc_model(trainer) -> None:
 REFERENCE_CLIPS = 3  # dataset clips written once per run, to hear beside the demos
 
 
+def dataset_clip(trainer, model, item: int, n_latents: int):
+    """Dataset item `item` from its start, at most n_latents long (its real frames only), decoded by `model`'s
+    autoencoder: waveform [2, N] float on the CPU at model.sample_rate."""
+    import torch
+
+    z, mask, _ = trainer.dataset.item(item, n_latents)
+    frames = max(1, int(mask.sum()))
+    with torch.no_grad():
+        return model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None])[0].cpu()
+
+
+def demo_source(trainer, spec: DemoSpec, i: int) -> int:
+    """The dataset item an inpaint/continue demo works on: fixed for the run (seed, demo index), so its demos
+    compare step to step."""
+    return random.Random(f"sa3-demo-source:{trainer.config.seed}:{i}").randrange(len(trainer.dataset))
+
+
 def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     """Once per run, before its first demos: up to n dataset crops (from each file's start, the training crop's
     length) decoded by the model's own autoencoder into `demos/reference/ref_<i>.*` (audio, spectrogram, settings):
@@ -112,8 +142,6 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     here at once). Their prompt is the one training step 0 composes. Returns their "reference" events ([] when
     they exist already); a failure is a warning, training goes on."""
     import shutil
-
-    import torch
 
     folder = trainer.folder / "demos" / "reference"
     if folder.is_dir() or getattr(trainer, "_references_failed", False):  # written, or failed once: not again
@@ -126,10 +154,7 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     written = []
     try:
         for i, item in enumerate(picked):
-            z, mask, _ = dataset.item(item, trainer.crop_latents)
-            frames = max(1, int(mask.sum()))
-            with torch.no_grad():
-                wav = trainer.model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None])[0].cpu()
+            wav = dataset_clip(trainer, trainer.model, item, trainer.crop_latents)
             rate = trainer.model.sample_rate
             audio_name = write_audio(tmp / f"ref_{i}", wav.numpy(), rate, c.demo_format).name
             spectrogram_png(wav, rate, tmp / f"ref_{i}.png")

@@ -33,6 +33,7 @@ ACTIVE = ("queued", "loading", "training", "demos", "paused")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
 CROP_FROM = ("random", "start")  # where a training crop of a longer file begins
+DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 # What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
 # demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
@@ -80,7 +81,8 @@ def slugify(name: str) -> str:
 @dataclass(frozen=True)
 class DemoSpec:
     """One demo rendered every `demo_every` steps. prompt None = re-rolled from the dataset with the run's prompt
-    config; "" = unconditional. arc=True samples with the ARC pack's DiT weights (ping-pong)."""
+    config (an inpaint/continue demo: its clip's own prompt); "" = unconditional. arc=True samples with the ARC
+    pack's DiT weights (ping-pong)."""
 
     prompt: str | None = None
     arc: bool = False
@@ -90,6 +92,7 @@ class DemoSpec:
     duration: float | None = None  # seconds; None = the training crop length
     lora_strength: float = 1.0
     lora_skip_first_steps: int = 0  # the adapter is off for the first N sampling steps (ARC: 1 keeps base structure)
+    mode: str = "generate"  # or "inpaint" (a dataset clip's middle third) / "continue" (its second half) regenerated
 
     def __post_init__(self):
         try:
@@ -102,6 +105,9 @@ class DemoSpec:
             raise RunError(f"DemoSpec.steps: {self.steps!r} must be >= 1 (or None for the model's default)")
         if self.duration is not None and not self.duration > 0:
             raise RunError(f"DemoSpec.duration: {self.duration!r} seconds must be > 0 (or None for the crop length)")
+        if self.mode not in DEMO_MODES:
+            raise RunError(f"DemoSpec.mode: {self.mode!r}: use generate, inpaint (regenerate a dataset clip's middle "
+                           "third) or continue (its second half)")
         if self.lora_skip_first_steps < 0:
             raise RunError(f"DemoSpec.lora_skip_first_steps: {self.lora_skip_first_steps!r} must be >= 0")
         if not abs(self.lora_strength) < float("inf"):

@@ -13,6 +13,9 @@ function el(tag, className, text) {
 
 function settingsText(s = {}) {
   const parts = [s.arc ? "ARC" : "base"];
+  if (s.mode && s.mode !== "generate" && s.region) {
+    parts.push(`${s.mode} ${Number(s.region[0]).toFixed(1)}–${Number(s.region[1]).toFixed(1)} s of ${baseName(s.source_file || "")}`);
+  }
   if (s.cfg !== undefined && s.cfg !== null) parts.push(`CFG ${s.cfg}`);
   if (s.steps) parts.push(`${s.steps} steps`);
   if (s.seed !== undefined && s.seed !== null) parts.push(`seed ${s.seed}`);
