@@ -885,3 +885,25 @@ def test_inpaint_and_continue_demos_fill_in_a_fixed_dataset_clip(tmp_path, tiny,
                                    inpaint_audio=(source, tiny.sample_rate), inpaint_regions=[tuple(first["region"])])
     heard = torch.from_numpy(sf.read(folder / "step_000000" / "demo_0.wav", dtype="float32")[0]).T
     assert heard.shape == expected[0].shape and torch.allclose(heard, expected[0], atol=1e-3)
+
+
+def test_a_dataset_clip_sounds_the_same_every_round_through_a_noisy_decoder(tiny, dataset):
+    from types import SimpleNamespace
+
+    from sa3_lora_studio.encoding.dataset import load_dataset
+    from sa3_lora_studio.training.demos import dataset_clip
+
+    noisy = [m for m in tiny.autoencoder.modules() if hasattr(m, "mask_noise")]
+    before = [m.mask_noise for m in noisy]
+    assert noisy
+    trainer = SimpleNamespace(dataset=load_dataset(dataset), config=SimpleNamespace(seed=4))
+    try:
+        for m in noisy:
+            m.mask_noise = 0.5  # the real SAMEs add noise when decoding (0.01); louder here
+        first, again = (dataset_clip(trainer, tiny, 1, 8) for _ in range(2))
+        trainer.config.seed = 5  # another run: other noise
+        other = dataset_clip(trainer, tiny, 1, 8)
+    finally:
+        for m, level in zip(noisy, before):
+            m.mask_noise = level
+    assert torch.equal(first, again) and not torch.equal(first, other)

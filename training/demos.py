@@ -120,13 +120,17 @@ REFERENCE_CLIPS = 3  # dataset clips written once per run, to hear beside the de
 
 def dataset_clip(trainer, model, item: int, n_latents: int):
     """Dataset item `item` from its start, at most n_latents long (its real frames only), decoded by `model`'s
-    autoencoder: waveform [2, N] float on the CPU at model.sample_rate."""
+    autoencoder: waveform [2, N] float on the CPU at model.sample_rate. The real SAMEs add a little noise when
+    decoding: it is seeded by (run seed, item), so a clip sounds the same in every round of demos."""
     import torch
+
+    from .trainer import derive_seed
 
     z, mask, _ = trainer.dataset.item(item, n_latents)
     frames = max(1, int(mask.sum()))
+    generator = torch.Generator().manual_seed(derive_seed(trainer.config.seed, item, "clip"))
     with torch.no_grad():
-        return model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None])[0].cpu()
+        return model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None], generator=generator)[0].cpu()
 
 
 def demo_source(trainer, spec: DemoSpec, i: int) -> int:
