@@ -146,19 +146,26 @@ class AdapterSlot(nn.Module):
         self.strength = 1.0
         self.enabled = True
         self.dropout_p = 0.0  # LoRA dropout (low-rank types only), active only via AdaptedModel.set_training(True)
-        self.dropout_active = False
+        self.dropout_mask: Tensor | None = None  # [1, in] kept/(1-p) or 0 per input feature, for the current step
         self.detach_norm = False  # DoRA/BoRA training option: the norms get no gradient (adapters/fused.py)
 
     def tensors(self) -> dict[str, Tensor]:
         names = tensor_names(self.adapter_type) + (("U", "V") if self.adapter_type.endswith("-xs") else ())
         t = {n: getattr(self, n) for n in names}
-        if self.dropout_p > 0 and self.dropout_active and "lora_A" in t:
-            # the reference's LoRA dropout: whole input features of A dropped (and rescaled) per forward. Drawn by
-            # the CPU generator, whose state gradient checkpointing restores for the recomputed block on any device
-            # (it restores no MPS state: a fresh mask there would give wrong gradients)
-            keep = nn.functional.dropout(torch.ones(1, t["lora_A"].shape[1]), self.dropout_p, training=True)
-            t["lora_A"] = t["lora_A"] * keep.to(t["lora_A"].device)
+        if self.dropout_mask is not None and "lora_A" in t:  # the reference's LoRA dropout: input features of A
+            t["lora_A"] = t["lora_A"] * self.dropout_mask
         return t
+
+    def draw_dropout_mask(self, generator: torch.Generator | None) -> None:
+        """This step's LoRA dropout mask (none without dropout): whole input features of A dropped and the rest
+        scaled by 1/(1-p), as the reference's dropout on A's input. Drawn once and kept, so a block recomputed by
+        gradient checkpointing uses the same mask, whatever other threads draw from the global generator."""
+        if self.dropout_p <= 0 or "lora_A" not in tensor_names(self.adapter_type):
+            self.dropout_mask = None
+            return
+        a = self.lora_A
+        keep = torch.rand(1, a.shape[1], generator=generator) >= self.dropout_p
+        self.dropout_mask = (keep.to(a.dtype) / (1 - self.dropout_p)).to(a.device)
 
     def scale(self) -> Tensor:
         return adapter_scale(self.alpha, self.rank, self.strength)
@@ -600,12 +607,20 @@ class AdaptedModel:
         index = index % len(self.uses)
         return [p for s in self.slots(index).values() for p in s.parameters()]
 
-    def set_training(self, active: bool) -> None:
-        """Turn the trainable adapter's LoRA dropout (lora_config "dropout") on for training steps, off for demos.
-        Only adapter state changes: the shared base modules' train/eval flags are left alone."""
+    def has_dropout(self) -> bool:
+        """Whether a trainable adapter of the stack has LoRA dropout (lora_config "dropout" > 0)."""
+        return any(s.dropout_p > 0 for layer in self.layers.values() for s in layer.slots)
+
+    def set_training(self, active: bool, generator: torch.Generator | None = None) -> None:
+        """LoRA dropout (lora_config "dropout") on for one training step (its masks drawn now from `generator`,
+        the global CPU generator when None, layer by layer in a fixed order) or off (demos, generation). Only
+        adapter state changes: the shared base modules' train/eval flags are left alone."""
         for layer in self.layers.values():
             for s in layer.slots:
-                s.dropout_active = bool(active)
+                if active:
+                    s.draw_dropout_mask(generator)
+                else:
+                    s.dropout_mask = None
 
     def export(self, index: int = -1) -> LoadedAdapter:
         """Adapter `index` as a LoadedAdapter (detached fp32 copies), layer paths as in its file."""

@@ -29,7 +29,9 @@ def check_field_types(obj, owner: str) -> None:
         if accepted is None:
             continue
         if value is None:
-            if "None" not in (part.strip() for part in str(f.type).split("|")):  # null where a value is required
+            # null where a number is required fails later in a comparison: named here. (A null text or flag reads
+            # as empty/false, as configs written before this check may hold.)
+            if int in accepted and "None" not in (part.strip() for part in str(f.type).split("|")):
                 raise ValueError(f"{owner}.{f.name}: null; expected {f.type}")
             continue
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):

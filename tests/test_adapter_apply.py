@@ -384,3 +384,21 @@ def test_an_xs_rank_above_a_small_layer_names_the_layers_and_both_ways_out(tree)
                                          r"Use rank <= 4, or exclude those layers \(exclude=\['conditioners.seconds'\]\)"):
         new_adapter(tree, "bora-xs", 8, roots=ROOTS)
     assert new_adapter(tree, "bora-xs", 8, roots=ROOTS, exclude=["conditioners.seconds"]).layers
+
+
+def test_lora_dropout_masks_are_drawn_once_per_step_from_the_given_generator(tree, inputs):
+    a = new_adapter(tree, "lora", 2, roots=ROOTS, dropout=0.5)
+    for t in a.layers.values():
+        t["lora_B"] = torch.randn(t["lora_B"].shape) * 0.3
+    am = AdaptedModel(tree, [a], ROOTS, trainable=True)
+    assert am.has_dropout()
+    am.set_training(True, torch.Generator().manual_seed(1))
+    first = am.module(*inputs)
+    torch.rand(100)  # another thread's draw from the global generator changes nothing
+    assert torch.equal(am.module(*inputs), first)  # one mask for the step: a recomputed block sees it again
+    am.set_training(True, torch.Generator().manual_seed(1))
+    assert torch.equal(am.module(*inputs), first)  # the same seed, the same masks (a resumed run)
+    am.set_training(True, torch.Generator().manual_seed(2))
+    assert not torch.equal(am.module(*inputs), first)
+    am.set_training(False)
+    assert not AdaptedModel(tree, [new_adapter(tree, "lora", 2, roots=ROOTS)], ROOTS, trainable=True).has_dropout()

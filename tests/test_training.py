@@ -907,3 +907,20 @@ def test_a_dataset_clip_sounds_the_same_every_round_through_a_noisy_decoder(tiny
         for m, level in zip(noisy, before):
             m.mask_noise = level
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_a_stop_another_process_asks_for_reaches_demos_within_a_second(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.requests import request_path
+    from sa3_lora_studio.training.trainer import Trainer
+    from sa3_lora_studio.training.worker import RunControl
+
+    trainer = Trainer(_config(dataset, fixtures_dir), tmp_path, "r", EventLogStub(), _provider(tiny))
+    control = RunControl()
+    asked = trainer.stop_asked(control, poll_seconds=0.05)
+    assert not asked()
+    request_path(tmp_path, "stop").write_text("")  # what `sa3-lora runs stop` leaves
+    assert not asked()  # read at most once per poll interval
+    import time
+
+    time.sleep(0.06)
+    assert asked() and control.stop.is_set() and not request_path(tmp_path, "stop").exists()

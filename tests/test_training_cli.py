@@ -324,3 +324,11 @@ def test_a_resume_is_queued_once_and_a_finished_run_needs_more_steps(tmp_path):
                            ({"lr": float("inf")}, "finite")):
         with pytest.raises(RunError, match=named):
             registry.amend(run_id, changes, more_steps=2 if "steps" in changes else 0)
+
+
+def test_null_is_refused_where_a_number_belongs_and_read_as_empty_for_text_and_flags():
+    old = RunConfig.from_dict({"dataset": "x", "name": None, "trigger_word": None, "gradient_checkpointing": None})
+    assert not old.name and not old.gradient_checkpointing  # configs written by hand or by older versions load
+    for field in ("batch_size", "lr", "steps", "crop_seconds"):
+        with pytest.raises(RunError, match=f"RunConfig.{field}: null"):
+            RunConfig.from_dict({"dataset": "x", field: None})

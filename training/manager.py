@@ -41,7 +41,10 @@ class TrainingManager:
         interrupted = self.registry.mark_interrupted_after_restart()
         if auto_resume:
             for run_id in interrupted:
-                self.control(run_id, "restart")
+                try:
+                    self.control(run_id, "restart")
+                except (RunError, OSError) as e:  # one unreadable run must not keep the others (or ComfyUI) down
+                    self.event_log(run_id).emit("warning", message=f"not resumed automatically: {e}")
 
     def events_path(self, run_id: str) -> Path:
         return self.registry.run_dir(run_id) / "events.jsonl"
@@ -112,14 +115,14 @@ class TrainingManager:
             if started or queued:
                 raise RunConflict(f"run {run_id} is already {record['status']}")
             _, changed = self.registry.amend(run_id, changes, more_steps, queue=True)  # a second restart: refused
-            total = self.registry.get(run_id).get("total_steps")
-            if changed:
-                self.event_log(run_id).emit("status", status="queued", message=describe_changes(changed),
-                                            changed=sorted(changed), total_steps=total)
-            else:
-                self.event_log(run_id).emit("status", status="queued", total_steps=total)
-            config = self.registry.config(run_id)
-            self.worker.submit(run_id, device_key=device_key(config))
+            try:
+                total = self.registry.get(run_id).get("total_steps")
+                extra = {"message": describe_changes(changed), "changed": sorted(changed)} if changed else {}
+                self.event_log(run_id).emit("status", status="queued", total_steps=total, **extra)
+                self.worker.submit(run_id, device_key=device_key(self.registry.config(run_id)))
+            except BaseException:  # not queued after all: never left "queued" with no worker to take it
+                self.registry.update(run_id, status=record["status"])
+                raise
             return self.registry.get(run_id)
         if not control or not (started or queued):
             raise RunConflict(f"run {run_id} is not running (status {record['status']}); use restart to resume it")

@@ -510,7 +510,7 @@ class RunRegistry:
                                "trained; give more steps to extend it")
             before, after = old.to_dict(), new.to_dict()
             changed = {k: (before[k], after[k]) for k in RESUME_SETTINGS if before[k] != after[k]}
-            if queue and record.get("status") == "done" and new.steps <= trained:
+            if record.get("status") == "done" and new.steps <= trained:
                 raise RunConflict(f"run {run_id} is done ({trained} of {new.steps} steps): nothing to resume; give "
                                   "more steps to train it further")
             if changed:

@@ -457,15 +457,17 @@ class Trainer:
     @contextlib.contextmanager
     def adapter_dropout(self, step: int):
         """LoRA dropout (the adapter file's `dropout`) on for step `step`'s forward and backward, off for demos and
-        generation. Its masks come from the CPU generator, seeded here by (run seed, step) inside a fork of its
-        state: a resumed run draws the same masks, every DDP rank the same, and nothing else sees the seeding."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.config.seed, step, "lora-dropout"))
-            self.stack.set_training(True)
-            try:
-                yield
-            finally:
-                self.stack.set_training(False)
+        generation. Its masks are drawn once per step from a private generator seeded by (run seed, step): a resumed
+        run draws the same masks, every DDP rank the same, a recomputed checkpointed block the same, and no global
+        random state is touched (other runs and ComfyUI draw from it in other threads)."""
+        if not self.stack.has_dropout():
+            yield
+            return
+        self.stack.set_training(True, torch.Generator().manual_seed(derive_seed(self.config.seed, step, "lora-dropout")))
+        try:
+            yield
+        finally:
+            self.stack.set_training(False)
 
     def train_step(self, step: int) -> dict:
         batch = self.make_batch(step)
@@ -486,6 +488,19 @@ class Trainer:
         files `sa3-lora runs stop|save|pause|continue` leave in the run folder from another process."""
         apply_requests(self.folder, control)
         return StepRequests(stop=control.stop.is_set(), save=control.take_save(), pause=control.paused)
+
+    def stop_asked(self, control: RunControl, poll_seconds: float = 1.0):
+        """stop_requested() for demos: this process's stop flag, and about once a second the request files another
+        process leaves (`sa3-lora runs stop`), so a stop acts within a sampling step, not after the demos."""
+        last = [0.0]
+
+        def asked() -> bool:
+            if time.monotonic() - last[0] >= poll_seconds:
+                last[0] = time.monotonic()
+                apply_requests(self.folder, control)
+            return control.stop.is_set()
+
+        return asked
 
     def wait_for_requests(self, control: RunControl) -> None:
         """While paused: until an in-process flag changes, or ~0.5 s so that request files are polled."""
@@ -532,7 +547,7 @@ class Trainer:
             if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
                     and self.global_step not in demos_done:
                 set_status("demos")
-                dropped = run_demos(self, self.global_step, stop_requested=control.stop.is_set) is None
+                dropped = run_demos(self, self.global_step, stop_requested=self.stop_asked(control)) is None
                 if not dropped:
                     demos_done.add(self.global_step)
                 set_status("training")

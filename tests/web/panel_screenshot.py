@@ -55,7 +55,8 @@ def main() -> None:
         browser.wait("document.querySelector('.sa3-panel')?.dataset.ready === 'true'")
         if select:
             browser.click(f'.sa3-run[data-run-id="{select}"] button')
-        browser.wait("document.querySelector('.sa3-panel').dataset.loaded === 'true'")
+        browser.wait("document.querySelector('.sa3-panel').dataset.loaded === 'true' "
+                     "&& !document.querySelector('.sa3-settings').hidden")
         browser.eval("document.querySelectorAll('.sa3-references, .sa3-settings').forEach(d => { d.open = true; })")
         browser.wait("[...document.querySelectorAll('.sa3-demo img')].every(i => i.complete && i.naturalWidth > 0)")
         time.sleep(0.3)

@@ -39,7 +39,9 @@ export function mount(root, store) {
 
   let runId = null;
   let config = null;
-  let seenChanges = 0;
+  let seenChanges = 0;  // settings-changing events counted so far, and how many events were scanned for them
+  let scanned = 0;
+  let request = 0;  // only the newest fetch may fill the card (a slow one for another run or older settings may not)
 
   function render() {
     box.hidden = !config;
@@ -53,13 +55,15 @@ export function mount(root, store) {
   }
 
   async function load(id) {
+    const mine = ++request;
+    let fresh = null;
     try {
-      const answer = await store.api.run(id);
-      if (id !== runId) return;  // another run was selected meanwhile
-      config = answer.config || null;
+      fresh = (await store.api.run(id)).config || null;
     } catch {
-      config = null;  // the run is gone: nothing to show
+      fresh = null;  // the run is gone: nothing to show
     }
+    if (mine !== request || id !== runId) return;  // another run was selected, or a newer fetch went out
+    config = fresh;
     render();
   }
 
@@ -70,13 +74,18 @@ export function mount(root, store) {
       runId = id;
       config = null;
       seenChanges = 0;
+      scanned = 0;
       json.hidden = true;
       render();
       if (id) load(id);
     }),
     store.subscribe("events", ({ run, events }) => {
       if (!run || run.id !== runId) return;
-      const changes = events.filter((e) => e.type === "status" && e.changed).length;
+      if (scanned > events.length) scanned = seenChanges = 0;  // the history was read anew
+      let changes = seenChanges;
+      for (; scanned < events.length; scanned += 1) {  // the new events only
+        if (events[scanned].type === "status" && events[scanned].changed) changes += 1;
+      }
       if (changes > seenChanges) {  // resumed with other settings (or first read of a run that was)
         seenChanges = changes;
         load(runId);
