@@ -281,6 +281,10 @@ def test_demos_timeline_has_players_spectrograms_settings_and_a_step_slider(site
                  "(document.querySelector('.sa3-slider'))")
     assert browser.eval("[...document.querySelectorAll('.sa3-demo')].map(c => c.dataset.step)") == ["20", "20"]
     assert browser.eval("document.querySelector('[data-action=use-step]').disabled") is False
+    href = browser.eval("document.querySelector('[data-action=download-step]').getAttribute('href')")
+    assert "step%3D000020.safetensors" in href and href.endswith("&download=1")  # that step's file, not the newest
+    status, headers, body = get(site, href.split("/api", 1)[-1] if "/api/" in href else href)
+    assert status == 200 and "attachment" in headers.get("Content-Disposition", "") and body[8:9] == b"{"
 
     # play-through: when the last demo of step 20 ends, step 40's first demo plays
     browser.wait("[...document.querySelectorAll('.sa3-demo audio')].every(a => a.duration > 1)")

@@ -54,6 +54,8 @@ export function mount(root, store, { useCheckpoint }) {
   const useStep = sliderRow.appendChild(el("button", "sa3-button sa3-small", "Use this step"));
   useStep.type = "button";
   useStep.dataset.action = "use-step";
+  const downloadStep = sliderRow.appendChild(el("a", "sa3-button sa3-small", "Download"));
+  downloadStep.dataset.action = "download-step";
   const references = section.appendChild(el("details", "sa3-references"));
   references.hidden = true;
   references.appendChild(el("summary", null, "Dataset clips (what the adapter learns from)"));
@@ -127,6 +129,18 @@ export function mount(root, store, { useCheckpoint }) {
     useStep.title = s?.checkpoint ? `Add an SA3 Load LoRA node with the checkpoint of step ${s.step}`
       : "No checkpoint was saved at this step";
     useStep.setAttribute("aria-label", useStep.title);
+    if (s?.checkpoint) {  // any step's LoRA file, not only the newest (the controls' Download)
+      downloadStep.href = store.api.fileUrl(runId, s.checkpoint.path, true);
+      downloadStep.removeAttribute("aria-disabled");
+      downloadStep.tabIndex = 0;
+      downloadStep.setAttribute("aria-label", `Download the checkpoint of step ${s.step}: ${baseName(s.checkpoint.path)}`);
+    } else {
+      downloadStep.removeAttribute("href");
+      downloadStep.setAttribute("aria-disabled", "true");
+      downloadStep.tabIndex = -1;
+      downloadStep.setAttribute("aria-label", "No checkpoint was saved at this step");
+    }
+    downloadStep.title = downloadStep.getAttribute("aria-label");
   }
 
   function playNext(audio) {
