@@ -72,18 +72,20 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     def check_stop(info) -> None:
         if stop_requested():
             raise DemoStopped
+
     max_seconds = model.config.sample_size / model.config.sample_rate
     duration = min(spec.duration or trainer.config.crop_seconds, max_seconds)
-    prompt = demo_prompt(trainer, spec, i, step)
     source, extra = None, {}
-    if spec.mode != "generate":  # a dataset clip with a part to fill in: the middle third, or the second half
-        item = demo_source(trainer, spec, i)
+    if spec.mode == "generate":
+        prompt = demo_prompt(trainer, spec, i, step)
+    else:  # a dataset clip with a part to fill in: the middle third, or the second half
+        item = demo_source(trainer, i)
         with model.residency.in_use():
             source = dataset_clip(trainer, model, item, max(1, round(duration * model.config.latent_rate)))
         duration = min(duration, source.shape[-1] / model.config.sample_rate)
         region = (duration / 3, 2 * duration / 3) if spec.mode == "inpaint" else (duration / 2, duration)
-        if spec.prompt is None:  # the clip's own prompt, as training composes it
-            prompt = batch_prompts(trainer.items, [item], trainer.prompt_config, trainer.config.seed, step)[0]
+        prompt = spec.prompt if spec.prompt is not None else \
+            batch_prompts(trainer.items, [item], trainer.prompt_config, trainer.config.seed, step)[0]  # the clip's own
         extra = {"inpaint_audio": (source, model.config.sample_rate), "inpaint_regions": [region]}
     sampler, default_steps, default_cfg = DEFAULTS["arc" if spec.arc else "base"]  # an ARC demo samples as ARC,
     steps, cfg = spec.steps or default_steps, default_cfg if spec.cfg is None else spec.cfg  # whatever the model
@@ -133,7 +135,7 @@ def dataset_clip(trainer, model, item: int, n_latents: int):
         return model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None], generator=generator)[0].cpu()
 
 
-def demo_source(trainer, spec: DemoSpec, i: int) -> int:
+def demo_source(trainer, i: int) -> int:
     """The dataset item an inpaint/continue demo works on: fixed for the run (seed, demo index), so its demos
     compare step to step."""
     return random.Random(f"sa3-demo-source:{trainer.config.seed}:{i}").randrange(len(trainer.dataset))

@@ -37,10 +37,9 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 # What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
 # demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
-                   "crop_from",
-                   "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling", "inpaint_probabilities",
-                   "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos", "demo_format",
-                   "arc_model")
+                   "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
+                   "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
+                   "demo_format", "arc_model")
 
 
 class RunError(ValueError):
