@@ -268,3 +268,21 @@ def test_runs_queue_per_resolved_device_so_auto_and_its_named_device_are_one_que
     keys = {device_key(RunConfig(dataset="d", device=d)) for d in ("auto", "cuda", "cuda:0")}
     assert keys == {"cuda:0"} and trainer.pick_device("cuda:1") == torch.device("cuda", 1)
     assert device_key(RunConfig(dataset="d", device="mps")) == "mps:0"
+
+
+def test_a_restart_that_cannot_be_queued_leaves_the_run_as_it_was(tmp_path):
+    manager = _GatedManager(tmp_path)
+    manager.gate.set()
+    run = manager.submit(_run_config("a"))
+    assert manager.wait(run, 10)["status"] == "done"
+    manager.registry.update(run, status="stopped")
+    before = manager.registry.config(run), manager.registry.get(run)["total_steps"]
+
+    def broken_submit(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    manager.worker.submit = broken_submit
+    with pytest.raises(OSError):
+        manager.control(run, "restart", changes={"lr": 5e-5}, more_steps=100)
+    record = manager.registry.get(run)
+    assert record["status"] == "stopped" and (manager.registry.config(run), record["total_steps"]) == before

@@ -520,6 +520,13 @@ class RunRegistry:
                 self.update(run_id, status="queued", error=None)
             return new, changed
 
+    def restore_config(self, run_id: str, config: RunConfig, total_steps: int | None) -> None:
+        """Put back a run's settings as they were before `amend` (a restart that failed after amending)."""
+        with self._lock():
+            atomic_write_json(self.run_dir(run_id) / "config.json", config.to_dict())
+            if total_steps is not None:
+                self.update(run_id, total_steps=total_steps)
+
     def latest_checkpoint(self, run_id: str) -> dict | None:
         try:
             return json.loads((self.run_dir(run_id) / "latest.json").read_text(encoding="utf-8"))
