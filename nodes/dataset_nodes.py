@@ -8,7 +8,8 @@ from .comfy_bridge import CATEGORY, output_dir
 from .model_nodes import using
 
 
-def _patterns(text: str) -> list[str]:
+def text_list(text: str) -> list[str]:
+    """Items of a text widget: one per line or comma-separated, stripped, empty ones dropped."""
     return [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
 
 
@@ -78,7 +79,7 @@ class SA3EncodeAudioFolder:
             return False
 
         with torch.inference_mode(False), using(model):
-            report = encode_folder(src, out, encoder=model, include=_patterns(include), exclude=_patterns(exclude),
+            report = encode_folder(src, out, encoder=model, include=text_list(include), exclude=text_list(exclude),
                                    dtype=dtype, force=force, progress=progress, should_stop=should_stop)
         if report.interrupted:
             raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")

@@ -15,6 +15,7 @@ import torch
 
 from ..encoding.audio_write import OUTPUT_FORMATS
 from .comfy_bridge import CATEGORY, free_comfy_memory, output_dir, send_event, throw_if_interrupted
+from .dataset_nodes import text_list
 
 _MANAGER = None
 _MANAGER_LOCK = threading.Lock()
@@ -220,11 +221,6 @@ def _run_default(name: str):
     return field.default if field.default is not MISSING else field.default_factory()
 
 
-def _patterns(text: str) -> tuple[str, ...]:
-    """Layer patterns from a widget: one per line or comma-separated."""
-    return tuple(p.strip() for line in text.splitlines() for p in line.split(",") if p.strip())
-
-
 class SA3TrainingOptions:
     """Advanced run settings (the RunConfig fields SA3 Train LoRA does not show) for its `options` input."""
 
@@ -290,7 +286,8 @@ class SA3TrainingOptions:
         if not sum(weights) > 0:
             raise ValueError("SA3 Training Options: inpaint_segments, inpaint_full and inpaint_causal are all 0; give "
                              "at least one a weight (the official mix is 0.1, 0.8, 0.1)")
-        options = {"include": _patterns(include), "exclude": _patterns(exclude), "warmup_steps": warmup_steps,
+        options = {"include": tuple(text_list(include)), "exclude": tuple(text_list(exclude)),
+                   "warmup_steps": warmup_steps,
                    "weight_decay": weight_decay, "betas": (beta1, beta2), "grad_clip": grad_clip, "dropout": dropout,
                    "crop_from": crop_from, "timestep_sampler": timestep_sampler, "ot_coupling": ot_coupling, "cfg_dropout": cfg_dropout,
                    "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
