@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..sa3.loading import file_kind
 from .maths import TRAINABLE_NAMES, check_adapter_type, resolve_adapter_type, tensor_names
 
 EXTRA_METADATA_KEYS = ("base_pack", "base_fingerprint", "step", "epoch", "trigger_words", "created_by")
@@ -168,12 +169,6 @@ def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, met
     return LoadedAdapter(adapter_type, rank, alpha, layers, config, dict(metadata or {}), name)
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors header (8-byte length, then '{'), whatever the file is called."""
-    with open(path, "rb") as f:
-        return f.read(9)[8:9] == b"{"
-
-
 def _read_lora_config(text: str | None, where: str) -> dict:
     """The `lora_config` metadata as a dict ({} when absent); AdapterFileError naming the file when malformed."""
     if text is None:
@@ -195,7 +190,9 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such adapter file")
-    if path.suffix.lower() in (".safetensors", ".sft") or _looks_like_safetensors(path):
+    with open(path, "rb") as f:
+        kind = file_kind(f.read(9))
+    if path.suffix.lower() in (".safetensors", ".sft") or kind == "safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
@@ -209,11 +206,10 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
                                    "SA3 Export LoRA for ComfyUI writes) for ComfyUI's own LoRA loader; SA3 Load LoRA "
                                    "reads the SA3-native file it was exported from")
         return adapter_from_state(state, config, metadata, path.stem)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+    if kind not in ("zip", "pickle"):  # neither torch's zip format nor a legacy pickle
         raise AdapterFileError(f"{path.name} is not an adapter file: neither safetensors nor a PyTorch checkpoint "
-                               "(an SA3 LoRA is a .safetensors file, or the official trainer's .ckpt)")
+                               f"{'(it is audio) ' if kind == 'audio' else ''}(an SA3 LoRA is a .safetensors file, "
+                               "or the official trainer's .ckpt)")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only met an object that is no tensor or plain type

@@ -42,20 +42,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise CheckpointError(f"dtype={dtype!r} is not supported; use one of fp32, bf16, fp16") from None
 
 
-def _sniff_wrong_format(path: Path, head: bytes) -> str | None:
-    """What else the file is, from its first 9 bytes, or None. A safetensors file starts with its header's length
-    (8 bytes, little-endian) and then the header's '{': the length's first byte alone can be anything (0x80, a
-    pickle's first byte, for about one file in 32), so the '{' decides first."""
+def file_kind(head: bytes) -> str | None:
+    """"safetensors", "zip" (a PyTorch archive), "pickle", "audio" or None (unknown) from a file's first 9 bytes.
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then the header's '{': the
+    length's first byte alone can be anything (0x80, a pickle's first byte, for about one file in 32), so the '{'
+    decides first."""
     if head[8:9] == b"{":
-        return None
+        return "safetensors"
     if head[:2] == b"PK":
-        return ("is a zip/PyTorch pickle archive (.ckpt/.pt), not safetensors. Model checkpoints must be "
-                ".safetensors; we never unpickle model files")
+        return "zip"
     if head[:1] == b"\x80":
-        return "is a Python pickle, not safetensors; we never unpickle model files"
+        return "pickle"
     if head[:4] == b"RIFF" or head[:4] == b"fLaC" or head[:3] == b"ID3":
-        return "is an audio file, not a model checkpoint"
+        return "audio"
     return None
+
+
+def _sniff_wrong_format(path: Path, head: bytes) -> str | None:
+    """What else the file is, from its first 9 bytes (`file_kind`), or None."""
+    return {"zip": "is a zip/PyTorch pickle archive (.ckpt/.pt), not safetensors. Model checkpoints must be "
+                   ".safetensors; we never unpickle model files",
+            "pickle": "is a Python pickle, not safetensors; we never unpickle model files",
+            "audio": "is an audio file, not a model checkpoint"}.get(file_kind(head))
 
 
 class SafetensorsFile:
