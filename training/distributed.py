@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from .events import EventLog
 from .requests import StepRequests
-from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
+from .runs import RunConfig, RunError, RunRegistry
 from .trainer import Trainer, failure_message
 from .worker import RunControl
 
@@ -237,9 +237,8 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         if rank == 0:
             if run_id is None:
                 run_id = registry.create(config)
-            else:  # the run's own config (per-rank batch), not the file given; only `steps` may be extended
-                config = replace(registry.config(run_id), steps=config.steps)
-                atomic_write_json(registry.run_dir(run_id) / "config.json", config.to_dict())
+            else:  # the run's own config (per-rank batch), not the file given; only `steps` is taken from it
+                config, _ = registry.amend(run_id, {"steps": config.steps})  # the one resume rule (runs.py)
             registry.update(run_id, status="loading", error=None, world_size=world)
             print(f"run {run_id} in {registry.run_dir(run_id)} on {world} processes "
                   f"(global batch {config.batch_size * world})", flush=True)
