@@ -111,10 +111,8 @@ def check_numbers(args) -> None:
 
 
 def run_generate(args) -> int:
-    import torch
-
     from .encoding.audio_write import write_audio
-    from .sa3.generate import continuation_region, generate, parse_regions, sampling_defaults
+    from .sa3.generate import continuation_region, generate, parse_regions, resolve_seed, sampling_defaults
     from .sa3.model import load_model
     from .training.trainer import pick_device
 
@@ -149,7 +147,7 @@ def run_generate(args) -> int:
     inpaint = _source_audio(args.inpaint, "--inpaint")
     if args.continuation:
         regions = [continuation_region(inpaint, args.duration)]
-    seed = args.seed if args.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = resolve_seed(args.seed)
 
     model = load_model(args.source, dtype=args.dtype, device=pick_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)

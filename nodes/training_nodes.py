@@ -410,10 +410,7 @@ class SA3RunControl:
         from ..training.runs import RunError
 
         changes = {"lr": learning_rate} if learning_rate else {}
-        if action != "restart" and (changes or more_steps):
-            raise ValueError(f"SA3 Run Control: more_steps and learning_rate apply to restart, not {action}; set "
-                             "them to 0 or choose restart")
-        try:
+        try:  # the manager refuses settings with any action but restart
             record = get_manager().control(run, action, changes=changes, more_steps=more_steps)
         except RunError as e:
             raise ValueError(f"SA3 Run Control: {e}") from None

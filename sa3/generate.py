@@ -131,6 +131,11 @@ class SamplerSteps:
         return step
 
 
+def resolve_seed(seed: int | None) -> int:
+    """The seed itself, or a random one for None / a negative seed (the caller reports which, to make it again)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None or seed < 0 else int(seed)
+
+
 def require_finite(**values) -> None:
     """ValueError naming the first setting that is NaN or infinite (ComfyUI's min/max checks let NaN through, and
     one NaN makes the whole output NaN). values: numbers or sequences of numbers."""
@@ -190,8 +195,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if d > max_seconds:
             warnings.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.4g} s; "
                           "the output is capped there", stacklevel=2)
-    if seed is None or seed < 0:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = resolve_seed(seed)
     if not 0 < init_noise_level <= 1:
         raise ValueError("init_noise_level must be in (0, 1]")
 

@@ -81,7 +81,8 @@ class TrainingManager:
         if action not in ACTIONS:
             raise RunError(f"action {action!r} is not one of {ACTIONS}")
         if (changes or more_steps) and action != "restart":
-            raise RunError(f"settings change only with restart, not {action}")
+            raise RunError(f"settings change only with restart, not {action}: more steps and new settings apply to "
+                           "restart")
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
         started = self.worker.is_running(run_id)
