@@ -116,12 +116,12 @@ class TrainingManager:
             if started or queued:
                 raise RunConflict(f"run {run_id} is already {record['status']}")
             before = self.registry.config(run_id), record.get("total_steps")
-            _, changed = self.registry.amend(run_id, changes, more_steps, queue=True)  # a second restart: refused
+            config, changed = self.registry.amend(run_id, changes, more_steps, queue=True)  # a second: refused
             try:
                 total = self.registry.get(run_id).get("total_steps")
                 extra = {"message": describe_changes(changed), "changed": sorted(changed)} if changed else {}
                 self.event_log(run_id).emit("status", status="queued", total_steps=total, **extra)
-                self.worker.submit(run_id, device_key=device_key(self.registry.config(run_id)))
+                self.worker.submit(run_id, device_key=device_key(config))
             except BaseException:  # not queued after all: never left "queued" with no worker to take it, nor with
                 self.registry.restore_config(run_id, *before)  # settings a retry would amend a second time
                 self.registry.update(run_id, status=record["status"])

@@ -229,6 +229,7 @@ class Trainer:
                                   dropout=c.dropout, generator=g)
         self.adapter = adapter
         self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm)
+        self.has_dropout = self.stack.has_dropout()  # fixed by the adapter's lora_config: not looked up every step
         params = self.stack.parameters()
         named = [(s_name, p) for slot in self.stack.slots(0).values() for s_name, p in slot.named_parameters()]
         decay = [p for n, p in named if not n.startswith("magnitude")]
@@ -460,7 +461,7 @@ class Trainer:
         generation. Its masks are drawn once per step from a private generator seeded by (run seed, step): a resumed
         run draws the same masks, every DDP rank the same, a recomputed checkpointed block the same, and no global
         random state is touched (other runs and ComfyUI draw from it in other threads)."""
-        if not self.stack.has_dropout():
+        if not self.has_dropout:
             yield
             return
         self.stack.set_training(True, torch.Generator().manual_seed(derive_seed(self.config.seed, step, "lora-dropout")))
