@@ -153,7 +153,8 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
              loras=None, apg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
              padding_seconds: float = PADDING_SECONDS, chunked_decode: bool | None = None,
              callback: Callable[[dict], None] | None = None, return_latents: bool = False,
-             truncate: bool = True, adapter_memory: str = "fast") -> tuple[Tensor, int]:
+             truncate: bool = True, adapter_memory: str = "fast", inpaint_latents: Tensor | None = None,
+             ) -> tuple[Tensor, int]:
     """Generate audio. Returns (waveform [B, 2, N] float in [-1, 1] on CPU, sample_rate) — or (latents, rate) with
     `return_latents`. Defaults follow the model kind: ARC = ping-pong, 8 steps, CFG 1; base = Euler, 50, CFG 7.
 
@@ -161,6 +162,8 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     init_audio: (waveform, rate) or AUDIO dict for audio-to-audio, noised to `init_noise_level` (1 = ignore it).
     inpaint_audio + inpaint_regions: regenerate [(start_s, end_s), ...] of the source; continuation is a region from
     the source's end to `duration`. paste_back puts the source latents back outside the regions after sampling.
+    inpaint_latents: instead of inpaint_audio, the source's latents [latent_dim, T] (or [1, latent_dim, T]) at the
+    model's latent rate, e.g. a dataset's: no encode (training demos inpaint what training sees).
     loras: [{"path", "strength", "interval": (lo, hi)}] or loaded adapters, applied in order (see adapters/).
     adapter_memory: "fast" forms each adapted weight once (a copy of the adapted layers' weights while sampling);
     "low" computes the adapter path beside the shared weights at every step (no copy, a little slower; training
@@ -180,6 +183,13 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     n = batch_size or len(prompts)
     init_audio = None if init_audio is None else as_audio(init_audio, "init_audio")
     inpaint_audio = None if inpaint_audio is None else as_audio(inpaint_audio, "inpaint_audio")
+    if inpaint_latents is not None:
+        if inpaint_audio is not None:
+            raise ValueError("give inpaint_audio or inpaint_latents, not both")
+        inpaint_latents = inpaint_latents if inpaint_latents.dim() == 3 else inpaint_latents[None]
+        if inpaint_latents.shape[:2] != (1, cfg.latent_dim):
+            raise ValueError(f"inpaint_latents of shape {tuple(inpaint_latents.shape)}: give [{cfg.latent_dim}, T] "
+                             "latents of this model's autoencoder")
     clips = max([1] + [a[0].shape[0] for a in (init_audio, inpaint_audio) if a is not None])
     if clips > 1:  # a batch of sources (e.g. a batch generated before): one output per clip
         if n not in (1, clips):
@@ -223,13 +233,18 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     mask = torch.zeros(n, 1, n_latents, device=device)
     masked_input = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
     z_source = None
-    if inpaint_audio is not None:
+    if inpaint_audio is not None or inpaint_latents is not None:
         if not inpaint_regions:
             raise ValueError("inpaint_audio needs inpaint_regions [(start_s, end_s), ...]")
         if not cfg.dit.get("local_add_cond_dim"):
             raise ValueError(f"{model.source or 'this model'} has no inpainting input (its config has no "
                              "local_add_cond_dim; every SA3 pack has one): use init_audio (audio-to-audio) instead")
-        z_source = encode_source(model, inpaint_audio, audio_samples, n).to(device)
+        if inpaint_latents is None:
+            z_source = encode_source(model, inpaint_audio, audio_samples, n).to(device)
+        else:  # zero-padded or cropped to the output's length, as encode_source does with the audio
+            z_source = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
+            k = min(n_latents, inpaint_latents.shape[-1])
+            z_source[..., :k] = inpaint_latents[..., :k].to(device, z_source.dtype)
         latent_mask = schedules.inpaint_latent_mask(inpaint_regions, n_latents, audio_samples, cfg.sample_rate,
                                                     seconds_total=durations)
         mask = latent_mask.to(device).expand(n, 1, n_latents).clone()

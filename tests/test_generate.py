@@ -108,6 +108,21 @@ def test_inpainting_on_a_model_without_an_inpainting_input_says_so(tmp_path):
     assert model.generate("pad", duration=0.1, steps=1, init_audio=(source, 44100), init_noise_level=0.5)[0].isfinite().all()
 
 
+def test_inpainting_from_latents_equals_inpainting_the_audio_they_encode(models):
+    model = models["tiny-small"]
+    source = (0.3 * torch.sin(torch.arange(8192) / 44100 * 2 * torch.pi * 220)).repeat(2, 1)
+    kw = dict(duration=0.015, seed=4, steps=2, inpaint_regions=[(0.005, 0.01)])
+    n_latents = round(0.015 * model.config.latent_rate) + 2  # more than the output: cropped as the audio is
+    latents = model.encode_audio(source[:, :n_latents * model.downsampling_ratio], 44100, chunked=False)[0]
+    from_audio, _ = model.generate("pad", inpaint_audio=(source, 44100), **kw)
+    from_latents, _ = model.generate("pad", inpaint_latents=latents, **kw)
+    assert torch.allclose(from_audio, from_latents, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate("pad", inpaint_audio=(source, 44100), inpaint_latents=latents, **kw)
+    with pytest.raises(ValueError, match="inpaint_latents of shape"):
+        model.generate("pad", inpaint_latents=latents[:3], **kw)
+
+
 def test_nan_or_infinite_settings_and_regions_past_the_end_are_refused_by_name(models):
     model = models["tiny-small"]
     source = (0.3 * torch.sin(torch.arange(8192) / 44100 * 2 * torch.pi * 220)).repeat(2, 1)

@@ -877,12 +877,12 @@ def test_inpaint_and_continue_demos_fill_in_a_fixed_dataset_clip(tmp_path, tiny,
     duration = first["duration"]
     assert first["region"] == pytest.approx([duration / 3, 2 * duration / 3] if mode == "inpaint"
                                             else [duration / 2, duration], abs=1e-3)
-    # step 0: the new LoRA is the identity, so the demo is the model's own inpainting of the decoded clip
+    # step 0: the new LoRA is the identity, so the demo is the model's own inpainting of the clip's latents
     window = min(0.05, tiny.config.sample_size / tiny.config.sample_rate)  # the tiny model caps the 0.05 s asked
     z, mask, _ = data.item(item, max(1, round(window * tiny.config.latent_rate)))
-    source = tiny.decode_latents(torch.from_numpy(z[:, :int(mask.sum())].copy())[None])[0]
+    source = torch.from_numpy(z[:, :int(mask.sum())].copy())
     expected, rate = tiny.generate(first["prompt"], duration=duration, seed=3, steps=2, cfg_scale=7.0,
-                                   inpaint_audio=(source, tiny.sample_rate), inpaint_regions=[tuple(first["region"])])
+                                   inpaint_latents=source, inpaint_regions=[tuple(first["region"])])
     heard = torch.from_numpy(sf.read(folder / "step_000000" / "demo_0.wav", dtype="float32")[0]).T
     assert heard.shape == expected[0].shape and torch.allclose(heard, expected[0], atol=1e-3)
 

@@ -69,6 +69,8 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     """Demo i of the step into folder: audio, spectrogram, settings; returns (i, audio file name, settings).
     Raises DemoStopped at the first sampling step after `stop_requested()` turns true."""
 
+    import torch
+
     def check_stop(info) -> None:
         if stop_requested():
             raise DemoStopped
@@ -78,15 +80,16 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     source, extra = None, {}
     if spec.mode == "generate":
         prompt = demo_prompt(trainer, spec, i, step)
-    else:  # a dataset clip with a part to fill in: the middle third, or the second half
-        item = demo_source(trainer, i)
-        with model.residency.in_use():
-            source = dataset_clip(trainer, model, item, max(1, round(duration * model.config.latent_rate)))
-        duration = min(duration, source.shape[-1] / model.config.sample_rate)
+    else:  # a dataset clip with a part to fill in: the middle third, or the second half. Its latents as training
+        item = demo_source(trainer, i)  # sees them, no decode and encode again at every round
+        z, mask, _ = trainer.dataset.item(item, max(1, round(duration * model.config.latent_rate)))
+        frames = max(1, int(mask.sum()))
+        source = torch.from_numpy(z[:, :frames].copy())
+        duration = min(duration, frames / model.config.latent_rate)
         region = (duration / 3, 2 * duration / 3) if spec.mode == "inpaint" else (duration / 2, duration)
         prompt = spec.prompt if spec.prompt is not None else \
             batch_prompts(trainer.items, [item], trainer.prompt_config, trainer.config.seed, step)[0]  # the clip's own
-        extra = {"inpaint_audio": (source, model.config.sample_rate), "inpaint_regions": [region]}
+        extra = {"inpaint_latents": source, "inpaint_regions": [region]}
     sampler, default_steps, default_cfg = DEFAULTS["arc" if spec.arc else "base"]  # an ARC demo samples as ARC,
     steps, cfg = spec.steps or default_steps, default_cfg if spec.cfg is None else spec.cfg  # whatever the model
     with model.residency.in_use():  # an ARC model from the shared cache may have been offloaded between rounds
@@ -123,7 +126,7 @@ REFERENCE_CLIPS = 3  # dataset clips written once per run, to hear beside the de
 def dataset_clip(trainer, model, item: int, n_latents: int):
     """Dataset item `item` from its start, at most n_latents long (its real frames only), decoded by `model`'s
     autoencoder: waveform [2, N] float on the CPU at model.sample_rate. The real SAMEs add a little noise when
-    decoding: it is seeded by (run seed, item), so a clip sounds the same in every round of demos."""
+    decoding: it is seeded by (run seed, item), so the same run writes the same clip (after a resume too)."""
     import torch
 
     from .trainer import derive_seed
