@@ -644,15 +644,11 @@ def failure_message(error: BaseException, trainer: Trainer | None) -> str:
 
     message = f"{type(error).__name__}: {error}"
     if is_out_of_memory(error):
-        c = trainer.config if trainer is not None else None
-        advice = ["lower batch_size or crop_seconds"]
-        if c is None or not c.gradient_checkpointing:
-            advice.append("turn on gradient_checkpointing")
-        if c is None or c.precision == "fp32":
-            advice.append("load the model in bf16")
+        from .vram import memory_advice
+
         where = f" at step {trainer.global_step}" if trainer is not None else ""
-        message = (f"out of device memory{where}: {', '.join(advice[:-1])}{' or ' if len(advice) > 1 else ''}"
-                   f"{advice[-1]} (the VRAM estimate of SA3 Train LoRA / training.vram). {message}")
+        advice = memory_advice(trainer.config if trainer is not None else None)
+        message = f"out of device memory{where}: {advice} (the VRAM estimate of SA3 Train LoRA / training.vram). {message}"
     return message
 
 

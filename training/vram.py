@@ -166,7 +166,19 @@ def check_fits(estimate: dict, device, loaded: bool = False) -> str | None:
     parts = ", ".join(f"{k} {estimate[k] / gb:.2f}" for k in ("weights", "text_encoder", "adapter", "activations"))
     beyond = " beyond the loaded model" if loaded else ""
     return (f"training needs about {needed / gb:.1f} GB{beyond} but {device} has {free / gb:.1f} GB free ({parts} "
-            f"GB). Lower the batch or the crop length, turn on gradient checkpointing, or use bf16 weights.")
+            f"GB): {memory_advice(None)} (gradient checkpointing saves the most when activations dominate).")
+
+
+def memory_advice(config) -> str:
+    """What to change for a run that does not fit the device: 'lower batch_size or crop_seconds, turn on
+    gradient_checkpointing or load the model in bf16', leaving out what `config` (a RunConfig, or None) already
+    does. One rule for the estimate's warning and a failed run's message."""
+    advice = ["lower batch_size or crop_seconds"]
+    if config is None or not config.gradient_checkpointing:
+        advice.append("turn on gradient_checkpointing")
+    if config is None or config.precision == "fp32":
+        advice.append("load the model in bf16")
+    return ", ".join(advice[:-1]) + (" or " if len(advice) > 1 else "") + advice[-1]
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -306,7 +318,7 @@ def measure_training_peak(model: str, adapter_type: str = "dora-rows", rank: int
     return json.loads(lines[-1][len("RESULT "):])
 
 
-__all__ = ["estimate_training_memory", "free_device_memory", "check_fits", "measure_training_peak",
+__all__ = ["estimate_training_memory", "free_device_memory", "check_fits", "memory_advice", "measure_training_peak",
            "adapter_parameter_count", "build_random_dit_tree", "make_floor_step", "make_training_step",
            "random_step_inputs"]
 
