@@ -269,6 +269,14 @@ class SA3TrainingOptions:
                                  "tooltip": "Weight of the loss on the kept (context) part of an inpainting step."}),
             "arc_model": ("STRING", {"default": "", "tooltip": "ARC demos: a pack name or model folder for the ARC "
                           "weights (empty = the ARC variant of the trained pack)."}),
+            "validation_items": ("INT", {"default": d("validation_items"), "min": 0, "max": 100000, "tooltip":
+                                 "Dataset files held out of training and scored at fixed noise levels, fixed noise "
+                                 "and prompts: a validation loss that rises while the training loss falls means "
+                                 "overfitting, and SA3 Run Status's best_lora is the checkpoint where it was lowest. "
+                                 "0 = train on every file, no validation."}),
+            "validation_every": ("INT", {"default": d("validation_every"), "min": 0, "max": 100000, "tooltip":
+                                 "Steps between validation scores (0 = with each checkpoint, so every checkpoint "
+                                 "has one)."}),
         }}
 
     RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)
@@ -279,7 +287,7 @@ class SA3TrainingOptions:
 
     def options(self, include, exclude, warmup_steps, weight_decay, beta1, beta2, grad_clip, dropout, crop_from,
                 timestep_sampler, ot_coupling, cfg_dropout, inpaint_segments, inpaint_full, inpaint_causal,
-                mask_loss_weight, arc_model):
+                mask_loss_weight, arc_model, validation_items=0, validation_every=0):
         from ..training.runs import RunConfig, RunError
 
         weights = (inpaint_segments, inpaint_full, inpaint_causal)
@@ -291,7 +299,8 @@ class SA3TrainingOptions:
                    "weight_decay": weight_decay, "betas": (beta1, beta2), "grad_clip": grad_clip, "dropout": dropout,
                    "crop_from": crop_from, "timestep_sampler": timestep_sampler, "ot_coupling": ot_coupling, "cfg_dropout": cfg_dropout,
                    "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
-                   "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None}
+                   "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None,
+                   "validation_items": validation_items, "validation_every": validation_every}
         try:
             RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
         except RunError as e:
@@ -356,12 +365,13 @@ class SA3RunStatus:
         return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
                              "bins": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "Noise-level bins of the loss-by-timestep chart."})}}
 
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("loss_chart", "loss_by_noise_level", "latest_lora", "status")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("loss_chart", "loss_by_noise_level", "latest_lora", "status", "best_lora")
     FUNCTION = "status"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
-    DESCRIPTION = "Loss curves as images and the newest checkpoint (feed it to SA3 Load LoRA's lora_path)."
+    DESCRIPTION = ("Loss curves as images, the newest checkpoint and the one with the lowest validation loss (feed "
+                   "either to SA3 Load LoRA's lora_path).")
 
     @classmethod
     def IS_CHANGED(cls, run, bins):
@@ -369,6 +379,7 @@ class SA3RunStatus:
 
     def status(self, run, bins):
         from ..training.events import loss_by_timestep_chart, loss_chart, read_events
+        from ..training.validation import best_validation
 
         manager = get_manager()
         record = manager.registry.get(run)
@@ -378,9 +389,14 @@ class SA3RunStatus:
         images = [torch.from_numpy(chart.copy()).float()[None] / 255 for chart in
                   (loss_chart(events), loss_by_timestep_chart(events, bins))]
         text = f"{record['name']}: {record['status']} step {record['step']}/{record['total_steps']}"
+        best = best_validation(events)
+        best_lora = lora  # a run without validation: the newest is the best it can tell
+        if best is not None:
+            best_lora = str(manager.registry.run_dir(run) / best["path"])
+            text += f"\nlowest validation loss {best['loss']:.4g} at step {best['step']}"
         if record.get("error"):
             text += f"\nerror: {record['error']}"
-        return {"ui": {"text": [text]}, "result": (images[0], images[1], lora, text)}
+        return {"ui": {"text": [text]}, "result": (images[0], images[1], lora, text, best_lora)}
 
 
 class SA3RunControl:

@@ -185,8 +185,9 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
                            alpha=0.0, targets="all", steps=2, batch_size=1, crop_seconds=0.02, learning_rate=1e-3,
                            checkpoint_every=1, demo_every=0, seed=0, gradient_checkpointing=False,
                            wait_until_done=True, prompt_config=config)
-    loss_img, lbt_img, lora, status = run_node("SA3RunStatus", run=run, bins=5)
+    loss_img, lbt_img, lora, status, best = run_node("SA3RunStatus", run=run, bins=5)
     assert "done step 2/2" in status and lora.endswith("step=000002.safetensors")
+    assert best == lora and "validation" not in status  # no items held out: the newest is the best it can tell
     assert loss_img.shape[-1] == 3 and lbt_img.dim() == 4
     assert any(name == "sa3.step" for name, _ in comfy.events)  # events reached the (stub) websocket
     with pytest.raises(ValueError, match="not running"):
@@ -197,7 +198,7 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     from sa3_lora_studio.nodes.training_nodes import get_manager
 
     assert get_manager().wait(run, 120)["status"] == "done"
-    _, _, lora, status = run_node("SA3RunStatus", run=run, bins=5)
+    _, _, lora, status, _ = run_node("SA3RunStatus", run=run, bins=5)
     assert "done step 3/3" in status and lora.endswith("step=000003.safetensors")
     (stack,) = run_node("SA3LoadLoRA", lora="", strength=1.0, interval_start=0.0, interval_end=1.0,
                         skip_first_steps=0, layer_filter="", lora_path=lora)
@@ -296,6 +297,29 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
     assert training_nodes.model_provider.loaded("sa3-small-music", "arc", "bf16", "cpu") is None
 
 
+def test_held_out_files_give_a_validation_curve_and_the_best_checkpoint_by_it(comfy, dataset):
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+    from sa3_lora_studio.training.events import VALIDATION_COLOUR, read_events
+    from sa3_lora_studio.training.validation import best_validation
+
+    (options,) = run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "validation_items": 1})
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    run, _ = run_node("SA3TrainLoRA", options=options, **_train_inputs(model=model, dataset=str(dataset), steps=3,
+                                                                       learning_rate=5e-2))
+    assert get_manager().registry.config(run).validation_items == 1
+    loss_img, _, latest, status, best = run_node("SA3RunStatus", run=run, bins=5)
+    events, _ = read_events(get_manager().events_path(run), 0)
+    lowest = best_validation(events)
+    assert best == str(get_manager().registry.run_dir(run) / lowest["path"]) and Path(best).is_file()
+    assert f"lowest validation loss {lowest['loss']:.4g} at step {lowest['step']}" in status
+    assert latest.endswith("step=000003.safetensors")
+    pixels = (loss_img[0] * 255).round().reshape(-1, 3)
+    assert (pixels == torch.tensor(VALIDATION_COLOUR, dtype=pixels.dtype)).all(1).any()  # the curve is drawn
+    with pytest.raises(ValueError, match="validation_items: 3 held out"):
+        run_node("SA3TrainLoRA", options={**options, "validation_items": 3},
+                 **_train_inputs(model=model, dataset=str(dataset)))
+
+
 def _train_inputs(**changes):
     inputs = dict(name="n", adapter_type="lora", rank=2, alpha=0.0, targets="all",
                   steps=1, batch_size=1, crop_seconds=0.02, learning_rate=1e-3, checkpoint_every=1, demo_every=0,
@@ -349,7 +373,7 @@ def test_training_options_of_a_comfyui_process_come_from_its_environment(comfy):
 def test_continuing_a_lora_counts_on_from_its_step_unless_reset(comfy, dataset):
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
     first, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), steps=2))
-    _, _, lora, _ = run_node("SA3RunStatus", run=first, bins=5)
+    _, _, lora, _, _ = run_node("SA3RunStatus", run=first, bins=5)
     assert lora.endswith("step=000002.safetensors")
     for reset, step in ((False, 3), (True, 1)):
         run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from=lora,

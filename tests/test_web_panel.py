@@ -25,6 +25,7 @@ from panel_server import PanelServer  # noqa: E402
 from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run, write_reference  # noqa: E402
 from sa3_lora_studio.training.events import EventLog, ema, loss_by_timestep, read_events  # noqa: E402
 from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
+from sa3_lora_studio.training.validation import best_validation, validation_events  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -48,7 +49,7 @@ def site(tmp_path_factory):
     server = PanelServer(root)
     registry = server.manager.registry
     runs = {
-        "done": write_recorded_run(registry, "synth-pads", 60, 60, "done"),
+        "done": write_recorded_run(registry, "synth-pads", 60, 60, "done", validation_items=2),
         "failed": write_recorded_run(registry, "drum-loops", 12, 400, "failed", demo_every=0, adapter_type="lora",
                                      rank=8, error="CUDA out of memory at step 13: lower batch_size or crop_seconds"),
         "interrupted": write_recorded_run(registry, "bass-lines", 25, 100, "interrupted", demo_every=0,
@@ -156,6 +157,8 @@ console.log(JSON.stringify({
   ema: series.ema(series.stepSeries(events, "loss").values),
   demos: series.demoSteps(events).map((s) => [s.step, s.demos.map((d) => d.index), s.checkpoint && s.checkpoint.path]),
   latest: series.latestCheckpoint(events).step,
+  validation: series.validationSeries(events),
+  best: series.bestValidation(events),
   eta: [series.etaSeconds(30, 200, 2.5), series.etaSeconds(200, 200, 2.5), series.etaSeconds(3, 10, 0)],
   durations: [5, 154, 7384].map(series.formatDuration),
   ticks: [[1, 2], [1, 3], [0, 60], [5, 5]].map(([a, b]) => series.stepTicks(a, b)),
@@ -181,6 +184,10 @@ def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):
     assert got["bins"]["5"] != loss_by_timestep(events[: -len(redone)], 5)  # the re-done steps count
     assert got["demos"] == [[s, [0, 1], f"checkpoints/synth-pads-step={s:06d}.safetensors"] for s in (20, 40, 60)]
     assert got["latest"] == 60
+    scored = validation_events(events)
+    assert got["validation"] == {"steps": [e["step"] for e in scored], "values": [e["loss"] for e in scored]}
+    assert got["validation"]["steps"] == [0, 20, 40, 60]
+    assert got["best"] == best_validation(events) and got["best"]["step"] == 40
     assert got["eta"] == [68.0, None, None]
     assert got["durations"] == ["5 s", "2 min 34 s", "2 h 03 min"]
     assert got["ticks"] == [[[1, "start"], [2, "end"]], [[1, "start"], [2, "middle"], [3, "end"]],
@@ -226,9 +233,17 @@ def test_charts_plot_loss_lr_grad_norm_and_loss_by_noise_level_of_the_recorded_r
     events, _ = read_events(site.manager.events_path(site.runs["done"]), 0)
     steps = [e for e in events if e["type"] == "step"]
     loss = series(browser, "loss")
-    assert [s["name"] for s in loss] == ["raw", "smoothed"]
+    assert [s["name"] for s in loss] == ["raw", "smoothed", "validation"]
     assert loss[0]["steps"] == list(range(1, 61)) and loss[0]["values"] == [e["loss"] for e in steps]
     assert loss[1]["values"] == pytest.approx(ema([e["loss"] for e in steps]), rel=1e-12)
+    scored = validation_events(events)  # the held-out items' score at step 0 and each checkpoint
+    assert loss[2]["steps"] == [0, 20, 40, 60] and loss[2]["values"] == [e["loss"] for e in scored]
+    best = best_validation(events)
+    row = browser.eval("(() => { const r = document.querySelector('.sa3-best'); return {hidden: r.hidden, "
+                       "text: r.textContent, href: r.querySelector('[data-action=download-best]').href}; })()")
+    assert not row["hidden"] and f"Lowest validation loss {best['loss']:.4g} at step 40" in row["text"]
+    assert "Use best (step 40)" in row["text"]
+    assert row["href"].endswith("path=" + urllib.parse.quote(best["path"], safe="") + "&download=1")
     assert series(browser, "lr")[0]["values"] == pytest.approx([e["lr"] for e in steps], rel=1e-12)
     assert series(browser, "grad_norm")[0]["values"] == [e["grad_norm"] for e in steps]
 

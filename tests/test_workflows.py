@@ -255,3 +255,16 @@ def test_api_example_runs_against_the_tiny_models(name, comfy):
     if name == "06_compare_lora_checkpoints":  # same prompt and seed: the columns differ only by their LoRA
         waves = [run.results[i][0]["waveform"] for i in by_class["SA3Generate"]]
         assert len(waves) == 4 and not any(torch.equal(waves[0], w) for w in waves[1:])
+
+
+def test_the_committed_examples_are_what_the_builder_makes_from_todays_nodes(tmp_path):
+    """A node that gains an input or output must not leave the examples describing the old one (regenerate them
+    with `python tools/make_example_workflows.py`)."""
+    import subprocess
+
+    subprocess.run([sys.executable, str(EXAMPLES.parent / "tools" / "make_example_workflows.py"), "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
+    assert made == sorted(p.relative_to(EXAMPLES) for p in EXAMPLES.rglob("*.json"))
+    for rel in made:
+        assert json.loads((tmp_path / rel).read_text()) == json.loads((EXAMPLES / rel).read_text()), rel

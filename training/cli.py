@@ -165,8 +165,13 @@ def _cmd_runs(args) -> int:
                   + f"  {latest['path'] if latest else '-'}" + (f"  error: {r['error']}" if r.get("error") else ""))
         return 0
     if args.runs_what == "show":
+        from .events import read_events
+        from .validation import best_validation
+
+        events, _ = read_events(registry.run_dir(args.run_id) / "events.jsonl", 0, limit_bytes=1 << 30)
         print(json.dumps({"run": registry.get(args.run_id), "config": registry.config(args.run_id).to_dict(),
-                          "latest_checkpoint": registry.latest_checkpoint(args.run_id)}, indent=1))
+                          "latest_checkpoint": registry.latest_checkpoint(args.run_id),
+                          "best_validation": best_validation(events)}, indent=1))
         return 0
     if args.runs_what == "resume":
         nproc = args.nproc if args.nproc is not None else int(registry.get(args.run_id).get("world_size") or 1)

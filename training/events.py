@@ -5,6 +5,7 @@ Event kinds (every event has `type`, `run`, `time`; step events carry the global
     step        {step, loss, lr, grad_norm, samples: [[t, loss], ...] (one pair per batch item), steps_per_s}
     checkpoint  {step, path (relative to the run folder), state_path}
     demo        {step, index, audio, image, settings}  (paths relative to the run folder)
+    validation  {step, loss, levels: [[t, loss], ...], items}  (held-out items, `validation.py`)
     error       {message}
 """
 
@@ -17,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from .validation import validation_events
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -194,10 +197,17 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
                (255, 238, 88), (141, 110, 99)]
 
 
+VALIDATION_COLOUR = (255, 167, 38)  # the panel's validation line (web/panel/charts_view.js) in the same orange
+
+
 def loss_chart(events: list[dict]):
+    """Training loss (raw and smoothed) and, when the run holds items out, their validation loss."""
     steps, loss = step_series(events, "loss")
-    return render_chart([("loss", steps, loss, (120, 120, 140)), ("smoothed", steps, ema(loss), (66, 165, 245))],
-                        title="training loss", log_y=True)
+    series = [("loss", steps, loss, (120, 120, 140)), ("smoothed", steps, ema(loss), (66, 165, 245))]
+    scored = validation_events(events)
+    if scored:
+        series.append(("validation", [e["step"] for e in scored], [e["loss"] for e in scored], VALIDATION_COLOUR))
+    return render_chart(series, title="training loss", log_y=True)
 
 
 def loss_by_timestep_chart(events: list[dict], bins: int = 5):

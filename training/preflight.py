@@ -20,6 +20,10 @@ def open_dataset(config: RunConfig, model=None):
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")
+    if config.validation_items >= len(dataset):
+        raise RunError(f"RunConfig.validation_items: {config.validation_items} held out of {config.dataset}'s "
+                       f"{len(dataset)} encoded files leaves nothing to train on; hold out at most {len(dataset) - 1}, "
+                       "or 0 for no validation")
     if model is not None:
         mine = {"latent width": model.latent_dim, "samples per latent": model.downsampling_ratio,
                 "sample rate": model.sample_rate}

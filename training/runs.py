@@ -39,7 +39,7 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
-                   "demo_format", "arc_model")
+                   "demo_format", "arc_model", "validation_every")
 
 
 class RunError(ValueError):
@@ -163,6 +163,8 @@ class RunConfig:
     cfg_dropout: float = 0.1
     checkpoint_every: int = 200
     demo_every: int = 200
+    validation_items: int = 0  # dataset items held out of training and scored at fixed noise levels (validation.py)
+    validation_every: int = 0  # steps between validation scores; 0 = with each checkpoint
     demos: tuple[DemoSpec, ...] = ()
     demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, wav, mp3 or opus
     seed: int = 0
@@ -244,6 +246,10 @@ class RunConfig:
             bad("prompt_config", str(e))
         if self.checkpoint_every < 1 or self.demo_every < 0:
             bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
+        for name in ("validation_items", "validation_every"):
+            if getattr(self, name) < 0:
+                bad(name, f"{getattr(self, name)} must be >= 0 (validation_items 0: no validation; validation_every "
+                          "0: with each checkpoint)")
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

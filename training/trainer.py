@@ -31,6 +31,7 @@ from .events import EventLog
 from .preflight import check_trainable, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
+from .validation import build_validation_set, noise_levels, score, split_items
 from .worker import RunControl
 
 CREATED_BY = "sa3-lora-studio"
@@ -199,6 +200,11 @@ class Trainer:
                                              "trained on the base model")
         self.dataset = open_dataset(c, self.model)
         self.items = self.dataset.prompt_items()
+        # held out of every batch, the same items after any resume (`validation.py`; open_dataset checked the count)
+        self.train_ids, self.validation_ids = split_items(len(self.dataset), c.validation_items,
+                                                          random.Random(derive_seed(c.seed, "validation")))
+        self.validation = None  # the held-out items' crops, noise and prompts, built at the first evaluation
+        self.validated_step = None  # the global step last scored (kept in the training state)
         prompt_config = dict(c.prompt_config)
         if c.trigger_word and not prompt_config.get("trigger"):
             prompt_config["trigger"] = c.trigger_word
@@ -262,7 +268,7 @@ class Trainer:
         return {"step": self.step, "step_offset": self.step_offset,
                 "adapter": [p.detach().clone() for p in self.params], "adapter_names": list(self.param_names),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loss_scale": self.loss_scale.state_dict()}
+                "loss_scale": self.loss_scale.state_dict(), "validated_step": self.validated_step}
 
     def load_state(self, state: dict) -> None:
         if len(state["adapter"]) != len(self.params) or state.get("adapter_names", self.param_names) != self.param_names:
@@ -275,6 +281,7 @@ class Trainer:
         if "loss_scale" in state:  # states written before fp16 loss scaling start from the initial scale
             self.loss_scale.load_state_dict(state["loss_scale"])
         self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
+        self.validated_step = state.get("validated_step")  # a stop mid-validation saved without it: scored again
         self.apply_optimizer_settings()
 
     def apply_optimizer_settings(self) -> None:
@@ -338,7 +345,7 @@ class Trainer:
         adapter_path = ckpt_dir / adapter_name
         tmp = ckpt_dir / f".{adapter_name}.tmp"
         write_adapter_file(tmp, adapter, base_pack=self.model.pack or model_label(c.model), step=self.global_step,
-                           epoch=self.global_step * c.batch_size // max(1, len(self.dataset)),
+                           epoch=self.global_step * c.batch_size // max(1, len(self.train_ids)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
                            base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
         fsync_replace(tmp, adapter_path)
@@ -375,7 +382,7 @@ class Trainer:
 
     def make_batch(self, step: int) -> dict:
         c = self.config
-        indices = batch_indices(len(self.dataset), c.batch_size, step, c.seed)
+        indices = [self.train_ids[k] for k in batch_indices(len(self.train_ids), c.batch_size, step, c.seed)]
         latents, masks, seconds = [], [], []
         for j, i in enumerate(indices):
             rng = random.Random(derive_seed(c.seed, step, j, "crop"))
@@ -413,6 +420,44 @@ class Trainer:
                                         prompt, batch["seconds"], keep.to(device), c.ot_coupling,
                                         c.mask_loss_weight, tree=self.view)
         return result, t
+
+    def validate(self, stop_requested=lambda: False) -> dict | None:
+        """Score the held-out items (`validation.py`) with the adapter as it is now: {"loss", "levels"}, or None when
+        stopped. The full-generation objective at fixed t, noise, crops and prompts, without gradients, CFG dropout
+        or OT pairing; the batch size is the run's, so it needs no more memory than a step."""
+        c, device = self.config, self.device
+        if self.validation is None:
+            prompts = batch_prompts(self.items, self.validation_ids, self.prompt_config, c.seed, 0)
+            self.validation = build_validation_set(
+                self.dataset, self.validation_ids, self.crop_latents, c.crop_from == "random", prompts,
+                self.model.config.latent_rate, lambda i, label: derive_seed(c.seed, i, label))
+        v = self.validation
+
+        def per_item_loss(rows: slice, t: float) -> torch.Tensor:
+            x0 = v.x0[rows].to(device)
+            b, _, n = x0.shape
+            result, _ = rectified_flow_loss(self.model, x0, v.noise[rows].to(device),
+                                            torch.full((b,), t, device=device), torch.zeros(b, 1, n, device=device),
+                                            v.padding[rows].to(device), self.encode_prompts(v.prompts[rows]),
+                                            v.seconds[rows], None, False, c.mask_loss_weight, tree=self.view)
+            return result.per_item.float().cpu()
+
+        return score(v, per_item_loss, c.batch_size, noise_levels(), stop_requested)
+
+    def validate_if_due(self, control: RunControl) -> None:
+        """Score the held-out items at step 0 (the baseline), every `validation_every` steps (0: with each
+        checkpoint) and at the last step, before that step's checkpoint is written, so that its state records the
+        step as scored and a run resumed there does not score it again. A stop cancels a score in progress (the
+        resumed run scores that step)."""
+        c = self.config
+        if not (self.is_main and self.validation_ids) or self.validated_step == self.global_step:
+            return
+        if self.step % (c.validation_every or c.checkpoint_every) and self.step != c.steps:
+            return
+        scored = self.validate(self.stop_asked(control))
+        if scored is not None:
+            self.validated_step = self.global_step
+            self.log.emit("validation", step=self.global_step, items=len(self.validation_ids), **scored)
 
     checkpoint_on_failure = True  # DistributedTrainer: False (its checkpoint needs every rank, which may be gone)
     _updating = False  # True while the parameters move: a failure then leaves no consistent step to save
@@ -544,6 +589,7 @@ class Trainer:
         demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
                       if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
         while True:
+            self.validate_if_due(control)  # the baseline, or a step whose score a stop cancelled
             dropped = False  # a stop between two demos drops the step's demos (a restart renders them)
             if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
                     and self.global_step not in demos_done:
@@ -585,6 +631,7 @@ class Trainer:
                               f"{metrics['grad_norm']}, the update was skipped (fp16 overflow? try bf16 or fp32)")
             if self.registry is not None and (self.step % 5 == 0 or self.step == c.steps):
                 self.registry.update(self.run_id, step=self.global_step)
+            self.validate_if_due(control)
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                 self.save_checkpoint()
         set_status("done")

@@ -40,6 +40,16 @@ def step_events(first: int, last: int, total: int, seed: int = 0, batch: int = 4
     return events
 
 
+def validation_loss(step: int) -> float:
+    """A held-out loss that falls, then rises as the run starts to overfit (lowest near step 40)."""
+    return round(0.5 + 0.3 * math.exp(-step / 15) + 0.002 * max(0, step - 35), 5)
+
+
+def validation_event(step: int, items: int) -> dict:
+    levels = [[t, round(validation_loss(step) * (0.55 + 0.9 * t), 5)] for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    return {"step": step, "loss": round(sum(v for _, v in levels) / 5, 6), "levels": levels, "items": items}
+
+
 def write_checkpoint(run_dir: Path, name: str, step: int) -> str:
     """A tiny adapter file + state file and latest.json; returns the adapter path relative to the run folder."""
     import torch
@@ -103,15 +113,19 @@ def write_reference(run_dir: Path, index: int, settings: dict, rate: int = 22050
 def write_recorded_run(registry: RunRegistry, name: str, steps_done: int, total: int, status: str,
                        demo_every: int = 20, checkpoint_every: int = 20, error: str | None = None,
                        model: str = "sa3-small-music", adapter_type: str = "dora-rows", rank: int = 16,
-                       seed: int = 0) -> str:
-    """A run folder as the trainer leaves it after `steps_done` steps, ending in `status`. Returns the run id."""
+                       seed: int = 0, validation_items: int = 0) -> str:
+    """A run folder as the trainer leaves it after `steps_done` steps, ending in `status`; with validation_items,
+    validation events at step 0 and each checkpoint (`validation_loss`). Returns the run id."""
     config = RunConfig(dataset="datasets/tiny-synth", name=name, model=model, adapter_type=adapter_type, rank=rank,
-                       steps=total, checkpoint_every=checkpoint_every, demo_every=demo_every)
+                       steps=total, checkpoint_every=checkpoint_every, demo_every=demo_every,
+                       validation_items=validation_items)
     run_id = registry.create(config)
     run_dir = registry.run_dir(run_id)
     log = EventLog(run_dir / "events.jsonl", run_id)
     for s in ("queued", "loading", "training"):
         log.emit("status", status=s)
+    if validation_items:
+        log.emit("validation", **validation_event(0, validation_items))
     for event in step_events(1, steps_done, total, seed=seed):
         kind = event.pop("type")
         log.emit(kind, **event)
@@ -119,6 +133,8 @@ def write_recorded_run(registry: RunRegistry, name: str, steps_done: int, total:
         if step % checkpoint_every == 0:
             rel = write_checkpoint(run_dir, name, step)
             log.emit("checkpoint", step=step, path=rel, state_path=rel.replace(".safetensors", ".state.pt"))
+            if validation_items:
+                log.emit("validation", **validation_event(step, validation_items))
         if demo_every and step % demo_every == 0:
             log.emit("status", status="demos")
             for index, settings in enumerate(DEMO_SETTINGS):

@@ -1,13 +1,15 @@
-// Charts of the selected run: loss (raw + smoothed), learning rate, grad norm, and loss by noise level.
+// Charts of the selected run: loss (raw + smoothed, and the validation loss of held-out items), learning rate,
+// grad norm, and loss by noise level.
 
 import { lineChart } from "./chart.js";
-import { ema, lossByNoiseLevel, stepSeries } from "./series.js";
+import { ema, lossByNoiseLevel, stepSeries, validationSeries } from "./series.js";
 
 export const BINS = 5;
 // Same order as BIN_COLOURS in training/events.py (the node's chart images), so both read alike.
 export const BIN_COLOURS = ["#ef5350", "#ffa726", "#66bb6a", "#42a5f5", "#ab47bc", "#26c6da", "#ffee58", "#8d6e63"];
 const RAW = "var(--sa3-muted)";
 const MAIN = "#42a5f5";
+const VALIDATION = "#ffa726";  // VALIDATION_COLOUR of training/events.py (the node's chart image)
 
 export function mount(el, store) {
   const section = el.appendChild(document.createElement("section"));
@@ -23,9 +25,12 @@ export function mount(el, store) {
 
   const off = store.subscribe("events", ({ events }) => {
     const loss = stepSeries(events, "loss");
+    const validation = validationSeries(events);
     charts.loss.update([
       { name: "raw", color: RAW, steps: loss.steps, values: loss.values, width: 1, opacity: 0.6 },
       { name: "smoothed", color: MAIN, steps: loss.steps, values: ema(loss.values), width: 2 },
+      // held-out items at fixed noise (only runs with validation_items have it)
+      ...(validation.steps.length ? [{ name: "validation", color: VALIDATION, ...validation, width: 2 }] : []),
     ]);
     charts.lbt.update(lossByNoiseLevel(events, BINS).map((bin, i) => ({
       name: `t ${bin.lo.toFixed(1)}–${bin.hi.toFixed(1)}`,

@@ -1,8 +1,8 @@
 // Controls for the selected run: stop, pause/continue, save now, resume an interrupted run, train a finished or
-// stopped run further, use/download the newest checkpoint, delete (asks first). Buttons are enabled only when the
-// server would accept the action.
+// stopped run further, use/download the newest checkpoint or the one with the lowest validation loss, delete (asks
+// first). Buttons are enabled only when the server would accept the action.
 
-import { ACTIVE, baseName, latestCheckpoint } from "./series.js";
+import { ACTIVE, baseName, bestValidation, formatNumber, latestCheckpoint } from "./series.js";
 
 const RESUMABLE = ["interrupted", "stopped", "failed"];  // restart continues from the last checkpoint
 const EXTENDABLE = [...RESUMABLE, "done"];  // restart with more_steps: trains on past the run's total
@@ -40,6 +40,17 @@ export function mount(root, store, { useCheckpoint }) {
   const del = button("Delete…", "delete", "Delete the run with its checkpoints and demos");
   bar.append(stop, pause, save, restart, use, download, del);
 
+  const bestRow = section.appendChild(document.createElement("div"));
+  bestRow.className = "sa3-button-row sa3-best";
+  bestRow.hidden = true;
+  const bestText = bestRow.appendChild(document.createElement("span"));
+  const useBest = button("Use best", "use-best", "Add an SA3 Load LoRA node with the checkpoint of lowest validation loss");
+  const downloadBest = document.createElement("a");
+  downloadBest.className = "sa3-button";
+  downloadBest.textContent = "Download best";
+  downloadBest.dataset.action = "download-best";
+  bestRow.append(useBest, downloadBest);
+
   const more = section.appendChild(document.createElement("div"));
   more.className = "sa3-button-row sa3-more";
   const moreLabel = more.appendChild(document.createElement("label"));
@@ -73,6 +84,7 @@ export function mount(root, store, { useCheckpoint }) {
 
   let run = null;
   let checkpoint = null;  // {path, step}
+  let best = null;  // {step, loss, path}: the lowest validation loss among saved checkpoints
 
   function render() {
     section.hidden = !run;
@@ -104,6 +116,16 @@ export function mount(root, store, { useCheckpoint }) {
       download.tabIndex = -1;
       use.textContent = "Use checkpoint";
     }
+    bestRow.hidden = !best;
+    if (best) {
+      const name = baseName(best.path);
+      bestText.textContent = `Lowest validation loss ${formatNumber(best.loss)} at step ${best.step}`;
+      useBest.textContent = `Use best (step ${best.step})`;
+      useBest.setAttribute("aria-label", `Add an SA3 Load LoRA node with ${name}, the lowest validation loss`);
+      useBest.title = useBest.getAttribute("aria-label");
+      downloadBest.href = store.api.fileUrl(run.id, best.path, true);
+      downloadBest.setAttribute("aria-label", `Download the best checkpoint ${name}`);
+    }
   }
 
   const offs = [
@@ -111,10 +133,12 @@ export function mount(root, store, { useCheckpoint }) {
       if (r?.id !== run?.id) confirmBox.hidden = true;
       run = r;
       checkpoint = latestCheckpoint(events) || r?.latest_checkpoint || null;
+      best = bestValidation(events);
       render();
     }),
     store.subscribe("events", ({ run: r, events }) => {
       checkpoint = latestCheckpoint(events) || r?.latest_checkpoint || null;
+      best = bestValidation(events);
       render();
     }),
     store.subscribe("message", (m) => {
@@ -139,6 +163,11 @@ export function mount(root, store, { useCheckpoint }) {
     if (!run || !checkpoint) return;
     store.say(await useCheckpoint({ runId: run.id, path: checkpoint.path, step: checkpoint.step,
       name: baseName(checkpoint.path) }));
+  });
+  useBest.addEventListener("click", async () => {
+    if (!run || !best) return;
+    store.say(await useCheckpoint({ runId: run.id, path: best.path, step: best.step,
+      name: baseName(best.path) }));
   });
   del.addEventListener("click", () => {
     confirmText.textContent = `Delete “${run.name}” with its checkpoints and demos? This cannot be undone.`;

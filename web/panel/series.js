@@ -82,6 +82,30 @@ export function referenceClips(events) {
   return [...byIndex.keys()].sort((a, b) => a - b).map((i) => byIndex.get(i));
 }
 
+/** Validation events (held-out items, training/validation.py) in step order, the last of each step: {steps, values}.
+ * Mirrors `validation_events`. */
+export function validationSeries(events) {
+  const byStep = new Map();
+  for (const e of events) if (e.type === "validation" && e.loss !== null && e.loss !== undefined) byStep.set(e.step, e);
+  const steps = [...byStep.keys()].sort((a, b) => a - b);
+  return { steps, values: steps.map((s) => Number(byStep.get(s).loss)) };
+}
+
+/** The saved checkpoint with the lowest validation loss: {step, loss, path} (path relative to the run folder) or
+ * null; a tie goes to the later step. Mirrors `best_validation`. */
+export function bestValidation(events) {
+  const checkpoints = new Map();
+  for (const e of events) if (e.type === "checkpoint") checkpoints.set(e.step, e);
+  const scored = validationSeries(events);
+  let best = null;
+  scored.steps.forEach((step, i) => {
+    if (!checkpoints.has(step)) return;
+    const loss = scored.values[i];
+    if (!best || loss < best.loss || (loss === best.loss && step > best.step)) best = { step, loss };
+  });
+  return best && { ...best, path: checkpoints.get(best.step).path };
+}
+
 /** The newest checkpoint event, or null. */
 export function latestCheckpoint(events) {
   let best = null;
