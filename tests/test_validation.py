@@ -110,26 +110,99 @@ def test_scoring_changes_nothing_in_training_and_a_resumed_run_scores_a_step_onc
     (_, a), (_, b) = _final_adapter(manager, rarely), _final_adapter(manager, often)
     assert all(torch.equal(x, y) for x, y in zip(a["adapter"], b["adapter"]))
 
-    stopper = {}
+    # a stop right after step 2 was scored: its checkpoint's state says so, and the resumed run does not score it
+    # again; a stop before step 3's score cancels it, and the resumed run scores step 3
+    stops = {"after-score": ("validation", 2), "before-score": ("step", 3)}
+    runs = {}
 
-    def stop_at_2(event):
-        if event["type"] == "step" and event["step"] == 2 and event["run"] == stopper.get("id"):
+    def stop_there(event):
+        for name, (kind, step) in stops.items():
+            if event["run"] == runs.get(name) and event["type"] == kind and event["step"] == step:
+                manager.worker.controls[event["run"]].request_stop()
+
+    manager.listeners.append(stop_there)
+    for name in stops:
+        runs[name] = manager.registry.create(_config(dataset, fixtures_dir, name=name, validation_items=1,
+                                                     validation_every=1))
+        manager.worker.submit(runs[name])
+        assert manager.wait(runs[name], 300)["status"] == "stopped"
+    manager.listeners.remove(stop_there)
+    assert [e["step"] for e in _events(manager, runs["before-score"]) if e["type"] == "validation"] == [0, 1, 2]
+    for run in runs.values():
+        manager.control(run, "restart")
+        assert manager.wait(run, 300)["status"] == "done"
+        raw = [e for e in _events(manager, run) if e["type"] == "validation"]
+        assert [e["step"] for e in raw] == [0, 1, 2, 3, 4], run  # each step once
+        assert [e["loss"] for e in raw] == [e["loss"] for e in validation_events(_events(manager, often))]
+        (_, c) = _final_adapter(manager, run)
+        assert all(torch.equal(x, y) for x, y in zip(b["adapter"], c["adapter"]))
+
+
+def test_a_stop_that_cancels_the_last_steps_score_ends_stopped_and_a_restart_scores_it(tmp_path, tiny, dataset,
+                                                                                      fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    holder = {}
+
+    def stop_at_last(event):
+        if event["run"] == holder.get("run") and event["type"] == "step" and event["step"] == 3:
             manager.worker.controls[event["run"]].request_stop()
 
-    manager.listeners.append(stop_at_2)
-    interrupted = manager.registry.create(_config(dataset, fixtures_dir, name="interrupted", validation_items=1,
-                                                  validation_every=1))
-    stopper["id"] = interrupted
-    manager.worker.submit(interrupted)
-    assert manager.wait(interrupted, 300)["status"] == "stopped"
-    manager.listeners.remove(stop_at_2)
-    manager.control(interrupted, "restart")
-    assert manager.wait(interrupted, 300)["status"] == "done"
-    raw = [e for e in _events(manager, interrupted) if e["type"] == "validation"]
-    assert [e["step"] for e in raw] == [0, 1, 2, 3, 4]  # step 2 scored before the stop, not again on resume
-    assert [e["loss"] for e in raw] == [e["loss"] for e in validation_events(_events(manager, often))]
-    (_, c) = _final_adapter(manager, interrupted)
-    assert all(torch.equal(x, y) for x, y in zip(b["adapter"], c["adapter"]))
+    manager.listeners.append(stop_at_last)
+    holder["run"] = run = manager.registry.create(_config(dataset, fixtures_dir, validation_items=1, steps=3))
+    manager.worker.submit(run)
+    assert manager.wait(run, 300)["status"] == "stopped"  # not done: the final checkpoint has no score yet
+    assert manager.registry.latest_checkpoint(run)["step"] == 3
+    assert [e["step"] for e in validation_events(_events(manager, run))] == [0, 2]
+    manager.listeners.remove(stop_at_last)
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done"
+    assert [e["step"] for e in _events(manager, run) if e["type"] == "validation"] == [0, 2, 3]
+    assert best_validation(_events(manager, run))["step"] in (2, 3)
+
+
+def test_the_held_out_files_are_kept_by_name_with_their_crop(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.training.validation import PLAN_FILE, ValidationPlan
+
+    files = [f"f{i}.wav" for i in range(10)]
+    plan = ValidationPlan.load_or_create(tmp_path, files, 3, random.Random(1), 40, True)
+    again = ValidationPlan.load_or_create(tmp_path, files, 3, random.Random(99), 80, False)  # read, not chosen
+    assert again == plan and json.loads((tmp_path / PLAN_FILE).read_text())["files"] == plan.files
+    grown = ["a-new-file.wav"] + files  # a file added before a resume shifts every index
+    train, held, gone = plan.indices(grown)
+    assert [grown[i] for i in held] == plan.files and 0 in train and not gone
+    train, held, gone = plan.indices([f for f in files if f != plan.files[0]])
+    assert gone == [plan.files[0]] and len(held) == 2
+    assert ValidationPlan.load_or_create(tmp_path / "none", files, 0, random.Random(1), 40, True) is None
+
+    trainer = Trainer(_config(dataset, fixtures_dir, validation_items=1), tmp_path / "run", "r", EventLogStub(),
+                      _provider(tiny))
+    trainer.setup()
+    try:
+        saved = json.loads((tmp_path / "run" / PLAN_FILE).read_text())
+        assert saved["files"] == [trainer.items[trainer.validation_ids[0]][0]]
+        assert saved["crop_latents"] == trainer.crop_latents and saved["random_crop"] is True
+    finally:
+        trainer.release_model()
+    saved["crop_latents"] = 1  # a resume with another crop_seconds still scores the crop the run started with
+    (tmp_path / "run" / PLAN_FILE).write_text(json.dumps(saved))
+    trainer = Trainer(_config(dataset, fixtures_dir, validation_items=1, crop_seconds=0.01), tmp_path / "run", "r",
+                      EventLogStub(), _provider(tiny))
+    trainer.setup()
+    try:
+        trainer.validate()
+        assert trainer.validation.x0.shape[-1] == 1 and trainer.crop_latents != 1
+    finally:
+        trainer.release_model()
+
+
+def test_only_rank_0_scores_and_it_scores_its_own_share_of_a_batch_at_a_time():
+    from sa3_lora_studio.training.distributed import DistributedTrainer, rank_rows
+
+    trainer = DistributedTrainer.__new__(DistributedTrainer)
+    trainer.rank, trainer.rows = 0, rank_rows(8, 0, 4)
+    assert trainer.is_main and trainer.validation_batch == 2
+    trainer.rank = 1
+    assert not trainer.is_main
 
 
 def test_the_best_checkpoint_is_the_scored_one_with_the_lowest_loss():
@@ -166,7 +239,7 @@ def test_a_resumed_run_may_score_more_often_but_not_hold_out_other_items(tmp_pat
         manager.registry.amend(run, {"validation_items": 2}, more_steps=2)
     manager.control(run, "restart", changes={"validation_every": 1}, more_steps=2)
     assert manager.wait(run, 300)["status"] == "done"
-    assert [e["step"] for e in validation_events(_events(manager, run))] == [0, 2, 3, 4]
+    assert [e["step"] for e in _events(manager, run) if e["type"] == "validation"] == [0, 2, 3, 4]  # 2 once
 
     assert runs_cli(tmp_path / "runs", "show", run) == 0  # the command line names the best checkpoint too
     shown = json.loads(capsys.readouterr().out)

@@ -389,6 +389,14 @@ def test_page_opened_mid_run_shows_history_and_live_events_appear_without_reload
     demo = write_demo(registry.run_dir(live), step + 10, 0, DEMO_SETTINGS[0])
     feed.put({"type": "demo", **demo})
     browser.wait(f"document.querySelector('.sa3-demo')?.dataset.step === '{step + 10}'")
+    # a checkpoint and its validation score: the orange curve and the best checkpoint follow without a reload
+    rel = f"checkpoints/live-strings-step={step + 10:06d}.safetensors"
+    feed.put({"type": "checkpoint", "step": step + 10, "path": rel, "state_path": rel.replace(".safetensors", ".state.pt")})
+    feed.put({"type": "validation", "step": step + 10, "loss": 0.0123, "levels": [[0.5, 0.0123]], "items": 1})
+    browser.wait("!document.querySelector('.sa3-best').hidden")
+    assert f"Lowest validation loss 0.0123 at step {step + 10}" in browser.eval(
+        "document.querySelector('.sa3-best').textContent")
+    assert series(browser, "loss")[-1]["name"] == "validation"
     assert len([p for _, p in site.requests if "/events" in p]) == reads, "live events must not poll the route"
 
     # a run submitted while the page is open (from a node) shows up from its first event

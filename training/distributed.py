@@ -101,6 +101,10 @@ class DistributedTrainer(Trainer):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def validation_batch(self) -> int:
+        return max(1, self.rows.stop - self.rows.start)  # this rank's rows: what its training step holds
+
     def setup(self) -> None:
         super().setup()
         with torch.no_grad():  # identical start on every rank, whatever each one initialised or resumed

@@ -31,7 +31,7 @@ from .events import EventLog
 from .preflight import check_trainable, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
-from .validation import build_validation_set, noise_levels, score, split_items
+from .validation import PLAN_FILE, ValidationPlan, build_validation_set, noise_levels, score
 from .worker import RunControl
 
 CREATED_BY = "sa3-lora-studio"
@@ -200,11 +200,6 @@ class Trainer:
                                              "trained on the base model")
         self.dataset = open_dataset(c, self.model)
         self.items = self.dataset.prompt_items()
-        # held out of every batch, the same items after any resume (`validation.py`; open_dataset checked the count)
-        self.train_ids, self.validation_ids = split_items(len(self.dataset), c.validation_items,
-                                                          random.Random(derive_seed(c.seed, "validation")))
-        self.validation = None  # the held-out items' crops, noise and prompts, built at the first evaluation
-        self.validated_step = None  # the global step last scored (kept in the training state)
         prompt_config = dict(c.prompt_config)
         if c.trigger_word and not prompt_config.get("trigger"):
             prompt_config["trigger"] = c.trigger_word
@@ -215,6 +210,7 @@ class Trainer:
             self.log.emit("warning", message=f"crop_seconds {c.crop_seconds:g} is longer than this model's maximum "
                           f"of {self.crop_latents / self.model.config.latent_rate:.3g} s; training crops are capped there")
         self.shift = schedules.training_shift_from_config(self.model.config.diffusion)
+        self.hold_out_items()
 
         resume = self.find_resume_point()
         if c.continue_from and resume is not None and not Path(c.continue_from).is_file():
@@ -262,6 +258,28 @@ class Trainer:
             self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
         if self.registry is not None:  # a continued file sets type and rank, whatever the config said
             self.registry.update(self.run_id, adapter_type=adapter.adapter_type, rank=adapter.rank)
+
+    def hold_out_items(self) -> None:
+        """Split the dataset into training items and the held-out items of validation (`ValidationPlan`: chosen at
+        the run's first start, kept in its folder by file, so files added later train and a resume with another
+        crop scores the same crops). Held-out files gone from the dataset are named in a warning."""
+        c = self.config
+        plan = ValidationPlan.load_or_create(self.folder, [r for r, _ in self.items], c.validation_items,
+                                             random.Random(derive_seed(c.seed, "validation")), self.crop_latents,
+                                             c.crop_from == "random", write=self.is_main)
+        self.validation_plan = plan
+        self.validation = None  # the held-out items' crops, noise and prompts, built at the first evaluation
+        self.validated_step = None  # the global step last scored (kept in the training state)
+        if plan is None:
+            self.train_ids, self.validation_ids = list(range(len(self.items))), []
+            return
+        self.train_ids, self.validation_ids, gone = plan.indices([r for r, _ in self.items])
+        if gone:
+            self.log.emit("warning", message=f"{len(gone)} held-out file(s) are no longer in the dataset and are "
+                          f"not scored: {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
+        if not self.train_ids:
+            raise RunError(f"RunConfig.validation_items: every file of {c.dataset} is held out for validation; "
+                           f"remove {self.folder / PLAN_FILE} to choose again")
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -428,9 +446,10 @@ class Trainer:
         c, device = self.config, self.device
         if self.validation is None:
             prompts = batch_prompts(self.items, self.validation_ids, self.prompt_config, c.seed, 0)
+            plan = self.validation_plan
             self.validation = build_validation_set(
-                self.dataset, self.validation_ids, self.crop_latents, c.crop_from == "random", prompts,
-                self.model.config.latent_rate, lambda i, label: derive_seed(c.seed, i, label))
+                self.dataset, self.validation_ids, plan.crop_latents, plan.random_crop, prompts,
+                self.model.config.latent_rate, lambda i, label: derive_seed(c.seed, self.items[i][0], label))
         v = self.validation
 
         def per_item_loss(rows: slice, t: float) -> torch.Tensor:
@@ -442,22 +461,35 @@ class Trainer:
                                             v.seconds[rows], None, False, c.mask_loss_weight, tree=self.view)
             return result.per_item.float().cpu()
 
-        return score(v, per_item_loss, c.batch_size, noise_levels(), stop_requested)
+        return score(v, per_item_loss, self.validation_batch, noise_levels(), stop_requested)
 
-    def validate_if_due(self, control: RunControl) -> None:
+    @property
+    def validation_batch(self) -> int:
+        """Held-out items per no-grad forward: the items of one training step (DistributedTrainer: of one rank's
+        share, since only rank 0 scores), so scoring never needs more memory than training."""
+        return self.config.batch_size
+
+    def validate_if_due(self, control: RunControl) -> bool:
         """Score the held-out items at step 0 (the baseline), every `validation_every` steps (0: with each
         checkpoint) and at the last step, before that step's checkpoint is written, so that its state records the
         step as scored and a run resumed there does not score it again. A stop cancels a score in progress (the
-        resumed run scores that step)."""
+        resumed run scores that step): returns True when that happened. A failure saves the last step first, as a
+        failing training step does."""
         c = self.config
         if not (self.is_main and self.validation_ids) or self.validated_step == self.global_step:
-            return
+            return False
         if self.step % (c.validation_every or c.checkpoint_every) and self.step != c.steps:
-            return
-        scored = self.validate(self.stop_asked(control))
-        if scored is not None:
-            self.validated_step = self.global_step
-            self.log.emit("validation", step=self.global_step, items=len(self.validation_ids), **scored)
+            return False
+        try:
+            scored = self.validate(self.stop_asked(control))
+        except Exception:
+            self.checkpoint_before_failing()
+            raise
+        if scored is None:
+            return True
+        self.validated_step = self.global_step
+        self.log.emit("validation", step=self.global_step, items=len(self.validation_ids), **scored)
+        return False
 
     checkpoint_on_failure = True  # DistributedTrainer: False (its checkpoint needs every rank, which may be gone)
     _updating = False  # True while the parameters move: a failure then leaves no consistent step to save
@@ -589,7 +621,7 @@ class Trainer:
         demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
                       if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
         while True:
-            self.validate_if_due(control)  # the baseline, or a step whose score a stop cancelled
+            cancelled = self.validate_if_due(control)  # the baseline, or a step whose score a stop cancelled
             dropped = False  # a stop between two demos drops the step's demos (a restart renders them)
             if self.is_main and c.demo_every and self.global_step % c.demo_every == 0 \
                     and self.global_step not in demos_done:
@@ -599,8 +631,8 @@ class Trainer:
                     demos_done.add(self.global_step)
                 set_status("training")
             if self.step >= c.steps:
-                if dropped:  # the final step is saved already; "stopped", so that a restart renders its demos
-                    set_status("stopped")
+                if dropped or cancelled:  # the final step is saved already; "stopped", so that a restart renders
+                    set_status("stopped")  # its demos and scores it
                     return "stopped"
                 break
             if self.at_step_boundary(control, set_status):

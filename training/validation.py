@@ -2,11 +2,12 @@
 
 The training loss moves with each step's random t, noise, crop and mask, so its curve cannot say when a run starts
 to learn its dataset by heart. A run with `validation_items` > 0 keeps that many items out of its batches (a seeded
-choice, the same after every resume) and scores them every `validation_every` steps (0: at each checkpoint), and at
-the start as the baseline: the training objective's full-generation task at the centres of the loss-by-noise-level
-bins, each item with its own fixed crop, prompt and noise, no CFG dropout. Every evaluation sees the same inputs,
-so the curve moves only with the adapter: a rising validation loss under a falling training loss is overfitting,
-and the checkpoint at its lowest point is the one to keep (`best_validation`).
+choice kept in the run folder by file, `ValidationPlan`: the same after every resume) and scores them every
+`validation_every` steps (0: at each checkpoint), and at the start as the baseline: the training objective's
+full-generation task at the centres of the loss-by-noise-level bins, each item with its own fixed crop, prompt and
+noise, no CFG dropout. Every evaluation sees the same inputs, so the curve moves only with the adapter: a rising
+validation loss under a falling training loss is overfitting, and the checkpoint at its lowest point is the one to
+keep (`best_validation`).
 
 Nothing here draws from the training's random streams or changes the adapter, so a run with validation trains
 exactly as one without it on the same items.
@@ -31,6 +32,49 @@ def split_items(n_items: int, count: int, rng: random.Random) -> tuple[list[int]
     held = sorted(rng.sample(range(n_items), count))
     kept = set(held)
     return [i for i in range(n_items) if i not in kept], held
+
+
+PLAN_FILE = "validation.json"  # in the run folder: which files are held out, and their crop
+
+
+@dataclass
+class ValidationPlan:
+    """What a run holds out, fixed at its first start and kept in its folder: the files by dataset path (files added
+    to the dataset later train; a held-out file stays held out) and the crop they are scored at (a resume may change
+    crop_seconds or crop_from for training; the scores stay comparable)."""
+
+    files: list[str]
+    crop_latents: int
+    random_crop: bool
+
+    @classmethod
+    def load_or_create(cls, folder, relpaths: list[str], count: int, rng: random.Random, crop_latents: int,
+                       random_crop: bool, write: bool = True) -> ValidationPlan | None:
+        """The run's plan from folder/PLAN_FILE, else a new one (`split_items` over relpaths, the dataset's files in
+        index order) written there when `write`; None when count is 0 and no plan exists."""
+        import json
+        from pathlib import Path
+
+        from .runs import atomic_write_json
+
+        path = Path(folder) / PLAN_FILE
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(list(data["files"]), int(data["crop_latents"]), bool(data["random_crop"]))
+        if count == 0:
+            return None
+        _, held = split_items(len(relpaths), count, rng)
+        plan = cls([relpaths[i] for i in held], crop_latents, random_crop)
+        if write:
+            atomic_write_json(path, {"files": plan.files, "crop_latents": crop_latents, "random_crop": random_crop})
+        return plan
+
+    def indices(self, relpaths: list[str]) -> tuple[list[int], list[int], list[str]]:
+        """(training indices, held-out indices, held-out files no longer in the dataset) for the dataset's files."""
+        where = {r: i for i, r in enumerate(relpaths)}
+        held = sorted(where[f] for f in self.files if f in where)
+        kept = set(held)
+        return [i for i in range(len(relpaths)) if i not in kept], held, [f for f in self.files if f not in where]
 
 
 def noise_levels(bins: int = 5) -> list[float]:
@@ -112,5 +156,5 @@ def best_validation(events: list[dict]) -> dict | None:
     return {"step": best["step"], "loss": best["loss"], "path": checkpoints[best["step"]]["path"]}
 
 
-__all__ = ["ValidationSet", "best_validation", "build_validation_set", "noise_levels", "score", "split_items",
-           "validation_events"]
+__all__ = ["PLAN_FILE", "ValidationPlan", "ValidationSet", "best_validation", "build_validation_set", "noise_levels",
+           "score", "split_items", "validation_events"]

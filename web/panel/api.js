@@ -1,8 +1,8 @@
 // Every request and event subscription the panel makes: the /sa3/... routes and the `sa3.<type>` websocket events.
 // A transport hides where they come from: ComfyUI's `api` object inside ComfyUI, plain fetch in a standalone page.
 
-export const EVENT_TYPES = ["status", "step", "checkpoint", "demo", "reference", "error", "warning", "deleted",
-  "loss_scale"];
+export const EVENT_TYPES = ["status", "step", "checkpoint", "demo", "reference", "validation", "error", "warning",
+  "deleted", "loss_scale"];
 
 /** Transport over ComfyUI's `api` (scripts/api.js): fetchApi prefixes /api, events arrive as CustomEvent.detail,
  * and "reconnected" fires after the websocket comes back (we then catch up from the events route). */
