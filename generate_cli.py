@@ -104,6 +104,8 @@ def check_numbers(args) -> None:
         raise ValueError(f"--cfg {args.cfg}: must be 0 or more")
     if not 0 < args.init_noise_level <= 1:
         raise ValueError(f"--init-noise-level {args.init_noise_level}: must be in (0, 1] (1 ignores the init audio)")
+    if args.loudness is not None and not -70 <= args.loudness <= 0:
+        raise ValueError(f"--loudness {args.loudness}: give a loudness in LUFS between -70 and 0 (e.g. -18)")
     lo, hi = args.lora_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--lora-interval {lo:g} {hi:g}: give LO HI with 0 <= LO <= HI <= 1 (noise levels, 1 = pure "
@@ -112,6 +114,7 @@ def check_numbers(args) -> None:
 
 def run_generate(args) -> int:
     from .encoding.audio_write import write_audio
+    from .encoding.loudness import normalize_loudness
     from .sa3.generate import continuation_region, generate, parse_regions, resolve_seed, sampling_defaults
     from .sa3.model import load_model
     from .training.trainer import pick_device
@@ -174,10 +177,13 @@ def run_generate(args) -> int:
             print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
         for i, path in enumerate(prompt_paths):
             path.parent.mkdir(parents=True, exist_ok=True)
-            written = write_audio(path, audio[i].numpy(), rate, path.suffix.lower()[1:])
+            samples, level = audio[i].numpy(), {}
+            if args.loudness is not None:  # takes compared by sound, not level (the demos' rule)
+                samples, level = normalize_loudness(samples, rate, args.loudness)
+            written = write_audio(path, samples, rate, path.suffix.lower()[1:])
             print(json.dumps({"file": str(written), "seconds": round(audio.shape[-1] / rate, 3), "batch_index": i,
-                              **({"prompt_index": p} if len(prompts) > 1 else {}), "prompt": prompt, **common}),
-                  flush=True)
+                              **({"prompt_index": p} if len(prompts) > 1 else {}), "prompt": prompt, **common,
+                              **level}), flush=True)
     return 0
 
 
@@ -217,6 +223,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--paste-back", action="store_true", help="with --inpaint: put the source's latents back outside "
                    "the regions after sampling (the decoder still renders them, so the audio there is close to, not "
                    "bit-equal to, the source)")
+    p.add_argument("--loudness", type=float, default=None, metavar="LUFS",
+                   help="bring each take to this loudness (EBU R128, e.g. -18; peaks kept under -1 dBFS), so takes "
+                        "of different checkpoints compare by sound, not level; the JSON line keeps the level as "
+                        "generated (loudness_lufs) and the gain")
     p.add_argument("--out", default="sa3-take.flac", help="output file; its extension picks the format "
                    "(.wav .flac .mp3 .opus); a batch writes <name>_<i>")
     p.set_defaults(func=run_generate)

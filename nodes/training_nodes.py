@@ -277,6 +277,10 @@ class SA3TrainingOptions:
             "validation_every": ("INT", {"default": d("validation_every"), "min": 0, "max": 100000, "tooltip":
                                  "Steps between validation scores (0 = with each checkpoint, so every checkpoint "
                                  "has one)."}),
+            "demo_loudness": ("FLOAT", {"default": d("demo_loudness"), "min": -70.0, "max": 0.0, "step": 0.5,
+                              "tooltip": "Loudness (LUFS, EBU R128) every demo and dataset clip is brought to, "
+                              "peaks kept under -1 dBFS, so checkpoints are compared by sound rather than level "
+                              "(each demo's settings keep its level as generated). 0 = as generated."}),
         }}
 
     RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)
@@ -287,7 +291,7 @@ class SA3TrainingOptions:
 
     def options(self, include, exclude, warmup_steps, weight_decay, beta1, beta2, grad_clip, dropout, crop_from,
                 timestep_sampler, ot_coupling, cfg_dropout, inpaint_segments, inpaint_full, inpaint_causal,
-                mask_loss_weight, arc_model, validation_items=0, validation_every=0):
+                mask_loss_weight, arc_model, validation_items=0, validation_every=0, demo_loudness=-18.0):
         from ..training.runs import RunConfig, RunError
 
         weights = (inpaint_segments, inpaint_full, inpaint_causal)
@@ -300,7 +304,8 @@ class SA3TrainingOptions:
                    "crop_from": crop_from, "timestep_sampler": timestep_sampler, "ot_coupling": ot_coupling, "cfg_dropout": cfg_dropout,
                    "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
                    "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None,
-                   "validation_items": validation_items, "validation_every": validation_every}
+                   "validation_items": validation_items, "validation_every": validation_every,
+                   "demo_loudness": demo_loudness or None}
         try:
             RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
         except RunError as e:

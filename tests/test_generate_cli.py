@@ -91,6 +91,8 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
         (["--lora", str(tmp_path / "noise.wav") + "@abc"], "the strength after '@' must be a number"),
         (["--variant", "arc"], "--variant arc picks a pack's variant; .* is a model folder"),
         (["--prompts-file", str(tmp_path / "noise.wav")], "not both"),
+        (["--loudness", "3"], "--loudness 3.0: give a loudness in LUFS"),
+        (["--loudness", "nan"], "--loudness nan"),
     ]
     for extra, message in cases:
         assert main(["generate", model, "--prompt", "x", "--device", "cpu", *extra]) == 2, extra
@@ -133,3 +135,23 @@ def test_a_prompts_file_renders_every_prompt_with_the_same_seed_and_settings(fix
         expected, _ = generate(model, line["prompt"], duration=0.02, seed=9, steps=2)
         np.testing.assert_allclose(sf.read(line["file"], always_2d=True)[0].T, _pcm24(expected[0].double().numpy()),
                                    atol=2**-22)
+
+
+@pytest.mark.filterwarnings("ignore:duration")
+def test_takes_at_a_loudness_are_the_takes_scaled_by_the_gain_they_name(fixtures_dir, tmp_path, capsys):
+    from sa3_lora_studio.encoding.loudness import integrated_loudness
+
+    args = [str(fixtures_dir / "tiny-small"), "--prompt", "a bell", "--duration", "0.02", "--steps", "2", "--seed",
+            "5", "--batch", "2", "--device", "cpu"]
+    assert main(["generate", *args, "--out", str(tmp_path / "raw.wav")]) == 0
+    raw = _lines(capsys)
+    assert main(["generate", *args, "--loudness", "-20", "--out", str(tmp_path / "even.wav")]) == 0
+    even = _lines(capsys)
+    for before, after in zip(raw, even):
+        heard, rate = sf.read(after["file"], dtype="float64", always_2d=True)
+        took, _ = sf.read(before["file"], dtype="float64", always_2d=True)
+        assert after["loudness_lufs"] == pytest.approx(integrated_loudness(took.T, rate), abs=0.01)
+        assert "loudness_lufs" not in before
+        np.testing.assert_allclose(heard, _pcm24(took * 10 ** (after["gain_db"] / 20)), atol=2**-21)
+        assert integrated_loudness(heard.T, rate) == pytest.approx(-20, abs=0.05) or \
+            20 * np.log10(np.abs(heard).max()) == pytest.approx(-1, abs=0.01)

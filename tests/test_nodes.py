@@ -219,6 +219,10 @@ def test_training_options_reach_the_run_and_a_pattern_matching_no_layer_is_refus
     (defaults,) = run_node("SA3TrainingOptions", **_widget_defaults("SA3TrainingOptions"))
     official = RunConfig(dataset="-")
     assert RunConfig(dataset="-", **defaults) == official  # the node's defaults are the schema's
+    (raw,) = run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "demo_loudness": 0.0})
+    assert defaults["demo_loudness"] == -18.0 and raw["demo_loudness"] is None  # 0: demos as generated
+    with pytest.raises(ValueError, match="demo_loudness"):
+        RunConfig(dataset="-", demo_loudness=3.0)
     with pytest.raises(ValueError, match="all 0"):
         run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "inpaint_segments": 0.0,
                                           "inpaint_full": 0.0, "inpaint_causal": 0.0})

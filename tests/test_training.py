@@ -124,7 +124,18 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
     assert manager.registry.latest_checkpoint(run)["step"] <= max(step, 1) + 1
 
 
+def assert_at_demo_loudness(audio, rate: int, settings: dict, target: float) -> None:
+    """A written clip [C, N] is at the run's demo loudness, or as close as a -1 dBFS peak allowed."""
+    from sa3_lora_studio.encoding.loudness import integrated_loudness
+
+    loudness, peak_db = integrated_loudness(audio, rate), 20 * math.log10(abs(audio).max())
+    assert loudness == pytest.approx(target, abs=0.05) or (loudness < target and peak_db == pytest.approx(-1, abs=0.01))
+    assert settings["loudness_lufs"] == pytest.approx(loudness - settings["gain_db"], abs=0.05)
+
+
 def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, tiny, dataset, fixtures_dir):
+    from sa3_lora_studio.encoding.loudness import integrated_loudness
+
     demos = [DemoSpec("warm bass drone", False, 3.0, steps=2, seed=1, duration=0.01),
              DemoSpec(None, True, 1.0, steps=2, seed=2, duration=0.01), DemoSpec("", False, 1.0, steps=2, duration=0.01)]
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
@@ -139,6 +150,7 @@ def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, t
             assert (folder / "demos" / f"step_{step:06d}" / f"demo_{i}.png").stat().st_size > 100
             settings = json.loads((folder / "demos" / f"step_{step:06d}" / f"demo_{i}.json").read_text())
             assert settings["arc"] == (i == 1) and settings["steps"] == 2
+            assert_at_demo_loudness(audio.T, rate, settings, -18.0)
     events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
     assert sum(e["type"] == "demo" for e in events) == 6
     assert not any(e["type"] == "warning" for e in events)
@@ -154,7 +166,10 @@ def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, t
                                    sampler="pingpong", loras=loras)
         heard = torch.from_numpy(sf.read(demo / "demo_1.flac", dtype="float32")[0]).T
         assert expected[0].abs().max() > 1e-2
-        assert torch.allclose(heard, expected[0], atol=atol), (step, (heard - expected[0]).abs().max())
+        gain = 10 ** (settings["gain_db"] / 20)  # what the demo was as generated, brought to the demo loudness
+        assert settings["loudness_lufs"] == pytest.approx(integrated_loudness(expected[0].numpy(), 44100), abs=0.05)
+        assert torch.allclose(heard, expected[0] * gain, atol=atol * max(1, gain)), \
+            (step, (heard - expected[0] * gain).abs().max())
 
     # the dataset clips beside the demos: each the start of a file at the crop length, through the autoencoder
     references = [e for e in events if e["type"] == "reference"]
@@ -169,8 +184,10 @@ def test_demos_write_audio_spectrogram_and_settings_for_base_and_arc(tmp_path, t
         item = index_of[e["settings"]["file"]]
         crop = max(1, round(0.017 * tiny.config.latent_rate))
         z, mask, _ = data.item(item, crop)
-        expected = tiny.decode_latents(torch.from_numpy(z[:, :int(mask.sum())].copy())[None])[0]
-        assert heard.shape == expected.shape and torch.allclose(heard, expected.clamp(-1, 1), atol=1e-4)
+        expected = tiny.decode_latents(torch.from_numpy(z[:, :int(mask.sum())].copy())[None])[0].clamp(-1, 1)
+        gain = 10 ** (e["settings"]["gain_db"] / 20)
+        assert_at_demo_loudness(heard.numpy(), 44100, e["settings"], -18.0)
+        assert heard.shape == expected.shape and torch.allclose(heard, expected * gain, atol=1e-4 * max(1, gain))
         assert e["settings"]["prompt"] in ("warm bass drone", "bright bell tone", "noisy snare")
     assert sorted(e["settings"]["file"] for e in references) == sorted(index_of)
 
@@ -861,6 +878,7 @@ def test_lora_dropout_acts_in_training_only_and_a_resumed_run_draws_the_same_mas
 @pytest.mark.parametrize("mode", ["inpaint", "continue"])
 def test_inpaint_and_continue_demos_fill_in_a_fixed_dataset_clip(tmp_path, tiny, dataset, fixtures_dir, mode):
     from sa3_lora_studio.encoding.dataset import load_dataset
+    from sa3_lora_studio.encoding.loudness import integrated_loudness
 
     demos = [{"prompt": None, "steps": 2, "seed": 3, "duration": 0.05, "mode": mode}]
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
@@ -884,7 +902,10 @@ def test_inpaint_and_continue_demos_fill_in_a_fixed_dataset_clip(tmp_path, tiny,
     expected, rate = tiny.generate(first["prompt"], duration=duration, seed=3, steps=2, cfg_scale=7.0,
                                    inpaint_latents=source, inpaint_regions=[tuple(first["region"])])
     heard = torch.from_numpy(sf.read(folder / "step_000000" / "demo_0.wav", dtype="float32")[0]).T
-    assert heard.shape == expected[0].shape and torch.allclose(heard, expected[0], atol=1e-3)
+    gain = 10 ** (first["gain_db"] / 20)  # brought to the run's demo loudness, the gain on record
+    assert first["gain_db"] != 0 and first["loudness_lufs"] == pytest.approx(
+        integrated_loudness(expected[0].numpy(), rate), abs=0.01)
+    assert heard.shape == expected[0].shape and torch.allclose(heard, expected[0] * gain, atol=1e-3 * max(1, gain))
 
 
 def test_a_dataset_clip_sounds_the_same_every_round_through_a_noisy_decoder(tiny, dataset):

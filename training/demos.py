@@ -1,6 +1,7 @@
 """Demos during training: every `demo_every` steps (and at step 0, the base model's baseline), render each demo of
 the run with the adapter as it is now, on the base model (Euler) or the ARC model (ping-pong), and write
-`demos/step_<S>/demo_<i>.flac` (or .wav/.mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings `.json`.
+`demos/step_<S>/demo_<i>.flac` (or .wav/.mp3/.opus: `RunConfig.demo_format`) + a tinted spectrogram `.png` + the settings
+`.json`, every clip at `RunConfig.demo_loudness` (`write_clip`).
 Before the first demos, a few dataset clips are written to `demos/reference/` to compare with (`render_references`).
 
 Demos reuse the loaded model and apply the adapter as a private view that computes the adapter path beside the shared
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..encoding import batch_prompts
 from ..encoding.audio_write import write_audio
+from ..encoding.loudness import normalize_loudness
 from ..sa3.config import ConfigError
 from ..sa3.loading import CheckpointError
 from ..sa3.packs import PackError
@@ -99,17 +101,30 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
                                              "skip_first_steps": spec.lora_skip_first_steps}],
                                      adapter_memory="low",  # no merged copy of the weights beside training's
                                      callback=check_stop, **extra)
-    wav = audio[0]
-    audio_name = write_audio(folder / f"demo_{i}", wav.float().numpy(), rate, trainer.config.demo_format).name
-    spectrogram_png(wav, rate, folder / f"demo_{i}.png")
+    audio_name, level = write_clip(folder, f"demo_{i}", audio[0], rate, trainer.config)
     settings = {"prompt": prompt, "arc": spec.arc, "cfg": cfg, "steps": steps, "seed": spec.seed,
                 "duration": duration, "lora_strength": spec.lora_strength,
-                "lora_skip_first_steps": spec.lora_skip_first_steps, "step": step}
+                "lora_skip_first_steps": spec.lora_skip_first_steps, "step": step, **level}
     if source is not None:
         settings |= {"mode": spec.mode, "source_file": trainer.items[item][0],
                      "region": list(extra["inpaint_regions"][0])}
     atomic_write_json(folder / f"demo_{i}.json", settings)
     return i, audio_name, settings
+
+
+def write_clip(folder: Path, stem: str, wav, rate: int, config) -> tuple[str, dict]:
+    """A demo or dataset clip wav [C, N] (a tensor, full scale 1.0) at `rate` Hz as folder/stem.<demo_format> and its
+    tinted spectrogram folder/stem.png, brought to `config.demo_loudness` LUFS first (`normalize_loudness`: every
+    clip of the run at one loudness, so checkpoints are compared by sound, not level). Returns (the audio file's
+    name, {"loudness_lufs": as generated, "gain_db": applied}; {} when demo_loudness is None)."""
+    import torch
+
+    samples, level = wav.float().numpy(), {}
+    if config.demo_loudness is not None:
+        samples, level = normalize_loudness(samples, rate, config.demo_loudness)
+    name = write_audio(folder / stem, samples, rate, config.demo_format).name
+    spectrogram_png(torch.from_numpy(samples), rate, folder / f"{stem}.png")
+    return name, level
 
 
 def release_arc_model(trainer) -> None:
@@ -165,10 +180,9 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
         for i, item in enumerate(picked):
             wav = dataset_clip(trainer, trainer.model, item, trainer.crop_latents)
             rate = trainer.model.sample_rate
-            audio_name = write_audio(tmp / f"ref_{i}", wav.numpy(), rate, c.demo_format).name
-            spectrogram_png(wav, rate, tmp / f"ref_{i}.png")
+            audio_name, level = write_clip(tmp, f"ref_{i}", wav, rate, c)
             settings = {"prompt": batch_prompts(trainer.items, [item], trainer.prompt_config, c.seed, 0)[0],
-                        "file": trainer.items[item][0], "duration": wav.shape[-1] / rate, "reference": True}
+                        "file": trainer.items[item][0], "duration": wav.shape[-1] / rate, "reference": True, **level}
             atomic_write_json(tmp / f"ref_{i}.json", settings)
             written.append((i, audio_name, settings))
         tmp.rename(folder)

@@ -39,7 +39,7 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
-                   "demo_format", "arc_model", "validation_every")
+                   "demo_format", "demo_loudness", "arc_model", "validation_every")
 
 
 class RunError(ValueError):
@@ -167,6 +167,7 @@ class RunConfig:
     validation_every: int = 0  # steps between validation scores; 0 = with each checkpoint
     demos: tuple[DemoSpec, ...] = ()
     demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, wav, mp3 or opus
+    demo_loudness: float | None = -18.0  # LUFS every demo and dataset clip is brought to (peaks <= -1 dBFS); None: raw
     seed: int = 0
     continue_from: str | None = None
     reset_step: bool = False
@@ -227,6 +228,9 @@ class RunConfig:
             check_output_format(self.demo_format, "RunConfig.demo_format")
         except ValueError as e:
             raise RunError(str(e)) from None
+        if self.demo_loudness is not None and not -70 <= self.demo_loudness <= 0:
+            bad("demo_loudness", f"{self.demo_loudness} must be in [-70, 0] LUFS (-18 is a comfortable listening "
+                                 "level), or null for the demos as generated")
         if not 0 < self.lr < float("inf"):
             bad("lr", f"{self.lr} must be a finite number > 0")
         if self.alpha is not None and not self.alpha > 0:

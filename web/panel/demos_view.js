@@ -22,7 +22,18 @@ function settingsText(s = {}) {
   if (s.duration) parts.push(`${Number(s.duration).toFixed(1)} s`);
   if (s.lora_strength !== undefined && s.lora_strength !== 1) parts.push(`strength ${s.lora_strength}`);
   if (s.lora_skip_first_steps) parts.push(`LoRA off for ${s.lora_skip_first_steps} step${s.lora_skip_first_steps > 1 ? "s" : ""}`);
+  const level = levelText(s);
+  if (level) parts.push(level);
   return parts.join(" · ");
+}
+
+/** The clip's level as generated and the gain that brought it to the run's demo loudness (training/demos.py
+ * `write_clip`), or "" for a run that keeps demos as generated. */
+function levelText(s) {
+  if (s.loudness_lufs === undefined) return "";
+  if (s.loudness_lufs === null) return "silent";
+  const gain = Number(s.gain_db || 0);
+  return `${Number(s.loudness_lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB` : ""}`;
 }
 
 function promptText(prompt) {
@@ -84,8 +95,8 @@ export function mount(root, store, { useCheckpoint }) {
     c.appendChild(el("h4", null, reference ? `Clip ${n}` : `Demo ${n}`));
     const prompt = c.appendChild(el("p", "sa3-demo-prompt", promptText(s.prompt)));
     prompt.title = prompt.textContent;
-    const detail = reference ? `${s.file || ""}${s.duration ? ` · ${Number(s.duration).toFixed(1)} s` : ""}`
-      : settingsText(s);
+    const detail = reference ? [s.file || "", s.duration ? `${Number(s.duration).toFixed(1)} s` : "", levelText(s)]
+      .filter(Boolean).join(" · ") : settingsText(s);
     c.appendChild(el("p", "sa3-demo-settings", detail)).title = detail;
     if (demo.image) {
       const wrap = c.appendChild(el("div", "sa3-spec"));
