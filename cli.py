@@ -39,13 +39,15 @@ def _cmd_download(args) -> int:
 
 
 def _cmd_packs(args) -> int:
-    from .sa3.packs import PACKS, local_packs
+    from .sa3.packs import PACKS, local_packs, other_model_folders
 
     have = {(p, v): f for p, v, f in local_packs(args.models_dir)}
     for pack in PACKS.values():
         for variant in ("base", "arc"):
             where = have.get((pack.name, variant))
             print(f"{pack.name:16} {variant:4}  {pack.repo(variant):44} {where or '(not downloaded)'}")
+    for name, variant, folder in other_model_folders(args.models_dir):  # e.g. the quickstart's tiny model
+        print(f"{name:16} {variant:4}  {'(a model folder: load it by its path)':44} {folder}")
     return 0
 
 

@@ -129,6 +129,18 @@ class SA3ComposePrompts:
             "trigger_percent": ("FLOAT", {"default": 100.0, **pct, "tooltip": "Share of prompts that get the trigger word."}),
             "preview_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The preview shows what "
                                     "training step <seed> sees with run seed 0 (prompt_seed(run_seed, step))."}),
+            # added later: after the first widgets, so workflows saved before them keep their values
+            "hide_commas": ("BOOLEAN", {"default": False, "tooltip": "Tag prompts joined by spaces instead of "
+                            "commas ('rock 120 bpm' instead of 'rock, 120 bpm')."}),
+            "hide_top_folder": ("BOOLEAN", {"default": False, "tooltip": "Path prompts without their first folder "
+                                "(e.g. the collection's name that every file shares)."}),
+            "tag_subset_percent": ("FLOAT", {"default": 50.0, **pct, "tooltip": "Share of tag prompts that keep "
+                                   "only a random part of the tags (so the adapter also answers short prompts)."}),
+            "shuffle_captions": ("BOOLEAN", {"default": False, "tooltip": "With shuffle: shuffle the comma-"
+                                 "separated parts of captions too (for captions that are lists of tags)."}),
+            "fallback": ("BOOLEAN", {"default": True, "tooltip": "A file that has none of the weighted sources "
+                         "(say no caption while only captions are weighted) uses its caption, tags or path, in that "
+                         "order, so no file trains unconditioned by accident; off = an empty prompt for it."}),
         }, "optional": {"dataset": ("SA3_DATASET", {"tooltip": "Connect to preview real prompts from this dataset."})}}
 
     RETURN_TYPES = ("SA3_PROMPT_CONFIG", "STRING")
@@ -139,13 +151,16 @@ class SA3ComposePrompts:
 
     def compose(self, caption_weight, tags_weight, path_weight, fixed_weight, fixed_text, tag_keys, hide_tag_names,
                 split_commas, hide_extension, hide_directories, shuffle, trigger, trigger_percent, preview_seed,
-                dataset=None):
+                hide_commas=False, hide_top_folder=False, tag_subset_percent=50.0, shuffle_captions=False,
+                fallback=True, dataset=None):
         from ..encoding import PromptConfig, load_dataset, preview_prompts
 
         fields = dict(caption_weight=caption_weight, tags_weight=tags_weight, path_weight=path_weight,
                       fixed_weight=fixed_weight, fixed_text=fixed_text, hide_tag_names=hide_tag_names,
                       split_commas=split_commas, hide_extension=hide_extension, hide_directories=hide_directories,
-                      shuffle=shuffle, trigger=trigger, trigger_percent=trigger_percent if trigger else 0.0)
+                      shuffle=shuffle, trigger=trigger, trigger_percent=trigger_percent if trigger else 0.0,
+                      hide_commas=hide_commas, hide_top_folder=hide_top_folder, tag_subset_percent=tag_subset_percent,
+                      shuffle_captions=shuffle_captions, fallback=fallback)
         if tag_keys.strip():
             fields["tag_keys"] = tuple(k.strip() for k in tag_keys.split(",") if k.strip())
         try:

@@ -113,6 +113,16 @@ def local_packs(models_dir: str | Path | None = None) -> list[tuple[str, str, Pa
     return found
 
 
+def other_model_folders(models_dir: str | Path | None = None) -> list[tuple[str, str, Path]]:
+    """(name, variant, folder) for complete model folders in the packs' layout (<name>/<base|arc>/) whose name is
+    no official pack, e.g. the quickstart's tiny model: loadable by their path."""
+    root = Path(models_dir) if models_dir else default_models_dir()
+    if not (root and root.is_dir()):
+        return []
+    return [(d.name, variant, d / variant) for d in sorted(root.iterdir())
+            if d.is_dir() and d.name not in PACKS for variant in VARIANTS if is_complete(d / variant)]
+
+
 def licence_message(repo_id: str) -> str:
     return (f"The Hub refused access to {repo_id}. Stable Audio 3 models are gated: open "
             f"https://huggingface.co/{repo_id}, accept the licence while logged in, then log in here with "

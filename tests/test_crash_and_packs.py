@@ -85,7 +85,7 @@ def test_gated_repo_error_says_to_accept_the_licence(monkeypatch, tmp_path):
         packs.resolve_pack("sa3-small-sfx", "arc", tmp_path)
 
 
-def test_packs_already_on_disk_are_used_offline(monkeypatch, tmp_path, fixtures_dir):
+def test_packs_already_on_disk_are_used_offline(monkeypatch, tmp_path, fixtures_dir, capsys):
     import shutil
 
     import huggingface_hub
@@ -98,3 +98,13 @@ def test_packs_already_on_disk_are_used_offline(monkeypatch, tmp_path, fixtures_
     assert [(p, v) for p, v, _ in packs.local_packs(tmp_path)] == [("sa3-small-music", "base")]
     model = load_model("sa3-small-music", variant="base", models_dir=tmp_path)
     assert model.pack == "sa3-small-music" and model.conditioner.conditioners["prompt"].has_text_encoder
+
+    # a model folder in the same layout under another name (the quickstart's tiny model) is listed, by its path
+    shutil.copytree(fixtures_dir / "tiny-small-arc", tmp_path / "my-tiny" / "arc")
+    (tmp_path / "my-tiny" / "base").mkdir()  # incomplete: not listed
+    assert packs.other_model_folders(tmp_path) == [("my-tiny", "arc", tmp_path / "my-tiny" / "arc")]
+    from sa3_lora_studio.cli import main
+
+    assert main(["packs", "--models-dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "my-tiny          arc   (a model folder: load it by its path)" in listed and str(tmp_path / "my-tiny") in listed

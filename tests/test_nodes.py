@@ -179,8 +179,17 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     config, preview = run_node("SA3ComposePrompts", caption_weight=100.0, tags_weight=0.0, path_weight=0.0,
                                fixed_weight=0.0, fixed_text="", tag_keys="", hide_tag_names=False, split_commas=False,
                                hide_extension=True, hide_directories=False, shuffle=True, trigger="zz",
-                               trigger_percent=100.0, preview_seed=0, dataset=dataset)
+                               trigger_percent=100.0, preview_seed=0, dataset=dataset,
+                               **{k: v for k, v in _widget_defaults("SA3ComposePrompts").items()
+                                  if k in ("hide_commas", "hide_top_folder", "tag_subset_percent", "shuffle_captions",
+                                           "fallback")})
     assert "zz" in preview and "tone number" in preview
+    more = dict(hide_commas=True, hide_top_folder=True, tag_subset_percent=0.0, shuffle_captions=True, fallback=False)
+    (shown, _) = run_node("SA3ComposePrompts", caption_weight=0.0, tags_weight=100.0, path_weight=0.0,
+                          fixed_weight=0.0, fixed_text="", tag_keys="", hide_tag_names=False, split_commas=False,
+                          hide_extension=True, hide_directories=False, shuffle=False, trigger="", trigger_percent=0.0,
+                          preview_seed=0, **more)
+    assert {k: shown[k] for k in more} == more
     run, run_id = run_node("SA3TrainLoRA", model=model, dataset=dataset, name="node run", adapter_type="lora", rank=2,
                            alpha=0.0, targets="all", steps=2, batch_size=1, crop_seconds=0.02, learning_rate=1e-3,
                            checkpoint_every=1, demo_every=0, seed=0, gradient_checkpointing=False,

@@ -288,3 +288,14 @@ def test_inpaint_latent_mask_handles_several_regions_and_zeroes_past_the_duratio
     assert math.isclose(mask.sum().item(), 6)
     with pytest.raises(ValueError, match="start < end"):
         S.inpaint_latent_mask([(2.0, 1.0)], 10, 10 * 44100, 44100)
+
+
+def test_a_region_running_past_the_outputs_end_is_clipped_with_a_warning():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"region \(6, 12\) s runs past the output's end \(8.00 s\)"):
+        past = S.inpaint_latent_mask([(6.0, 12.0)], 10, 10 * 44100, 44100, seconds_total=8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a region that ends at the end (a continuation) is exactly what was asked
+        to_end = S.inpaint_latent_mask([(6.0, 8.0)], 10, 10 * 44100, 44100, seconds_total=8.0)
+    assert torch.equal(past, to_end)
