@@ -104,8 +104,8 @@ def check_numbers(args) -> None:
         raise ValueError(f"--cfg {args.cfg}: must be 0 or more")
     if not 0 < args.init_noise_level <= 1:
         raise ValueError(f"--init-noise-level {args.init_noise_level}: must be in (0, 1] (1 ignores the init audio)")
-    if args.loudness is not None and not -70 <= args.loudness <= 0:
-        raise ValueError(f"--loudness {args.loudness}: give a loudness in LUFS between -70 and 0 (e.g. -18)")
+    if args.loudness is not None and not -70 <= args.loudness <= -1:
+        raise ValueError(f"--loudness {args.loudness}: give a loudness in LUFS between -70 and -1 (e.g. -18)")
     lo, hi = args.lora_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--lora-interval {lo:g} {hi:g}: give LO HI with 0 <= LO <= HI <= 1 (noise levels, 1 = pure "
@@ -224,7 +224,8 @@ def add_generate_parser(sub) -> None:
                    "the regions after sampling (the decoder still renders them, so the audio there is close to, not "
                    "bit-equal to, the source)")
     p.add_argument("--loudness", type=float, default=None, metavar="LUFS",
-                   help="bring each take to this loudness (EBU R128, e.g. -18; peaks kept under -1 dBFS), so takes "
+                   help="bring each take to this loudness (EBU R128, e.g. -18; true peak at most -1 dBTP, gain at most "
+                        "+20 dB), so takes "
                         "of different checkpoints compare by sound, not level; the JSON line keeps the level as "
                         "generated (loudness_lufs) and the gain")
     p.add_argument("--out", default="sa3-take.flac", help="output file; its extension picks the format "

@@ -40,19 +40,31 @@ def k_weighting(rate: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [shelf, high_pass]
 
 
+def _as_channels(samples: np.ndarray) -> np.ndarray:
+    """float64 [C, N] from [C, N] or mono [N] floating-point samples; a ValueError for integer PCM (full scale is
+    1.0 here) or an array that looks like [N, C] (more channels than samples)."""
+    x = np.asarray(samples)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"loudness: samples must be floating point at full scale 1.0, not {x.dtype}")
+    x = x.astype(np.float64)[None] if x.ndim == 1 else x.astype(np.float64)
+    if x.ndim != 2 or (x.shape[0] > 16 and x.shape[0] > x.shape[1]):
+        raise ValueError(f"loudness: samples must be [channels, samples], got shape {tuple(x.shape)}")
+    return x
+
+
 def integrated_loudness(samples: np.ndarray, rate: int) -> float:
     """Integrated loudness in LUFS of samples [C, N] (float, full scale 1.0) at `rate` Hz; -inf for silence (nothing
-    passes the gates). A clip shorter than one 400 ms block is measured as one block of its own length (the
-    standard leaves it unmeasured; a drum one-shot still deserves a level)."""
+    passes the gates), NaN when a sample is NaN or infinite. A clip shorter than one 400 ms block is measured as
+    one block of its own length (the standard leaves it unmeasured; a drum one-shot still deserves a level)."""
     from scipy.signal import lfilter
 
-    x = np.asarray(samples, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[None]
-    for b, a in k_weighting(rate):
-        x = lfilter(b, a, x, axis=1)
+    x = _as_channels(samples)
+    if not np.isfinite(x).all():
+        return math.nan
     if x.shape[1] == 0:
         return -math.inf
+    for b, a in k_weighting(rate):
+        x = lfilter(b, a, x, axis=1)
     block = min(x.shape[1], int(round(BLOCK_SECONDS * rate)))  # a clip under 400 ms (a one-shot) is one block
     hop = max(1, int(round(block * (1 - BLOCK_OVERLAP))))
     squares = np.concatenate([np.zeros((x.shape[0], 1)), np.cumsum(x * x, axis=1)], axis=1)
@@ -68,20 +80,41 @@ def integrated_loudness(samples: np.ndarray, rate: int) -> float:
     return OFFSET + 10 * math.log10(kept.mean())
 
 
-def normalize_loudness(samples: np.ndarray, rate: int, target_lufs: float,
-                       peak_ceiling_db: float = -1.0) -> tuple[np.ndarray, dict]:
-    """samples [C, N] scaled to `target_lufs`, unless that would lift a sample peak above `peak_ceiling_db` dBFS
-    (then the gain stops there: no limiter reshapes the sound). Silence is returned as it is. Returns (scaled
-    samples float32, {"loudness_lufs": measured before, "gain_db": applied}; None and 0.0 for silence)."""
+def true_peak(samples: np.ndarray) -> float:
+    """The largest absolute value of samples [C, N] 4x oversampled (BS.1770's true-peak estimate, linear): the peak
+    a resampler or decoder can reconstruct between samples, which a sample peak misses."""
+    from scipy.signal import resample_poly
+
+    x = _as_channels(samples)
+    if x.shape[1] == 0:
+        return 0.0
+    return float(max(np.abs(x).max(), np.abs(resample_poly(x, 4, 1, axis=1)).max()))
+
+
+MAX_GAIN_DB = 20.0  # a near-silent clip (room tone, a fade-in) is not lifted into hiss at listening level
+
+
+def normalize_loudness(samples: np.ndarray, rate: int, target_lufs: float, peak_ceiling_db: float = -1.0,
+                       max_gain_db: float = MAX_GAIN_DB) -> tuple[np.ndarray, dict]:
+    """samples [C, N] scaled to `target_lufs`, within two limits: the true peak (`true_peak`) stays at or below
+    `peak_ceiling_db` dBTP, which also turns down a clip that already peaks above it, and the gain is at most
+    `max_gain_db`. No limiter reshapes the sound. Returns (scaled samples float32, {"loudness_lufs": measured
+    before, "gain_db": applied, "limited_by": "peak" or "max gain" when short of the target}). Silence comes back
+    as it is ({"loudness_lufs": None, "gain_db": 0.0}); so do samples with NaN or inf ({"nonfinite": True} too)."""
     loudness = integrated_loudness(samples, rate)
     if not math.isfinite(loudness):
-        return np.asarray(samples, dtype=np.float32), {"loudness_lufs": None, "gain_db": 0.0}
-    gain_db = target_lufs - loudness
-    peak = float(np.abs(samples).max())
-    if peak > 0:
-        gain_db = min(gain_db, peak_ceiling_db - 20 * math.log10(peak))
+        level = {"loudness_lufs": None, "gain_db": 0.0}
+        return np.asarray(samples, dtype=np.float32), level | ({"nonfinite": True} if math.isnan(loudness) else {})
+    wanted = target_lufs - loudness
+    gain_db, limited_by = wanted, None
+    if gain_db > max_gain_db:
+        gain_db, limited_by = max_gain_db, "max gain"
+    peak = true_peak(samples)
+    if peak > 0 and gain_db > peak_ceiling_db - 20 * math.log10(peak):
+        gain_db, limited_by = peak_ceiling_db - 20 * math.log10(peak), "peak"
     scaled = (np.asarray(samples, dtype=np.float64) * 10 ** (gain_db / 20)).astype(np.float32)
-    return scaled, {"loudness_lufs": round(loudness, 2), "gain_db": gain_db}  # the gain exact: it undoes the scaling
+    level = {"loudness_lufs": round(loudness, 2), "gain_db": gain_db}  # the gain exact: it undoes the scaling
+    return scaled, level | ({"limited_by": limited_by} if limited_by else {})
 
 
-__all__ = ["integrated_loudness", "k_weighting", "normalize_loudness"]
+__all__ = ["MAX_GAIN_DB", "integrated_loudness", "k_weighting", "normalize_loudness", "true_peak"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..training.events import loss_by_timestep, read_events
+from ..training.events import loss_by_timestep, metrics_csv, read_events
 from ..training.runs import PathOutsideRun, RunConflict, RunError, RunNotFound
 
 MAX_OFFSET = 1 << 60  # byte offsets into events.jsonl; larger ones cannot be seeked to
@@ -84,6 +84,17 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         events, _ = read_events(path, 0, limit_bytes=1 << 30)
         return web.json_response({"bins": loss_by_timestep(events, bins)})
 
+    async def get_metrics_csv(request):
+        manager = get_manager()
+        run_id = request.match_info["run_id"]
+        try:
+            path = manager.registry.run_dir(run_id) / "events.jsonl"
+        except RunError as e:
+            return _run_error(e)
+        events, _ = read_events(path, 0, limit_bytes=1 << 30)
+        return web.Response(text=metrics_csv(events), content_type="text/csv", headers={
+            "Content-Disposition": f'attachment; filename="{run_id}-metrics.csv"'})
+
     async def get_file(request):
         manager = get_manager()
         try:
@@ -134,6 +145,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         ("GET", "/sa3/runs/{run_id}/events", get_events),
         ("GET", "/sa3/runs/{run_id}/loss_by_timestep", get_loss_by_timestep),
         ("GET", "/sa3/runs/{run_id}/file", get_file),
+        ("GET", "/sa3/runs/{run_id}/metrics.csv", get_metrics_csv),
         ("POST", "/sa3/runs/{run_id}/{action}", control),
         ("GET", "/sa3/models", loaded_models),
         ("POST", "/sa3/models/unload", unload_models),

@@ -278,9 +278,10 @@ class SA3TrainingOptions:
                                  "Steps between validation scores (0 = with each checkpoint, so every checkpoint "
                                  "has one)."}),
             "demo_loudness": ("FLOAT", {"default": d("demo_loudness"), "min": -70.0, "max": 0.0, "step": 0.5,
-                              "tooltip": "Loudness (LUFS, EBU R128) every demo and dataset clip is brought to, "
-                              "peaks kept under -1 dBFS, so checkpoints are compared by sound rather than level "
-                              "(each demo's settings keep its level as generated). 0 = as generated."}),
+                              "tooltip": "Loudness (LUFS, EBU R128) every demo and dataset clip is brought to "
+                              "(true peak at most -1 dBTP, gain at most +20 dB), so checkpoints are compared by sound "
+                              "rather than level; each demo's settings keep its level as generated. 0 = as "
+                              "generated."}),
         }}
 
     RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)

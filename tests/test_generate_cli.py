@@ -153,5 +153,7 @@ def test_takes_at_a_loudness_are_the_takes_scaled_by_the_gain_they_name(fixtures
         assert after["loudness_lufs"] == pytest.approx(integrated_loudness(took.T, rate), abs=0.01)
         assert "loudness_lufs" not in before
         np.testing.assert_allclose(heard, _pcm24(took * 10 ** (after["gain_db"] / 20)), atol=2**-21)
-        assert integrated_loudness(heard.T, rate) == pytest.approx(-20, abs=0.05) or \
-            20 * np.log10(np.abs(heard).max()) == pytest.approx(-1, abs=0.01)
+        if "limited_by" not in after:
+            assert integrated_loudness(heard.T, rate) == pytest.approx(-20, abs=0.05)
+        else:
+            assert integrated_loudness(heard.T, rate) < -20

@@ -125,11 +125,18 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
 
 
 def assert_at_demo_loudness(audio, rate: int, settings: dict, target: float) -> None:
-    """A written clip [C, N] is at the run's demo loudness, or as close as a -1 dBFS peak allowed."""
-    from sa3_lora_studio.encoding.loudness import integrated_loudness
+    """A written clip [C, N] is at the run's demo loudness, or as close as the -1 dBTP ceiling or the gain limit
+    allowed (which its settings name)."""
+    from sa3_lora_studio.encoding.loudness import MAX_GAIN_DB, integrated_loudness, true_peak
 
-    loudness, peak_db = integrated_loudness(audio, rate), 20 * math.log10(abs(audio).max())
-    assert loudness == pytest.approx(target, abs=0.05) or (loudness < target and peak_db == pytest.approx(-1, abs=0.01))
+    loudness = integrated_loudness(audio, rate)
+    limit = settings.get("limited_by")
+    if limit is None:
+        assert loudness == pytest.approx(target, abs=0.05)
+    elif limit == "peak":
+        assert loudness < target and 20 * math.log10(true_peak(audio)) == pytest.approx(-1, abs=0.01)
+    else:
+        assert limit == "max gain" and settings["gain_db"] == MAX_GAIN_DB and loudness < target
     assert settings["loudness_lufs"] == pytest.approx(loudness - settings["gain_db"], abs=0.05)
 
 
@@ -945,3 +952,31 @@ def test_a_stop_another_process_asks_for_reaches_demos_within_a_second(tmp_path,
 
     time.sleep(0.06)
     assert asked() and control.stop.is_set() and not request_path(tmp_path, "stop").exists()
+
+
+def test_demos_follow_a_changed_loudness_and_runs_saved_before_it_keep_their_demos_as_generated(tmp_path, tiny,
+                                                                                                dataset, fixtures_dir):
+    demos = [{"prompt": "warm bass drone", "steps": 2, "seed": 1, "duration": 0.01}]
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, adapter_type="lora", steps=2, demo_every=2, demos=demos))
+    assert manager.wait(run, 300)["status"] == "done"
+    folder = manager.registry.run_dir(run) / "demos"
+    assert json.loads((folder / "reference" / "ref_0.json").read_text())["target_lufs"] == -18.0
+    manager.control(run, "restart", changes={"demo_loudness": -30.0}, more_steps=2)
+    assert manager.wait(run, 300)["status"] == "done"
+    for path in (folder / "reference" / "ref_0.json", folder / "step_000004" / "demo_0.json"):
+        settings = json.loads(path.read_text())  # the dataset clips again, at the demos' new loudness
+        assert settings["target_lufs"] == -30.0, path
+        audio, rate = sf.read(path.with_suffix(".flac"), dtype="float64")
+        assert_at_demo_loudness(audio.T, rate, settings, -30.0)
+    references = [e for e in map(json.loads, (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines())
+                  if e["type"] == "reference"]
+    assert len(references) == 2 * 3 and references[-1]["settings"]["target_lufs"] == -30.0
+
+    stored = json.loads((manager.registry.run_dir(run) / "config.json").read_text())
+    del stored["demo_loudness"]  # a run saved by an older version
+    (manager.registry.run_dir(run) / "config.json").write_text(json.dumps(stored))
+    assert manager.registry.config(run).demo_loudness is None
+    assert RunConfig.from_dict({"dataset": "d"}).demo_loudness == -18.0  # a new config gets the default
+    with pytest.raises(ValueError, match=r"demo_loudness: 0.0 must be in \[-70, -1\]"):
+        RunConfig.from_dict({"dataset": "d", "demo_loudness": 0.0})

@@ -1,6 +1,7 @@
 """Validation loss: held-out items never trained on, scored at fixed noise levels, the same after resumes, and the
 checkpoint with the lowest score found by every consumer (node, panel data, CLI)."""
 
+import csv
 import json
 import random
 
@@ -245,3 +246,24 @@ def test_a_resumed_run_may_score_more_often_but_not_hold_out_other_items(tmp_pat
     shown = json.loads(capsys.readouterr().out)
     assert shown["best_validation"] == best_validation(_events(manager, run)) and shown["best_validation"]["path"]
     assert shown["config"]["validation_items"] == 1 and shown["config"]["validation_every"] == 1
+
+    # the metrics table: a row per step (step 0 for its score), the score and checkpoint where there are some
+    assert runs_cli(tmp_path / "runs", "metrics", run, "--out", str(tmp_path / "m.csv")) == 0
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    events = _events(manager, run)
+    steps = {e["step"]: e for e in events if e["type"] == "step"}
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["loss"] == "" and float(rows[0]["validation_loss"]) == validation_events(events)[0]["loss"]
+    for r in rows[1:]:
+        e = steps[int(r["step"])]
+        assert (float(r["loss"]), float(r["lr"]), float(r["grad_norm"])) == (e["loss"], e["lr"], e["grad_norm"])
+        by_bin = {}
+        for t, loss in e["samples"]:
+            by_bin.setdefault(min(4, int(t * 5)), []).append(loss)
+        names = [k for k in r if k.startswith("loss_t")]
+        assert names == ["loss_t0.00-0.20", "loss_t0.20-0.40", "loss_t0.40-0.60", "loss_t0.60-0.80", "loss_t0.80-1.00"]
+        assert [float(r[k]) if r[k] else None for k in names] == [
+            pytest.approx(sum(by_bin[i]) / len(by_bin[i])) if i in by_bin else None for i in range(5)]
+    assert [r["step"] for r in rows if r["checkpoint"]] == ["2", "4"] and rows[1]["validation_loss"] == ""
+    assert rows[3]["validation_loss"] != ""
+    assert runs_cli(tmp_path / "runs", "metrics", "no-such-run") == 2

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "web"))
 from browser import Browser, missing_requirements  # noqa: E402
 from panel_server import PanelServer  # noqa: E402
 from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run, write_reference  # noqa: E402
-from sa3_lora_studio.training.events import EventLog, ema, loss_by_timestep, read_events  # noqa: E402
+from sa3_lora_studio.training.events import EventLog, ema, loss_by_timestep, metrics_csv, read_events  # noqa: E402
 from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
 from sa3_lora_studio.training.validation import best_validation, validation_events  # noqa: E402
 
@@ -243,6 +243,11 @@ def test_charts_plot_loss_lr_grad_norm_and_loss_by_noise_level_of_the_recorded_r
                        "text: r.textContent, href: r.querySelector('[data-action=download-best]').href}; })()")
     assert not row["hidden"] and f"Lowest validation loss {best['loss']:.4g} at step 40" in row["text"]
     assert "Use best (step 40)" in row["text"]
+    csv_href = browser.eval("document.querySelector('[data-action=metrics-csv]').href")
+    with urllib.request.urlopen(csv_href) as r:  # every step's metrics, as the command line writes them
+        assert r.headers["Content-Type"].startswith("text/csv")
+        assert f'filename="{site.runs["done"]}-metrics.csv"' in r.headers["Content-Disposition"]
+        assert r.read().decode() == metrics_csv(events)
     assert row["href"].endswith("path=" + urllib.parse.quote(best["path"], safe="") + "&download=1")
     assert series(browser, "lr")[0]["values"] == pytest.approx([e["lr"] for e in steps], rel=1e-12)
     assert series(browser, "grad_norm")[0]["values"] == [e["grad_norm"] for e in steps]
@@ -287,6 +292,8 @@ def test_demos_timeline_has_players_spectrograms_settings_and_a_step_slider(site
     assert cards[0]["prompt"] == DEMO_SETTINGS[0]["prompt"] and cards[1]["prompt"] == "(unconditional)"
     assert cards[0]["settings"].startswith("base · CFG 7 · 50 steps · seed 1")
     assert cards[1]["settings"].startswith("ARC · CFG 1 · 8 steps · seed 3")
+    assert cards[0]["settings"].endswith("-11.9 LUFS as generated, -6.1 dB")  # brought to the run's demo loudness
+    assert cards[1]["settings"].endswith("-41.5 LUFS as generated, +20.0 dB (max gain limit)")
     assert cards[0]["audio"].endswith("path=demos%2Fstep_000060%2Fdemo_0.flac")
     # the browser really decodes the FLAC and the PNG through the route
     browser.wait("[...document.querySelectorAll('.sa3-demo img')].every(i => i.complete && i.naturalWidth > 0)")

@@ -173,6 +173,18 @@ def _cmd_runs(args) -> int:
                           "latest_checkpoint": registry.latest_checkpoint(args.run_id),
                           "best_validation": best_validation(events)}, indent=1))
         return 0
+    if args.runs_what == "metrics":
+        from .events import metrics_csv, read_events
+
+        registry.get(args.run_id)  # an unknown run is named, not an empty table
+        events, _ = read_events(registry.run_dir(args.run_id) / "events.jsonl", 0, limit_bytes=1 << 30)
+        text = metrics_csv(events)
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+            print(f"wrote {text.count(chr(10)) - 1} steps of {args.run_id} to {args.out}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
     if args.runs_what == "resume":
         nproc = args.nproc if args.nproc is not None else int(registry.get(args.run_id).get("world_size") or 1)
         if nproc < 1:
@@ -241,6 +253,8 @@ def add_train_parsers(sub) -> None:
     x.add_argument("--json", action="store_true")
     for name, helptext in (
             ("show", "config and state of a run"),
+            ("metrics", "a run's metrics as CSV (step, loss, lr, grad norm, loss per noise level, validation loss, "
+                        "checkpoints) on stdout or into --out"),
             ("resume", "resume a stopped, interrupted, failed or finished run from its last checkpoint, on as "
                        "many processes as it ran on (a torchrun run is relaunched under torchrun); --more-steps, "
                        "--steps, --lr and --set change its settings first"),
@@ -251,6 +265,8 @@ def add_train_parsers(sub) -> None:
             ("delete", "remove a run and its files")):
         y = rs.add_parser(name, help=helptext, description=helptext)
         y.add_argument("run_id")
+        if name == "metrics":
+            y.add_argument("--out", default=None, help="write the CSV to this file instead of stdout")
         if name == "resume":
             y.add_argument("--steps", type=int, default=None, help="this run's new number of steps, not counting "
                            "a continued file's own (a finished run trains on to it)")

@@ -116,12 +116,13 @@ def write_clip(folder: Path, stem: str, wav, rate: int, config) -> tuple[str, di
     """A demo or dataset clip wav [C, N] (a tensor, full scale 1.0) at `rate` Hz as folder/stem.<demo_format> and its
     tinted spectrogram folder/stem.png, brought to `config.demo_loudness` LUFS first (`normalize_loudness`: every
     clip of the run at one loudness, so checkpoints are compared by sound, not level). Returns (the audio file's
-    name, {"loudness_lufs": as generated, "gain_db": applied}; {} when demo_loudness is None)."""
+    name, `normalize_loudness`'s level with "target_lufs"; {} when demo_loudness is None)."""
     import torch
 
     samples, level = wav.float().numpy(), {}
     if config.demo_loudness is not None:
         samples, level = normalize_loudness(samples, rate, config.demo_loudness)
+        level["target_lufs"] = config.demo_loudness
     name = write_audio(folder / stem, samples, rate, config.demo_format).name
     spectrogram_png(torch.from_numpy(samples), rate, folder / f"{stem}.png")
     return name, level
@@ -164,12 +165,19 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     length) decoded by the model's own autoencoder into `demos/reference/ref_<i>.*` (audio, spectrogram, settings):
     the sound the adapter learns from, after the autoencoder's round trip (a dataset encoded wrongly sounds wrong
     here at once). Their prompt is the one training step 0 composes. Returns their "reference" events ([] when
-    they exist already); a failure is a warning, training goes on."""
+    they exist already at the run's demo loudness); a failure is a warning, training goes on."""
+    import json
     import shutil
 
     folder = trainer.folder / "demos" / "reference"
-    if folder.is_dir() or getattr(trainer, "_references_failed", False):  # written, or failed once: not again
+    if getattr(trainer, "_references_failed", False):  # failed once: not again
         return []
+    if folder.is_dir():  # written: again only when a resume changed the demos' loudness, so they still compare
+        first = folder / "ref_0.json"
+        target = json.loads(first.read_text(encoding="utf-8")).get("target_lufs") if first.is_file() else None
+        if target == trainer.config.demo_loudness or not first.is_file():
+            return []
+        shutil.rmtree(folder)
     tmp = folder.with_name("reference.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -167,7 +167,7 @@ class RunConfig:
     validation_every: int = 0  # steps between validation scores; 0 = with each checkpoint
     demos: tuple[DemoSpec, ...] = ()
     demo_format: str = "flac"  # encoding.audio_write.OUTPUT_FORMATS: flac, wav, mp3 or opus
-    demo_loudness: float | None = -18.0  # LUFS every demo and dataset clip is brought to (peaks <= -1 dBFS); None: raw
+    demo_loudness: float | None = -18.0  # LUFS of every demo and dataset clip (encoding/loudness.py); None: as generated
     seed: int = 0
     continue_from: str | None = None
     reset_step: bool = False
@@ -228,8 +228,8 @@ class RunConfig:
             check_output_format(self.demo_format, "RunConfig.demo_format")
         except ValueError as e:
             raise RunError(str(e)) from None
-        if self.demo_loudness is not None and not -70 <= self.demo_loudness <= 0:
-            bad("demo_loudness", f"{self.demo_loudness} must be in [-70, 0] LUFS (-18 is a comfortable listening "
+        if self.demo_loudness is not None and not -70 <= self.demo_loudness <= -1:
+            bad("demo_loudness", f"{self.demo_loudness} must be in [-70, -1] LUFS (-18 is a comfortable listening "
                                  "level), or null for the demos as generated")
         if not 0 < self.lr < float("inf"):
             bad("lr", f"{self.lr} must be a finite number > 0")
@@ -471,7 +471,10 @@ class RunRegistry:
     def config(self, run_id: str) -> RunConfig:
         path = self.run_dir(run_id) / "config.json"
         try:
-            return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(stored, dict):  # a run saved before demos had a loudness keeps its demos as generated
+                stored.setdefault("demo_loudness", None)
+            return RunConfig.from_dict(stored)
         except FileNotFoundError:
             raise RunNotFound(f"run {run_id}: {path.name} does not exist; the run folder is incomplete") from None
         except (ValueError, TypeError) as e:  # damaged JSON, or fields this version does not know

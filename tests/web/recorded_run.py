@@ -16,9 +16,11 @@ import numpy as np
 from sa3_lora_studio.training.events import EventLog
 from sa3_lora_studio.training.runs import RunConfig, RunRegistry, atomic_write_json
 
-DEMO_SETTINGS = [
-    {"prompt": "warm analog synth pad, slow arpeggio, 90 BPM", "arc": False, "cfg": 7.0, "steps": 50, "seed": 1},
-    {"prompt": "", "arc": True, "cfg": 1.0, "steps": 8, "seed": 3},
+DEMO_SETTINGS = [  # with their level as generated and the gain `training.demos.write_clip` applied
+    {"prompt": "warm analog synth pad, slow arpeggio, 90 BPM", "arc": False, "cfg": 7.0, "steps": 50, "seed": 1,
+     "loudness_lufs": -11.94, "gain_db": -6.06, "target_lufs": -18.0},
+    {"prompt": "", "arc": True, "cfg": 1.0, "steps": 8, "seed": 3, "loudness_lufs": -41.5, "gain_db": 20.0,
+     "limited_by": "max gain", "target_lufs": -18.0},
 ]
 
 

@@ -75,6 +75,11 @@ export class PanelApi {
   }
 
   /** URL of a file inside the run folder (demo audio, spectrogram, checkpoint); the server confines the path. */
+  /** The run's metrics as a CSV download (training/events.py `metrics_csv`). */
+  metricsUrl(runId) {
+    return this.transport.url(`${runPath(runId)}/metrics.csv`);
+  }
+
   fileUrl(runId, relative, download = false) {
     const query = `path=${encodeURIComponent(relative)}${download ? "&download=1" : ""}`;
     return this.transport.url(`${runPath(runId)}/file?${query}`);

@@ -22,8 +22,16 @@ export function mount(el, store) {
     grad: lineChart({ id: "grad_norm", title: "Grad norm" }),
   };
   for (const chart of Object.values(charts)) section.appendChild(chart.el);
+  const csv = section.appendChild(document.createElement("a"));
+  csv.className = "sa3-button sa3-csv";
+  csv.dataset.action = "metrics-csv";
+  csv.textContent = "Metrics (CSV)";
+  csv.title = "Download every step's loss, learning rate, grad norm, loss per noise level and validation loss as CSV";
+  csv.setAttribute("aria-label", csv.title);
 
-  const off = store.subscribe("events", ({ events }) => {
+  const off = store.subscribe("events", ({ run, events }) => {
+    csv.hidden = !run;
+    if (run) csv.href = store.api.metricsUrl(run.id);
     const loss = stepSeries(events, "loss");
     const validation = validationSeries(events);
     charts.loss.update([

@@ -31,9 +31,11 @@ function settingsText(s = {}) {
  * `write_clip`), or "" for a run that keeps demos as generated. */
 function levelText(s) {
   if (s.loudness_lufs === undefined) return "";
+  if (s.nonfinite) return "NaN/inf samples: not normalised";
   if (s.loudness_lufs === null) return "silent";
   const gain = Number(s.gain_db || 0);
-  return `${Number(s.loudness_lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB` : ""}`;
+  const limit = s.limited_by ? ` (${s.limited_by} limit)` : "";
+  return `${Number(s.loudness_lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB${limit}` : ""}`;
 }
 
 function promptText(prompt) {
