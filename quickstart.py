@@ -47,7 +47,9 @@ def run_quickstart(args) -> int:
     from .sa3.sibling import load_sibling
     from .sa3.tiny import write_tiny_pack
     from .training.manager import TrainingManager
+    from .training.events import read_events
     from .training.runs import DemoSpec, RunConfig
+    from .training.validation import best_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,8 @@ def run_quickstart(args) -> int:
              DemoSpec(None, True, 1.0, steps=4, seed=2, duration=1.0)]
     config = RunConfig(dataset=str(out / "dataset"), model=str(base_dir), arc_model=str(arc_dir), name="quickstart",
                        adapter_type="dora-rows", rank=4, steps=12, batch_size=2, crop_seconds=0.5, lr=2e-3,
-                       checkpoint_every=6, demo_every=12, demos=tuple(demos), seed=args.seed, trigger_word="qstyle")
+                       checkpoint_every=6, demo_every=12, demos=tuple(demos), seed=args.seed, trigger_word="qstyle",
+                       validation_items=1)  # one file held out: its loss says when the adapter starts memorising
     half = {}
 
     def stop_half_way(event):
@@ -83,6 +86,8 @@ def run_quickstart(args) -> int:
             say(f"step {event['step']:>2}  loss {event['loss']:.4f}")
         elif event["type"] in ("checkpoint", "demo"):
             say(f"{event['type']}: {event.get('path') or event.get('audio')}")
+        elif event["type"] == "validation":
+            say(f"validation loss of the held-out file at step {event['step']}: {event['loss']:.4f}")
 
     manager.listeners.append(stop_half_way)
     run_id = manager.submit(config)
@@ -106,7 +111,10 @@ def run_quickstart(args) -> int:
 
     spectrogram_png(audio[0], rate, out / "generated.png")
     say(f"generated {audio.shape[-1] / rate:.2f} s on the ARC model with the LoRA: {wav_path}")
+    events, _ = read_events(manager.events_path(run_id), 0)
+    best = best_validation(events)
     summary = {"lora": str(lora), "generated": str(wav_path), "run": str(manager.registry.run_dir(run_id)),
+               "best_lora": str(manager.registry.run_dir(run_id) / best["path"]) if best else None,
                "dataset": str(out / "dataset"), "base_model": str(base_dir), "arc_model": str(arc_dir),
                "runs_dir": str(manager.registry.root),
                "try": f"sa3-lora generate {shlex.quote(str(arc_dir))} --prompt 'qstyle, warm pad' --duration 2 "

@@ -21,6 +21,8 @@ def test_quickstart_trains_resumes_and_generates_and_its_summary_says_how_to_go_
     assert run["status"] == "done" and run["step"] == int(lora.metadata["step"])
     events = [json.loads(line) for line in open(f"{summary['run']}/events.jsonl")]
     assert any(e["type"] == "demo" for e in events) and any(e.get("status") == "stopped" for e in events)
+    assert [e["step"] for e in events if e["type"] == "validation"] == [0, 6, 12]  # one file held out, scored
+    assert read_adapter_file(summary["best_lora"]).layers  # at each checkpoint; the best of them named
     capsys.readouterr()
     assert main(shlex.split(summary["try"])[1:]) == 0  # the printed next step works as written
     assert sf.read(out / "again.wav")[0].shape[1] == 2

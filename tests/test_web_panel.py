@@ -567,9 +567,17 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
     browser.wait(f"{row}?.textContent.includes('update was skipped')")
     for status in ("queued", "training"):  # a restart: the warning belonged to the attempt before it
         site.manager.feed(live).put({"type": "status", "status": status})
+    site.manager.feed(live).put({"type": "status", "status": "loading", "message": "resumed from step 31"})
     browser.wait(f"!{row}")
     open_panel(browser, site, run=live)
     browser.wait(f"document.querySelector('.sa3-run[data-run-id=\"{live}\"]') && !{row}")
+    # the run's log keeps every message, newest first, the warning among them
+    browser.wait("document.querySelector('.sa3-log')?.dataset.count === '2'")
+    browser.eval("document.querySelector('.sa3-log').open = true")
+    lines = browser.eval("[...document.querySelectorAll('.sa3-log-list li')].map(li => [li.dataset.kind, "
+                         "li.querySelector('.sa3-log-text').textContent])")
+    assert lines == [["status", "resumed from step 31"], ["warning", message]]
+    assert "1 warning or error" in browser.eval("document.querySelector('.sa3-log summary').textContent")
     assert browser.call("errors") == []
 
 
@@ -634,6 +642,8 @@ def test_the_settings_card_shows_the_runs_config_and_follows_a_resume_with_other
     assert browser.eval(field.format("adapter")) == "bora, rank 8, alpha 8"
     assert browser.eval(field.format("steps")) == "40, batch 1, 30 s crops"
     assert browser.eval(field.format("optimiser")).startswith("lr 0.0001, betas 0.9/0.95, weight decay 0.01")
+    assert browser.eval(field.format("cadence")) == "checkpoint every 20, demos every 20, demos at -18 LUFS"
+    assert browser.eval(field.format("validation")) == "off"
     browser.click(".sa3-settings summary")  # the card opens
     browser.click("[data-action=copy-settings]")
     browser.wait("!document.querySelector('.sa3-settings-json').hidden")
@@ -646,6 +656,8 @@ def test_the_settings_card_shows_the_runs_config_and_follows_a_resume_with_other
     assert browser.eval(field.format("optimiser")).startswith("lr 0.00005")
     site.manager.control(run, "stop")
     wait_until(lambda: registry.get(run)["status"] == "stopped", what="status stopped")
+    open_panel(browser, site, run=site.runs["done"])  # a run that holds files out
+    browser.wait(f"{field.format('validation')} === '2 files held out, scored with each checkpoint'")
     assert browser.call("errors") == []
 
 

@@ -5,6 +5,7 @@ import { PanelApi } from "./api.js";
 import { mount as mountCharts } from "./charts_view.js";
 import { mount as mountControls } from "./controls_view.js";
 import { mount as mountDemos } from "./demos_view.js";
+import { mount as mountLog } from "./log_view.js";
 import { mount as mountRuns } from "./runs_view.js";
 import { mount as mountSettings } from "./settings_view.js";
 import { Store } from "./store.js";
@@ -48,6 +49,7 @@ export function mountPanel(el, { transport, useCheckpoint = copyName } = {}) {
     mountRuns(side, store),
     mountControls(side, store, { useCheckpoint }),
     mountSettings(side, store),
+    mountLog(side, store),
     mountCharts(detail, store),
     mountDemos(detail, store, { useCheckpoint }),
   ];

@@ -1,0 +1,65 @@
+// The selected run's log: its warnings, errors, loss-scale changes and status messages (resumed from step N, the
+// settings a restart changed, ...), newest first, from the same events as everything else. The runs list shows only
+// the newest warning; this keeps all of them.
+
+const LOGGED = {  // event type -> label; status events only when they carry a message
+  warning: "warning",
+  error: "error",
+  loss_scale: "loss scale",
+  status: "status",
+};
+const SHOWN_AT_MOST = 200;
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** The log lines of a run's events, oldest first: [{kind, time, step, text}]. */
+export function logLines(events) {
+  const lines = [];
+  for (const e of events) {
+    if (!(e.type in LOGGED)) continue;
+    const text = e.message || e.error || "";
+    if (!text) continue;  // a bare status change: the runs list shows it
+    lines.push({ kind: e.type, time: e.time ?? null, step: e.step ?? null, text });
+  }
+  return lines;
+}
+
+function clock(time) {
+  if (!time) return "";
+  const d = new Date(time * 1000);
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+}
+
+export function mount(root, store) {
+  const box = root.appendChild(el("details", "sa3-log"));
+  box.hidden = true;
+  const summary = box.appendChild(el("summary"));
+  const list = box.appendChild(el("ol", "sa3-log-list"));
+  list.setAttribute("aria-live", "polite");
+
+  const off = store.subscribe("events", ({ run, events }) => {
+    const lines = run ? logLines(events) : [];
+    box.hidden = !run;
+    const warnings = lines.filter((l) => l.kind === "warning" || l.kind === "error").length;
+    summary.textContent = `Log (${lines.length} message${lines.length === 1 ? "" : "s"}`
+      + (warnings ? `, ${warnings} warning${warnings === 1 ? "" : "s"} or error${warnings === 1 ? "" : "s"}` : "") + ")";
+    box.dataset.count = String(lines.length);
+    list.replaceChildren(...lines.slice(-SHOWN_AT_MOST).reverse().map((line) => {
+      const item = el("li", `sa3-log-${line.kind}`);
+      item.dataset.kind = line.kind;
+      const when = [clock(line.time), line.step !== null ? `step ${line.step}` : ""].filter(Boolean).join(" · ");
+      item.append(el("span", "sa3-log-when", when), el("span", "sa3-log-kind", LOGGED[line.kind]),
+        el("span", "sa3-log-text", line.text));
+      return item;
+    }));
+  });
+  return () => {
+    off();
+    box.remove();
+  };
+}
