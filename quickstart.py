@@ -46,8 +46,8 @@ def run_quickstart(args) -> int:
     from .sa3.model import load_model
     from .sa3.sibling import load_sibling
     from .sa3.tiny import write_tiny_pack
-    from .training.manager import TrainingManager
     from .training.events import read_events
+    from .training.manager import TrainingManager
     from .training.runs import DemoSpec, RunConfig
     from .training.validation import best_validation
 
