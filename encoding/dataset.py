@@ -174,6 +174,12 @@ def matches(relpath: str, patterns) -> bool:
     return False
 
 
+def item_seconds(meta: dict, padding_mask, latent_rate: float) -> float:
+    """The seconds_total an item is conditioned on: its metadata's, else the length of its real latent frames
+    (padding_mask: 1 = real) at latent_rate frames per second."""
+    return float(meta.get("seconds_total") or padding_mask.sum() / latent_rate)
+
+
 def encoder_identity(encoder) -> dict:
     """What the manifest records about the encoder, with a fingerprint that changes when its weights do."""
     ident = {

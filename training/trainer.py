@@ -23,6 +23,7 @@ import torch
 
 from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
 from ..encoding import PromptConfig, batch_prompts
+from ..encoding.dataset import item_seconds
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
 from ..sa3.text import TextEncoderCache
@@ -407,7 +408,7 @@ class Trainer:
             z, mask, meta = self.dataset.item(i, self.crop_latents, random_crop=c.crop_from == "random", rng=rng)
             latents.append(torch.from_numpy(z))
             masks.append(torch.from_numpy(mask).bool())
-            seconds.append(float(meta.get("seconds_total") or mask.sum() / self.model.config.latent_rate))
+            seconds.append(item_seconds(meta, mask, self.model.config.latent_rate))
         prompts = batch_prompts(self.items, indices, self.prompt_config, c.seed, self.global_step_at(step))
         return {"x0": torch.stack(latents), "padding_mask": torch.stack(masks), "seconds": seconds,
                 "prompts": prompts, "indices": indices}
@@ -442,7 +443,7 @@ class Trainer:
     def validate(self, stop_requested=lambda: False) -> dict | None:
         """Score the held-out items (`validation.py`) with the adapter as it is now: {"loss", "levels"}, or None when
         stopped. The full-generation objective at fixed t, noise, crops and prompts, without gradients, CFG dropout
-        or OT pairing; the batch size is the run's, so it needs no more memory than a step."""
+        or OT pairing, `validation_batch` items per forward, so it needs no more memory than a step."""
         c, device = self.config, self.device
         if self.validation is None:
             prompts = batch_prompts(self.items, self.validation_ids, self.prompt_config, c.seed, 0)

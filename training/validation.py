@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..encoding.dataset import item_seconds
+
 
 def split_items(n_items: int, count: int, rng: random.Random) -> tuple[list[int], list[int]]:
     """(training indices, held-out indices), both sorted: `count` of range(n_items) drawn by rng are held out.
@@ -108,7 +110,7 @@ def build_validation_set(dataset, indices: list[int], crop_latents: int, random_
                                      rng=random.Random(seed_for(i, "validation-crop")))
         latents.append(torch.from_numpy(z))
         masks.append(torch.from_numpy(mask).bool())
-        seconds.append(float(meta.get("seconds_total") or mask.sum() / latent_rate))
+        seconds.append(item_seconds(meta, mask, latent_rate))
         g = torch.Generator().manual_seed(seed_for(i, "validation-noise"))
         noises.append(torch.randn(z.shape, generator=g))
     return ValidationSet(torch.stack(latents), torch.stack(noises), torch.stack(masks), seconds, list(prompts),
