@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from .maths import (
     adapter_scale,
     base_products,
     check_adapter_type,
+    delta_sq_norm,
     effective_weight,
     factored_linear,
     init_tensors,
@@ -606,6 +608,14 @@ class AdaptedModel:
         """The trainable tensors of adapter `index` (default: the last), in layer order."""
         index = index % len(self.uses)
         return [p for s in self.slots(index).values() for p in s.parameters()]
+
+    def delta_norm(self, index: int = -1) -> float:
+        """‖s·B·A‖_F over every layer of adapter `index` (the root of the sum of squares, `maths.delta_sq_norm`):
+        how far the adapter has moved the weights, before DoRA/BoRA renormalisation. A new LoRA starts at 0."""
+        index = index % len(self.uses)
+        with torch.no_grad():
+            total = sum(float(delta_sq_norm(s.adapter_type, s.tensors(), s.scale())) for s in self.slots(index).values())
+        return math.sqrt(total)
 
     def has_dropout(self) -> bool:
         """Whether a trainable adapter of the stack has LoRA dropout (lora_config "dropout" > 0)."""

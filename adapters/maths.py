@@ -223,6 +223,14 @@ def _low_rank_factors(adapter_type: str, t: dict[str, Tensor]) -> tuple[Tensor, 
     return t["M_xs"].to(t["U"].dtype) @ t["V"].T, t["U"]
 
 
+def delta_sq_norm(adapter_type: str, t: dict[str, Tensor], scale: Tensor | float) -> Tensor:
+    """‖s·up·down‖²_F, the squared Frobenius norm of one layer's low-rank update (before any DoRA/BoRA
+    renormalisation), from r×r products: trace((upᵀ·up)(down·downᵀ)), never the [out, in] matrix."""
+    down, up = _low_rank_factors(adapter_type, t)
+    down, up = down.float(), up.float()
+    return float(scale) ** 2 * ((up.T @ up) * (down @ down.T)).sum()
+
+
 class BaseProducts(NamedTuple):
     """What the factored forms need of a frozen base weight W [out, in], computed once per base weight
     (`base_products`) instead of at every step: its squared row [out] and column [in] norms and, for the -xs types

@@ -116,6 +116,24 @@ def test_strength_zero_equals_no_adapter(adapter_type, kind, rank):
     assert not torch.allclose(M.effective_weight(w, adapter_type, t, M.adapter_scale(4, rank, 1.0)), w)
 
 
+@pytest.mark.parametrize("adapter_type,kind,rank", CASES)
+def test_the_adapters_size_is_the_norm_of_its_low_rank_update(adapter_type, kind, rank):
+    layer = _layer(kind, 10, 6)
+    t = _randomised(M.init_tensors(adapter_type, layer.weight, rank), torch.Generator().manual_seed(3))
+    w = layer.weight.detach()
+    if adapter_type.endswith("-xs"):
+        t["U"], t["V"] = M.svd_bases(w.reshape(w.shape[0], -1), rank)
+        update = t["U"] @ t["M_xs"] @ t["V"].T
+    else:
+        update = t["lora_B"] @ t["lora_A"]
+    scale = M.adapter_scale(2 * rank, rank, 0.5)
+    assert float(M.delta_sq_norm(adapter_type, t, scale)) == pytest.approx(float((scale * update).square().sum()),
+                                                                          rel=1e-5)
+    if adapter_type in ("lora", "lora-xs"):  # no renormalisation: it is how far the layer's weight moved
+        moved = M.effective_weight(w, adapter_type, t, scale) - w
+        assert float(M.delta_sq_norm(adapter_type, t, scale)) == pytest.approx(float(moved.square().sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize("adapter_type", TYPES)
 @pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
 def test_factored_linear_equals_the_formed_weight(adapter_type, strength):

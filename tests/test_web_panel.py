@@ -251,6 +251,7 @@ def test_charts_plot_loss_lr_grad_norm_and_loss_by_noise_level_of_the_recorded_r
     assert row["href"].endswith("path=" + urllib.parse.quote(best["path"], safe="") + "&download=1")
     assert series(browser, "lr")[0]["values"] == pytest.approx([e["lr"] for e in steps], rel=1e-12)
     assert series(browser, "grad_norm")[0]["values"] == [e["grad_norm"] for e in steps]
+    assert series(browser, "delta_norm")[0]["values"] == [e["delta_norm"] for e in steps]
 
     # one smoothed line per noise-level bin, equal to the server's /loss_by_timestep (one rule, two languages)
     with urllib.request.urlopen(site.url + f"/sa3/runs/{site.runs['done']}/loss_by_timestep?bins=5") as r:

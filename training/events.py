@@ -2,7 +2,8 @@
 
 Event kinds (every event has `type`, `run`, `time`; step events carry the global step across resumes):
     status      {status, error?}
-    step        {step, loss, lr, grad_norm, samples: [[t, loss], ...] (one pair per batch item), steps_per_s}
+    step        {step, loss, lr, grad_norm, delta_norm (‖s·B·A‖ over the adapter), samples: [[t, loss], ...] (one pair
+                per batch item), steps_per_s}
     checkpoint  {step, path (relative to the run folder), state_path}
     demo        {step, index, audio, image, settings}  (paths relative to the run folder)
     validation  {step, loss, levels: [[t, loss], ...], items}  (held-out items, `validation.py`)
@@ -199,9 +200,9 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
 
 def metrics_csv(events: list[dict], bins: int = 5) -> str:
     """The run's metrics as CSV text, one row per step of its current history (and step 0 when validation scored
-    it): step, loss, lr, grad_norm, steps_per_s, the mean loss of that step's samples in each of `bins` noise-level
-    bins (empty when none fell there), validation_loss where the held-out items were scored, and the checkpoint
-    saved at that step. For spreadsheets, notebooks and other plotting tools."""
+    it): step, loss, lr, grad_norm, delta_norm, steps_per_s, the mean loss of that step's samples in each of `bins`
+    noise-level bins (empty when none fell there), validation_loss where the held-out items were scored, and the
+    checkpoint saved at that step. For spreadsheets, notebooks and other plotting tools."""
     import csv
     import io
 
@@ -211,14 +212,15 @@ def metrics_csv(events: list[dict], bins: int = 5) -> str:
     bin_names = [f"loss_t{i / bins:.2f}-{(i + 1) / bins:.2f}" for i in range(bins)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "loss", "lr", "grad_norm", "steps_per_s", *bin_names, "validation_loss", "checkpoint"])
+    fields = ("loss", "lr", "grad_norm", "delta_norm", "steps_per_s")
+    writer.writerow(["step", *fields, *bin_names, "validation_loss", "checkpoint"])
     for step in sorted(set(steps) | set(scored)):
         e = steps.get(step, {})
         per_bin = [[] for _ in range(bins)]
         for t, loss in e.get("samples", []):
             if loss is not None and math.isfinite(loss):
                 per_bin[min(bins - 1, max(0, int(t * bins)))].append(loss)
-        cells = [e.get(k) for k in ("loss", "lr", "grad_norm", "steps_per_s")]
+        cells = [e.get(k) for k in fields]
         cells += [sum(b) / len(b) if b else None for b in per_bin]
         writer.writerow([step, *("" if v is None else repr(float(v)) for v in cells + [scored.get(step)]),
                          checkpoints.get(step, "")])

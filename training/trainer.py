@@ -557,6 +557,7 @@ class Trainer:
         grad_norm, lr, skipped = self.apply_update()
         per_item = result.per_item.detach().float().cpu().tolist()
         return {"loss": float(result.loss.detach()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+                "delta_norm": self.stack.delta_norm(0),
                 "samples": [[round(float(ti), 5), li] for ti, li in zip(t.cpu().tolist(), per_item)]}
 
     # ------------------------------------------------------------------------------------------------ loop

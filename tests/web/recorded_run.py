@@ -38,6 +38,7 @@ def step_events(first: int, last: int, total: int, seed: int = 0, batch: int = 4
         lr = 1e-4 * warm * 0.5 * (1 + math.cos(math.pi * step / total))
         events.append({"type": "step", "step": step, "loss": round(sum(s[1] for s in samples) / batch, 5),
                        "lr": lr, "grad_norm": round(0.4 + 1.5 * math.exp(-step / 12) * rng.uniform(0.7, 1.3), 4),
+                       "delta_norm": round(0.05 * (1 - math.exp(-step / 20)), 6),
                        "samples": samples, "steps_per_s": round(2.4 + rng.uniform(-0.2, 0.2), 3)})
     return events
 

@@ -1,5 +1,5 @@
 // Charts of the selected run: loss (raw + smoothed, and the validation loss of held-out items), learning rate,
-// grad norm, and loss by noise level.
+// grad norm, the adapter's size (how far it has moved the weights) and loss by noise level.
 
 import { lineChart } from "./chart.js";
 import { ema, lossByNoiseLevel, stepSeries, validationSeries } from "./series.js";
@@ -20,6 +20,7 @@ export function mount(el, store) {
     lbt: lineChart({ id: "loss_by_noise", title: "Loss by noise level (smoothed)", logY: true }),
     lr: lineChart({ id: "lr", title: "Learning rate" }),
     grad: lineChart({ id: "grad_norm", title: "Grad norm" }),
+    delta: lineChart({ id: "delta_norm", title: "Adapter size ‖s·B·A‖" }),
   };
   for (const chart of Object.values(charts)) section.appendChild(chart.el);
   const csv = section.appendChild(document.createElement("a"));
@@ -49,6 +50,8 @@ export function mount(el, store) {
     })));
     const lr = stepSeries(events, "lr");
     charts.lr.update([{ name: "lr", color: MAIN, steps: lr.steps, values: lr.values }]);
+    const delta = stepSeries(events, "delta_norm");  // how far the adapter has moved the weights
+    charts.delta.update([{ name: "‖s·B·A‖", color: "#66bb6a", steps: delta.steps, values: delta.values }]);
     const grad = stepSeries(events, "grad_norm");
     charts.grad.update([
       { name: "raw", color: RAW, steps: grad.steps, values: grad.values, width: 1, opacity: 0.6 },
