@@ -35,7 +35,8 @@ function levelText(s) {
   if (s.loudness_lufs === null) return "silent";
   const gain = Number(s.gain_db || 0);
   const limit = s.limited_by ? ` (${s.limited_by} limit)` : "";
-  return `${Number(s.loudness_lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB${limit}` : ""}`;
+  const lufs = Number(s.loudness_lufs) + 0;  // + 0: no "-0.0" for a level that rounds to zero
+  return `${(Math.abs(lufs) < 0.05 ? 0 : lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB${limit}` : ""}`;
 }
 
 function promptText(prompt) {
