@@ -94,6 +94,8 @@ def _source_audio(path: str | None, option: str):
 
 def check_numbers(args) -> None:
     """ValueError naming the option whose number is out of range (before any model loads)."""
+    from .encoding.loudness import target_problem
+
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be 1 or more")
     if not args.duration > 0:
@@ -104,8 +106,8 @@ def check_numbers(args) -> None:
         raise ValueError(f"--cfg {args.cfg}: must be 0 or more")
     if not 0 < args.init_noise_level <= 1:
         raise ValueError(f"--init-noise-level {args.init_noise_level}: must be in (0, 1] (1 ignores the init audio)")
-    if args.loudness is not None and not -70 <= args.loudness <= -1:
-        raise ValueError(f"--loudness {args.loudness}: give a loudness in LUFS between -70 and -1 (e.g. -18)")
+    if args.loudness is not None and target_problem(args.loudness):
+        raise ValueError(f"--loudness {args.loudness}: {target_problem(args.loudness)}")
     lo, hi = args.lora_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--lora-interval {lo:g} {hi:g}: give LO HI with 0 <= LO <= HI <= 1 (noise levels, 1 = pure "

@@ -46,10 +46,9 @@ def run_quickstart(args) -> int:
     from .sa3.model import load_model
     from .sa3.sibling import load_sibling
     from .sa3.tiny import write_tiny_pack
-    from .training.events import read_events
+    from .training.events import best_validation, read_all_events
     from .training.manager import TrainingManager
     from .training.runs import DemoSpec, RunConfig
-    from .training.validation import best_validation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,8 +110,7 @@ def run_quickstart(args) -> int:
 
     spectrogram_png(audio[0], rate, out / "generated.png")
     say(f"generated {audio.shape[-1] / rate:.2f} s on the ARC model with the LoRA: {wav_path}")
-    events, _ = read_events(manager.events_path(run_id), 0)
-    best = best_validation(events)
+    best = best_validation(read_all_events(manager.events_path(run_id)))
     summary = {"lora": str(lora), "generated": str(wav_path), "run": str(manager.registry.run_dir(run_id)),
                "best_lora": str(manager.registry.run_dir(run_id) / best["path"]) if best else None,
                "dataset": str(out / "dataset"), "base_model": str(base_dir), "arc_model": str(arc_dir),

@@ -613,9 +613,9 @@ class AdaptedModel:
         """‖s·B·A‖_F over every layer of adapter `index` (the root of the sum of squares, `maths.delta_sq_norm`):
         how far the adapter has moved the weights, before DoRA/BoRA renormalisation. A new LoRA starts at 0."""
         index = index % len(self.uses)
-        with torch.no_grad():
-            total = sum(float(delta_sq_norm(s.adapter_type, s.tensors(), s.scale())) for s in self.slots(index).values())
-        return math.sqrt(total)
+        with torch.no_grad():  # summed where the tensors live: one device sync, not one per layer
+            squares = [delta_sq_norm(s.adapter_type, s.tensors(), s.scale()) for s in self.slots(index).values()]
+        return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
     def has_dropout(self) -> bool:
         """Whether a trainable adapter of the stack has LoRA dropout (lora_config "dropout" > 0)."""

@@ -91,6 +91,15 @@ def true_peak(samples: np.ndarray) -> float:
     return float(max(np.abs(x).max(), np.abs(resample_poly(x, 4, 1, axis=1)).max()))
 
 
+TARGET_RANGE = (-70.0, -1.0)  # LUFS a demo or take may be brought to (the gate's floor, the true-peak ceiling)
+
+
+def target_problem(target: float) -> str | None:
+    """Why `target` LUFS cannot be a loudness to normalise to, or None when it can (NaN cannot)."""
+    lo, hi = TARGET_RANGE
+    return None if lo <= target <= hi else f"must be in [{lo:g}, {hi:g}] LUFS (-18 is a comfortable listening level)"
+
+
 MAX_GAIN_DB = 20.0  # a near-silent clip (room tone, a fade-in) is not lifted into hiss at listening level
 
 
@@ -117,4 +126,5 @@ def normalize_loudness(samples: np.ndarray, rate: int, target_lufs: float, peak_
     return scaled, level | ({"limited_by": limited_by} if limited_by else {})
 
 
-__all__ = ["MAX_GAIN_DB", "integrated_loudness", "k_weighting", "normalize_loudness", "true_peak"]
+__all__ = ["MAX_GAIN_DB", "TARGET_RANGE", "integrated_loudness", "k_weighting", "normalize_loudness", "target_problem",
+           "true_peak"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..training.events import loss_by_timestep, metrics_csv, read_events
+from ..training.events import loss_by_timestep, metrics_csv, read_all_events, read_events
 from ..training.runs import PathOutsideRun, RunConflict, RunError, RunNotFound
 
 MAX_OFFSET = 1 << 60  # byte offsets into events.jsonl; larger ones cannot be seeked to
@@ -81,7 +81,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             bins = _int_query(request, "bins", 5, 1, 20)
         except RunError as e:
             return _run_error(e)
-        events, _ = read_events(path, 0, limit_bytes=1 << 30)
+        events = read_all_events(path)
         return web.json_response({"bins": loss_by_timestep(events, bins)})
 
     async def get_metrics_csv(request):
@@ -91,7 +91,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             path = manager.registry.run_dir(run_id) / "events.jsonl"
         except RunError as e:
             return _run_error(e)
-        events, _ = read_events(path, 0, limit_bytes=1 << 30)
+        events = read_all_events(path)
         return web.Response(text=metrics_csv(events), content_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="{run_id}-metrics.csv"'})
 

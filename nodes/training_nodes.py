@@ -384,12 +384,11 @@ class SA3RunStatus:
         return time.time()  # the run moves on between executions
 
     def status(self, run, bins):
-        from ..training.events import loss_by_timestep_chart, loss_chart, read_events
-        from ..training.validation import best_validation
+        from ..training.events import best_validation, loss_by_timestep_chart, loss_chart, read_all_events
 
         manager = get_manager()
         record = manager.registry.get(run)
-        events, _ = read_events(manager.events_path(run), 0, limit_bytes=1 << 30)
+        events = read_all_events(manager.events_path(run))
         latest = manager.registry.latest_checkpoint(run)
         lora = str(manager.registry.run_dir(run) / latest["path"]) if latest else ""
         images = [torch.from_numpy(chart.copy()).float()[None] / 255 for chart in

@@ -91,7 +91,7 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
         (["--lora", str(tmp_path / "noise.wav") + "@abc"], "the strength after '@' must be a number"),
         (["--variant", "arc"], "--variant arc picks a pack's variant; .* is a model folder"),
         (["--prompts-file", str(tmp_path / "noise.wav")], "not both"),
-        (["--loudness", "3"], "--loudness 3.0: give a loudness in LUFS"),
+        (["--loudness", "3"], r"--loudness 3.0: must be in \[-70, -1\] LUFS"),
         (["--loudness", "nan"], "--loudness nan"),
     ]
     for extra, message in cases:

@@ -65,9 +65,9 @@ def test_a_run_scores_its_held_out_items_at_the_start_each_checkpoint_and_the_en
         vs = trainer.validation
         assert vs.indices == trainer.validation_ids and vs.x0.shape[0] == 1
         full = trainer.dataset.latents(vs.indices[0])
-        start = next(s for s in range(full.shape[1] - vs.x0.shape[2] + 1)
-                     if torch.equal(vs.x0[0], torch.from_numpy(full[:, s:s + vs.x0.shape[2]].copy())))
-        assert start >= 0  # the crop is a window of the item's own latents
+        windows = [s for s in range(full.shape[1] - vs.x0.shape[2] + 1)
+                   if torch.equal(vs.x0[0], torch.from_numpy(full[:, s:s + vs.x0.shape[2]].copy()))]
+        assert windows  # the crop is a window of the item's own latents
         emb, mask = tiny.conditioner.conditioners["prompt"].encode_prompts(vs.prompts, torch.device("cpu"))
 
         def by_hand() -> list[float]:
@@ -196,14 +196,23 @@ def test_the_held_out_files_are_kept_by_name_with_their_crop(tmp_path, tiny, dat
         trainer.release_model()
 
 
-def test_only_rank_0_scores_and_it_scores_its_own_share_of_a_batch_at_a_time():
+def test_only_rank_0_scores_and_it_scores_its_own_share_of_a_batch_at_a_time(dataset, fixtures_dir):
     from sa3_lora_studio.training.distributed import DistributedTrainer, rank_rows
+    from sa3_lora_studio.training.worker import RunControl
 
     trainer = DistributedTrainer.__new__(DistributedTrainer)
     trainer.rank, trainer.rows = 0, rank_rows(8, 0, 4)
     assert trainer.is_main and trainer.validation_batch == 2
-    trainer.rank = 1
-    assert not trainer.is_main
+    trainer.config = _config(dataset, fixtures_dir, validation_items=1)
+    trainer.validation_ids, trainer.validated_step, trainer.step, trainer.step_offset = [0], None, 0, 0
+    scored = []
+    trainer.validate = lambda stop_requested: scored.append(trainer.rank) or {"loss": 1.0, "levels": []}
+    trainer.stop_asked = lambda control: (lambda: False)
+    trainer.log = EventLogStub()
+    for rank in (1, 0):  # step 0 is due; rank 1 leaves it to rank 0
+        trainer.rank = rank
+        assert trainer.validate_if_due(RunControl()) is False
+    assert scored == [0] and trainer.validated_step == 0
 
 
 def test_the_best_checkpoint_is_the_scored_one_with_the_lowest_loss():

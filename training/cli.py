@@ -165,19 +165,18 @@ def _cmd_runs(args) -> int:
                   + f"  {latest['path'] if latest else '-'}" + (f"  error: {r['error']}" if r.get("error") else ""))
         return 0
     if args.runs_what == "show":
-        from .events import read_events
-        from .validation import best_validation
+        from .events import best_validation, read_all_events
 
-        events, _ = read_events(registry.run_dir(args.run_id) / "events.jsonl", 0, limit_bytes=1 << 30)
+        events = read_all_events(registry.run_dir(args.run_id) / "events.jsonl")
         print(json.dumps({"run": registry.get(args.run_id), "config": registry.config(args.run_id).to_dict(),
                           "latest_checkpoint": registry.latest_checkpoint(args.run_id),
                           "best_validation": best_validation(events)}, indent=1))
         return 0
     if args.runs_what == "metrics":
-        from .events import metrics_csv, read_events
+        from .events import metrics_csv, read_all_events
 
         registry.get(args.run_id)  # an unknown run is named, not an empty table
-        events, _ = read_events(registry.run_dir(args.run_id) / "events.jsonl", 0, limit_bytes=1 << 30)
+        events = read_all_events(registry.run_dir(args.run_id) / "events.jsonl")
         text = metrics_csv(events)
         if args.out:
             Path(args.out).write_text(text, encoding="utf-8")

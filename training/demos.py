@@ -170,12 +170,13 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     import shutil
 
     folder = trainer.folder / "demos" / "reference"
-    if getattr(trainer, "_references_failed", False):  # failed once: not again
-        return []
+    if getattr(trainer, "_references_failed", False) or getattr(trainer, "_references_ready", False):
+        return []  # failed once, or checked by this trainer already: not again
     if folder.is_dir():  # written: again only when a resume changed the demos' loudness, so they still compare
         first = folder / "ref_0.json"
         target = json.loads(first.read_text(encoding="utf-8")).get("target_lufs") if first.is_file() else None
         if target == trainer.config.demo_loudness or not first.is_file():
+            trainer._references_ready = True
             return []
         shutil.rmtree(folder)
     tmp = folder.with_name("reference.partial")
@@ -194,6 +195,7 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
             atomic_write_json(tmp / f"ref_{i}.json", settings)
             written.append((i, audio_name, settings))
         tmp.rename(folder)
+        trainer._references_ready = True
     except Exception as e:  # like a demo: the clips illustrate, they must not end the run
         shutil.rmtree(tmp, ignore_errors=True)
         trainer._references_failed = True

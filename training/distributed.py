@@ -157,7 +157,8 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(per_item)
         per_item = per_item.cpu()
         return {"loss": float(per_item.mean()), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                "world_size": self.world_size, "delta_norm": self.stack.delta_norm(0),
+                "world_size": self.world_size,
+                "delta_norm": self.stack.delta_norm(0) if self.is_main else None,  # only rank 0 logs steps
                 "samples": [[round(float(ti), 5), float(li)] for ti, li in zip(t.cpu().tolist(), per_item.tolist())]}
 
     def save_checkpoint(self) -> dict | None:

@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .validation import validation_events
-
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -114,25 +112,62 @@ def ema(values: list[float], alpha: float = 0.05) -> list[float]:
     return out
 
 
-def current_steps(events: list[dict]) -> list[dict]:
-    """The step events of the run's current history, in step order: steps trained again after a crash and resume
-    replace their lost first attempt (the last event of each step wins), so curves never run backwards."""
+def read_all_events(path: str | Path) -> list[dict]:
+    """Every event of a run's events file (up to 1 GB), for the views that need its whole history."""
+    return read_events(path, 0, limit_bytes=1 << 30)[0]
+
+
+def last_per_step(events: list[dict], kind: str) -> list[dict]:
+    """The events of one kind in step order, the last of each step: a step done again after a crash and resume
+    (trained, scored) replaces its first attempt, so curves never run backwards."""
     by_step = {}
     for e in events:
-        if e.get("type") == "step":
+        if e.get("type") == kind:
             by_step[e["step"]] = e
     return [by_step[step] for step in sorted(by_step)]
+
+
+def current_steps(events: list[dict]) -> list[dict]:
+    """The step events of the run's current history, in step order (`last_per_step`)."""
+    return last_per_step(events, "step")
+
+
+def validation_events(events: list[dict]) -> list[dict]:
+    """The run's validation scores (held-out items, `validation.py`) in step order, the last of each step."""
+    return [e for e in last_per_step(events, "validation") if e.get("loss") is not None]
+
+
+def best_validation(events: list[dict]) -> dict | None:
+    """{"step", "loss", "path"} of the saved checkpoint with the lowest validation loss (path relative to the run
+    folder), or None when no checkpoint step has been scored. A later checkpoint wins a tie (more training for the
+    same loss)."""
+    checkpoints = {e["step"]: e for e in events if e.get("type") == "checkpoint"}
+    scored = [e for e in validation_events(events) if e["step"] in checkpoints]
+    if not scored:
+        return None
+    best = min(scored, key=lambda e: (e["loss"], -e["step"]))
+    return {"step": best["step"], "loss": best["loss"], "path": checkpoints[best["step"]]["path"]}
+
+
+def bin_edges(bins: int) -> list[tuple[float, float]]:
+    """The `bins` equal-width noise-level bins over [0, 1] (t = 1 is noise) as (lo, hi)."""
+    return [(i / bins, (i + 1) / bins) for i in range(bins)]
+
+
+def noise_bin(t: float, bins: int) -> int:
+    """The bin of noise level t among `bin_edges(bins)` (t = 1 falls in the last)."""
+    return min(bins - 1, max(0, int(t * bins)))
 
 
 def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> list[dict]:
     """Per-sample (t, loss) pairs binned into `bins` equal-width noise-level bins over [0, 1]; per bin the raw points
     and an EMA-smoothed curve over steps: [{"lo", "hi", "steps": [...], "loss": [...], "smoothed": [...]}]."""
-    series = [{"lo": i / bins, "hi": (i + 1) / bins, "steps": [], "loss": []} for i in range(bins)]
+    series = [{"lo": lo, "hi": hi, "steps": [], "loss": []} for lo, hi in bin_edges(bins)]
     for e in current_steps(events):
         for t, loss in e.get("samples", []):
             if loss is None or not math.isfinite(loss):
                 continue
-            i = min(bins - 1, max(0, int(t * bins)))
+            i = noise_bin(t, bins)
             series[i]["steps"].append(e["step"])
             series[i]["loss"].append(loss)
     for s in series:
@@ -209,7 +244,7 @@ def metrics_csv(events: list[dict], bins: int = 5) -> str:
     steps = {e["step"]: e for e in current_steps(events)}
     scored = {e["step"]: e["loss"] for e in validation_events(events)}
     checkpoints = {e["step"]: e.get("path", "") for e in events if e.get("type") == "checkpoint"}
-    bin_names = [f"loss_t{i / bins:.2f}-{(i + 1) / bins:.2f}" for i in range(bins)]
+    bin_names = [f"loss_t{lo:.2f}-{hi:.2f}" for lo, hi in bin_edges(bins)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     fields = ("loss", "lr", "grad_norm", "delta_norm", "steps_per_s")
@@ -219,7 +254,7 @@ def metrics_csv(events: list[dict], bins: int = 5) -> str:
         per_bin = [[] for _ in range(bins)]
         for t, loss in e.get("samples", []):
             if loss is not None and math.isfinite(loss):
-                per_bin[min(bins - 1, max(0, int(t * bins)))].append(loss)
+                per_bin[noise_bin(t, bins)].append(loss)
         cells = [e.get(k) for k in fields]
         cells += [sum(b) / len(b) if b else None for b in per_bin]
         writer.writerow([step, *("" if v is None else repr(float(v)) for v in cells + [scored.get(step)]),

@@ -223,14 +223,15 @@ class RunConfig:
         if not 0 <= self.cfg_dropout < 1:
             bad("cfg_dropout", "must be in [0, 1)")
         from ..encoding.audio_write import check_output_format
+        from ..encoding.loudness import target_problem
 
         try:
             check_output_format(self.demo_format, "RunConfig.demo_format")
         except ValueError as e:
             raise RunError(str(e)) from None
-        if self.demo_loudness is not None and not -70 <= self.demo_loudness <= -1:
-            bad("demo_loudness", f"{self.demo_loudness} must be in [-70, -1] LUFS (-18 is a comfortable listening "
-                                 "level), or null for the demos as generated")
+        if self.demo_loudness is not None and target_problem(self.demo_loudness):
+            bad("demo_loudness", f"{self.demo_loudness} {target_problem(self.demo_loudness)}, or null for the demos "
+                                 "as generated")
         if not 0 < self.lr < float("inf"):
             bad("lr", f"{self.lr} must be a finite number > 0")
         if self.alpha is not None and not self.alpha > 0:

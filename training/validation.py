@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoding.dataset import item_seconds
+from .events import best_validation, bin_edges, validation_events  # noqa: F401 (re-exported: the run's scores)
 
 
 def split_items(n_items: int, count: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -82,7 +83,7 @@ class ValidationPlan:
 def noise_levels(bins: int = 5) -> list[float]:
     """The t at which validation scores: the centres of `bins` equal-width bins over [0, 1], the bins of the
     loss-by-noise-level chart (`events.loss_by_timestep`), so a level's loss reads against its bin's curve."""
-    return [(i + 0.5) / bins for i in range(bins)]
+    return [(lo + hi) / 2 for lo, hi in bin_edges(bins)]
 
 
 @dataclass
@@ -134,28 +135,6 @@ def score(validation: ValidationSet, loss_fn, batch_size: int, levels: list[floa
                 total += float(loss_fn(rows, t).double().sum())
         per_level.append([round(t, 6), total / k])
     return {"loss": sum(v for _, v in per_level) / len(per_level), "levels": per_level}
-
-
-def validation_events(events: list[dict]) -> list[dict]:
-    """The run's validation events in step order, the last of each step (a step scored again after a resume
-    replaces the earlier score)."""
-    by_step = {}
-    for e in events:
-        if e.get("type") == "validation" and e.get("loss") is not None:
-            by_step[e["step"]] = e
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def best_validation(events: list[dict]) -> dict | None:
-    """{"step", "loss", "path"} of the saved checkpoint with the lowest validation loss (path relative to the run
-    folder), or None when no checkpoint step has been scored. A later checkpoint wins a tie (more training for the
-    same loss)."""
-    checkpoints = {e["step"]: e for e in events if e.get("type") == "checkpoint"}
-    scored = [e for e in validation_events(events) if e["step"] in checkpoints]
-    if not scored:
-        return None
-    best = min(scored, key=lambda e: (e["loss"], -e["step"]))
-    return {"step": best["step"], "loss": best["loss"], "path": checkpoints[best["step"]]["path"]}
 
 
 __all__ = ["PLAN_FILE", "ValidationPlan", "ValidationSet", "best_validation", "build_validation_set", "noise_levels",

@@ -33,10 +33,11 @@ function levelText(s) {
   if (s.loudness_lufs === undefined) return "";
   if (s.nonfinite) return "NaN/inf samples: not normalised";
   if (s.loudness_lufs === null) return "silent";
+  const oneDecimal = (v) => (Math.abs(v) < 0.05 ? 0 : v).toFixed(1);  // no "-0.0" for what rounds to zero
   const gain = Number(s.gain_db || 0);
   const limit = s.limited_by ? ` (${s.limited_by} limit)` : "";
-  const lufs = Number(s.loudness_lufs) + 0;  // + 0: no "-0.0" for a level that rounds to zero
-  return `${(Math.abs(lufs) < 0.05 ? 0 : lufs).toFixed(1)} LUFS as generated${gain ? `, ${gain > 0 ? "+" : ""}${gain.toFixed(1)} dB${limit}` : ""}`;
+  const gainText = Math.abs(gain) < 0.05 ? "" : `, ${gain > 0 ? "+" : ""}${oneDecimal(gain)} dB${limit}`;
+  return `${oneDecimal(Number(s.loudness_lufs))} LUFS as generated${gainText}`;
 }
 
 function promptText(prompt) {
