@@ -282,6 +282,10 @@ class SA3TrainingOptions:
                               "(true peak at most -1 dBTP, gain at most +20 dB), so checkpoints are compared by sound "
                               "rather than level; each demo's settings keep its level as generated. 0 = as "
                               "generated."}),
+            "keep_states": ("INT", {"default": d("keep_states"), "min": 0, "max": 100000, "tooltip": "Training "
+                            "states (.state.pt: adapter + optimiser moments, ~6x a LoRA file) kept, newest first; "
+                            "older ones are deleted, their LoRA files stay (usable, continuable, not resumable "
+                            "exactly). 0 = keep all."}),
         }}
 
     RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)
@@ -292,7 +296,8 @@ class SA3TrainingOptions:
 
     def options(self, include, exclude, warmup_steps, weight_decay, beta1, beta2, grad_clip, dropout, crop_from,
                 timestep_sampler, ot_coupling, cfg_dropout, inpaint_segments, inpaint_full, inpaint_causal,
-                mask_loss_weight, arc_model, validation_items=0, validation_every=0, demo_loudness=-18.0):
+                mask_loss_weight, arc_model, validation_items=0, validation_every=0, demo_loudness=-18.0,
+                keep_states=0):
         from ..training.runs import RunConfig, RunError
 
         weights = (inpaint_segments, inpaint_full, inpaint_causal)
@@ -306,7 +311,7 @@ class SA3TrainingOptions:
                    "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
                    "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None,
                    "validation_items": validation_items, "validation_every": validation_every,
-                   "demo_loudness": demo_loudness or None}
+                   "demo_loudness": demo_loudness or None, "keep_states": keep_states}
         try:
             RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
         except RunError as e:

@@ -988,3 +988,23 @@ def test_demos_follow_a_changed_loudness_and_runs_saved_before_it_keep_their_dem
     assert RunConfig.from_dict({"dataset": "d"}).demo_loudness == -18.0  # a new config gets the default
     with pytest.raises(ValueError, match=r"demo_loudness: 0.0 must be in \[-70, -1\]"):
         RunConfig.from_dict({"dataset": "d", "demo_loudness": 0.0})
+
+
+def test_old_training_states_can_be_pruned_and_the_run_still_resumes_exactly(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight = manager.submit(_config(dataset, fixtures_dir, name="straight", steps=6, checkpoint_every=1))
+    pruned = manager.submit(_config(dataset, fixtures_dir, name="pruned", steps=4, checkpoint_every=1, keep_states=2))
+    for run in (straight, pruned):
+        assert manager.wait(run, 300)["status"] == "done"
+    folder = manager.registry.run_dir(pruned) / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.state.pt")) == [f"pruned-step={s:06d}.state.pt" for s in (3, 4)]
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [f"pruned-step={s:06d}.safetensors"
+                                                                     for s in (1, 2, 3, 4)]  # every LoRA file stays
+    manager.control(pruned, "restart", more_steps=2)
+    assert manager.wait(pruned, 300)["status"] == "done"
+    (_, a), (_, b) = _final_adapter(manager, straight), _final_adapter(manager, pruned)
+    assert all(torch.equal(x, y) for x, y in zip(a["adapter"], b["adapter"]))  # pruning changed nothing learnt
+    assert sorted(p.name for p in folder.glob("*.state.pt")) == [f"pruned-step={s:06d}.state.pt" for s in (5, 6)]
+    assert len(list((manager.registry.run_dir(straight) / "checkpoints").glob("*.state.pt"))) == 6  # 0 keeps all
+    with pytest.raises(ValueError, match="keep_states"):
+        _config(dataset, fixtures_dir, keep_states=-1)

@@ -39,7 +39,7 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
-                   "demo_format", "demo_loudness", "arc_model", "validation_every")
+                   "demo_format", "demo_loudness", "arc_model", "validation_every", "keep_states")
 
 
 class RunError(ValueError):
@@ -162,6 +162,7 @@ class RunConfig:
     mask_loss_weight: float = 1.0
     cfg_dropout: float = 0.1
     checkpoint_every: int = 200
+    keep_states: int = 0  # training states (.state.pt: adapter + optimiser moments) kept, newest first; 0 = all
     demo_every: int = 200
     validation_items: int = 0  # dataset items held out of training and scored at fixed noise levels (validation.py)
     validation_every: int = 0  # steps between validation scores; 0 = with each checkpoint
@@ -251,10 +252,10 @@ class RunConfig:
             bad("prompt_config", str(e))
         if self.checkpoint_every < 1 or self.demo_every < 0:
             bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
-        for name in ("validation_items", "validation_every"):
+        for name in ("validation_items", "validation_every", "keep_states"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0 (validation_items 0: no validation; validation_every "
-                          "0: with each checkpoint)")
+                          "0: with each checkpoint; keep_states 0: every checkpoint's state)")
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

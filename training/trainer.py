@@ -315,6 +315,19 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = c.weight_decay  # `setup`'s first group; the magnitudes' has none
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def prune_states(self) -> list[str]:
+        """With `keep_states` N > 0, delete all but the newest N training-state files (each holds the adapter and
+        AdamW's two moments in fp32: about 6x the fp16 adapter file, gigabytes over a long run). The adapter files
+        stay, so every checkpoint can still be used or continued from; only the pruned ones can no longer be resumed
+        exactly. Called after latest.json names the new state, which is always kept. Returns the deleted names."""
+        keep = self.config.keep_states
+        if keep <= 0:
+            return []
+        states = sorted((self.folder / "checkpoints").glob("*" + STATE_SUFFIX), key=checkpoint_step, reverse=True)
+        for old in states[keep:]:
+            old.unlink(missing_ok=True)
+        return [p.name for p in states[keep:]]
+
     def find_resume_point(self) -> dict | None:
         """The newest readable checkpoint of this run: {"step", "path", "state_path", "state"} or None when it has
         none. latest.json names it; when that file or its state is damaged or missing, the newest intact state file
@@ -375,6 +388,7 @@ class Trainer:
         info = {"step": self.global_step, "step_offset": self.step_offset, "path": f"checkpoints/{adapter_path.name}",
                 "state_path": f"checkpoints/{state_path.name}", "time": time.time()}
         atomic_write_json(self.folder / "latest.json", info)
+        self.prune_states()
         self.last_saved_step = self.global_step
         if self.registry is not None:
             self.registry.update(self.run_id, step=self.global_step)
