@@ -253,3 +253,24 @@ def test_killing_torchrun_itself_stops_its_ranks_with_a_checkpoint(tmp_path, dat
         for pid in _processes_mentioning(str(runs)):
             os.kill(pid, 9)
         log.close()
+
+
+def test_a_distributed_run_scores_its_held_out_files_on_rank_0_as_one_process_does(tmp_path, tiny, dataset,
+                                                                                  fixtures_dir):
+    manager = TrainingManager(tmp_path / "single", model_provider=lambda *a: tiny)
+    single = manager.submit(RunConfig.from_dict(_config(dataset, fixtures_dir, validation_items=1)))
+    assert manager.wait(single, 120)["status"] == "done", manager.registry.get(single)["error"]
+    config_path = tmp_path / "run.json"
+    config_path.write_text(json.dumps(_config(dataset, fixtures_dir, batch_size=1, validation_items=1)))
+    _torchrun(config_path, tmp_path / "ddp")
+    registry = RunRegistry(tmp_path / "ddp")
+    (record,) = registry.list()
+    assert record["status"] == "done" and record["world_size"] == 2
+    scored = [json.loads(x) for x in (registry.run_dir(record["id"]) / "events.jsonl").read_text().splitlines()]
+    scored = [e for e in scored if e["type"] == "validation"]
+    assert [e["step"] for e in scored] == [0, 1, 2]  # once each: rank 0 alone scores
+    alone = [json.loads(x) for x in manager.events_path(single).read_text().splitlines()]
+    alone = [e for e in alone if e["type"] == "validation"]
+    assert json.loads((registry.run_dir(record["id"]) / "validation.json").read_text()) == \
+        json.loads((manager.registry.run_dir(single) / "validation.json").read_text())  # the same file held out
+    assert np.allclose([e["loss"] for e in scored], [e["loss"] for e in alone], rtol=1e-4)
