@@ -73,6 +73,8 @@ def test_normalisation_reaches_the_target_within_a_true_peak_ceiling_and_a_gain_
     out, info = normalize_loudness(clicks, rate, -14.0, peak_ceiling_db=-1.0)
     assert 20 * math.log10(true_peak(out)) == pytest.approx(-1.0, abs=1e-3) and info["limited_by"] == "peak"
     assert integrated_loudness(out, rate) < -14.5 and true_peak(clicks) >= np.abs(clicks).max()
+    between = np.sin(2 * np.pi * (np.arange(4000) / 4 + 1 / 8))[None]  # fs/4, sampled 45 degrees off its peaks
+    assert np.abs(between).max() == pytest.approx(0.7071, abs=1e-4) and true_peak(between) > 0.99  # found between
 
     room_tone = _sine(-66, 5, rate)  # a near-silent start: lifted by at most MAX_GAIN_DB, not into hiss at -18
     out, info = normalize_loudness(room_tone, rate, -18.0)

@@ -159,17 +159,24 @@ def noise_bin(t: float, bins: int) -> int:
     return min(bins - 1, max(0, int(t * bins)))
 
 
+def samples_by_bin(step_event: dict, bins: int) -> list[list[float]]:
+    """The finite per-sample losses of one step event in each of `bins` noise-level bins (NaN/inf, written as
+    null, are left out)."""
+    per_bin = [[] for _ in range(bins)]
+    for t, loss in step_event.get("samples", []):
+        if loss is not None and math.isfinite(loss):
+            per_bin[noise_bin(t, bins)].append(loss)
+    return per_bin
+
+
 def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> list[dict]:
     """Per-sample (t, loss) pairs binned into `bins` equal-width noise-level bins over [0, 1]; per bin the raw points
     and an EMA-smoothed curve over steps: [{"lo", "hi", "steps": [...], "loss": [...], "smoothed": [...]}]."""
     series = [{"lo": lo, "hi": hi, "steps": [], "loss": []} for lo, hi in bin_edges(bins)]
     for e in current_steps(events):
-        for t, loss in e.get("samples", []):
-            if loss is None or not math.isfinite(loss):
-                continue
-            i = noise_bin(t, bins)
-            series[i]["steps"].append(e["step"])
-            series[i]["loss"].append(loss)
+        for s, losses in zip(series, samples_by_bin(e, bins)):
+            s["steps"] += [e["step"]] * len(losses)
+            s["loss"] += losses
     for s in series:
         s["smoothed"] = ema(s["loss"], alpha)
     return series
@@ -251,12 +258,8 @@ def metrics_csv(events: list[dict], bins: int = 5) -> str:
     writer.writerow(["step", *fields, *bin_names, "validation_loss", "checkpoint"])
     for step in sorted(set(steps) | set(scored)):
         e = steps.get(step, {})
-        per_bin = [[] for _ in range(bins)]
-        for t, loss in e.get("samples", []):
-            if loss is not None and math.isfinite(loss):
-                per_bin[noise_bin(t, bins)].append(loss)
         cells = [e.get(k) for k in fields]
-        cells += [sum(b) / len(b) if b else None for b in per_bin]
+        cells += [sum(b) / len(b) if b else None for b in samples_by_bin(e, bins)]
         writer.writerow([step, *("" if v is None else repr(float(v)) for v in cells + [scored.get(step)]),
                          checkpoints.get(step, "")])
     return out.getvalue()

@@ -315,18 +315,17 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = c.weight_decay  # `setup`'s first group; the magnitudes' has none
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def prune_states(self) -> list[str]:
+    def prune_states(self) -> None:
         """With `keep_states` N > 0, delete all but the newest N training-state files (each holds the adapter and
         AdamW's two moments in fp32: about 6x the fp16 adapter file, gigabytes over a long run). The adapter files
         stay, so every checkpoint can still be used or continued from; only the pruned ones can no longer be resumed
-        exactly. Called after latest.json names the new state, which is always kept. Returns the deleted names."""
+        exactly. Called after latest.json names the new state, which is always kept."""
         keep = self.config.keep_states
         if keep <= 0:
-            return []
+            return
         states = sorted((self.folder / "checkpoints").glob("*" + STATE_SUFFIX), key=checkpoint_step, reverse=True)
         for old in states[keep:]:
             old.unlink(missing_ok=True)
-        return [p.name for p in states[keep:]]
 
     def find_resume_point(self) -> dict | None:
         """The newest readable checkpoint of this run: {"step", "path", "state_path", "state"} or None when it has

@@ -18,6 +18,15 @@ function button(label, action, help) {
   return b;
 }
 
+/** A link styled as a button (a download: its href is set when there is something to fetch). */
+function link(label, action) {
+  const a = document.createElement("a");
+  a.className = "sa3-button";
+  a.textContent = label;
+  a.dataset.action = action;
+  return a;
+}
+
 export function mount(root, store, { useCheckpoint }) {
   const section = root.appendChild(document.createElement("section"));
   section.className = "sa3-controls";
@@ -33,10 +42,7 @@ export function mount(root, store, { useCheckpoint }) {
   const save = button("Save now", "save", "Save a checkpoint after the current step");
   const restart = button("Resume", "restart", "Resume the run from its last checkpoint");
   const use = button("Use checkpoint", "use", "Add an SA3 Load LoRA node with the newest checkpoint to the graph");
-  const download = document.createElement("a");
-  download.className = "sa3-button";
-  download.textContent = "Download";
-  download.dataset.action = "download";
+  const download = link("Download", "download");
   const del = button("Delete…", "delete", "Delete the run with its checkpoints and demos");
   bar.append(stop, pause, save, restart, use, download, del);
 
@@ -45,10 +51,7 @@ export function mount(root, store, { useCheckpoint }) {
   bestRow.hidden = true;
   const bestText = bestRow.appendChild(document.createElement("span"));
   const useBest = button("Use best", "use-best", "Add an SA3 Load LoRA node with the checkpoint of lowest validation loss");
-  const downloadBest = document.createElement("a");
-  downloadBest.className = "sa3-button";
-  downloadBest.textContent = "Download best";
-  downloadBest.dataset.action = "download-best";
+  const downloadBest = link("Download best", "download-best");
   bestRow.append(useBest, downloadBest);
 
   const more = section.appendChild(document.createElement("div"));
