@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from .native_stderr import native_stderr_to
+
+DECODER_LOG = "decoder-messages.log"
+
 
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -87,6 +91,7 @@ def _cmd_encode(args) -> int:
         exclude += [ln.strip() for ln in Path(args.exclude_from).read_text(encoding="utf-8").splitlines()
                     if ln.strip() and not ln.startswith("#")]
     factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
+    decoder_log = Path(args.out) / DECODER_LOG
     kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force, prune=args.prune,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
     try:
@@ -96,11 +101,12 @@ def _cmd_encode(args) -> int:
             import torch
 
             args.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [args.device]
-        if args.devices and len(args.devices) > 1:
-            report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
-        else:
-            device = args.devices[0] if args.devices else args.device
-            report = encode_folder(args.folder, args.out, factory(device), **kw)
+        with native_stderr_to(decoder_log) as decoder_messages:
+            if args.devices and len(args.devices) > 1:
+                report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
+            else:
+                device = args.devices[0] if args.devices else args.device
+                report = encode_folder(args.folder, args.out, factory(device), **kw)
     except KeyboardInterrupt:
         print(f"\nsa3-lora encode: interrupted; the files finished so far are kept in {args.out}. Run the same "
               "command again to continue.", file=sys.stderr)
@@ -109,6 +115,8 @@ def _cmd_encode(args) -> int:
         print(f"sa3-lora encode: {e}", file=sys.stderr)
         return 2
     print(report.summary())
+    if decoder_messages.bytes and not args.quiet:
+        print(f"  decoder messages (libmpg123 and the like, already summed up above): {decoder_log}")
     return 0 if report.complete and report.usable else 1
 
 

@@ -440,3 +440,59 @@ def test_a_version_2_dataset_redoes_only_the_mp4_files_ffmpeg_decoded(tmp_path):
         meta_path.write_text(json.dumps(meta))
     again = encode_folder(src, out, ToyEncoder())
     assert again.encoded == ["b.m4a"] and sorted(again.reused) == ["a.wav", "c.mp3"]
+
+
+def _damaged_mp3(folder):
+    """An MP3 with 5000 bytes of its middle overwritten: libmpg123 resyncs and prints notes to fd 2 as it does."""
+    path = _write(folder, "damaged", "mp3", seconds=3.0)
+    data = bytearray(path.read_bytes())
+    data[2000:7000] = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_keeps_native_decoder_chatter_off_the_terminal_and_in_a_log(tmp_path, fixtures_dir, quiet):
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    _damaged_mp3(src)
+    _write(src, "fine", seconds=0.5)
+    out = tmp_path / "ds"
+    command = [sys.executable, "-m", "sa3_lora_studio", "encode", str(src), "--model",
+               str(fixtures_dir / "tiny-small"), "--out", str(out)] + (["--quiet"] if quiet else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = out / "decoder-messages.log"
+    assert "mpg123" in log.read_text() or "Note:" in log.read_text()
+    assert "mpg123" not in done.stderr and "resync" not in done.stderr
+    assert "warning damaged.mp3" in done.stdout  # the report still says what was lost
+    assert (f"decoder messages (libmpg123 and the like, already summed up above): {log}" in done.stdout) != quiet
+    if not quiet:
+        assert "2/2" in done.stderr  # the progress bar (Python's stderr) still reaches the terminal
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # nothing decoded: nothing to name
+    assert again.returncode == 0 and "decoder messages" not in again.stdout
+
+
+def test_native_stderr_capture_leaves_no_log_when_nothing_was_written_and_restores_fd2(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from sa3_lora_studio.encoding.native_stderr import native_stderr_to\n"
+        "log = Path(sys.argv[1])\n"
+        "with native_stderr_to(log / 'quiet.log') as c:\n"
+        "    print('python side', file=sys.stderr)\n"
+        "print('quiet', c.bytes, log.joinpath('quiet.log').exists())\n"
+        "with native_stderr_to(log / 'loud.log') as c:\n"
+        "    os.write(2, b'native side\\n')\n"
+        "print('loud', c.bytes)\n"
+        "os.write(2, b'after\\n')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["quiet 0 False", "loud 12"]
+    assert done.stderr.splitlines() == ["python side", "after"]
+    assert (tmp_path / "loud.log").read_text() == "native side\n"
