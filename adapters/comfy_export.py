@@ -69,7 +69,7 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
         key = COMFY_PREFIX + layer.removeprefix(dit_prefix)
         t = dict(t)
         if adapter.is_xs:
-            t["U"], t["V"] = svd_bases(w, adapter.rank)
+            t["U"], t["V"] = svd_bases(module.weight, adapter.rank)  # cached per base weight
         if "lora_A" in t:
             up, down = t["lora_B"], t["lora_A"]
         else:

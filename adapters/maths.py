@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
 from .fused import EPS, bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, row_blocks
+from .xs_bases import svd_bases  # noqa: F401  (re-exported: maths is where the adapter rules are looked up)
 
 # file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
 ADAPTER_TYPES = {
@@ -104,18 +105,6 @@ def lowrank_delta(a: Tensor, b: Tensor) -> Tensor:
 def xs_delta(u: Tensor, m: Tensor, v: Tensor) -> Tensor:
     """LoRA-XS: frozen bases u [out, r], v [in, r] around a trainable core m [r, r] -> [out, in] (unscaled)."""
     return u @ m.to(u.dtype) @ v.T
-
-
-def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Frozen -xs bases of a base weight w (any shape, viewed [out, in]): U [out, r], V [in, r] from an fp32 CPU SVD,
-    signs canonicalised so the largest-|.| entry of each U column is positive (the reference convention; the
-    singular values are not used)."""
-    u, _, vh = torch.linalg.svd(w.reshape(w.shape[0], -1).detach().cpu().float(), full_matrices=False)
-    peak = u.abs().argmax(dim=0)
-    signs = u[peak, torch.arange(u.shape[1])].sign()
-    signs[signs == 0] = 1
-    u, vh = u * signs[None, :], vh * signs[:, None]
-    return u[:, :rank].contiguous(), vh[:rank, :].T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------- renorms

@@ -228,6 +228,46 @@ def test_svd_bases_are_sign_canonical_and_orthonormal():
     assert torch.allclose(u2.abs(), u.abs(), atol=1e-5)
 
 
+def test_svd_bases_are_computed_once_per_weight_content_and_per_rank(monkeypatch):
+    from sa3_lora_studio.adapters import xs_bases
+
+    calls = []
+    real = xs_bases.compute_svd_bases
+    monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(r) or real(w, r))
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(11))
+    u, v = M.svd_bases(w, 4)
+    ref_u, ref_v = real(w, 4)
+    assert torch.equal(u, ref_u) and torch.equal(v, ref_v)  # the cache changes no bit
+    u.zero_()  # the caller's own copy: the cache keeps its bases
+    again_u, _ = M.svd_bases(w, 4)
+    copy_u, _ = M.svd_bases(w.clone(), 4)  # same content in another tensor (an ARC model loaded anew, an export)
+    assert torch.equal(again_u, ref_u) and torch.equal(copy_u, ref_u) and calls == [4]
+    M.svd_bases(w, 2)  # another rank: its own entry
+    assert calls == [4, 2]
+    w.mul_(2).add_(1)  # changed in place (a weight swap): found neither by tensor nor by content
+    changed_u, _ = M.svd_bases(w, 4)
+    assert calls == [4, 2, 4] and torch.equal(changed_u, real(w, 4)[0])
+    M.svd_bases(w.to(torch.bfloat16), 4)  # another dtype's bytes: another entry
+    assert calls == [4, 2, 4, 4]
+
+
+def test_svd_bases_cache_keeps_the_most_recent_within_its_byte_budget(monkeypatch):
+    from sa3_lora_studio.adapters import xs_bases
+
+    monkeypatch.setattr(xs_bases, "CACHE_BYTES", 3 * (8 + 6) * 2 * 4)  # three entries of rank-2 bases of [8, 6]
+    calls = []
+    real = xs_bases.compute_svd_bases
+    monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(1) or real(w, r))
+    weights = [torch.randn(8, 6, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)]
+    for w in weights:
+        M.svd_bases(w.clone(), 2)  # fresh tensors: only the content can find them again
+    M.svd_bases(weights[3].clone(), 2)
+    M.svd_bases(weights[1].clone(), 2)
+    assert len(calls) == 4
+    M.svd_bases(weights[0].clone(), 2)  # the oldest was dropped to stay within the budget
+    assert len(calls) == 5
+
+
 @pytest.mark.parametrize("adapter_type", ["dora-rows", "dora-cols", "bora", "dora-rows-xs", "bora-xs"])
 def test_half_precision_norms_keep_no_copy_of_the_weight_for_the_backward_and_match_fp32_maths(adapter_type):
     """A bf16 base with fp32 factors (GPU training, ComfyUI's default dtype): autograd may keep W itself, never a

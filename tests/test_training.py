@@ -579,6 +579,32 @@ def test_a_non_arc_model_for_arc_demos_is_warned_about_once_though_loaded_every_
     assert warnings == [f"ARC demos: {copy} is not an ARC model; using it with ping-pong anyway"]
 
 
+def test_an_xs_run_takes_each_layers_svd_once_though_the_arc_model_is_loaded_anew_each_round(tmp_path, tiny, dataset,
+                                                                                             fixtures_dir, monkeypatch):
+    from sa3_lora_studio.adapters import xs_bases
+    from sa3_lora_studio.training.demos import run_demos
+    from sa3_lora_studio.training.trainer import Trainer
+
+    class Log:
+        def emit(self, kind, **payload):
+            assert kind != "warning" or "-xs" in payload["message"], payload
+            return {}
+
+    calls = []
+    real = xs_bases.compute_svd_bases
+    monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(tuple(w.shape)) or real(w, r))
+    demo = {"prompt": "x", "arc": True, "steps": 1, "duration": 0.01}
+    trainer = Trainer(_config(dataset, fixtures_dir, arc_model=str(fixtures_dir / "tiny-small-arc"), demos=[demo],
+                              adapter_type="lora-xs"), tmp_path / "run", "r", Log(), _provider(tiny))
+    trainer.setup()
+    at_setup = len(calls)
+    assert at_setup > 0
+    assert len(run_demos(trainer, 0)) == 1
+    first_round = len(calls) - at_setup  # the ARC model's own weights (another model: other bases)
+    assert all(len(run_demos(trainer, step)) == 1 for step in (2, 4))
+    assert len(calls) == at_setup + first_round
+
+
 def test_a_model_whose_text_encoder_is_narrower_than_cond_dim_loads_and_its_prompt_projection_trains(tmp_path):
     """The official T5Gemma conditioner adds `proj_out` when the T5 width differs from cond_dim, and its config
     does not say so: the checkpoint's tensors decide. Adapters on `proj_out` learn (it runs at every step, after the
