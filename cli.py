@@ -51,6 +51,32 @@ def _cmd_packs(args) -> int:
     return 0
 
 
+def _cmd_svd_bases(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .adapters.apply import SA3_ROOTS, target_weights
+    from .adapters.targets import resolve_patterns
+    from .adapters.xs_bases import bases_file_key, write_svd_bases_file
+    from .sa3.model import build_modules, locate_checkpoint
+
+    if args.columns < 1:
+        raise ValueError(f"--columns must be at least 1 (the largest -xs rank the file serves), not {args.columns}")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--out {out}: give a file path in an existing folder (e.g. svd_bases.pt)")
+    loc = locate_checkpoint(args.source, variant=args.variant, models_dir=args.models_dir)
+    include, exclude = resolve_patterns(args.include or None, args.exclude or None, args.preset)
+    keys = [bases_file_key(layer) for layer in target_weights(build_modules(loc.config), SA3_ROOTS, include, exclude)]
+    print(f"{len(keys)} layers of {loc.path}: an SVD of each (seconds per large layer on a CPU)...", file=sys.stderr)
+    write_svd_bases_file(out, ((key, loc.file.read(key, torch.float32)) for key in keys), args.columns)
+    print(f"{out}: bases of {len(keys)} layers, up to rank {args.columns}. Use it for -xs adapters trained on this "
+          f"model: add \"svd_bases_path\": \"{out.resolve()}\" to the model_config.json of the model you apply them "
+          f"to (e.g. its ARC variant); the official loader reads it there too (and train_lora.py --svd_bases_path).")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .sa3.bench import run_bench
 
@@ -91,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("packs", help="list the packs and which are on disk")
     p.add_argument("--models-dir", default=None)
     p.set_defaults(func=_cmd_packs)
+
+    p = sub.add_parser("svd-bases", help="write a model's -xs SVD bases file (official svd_bases_path format)",
+                       description="Compute the SVD bases -xs adapters use from a model's weights (normally the base "
+                                   "model they are trained on) and write them in the official format. With the file "
+                                   "named as svd_bases_path in another model's model_config.json (e.g. the ARC "
+                                   "variant), -xs adapters applied there use these bases, as trained, here and in "
+                                   "the official tools.")
+    p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
+    p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
+    p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
+    p.add_argument("--out", required=True, help="file to write, e.g. svd_bases.pt")
+    p.add_argument("--columns", type=int, default=128, help="basis vectors kept per layer: the largest rank served")
+    p.add_argument("--preset", default=None, help="layer preset, as for training (default: every adaptable layer)")
+    p.add_argument("--include", nargs="*", default=[], metavar="PATTERN", help="only layers matching these")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN", help="leave out layers matching these")
+    p.set_defaults(func=_cmd_svd_bases)
 
     p = sub.add_parser("bench", help="print speed and memory figures")
     bench_sub = p.add_subparsers(dest="bench_what", metavar="WHAT", required=True)

@@ -38,6 +38,7 @@ import contextvars
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ from .maths import (
     tensor_names,
 )
 from .targets import TARGET_TYPES, expand_pattern, parse_layer_filter, resolve_patterns, select_targets
+from .xs_bases import XsBasesSource, xs_bases_source_for
 
 MODES = ("merged", "parametrized", "factored")
 
@@ -105,6 +107,7 @@ class ApplyReport:
     applied: list[int] = field(default_factory=list)
     unmatched: list[list[str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. where -xs bases came from when not the weights themselves
 
     def summary(self) -> str:
         parts = [f"adapter {i}: {n} layers" + (f", {len(u)} unmatched" if u else "")
@@ -419,11 +422,14 @@ class AdaptedModel:
     gating/strength only through `update`, `at_sigma` and `set_strength`.
     device: where the adapter tensors go (default: each base weight's device). streamed: the tree's weights are lent
     to `device` per forward from host memory (`sa3.host_streaming`): factored mode only, and no weight-sized cache
-    (a stack's prefix is formed at every forward)."""
+    (a stack's prefix is formed at every forward). xs_bases: where -xs adapters trained on other weights get their
+    bases (`xs_bases.xs_bases_source_for`: an SVD bases file, or the base model beside an ARC model); by default
+    each -xs layer's bases come from the weight it is applied to."""
 
     def __init__(self, tree: nn.Module, uses: Sequence[AdapterUse | LoadedAdapter], roots: Sequence[Root] = (Root(),),
                  mode: str | None = None, trainable: bool = False, detach_norm: bool = False,
-                 device: str | torch.device | None = None, streamed: bool = False):
+                 device: str | torch.device | None = None, streamed: bool = False,
+                 xs_bases: XsBasesSource | None = None):
         mode = mode or ("factored" if trainable else "merged")
         _check_mode(mode, trainable, streamed)
         self.uses = [u if isinstance(u, AdapterUse) else AdapterUse(u) for u in uses]
@@ -443,6 +449,7 @@ class AdaptedModel:
             a = use.adapter
             name = a.name or f"adapter {i}"
             applied, unmatched = 0, []
+            bases_from = self._xs_bases_origin(tree, a, name, xs_bases) if a.is_xs else None
             for layer in a.layers:
                 full, module, root = self._find(tree, layer)
                 if module is None:
@@ -453,8 +460,11 @@ class AdaptedModel:
                 # weight sits in host memory between forwards)
                 where = module.weight.device if device is None else torch.device(device)
                 tensors = {k: v.to(where) for k, v in a.layers[layer].items()}
-                if a.is_xs:  # bases from the ORIGINAL base weight, as the reference does when stacking
-                    tensors["U"], tensors["V"] = (b.to(where) for b in svd_bases(module.weight, a.rank))
+                if a.is_xs:  # bases from the ORIGINAL base weight (as the reference does when stacking) or a source
+                    w2_shape = (module.weight.shape[0], module.weight[0].numel())
+                    given = None if bases_from is None else bases_from.bases(layer, a.rank, w2_shape)
+                    u, v = given if given is not None else svd_bases(module.weight, a.rank)
+                    tensors["U"], tensors["V"] = u.to(where), v.to(where)
                 slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,
                                    use_index=i, layer=layer)
                 slot.strength = use.strength
@@ -476,20 +486,6 @@ class AdaptedModel:
             if unmatched:
                 self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
                            f"(e.g. {unmatched[0]})")
-            if a.is_xs and not a.metadata.get("base_fingerprint"):  # e.g. the official trainer's files: note only
-                self.report.warnings.append(
-                    f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases are recomputed from "
-                    f"these weights, which is faithful only if it was trained on this same model")
-            if a.is_xs and a.metadata.get("base_fingerprint"):
-                fp = weights_fingerprint({layer: self._find(tree, layer)[1].weight for layer in a.layers
-                                          if self._find(tree, layer)[1] is not None})
-                if fp != a.metadata["base_fingerprint"]:
-                    self._warn(
-                        f"{name}: this {a.adapter_type} adapter was trained on other base weights "
-                        f"({a.metadata.get('base_pack', 'fingerprint ' + a.metadata['base_fingerprint'])}). -xs files "
-                        f"store no SVD bases, so they are recomputed from these weights and the result differs from "
-                        f"what was trained (e.g. a base-model adapter on an ARC model). Use the matching model for "
-                        f"faithful results.")
             self.report.applied.append(applied)
             self.report.unmatched.append(unmatched)
         for full, slots in slots_by_path.items():
@@ -508,6 +504,42 @@ class AdaptedModel:
             if isinstance(module, TARGET_TYPES):
                 return full, module, root
         return "", None, self.roots[0]
+
+    def _xs_bases_origin(self, tree: nn.Module, a: LoadedAdapter, name: str,
+                         source: XsBasesSource | None) -> XsBasesSource | None:
+        """Where an -xs adapter's bases come from: `source` or (None) the weights it is applied to, chosen by the
+        base fingerprint the file records; says in the report (or warns) when that is not the model's own weights."""
+        fingerprint = a.metadata.get("base_fingerprint")
+        if source is not None and source.file is not None:  # named by the model's config: used as the official does
+            self.report.notes.append(f"{name}: {a.adapter_type} bases from {source.describe()}")
+            return source
+        if fingerprint:
+            own = {layer: module.weight for layer in a.layers for module in [self._find(tree, layer)[1]]
+                   if module is not None}
+            if weights_fingerprint(own) == fingerprint:
+                return None
+            if source is not None:
+                theirs = {layer: w for layer in own for w in [source.base_weight(layer)] if w is not None}
+                if weights_fingerprint(theirs) == fingerprint:
+                    self.report.notes.append(f"{name}: {a.adapter_type} bases from {source.describe()}, the weights "
+                                             f"it was trained on")
+                    return source
+            self._warn(
+                f"{name}: this {a.adapter_type} adapter was trained on other base weights "
+                f"({a.metadata.get('base_pack', 'fingerprint ' + fingerprint)}). -xs files store no SVD bases, so "
+                f"they are recomputed from these weights and the result differs from what was trained (e.g. a "
+                f"base-model adapter on an ARC model without its base model beside it). Use the matching model, "
+                f"or put the base model's SVD bases file in this model's config as svd_bases_path "
+                f"(`sa3-lora svd-bases`), for faithful results.")
+            return None
+        if source is not None:  # e.g. the official trainer's files, which are trained on a base model
+            self.report.notes.append(f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases come "
+                                     f"from {source.describe()}, the model adapters are trained on")
+            return source
+        self.report.warnings.append(
+            f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases are recomputed from "
+            f"these weights, which is faithful only if it was trained on this same model")
+        return None
 
     def _warn(self, message: str) -> None:
         self.report.warnings.append(message)
@@ -696,8 +728,20 @@ def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str =
     if isinstance(model, nn.Module):
         return AdaptedModel(model, [as_use(x) for x in loras], roots, mode=mode)
     streamed = getattr(model, "streams_dit", False)  # its DiT is lent per forward: only factored mode can use it
-    return AdaptedModel(model.modules, [as_use(x) for x in loras], roots, mode="factored" if streamed else mode,
-                        device=getattr(model, "device", None), streamed=streamed)
+    uses = [as_use(x) for x in loras]
+    xs_source = model_xs_bases(model) if any(u.adapter.is_xs for u in uses) else None
+    return AdaptedModel(model.modules, uses, roots, mode="factored" if streamed else mode,
+                        device=getattr(model, "device", None), streamed=streamed, xs_bases=xs_source)
+
+
+_XS_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its XsBasesSource (read once)
+
+
+def model_xs_bases(model) -> XsBasesSource | None:
+    """`xs_bases_source_for(model)`, kept per model object so a bases file is read once."""
+    if model not in _XS_SOURCES:
+        _XS_SOURCES[model] = xs_bases_source_for(model)
+    return _XS_SOURCES[model]
 
 
 # ---------------------------------------------------------------------------------------------------- new adapters
@@ -760,4 +804,4 @@ def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
 
 __all__ = ["SA3_ROOTS", "AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport",
            "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "load_adapter_cached",
-           "merged_state", "new_adapter", "skip_steps_interval"]
+           "merged_state", "model_xs_bases", "new_adapter", "skip_steps_interval"]

@@ -12,9 +12,12 @@ its bytes: ~10 ms for a 16 MB weight), and the cache keeps the most recently use
 from __future__ import annotations
 
 import hashlib
+import pickle
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -26,14 +29,19 @@ _by_tensor: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(w) -> (ref, w._
 _lock = threading.Lock()
 
 
-def compute_svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(U [out, r], V [in, r]) in fp32 on the CPU for a weight of any shape (viewed [out, in]); uncached."""
-    u, _, vh = torch.linalg.svd(w.reshape(w.shape[0], -1).detach().cpu().float(), full_matrices=False)
+def _canonical(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, V = Vhᵀ) with each pair's sign chosen so the largest-|.| entry of the U column is positive (0: +)."""
     peak = u.abs().argmax(dim=0)
     signs = u[peak, torch.arange(u.shape[1])].sign()
     signs[signs == 0] = 1
-    u, vh = u * signs[None, :], vh * signs[:, None]
-    return u[:, :rank].contiguous(), vh[:rank, :].T.contiguous()
+    return u * signs[None, :], (vh * signs[:, None]).T
+
+
+def compute_svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(U [out, r], V [in, r]) in fp32 on the CPU for a weight of any shape (viewed [out, in]); uncached."""
+    u, _, vh = torch.linalg.svd(w.reshape(w.shape[0], -1).detach().cpu().float(), full_matrices=False)
+    u, v = _canonical(u, vh)
+    return u[:, :rank].contiguous(), v[:, :rank].contiguous()
 
 
 def _content_key(w: Tensor, rank: int) -> tuple:
@@ -83,4 +91,149 @@ def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return hit[0].clone(), hit[1].clone()
 
 
-__all__ = ["CACHE_BYTES", "compute_svd_bases", "svd_bases"]
+
+
+# ---------------------------------------------------------------------------------------------------- other sources
+# An -xs adapter is faithful only with the bases of the weights it was trained on. A base-trained adapter used on
+# the ARC model would otherwise get the ARC weights' bases. Two sources give the right ones instead: an official
+# SVD bases file (`svd_bases_path` in a model_config.json, as the official loader reads it), and the pack's base
+# variant on disk beside an ARC model (`<name>/base/` next to `<name>/arc/`), read lazily layer by layer.
+
+class XsBasesError(ValueError):
+    """An SVD bases file that is missing, unreadable or does not fit the model; the message names file and key."""
+
+
+def bases_file_key(layer: str) -> str:
+    """A layer's key in an SVD bases file: the base checkpoint's key of its weight (the DiT under `model.`, the
+    conditioner under `conditioner.`), as the official loader looks it up. layer: as in SA3-native adapter files."""
+    return ("model." if layer.startswith("model.") else "conditioner.") + layer + ".weight"
+
+
+def read_svd_bases_file(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """An official/underfit SVD bases file -> {checkpoint key: (U [out, k], V [in, k])} (k >= the ranks it serves).
+    The file is `torch.save({key: {"U", "V", "S"?, "shape"?}})`, read with weights_only (no arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise XsBasesError(f"SVD bases file {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # torch words every failure alike; this one is no refusal
+            raise XsBasesError(f"SVD bases file {path} could not be read as a torch.save dict of tensors (damaged, "
+                               f"or another format)") from None
+        raise XsBasesError(f"SVD bases file {path} holds Python objects besides tensors and plain containers; they "
+                           f"are not loaded (unpickling them could run code)") from None
+    except Exception as e:  # a truncated file, another format
+        raise XsBasesError(f"SVD bases file {path} could not be read as a torch.save dict of tensors: "
+                           f"{type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise XsBasesError(f"SVD bases file {path} holds a {type(data).__name__}, not {{weight key: {{'U', 'V'}}}}")
+    out = {}
+    for key, entry in data.items():
+        if not (isinstance(key, str) and key.startswith(("model.", "conditioner."))):
+            continue  # the official loader reads these two prefixes only
+        u, v = (entry.get("U"), entry.get("V")) if isinstance(entry, dict) else (None, None)
+        if not (torch.is_tensor(u) and torch.is_tensor(v) and u.dim() == 2 and v.dim() == 2
+                and u.shape[1] == v.shape[1]):
+            raise XsBasesError(f"SVD bases file {path}: {key} needs 'U' [out, k] and 'V' [in, k] tensors")
+        out[key] = (u.float(), v.float())
+    if not out:
+        raise XsBasesError(f"SVD bases file {path} has no 'model.*' or 'conditioner.*' entries")
+    return out
+
+
+def write_svd_bases_file(path: Path, weights: Iterable[tuple[str, Tensor]], columns: int) -> Path:
+    """Bases of each (checkpoint key, W) to an official-format file: {key: {"U": fp32 [out, k], "V": fp32 [in, k],
+    "S": fp32 [k], "shape": [...]}} with k = min(columns, out, in), signs canonical; any -xs rank up to k can use
+    it. weights may be a generator (one weight in memory at a time). Written to a temp file and renamed."""
+    path = Path(path)
+    data = {}
+    for key, w in weights:
+        w2 = w.detach().reshape(w.shape[0], -1).cpu().float()
+        u, s, vh = torch.linalg.svd(w2, full_matrices=False)
+        k = min(columns, s.shape[0])
+        u, v = _canonical(u, vh)
+        data[key] = {"U": u[:, :k].contiguous(), "V": v[:, :k].contiguous(), "S": s[:k].contiguous(),
+                     "shape": list(w.shape)}
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return path
+
+
+class XsBasesSource:
+    """Where an -xs adapter's bases come from for one model, other than that model's own weights: an SVD bases file
+    (`file`) or the base checkpoint of the same pack (`base_checkpoint`, a safetensors file in the official layout).
+    Both are read lazily, once."""
+
+    def __init__(self, *, file: Path | None = None, base_checkpoint: Path | None = None, origin: str = ""):
+        if (file is None) == (base_checkpoint is None):
+            raise ValueError("give one of file and base_checkpoint")
+        self.file = None if file is None else Path(file)
+        self.base_checkpoint = None if base_checkpoint is None else Path(base_checkpoint)
+        self.origin = origin  # where the file was named (e.g. "svd_bases_path in .../model_config.json")
+        self._file_bases: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return f"the SVD bases file {self.file}" + (f" ({self.origin})" if self.origin else "")
+        return f"the base model {self.base_checkpoint.parent}"
+
+    def base_weight(self, layer: str) -> Tensor | None:
+        """The base checkpoint's weight of a layer (None: not in it, or this source is a file)."""
+        if self.base_checkpoint is None:
+            return None
+        from safetensors import safe_open
+
+        key = bases_file_key(layer)
+        with safe_open(str(self.base_checkpoint), "pt") as f:
+            return f.get_tensor(key) if key in f.keys() else None
+
+    def bases(self, layer: str, rank: int, shape: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+        """(U [out, rank], V [in, rank]) for a layer whose weight is viewed as shape = (out, in); None when this
+        source has no such layer. A file entry of another shape or with fewer than rank columns is an error."""
+        if self.base_checkpoint is not None:
+            w = self.base_weight(layer)
+            if w is None or tuple(w.reshape(w.shape[0], -1).shape) != tuple(shape):
+                return None
+            return svd_bases(w, rank)
+        with self._lock:
+            if self._file_bases is None:
+                self._file_bases = read_svd_bases_file(self.file)
+        key = bases_file_key(layer)
+        entry = self._file_bases.get(key)
+        if entry is None:
+            return None
+        u, v = entry
+        if (u.shape[0], v.shape[0]) != tuple(shape):
+            raise XsBasesError(f"SVD bases file {self.file}: {key} has bases for a [{u.shape[0]}, {v.shape[0]}] "
+                               f"weight, the model's is {list(shape)}: the file is for another model")
+        if u.shape[1] < rank:
+            raise XsBasesError(f"SVD bases file {self.file}: {key} holds {u.shape[1]} basis vectors; this adapter "
+                               f"has rank {rank} (write the file with more columns)")
+        return u[:, :rank].clone(), v[:, :rank].clone()
+
+
+def xs_bases_source_for(model) -> XsBasesSource | None:
+    """The bases source of an SA3 model (anything with `.config.raw`, `.config.is_arc` and `.source`): the file its
+    config names in `svd_bases_path` (relative to the config's folder, else as given), else for an ARC model in the
+    packs' layout (`<name>/arc/`) the complete `<name>/base/` beside it, else None (its own weights)."""
+    config = getattr(model, "config", None)
+    source = Path(getattr(model, "source", None) or ".")
+    folder = source if source.is_dir() else source.parent
+    named = (getattr(config, "raw", None) or {}).get("svd_bases_path")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_absolute() and (folder / path).exists():
+            path = folder / path
+        return XsBasesSource(file=path, origin=f"svd_bases_path in {folder / 'model_config.json'}")
+    if getattr(config, "is_arc", False) and source.is_dir() and source.name == "arc":
+        base = source.parent / "base"
+        if (base / "model_config.json").is_file() and (base / "model.safetensors").is_file():
+            return XsBasesSource(base_checkpoint=base / "model.safetensors")
+    return None
+
+
+__all__ = ["CACHE_BYTES", "XsBasesError", "XsBasesSource", "bases_file_key", "compute_svd_bases", "read_svd_bases_file",
+           "svd_bases", "write_svd_bases_file", "xs_bases_source_for"]

@@ -229,8 +229,12 @@ def test_svd_bases_are_sign_canonical_and_orthonormal():
 
 
 def test_svd_bases_are_computed_once_per_weight_content_and_per_rank(monkeypatch):
+    from collections import OrderedDict
+
     from sa3_lora_studio.adapters import xs_bases
 
+    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())  # nothing cached by earlier tests
+    monkeypatch.setattr(xs_bases, "_by_tensor", {})
     calls = []
     real = xs_bases.compute_svd_bases
     monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(r) or real(w, r))
@@ -252,8 +256,12 @@ def test_svd_bases_are_computed_once_per_weight_content_and_per_rank(monkeypatch
 
 
 def test_svd_bases_cache_keeps_the_most_recent_within_its_byte_budget(monkeypatch):
+    from collections import OrderedDict
+
     from sa3_lora_studio.adapters import xs_bases
 
+    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())
+    monkeypatch.setattr(xs_bases, "_by_tensor", {})
     monkeypatch.setattr(xs_bases, "CACHE_BYTES", 3 * (8 + 6) * 2 * 4)  # three entries of rank-2 bases of [8, 6]
     calls = []
     real = xs_bases.compute_svd_bases

@@ -590,6 +590,10 @@ def test_an_xs_run_takes_each_layers_svd_once_though_the_arc_model_is_loaded_ane
             assert kind != "warning" or "-xs" in payload["message"], payload
             return {}
 
+    from collections import OrderedDict
+
+    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())  # nothing cached by earlier tests
+    monkeypatch.setattr(xs_bases, "_by_tensor", {})
     calls = []
     real = xs_bases.compute_svd_bases
     monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(tuple(w.shape)) or real(w, r))
@@ -603,6 +607,39 @@ def test_an_xs_run_takes_each_layers_svd_once_though_the_arc_model_is_loaded_ane
     first_round = len(calls) - at_setup  # the ARC model's own weights (another model: other bases)
     assert all(len(run_demos(trainer, step)) == 1 for step in (2, 4))
     assert len(calls) == at_setup + first_round
+
+
+def test_an_xs_run_on_a_model_whose_config_names_svd_bases_trains_on_the_files_bases(tmp_path, dataset, fixtures_dir):
+    """As the official train_lora.py --svd_bases_path: the file's bases, not the weights' own SVD."""
+    import shutil
+
+    from sa3_lora_studio.adapters.xs_bases import write_svd_bases_file
+    from sa3_lora_studio.training.trainer import Trainer
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixtures_dir / "tiny-small", model_dir)
+    other = load_file(str(fixtures_dir / "tiny-small-arc" / "model.safetensors"))  # bases of other weights: visible
+    keys = [k for k, w in other.items() if k.startswith(("model.model.", "conditioner.")) and w.dim() >= 2]
+    write_svd_bases_file(model_dir / "bases.pt", ((k, other[k]) for k in keys), columns=4)
+    config = json.loads((model_dir / "model_config.json").read_text())
+    config["svd_bases_path"] = "bases.pt"
+    (model_dir / "model_config.json").write_text(json.dumps(config))
+
+    class Log:
+        def emit(self, kind, **payload):
+            return {}
+
+    trainer = Trainer(_config(dataset, fixtures_dir, model=str(model_dir), adapter_type="lora-xs", rank=4),
+                      tmp_path / "run", "r", Log(), None)
+    trainer.setup()
+    bases = torch.load(model_dir / "bases.pt", weights_only=True)
+    slots = trainer.stack.slots(0)
+    assert slots
+    for slot in slots.values():
+        key = ("model." if slot.layer.startswith("model.") else "conditioner.") + slot.layer + ".weight"
+        assert torch.equal(slot.U, bases[key]["U"]) and torch.equal(slot.V, bases[key]["V"]), key
+    assert any("bases from the SVD bases file" in n for n in trainer.stack.report.notes)
 
 
 def test_a_model_whose_text_encoder_is_narrower_than_cond_dim_loads_and_its_prompt_projection_trains(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
+from ..adapters.apply import model_xs_bases
 from ..encoding import PromptConfig, batch_prompts
 from ..encoding.dataset import item_seconds
 from ..sa3 import schedules
@@ -231,7 +232,8 @@ class Trainer:
                                   include=list(c.include) or None, exclude=list(c.exclude) or None, preset=c.targets,
                                   dropout=c.dropout, generator=g)
         self.adapter = adapter
-        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm)
+        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm,
+                                  xs_bases=model_xs_bases(self.model) if adapter.is_xs else None)  # svd_bases_path
         self.has_dropout = self.stack.has_dropout()  # fixed by the adapter's lora_config: not looked up every step
         params = self.stack.parameters()
         named = [(s_name, p) for slot in self.stack.slots(0).values() for s_name, p in slot.named_parameters()]
