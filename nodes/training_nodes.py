@@ -286,6 +286,9 @@ class SA3TrainingOptions:
                             "states (.state.pt: adapter + optimiser moments, ~6x a LoRA file) kept, newest first; "
                             "older ones are deleted, their LoRA files stay (usable, continuable, not resumable "
                             "exactly). 0 = keep all."}),
+            "tensorboard": ("BOOLEAN", {"default": d("tensorboard"), "tooltip": "Also log loss, learning rate, "
+                            "loss per noise level, validation and demos (playable) for TensorBoard in the run's "
+                            "tensorboard/ folder: `tensorboard --logdir <ComfyUI output>/sa3_runs` compares runs."}),
         }}
 
     RETURN_TYPES = ("SA3_TRAIN_OPTIONS",)
@@ -297,7 +300,7 @@ class SA3TrainingOptions:
     def options(self, include, exclude, warmup_steps, weight_decay, beta1, beta2, grad_clip, dropout, crop_from,
                 timestep_sampler, ot_coupling, cfg_dropout, inpaint_segments, inpaint_full, inpaint_causal,
                 mask_loss_weight, arc_model, validation_items=0, validation_every=0, demo_loudness=-18.0,
-                keep_states=0):
+                keep_states=0, tensorboard=True):
         from ..training.runs import RunConfig, RunError
 
         weights = (inpaint_segments, inpaint_full, inpaint_causal)
@@ -311,7 +314,7 @@ class SA3TrainingOptions:
                    "inpaint_probabilities": tuple(w / sum(weights) for w in weights),
                    "mask_loss_weight": mask_loss_weight, "arc_model": arc_model.strip() or None,
                    "validation_items": validation_items, "validation_every": validation_every,
-                   "demo_loudness": demo_loudness or None, "keep_states": keep_states}
+                   "demo_loudness": demo_loudness or None, "keep_states": keep_states, "tensorboard": tensorboard}
         try:
             RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
         except RunError as e:

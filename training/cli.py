@@ -184,6 +184,15 @@ def _cmd_runs(args) -> int:
         else:
             sys.stdout.write(text)
         return 0
+    if args.runs_what == "tensorboard":
+        from .tensorboard import export_run
+
+        for run_id in args.run_ids:
+            registry.get(run_id)  # an unknown run is named
+        for run_id in args.run_ids:
+            print(f"{run_id}: {export_run(registry.run_dir(run_id))}")
+        print(f"view with: tensorboard --logdir {registry.root}", file=sys.stderr)
+        return 0
     if args.runs_what == "resume":
         nproc = args.nproc if args.nproc is not None else int(registry.get(args.run_id).get("world_size") or 1)
         if nproc < 1:
@@ -279,4 +288,9 @@ def add_train_parsers(sub) -> None:
                            help="number of processes (default: the run's own; 1 = in this process). batch_size "
                                 "is per process, so the global batch becomes batch_size × N: another N changes "
                                 "the run from here on (the same N continues exactly)")
+    t = rs.add_parser("tensorboard", help="rebuild runs' TensorBoard logs (<run>/tensorboard/) from their events, "
+                      "for runs trained with tensorboard off or from before it", description="Runs log for TensorBoard "
+                      "as they train (RunConfig.tensorboard, on by default): `tensorboard --logdir RUNS_DIR` shows "
+                      "them all. This rebuilds a run's TensorBoard folder from its events.jsonl.")
+    t.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     r.set_defaults(func=_cmd_runs)

@@ -39,7 +39,7 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
-                   "demo_format", "demo_loudness", "arc_model", "validation_every", "keep_states")
+                   "demo_format", "demo_loudness", "arc_model", "validation_every", "keep_states", "tensorboard")
 
 
 class RunError(ValueError):
@@ -163,6 +163,7 @@ class RunConfig:
     cfg_dropout: float = 0.1
     checkpoint_every: int = 200
     keep_states: int = 0  # training states (.state.pt: adapter + optimiser moments) kept, newest first; 0 = all
+    tensorboard: bool = True  # also log for TensorBoard into <run>/tensorboard/ (training/tensorboard.py)
     demo_every: int = 200
     validation_items: int = 0  # dataset items held out of training and scored at fixed noise levels (validation.py)
     validation_every: int = 0  # steps between validation scores; 0 = with each checkpoint
