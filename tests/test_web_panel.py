@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sa3_lora_studio.nodes.lora_nodes import RUN_PREFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "web"))
 
@@ -435,6 +436,25 @@ def test_panel_catches_up_from_the_events_route_after_a_websocket_reconnect(site
     assert [e for e in browser.call("errors") if "WebSocket connection" not in e] == []  # refused on purpose
 
 
+SHOWN_THOUGH_HIDDEN = ("[...document.querySelectorAll('.sa3-panel [hidden]')]"
+                      ".filter((el) => getComputedStyle(el).display !== 'none').map((el) => el.className)")
+
+
+def test_hidden_parts_take_no_space_and_keep_nothing_of_the_run_shown_before(site, browser):
+    """Rows styled as flex boxes stay out of sight when hidden (the best row, the step slider), and a run without
+    validation keeps no link to another run's best checkpoint."""
+    runs = site.runs
+    open_panel(browser, site, run=runs["done"])
+    browser.wait("!document.querySelector('.sa3-best').hidden")
+    for name in ("failed", "live", "done", "failed"):
+        browser.click(f".sa3-run[data-run-id=\"{runs[name]}\"] .sa3-run-select")
+        browser.wait(f"document.querySelector('.sa3-run.sa3-selected')?.dataset.runId === '{runs[name]}'")
+        assert browser.eval(SHOWN_THOUGH_HIDDEN) == [], name
+    best = browser.eval("(() => { const r = document.querySelector('.sa3-best'); return {hidden: r.hidden, "
+                        "text: r.textContent, links: [...r.querySelectorAll('a[href]')].length}; })()")
+    assert best["hidden"] and best["links"] == 0 and "Lowest validation loss" not in best["text"]
+
+
 def test_use_checkpoint_adds_a_configured_sa3_load_lora_node_or_copies_the_name(site, browser):
     done = site.runs["done"]
     name = "synth-pads-step=000060.safetensors"
@@ -446,10 +466,18 @@ def test_use_checkpoint_adds_a_configured_sa3_load_lora_node_or_copies_the_name(
     assert node == {"type": "SA3LoadLoRA", "lora": f"sa3_runs/{done}/checkpoints/{name}"}
     assert "Added an SA3 Load LoRA node" in browser.eval("document.querySelector('.sa3-message').textContent")
 
+    # a checkpoint saved after the page loaded is not in the combo yet: the run's own entry, as the server lists it
+    browser.eval("window.loraChoices = ['other.safetensors']")
+    browser.click("[data-action=use]")
+    browser.wait("window.app.graph.nodes.length === 2")
+    added = browser.eval("({lora: app.graph.nodes[1].widgets[0].value, values: app.graph.nodes[1].widgets[0].options.values})")
+    assert added == {"lora": f"sa3 runs/{done}/{name}", "values": [f"sa3 runs/{done}/{name}", "other.safetensors"]}
+    assert added["lora"].startswith(RUN_PREFIX)  # the server's own spelling (nodes/lora_nodes.py)
+
     browser.eval("window.LiteGraph.createNode = () => null")  # node type missing: fall back to the file name
     browser.click("[data-action=use]")
     browser.wait(f"document.querySelector('.sa3-message').textContent.includes({json.dumps(name)})")
-    assert browser.eval("app.graph.nodes.length") == 1
+    assert browser.eval("app.graph.nodes.length") == 2
 
 
 CONTRAST = """(() => {

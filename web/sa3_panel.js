@@ -17,11 +17,17 @@ async function useCheckpoint(checkpoint) {
     if (!node) throw new Error("SA3LoadLoRA is not a registered node type");
     const widget = node.widgets?.find((w) => w.name === "lora");
     if (widget) {
-      // the combo lists files as ComfyUI sees them (maybe in a sub-folder): pick the entry with this file name
+      // The server lists a run's checkpoints as "sa3 runs/<run>/<file>" (nodes/lora_nodes.py), each time it
+      // validates a prompt; the combo here holds the list of when the page loaded, which misses checkpoints saved
+      // since. So: this run's entry, else a copy in the loras folder (maybe in a sub-folder), else this run's entry
+      // added to the combo (the server knows it).
+      const runValue = `sa3 runs/${checkpoint.runId}/${checkpoint.name}`;
       const values = widget.options?.values;
       const list = Array.isArray(values) ? values : typeof values === "function" ? values() : [];
-      const match = list.find((v) => v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`));
-      widget.value = match ?? checkpoint.name;
+      const match = list.find((v) => v === runValue)
+        ?? list.find((v) => v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`));
+      if (!match && Array.isArray(values)) values.unshift(runValue);
+      widget.value = match ?? runValue;
       widget.callback?.(widget.value);
     }
     const canvas = app.canvas;

@@ -128,6 +128,9 @@ export function mount(root, store, { useCheckpoint }) {
       useBest.title = useBest.getAttribute("aria-label");
       downloadBest.href = store.api.fileUrl(run.id, best.path, true);
       downloadBest.setAttribute("aria-label", `Download the best checkpoint ${name}`);
+    } else {  // nothing of another run's best may linger (a link is followable even when its row is hidden)
+      bestText.textContent = "";
+      downloadBest.removeAttribute("href");
     }
   }
 
