@@ -45,7 +45,12 @@ def apply_overrides(graph: dict, overrides: list[str]) -> dict:
 
 
 def load_api_workflow(path: str | Path) -> dict:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:  # not the server's fault: said here, before any connection is tried
+        raise QueueError(f"workflow {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QueueError(f"workflow {path}: not JSON ({e})") from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise QueueError(f"{path} is a UI-format workflow; queue its API-format twin (example_workflows/api/) or "
                          "export it with 'Export (API)' in ComfyUI")
@@ -161,11 +166,11 @@ async def queue_workflow(server: str, graph: dict, out_dir: str | Path, timeout:
 def add_queue_parser(sub) -> None:
     p = sub.add_parser("queue", help="run an API-format workflow on a ComfyUI server and download its outputs")
     p.add_argument("workflow", help="API-format workflow JSON")
-    p.add_argument("--server", default="http://127.0.0.1:8188")
+    p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input (NODE is a node id or title); repeatable")
     p.add_argument("--out", default="sa3-outputs", help="where downloaded outputs go")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the outputs (default %(default)g)")
     p.set_defaults(func=_cmd_queue)
 
 

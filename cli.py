@@ -12,9 +12,9 @@ import sys
 
 def _cmd_info(args) -> int:
     from .sa3.model import load_model
-    from .training.trainer import pick_device
+    from .training.trainer import usable_device
 
-    model = load_model(args.source, dtype=args.dtype, device=pick_device(args.device), variant=args.variant,
+    model = load_model(args.source, dtype=args.dtype, device=usable_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)
     cfg = model.config
     n_params = sum(p.numel() for p in model.modules.parameters())
@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors carry actionable messages; a traceback would bury them.
         print(f"sa3-lora {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sa3-lora … | head`: the reader left; no traceback, nothing more to write
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

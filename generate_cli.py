@@ -119,7 +119,7 @@ def run_generate(args) -> int:
     from .encoding.loudness import normalize_loudness
     from .sa3.generate import continuation_region, generate, parse_regions, resolve_seed, sampling_defaults
     from .sa3.model import load_model
-    from .training.trainer import pick_device
+    from .training.trainer import usable_device
 
     if (args.regions or args.continuation or args.paste_back) and not args.inpaint:
         raise ValueError("--regions, --continue and --paste-back need --inpaint FILE (the audio to repair or extend)")
@@ -154,7 +154,7 @@ def run_generate(args) -> int:
         regions = [continuation_region(inpaint, args.duration)]
     seed = resolve_seed(args.seed)
 
-    model = load_model(args.source, dtype=args.dtype, device=pick_device(args.device), variant=args.variant,
+    model = load_model(args.source, dtype=args.dtype, device=usable_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)
     sampler, steps, cfg = sampling_defaults(model)
     common = {"model": model.source, "negative_prompt": args.negative_prompt, "duration": args.duration, "seed": seed,

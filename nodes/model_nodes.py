@@ -12,7 +12,7 @@ import torch
 
 from ..sa3.packs import PACKS, get_pack
 from ..sa3.residency import empty_device_cache, is_out_of_memory
-from ..training.trainer import pick_device
+from ..training.trainer import usable_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir
 
 _CACHE: dict[tuple, object] = {}
@@ -177,7 +177,10 @@ class SA3LoadPack:
     def load(self, pack, variant, dtype, device, checkpoint=NO_FILE, text_encoder=NO_FILE, download_missing=False):
         from ..sa3.model import load_model
 
-        dev = pick_device(device)
+        try:
+            dev = usable_device(device)
+        except ValueError as e:
+            raise ValueError(f"SA3 Load Pack: {e}") from None
         checkpoint, text_encoder = ("" if name in (NO_FILE, ".") else name for name in (checkpoint, text_encoder))
         if pack == CUSTOM:
             if not checkpoint:

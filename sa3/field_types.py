@@ -22,10 +22,35 @@ def _accepted(annotation: str) -> tuple[type, ...] | None:
     return SCALAR_TYPES[kinds[0]]
 
 
+def _tuple_items(annotation: str) -> tuple[tuple[type, ...], int | None] | None:
+    """(accepted item types, length or None for any) of `tuple[X, X]` / `tuple[X, ...]` of one scalar X; None for
+    other annotations."""
+    text = annotation.split("|")[0].strip()
+    if not (text.startswith("tuple[") and text.endswith("]")):
+        return None
+    parts = [part.strip() for part in text[len("tuple["):-1].split(",")]
+    kinds = {part for part in parts if part != "..."}
+    if len(kinds) != 1 or next(iter(kinds)) not in SCALAR_TYPES:
+        return None
+    return SCALAR_TYPES[next(iter(kinds))], (None if "..." in parts else len(parts))
+
+
+def _an(name: str) -> str:
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
+
+
 def check_field_types(obj, owner: str) -> None:
-    """ValueError `owner.field: value is a T; expected A` for the first scalar field holding a wrong type."""
+    """ValueError `owner.field: value is a T; expected A` for the first scalar field (or item of a tuple of
+    scalars) holding a wrong type."""
     for f in fields(obj):
         value, accepted = getattr(obj, f.name), _accepted(str(f.type))
+        items = _tuple_items(str(f.type))
+        if items is not None and isinstance(value, tuple | list):
+            kinds, _ = items
+            for item in value:
+                if not isinstance(item, kinds) or (isinstance(item, bool) and bool not in kinds):
+                    raise ValueError(f"{owner}.{f.name}: {list(value)!r} holds {_an(type(item).__name__)} "
+                                     f"({item!r}); expected {f.type}")
         if accepted is None:
             continue
         if value is None:
@@ -35,7 +60,7 @@ def check_field_types(obj, owner: str) -> None:
                 raise ValueError(f"{owner}.{f.name}: null; expected {f.type}")
             continue
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-            raise ValueError(f"{owner}.{f.name}: {value!r} is a {type(value).__name__}; expected {f.type}")
+            raise ValueError(f"{owner}.{f.name}: {value!r} is {_an(type(value).__name__)}; expected {f.type}")
 
 
 def check_known_keys(cls, data: dict, message: str, error: type[Exception] = ValueError) -> None:

@@ -140,3 +140,14 @@ def test_ui_format_workflows_and_bad_overrides_are_refused(tmp_path):
         apply_overrides(GRAPH, ["seed=1"])
     with pytest.raises(QueueError, match="no node"):
         apply_overrides(GRAPH, ["Nope.seed=1"])
+
+
+def test_a_missing_or_unreadable_workflow_file_is_named_not_blamed_on_the_server(tmp_path, capsys):
+    from sa3_lora_studio.cli import main
+
+    assert main(["queue", str(tmp_path / "nofile.json"), "--server", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert f"workflow {tmp_path / 'nofile.json'}: No such file or directory" in err and "reach" not in err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["queue", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json: not JSON" in capsys.readouterr().err

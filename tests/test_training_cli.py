@@ -185,10 +185,42 @@ def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
     ({"crop_seconds": float("inf")}, "crop_seconds"), ({"crop_seconds": 1e6}, "crop_seconds"),
     ({"device": "cudax"}, "RunConfig.device: 'cudax'"), ({"include": ["", "attn"]}, "include"),
     ({"exclude": 3}, "RunConfig.exclude: 3 must be a list"),
+    ({"betas": ["a", "b"]}, r"RunConfig.betas: \['a', 'b'\] holds a str \('a'\); expected tuple\[float, float\]"),
+    ({"inpaint_probabilities": [0.5, True, 0.5]}, r"inpaint_probabilities: .* holds a bool"),
+    ({"demos": 5}, "RunConfig.demos: 5 must be a list of demo objects"),
+    ({"demos": "warm pad"}, "RunConfig.demos: 'warm pad' must be a list"),
+    ({"demos": {"prompt": "x"}}, r"RunConfig.demos: \{'prompt': 'x'\} must be a list"),
+    ({"rank": 4.5}, "RunConfig.rank: 4.5 is a float; expected int"),
+    ({"seed": "7"}, "RunConfig.seed: '7' is a str"), ({"steps": []}, "RunConfig.steps: \\[\\] is a list"),
 ])
 def test_settings_that_would_fail_a_run_later_are_refused_by_name(change, named):
     with pytest.raises(RunError, match=named):
         RunConfig.from_dict({"dataset": "d", **change})
+
+
+def test_a_device_this_machine_lacks_is_refused_before_a_run_or_a_model_load(tmp_path, dataset, fixtures_dir, capsys,
+                                                                              monkeypatch):
+    import torch
+    from sa3_lora_studio.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), steps=1, device="cuda")
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "RunConfig.device: cuda: this PyTorch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or RunRegistry(tmp_path / "runs").list() == []
+    for device, said in (("cuda:1", "cuda:1: this PyTorch sees no CUDA GPU"), ("mps", "mps: Apple Metal (MPS)")):
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        assert main(["generate", str(fixtures_dir / "tiny-small"), "--prompt", "x", "--device", device,
+                     "--out", str(tmp_path / "x.wav")]) == 2
+        err = capsys.readouterr().err
+        assert f"sa3-lora generate: device {said}" in err and "Traceback" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    from sa3_lora_studio.training.trainer import device_problem
+
+    assert device_problem("cuda:1") == "cuda:1: this machine has 1 CUDA GPU(s), numbered from 0"
+    assert device_problem("cuda:0") is None and device_problem("auto") is None and device_problem("cpu") is None
 
 
 def test_a_pattern_given_as_a_string_is_one_pattern_and_names_keep_their_letters():
@@ -276,6 +308,37 @@ def test_a_finished_run_is_trained_further_from_the_command_line(tmp_path, datas
     assert registry.latest_checkpoint(run_id)["step"] == 4
     assert [(e["step"], e["lr"]) for e in run_events(registry, run_id) if e["type"] == "step"] == \
         [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2e-3)]
+
+
+def test_relative_paths_in_a_run_config_are_stored_absolute_so_it_resumes_from_anywhere(tmp_path, dataset,
+                                                                                        fixtures_dir, capsys,
+                                                                                        monkeypatch):
+    import shutil
+
+    from sa3_lora_studio.cli import main
+
+    project = tmp_path / "project"
+    shutil.copytree(dataset, project / "ds")
+    shutil.copytree(fixtures_dir / "tiny-small", project / "models" / "tiny")
+    config = dict(dataset="ds", model="models/tiny", adapter_type="lora", rank=2, steps=2, batch_size=1,
+                  crop_seconds=0.017, checkpoint_every=1000, demo_every=0, seed=3, lr=1e-3)
+    (project / "run.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the config's paths are relative to its own folder here
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(project / "run.json"), "--runs-dir", str(runs)]) == 0
+    registry = RunRegistry(runs)
+    (run_id,) = [r["id"] for r in registry.list()]
+    stored = registry.config(run_id)
+    assert stored.dataset == str(project / "ds") and stored.model == str(project / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)  # another shell, another folder
+    capsys.readouterr()
+    assert runs_cli(runs, "resume", run_id, "--more-steps", "1") == 0, capsys.readouterr().err
+    assert registry.get(run_id)["status"] == "done" and registry.latest_checkpoint(run_id)["step"] == 3
+    # a pack name is no path: kept as given
+    assert RunConfig(dataset=str(project / "ds"), model="sa3-small-music").with_absolute_paths().model == \
+        "sa3-small-music"
 
 
 def test_train_refuses_a_model_or_arc_model_it_cannot_find_before_making_a_run(tmp_path, dataset, fixtures_dir,

@@ -53,7 +53,7 @@ class TrainingManager:
         return EventLog(self.events_path(run_id), run_id, self.listeners)
 
     def submit(self, config: RunConfig) -> str:
-        run_id = self.registry.create(config)
+        run_id = self.registry.create(config.with_absolute_paths())
         self.event_log(run_id).emit("status", status="queued")
         self.worker.submit(run_id, device_key=device_key(config))
         return run_id

@@ -104,6 +104,11 @@ def check_run_inputs(config: RunConfig, model=None) -> None:
     """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
     model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`), else its files are looked
     for (`check_model_sources`)."""
+    from .trainer import device_problem
+
+    problem = device_problem(config.device)
+    if problem:
+        raise RunError(f"RunConfig.device: {problem}")
     if model is not None:
         check_trainable(model)
         check_targets(config, model)

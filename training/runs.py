@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..sa3.atomic import atomic_write_json, file_lock
@@ -40,6 +40,9 @@ RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
                    "demo_format", "demo_loudness", "arc_model", "validation_every", "keep_states", "tensorboard")
+
+
+PATH_FIELDS = ("dataset", "model", "arc_model", "continue_from")  # stored absolute (`RunConfig.with_absolute_paths`)
 
 
 class RunError(ValueError):
@@ -274,6 +277,9 @@ class RunConfig:
                     raise RunError(f"RunConfig.{key}: {data[key]!r} must be a list")
                 data[key] = tuple(data[key])
         if "demos" in data:
+            if not isinstance(data["demos"], list | tuple | type(None)):
+                raise RunError(f"RunConfig.demos: {data['demos']!r} must be a list of demo objects "
+                               '(e.g. [{"prompt": "warm pad", "cfg": 7}]; [] = the default demos, demo_every 0 = none)')
             data["demos"] = tuple(d if isinstance(d, DemoSpec) else DemoSpec.from_dict(d, f"RunConfig.demos[{i}]")
                                   for i, d in enumerate(data["demos"] or ()))
         return cls(**data)
@@ -282,6 +288,23 @@ class RunConfig:
         d = asdict(self)
         d["demos"] = [asdict(x) for x in self.demos]
         return d
+
+    def with_absolute_paths(self, *bases: Path) -> RunConfig:
+        """This config with each relative path field (`PATH_FIELDS`) that names an existing file or folder made
+        absolute: relative to the current folder, else to each of `bases` (e.g. the config file's folder). A run
+        is resumed from other folders and processes later, so it must not depend on where it was started. Pack
+        names and paths that do not exist stay as given (the checks name them)."""
+        changes = {}
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if not value or Path(value).expanduser().is_absolute():
+                continue
+            for base in (Path.cwd(), *bases):
+                candidate = Path(base) / Path(value).expanduser()
+                if candidate.exists():
+                    changes[name] = str(candidate.resolve())
+                    break
+        return replace(self, **changes) if changes else self
 
     def crop_latents(self, model_config, capped: bool = True) -> int:
         """The training crop in latent frames for a model (SA3Config): `crop_seconds` at its latent rate, capped at

@@ -92,6 +92,33 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def device_problem(name: str) -> str | None:
+    """Why device `name` cannot be used on this machine (a CUDA device without CUDA, MPS without Metal, a GPU index
+    beyond the count), or None. "auto" always works."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name!r} is not a device; use auto, cpu, cuda, cuda:1 or mps"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name}: this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); use auto or cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"{name}: Apple Metal (MPS) is not available here; use auto or cpu"
+    return None
+
+
+def usable_device(name: str) -> torch.device:
+    """`pick_device(name)`, or ValueError naming why this machine cannot use it (`device_problem`)."""
+    problem = device_problem(name)
+    if problem:
+        raise ValueError(f"device {problem}")
+    return pick_device(name)
+
+
 class LossScale:
     """Dynamic loss scaling for fp16 runs (the role of torch's GradScaler, written out so its state is part of the
     run's checkpoint and a resumed run continues bit-exactly): the loss is multiplied by `scale` before the
