@@ -2,6 +2,8 @@
 object, as a cached SA3 Load Pack output is reused), models in use are kept, and ComfyUI's own unload/free-memory
 calls reach ours (sa3/residency.py, nodes/model_nodes.py, nodes/comfy_bridge.install_memory_hooks)."""
 
+import os
+import socket
 import threading
 import types
 import warnings
@@ -10,7 +12,7 @@ import comfy_stubs
 import pytest
 import torch
 from sa3_lora_studio import load_model
-from sa3_lora_studio.nodes import model_nodes
+from sa3_lora_studio.nodes import model_nodes, training_nodes
 from sa3_lora_studio.nodes.comfy_bridge import install_memory_hooks
 from simulated_device import simulate
 from test_nodes import _train_inputs, run_node
@@ -156,8 +158,39 @@ def test_the_hooks_are_installed_when_the_pack_loads_inside_comfyui(monkeypatch,
     mm = sys.modules["comfy.model_management"]
     mm.unload_all_models = lambda: None
     monkeypatch.setattr(routes, "register_routes", lambda get_manager: None)
+    training_nodes.reset_manager()
     nodes._register_routes()
     assert mm._sa3_memory_hooks and mm.unload_all_models.__wrapped__ is not None
+    training_nodes.reset_manager()
+
+
+def test_runs_a_restart_cut_off_are_marked_and_auto_resumed_as_the_pack_loads_without_any_request(
+        monkeypatch, tmp_path, dataset, fixtures_dir):
+    """SA3_AUTO_RESUME=1 on a headless server: the run goes on as ComfyUI starts, not at the first page or call."""
+    import sa3_lora_studio.nodes.routes as routes
+    from sa3_lora_studio import nodes
+    from sa3_lora_studio.training.runs import RunConfig, RunRegistry
+
+    stubs = comfy_stubs.install(monkeypatch, tmp_path / "comfy")
+    monkeypatch.setattr(routes, "register_routes", lambda get_manager: None)
+    registry = RunRegistry(stubs.output_dir / "sa3_runs")
+    config = RunConfig(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
+                       steps=2, batch_size=1, crop_seconds=0.017, checkpoint_every=1000, demo_every=0, seed=1)
+    cut_off = registry.create(config)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": -1}  # a pid reused since: not its trainer
+    registry.update(cut_off, status="training")
+    registry.update(cut_off, owner=owner)  # its process died with the old server
+    monkeypatch.setenv("SA3_AUTO_RESUME", "1")
+    training_nodes.reset_manager()
+    try:
+        nodes._register_routes()
+        manager = training_nodes._MANAGER  # made by the loading itself: nothing asked for it
+        assert manager is not None and manager.wait(cut_off, 300)["status"] == "done"
+    finally:
+        training_nodes.reset_manager()
+    monkeypatch.setenv("SA3_RUNS_PER_DEVICE", "zero")  # a bad setting: said, the pack still loads
+    nodes._register_routes()
+    training_nodes.reset_manager()
 
 
 def test_a_training_run_keeps_its_model_until_it_ends(comfy_env, dataset):
