@@ -198,9 +198,18 @@ class SA3TrainLoRA:
         with using(model):  # ComfyUI frees its own models if the run needs the room (this one stays)
             make_room(model, config)
         warning = memory_warning(model, config)
+        from ..training.manager import device_key
+
         manager = get_manager()
-        run_id = manager.submit(config)
-        text = f"run {run_id} started" + (f"\nwarning: {warning}" if warning else "")
+        same = manager.same_settings_run(config)
+        if same is not None:  # the same graph queued again after a restart: that run, not a second one from step 0
+            run_id, text = self.reuse(manager, same)
+        else:
+            ahead = manager.active_runs_on(config)
+            run_id = manager.submit(config)
+            text = (f"run {run_id} queued behind {len(ahead)} run(s) on {device_key(config)}" if ahead
+                    else f"run {run_id} started")
+        text += f"\nwarning: {warning}" if warning else ""
         if wait_until_done:  # ComfyUI's cancel ends the wait (the run trains on; stop it with SA3 Run Control)
             while not manager.worker.join(run_id, 0.5):
                 throw_if_interrupted()
@@ -209,6 +218,21 @@ class SA3TrainLoRA:
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")
         return {"ui": {"text": [text]}, "result": (run_id, run_id)}
+
+
+    @staticmethod
+    def reuse(manager, record: dict) -> tuple[str, str]:
+        """(run id, message) for a run that has exactly this node's settings: resumed when a restart or a stop cut
+        it off, else left as it is."""
+        run_id, status = record["id"], record["status"]
+        if status in ("interrupted", "stopped", "failed"):
+            manager.control(run_id, "restart")
+            return run_id, (f"run {run_id} has these settings and was {status} at step {record['step']}: resumed "
+                            "from its last checkpoint (change name or seed for a new run)")
+        if status == "done":
+            return run_id, (f"run {run_id} already finished with these settings (change name or seed for a new run; "
+                            "SA3 Run Control's restart with more_steps trains it further)")
+        return run_id, f"run {run_id} has these settings and is {status}: not started again"
 
 
 def _run_default(name: str):
@@ -376,8 +400,9 @@ class SA3TrainingDemo:
 class SA3RunStatus:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
-                             "bins": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "Noise-level bins of the loss-by-timestep chart."})}}
+        return {"required": {"bins": ("INT", {"default": 5, "min": 1, "max": 20, "tooltip": "Noise-level bins of the loss-by-timestep chart."})},
+                "optional": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
+                             "run_id": ("STRING", {"default": "", "tooltip": RUN_ID_TOOLTIP})}}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING", "STRING")
     RETURN_NAMES = ("loss_chart", "loss_by_noise_level", "latest_lora", "status", "best_lora")
@@ -388,13 +413,14 @@ class SA3RunStatus:
                    "either to SA3 Load LoRA's lora_path).")
 
     @classmethod
-    def IS_CHANGED(cls, run, bins):
+    def IS_CHANGED(cls, bins, run=None, run_id=""):
         return time.time()  # the run moves on between executions
 
-    def status(self, run, bins):
+    def status(self, bins, run=None, run_id=""):
         from ..training.events import best_validation, loss_by_timestep_chart, loss_chart, read_all_events
 
         manager = get_manager()
+        run = chosen_run("SA3 Run Status", manager, run, run_id)
         record = manager.registry.get(run)
         events = read_all_events(manager.events_path(run))
         latest = manager.registry.latest_checkpoint(run)
@@ -415,10 +441,11 @@ class SA3RunStatus:
 class SA3RunControl:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
-                             "action": (["stop", "pause", "resume", "save", "restart"], {"tooltip": "restart resumes "
+        return {"required": {"action": (["stop", "pause", "resume", "save", "restart"], {"tooltip": "restart resumes "
                                         "an interrupted, stopped, failed or finished run from its last checkpoint."})},
                 "optional": {
+                    "run": ("SA3_RUN", {"tooltip": "From SA3 Train LoRA."}),
+                    "run_id": ("STRING", {"default": "", "tooltip": RUN_ID_TOOLTIP}),
                     "more_steps": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip": "With restart: train "
                                    "this many steps beyond the run's total (a finished run goes on; 0 = its own "
                                    "total)."}),
@@ -432,18 +459,40 @@ class SA3RunControl:
     OUTPUT_NODE = True
 
     @classmethod
-    def IS_CHANGED(cls, run, action, **settings):
+    def IS_CHANGED(cls, action, **settings):
         return time.time()
 
-    def control(self, run, action, more_steps=0, learning_rate=0.0):
+    def control(self, action, run=None, run_id="", more_steps=0, learning_rate=0.0):
         from ..training.runs import RunError
 
+        manager = get_manager()
+        run = chosen_run("SA3 Run Control", manager, run, run_id)
         changes = {"lr": learning_rate} if learning_rate else {}
         try:  # the manager refuses settings with any action but restart
-            record = get_manager().control(run, action, changes=changes, more_steps=more_steps)
+            record = manager.control(run, action, changes=changes, more_steps=more_steps)
         except RunError as e:
             raise ValueError(f"SA3 Run Control: {e}") from None
-        return (run, f"{record['id']}: {record['status']}")
+        text = f"{record.get('name') or run}: {action} → {record['status']} at step {record['step']}"
+        return {"ui": {"text": [text]}, "result": (run, f"{record['id']}: {record['status']}")}
+
+
+RUN_ID_TOOLTIP = ("A run's id (the SA3 Training panel shows it; Copy id there), for a run this graph did not start: "
+                  "one from before a restart, or from another workflow. Used when run is not connected.")
+
+
+def chosen_run(node: str, manager, run: str | None, run_id: str) -> str:
+    """The run a status/control node acts on: the connected run, else the run_id widget's; named errors otherwise."""
+    from ..training.runs import RunError
+
+    chosen = run or (run_id or "").strip()
+    if not chosen:
+        raise ValueError(f"{node}: connect run (from SA3 Train LoRA) or give a run_id (the SA3 Training panel "
+                         "shows each run's id)")
+    try:
+        manager.registry.get(chosen)
+    except RunError as e:
+        raise ValueError(f"{node}: {e}") from None
+    return chosen
 
 
 NODE_CLASS_MAPPINGS = {"SA3TrainLoRA": SA3TrainLoRA, "SA3TrainingOptions": SA3TrainingOptions,

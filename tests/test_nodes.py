@@ -448,3 +448,49 @@ def test_a_lora_node_fed_by_lora_path_has_a_valid_list_value_even_with_no_lora_f
         run_node("SA3LoadLoRA", **inputs)
     with pytest.raises(ValueError, match=r"choose a LoRA file"):
         run_node("SA3LoadLoRA", **{**inputs, "lora": "."})
+
+
+def test_status_and_control_take_a_run_by_id_and_the_same_graph_after_a_restart_reuses_its_run(comfy, dataset):
+    """After a restart a graph has no SA3_RUN link to an old run: run_id names it. Queueing the unchanged training
+    graph again (ComfyUI's cache is gone) resumes the run it started instead of a second one from step 0."""
+    from sa3_lora_studio.nodes import training_nodes
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    inputs = _train_inputs(model=model, dataset=str(dataset), steps=3, checkpoint_every=1, name="kept")
+    manager = training_nodes.get_manager()
+
+    def stop_at_1(event):
+        if event["type"] == "step" and event["step"] == 1:
+            manager.worker.controls[event["run"]].request_stop()
+
+    manager.listeners.append(stop_at_1)
+    try:
+        run, run_id = run_node("SA3TrainLoRA", **{**inputs, "wait_until_done": True})
+    finally:
+        manager.listeners.remove(stop_at_1)
+    assert manager.registry.get(run)["status"] == "stopped"
+
+    training_nodes.reset_manager()  # "a restart": a new manager over the same runs folder, no cached node output
+    cls = NODE_CLASS_MAPPINGS["SA3TrainLoRA"]
+    with torch.inference_mode():
+        again = cls().train(**{**inputs, "wait_until_done": False})
+    assert again["result"] == (run, run) and "was stopped at step 1: resumed" in again["ui"]["text"][0]
+    manager = training_nodes.get_manager()
+    assert manager.wait(run, 300)["status"] == "done" and len(manager.registry.list()) == 1
+    with torch.inference_mode():
+        done = cls().train(**{**inputs, "wait_until_done": False})
+    assert done["result"][0] == run and "already finished with these settings" in done["ui"]["text"][0]
+    other, _ = run_node("SA3TrainLoRA", **{**inputs, "seed": 1})  # another setting: another run
+    assert other != run and len(manager.registry.list()) == 2
+
+    _, _, lora, status, _ = run_node("SA3RunStatus", bins=5, run_id=f"  {run}  ")
+    assert "kept: done step 3/3" in status and lora.endswith("step=000003.safetensors")
+    out = NODE_CLASS_MAPPINGS["SA3RunControl"]().control("restart", run_id=run, more_steps=1)
+    assert out["result"][0] == run and out["ui"]["text"][0].startswith("kept: restart → ")
+    assert manager.wait(run, 300)["status"] == "done" and manager.registry.latest_checkpoint(run)["step"] == 4
+    for node, call in (("SA3 Run Status", lambda **k: run_node("SA3RunStatus", bins=5, **k)),
+                       ("SA3 Run Control", lambda **k: run_node("SA3RunControl", action="stop", **k))):
+        with pytest.raises(ValueError, match=f"{node}: connect run .* or give a run_id"):
+            call()
+        with pytest.raises(ValueError, match=f"{node}: .*no run 'nope'"):
+            call(run_id="nope")

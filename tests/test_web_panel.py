@@ -436,6 +436,15 @@ def test_panel_catches_up_from_the_events_route_after_a_websocket_reconnect(site
     assert [e for e in browser.call("errors") if "WebSocket connection" not in e] == []  # refused on purpose
 
 
+def test_the_run_id_is_shown_and_copied_for_the_run_id_field_of_the_status_and_control_nodes(site, browser):
+    done = site.runs["done"]
+    open_panel(browser, site, run=done)
+    browser.wait(f"document.querySelector('.sa3-run-id')?.textContent === '{done}'")
+    browser.click("[data-action=copy-id]")
+    browser.wait(f"document.querySelector('.sa3-message').textContent.includes('{done}')")
+    assert "run_id" in browser.eval("document.querySelector('[data-action=copy-id]').title")
+
+
 SHOWN_THOUGH_HIDDEN = ("[...document.querySelectorAll('.sa3-panel [hidden]')]"
                       ".filter((el) => getComputedStyle(el).display !== 'none').map((el) => el.className)")
 
@@ -446,10 +455,13 @@ def test_hidden_parts_take_no_space_and_keep_nothing_of_the_run_shown_before(sit
     runs = site.runs
     open_panel(browser, site, run=runs["done"])
     browser.wait("!document.querySelector('.sa3-best').hidden")
-    for name in ("failed", "live", "done", "failed"):
-        browser.click(f".sa3-run[data-run-id=\"{runs[name]}\"] .sa3-run-select")
-        browser.wait(f"document.querySelector('.sa3-run.sa3-selected')?.dataset.runId === '{runs[name]}'")
-        assert browser.eval(SHOWN_THOUGH_HIDDEN) == [], name
+    listed = browser.eval("[...document.querySelectorAll('.sa3-run')].map((li) => li.dataset.runId)")
+    others = [run for run in listed if run != runs["done"]]  # (other tests may have deleted some)
+    assert others
+    for run in [*others, runs["done"], *others]:
+        browser.click(f".sa3-run[data-run-id=\"{run}\"] .sa3-run-select")
+        browser.wait(f"document.querySelector('.sa3-run.sa3-selected')?.dataset.runId === '{run}'")
+        assert browser.eval(SHOWN_THOUGH_HIDDEN) == [], run
     best = browser.eval("(() => { const r = document.querySelector('.sa3-best'); return {hidden: r.hidden, "
                         "text: r.textContent, links: [...r.querySelectorAll('a[href]')].length}; })()")
     assert best["hidden"] and best["links"] == 0 and "Lowest validation loss" not in best["text"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .events import EventLog, notify
 from .requests import write_request
-from .runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, describe_owner, trained_elsewhere
+from .runs import ACTIVE, RunConfig, RunConflict, RunError, RunRegistry, describe_changes, describe_owner, trained_elsewhere
 from .worker import RunControl, TrainingWorker
 
 ACTIONS = ("stop", "pause", "resume", "save", "restart", "delete")
@@ -57,6 +57,31 @@ class TrainingManager:
         self.event_log(run_id).emit("status", status="queued")
         self.worker.submit(run_id, device_key=device_key(config))
         return run_id
+
+    def same_settings_run(self, config: RunConfig) -> dict | None:
+        """The newest run whose stored config equals `config` (paths made absolute as `submit` stores them), or None."""
+        wanted = config.with_absolute_paths().to_dict()
+        for record in reversed(self.registry.list()):
+            try:
+                if self.registry.config(record["id"]).to_dict() == wanted:
+                    return record
+            except (RunError, OSError):  # a run whose config cannot be read is no match
+                continue
+        return None
+
+    def active_runs_on(self, config: RunConfig) -> list[dict]:
+        """Runs queued or training on the device `config` would train on (a new run waits for them)."""
+        key = device_key(config)
+        out = []
+        for record in self.registry.list():
+            if record.get("status") not in ACTIVE:
+                continue
+            try:
+                if device_key(self.registry.config(record["id"])) == key:
+                    out.append(record)
+            except (RunError, OSError):
+                continue
+        return out
 
     def _job(self, run_id: str, control: RunControl) -> None:
         try:

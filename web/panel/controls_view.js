@@ -32,6 +32,12 @@ export function mount(root, store, { useCheckpoint }) {
   section.className = "sa3-controls";
   section.setAttribute("aria-label", "Run controls");
   const title = section.appendChild(document.createElement("h3"));
+  // the id SA3 Run Status / Run Control take in their run_id field, for a run this graph did not start
+  const idRow = section.appendChild(document.createElement("div"));
+  idRow.className = "sa3-run-id-row";
+  const idText = idRow.appendChild(document.createElement("code"));
+  idText.className = "sa3-run-id";
+  const copyId = idRow.appendChild(button("Copy id", "copy-id", "Copy the run id (for the run_id field of SA3 Run Status and SA3 Run Control)"));
   const bar = section.appendChild(document.createElement("div"));
   bar.className = "sa3-button-row";
   bar.setAttribute("role", "toolbar");
@@ -93,6 +99,7 @@ export function mount(root, store, { useCheckpoint }) {
     section.hidden = !run;
     if (!run) return;
     title.textContent = run.name || run.id;
+    idText.textContent = run.id;
     const active = ACTIVE.includes(run.status);
     stop.disabled = !active;
     const paused = run.status === "paused";
@@ -153,6 +160,16 @@ export function mount(root, store, { useCheckpoint }) {
     }),
   ];
 
+  copyId.addEventListener("click", async () => {
+    if (!run) return;
+    try {
+      await navigator.clipboard.writeText(run.id);
+      store.say(`Copied the run id ${run.id}: paste it into run_id of SA3 Run Status or SA3 Run Control.`);
+    } catch {  // no clipboard (an insecure origin): the id is selectable text
+      getSelection()?.selectAllChildren(idText);
+      store.say(`Run id: ${run.id} (selected: copy it with Ctrl+C).`);
+    }
+  });
   for (const b of [stop, pause, save, restart]) {
     b.addEventListener("click", () => store.control(b.dataset.action));
   }
