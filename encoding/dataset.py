@@ -777,8 +777,15 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                     report.recaptioned.append(rel)
             else:
                 todo.append((path, rel, h))
-                records[rel] = {"relpath": rel, "hash": h, "size": size, "mtime_ns": st.st_mtime_ns,
-                                "status": "pending"}
+                prev_encoded = (prev.get("status") == "encoded" and prev.get("hash") == h and prev.get("latents")
+                                and old.get("encoder", {}).get("fingerprint") == ident["fingerprint"]
+                                and (out_dir / prev["latents"]).is_file())
+                if prev_encoded:  # re-encoded (force, another storage dtype): its latents serve until replaced, so
+                    # a run can train on the dataset meanwhile and a cancel leaves it as usable as before
+                    records[rel] = {**prev, "size": size, "mtime_ns": st.st_mtime_ns}
+                else:
+                    records[rel] = {"relpath": rel, "hash": h, "size": size, "mtime_ns": st.st_mtime_ns,
+                                    "status": "pending"}
         for rel, reason in scan.problems:
             records.setdefault(rel, {"relpath": rel, "status": "skipped", "reason": reason})
 

@@ -172,6 +172,37 @@ def test_a_different_encoder_or_dtype_reencodes_everything(tmp_path):
     assert len(encode_folder(src, out, ToyEncoder(seed=1), dtype="float16", force=True).encoded) == 2
 
 
+def test_a_re_encode_keeps_the_dataset_usable_while_it_works_and_after_a_cancel(tmp_path, tiny_model):
+    """force or another storage dtype re-encodes every file; until a file's new latents are written its old ones
+    (same audio, same encoder) are what the manifest lists, so a run started meanwhile or after a cancel trains."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        _write(src, f"s{i}", "wav16", freq=200 + 80 * i)
+    encode_folder(src, out, tiny_model)
+    before = {e["relpath"]: np.load(out / e["latents"]) for e in load_dataset(out).entries}
+    seen = []
+
+    def check_then_cancel(ev):  # the dataset as a run starting now would open it
+        seen.append(len(load_dataset(out).entries))
+        if ev["i"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        encode_folder(src, out, tiny_model, dtype="float16", progress=check_then_cancel)
+    assert seen == [3]
+    ds = load_dataset(out)
+    assert len(ds.entries) == 3 and not ds.complete
+    for e in ds.entries:
+        np.testing.assert_allclose(np.load(out / e["latents"]).astype(np.float32), before[e["relpath"]], atol=2e-3)
+    again = encode_folder(src, out, tiny_model, dtype="float16")
+    assert len(again.encoded) == 2 and len(again.reused) == 1 and _manifest(out)["complete"]
+    assert {np.load(out / e["latents"]).dtype for e in load_dataset(out).entries} == {np.dtype("float16")}
+    changed = _write(src, "s0", "wav16", freq=999)  # other audio: its old latents are no stand-in
+    stopped = encode_folder(src, out, tiny_model, dtype="float16", force=True, should_stop=lambda: True)
+    assert stopped.interrupted and stopped.encoded == []
+    kept = [e["relpath"] for e in load_dataset(out).entries]
+    assert changed.name == "s0.wav" and kept == ["s1.wav", "s2.wav"]  # s0 waits for its new encode
+
+
 def test_interrupted_run_keeps_finished_files_and_a_rerun_completes_it(tmp_path, tiny_model):
     src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
     for i in range(4):
