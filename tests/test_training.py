@@ -1071,3 +1071,17 @@ def test_old_training_states_can_be_pruned_and_the_run_still_resumes_exactly(tmp
     assert len(list((manager.registry.run_dir(straight) / "checkpoints").glob("*.state.pt"))) == 6  # 0 keeps all
     with pytest.raises(ValueError, match="keep_states"):
         _config(dataset, fixtures_dir, keep_states=-1)
+
+
+def test_inpaint_demos_and_reference_clips_pass_over_files_too_short_to_show_anything():
+    from types import SimpleNamespace
+
+    from sa3_lora_studio.training.demos import demo_source, long_enough_items
+
+    dataset = SimpleNamespace(entries=[{"n_latents": 2}, {"n_latents": 50}, {"n_latents": 40}, {}])
+    assert long_enough_items(dataset, 30) == [1, 2]
+    assert long_enough_items(dataset, 100) == [1]  # none is long enough: the longest
+    picks = {demo_source(SimpleNamespace(dataset=dataset, config=SimpleNamespace(seed=seed)), 0, 30)
+             for seed in range(40)}
+    assert picks == {1, 2}
+    assert long_enough_items(SimpleNamespace(entries=[]), 5) == []

@@ -83,8 +83,9 @@ def _render_demo(trainer, model, spec: DemoSpec, i: int, step: int, adapter, fol
     if spec.mode == "generate":
         prompt = demo_prompt(trainer, spec, i, step)
     else:  # a dataset clip with a part to fill in: the middle third, or the second half. Its latents as training
-        item = demo_source(trainer, i)  # sees them, no decode and encode again at every round
-        z, mask, _ = trainer.dataset.item(item, max(1, round(duration * model.config.latent_rate)))
+        frames_wanted = max(1, round(duration * model.config.latent_rate))
+        item = demo_source(trainer, i, frames_wanted)  # sees them, no decode and encode again at every round
+        z, mask, _ = trainer.dataset.item(item, frames_wanted)
         frames = max(1, int(mask.sum()))
         source = torch.from_numpy(z[:, :frames].copy())
         duration = min(duration, frames / model.config.latent_rate)
@@ -154,10 +155,19 @@ def dataset_clip(trainer, model, item: int, n_latents: int):
         return model.decode_latents(torch.from_numpy(z[:, :frames].copy())[None], generator=generator)[0].cpu()
 
 
-def demo_source(trainer, i: int) -> int:
-    """The dataset item an inpaint/continue demo works on: fixed for the run (seed, demo index), so its demos
-    compare step to step."""
-    return random.Random(f"sa3-demo-source:{trainer.config.seed}:{i}").randrange(len(trainer.dataset))
+def long_enough_items(dataset, frames: int) -> list[int]:
+    """Indices of the dataset's items with at least `frames` latent frames, else (none is) those of the longest
+    length: a demo or reference clip of a 0.05 s file shows nothing (each record's n_latents; unknown counts 0)."""
+    lengths = [int(e.get("n_latents") or 0) for e in dataset.entries]
+    enough = [i for i, n in enumerate(lengths) if n >= frames]
+    return enough or [i for i, n in enumerate(lengths) if n == max(lengths, default=0)]
+
+
+def demo_source(trainer, i: int, frames: int = 1) -> int:
+    """The dataset item an inpaint/continue demo works on: one with at least `frames` latent frames where the
+    dataset has any, fixed for the run (seed, demo index), so its demos compare step to step."""
+    candidates = long_enough_items(trainer.dataset, frames)
+    return candidates[random.Random(f"sa3-demo-source:{trainer.config.seed}:{i}").randrange(len(candidates))]
 
 
 def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
@@ -183,7 +193,11 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     c, dataset = trainer.config, trainer.dataset
-    picked = random.Random(f"sa3-reference:{c.seed}").sample(range(len(dataset)), k=min(n, len(dataset)))
+    candidates = long_enough_items(dataset, trainer.crop_latents)  # a full training crop where the dataset has one
+    others = [i for i in range(len(dataset)) if i not in set(candidates)]
+    rng = random.Random(f"sa3-reference:{c.seed}")
+    picked = rng.sample(candidates, k=min(n, len(candidates)))
+    picked += rng.sample(others, k=min(n - len(picked), len(others)))  # a dataset of short files still shows some
     written = []
     try:
         for i, item in enumerate(picked):
