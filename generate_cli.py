@@ -209,9 +209,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[@STRENGTH]",
                    help="an adapter file, strength 1 unless given; repeat to stack them in order")
     p.add_argument("--lora-skip-first-steps", type=int, default=0, metavar="N",
-                   help="LoRAs off for the first N sampling steps (e.g. 1 on an 8-step ARC model)")
+                   help="LoRAs off in the DiT for the first N sampling steps (e.g. 1 on an 8-step ARC model); "
+                        "their seconds-conditioner layers act at every step, as in the official tools")
     p.add_argument("--lora-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-                   help="noise levels where the LoRAs act (1 = pure noise); HI < 1 keeps the base song structure")
+                   help="noise levels where the LoRAs act in the DiT (1 = pure noise); HI < 1 keeps the base song "
+                        "structure (seconds-conditioner layers act throughout)")
     p.add_argument("--lora-memory", default="fast", choices=["fast", "low"],
                    help="fast: adapted weights formed once; low: no weight copy, a little slower (tight VRAM)")
     p.add_argument("--init-audio", default=None, metavar="FILE", help="audio-to-audio: start from this audio")

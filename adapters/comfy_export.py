@@ -39,6 +39,15 @@ class ComfyExportReport:
     forms: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """'31 layers written (28 lowrank, 3 diff); 2 skipped (e.g. conditioners.x: not a DiT layer ...)'."""
+        counts = ", ".join(f"{n} {form}" for form, n in sorted(self.counts().items()))
+        text = f"{len(self.forms)} layers written" + (f" ({counts})" if counts else "")
+        if self.skipped:
+            layer, why = next(iter(self.skipped.items()))
+            text += f"; {len(self.skipped)} skipped (e.g. {layer}: {why})"
+        return text
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for form in self.forms.values():

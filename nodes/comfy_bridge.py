@@ -59,6 +59,16 @@ def models_dir() -> Path | None:
     return Path(folder_paths.models_dir)
 
 
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (its --input-directory), or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    getter = getattr(folder_paths, "get_input_directory", None)
+    return Path(getter()) if getter else None
+
+
 def output_dir() -> Path | None:
     try:
         import folder_paths

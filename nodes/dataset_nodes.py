@@ -19,6 +19,24 @@ def dataset_dir_for(name: str) -> Path:
     return root / "sa3_datasets" / safe
 
 
+def audio_folder(folder: str) -> Path:
+    """The folder an Encode node reads: absolute as given; relative, the first that exists of: inside ComfyUI's
+    input folder (its --input-directory; a leading "input/" is that folder too), then the working folder."""
+    path = Path(folder.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    from .comfy_bridge import input_dir
+
+    base = input_dir()
+    candidates = []
+    if base is not None:
+        candidates.append(base / path)
+        if path.parts[:1] == ("input",):
+            candidates.append(base.joinpath(*path.parts[1:]))
+    candidates.append(Path.cwd() / path)
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 class SA3EncodeAudioFolder:
     @classmethod
     def INPUT_TYPES(cls):
@@ -26,7 +44,8 @@ class SA3EncodeAudioFolder:
             "model": ("SA3_MODEL", {"tooltip": "Its SAME autoencoder encodes the audio (SAME-S and SAME-L latents are "
                                                "interchangeable)."}),
             "folder": ("STRING", {"default": "", "tooltip": "Folder of audio files (WAV, FLAC, AIFF, MP3, OGG, Opus, "
-                                  "M4A…), searched recursively. Captions: song.json / song.txt sidecars, metadata.csv rows, tags, paths."}),
+                                  "M4A…), searched recursively: an absolute path, or a folder inside ComfyUI's input "
+                                  "folder. Captions: song.json / song.txt sidecars, metadata.csv rows, tags, paths."}),
             "dataset_name": ("STRING", {"default": "my-dataset", "tooltip": "Written to output/sa3_datasets/<name>."}),
             "include": ("STRING", {"default": "", "multiline": True, "tooltip": "Only files matching these globs "
                                    "(comma or newline separated); empty = all."}),
@@ -40,6 +59,7 @@ class SA3EncodeAudioFolder:
     RETURN_NAMES = ("dataset", "report")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
+    OUTPUT_NODE = True  # Load Pack -> Encode alone is a graph ComfyUI runs: encode now, train later; the report shows
     DESCRIPTION = "Encodes every audio file of a folder to latents for training; bad files are skipped and listed."
 
     @classmethod
@@ -51,7 +71,7 @@ class SA3EncodeAudioFolder:
         out = dataset_dir_for(dataset_name)
         if not (out / "dataset.json").is_file():
             return float("nan")  # no dataset (yet, or deleted since): run; NaN never equals the last value
-        return folder_signature(Path(folder).expanduser(), skip=(out,))
+        return folder_signature(audio_folder(folder), skip=(out,))
 
     def encode(self, model, folder, dataset_name, include, exclude, dtype, force):
         import torch
@@ -59,9 +79,10 @@ class SA3EncodeAudioFolder:
         from ..encoding import encode_folder, load_dataset
         from .comfy_bridge import progress_callback, throw_if_interrupted
 
-        src = Path(folder).expanduser()
+        src = audio_folder(folder)
         if not src.is_dir():
-            raise ValueError(f"SA3 Encode Audio Folder: {folder!r} is not a folder")
+            raise ValueError(f"SA3 Encode Audio Folder: {folder!r} is not a folder (looked for {src}; a relative "
+                             "folder is looked for in ComfyUI's input folder, then where ComfyUI runs)")
         out = dataset_dir_for(dataset_name)
         bar = {}
 
@@ -83,7 +104,8 @@ class SA3EncodeAudioFolder:
                                    dtype=dtype, force=force, progress=progress, should_stop=should_stop)
         if report.interrupted:
             raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")
-        return (str(load_dataset(out).root), report.summary())
+        summary = report.summary()
+        return {"ui": {"text": [summary]}, "result": (str(load_dataset(out).root), summary)}
 
 
 class SA3LoadDataset:

@@ -9,6 +9,8 @@ from .comfy_bridge import CATEGORY, folder_file_path, folder_files
 from .model_nodes import NO_FILE, using
 
 RUN_PREFIX = "sa3 runs/"
+# the reference gates (interval, skipped steps, layer filter) the DiT's adapted layers, never the conditioner's
+GATED_LAYERS_NOTE = "The DiT layers only: an adapter's layers in the seconds conditioner act at every step, as in the official tools."
 
 
 def lora_list() -> list[str]:
@@ -72,12 +74,13 @@ class SA3LoadLoRA:
                                        "alpha/rank × strength. DoRA/BoRA renormalise, so 0.5 is not a linear blend."}),
                 "interval_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                              "Active only while the noise level t is in [start, end] (1 = pure "
-                                             "noise, the first steps). end < 1 keeps the base model's song structure."}),
+                                             "noise, the first steps). end < 1 keeps the base model's song structure. "
+                                             + GATED_LAYERS_NOTE}),
                 "interval_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "End of the active noise-level interval (0 = the last, cleanest steps)."}),
                 "skip_first_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Leave the adapter off for "
-                                             "the first N sampling steps (e.g. 1 on an 8-step ARC model)."}),
+                                             "the first N sampling steps (e.g. 1 on an 8-step ARC model). " + GATED_LAYERS_NOTE}),
                 "layer_filter": ("STRING", {"default": "", "tooltip": "Comma-separated layer names to switch OFF, e.g. "
-                                            "'transformer.layers.[0-3].' (bracket ranges allowed)."}),
+                                            "'transformer.layers.[0-3].' (bracket ranges allowed). " + GATED_LAYERS_NOTE}),
             },
             "optional": {
                 "loras": ("SA3_LORA_STACK", {"tooltip": "Chain several SA3 Load LoRA nodes to stack adapters."}),
@@ -160,7 +163,7 @@ class SA3ExportLoRAForComfyUI:
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
         with using(model):
             report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)
-        return {"ui": {"text": [f"{out}: {report}"]}, "result": (str(out),)}
+        return {"ui": {"text": [f"{out}: {report.summary()}"]}, "result": (str(out),)}
 
 
 NODE_CLASS_MAPPINGS = {"SA3LoadLoRA": SA3LoadLoRA, "SA3LoRAInfo": SA3LoRAInfo,

@@ -21,6 +21,7 @@ class ComfyStubs:
         self.root = root
         self.models_dir = root / "models"
         self.output_dir = root / "output"
+        self.input_dir = root / "input"
         self.interrupt = False
         self.progress: list[tuple[int, int]] = []
         self.events: list[tuple[str, dict]] = []
@@ -28,6 +29,7 @@ class ComfyStubs:
         for paths in self.folders.values():
             paths[0].mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.input_dir.mkdir(parents=True, exist_ok=True)
 
     def modules(self) -> dict[str, types.ModuleType]:
         stubs = self
@@ -36,6 +38,7 @@ class ComfyStubs:
         folder_paths.models_dir = str(self.models_dir)
         folder_paths.folder_names_and_paths = {k: ([str(p) for p in v], set()) for k, v in self.folders.items()}
         folder_paths.get_output_directory = lambda: str(stubs.output_dir)
+        folder_paths.get_input_directory = lambda: str(stubs.input_dir)
 
         def get_filename_list(kind):
             files = []

@@ -78,6 +78,9 @@ def test_comfyui_arithmetic_on_the_export_reproduces_our_effective_weights(tmp_p
                 t[k] = t[k] * (1 + 0.1 * torch.randn(t[k].shape, generator=g))
     report = export_for_comfyui(tmp_path / "comfy.safetensors", a, tree, strength=strength, roots=ROOTS)
     assert report.skipped.keys() == {"seconds"}
+    summary = report.summary()  # what the export node shows: counts, not the report's repr
+    assert summary.startswith(f"{len(report.forms)} layers written (") and "; 1 skipped (e.g. seconds: " in summary
+    assert "ComfyExportReport" not in summary
     lora = load_file(str(tmp_path / "comfy.safetensors"))
     assert all(k.startswith("diffusion_model.") for k in lora)
     dit = tree.model.model

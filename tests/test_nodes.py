@@ -199,7 +199,7 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     assert best == lora and "validation" not in status  # no items held out: the newest is the best it can tell
     assert loss_img.shape[-1] == 3 and lbt_img.dim() == 4
     assert any(name == "sa3.step" for name, _ in comfy.events)  # events reached the (stub) websocket
-    with pytest.raises(ValueError, match="not running"):
+    with pytest.raises(ValueError, match="has finished \\(step 2\\); to train it further, restart it with more steps"):
         run_node("SA3RunControl", run=run, action="stop")
     with pytest.raises(ValueError, match="apply to restart"):
         run_node("SA3RunControl", run=run, action="pause", more_steps=1)
@@ -494,3 +494,25 @@ def test_status_and_control_take_a_run_by_id_and_the_same_graph_after_a_restart_
             call()
         with pytest.raises(ValueError, match=f"{node}: .*no run 'nope'"):
             call(run_id="nope")
+
+
+def test_encode_finds_a_relative_folder_in_comfyuis_input_folder_and_shows_its_report(comfy, tmp_path, monkeypatch):
+    from sa3_lora_studio.nodes.dataset_nodes import SA3EncodeAudioFolder
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio = comfy.input_dir / "sa3_training_audio"
+    audio.mkdir()
+    t = np.arange(2200) / 44100
+    sf.write(audio / "tone.wav", 0.3 * np.sin(2 * np.pi * 330 * t)[:, None].repeat(2, 1), 44100)
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "input").mkdir(parents=True)  # ComfyUI started elsewhere, with --input-directory
+    monkeypatch.chdir(elsewhere)
+    assert SA3EncodeAudioFolder.OUTPUT_NODE  # Load Pack -> Encode alone runs
+    for i, folder in enumerate(("sa3_training_audio", "input/sa3_training_audio")):
+        with torch.inference_mode():
+            out = SA3EncodeAudioFolder().encode(model=model, folder=folder, dataset_name=f"rel{i}", include="",
+                                                exclude="", dtype="float32", force=False)
+        assert "1 encoded" in out["ui"]["text"][0] and out["result"][1] == out["ui"]["text"][0]
+    with pytest.raises(ValueError, match="'nothing_here' is not a folder \\(looked for .*input/nothing_here"):
+        run_node("SA3EncodeAudioFolder", model=model, folder="nothing_here", dataset_name="x", include="",
+                 exclude="", dtype="float32", force=False)

@@ -618,7 +618,7 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
     lines = browser.eval("[...document.querySelectorAll('.sa3-log-list li')].map(li => [li.dataset.kind, "
                          "li.querySelector('.sa3-log-text').textContent])")
     assert lines == [["status", "resumed from step 31"], ["warning", message]]
-    assert "1 warning or error" in browser.eval("document.querySelector('.sa3-log summary').textContent")
+    assert browser.eval("document.querySelector('.sa3-log summary').textContent") == "Log (2 messages: 1 warning)"
     assert browser.call("errors") == []
 
 
@@ -705,7 +705,7 @@ def test_the_settings_card_shows_the_runs_config_and_follows_a_resume_with_other
 def test_control_route_statuses_follow_the_kind_of_refusal(site):
     done = urllib.parse.quote(site.runs["done"])
     status, answer = post(site, f"/sa3/runs/{done}/pause")  # a finished run: its state refuses
-    assert status == 409 and "not running" in answer["error"]
+    assert status == 409 and "has finished" in answer["error"] and "more steps" in answer["error"]
     assert post(site, f"/sa3/runs/{done}/fly")[0] == 400  # an unknown action
     status, _, _ = get(site, file_route(site.runs["done"], "../runs.json"))
     assert status == 403

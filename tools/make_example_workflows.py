@@ -32,7 +32,7 @@ LORA = "my-lora.safetensors"
 OTHER_LORA = "my-other-lora.safetensors"
 CHECKPOINTS = [f"my-lora/my-lora-step={step:06d}.safetensors" for step in (200, 400, 600)]
 SOURCE_CLIP = "sa3_source_clip.wav"  # in ComfyUI's input folder
-TRAINING_FOLDER = "input/sa3_training_audio"  # relative to ComfyUI's working folder; an absolute path works too
+TRAINING_FOLDER = "sa3_training_audio"  # inside ComfyUI's input folder (nodes/dataset_nodes.audio_folder)
 PROMPT = "warm lo-fi hip hop beat, dusty drums, mellow Rhodes chords, vinyl crackle, 85 BPM"
 
 
@@ -125,7 +125,7 @@ def train_lora_from_audio_folder() -> Graph:
     g = Graph()
     g.note((0, 0), "Train a LoRA from a folder of audio files.\n\n"
            f"1. Put your audio (and optional captions: song.txt / song.json beside song.wav) in '{TRAINING_FOLDER}' "
-           "(relative to where ComfyUI runs) or paste an absolute folder path into SA3 Encode Audio Folder.\n"
+           "inside ComfyUI's input folder, or paste an absolute folder path into SA3 Encode Audio Folder.\n"
            "2. Queue: the folder is encoded once (only new files later), prompts are composed from captions and tags, "
            "and training starts in the background on the BASE model.\n"
            "3. Watch the SA3 Training panel, or queue again: SA3 Run Status refreshes the loss charts and gives the "

@@ -153,6 +153,9 @@ class TrainingManager:
                 raise
             return self.registry.get(run_id)
         if not control or not (started or queued):
+            if record["status"] == "done":
+                raise RunConflict(f"run {run_id} has finished (step {record.get('step')}); to train it further, "
+                                  "restart it with more steps (more_steps)")
             raise RunConflict(f"run {run_id} is not running (status {record['status']}); use restart to resume it")
         if action == "save" and queued:
             raise RunConflict(f"run {run_id} is queued and has not trained yet: nothing to save")

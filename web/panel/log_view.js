@@ -45,9 +45,11 @@ export function mount(root, store) {
   const off = store.subscribe("events", ({ run, events }) => {
     const lines = run ? logLines(events) : [];
     box.hidden = !run;
-    const warnings = lines.filter((l) => l.kind === "warning" || l.kind === "error").length;
-    summary.textContent = `Log (${lines.length} message${lines.length === 1 ? "" : "s"}`
-      + (warnings ? `, ${warnings} warning${warnings === 1 ? "" : "s"} or error${warnings === 1 ? "" : "s"}` : "") + ")";
+    const count = (kind) => lines.filter((l) => l.kind === kind).length;
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    const notable = [["warning", count("warning")], ["error", count("error")]].filter(([, n]) => n)
+      .map(([word, n]) => plural(n, word));
+    summary.textContent = `Log (${plural(lines.length, "message")}${notable.length ? `: ${notable.join(", ")}` : ""})`;
     box.dataset.count = String(lines.length);
     list.replaceChildren(...lines.slice(-SHOWN_AT_MOST).reverse().map((line) => {
       const item = el("li", `sa3-log-${line.kind}`);

@@ -16,7 +16,7 @@ const SHOWN = [  // [label, text of the config]
   ["Precision", (c) => c.precision + (c.gradient_checkpointing ? ", gradient checkpointing" : "")],
   ["Cadence", (c) => `checkpoint every ${c.checkpoint_every}`
     + (c.keep_states ? ` (training states of the newest ${c.keep_states} kept)` : "")
-    + `, demos every ${c.demo_every || "never"}`
+    + (c.demo_every ? `, demos every ${c.demo_every}` : ", no demos")
     + (c.demo_every ? `, demos at ${c.demo_loudness === null || c.demo_loudness === undefined ? "their own level"
       : `${c.demo_loudness} LUFS`}` : "")],
   ["Validation", (c) => (c.validation_items ? `${c.validation_items} file${c.validation_items > 1 ? "s" : ""} held `
