@@ -34,7 +34,7 @@ LORA_FILES = {
     "my-lora/my-lora-step=000600.safetensors": "bora.safetensors",
 }
 SOURCE_CLIP = "sa3_source_clip.wav"  # 0.01 s in ComfyUI's input folder
-TRAINING_FOLDER = "input/sa3_training_audio"  # relative to ComfyUI's working folder
+TRAINING_FOLDER = "sa3_training_audio"  # inside ComfyUI's input folder, as the 01 example names it
 
 GENERATION = {"duration": 0.015, "steps": 2}
 TEST_OVERRIDES = {
@@ -73,9 +73,7 @@ def comfy(tmp_path_factory, fixtures_dir):
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("comfy")
     stubs = comfy_stubs.install(mp, root)
-    input_dir = root / "input"
-    input_dir.mkdir()
-    mp.setattr(sys.modules["folder_paths"], "get_input_directory", lambda: str(input_dir), raising=False)
+    input_dir = stubs.input_dir
     mp.chdir(root)
     packs = stubs.models_dir / "sa3" / "sa3-small-music"
     shutil.copytree(fixtures_dir / "tiny-small", packs / "base")
@@ -85,7 +83,7 @@ def comfy(tmp_path_factory, fixtures_dir):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(fixtures_dir / "golden" / "lora" / source, target)
     sf.write(input_dir / SOURCE_CLIP, tone(0.01, 330), 44100)
-    training = root / TRAINING_FOLDER
+    training = input_dir / TRAINING_FOLDER
     training.mkdir(parents=True)
     for i, freq in enumerate((220, 440, 660)):
         sf.write(training / f"tone {i}.wav", tone(0.05, freq), 44100)
