@@ -94,14 +94,27 @@ def add_model_args(p, device: str = "cpu") -> None:
     p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
     p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
     p.add_argument("--text-encoder", default=None, help="T5Gemma folder or ComfyUI t5gemma_b_b_ul2.safetensors")
-    p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--models-dir", default=None, help=MODELS_DIR_HELP)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' precision (default fp32)")
     p.add_argument("--device", default=device, help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
+
+
+MODELS_DIR_HELP = "folder holding <pack>/<variant>/ (default: $SA3_MODELS_DIR, else the Hugging Face cache)"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sa3-lora-studio")
+    except Exception:  # not installed as a package (a ComfyUI custom_nodes copy)
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa3-lora", description="SA3 LoRA Studio: train and use Stable Audio 3 "
                                      "LoRA-family adapters from the command line.")
+    parser.add_argument("--version", action="version", version=f"sa3-lora {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="load a model and print its configuration")
@@ -110,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="download a pack from the Hugging Face Hub (gated: accept the licence first)")
     p.add_argument("pack", help="sa3-medium | sa3-small-music | sa3-small-sfx")
-    p.add_argument("--variant", nargs="+", default=["base", "arc"], choices=["base", "arc"])
-    p.add_argument("--models-dir", default=None)
+    p.add_argument("--variant", nargs="+", default=["base", "arc"], choices=["base", "arc"],
+                   help="which variants (default both)")
+    p.add_argument("--models-dir", default=None, help=MODELS_DIR_HELP)
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("packs", help="list the packs and which are on disk")
-    p.add_argument("--models-dir", default=None)
+    p.add_argument("--models-dir", default=None, help=MODELS_DIR_HELP)
     p.set_defaults(func=_cmd_packs)
 
     p = sub.add_parser("svd-bases", help="write a model's -xs SVD bases file (official svd_bases_path format)",
@@ -139,17 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench_sub.add_parser("engine", help="DiT forward time and peak memory for a config, length and dtype")
     b.add_argument("--config", default="small-music",
                    help="family name (small-music, small-sfx, medium), model_config.json path, or model folder")
-    b.add_argument("--seconds", type=float, default=10.0)
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--seconds", type=float, default=10.0, help="audio length of the latents (default 10)")
+    b.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and activations")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    b.add_argument("--repeats", type=int, default=3, help="timed forwards; the best is printed (default 3)")
     b.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("quickstart", help="the whole loop on a tiny built-in model (no downloads)")
     p.add_argument("--out", default="quickstart-out", help="folder for the tiny model, dataset, run and outputs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset, training and generation")
     p.set_defaults(func=_cmd_quickstart)
 
     for hook in _extension_hooks():

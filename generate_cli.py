@@ -193,7 +193,7 @@ def add_generate_parser(sub) -> None:
     from .cli import add_model_args
 
     p = sub.add_parser("generate", help="text-to-audio, audio-to-audio or inpainting, with LoRAs",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].removeprefix("`sa3-lora generate`: ").capitalize())
     add_model_args(p, device="auto")
     p.add_argument("--prompt", default=None, help="what to generate (an empty string: unconditional)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",

@@ -15,7 +15,7 @@ DECODER_LOG = "decoder-messages.log"
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "encode", help="encode a folder of audio to an SA3 latent dataset",
-        description="Encode every audio file under FOLDER with the pack's SAME autoencoder into DIR. Re-running "
+        description="Encode every audio file under FOLDER with the pack's SAME autoencoder into the --out folder. Re-running "
                     "re-encodes only new or changed files, re-reads every caption, and continues an interrupted run. "
                     "Exit code 0 when the dataset was written, even if some files were skipped (they are listed "
                     "with reasons); 1 when it was interrupted or no file could be used; 2 on a usage error.")
@@ -37,8 +37,8 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--devices", nargs="*", default=None,
                    help="one worker process per device, e.g. cuda:0 cuda:1, or 'all' for every visible GPU "
                         "(default: one process on --device)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="where the autoencoder runs: cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress (the summary still prints)")
     p.set_defaults(func=_cmd_encode)
     return p
 
@@ -47,14 +47,14 @@ def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("dataset", help="inspect or import encoded datasets")
     sub = p.add_subparsers(dest="dataset_what", metavar="WHAT", required=True)
     i = sub.add_parser("inspect", help="summary of an encoded dataset (ours, official or underfit)")
-    i.add_argument("dir")
+    i.add_argument("dir", help="the dataset folder")
     i.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     i.add_argument("--prompts", type=int, default=0, metavar="N", help="also show N sample prompts")
     i.add_argument("--prompt-config", default=None, help="PromptConfig JSON file for --prompts")
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--seed", type=int, default=0, help="seed of the sample prompts")
     i.set_defaults(func=_cmd_inspect)
     m = sub.add_parser("import", help="adopt an official pre_encode_dataset.py or underfit dataset (no re-encoding)")
-    m.add_argument("src")
+    m.add_argument("src", help="the folder pre_encode_dataset.py or underfit wrote")
     m.add_argument("--out", default=None, help="link/copy into this folder instead of writing dataset.json in SRC")
     m.set_defaults(func=_cmd_import)
     return p
@@ -70,6 +70,11 @@ class _Bar:
         if self.quiet:
             return
         n, i = max(ev["n"], 1), ev["i"]
+        if not sys.stderr.isatty():  # a log file: one plain line per file, no carriage returns or escapes
+            tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
+            sys.stderr.write(f"{i}/{n} {ev['relpath']} ({tail})\n")
+            sys.stderr.flush()
+            return
         filled = int(30 * i / n)
         name = ev["relpath"] if len(ev["relpath"]) <= 40 else "…" + ev["relpath"][-39:]
         tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"

@@ -52,6 +52,9 @@ def load_bench_config(spec: str):
 
 
 def run_bench(args) -> int:
+    for name in ("seconds", "batch", "repeats"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be > 0, not {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_bench_config(args.config)

@@ -69,7 +69,12 @@ def check_known_keys(cls, data: dict, message: str, error: type[Exception] = Val
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise error(f"{message} {unknown}; known: {sorted(known)}")
+        from difflib import get_close_matches
+
+        hints = [f"{name!r} → {close[0]!r}?" for name in unknown
+                 for close in [get_close_matches(str(name), sorted(known), n=1, cutoff=0.75)] if close]
+        raise error(f"{message} {unknown}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
+                    + f"; known: {sorted(known)}")
 
 
 __all__ = ["check_field_types", "check_known_keys"]

@@ -192,6 +192,8 @@ def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
     ({"demos": {"prompt": "x"}}, r"RunConfig.demos: \{'prompt': 'x'\} must be a list"),
     ({"rank": 4.5}, "RunConfig.rank: 4.5 is a float; expected int"),
     ({"seed": "7"}, "RunConfig.seed: '7' is a str"), ({"steps": []}, "RunConfig.steps: \\[\\] is a list"),
+    ({"demo_every": -3}, "RunConfig.demo_every: -3 must be >= 0"), ({"checkpoint_every": 0}, "checkpoint_every: 0"),
+    ({"step": 5, "lerning_rate": 1}, "did you mean: 'step' → 'steps'\\?"),
 ])
 def test_settings_that_would_fail_a_run_later_are_refused_by_name(change, named):
     with pytest.raises(RunError, match=named):
@@ -395,3 +397,43 @@ def test_null_is_refused_where_a_number_belongs_and_read_as_empty_for_text_and_f
     for field in ("batch_size", "lr", "steps", "crop_seconds"):
         with pytest.raises(RunError, match=f"RunConfig.{field}: null"):
             RunConfig.from_dict({"dataset": "x", field: None})
+
+
+def test_train_prints_every_nth_step_or_none_and_runs_commands_take_the_runs_folder_after_the_subcommand(
+        tmp_path, dataset, fixtures_dir, capsys):
+    from sa3_lora_studio.cli import main
+
+    config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
+                  steps=4, batch_size=1, crop_seconds=0.017, checkpoint_every=2, demo_every=0, seed=3, lr=1e-3)
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(runs), "--log-every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["2", "4"]
+    assert out.count("checkpoint: ") == 2
+    (run_id,) = [r["id"] for r in RunRegistry(runs).list()]
+    assert main(["runs", "resume", run_id, "--runs-dir", str(runs), "--more-steps", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines() if line.startswith("step ")]
+    assert "checkpoint: " in out and "done at step 6" in out
+    assert main(["runs", "list", "--runs-dir", str(runs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["step"] == 6
+    assert main(["runs", "show", run_id, "--runs-dir", str(runs)]) == 0
+
+
+def test_small_command_line_mistakes_are_named(tmp_path, fixtures_dir, capsys):
+    from sa3_lora_studio.cli import main
+
+    assert main(["generate", str(fixtures_dir / "tiny-small"), "--prompt", "x", "--seed", str(10**20),
+                 "--out", str(tmp_path / "x.wav")]) == 2
+    assert "seed 100000000000000000000 is too large" in capsys.readouterr().err
+    assert main(["bench", "engine", "--seconds", "-1"]) == 2
+    assert "--seconds must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as shown:
+        main(["--version"])
+    assert shown.value.code == 0 and capsys.readouterr().out.startswith("sa3-lora ")
+    from sa3_lora_studio.training.preflight import open_continue_from
+
+    with pytest.raises(RunError) as missing:
+        open_continue_from(RunConfig(dataset="d", continue_from=str(tmp_path / "nofile.safetensors")))
+    assert str(missing.value).count("nofile.safetensors") == 1

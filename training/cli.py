@@ -5,6 +5,7 @@ ranks): they leave a request file in the run folder (`requests.py`) that the tra
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -20,6 +21,17 @@ def _manager(args, listeners=()):
     from .manager import TrainingManager
 
     return TrainingManager(args.runs_dir, listeners=list(listeners))
+
+
+def _event_printer(args):
+    """`_print_event` with the command's --quiet (no step lines) and --log-every N (every Nth step line)."""
+    quiet, every = getattr(args, "quiet", False), max(1, getattr(args, "log_every", 1) or 1)
+
+    def print_event(event: dict) -> None:
+        if event["type"] == "step" and (quiet or event["step"] % every):
+            return
+        _print_event(event)
+    return print_event
 
 
 def _print_event(event: dict) -> None:
@@ -77,9 +89,9 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .distributed import train_distributed
 
-        return train_distributed(config, args.runs_dir, run_id=run_id, listeners=[_print_event])
+        return train_distributed(config, args.runs_dir, run_id=run_id, listeners=[_event_printer(args)])
     if run_id is None:
-        manager = _manager(args, [_print_event])
+        manager = _manager(args, [_event_printer(args)])
         run_id = manager.submit(config)
         print(f"run {run_id} in {manager.registry.run_dir(run_id)}", flush=True)
         return _follow(manager, run_id)
@@ -89,7 +101,7 @@ def _cmd_train(args) -> int:
 def _resume_here(args, run_id: str, changes: dict | None = None, more_steps: int = 0) -> int:
     """Resume `run_id` in this process (one device) from its last checkpoint and follow it, its settings amended
     first by `changes` / `more_steps` (`RunRegistry.amend`: e.g. a finished run trained further)."""
-    manager = _manager(args, [_print_event])  # marks runs whose process died as interrupted
+    manager = _manager(args, [_event_printer(args)])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
     manager.control(run_id, "restart", changes=changes, more_steps=more_steps)
     manager.registry.update(run_id, world_size=1)  # only once the restart was accepted
@@ -236,6 +248,16 @@ def resume_changes(args) -> dict:
     return changes
 
 
+RUNS_DIR_HELP = f"the folder holding the runs (default: {DEFAULT_RUNS_DIR} in the current folder)"
+
+
+def add_output_args(p) -> None:
+    """How much a training command prints as it trains."""
+    p.add_argument("--quiet", action="store_true", help="no line per step (checkpoints, demos, status, warnings and "
+                   "errors still print)")
+    p.add_argument("--log-every", type=int, default=1, metavar="N", help="print every Nth step's line (default 1)")
+
+
 REQUEST_MESSAGES = {"stop": "save and stop after its current step",
                     "save": "write a checkpoint after its current step",
                     "pause": "pause after its current step (`sa3-lora runs continue` goes on)",
@@ -244,21 +266,24 @@ REQUEST_MESSAGES = {"stop": "save and stop after its current step",
 
 def add_train_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA-family adapter (same config schema as the SA3 Train LoRA node)")
-    p.add_argument("--config", required=True, help="run config JSON (RunConfig fields)")
-    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    p.add_argument("--config", required=True, help="run config JSON (RunConfig fields; relative paths in it are "
+                   "taken from the current folder, else from the config file's, and stored absolute)")
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help=RUNS_DIR_HELP)
     p.add_argument("--dataset", default=None, help="override the config's dataset folder")
     p.add_argument("--model", default=None, help="override the config's model")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--name", default=None)
+    p.add_argument("--steps", type=int, default=None, help="override the config's number of steps")
+    p.add_argument("--name", default=None, help="override the config's run name")
+    add_output_args(p)
     p.epilog = ("With SA3_RUN_ID=<run id> in the environment the command resumes that run (its own saved config; "
                 "only `steps` is taken from --config/--steps). Under torchrun it trains on WORLD_SIZE processes.")
     p.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("runs", help="list, show, control, resume or delete training runs")
-    r.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    r.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help=RUNS_DIR_HELP)
     rs = r.add_subparsers(dest="runs_what", metavar="WHAT", required=True)
     x = rs.add_parser("list", help="runs with status, step (×N processes) and latest checkpoint")
-    x.add_argument("--json", action="store_true")
+    x.add_argument("--json", action="store_true", help="the runs as a JSON list (nothing else on stdout)")
+    x.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)  # after the subcommand too
     for name, helptext in (
             ("show", "config and state of a run"),
             ("metrics", "a run's metrics as CSV (step, loss, lr, grad norm, loss per noise level, validation loss, "
@@ -273,9 +298,11 @@ def add_train_parsers(sub) -> None:
             ("delete", "remove a run and its files")):
         y = rs.add_parser(name, help=helptext, description=helptext)
         y.add_argument("run_id")
+        y.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
         if name == "metrics":
             y.add_argument("--out", default=None, help="write the CSV to this file instead of stdout")
         if name == "resume":
+            add_output_args(y)
             y.add_argument("--steps", type=int, default=None, help="this run's new number of steps, not counting "
                            "a continued file's own (a finished run trains on to it)")
             y.add_argument("--more-steps", type=int, default=0, help="train this many steps more than the run's "
@@ -293,4 +320,5 @@ def add_train_parsers(sub) -> None:
                       "as they train (RunConfig.tensorboard, on by default): `tensorboard --logdir RUNS_DIR` shows "
                       "them all. This rebuilds a run's TensorBoard folder from its events.jsonl.")
     t.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    t.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
     r.set_defaults(func=_cmd_runs)

@@ -50,7 +50,9 @@ def open_continue_from(config: RunConfig):
     try:
         return read_adapter_file(config.continue_from)
     except Exception as e:  # a missing file, a truncated header, a file that is not an adapter
-        raise RunError(f"RunConfig.continue_from: {Path(config.continue_from).name}: {e}") from None
+        text = str(e)
+        name = Path(config.continue_from).name
+        raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None
 
 
 def check_trainable(model) -> None:

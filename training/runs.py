@@ -254,8 +254,10 @@ class RunConfig:
             PromptConfig.from_dict(self.prompt_config)
         except (TypeError, ValueError) as e:
             bad("prompt_config", str(e))
-        if self.checkpoint_every < 1 or self.demo_every < 0:
-            bad("checkpoint_every", "must be >= 1 (demo_every >= 0; 0 disables demos)")
+        if self.checkpoint_every < 1:
+            bad("checkpoint_every", f"{self.checkpoint_every} must be >= 1")
+        if self.demo_every < 0:
+            bad("demo_every", f"{self.demo_every} must be >= 0 (0 = no demos)")
         for name in ("validation_items", "validation_every", "keep_states"):
             if getattr(self, name) < 0:
                 bad(name, f"{getattr(self, name)} must be >= 0 (validation_items 0: no validation; validation_every "

@@ -700,16 +700,18 @@ class Trainer:
             if now - last_time > 5:
                 last_time, last_step = now, self.step
             if not math.isfinite(metrics["loss"]):
-                raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; lower the learning rate "
-                               "or use fp32/bf16 precision")
+                hint = "lower the learning rate" + ("" if c.precision == "fp32" else ", or train in fp32")
+                raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; {hint} (the run "
+                               "resumes from its last checkpoint)")
             self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
             if metrics["skipped"] and self.loss_scale.lowered:  # finding its level
                 self.log.emit("loss_scale", step=self.global_step, scale=self.loss_scale.scale,
                               message=f"step {self.global_step}: fp16 gradients overflowed at this loss scale; the "
                                       f"update was skipped and the scale lowered to {self.loss_scale.scale:g}")
             elif metrics["skipped"]:
+                why = "an fp16 overflow? try bf16 or fp32" if c.precision == "fp16" else "a lower learning rate helps"
                 self.log.emit("warning", message=f"step {self.global_step}: the gradient norm was "
-                              f"{metrics['grad_norm']}, the update was skipped (fp16 overflow? try bf16 or fp32)")
+                              f"{metrics['grad_norm']}, the update was skipped ({why})")
             if self.registry is not None and (self.step % 5 == 0 or self.step == c.steps):
                 self.registry.update(self.run_id, step=self.global_step)
             self.validate_if_due(control)
