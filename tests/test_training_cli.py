@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from sa3_lora_studio.training.cli import torchrun_command
 from sa3_lora_studio.training.requests import apply_requests, take_request, write_request
 from sa3_lora_studio.training.runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, process_owner
@@ -437,3 +438,30 @@ def test_small_command_line_mistakes_are_named(tmp_path, fixtures_dir, capsys):
     with pytest.raises(RunError) as missing:
         open_continue_from(RunConfig(dataset="d", continue_from=str(tmp_path / "nofile.safetensors")))
     assert str(missing.value).count("nofile.safetensors") == 1
+
+
+def test_train_refuses_patterns_matching_nothing_and_a_file_for_another_model_before_making_a_run(
+        tmp_path, dataset, fixtures_dir, capsys):
+    """Without loading weights: the model's module tree on the meta device says its layer names and shapes."""
+    from sa3_lora_studio.cli import main
+
+    fixture_lora = next(p for p in sorted((fixtures_dir / "golden" / "lora").glob("*.safetensors")))
+    base = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), steps=1, demo_every=0)
+    from sa3_lora_studio.adapters import read_adapter_file
+    from safetensors.torch import save_file
+
+    other = read_adapter_file(fixture_lora)  # a fixture LoRA with one tensor grown: a file for another model size
+    tensors = {f"{layer}.parametrizations.weight.0.{k}": v for layer, t in other.layers.items() for k, v in t.items()}
+    key = next(k for k in tensors if k.endswith(("lora_A", "M_xs", "lora_B")))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 3, *tensors[key].shape[1:])
+    save_file(tensors, str(tmp_path / "other.safetensors"),
+              metadata={"lora_config": json.dumps({"rank": other.rank, "alpha": other.alpha,
+                                                   "adapter_type": other.adapter_type})})
+    for change, named in (({"include": ["nosuchlayer"]}, "RunConfig.include/exclude .*no Linear/Conv1d layer matches"),
+                          ({"continue_from": str(tmp_path / "other.safetensors")},
+                           "RunConfig.continue_from: other.safetensors: .* the loaded model expects")):
+        (tmp_path / "run.json").write_text(json.dumps({**base, **change}))
+        assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert __import__("re").search(named, err), err
+        assert not (tmp_path / "runs").exists() or RunRegistry(tmp_path / "runs").list() == []

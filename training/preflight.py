@@ -50,8 +50,8 @@ def open_continue_from(config: RunConfig):
     try:
         return read_adapter_file(config.continue_from)
     except Exception as e:  # a missing file, a truncated header, a file that is not an adapter
-        text = str(e)
         name = Path(config.continue_from).name
+        text = str(e).replace(str(config.continue_from), name)
         raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None
 
 
@@ -84,22 +84,54 @@ def check_targets(config: RunConfig, model) -> None:
             raise RunError(f"RunConfig.rank: {e}") from None
 
 
-def check_model_sources(config: RunConfig) -> None:
+def check_continue_fits(config: RunConfig, modules) -> None:
+    """RunError naming `continue_from` when its file is for another model: a layer of another shape, or none of its
+    layers in `modules` (the model's module tree; weights may be on the meta device: shapes are what counts)."""
+    adapter = open_continue_from(config)
+    if adapter is None:
+        return
+    from ..adapters.apply import SA3_ROOTS, AdapterMismatch, check_layer_shapes
+    from ..adapters.targets import TARGET_TYPES
+
+    name, found = Path(config.continue_from).name, 0
+    for layer in adapter.layers:
+        for root in SA3_ROOTS:
+            try:
+                module = modules.get_submodule(f"{root.path}.{layer}" if root.path else layer)
+            except AttributeError:
+                continue
+            if isinstance(module, TARGET_TYPES):
+                found += 1
+                try:
+                    check_layer_shapes(layer, module, adapter, name)
+                except AdapterMismatch as e:
+                    raise RunError(f"RunConfig.continue_from: {e}") from None
+                break
+    if not found:
+        raise RunError(f"RunConfig.continue_from: none of the {len(adapter.layers)} layers of {name} exists in "
+                       f"{config.model}; it is for another model")
+
+
+def check_model_sources(config: RunConfig):
     """RunError naming `model` or `arc_model` (when ARC demos will use it) when its files cannot be found, without
-    loading any weight (the command line's check before a run is registered; a node has its model loaded)."""
+    loading any weight (the command line's check before a run is registered; a node has its model loaded). Returns
+    the model's `CheckpointLocation` (its config says the module tree)."""
     from ..sa3.config import ConfigError
     from ..sa3.loading import CheckpointError
     from ..sa3.model import locate_checkpoint
     from ..sa3.packs import PackError
 
     arc_demos = config.demo_every > 0 and (not config.demos or any(d.arc for d in config.demos))  # [] = defaults
+    located = None
     for name, spec, variant in (("model", config.model, "base"),
                                 ("arc_model", config.arc_model if arc_demos else None, "arc")):
         if spec:
             try:
-                locate_checkpoint(spec, variant=variant, models_dir=config.models_dir)
+                loc = locate_checkpoint(spec, variant=variant, models_dir=config.models_dir)
             except (CheckpointError, ConfigError, PackError, OSError, ValueError) as e:
                 raise RunError(f"RunConfig.{name}: {e}") from None
+            located = loc if name == "model" else located
+    return located
 
 
 def check_run_inputs(config: RunConfig, model=None) -> None:
@@ -114,10 +146,20 @@ def check_run_inputs(config: RunConfig, model=None) -> None:
     if model is not None:
         check_trainable(model)
         check_targets(config, model)
+        check_continue_fits(config, model.modules)
     else:
-        check_model_sources(config)
+        loc = check_model_sources(config)
+        if loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
+            from types import SimpleNamespace
+
+            from ..sa3.model import build_modules
+
+            modules = build_modules(loc.config)
+            check_targets(config, SimpleNamespace(modules=modules))
+            check_continue_fits(config, modules)
     open_dataset(config, model)
     open_continue_from(config)
 
 
-__all__ = ["check_model_sources", "check_run_inputs", "check_targets", "check_trainable", "open_continue_from", "open_dataset"]
+__all__ = ["check_continue_fits", "check_model_sources", "check_run_inputs", "check_targets", "check_trainable",
+           "open_continue_from", "open_dataset"]
