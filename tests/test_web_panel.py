@@ -445,6 +445,34 @@ def test_the_run_id_is_shown_and_copied_for_the_run_id_field_of_the_status_and_c
     assert "run_id" in browser.eval("document.querySelector('[data-action=copy-id]').title")
 
 
+def test_queued_and_interrupted_runs_say_what_they_are_and_messages_stay_with_their_run(site, browser):
+    live, done = site.runs["live"], site.runs["done"]
+    open_panel(browser, site, run=live)
+    site.wait_for_sockets(1)
+    assert "sa3.step" in browser.eval("window.typesAtRegister")  # listened for before any setup(): none is unknown
+    row = f".sa3-run[data-run-id=\"{live}\"]"
+    browser.wait(f"document.querySelector('{row} [data-field=rate]').textContent.endsWith('steps/s') && "
+                 f"/\\d/.test(document.querySelector('{row} [data-field=rate]').textContent)")
+    feed = site.manager.feed(live)
+    feed.put({"type": "status", "status": "queued"})  # waiting for the device: its last speed no longer applies
+    browser.wait(f"document.querySelector('{row}').dataset.status === 'queued'")
+    assert browser.eval(f"document.querySelector('{row} [data-field=rate]').textContent") == "– steps/s"
+    assert browser.eval(f"document.querySelector('{row} [data-field=eta]').textContent") == "ETA –"
+    feed.put({"type": "status", "status": "interrupted"})
+    browser.wait(f"document.querySelector('{row} [data-field=interrupted]') !== null")
+    note = browser.eval(f"document.querySelector('{row} [data-field=interrupted]').textContent")
+    saved = site.manager.registry.latest_checkpoint(live)
+    assert note == (f"Stopped unexpectedly (a restart or crash) at step {site.manager.registry.get(live)['step']}; "
+                    f"Resume continues from the checkpoint of step {saved['step']}." if saved else
+                    "Stopped unexpectedly (a restart or crash) before its first checkpoint; Resume starts it again.")
+    browser.click("[data-action=copy-id]")
+    browser.wait(f"document.querySelector('.sa3-message').textContent.includes('{live}')")
+    browser.click(f".sa3-run[data-run-id=\"{done}\"] .sa3-run-select")
+    browser.wait("document.querySelector('.sa3-message').textContent === ''")  # it was about the other run
+    feed.put({"type": "status", "status": "training"})
+    assert browser.call("errors") == []
+
+
 SHOWN_THOUGH_HIDDEN = ("[...document.querySelectorAll('.sa3-panel [hidden]')]"
                       ".filter((el) => getComputedStyle(el).display !== 'none').map((el) => el.className)")
 

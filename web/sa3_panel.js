@@ -59,13 +59,15 @@ function destroy() {
 // the legacy menu gets a floating window.
 const sidebar = typeof app.extensionManager?.registerSidebarTab === "function";
 
+// ComfyUI's api only dispatches websocket message types that have a listener (others are logged as "Unknown message
+// type"); register ours for the whole session, since the panel listens only while it is open, and now, as this
+// module loads: a run's events flow from the first second, before extensions' setup() runs.
+for (const type of EVENT_TYPES) api.addEventListener(`sa3.${type}`, () => {});
+
 app.registerExtension({
   name: "sa3_lora_studio.training_panel",
   ...(sidebar ? {} : { bottomPanelTabs: [{ id: TAB.id, title: TAB.title, type: "custom", render, destroy }] }),
   async setup() {
-    // ComfyUI's api only dispatches websocket message types that have a listener (others are logged as "Unknown
-    // message type"); register ours for the whole session, since the panel listens only while it is open.
-    for (const type of EVENT_TYPES) api.addEventListener(`sa3.${type}`, () => {});
     if (sidebar) {
       app.extensionManager.registerSidebarTab({ ...TAB, type: "custom", render, destroy });
     } else if (!app.extensionManager) {

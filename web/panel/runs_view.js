@@ -1,6 +1,6 @@
 // The runs list: name, pack, adapter type/rank, status, step/total with a progress bar, steps/s, ETA.
 
-import { ACTIVE, etaSeconds, formatDuration } from "./series.js";
+import { etaSeconds, formatDuration } from "./series.js";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -37,12 +37,20 @@ function runRow(run, selected, store) {
 
   const numbers = button.appendChild(el("span", "sa3-run-numbers"));
   numbers.appendChild(el("span", null, `${step} / ${total}`)).dataset.field = "step";
-  const active = ACTIVE.includes(run.status) && run.status !== "paused";
+  // a speed and an ETA only while it trains (a queued run's last rate is from before it waited)
+  const active = ["training", "demos"].includes(run.status);
   const rate = active && run.steps_per_s ? `${run.steps_per_s.toFixed(2)} steps/s` : "– steps/s";
   numbers.appendChild(el("span", null, rate)).dataset.field = "rate";
   const eta = active ? etaSeconds(step, total, run.steps_per_s) : null;
   numbers.appendChild(el("span", null, `ETA ${formatDuration(eta)}`)).dataset.field = "eta";
 
+  if (run.status === "interrupted") {  // what Resume does: the steps after the last checkpoint are trained again
+    const saved = run.latest_checkpoint?.step;
+    const note = li.appendChild(el("p", "sa3-run-note", saved !== undefined
+      ? `Stopped unexpectedly (a restart or crash) at step ${step}; Resume continues from the checkpoint of step ${saved}.`
+      : `Stopped unexpectedly (a restart or crash) before its first checkpoint; Resume starts it again.`));
+    note.dataset.field = "interrupted";
+  }
   if (run.warning && !(run.error && run.status === "failed")) {
     const warning = li.appendChild(el("p", "sa3-run-warning", `⚠ ${run.warning}`));
     warning.dataset.field = "warning";

@@ -90,6 +90,7 @@ export class Store {
   }
 
   async select(runId) {
+    if (runId !== this.selectedId && this.message) this.say("");  // a message was about the run shown before
     this.selectedId = runId;
     try {
       this.storage?.setItem(SELECTED_KEY, runId);

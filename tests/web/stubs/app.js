@@ -19,6 +19,8 @@ export const app = {
     },
   },
   registerExtension(extension) {
+    // which websocket types had a listener when the extension registered (ComfyUI logs others as unknown)
+    window.typesAtRegister = [...(window.fakeApi?.registered ?? [])];
     this.extensions.push(extension);
     Promise.resolve().then(() => extension.setup?.(this));
   },
