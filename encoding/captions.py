@@ -28,7 +28,7 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .metadata_tables import find_row, root_relative, tables_in_use, tables_of
+from .metadata_tables import decoded_text, find_row, root_relative, tables_in_use, tables_of
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,13 @@ def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tu
         if not _is_file(cand, warnings, root):
             continue
         try:
-            text = cand.read_text(encoding="utf-8-sig").strip()
-        except (UnicodeDecodeError, OSError) as e:
+            raw = cand.read_bytes()
+        except OSError as e:
             warnings.append(f"{_shown(cand, root)}: unreadable text sidecar ignored ({str(e)[:120]})")
             continue
+        problems: list[str] = []
+        text = decoded_text(raw, problems).strip()  # a caption typed in Notepad may be Windows-1252
+        warnings.extend(f"{_shown(cand, root)}: {problem}" for problem in problems)
         return ({"prompt": text} if text else {}), utf8_text(str(cand))
     return {}, None
 

@@ -128,7 +128,9 @@ def _row_key(value: str, folder: Path) -> str | None:
     return key
 
 
-def _decoded(raw: bytes, problems: list[str]) -> str:
+def decoded_text(raw: bytes, problems: list[str]) -> str:
+    """Text a Windows or Mac tool wrote: UTF-16 with BOM, UTF-8 (BOM or not), else Windows-1252 (else Latin-1), with
+    a note in `problems` for the last two (one rule for metadata tables and text sidecars)."""
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return raw.decode("utf-16")
     try:
@@ -254,7 +256,7 @@ def parse_table(path: Path, aliases: dict[str, str]) -> MetadataTable:
     except OSError as e:
         table.problems.append(f"unreadable ({e.strerror or e}); ignored")
         return table
-    text = _decoded(raw, table.problems)
+    text = decoded_text(raw, table.problems)
     try:
         rows = _jsonl_rows(text, table.problems) if path.suffix.lower() == ".jsonl" else \
             _csv_rows(text, path.suffix.lower() == ".tsv", table.problems)

@@ -114,6 +114,17 @@ def test_text_sidecar_layouts_give_the_prompt(tmp_path):
     assert lookup_metadata(audio, tmp_path)["prompt"] == "next to"
 
 
+def test_a_text_sidecar_saved_by_a_windows_editor_is_read_with_a_note(tmp_path):
+    audio = _song(tmp_path)
+    (tmp_path / "song.txt").write_bytes("café crème, 90 bpm – dusty".encode("cp1252"))
+    warnings = []
+    assert lookup_metadata(audio, tmp_path, warnings=warnings)["prompt"] == "café crème, 90 bpm – dusty"
+    assert warnings == ["song.txt: not UTF-8; read as Windows-1252 (save it as UTF-8 if accents look wrong)"]
+    (tmp_path / "song.txt").write_text("naïve", encoding="utf-16")  # with its BOM
+    warnings.clear()
+    assert lookup_metadata(audio, tmp_path, warnings=warnings)["prompt"] == "naïve" and warnings == []
+
+
 def test_invalid_json_warns_and_falls_back_to_the_next_source(tmp_path):
     audio = _song(tmp_path)
     (tmp_path / "song.json").write_text("{not json")

@@ -219,6 +219,11 @@ def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_pa
     trained = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
     assert (trained.adapter_type, trained.rank, trained.alpha) == (original.adapter_type, original.rank, original.alpha)
     assert set(trained.layers) == set(original.layers)
+    events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
+    said = next(e["message"] for e in events if e.get("message", "").startswith("continuing "))
+    ignored = [f"{n} {v}" for n, v, theirs in (("adapter_type", "lora", original.adapter_type),
+                                               ("rank", 2, original.rank)) if v != theirs]
+    assert said.endswith(f"(the file decides: the config's {', '.join(ignored)} does not apply)") == bool(ignored)
 
 
 def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path, tiny, dataset, fixtures_dir):

@@ -170,6 +170,8 @@ def _cmd_runs(args) -> int:
         if args.json:
             print(json.dumps(runs, indent=1))
             return 0
+        if not runs:
+            print(f"no runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
         for r in runs:
             latest = registry.latest_checkpoint(r["id"])
             print(f"{r['id']:48} {r['status']:11} {r['step']:>6}/{r['total_steps']:<6} {r['adapter_type']}/{r['rank']}"

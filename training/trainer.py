@@ -252,8 +252,12 @@ class Trainer:
             adapter = open_continue_from(c)
             if not c.reset_step:
                 self.step_offset = int(adapter.metadata.get("step", 0) or 0)
+            ignored = [f"{name} {mine}" for name, mine, theirs in (("adapter_type", c.adapter_type, adapter.adapter_type),
+                                                                   ("rank", c.rank, adapter.rank)) if mine != theirs]
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
-                          f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}")
+                          f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}"
+                          + (f" (the file decides: the config's {', '.join(ignored)} does not apply)" if ignored
+                             else ""))
         else:
             g = torch.Generator().manual_seed(derive_seed(c.seed, "init"))
             adapter = new_adapter(self.model.modules, c.adapter_type, c.rank, c.effective_alpha, roots=SA3_ROOTS,
