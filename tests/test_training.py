@@ -127,6 +127,7 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
     assert paused.wait(120)
     step = manager.registry.get(run)["step"]
     assert manager.registry.get(run)["status"] == "paused"
+    assert step == 1  # paused after step 1, where it was asked: the list shows that, not the last 5th step
     manager.control(run, "stop")
     assert manager.wait(run, 120)["status"] == "stopped"
     assert manager.registry.latest_checkpoint(run)["step"] <= max(step, 1) + 1
@@ -843,6 +844,7 @@ def test_a_run_out_of_device_memory_fails_with_what_to_change_and_lets_go_of_its
                                       "gradient_checkpointing")
     assert "OutOfMemoryError: CUDA out of memory" in record["error"]
     assert manager.registry.latest_checkpoint(run)["step"] == 2  # resumable once the settings change
+    assert record["step"] == 2  # the list says the step the message names
     assert tiny.residency.users == users
 
 

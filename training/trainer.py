@@ -648,7 +648,7 @@ class Trainer:
             if asked.stop or not asked.pause:
                 break
             if not paused:
-                set_status("paused")
+                set_status("paused", step=self.global_step)  # the list shows where it waits (steps are written every 5)
                 paused = True
             self.wait_for_requests(control)
         if paused and not asked.stop:
@@ -803,7 +803,8 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         return trainer.train(control, set_status)
     except BaseException as e:
         message = failure_message(e, trainer)
-        registry.update(run_id, status="failed", error=message)
+        at = {"step": trainer.global_step} if trainer is not None and hasattr(trainer, "global_step") else {}
+        registry.update(run_id, status="failed", error=message, **at)  # the step it failed at, as the message says
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
         raise
