@@ -29,7 +29,8 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="only files matching these")
     p.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="leave out files matching these")
     p.add_argument("--exclude-from", default=None, metavar="FILE", help="a file with one relpath/glob per line")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="latent storage dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "fp32", "fp16"],
+                   help="latent storage precision (fp32/fp16 are the same as float32/float16; default float32)")
     p.add_argument("--force", action="store_true", help="re-encode everything (implies --prune)")
     p.add_argument("--prune", action="store_true",
                    help="allow removing earlier outputs when DIR was encoded from another folder or none of its files "
@@ -37,7 +38,8 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--devices", nargs="*", default=None,
                    help="one worker process per device, e.g. cuda:0 cuda:1, or 'all' for every visible GPU "
                         "(default: one process on --device)")
-    p.add_argument("--device", default="cpu", help="where the autoencoder runs: cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--device", default="auto", help="where the autoencoder runs: auto (CUDA, else MPS, else CPU; the "
+                   "default, as for generate), cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no progress (the summary still prints)")
     p.set_defaults(func=_cmd_encode)
     return p
@@ -97,7 +99,8 @@ def _cmd_encode(args) -> int:
                     if ln.strip() and not ln.startswith("#")]
     factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
     decoder_log = Path(args.out) / DECODER_LOG
-    kw = dict(include=args.include, exclude=exclude, dtype=args.dtype, force=args.force, prune=args.prune,
+    dtype = {"fp32": "float32", "fp16": "float16"}.get(args.dtype, args.dtype)
+    kw = dict(include=args.include, exclude=exclude, dtype=dtype, force=args.force, prune=args.prune,
               progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
     try:
         kw["planned"] = plan_encode(args.folder, args.out, args.include, exclude,  # before the model loads
@@ -110,7 +113,9 @@ def _cmd_encode(args) -> int:
             if args.devices and len(args.devices) > 1:
                 report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
             else:
-                device = args.devices[0] if args.devices else args.device
+                from ..training.trainer import usable_device
+
+                device = str(usable_device(args.devices[0] if args.devices else args.device))
                 report = encode_folder(args.folder, args.out, factory(device), **kw)
     except KeyboardInterrupt:
         print(f"\nsa3-lora encode: interrupted; the files finished so far are kept in {args.out}. Run the same "

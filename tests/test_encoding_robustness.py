@@ -496,3 +496,15 @@ def test_native_stderr_capture_leaves_no_log_when_nothing_was_written_and_restor
     assert done.stdout.splitlines() == ["quiet 0 False", "loud 12"]
     assert done.stderr.splitlines() == ["python side", "after"]
     assert (tmp_path / "loud.log").read_text() == "native side\n"
+
+
+def test_cli_takes_the_dtype_spellings_of_the_other_commands_and_the_auto_device(tmp_path, models_loaded, monkeypatch):
+    from sa3_lora_studio.encoding import dataset as ds
+
+    devices = []
+    real = ds.load_encoder
+    monkeypatch.setattr(ds, "load_encoder", lambda source, device="cpu", **kw: devices.append(device) or real(source))
+    _write(tmp_path / "src", "a")
+    assert _encode_cli(tmp_path / "src", tmp_path / "out", "--dtype", "fp16") == 0
+    assert _manifest(tmp_path / "out")["dtype"] == "float16"
+    assert devices == ["cpu"]  # "auto" on a machine without a GPU
