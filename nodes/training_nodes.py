@@ -226,8 +226,11 @@ class SA3TrainLoRA:
         it off, else left as it is."""
         run_id, status = record["id"], record["status"]
         if status in ("interrupted", "stopped", "failed"):
+            config = manager.registry.config(run_id)
+            ahead = [r for r in manager.active_runs_on(config) if r["id"] != run_id]
             manager.control(run_id, "restart")
-            return run_id, (f"run {run_id} has these settings and was {status} at step {record['step']}: resumed "
+            when = f"queued behind {len(ahead)} run(s) to resume" if ahead else "resumed"
+            return run_id, (f"run {run_id} has these settings and was {status} at step {record['step']}: {when} "
                             "from its last checkpoint (change name or seed for a new run)")
         if status == "done":
             return run_id, (f"run {run_id} already finished with these settings (change name or seed for a new run; "
@@ -472,7 +475,11 @@ class SA3RunControl:
             record = manager.control(run, action, changes=changes, more_steps=more_steps)
         except RunError as e:
             raise ValueError(f"SA3 Run Control: {e}") from None
-        text = f"{record.get('name') or run}: {action} → {record['status']} at step {record['step']}"
+        asked = {"stop": "stop asked: it saves and stops after its current step",
+                 "pause": "pause asked: it pauses after its current step",
+                 "save": "save asked: a checkpoint follows its current step",
+                 "resume": "resume asked", "restart": "restarted"}[action]
+        text = f"{record.get('name') or run}: {asked} (now {record['status']} at step {record['step']})"
         return {"ui": {"text": [text]}, "result": (run, f"{record['id']}: {record['status']}")}
 
 

@@ -486,7 +486,7 @@ def test_status_and_control_take_a_run_by_id_and_the_same_graph_after_a_restart_
     _, _, lora, status, _ = run_node("SA3RunStatus", bins=5, run_id=f"  {run}  ")
     assert "kept: done step 3/3" in status and lora.endswith("step=000003.safetensors")
     out = NODE_CLASS_MAPPINGS["SA3RunControl"]().control("restart", run_id=run, more_steps=1)
-    assert out["result"][0] == run and out["ui"]["text"][0].startswith("kept: restart → ")
+    assert out["result"][0] == run and out["ui"]["text"][0].startswith("kept: restarted (now ")
     assert manager.wait(run, 300)["status"] == "done" and manager.registry.latest_checkpoint(run)["step"] == 4
     for node, call in (("SA3 Run Status", lambda **k: run_node("SA3RunStatus", bins=5, **k)),
                        ("SA3 Run Control", lambda **k: run_node("SA3RunControl", action="stop", **k))):

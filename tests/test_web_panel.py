@@ -473,6 +473,39 @@ def test_queued_and_interrupted_runs_say_what_they_are_and_messages_stay_with_th
     assert browser.call("errors") == []
 
 
+def test_the_text_a_node_returns_is_shown_on_the_node_and_not_saved_with_the_workflow(site, browser):
+    """ComfyUI's frontend keeps a node's returned text in the history only: our extension puts it on the node."""
+    open_panel(browser, site)
+    shown = browser.eval(r"""(async () => {
+      const { showText, RESULT_WIDGET } = await import('/extensions/sa3_lora_studio/sa3_node_text.js');
+      const ext = app.extensions.find((e) => e.name === 'sa3_lora_studio.node_text');
+      function NodeType() {}
+      const calls = [];
+      NodeType.prototype.onExecuted = function (m) { calls.push(m); };
+      await ext.beforeRegisterNodeDef(NodeType, {name: 'SA3RunStatus'});
+      function Other() {}
+      await ext.beforeRegisterNodeDef(Other, {name: 'KSampler'});
+      const node = Object.assign(new NodeType(), {widgets: [], size: [200, 80],
+        addWidget(type, name, value, cb, options) { const w = {type, name, value, options}; this.widgets.push(w); return w; }});
+      const settle = async (want) => {  // the first call imports ComfyUI's widget module (absent here)
+        for (let i = 0; i < 100 && node.widgets.find((x) => x.name === RESULT_WIDGET)?.value !== want; i++) {
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      };
+      node.onExecuted({text: ['kept: done step 3/3', 'lowest validation loss 0.01 at step 2']});
+      await settle('kept: done step 3/3\nlowest validation loss 0.01 at step 2');
+      const first = node.widgets.find((x) => x.name === RESULT_WIDGET)?.value;
+      node.onExecuted({text: ['kept: training step 4/9']});
+      await settle('kept: training step 4/9');
+      const w = node.widgets.find((x) => x.name === RESULT_WIDGET);
+      return {first, value: w.value, count: node.widgets.length, serialize: w.serialize, calls: calls.length,
+              other: Other.prototype.onExecuted === undefined, typeof: typeof showText};
+    })()""")
+    assert shown == {"first": "kept: done step 3/3\nlowest validation loss 0.01 at step 2",
+                     "value": "kept: training step 4/9", "count": 1, "serialize": False, "calls": 2,
+                     "other": True, "typeof": "function"}
+
+
 SHOWN_THOUGH_HIDDEN = ("[...document.querySelectorAll('.sa3-panel [hidden]')]"
                       ".filter((el) => getComputedStyle(el).display !== 'none').map((el) => el.className)")
 
@@ -506,12 +539,14 @@ def test_use_checkpoint_adds_a_configured_sa3_load_lora_node_or_copies_the_name(
     assert node == {"type": "SA3LoadLoRA", "lora": f"sa3_runs/{done}/checkpoints/{name}"}
     assert "Added an SA3 Load LoRA node" in browser.eval("document.querySelector('.sa3-message').textContent")
 
-    # a checkpoint saved after the page loaded is not in the combo yet: the run's own entry, as the server lists it
-    browser.eval("window.loraChoices = ['other.safetensors']")
+    # a checkpoint saved after the page loaded is not in the combo yet: the run's own entry, as the server lists it,
+    # never another run's of the same name (runs named alike have files named alike)
+    browser.eval(f"window.loraChoices = ['other.safetensors', 'sa3 runs/another-run/{name}']")
     browser.click("[data-action=use]")
     browser.wait("window.app.graph.nodes.length === 2")
     added = browser.eval("({lora: app.graph.nodes[1].widgets[0].value, values: app.graph.nodes[1].widgets[0].options.values})")
-    assert added == {"lora": f"sa3 runs/{done}/{name}", "values": [f"sa3 runs/{done}/{name}", "other.safetensors"]}
+    assert added == {"lora": f"sa3 runs/{done}/{name}",
+                     "values": [f"sa3 runs/{done}/{name}", "other.safetensors", f"sa3 runs/another-run/{name}"]}
     assert added["lora"].startswith(RUN_PREFIX)  # the server's own spelling (nodes/lora_nodes.py)
 
     browser.eval("window.LiteGraph.createNode = () => null")  # node type missing: fall back to the file name

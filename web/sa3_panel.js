@@ -24,8 +24,9 @@ async function useCheckpoint(checkpoint) {
       const runValue = `sa3 runs/${checkpoint.runId}/${checkpoint.name}`;
       const values = widget.options?.values;
       const list = Array.isArray(values) ? values : typeof values === "function" ? values() : [];
-      const match = list.find((v) => v === runValue)
-        ?? list.find((v) => v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`));
+      // (a copy in the loras folder, never another run's entry: runs of one name share file names)
+      const match = list.find((v) => v === runValue) ?? list.find((v) => !String(v).startsWith("sa3 runs/")
+        && (v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`)));
       if (!match && Array.isArray(values)) values.unshift(runValue);
       widget.value = match ?? runValue;
       widget.callback?.(widget.value);

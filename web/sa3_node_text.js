@@ -1,0 +1,53 @@
+// Shows the text our nodes return ({"ui": {"text": [...]}}: a run's status, an encode report, what Run Control did)
+// on the node itself. ComfyUI's frontend keeps such text in the history only; without this the user sees nothing.
+
+import { app } from "../../scripts/app.js";
+
+export const RESULT_WIDGET = "sa3_result";
+
+let comfyWidgets;  // ComfyUI's widget constructors: a multiline, read-only text box like its own nodes'
+async function widgetMakers() {
+  if (comfyWidgets === undefined) {
+    try {
+      comfyWidgets = (await import("../../scripts/widgets.js")).ComfyWidgets ?? null;
+    } catch {
+      comfyWidgets = null;  // a frontend without the legacy module: LiteGraph's plain text widget
+    }
+  }
+  return comfyWidgets;
+}
+
+/** Put `text` (a string or a list of lines) into the node's result box, made on first use and never saved with
+ * the workflow (it is output, not an input). */
+export async function showText(node, text) {
+  const value = Array.isArray(text) ? text.join("\n") : String(text ?? "");
+  let widget = node.widgets?.find((w) => w.name === RESULT_WIDGET);
+  if (!widget) {
+    const makers = await widgetMakers();
+    widget = makers?.STRING
+      ? makers.STRING(node, RESULT_WIDGET, ["STRING", { multiline: true }], app).widget
+      : node.addWidget("text", RESULT_WIDGET, value, () => {}, {});
+    widget.serialize = false;  // not in widgets_values: a reloaded workflow's inputs keep their places
+    widget.options = { ...(widget.options || {}), serialize: false };
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = "0.85";
+    }
+  }
+  widget.value = value;
+  node.setSize?.(node.computeSize?.() ?? node.size);
+  app.graph?.setDirtyCanvas?.(true, true);
+  return widget;
+}
+
+app.registerExtension({
+  name: "sa3_lora_studio.node_text",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!String(nodeData?.name ?? "").startsWith("SA3")) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      if (message?.text?.length) showText(this, message.text);
+    };
+  },
+});
