@@ -41,6 +41,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -507,39 +508,17 @@ class AdaptedModel:
 
     def _xs_bases_origin(self, tree: nn.Module, a: LoadedAdapter, name: str,
                          source: XsBasesSource | None) -> XsBasesSource | None:
-        """Where an -xs adapter's bases come from: `source` or (None) the weights it is applied to, chosen by the
-        base fingerprint the file records; says in the report (or warns) when that is not the model's own weights."""
-        fingerprint = a.metadata.get("base_fingerprint")
-        if source is not None and source.file is not None:  # named by the model's config: used as the official does
-            self.report.notes.append(f"{name}: {a.adapter_type} bases from {source.describe()}")
-            return source
-        if fingerprint:
-            own = {layer: module.weight for layer in a.layers for module in [self._find(tree, layer)[1]]
-                   if module is not None}
-            if weights_fingerprint(own) == fingerprint:
-                return None
-            if source is not None:
-                theirs = {layer: w for layer in own for w in [source.base_weight(layer)] if w is not None}
-                if weights_fingerprint(theirs) == fingerprint:
-                    self.report.notes.append(f"{name}: {a.adapter_type} bases from {source.describe()}, the weights "
-                                             f"it was trained on")
-                    return source
-            self._warn(
-                f"{name}: this {a.adapter_type} adapter was trained on other base weights "
-                f"({a.metadata.get('base_pack', 'fingerprint ' + fingerprint)}). -xs files store no SVD bases, so "
-                f"they are recomputed from these weights and the result differs from what was trained (e.g. a "
-                f"base-model adapter on an ARC model without its base model beside it). Use the matching model, "
-                f"or put the base model's SVD bases file in this model's config as svd_bases_path "
-                f"(`sa3-lora svd-bases`), for faithful results.")
-            return None
-        if source is not None:  # e.g. the official trainer's files, which are trained on a base model
-            self.report.notes.append(f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases come "
-                                     f"from {source.describe()}, the model adapters are trained on")
-            return source
-        self.report.warnings.append(
-            f"{name}: {a.adapter_type} file without a base fingerprint; its SVD bases are recomputed from "
-            f"these weights, which is faithful only if it was trained on this same model")
-        return None
+        """`xs_bases_origin` for this view's tree; its note or warning goes into the report."""
+        own = {layer: module.weight for layer in a.layers for module in [self._find(tree, layer)[1]]
+               if module is not None}
+        origin = xs_bases_origin(a, own, name, source)
+        if origin.note:
+            self.report.notes.append(origin.note)
+        if origin.warning and origin.loud:
+            self._warn(origin.warning)
+        elif origin.warning:
+            self.report.warnings.append(origin.warning)
+        return origin.source
 
     def _warn(self, message: str) -> None:
         self.report.warnings.append(message)
@@ -719,6 +698,44 @@ def as_use(item) -> AdapterUse:
     return AdapterUse(load_adapter_cached(item))
 
 
+class XsOrigin(NamedTuple):
+    """Where an -xs adapter's bases come from (`source`, None = the weights it is applied to), and what to say."""
+
+    source: XsBasesSource | None
+    note: str | None = None
+    warning: str | None = None
+    loud: bool = False  # the warning also goes through warnings.warn (weights that differ from the training's)
+
+
+def xs_bases_origin(adapter: LoadedAdapter, own_weights: dict[str, Tensor], name: str,
+                    source: XsBasesSource | None) -> XsOrigin:
+    """One rule for generation, training and export: a bases file named by the model's config wins (as the official
+    loader does); else the base fingerprint the file records picks the model's own weights or the source's (the base
+    model beside an ARC model); a file without a fingerprint (official ones) takes the source when there is one.
+    own_weights: the adapter's layers' weights in the model it is applied to."""
+    kind = adapter.adapter_type
+    fingerprint = adapter.metadata.get("base_fingerprint")
+    if source is not None and source.file is not None:
+        return XsOrigin(source, f"{name}: {kind} bases from {source.describe()}")
+    if fingerprint:
+        if weights_fingerprint(own_weights) == fingerprint:
+            return XsOrigin(None)
+        if source is not None and source.fingerprint(list(own_weights)) == fingerprint:
+            return XsOrigin(source, f"{name}: {kind} bases from {source.describe()}, the weights it was trained on")
+        return XsOrigin(None, warning=(
+            f"{name}: this {kind} adapter was trained on other base weights "
+            f"({adapter.metadata.get('base_pack', 'fingerprint ' + fingerprint)}). -xs files store no SVD bases, so "
+            f"they are recomputed from these weights and the result differs from what was trained (e.g. a "
+            f"base-model adapter on an ARC model without its base model beside it). Use the matching model, "
+            f"or put the base model's SVD bases file in this model's config as svd_bases_path "
+            f"(`sa3-lora svd-bases`), for faithful results."), loud=True)
+    if source is not None:
+        return XsOrigin(source, f"{name}: {kind} file without a base fingerprint; its SVD bases come from "
+                                f"{source.describe()}, the model adapters are trained on")
+    return XsOrigin(None, warning=f"{name}: {kind} file without a base fingerprint; its SVD bases are recomputed from "
+                                  f"these weights, which is faithful only if it was trained on this same model")
+
+
 def adapter_session(model, loras, roots: Sequence[Root] = SA3_ROOTS, mode: str = "merged") -> AdaptedModel:
     """The stack for one generation: `with adapter_session(model, loras) as s:` routes the model's adapted layers in
     this thread; call `with s.at_sigma(t[0], step=i):` around each DiT evaluation. model: an object holding the
@@ -804,4 +821,4 @@ def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
 
 __all__ = ["SA3_ROOTS", "AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport",
            "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "load_adapter_cached",
-           "merged_state", "model_xs_bases", "new_adapter", "skip_steps_interval"]
+           "merged_state", "model_xs_bases", "new_adapter", "skip_steps_interval", "xs_bases_origin"]

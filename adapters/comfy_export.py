@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .apply import SA3_ROOTS, Root, check_layer_shapes
+from .apply import SA3_ROOTS, Root, check_layer_shapes, xs_bases_origin
 from .files import LoadedAdapter
 from .maths import adapter_scale, check_adapter_type, effective_weight, svd_bases
+from .xs_bases import XsBasesSource
 
 COMFY_PREFIX = "diffusion_model."
 
@@ -38,6 +39,7 @@ class ComfyExportReport:
 
     forms: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # where -xs bases came from, or why they may differ
 
     def summary(self) -> str:
         """'31 layers written (28 lowrank, 3 diff); 2 skipped (e.g. conditioners.x: not a DiT layer ...)'."""
@@ -46,7 +48,7 @@ class ComfyExportReport:
         if self.skipped:
             layer, why = next(iter(self.skipped.items()))
             text += f"; {len(self.skipped)} skipped (e.g. {layer}: {why})"
-        return text
+        return "\n".join([text, *self.notes])
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -57,9 +59,11 @@ class ComfyExportReport:
 
 def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0,
                   roots: Sequence[Root] = SA3_ROOTS, dit_root: str = "model",
-                  dit_prefix: str = "model.") -> tuple[dict[str, Tensor], ComfyExportReport]:
+                  dit_prefix: str = "model.", xs_bases: XsBasesSource | None = None
+                  ) -> tuple[dict[str, Tensor], ComfyExportReport]:
     """The ComfyUI-keyed tensors of an adapter applied at `strength` to the weights in `tree` (for -xs bases and
-    exact differences). Layers of the root `dit_root` become `diffusion_model.<path without dit_prefix>`."""
+    exact differences). Layers of the root `dit_root` become `diffusion_model.<path without dit_prefix>`.
+    xs_bases: the model's other source of -xs bases (`apply.model_xs_bases`), chosen as generation chooses it."""
     _, renorm = check_adapter_type(adapter.adapter_type)
     report = ComfyExportReport()
     out: dict[str, Tensor] = {}
@@ -67,6 +71,19 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
     if dit_root not in root_by_path:
         raise ValueError(f"dit_root={dit_root!r} is not one of the roots {sorted(root_by_path)}")
     dit = tree.get_submodule(dit_root) if dit_root else tree
+    bases_from = None
+    if adapter.is_xs:  # the bases generation would use on this model (xs_bases_origin: one rule)
+        own = {}  # every root's layers, as the fingerprint was taken (the conditioner's too)
+        for layer in adapter.layers:
+            for root in roots:
+                try:
+                    own[layer] = tree.get_submodule(f"{root.path}.{layer}" if root.path else layer).weight
+                    break
+                except AttributeError:
+                    continue
+        origin = xs_bases_origin(adapter, own, adapter.name or "adapter", xs_bases)
+        bases_from = origin.source
+        report.notes += [text for text in (origin.note, origin.warning) if text]
     for layer, t in adapter.layers.items():
         try:
             module = dit.get_submodule(layer)
@@ -78,7 +95,9 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
         key = COMFY_PREFIX + layer.removeprefix(dit_prefix)
         t = dict(t)
         if adapter.is_xs:
-            t["U"], t["V"] = svd_bases(module.weight, adapter.rank)  # cached per base weight
+            shape = (w.shape[0], w[0].numel())
+            given = None if bases_from is None else bases_from.bases(layer, adapter.rank, shape)
+            t["U"], t["V"] = given if given is not None else svd_bases(module.weight, adapter.rank)  # cached
         if "lora_A" in t:
             up, down = t["lora_B"], t["lora_A"]
         else:
@@ -108,10 +127,11 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
 
 
 def export_for_comfyui(path: str | Path, adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0,
-                       roots: Sequence[Root] = SA3_ROOTS, dtype: torch.dtype = torch.float32) -> ComfyExportReport:
+                       roots: Sequence[Root] = SA3_ROOTS, dtype: torch.dtype = torch.float32,
+                       xs_bases: XsBasesSource | None = None) -> ComfyExportReport:
     """Write `comfy_tensors` to a safetensors file for ComfyUI's `LoraLoaderModelOnly`. dtype: float type on disk
-    (fp32 default so `diff` layers stay exact; fp16 halves the size)."""
-    tensors, report = comfy_tensors(adapter, tree, strength, roots)
+    (fp32 default so `diff` layers stay exact; fp16 halves the size); xs_bases as for `comfy_tensors`."""
+    tensors, report = comfy_tensors(adapter, tree, strength, roots, xs_bases=xs_bases)
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
     metadata = {"created_by": "sa3_lora_studio", "sa3_adapter_type": adapter.adapter_type,
                 "sa3_strength": str(float(strength))}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,13 +255,14 @@ def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object
     return path
 
 
-def weights_fingerprint(weights: dict[str, Tensor]) -> str:
+def weights_fingerprint(weights: Mapping[str, Tensor]) -> str:
     """A short hash identifying base weights (the layers an adapter touches): names, shapes and an evenly strided
     sample of up to 65536 fp32 values per tensor, so a multi-GB model hashes in well under a second."""
     h = hashlib.sha256()
     for name in sorted(weights):
-        w = weights[name].detach().reshape(-1)
+        tensor = weights[name]  # once: a lazy mapping reads it from disk
+        w = tensor.detach().reshape(-1)
         step = max(1, w.numel() // 65536)
-        h.update(f"{name}:{tuple(weights[name].shape)}".encode())
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
         h.update(w[::step].float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -16,7 +16,7 @@ import pickle
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from torch import Tensor
 CACHE_BYTES = 512 << 20  # about 2-3 real models' worth of rank-16 bases
 
 _by_content: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # (digest, shape, dtype, rank) -> (U, V)
-_by_tensor: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(w) -> (ref, w._version, content key)
+_by_tensor: dict[int, tuple[weakref.ref, tuple, tuple]] = {}  # id(w) -> (ref, `_identity(w)`, content key)
+_cached_bytes = 0  # sum of the cached bases' sizes
 _lock = threading.Lock()
 
 
@@ -51,26 +52,52 @@ def _content_key(w: Tensor, rank: int) -> tuple:
 
 
 def _remember(key: tuple, bases: tuple[Tensor, Tensor]) -> None:
+    """Keep bases under key, dropping the least recently used beyond CACHE_BYTES (call with _lock held)."""
+    global _cached_bytes
+    old = _by_content.pop(key, None)
+    if old is not None:
+        _cached_bytes -= old[0].nbytes + old[1].nbytes
     _by_content[key] = bases
-    _by_content.move_to_end(key)
-    total = sum(u.nbytes + v.nbytes for u, v in _by_content.values())
-    while total > CACHE_BYTES and len(_by_content) > 1:
+    _cached_bytes += bases[0].nbytes + bases[1].nbytes
+    while _cached_bytes > CACHE_BYTES and len(_by_content) > 1:
         _, (u, v) = _by_content.popitem(last=False)
-        total -= u.nbytes + v.nbytes
+        _cached_bytes -= u.nbytes + v.nbytes
 
 
-def _forget_tensor(key: int) -> None:
+def clear_cache() -> None:
+    """Forget every cached basis (tests; a process that wants the memory back)."""
+    global _cached_bytes
     with _lock:
-        entry = _by_tensor.get(key)
-        if entry is not None and entry[0]() is None:
-            del _by_tensor[key]
+        _by_content.clear()
+        _by_tensor.clear()
+        _cached_bytes = 0
+
+
+def _forget_tensor(key: int, ref: weakref.ref) -> None:
+    """A weight the cache saw was freed. Takes no lock: the garbage collector may run this inside a `with _lock`
+    block of this same thread (a plain Lock would deadlock); dict operations are atomic."""
+    entry = _by_tensor.get(key)
+    if entry is not None and entry[0] is ref:
+        _by_tensor.pop(key, None)
+
+
+def _identity(w: Tensor) -> tuple | None:
+    """What must be unchanged for the by-tensor entry to hold: storage, dtype, shape, device and (outside inference
+    mode) the in-place version counter; None for an inference tensor that has no counter (found by content)."""
+    if w.is_inference():
+        return None
+    return (w._version, w.data_ptr(), w.dtype, tuple(w.shape), str(w.device))
 
 
 def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """`compute_svd_bases`, cached (module docstring); the returned tensors are the caller's own copies."""
+    """`compute_svd_bases`, cached (module docstring); the returned tensors are the caller's own copies. Works in
+    and out of inference mode (ComfyUI runs nodes in it)."""
+    identity = _identity(w)
     with _lock:
         seen = _by_tensor.get(id(w))
-        key = seen[2] if seen is not None and seen[0]() is w and seen[1] == w._version and seen[2][3] == rank else None
+    key = None
+    if seen is not None and identity is not None and seen[0]() is w and seen[1] == identity and seen[2][3] == rank:
+        key = seen[2]
     if key is None:
         key = _content_key(w, rank)
     with _lock:
@@ -81,16 +108,15 @@ def svd_bases(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         hit = compute_svd_bases(w, rank)
         with _lock:
             _remember(key, hit)
-    tensor_id = id(w)
-    try:
-        ref = weakref.ref(w, lambda _: _forget_tensor(tensor_id))
-        with _lock:
-            _by_tensor[tensor_id] = (ref, w._version, key)
-    except TypeError:  # not weak-referenceable: found by content next time
-        pass
+    if identity is not None:
+        tensor_id = id(w)
+        try:
+            ref = weakref.ref(w, lambda dead: _forget_tensor(tensor_id, dead))
+        except TypeError:  # not weak-referenceable: found by content next time
+            ref = None
+        if ref is not None:
+            _by_tensor[tensor_id] = (ref, identity, key)  # atomic; outside the lock (see _forget_tensor)
     return hit[0].clone(), hit[1].clone()
-
-
 
 
 # ---------------------------------------------------------------------------------------------------- other sources
@@ -190,6 +216,30 @@ class XsBasesSource:
         with safe_open(str(self.base_checkpoint), "pt") as f:
             return f.get_tensor(key) if key in f.keys() else None
 
+    def fingerprint(self, layers: list[str]) -> str | None:
+        """`files.weights_fingerprint` of the base checkpoint's weights of these layers (those it has), read one at a
+        time, and kept per (file, its size and time, layers): an ARC model loaded anew for each demo round asks
+        again; None for a file source (it holds no weights)."""
+        if self.base_checkpoint is None:
+            return None
+        from safetensors import safe_open
+
+        from .files import weights_fingerprint
+
+        st = self.base_checkpoint.stat()
+        key = (str(self.base_checkpoint), st.st_mtime_ns, st.st_size, tuple(sorted(layers)))
+        with _lock:
+            known = _fingerprints.get(key)
+        if known is not None:
+            return known
+        with safe_open(str(self.base_checkpoint), "pt") as f:
+            present = set(f.keys())
+        here = [layer for layer in layers if bases_file_key(layer) in present]
+        found = weights_fingerprint(_LazyWeights(self, here))
+        with _lock:
+            _fingerprints[key] = found
+        return found
+
     def bases(self, layer: str, rank: int, shape: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
         """(U [out, rank], V [in, rank]) for a layer whose weight is viewed as shape = (out, in); None when this
         source has no such layer. A file entry of another shape or with fewer than rank columns is an error."""
@@ -215,6 +265,25 @@ class XsBasesSource:
         return u[:, :rank].clone(), v[:, :rank].clone()
 
 
+class _LazyWeights(Mapping):
+    """layer -> the base checkpoint's weight, read when asked and not kept (a whole DiT would not fit twice)."""
+
+    def __init__(self, source: XsBasesSource, layers: list[str]):
+        self.source, self.layers = source, layers
+
+    def __getitem__(self, layer: str) -> Tensor:
+        return self.source.base_weight(layer)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+_fingerprints: dict[tuple, str] = {}  # (base checkpoint, mtime, size, layers) -> fingerprint
+
+
 def xs_bases_source_for(model) -> XsBasesSource | None:
     """The bases source of an SA3 model (anything with `.config.raw`, `.config.is_arc` and `.source`): the file its
     config names in `svd_bases_path` (relative to the config's folder, else as given), else for an ARC model in the
@@ -235,5 +304,5 @@ def xs_bases_source_for(model) -> XsBasesSource | None:
     return None
 
 
-__all__ = ["CACHE_BYTES", "XsBasesError", "XsBasesSource", "bases_file_key", "compute_svd_bases", "read_svd_bases_file",
-           "svd_bases", "write_svd_bases_file", "xs_bases_source_for"]
+__all__ = ["CACHE_BYTES", "XsBasesError", "XsBasesSource", "bases_file_key", "clear_cache", "compute_svd_bases",
+           "read_svd_bases_file", "svd_bases", "write_svd_bases_file", "xs_bases_source_for"]

@@ -132,7 +132,11 @@ def decoded_text(raw: bytes, problems: list[str]) -> str:
     """Text a Windows or Mac tool wrote: UTF-16 with BOM, UTF-8 (BOM or not), else Windows-1252 (else Latin-1), with
     a note in `problems` for the last two (one rule for metadata tables and text sidecars)."""
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return raw.decode("utf-16")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:  # an odd byte count, a torn write: what decodes, with a note
+            problems.append("damaged UTF-16 (undecodable bytes replaced)")
+            return raw.decode("utf-16", errors="replace")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 def _flush_c_stdio() -> None:
     """fflush(NULL): hand buffered native output to the descriptor it was meant for before fd 2 changes."""
+    if os.name == "nt":  # no process-wide C library handle there (CDLL(None) is a TypeError)
+        return
     try:
         ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # no C library to call (not a POSIX libc): nothing buffered we can reach
+    except (OSError, AttributeError, TypeError):  # no C library to call: nothing buffered we can reach
         pass
 
 
@@ -38,25 +40,26 @@ class Captured:
 
 @contextlib.contextmanager
 def native_stderr_to(log: Path):
-    """Within the block, fd 2 appends to `log` (created only when something is written); Python's own writes still
-    reach the original stderr (`sys.stderr` is pointed at a copy of it when it wrote to fd 2). Yields `Captured`."""
+    """Within the block, fd 2 appends to `log` (a log this block made and nothing was written to is removed again);
+    Python's own writes still reach the original stderr (`sys.stderr` is pointed at a copy of it when it wrote to
+    fd 2). Yields `Captured`."""
     captured = Captured()
     try:
         original = os.dup(2)
     except OSError:  # no fd 2 (a detached process): nothing to redirect
         yield captured
         return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    size_before = log.stat().st_size if log.exists() else None
+    fd = terminal = None
     python_stderr = sys.stderr
-    python_stderr.flush()
-    _flush_c_stdio()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    terminal = None
-    if _writes_to_fd2(python_stderr):
-        terminal = os.fdopen(os.dup(original), "w", encoding=python_stderr.encoding or "utf-8",
-                             errors="backslashreplace", buffering=1)
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        size_before = log.stat().st_size if log.exists() else None
+        python_stderr.flush()
+        _flush_c_stdio()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if _writes_to_fd2(python_stderr):
+            terminal = os.fdopen(os.dup(original), "w", encoding=python_stderr.encoding or "utf-8",
+                                 errors="backslashreplace", buffering=1)
         os.dup2(fd, 2)
         if terminal is not None:
             sys.stderr = terminal
@@ -67,11 +70,13 @@ def native_stderr_to(log: Path):
         _flush_c_stdio()
         os.dup2(original, 2)
         os.close(original)
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if terminal is not None:
             sys.stderr = python_stderr
             terminal.close()
-        size_after = log.stat().st_size if log.exists() else 0
-        captured.bytes = size_after - (size_before or 0)
-        if size_before is None and size_after == 0:
-            log.unlink()
+        if fd is not None:
+            size_after = log.stat().st_size if log.exists() else 0
+            captured.bytes = size_after - (size_before or 0)
+            if size_before is None and size_after == 0:
+                log.unlink()

@@ -22,6 +22,9 @@ def dataset_dir_for(name: str) -> Path:
 def audio_folder(folder: str) -> Path:
     """The folder an Encode node reads: absolute as given; relative, the first that exists of: inside ComfyUI's
     input folder (its --input-directory; a leading "input/" is that folder too), then the working folder."""
+    if not folder.strip():
+        raise ValueError("SA3 Encode Audio Folder: give the folder of your audio (a folder inside ComfyUI's input "
+                         "folder, or an absolute path)")
     path = Path(folder.strip()).expanduser()
     if path.is_absolute():
         return path
@@ -69,8 +72,8 @@ class SA3EncodeAudioFolder:
         from ..encoding.dataset import folder_signature
 
         out = dataset_dir_for(dataset_name)
-        if not (out / "dataset.json").is_file():
-            return float("nan")  # no dataset (yet, or deleted since): run; NaN never equals the last value
+        if not (out / "dataset.json").is_file() or not folder.strip():
+            return float("nan")  # no dataset (yet, or deleted since), or no folder (the node says): run
         return folder_signature(audio_folder(folder), skip=(out,))
 
     def encode(self, model, folder, dataset_name, include, exclude, dtype, force):

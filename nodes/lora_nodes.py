@@ -161,8 +161,11 @@ class SA3ExportLoRAForComfyUI:
         src = chosen_lora("SA3 Export LoRA for ComfyUI", lora, lora_path)
         name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
-        with using(model):
-            report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength)
+        from ..adapters.apply import model_xs_bases
+
+        with using(model):  # -xs bases as generation on this model takes them (e.g. the base's, on ARC)
+            report = export_for_comfyui(out, read_adapter_file(src), model.modules, strength=strength,
+                                        xs_bases=model_xs_bases(model))
         return {"ui": {"text": [f"{out}: {report.summary()}"]}, "result": (str(out),)}
 
 

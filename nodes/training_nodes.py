@@ -203,7 +203,10 @@ class SA3TrainLoRA:
         manager = get_manager()
         same = manager.same_settings_run(config)
         if same is not None:  # the same graph queued again after a restart: that run, not a second one from step 0
-            run_id, text = self.reuse(manager, same)
+            try:
+                run_id, text = self.reuse(manager, same)
+            except RunError as e:
+                raise ValueError(f"SA3 Train LoRA: {e}") from None
         else:
             ahead = manager.active_runs_on(config)
             run_id = manager.submit(config)

@@ -133,8 +133,8 @@ class SamplerSteps:
 
 def resolve_seed(seed: int | None) -> int:
     """The seed itself, or a random one for None / a negative seed (the caller reports which, to make it again)."""
-    if seed is not None and seed >= 2**63:
-        raise ValueError(f"seed {seed} is too large: use 0 to 2^63 - 1, or -1 for a random one")
+    if seed is not None and seed >= 2**64:  # torch's generators take 0 .. 2^64 - 1 (ComfyUI's seed widget range)
+        raise ValueError(f"seed {seed} is too large: use 0 to 2^64 - 1, or -1 for a random one")
     return int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None or seed < 0 else int(seed)
 
 

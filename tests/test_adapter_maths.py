@@ -229,12 +229,9 @@ def test_svd_bases_are_sign_canonical_and_orthonormal():
 
 
 def test_svd_bases_are_computed_once_per_weight_content_and_per_rank(monkeypatch):
-    from collections import OrderedDict
-
     from sa3_lora_studio.adapters import xs_bases
 
-    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())  # nothing cached by earlier tests
-    monkeypatch.setattr(xs_bases, "_by_tensor", {})
+    xs_bases.clear_cache()  # nothing cached by earlier tests
     calls = []
     real = xs_bases.compute_svd_bases
     monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(r) or real(w, r))
@@ -256,12 +253,9 @@ def test_svd_bases_are_computed_once_per_weight_content_and_per_rank(monkeypatch
 
 
 def test_svd_bases_cache_keeps_the_most_recent_within_its_byte_budget(monkeypatch):
-    from collections import OrderedDict
-
     from sa3_lora_studio.adapters import xs_bases
 
-    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())
-    monkeypatch.setattr(xs_bases, "_by_tensor", {})
+    xs_bases.clear_cache()
     monkeypatch.setattr(xs_bases, "CACHE_BYTES", 3 * (8 + 6) * 2 * 4)  # three entries of rank-2 bases of [8, 6]
     calls = []
     real = xs_bases.compute_svd_bases
@@ -307,3 +301,36 @@ def test_half_precision_norms_keep_no_copy_of_the_weight_for_the_backward_and_ma
     loss32 = sum((f * torch.linspace(0.5, 1.5, f.numel())).sum() for f in (d32, c32) if f is not None)
     for got, want in zip(grads, torch.autograd.grad(loss32, [v for v in t32.values() if v.requires_grad])):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_svd_bases_work_in_inference_mode_see_data_swaps_and_survive_collection_inside_the_cache(monkeypatch):
+    """ComfyUI runs nodes under inference mode (tensors there have no version counter); `.data =` and
+    `Module.to(dtype)` change a weight without bumping it; a weight the cache saw may be collected by the cyclic
+    GC while this thread holds the cache's lock (its weakref callback must not wait on that lock)."""
+    import gc
+
+    from sa3_lora_studio.adapters import xs_bases
+
+    xs_bases.clear_cache()
+    with torch.inference_mode():
+        w = torch.randn(12, 8, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(M.svd_bases(w, 3)[0], xs_bases.compute_svd_bases(w, 3)[0])
+        assert torch.equal(M.svd_bases(w, 3)[0], xs_bases.compute_svd_bases(w, 3)[0])
+    layer = nn.Linear(8, 12)
+    M.svd_bases(layer.weight, 3)
+    layer.to(torch.bfloat16)  # swaps .data: same tensor object, same version counter, other bytes
+    assert torch.equal(M.svd_bases(layer.weight, 3)[0], xs_bases.compute_svd_bases(layer.weight, 3)[0])
+
+    class Holder:
+        pass
+    threshold = gc.get_threshold()
+    gc.set_threshold(3)
+    try:
+        for _ in range(300):
+            h = Holder()
+            h.me, h.t = h, torch.randn(4, 4)
+            M.svd_bases(h.t, 2)
+            del h  # cyclic garbage: freed by the collector at some later allocation, maybe inside the lock
+            M.svd_bases(w, 2)
+    finally:
+        gc.set_threshold(*threshold)

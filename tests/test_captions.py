@@ -123,6 +123,9 @@ def test_a_text_sidecar_saved_by_a_windows_editor_is_read_with_a_note(tmp_path):
     (tmp_path / "song.txt").write_text("naïve", encoding="utf-16")  # with its BOM
     warnings.clear()
     assert lookup_metadata(audio, tmp_path, warnings=warnings)["prompt"] == "naïve" and warnings == []
+    (tmp_path / "song.txt").write_bytes("warm pad".encode("utf-16") + b"\n")  # an odd byte count: torn
+    md = lookup_metadata(audio, tmp_path, warnings=warnings)  # never raises on a bad sidecar
+    assert md["prompt"].startswith("warm pad") and warnings == ["song.txt: damaged UTF-16 (undecodable bytes replaced)"]
 
 
 def test_invalid_json_warns_and_falls_back_to_the_next_source(tmp_path):

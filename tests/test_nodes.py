@@ -513,6 +513,9 @@ def test_encode_finds_a_relative_folder_in_comfyuis_input_folder_and_shows_its_r
             out = SA3EncodeAudioFolder().encode(model=model, folder=folder, dataset_name=f"rel{i}", include="",
                                                 exclude="", dtype="float32", force=False)
         assert "1 encoded" in out["ui"]["text"][0] and out["result"][1] == out["ui"]["text"][0]
+    with pytest.raises(ValueError, match="give the folder of your audio"):
+        run_node("SA3EncodeAudioFolder", model=model, folder="  ", dataset_name="x", include="", exclude="",
+                 dtype="float32", force=False)
     with pytest.raises(ValueError, match="'nothing_here' is not a folder \\(looked for .*input/nothing_here"):
         run_node("SA3EncodeAudioFolder", model=model, folder="nothing_here", dataset_name="x", include="",
                  exclude="", dtype="float32", force=False)

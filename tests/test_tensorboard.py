@@ -113,3 +113,6 @@ def test_runs_tensorboard_rebuilds_the_folder_from_the_event_log(tmp_path, tiny,
     assert len(list((folder / TB_FOLDER).iterdir())) == 1
     assert main(["runs", "--runs-dir", str(tmp_path / "runs"), "tensorboard", "no-such-run"]) == 2
     assert "no-such-run" in capsys.readouterr().err
+    manager.registry.update(run, status="training")  # a live trainer writes the folder itself
+    assert main(["runs", "--runs-dir", str(tmp_path / "runs"), "tensorboard", run]) == 2
+    assert "writes its TensorBoard folder itself" in capsys.readouterr().err

@@ -596,10 +596,8 @@ def test_an_xs_run_takes_each_layers_svd_once_though_the_arc_model_is_loaded_ane
             assert kind != "warning" or "-xs" in payload["message"], payload
             return {}
 
-    from collections import OrderedDict
 
-    monkeypatch.setattr(xs_bases, "_by_content", OrderedDict())  # nothing cached by earlier tests
-    monkeypatch.setattr(xs_bases, "_by_tensor", {})
+    xs_bases.clear_cache()  # nothing cached by earlier tests
     calls = []
     real = xs_bases.compute_svd_bases
     monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: calls.append(tuple(w.shape)) or real(w, r))
@@ -1092,3 +1090,21 @@ def test_inpaint_demos_and_reference_clips_pass_over_files_too_short_to_show_any
              for seed in range(40)}
     assert picks == {1, 2}
     assert long_enough_items(SimpleNamespace(entries=[]), 5) == []
+
+
+def test_a_resume_that_fails_while_setting_up_keeps_the_runs_step(tmp_path, tiny, dataset, fixtures_dir):
+    calls = []
+
+    def provider(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("model file gone")
+        return tiny
+
+    manager = TrainingManager(tmp_path / "runs", model_provider=provider)
+    run = manager.submit(_config(dataset, fixtures_dir, adapter_type="lora", steps=4))
+    assert manager.wait(run, 300)["status"] == "done"
+    manager.control(run, "restart", more_steps=2)
+    record = manager.wait(run, 300)
+    assert record["status"] == "failed" and "model file gone" in record["error"]
+    assert record["step"] == 4  # where it is, not the 0 of a trainer that never loaded its state

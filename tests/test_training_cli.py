@@ -427,7 +427,10 @@ def test_small_command_line_mistakes_are_named(tmp_path, fixtures_dir, capsys):
 
     assert main(["generate", str(fixtures_dir / "tiny-small"), "--prompt", "x", "--seed", str(10**20),
                  "--out", str(tmp_path / "x.wav")]) == 2
-    assert "seed 100000000000000000000 is too large" in capsys.readouterr().err
+    assert "seed 100000000000000000000 is too large: use 0 to 2^64 - 1" in capsys.readouterr().err
+    from sa3_lora_studio.sa3.generate import resolve_seed
+
+    assert resolve_seed(2**64 - 1) == 2**64 - 1  # the top of ComfyUI's seed widget still generates
     assert main(["bench", "engine", "--seconds", "-1"]) == 2
     assert "--seconds must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as shown:

@@ -209,3 +209,29 @@ def test_svd_bases_command_refuses_bad_arguments(tmp_path, fixtures_dir, capsys)
                  "--include", "cross_attn"]) == 0
     keys = set(torch.load(tmp_path / "b.pt", weights_only=True))
     assert keys and all("cross_attn" in k for k in keys)
+
+
+def test_an_xs_export_for_comfyui_on_the_arc_model_uses_the_bases_generation_uses(tmp_path, fixtures_dir, tiny):
+    from sa3_lora_studio.adapters.apply import model_xs_bases
+    from sa3_lora_studio.adapters.comfy_export import COMFY_PREFIX, comfy_tensors
+
+    arc = load_model(_pack(tmp_path, fixtures_dir) / "arc")
+    adapter = _trained_xs(tiny, "lora-xs")
+    with adapter_session(arc, [adapter], mode="merged") as view:
+        generated = {full: layer.weight.detach().float().clone() for full, layer in view.layers.items()
+                     if full.startswith("model.")}
+    tensors, report = comfy_tensors(adapter, arc.modules, xs_bases=model_xs_bases(arc))
+    assert any("bases from the base model" in note for note in report.notes)
+    assert "bases from the base model" in report.summary()
+    checked = 0
+    for full, want in generated.items():
+        stem = COMFY_PREFIX + full.removeprefix("model.").removeprefix("model.")
+        if stem + ".lora_up.weight" not in tensors:
+            continue
+        w = arc.modules.get_submodule(full).weight.detach().float()
+        up, down, alpha = (tensors[stem + s] for s in (".lora_up.weight", ".lora_down.weight", ".alpha"))
+        comfy = w + (alpha / down.shape[0]) * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+                                               ).reshape(w.shape)
+        assert torch.allclose(comfy, want, atol=1e-5), full  # what ComfyUI renders = what we generate with
+        checked += 1
+    assert checked > 3

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .runs import RESUME_SETTINGS, RunConflict, RunError, describe_changes, trained_elsewhere
+from .runs import ACTIVE, RESUME_SETTINGS, RunConflict, RunError, describe_changes, trained_elsewhere
 
 DEFAULT_RUNS_DIR = "sa3-runs"
 
@@ -202,7 +202,9 @@ def _cmd_runs(args) -> int:
         from .tensorboard import export_run
 
         for run_id in args.run_ids:
-            registry.get(run_id)  # an unknown run is named
+            if registry.get(run_id)["status"] in ACTIVE:  # its trainer writes that folder: rebuilding would cut it off
+                raise RunError(f"run {run_id} is {registry.get(run_id)['status']}: it writes its TensorBoard folder "
+                               "itself; rebuild once it has stopped")
         for run_id in args.run_ids:
             print(f"{run_id}: {export_run(registry.run_dir(run_id))}")
         print(f"view with: tensorboard --logdir {registry.root}", file=sys.stderr)

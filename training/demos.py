@@ -194,7 +194,8 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
     tmp.mkdir(parents=True)
     c, dataset = trainer.config, trainer.dataset
     candidates = long_enough_items(dataset, trainer.crop_latents)  # a full training crop where the dataset has one
-    others = [i for i in range(len(dataset)) if i not in set(candidates)]
+    chosen = set(candidates)
+    others = [i for i in range(len(dataset)) if i not in chosen]
     rng = random.Random(f"sa3-reference:{c.seed}")
     picked = rng.sample(candidates, k=min(n, len(candidates)))
     picked += rng.sample(others, k=min(n - len(picked), len(others)))  # a dataset of short files still shows some

@@ -124,7 +124,9 @@ class EventFileWriter:
     def __init__(self, folder: Path, wall_time: float | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.time() if wall_time is None else wall_time
-        name = f"events.out.tfevents.{int(stamp)}.{socket.gethostname()}.{os.getpid()}.{id(self) % 10**6}.sa3"
+        # TensorBoard reads a folder's files in name order: whole seconds then a nanosecond clock keep a stop and
+        # resume within one second in order
+        name = f"events.out.tfevents.{int(stamp)}.{socket.gethostname()}.{time.time_ns():020d}.{os.getpid()}.sa3"
         self.path = folder / name
         self._lock = threading.Lock()
         self.write(file_version_event(wall_time))

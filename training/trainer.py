@@ -297,6 +297,7 @@ class Trainer:
                                                       else self.global_step + 1))
         if self.registry is not None:  # a continued file sets type and rank, whatever the config said
             self.registry.update(self.run_id, adapter_type=adapter.adapter_type, rank=adapter.rank)
+        self.ready = True  # set up, a resumed run's state loaded: global_step is where the run is
 
     def hold_out_items(self) -> None:
         """Split the dataset into training items and the held-out items of validation (`ValidationPlan`: chosen at
@@ -803,8 +804,9 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         return trainer.train(control, set_status)
     except BaseException as e:
         message = failure_message(e, trainer)
-        at = {"step": trainer.global_step} if trainer is not None and hasattr(trainer, "global_step") else {}
-        registry.update(run_id, status="failed", error=message, **at)  # the step it failed at, as the message says
+        # the step it failed at, as the message says; not before setup loaded a resumed run's state (step 0 then)
+        at = {"step": trainer.global_step} if getattr(trainer, "ready", False) else {}
+        registry.update(run_id, status="failed", error=message, **at)
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
         raise
