@@ -451,6 +451,7 @@ class AdaptedModel:
             name = a.name or f"adapter {i}"
             applied, unmatched = 0, []
             bases_from = self._xs_bases_origin(tree, a, name, xs_bases) if a.is_xs else None
+            own_bases = []  # layers the source has no bases for: their own weights' bases
             for layer in a.layers:
                 full, module, root = self._find(tree, layer)
                 if module is None:
@@ -464,6 +465,8 @@ class AdaptedModel:
                 if a.is_xs:  # bases from the ORIGINAL base weight (as the reference does when stacking) or a source
                     w2_shape = (module.weight.shape[0], module.weight[0].numel())
                     given = None if bases_from is None else bases_from.bases(layer, a.rank, w2_shape)
+                    if bases_from is not None and given is None:
+                        own_bases.append(layer)
                     u, v = given if given is not None else svd_bases(module.weight, a.rank)
                     tensors["U"], tensors["V"] = u.to(where), v.to(where)
                 slot = AdapterSlot(a.adapter_type, a.alpha, a.rank, tensors, trainable and i == len(self.uses) - 1,
@@ -487,6 +490,9 @@ class AdaptedModel:
             if unmatched:
                 self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
                            f"(e.g. {unmatched[0]})")
+            if own_bases:
+                self.report.notes.append(f"{name}: {len(own_bases)} of its layers (e.g. {own_bases[0]}) are not in "
+                                         f"{bases_from.describe()}: their bases come from these weights")
             self.report.applied.append(applied)
             self.report.unmatched.append(unmatched)
         for full, slots in slots_by_path.items():

@@ -187,6 +187,16 @@ def test_svd_bases_path_in_the_model_config_is_used_as_the_official_loader_does(
         u, v = _bases_in_view(view, layer)
         eu, ev = compute_svd_bases(_weight(tiny, layer), 4)
         assert torch.equal(u, eu) and torch.equal(v, ev), layer
+    partial = arc_dir / "partial.pt"  # a file written for some layers only: the rest use their own weights' bases
+    assert main(["svd-bases", str(fixtures_dir / "tiny-small"), "--out", str(partial), "--include", "cross_attn"]) == 0
+    config["svd_bases_path"] = "partial.pt"
+    (arc_dir / "model_config.json").write_text(json.dumps(config))
+    with adapter_session(load_model(arc_dir), [adapter]) as view:
+        pass
+    assert len(view.report.notes) == 2 and "of its layers (e.g. " in view.report.notes[1]
+    assert "are not in the SVD bases file " in view.report.notes[1] and "partial.pt" in view.report.notes[1]
+    config["svd_bases_path"] = "bases.pt"
+    (arc_dir / "model_config.json").write_text(json.dumps(config))
     too_big = _trained_xs(tiny, "lora-xs", rank=8)
     with pytest.raises(XsBasesError, match="holds 6 basis vectors; this adapter has rank 8"):
         adapter_session(arc, [too_big])
