@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .events import EventLog
 from .requests import StepRequests
 from .runs import RunConfig, RunError, RunRegistry
-from .trainer import Trainer, failure_message
+from .trainer import Trainer, failed_at, failure_message
 from .worker import RunControl
 
 
@@ -269,7 +269,7 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         except BaseException as e:
             if registry is not None:
                 message = failure_message(e, trainer)
-                registry.update(run_id, status="failed", error=message)
+                registry.update(run_id, status="failed", error=message, **failed_at(trainer))
                 log.emit("error", message=message)
                 log.emit("status", status="failed", error=message)
             raise

@@ -772,6 +772,12 @@ class _null_context:
         return False
 
 
+def failed_at(trainer) -> dict:
+    """{"step": where a failed run is} for the run index: the step its message names; nothing before setup loaded a
+    resumed run's state (its step would read 0 over the real one)."""
+    return {"step": trainer.global_step} if getattr(trainer, "ready", False) else {}
+
+
 def failure_message(error: BaseException, trainer: Trainer | None) -> str:
     """The `error` a failed run records: the exception, and for running out of device memory what to change (the
     run resumes from its last checkpoint with the same settings, so it would fail the same way)."""
@@ -804,9 +810,7 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
         return trainer.train(control, set_status)
     except BaseException as e:
         message = failure_message(e, trainer)
-        # the step it failed at, as the message says; not before setup loaded a resumed run's state (step 0 then)
-        at = {"step": trainer.global_step} if getattr(trainer, "ready", False) else {}
-        registry.update(run_id, status="failed", error=message, **at)
+        registry.update(run_id, status="failed", error=message, **failed_at(trainer))
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
         raise
@@ -815,4 +819,4 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
             trainer.release_model()
 
 
-__all__ = ["Trainer", "failure_message", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]
+__all__ = ["Trainer", "failed_at", "failure_message", "run_training", "rectified_flow_loss", "batch_indices", "derive_seed"]
