@@ -35,7 +35,13 @@ export async function showText(node, text) {
     }
   }
   widget.value = value;
-  node.setSize?.(node.computeSize?.() ?? node.size);
+  // room for the text: a multiline box takes the node's spare height, so grow the node to about one line per
+  // 15 px of its wrapped text (at most ~12 lines; the box scrolls beyond), never shrinking what the user sized
+  const [minWidth, minHeight] = node.computeSize?.() ?? node.size ?? [0, 0];
+  const width = Math.max(node.size?.[0] ?? 0, minWidth, 360);
+  const wrapped = value.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / (width / 7))), 0);
+  const height = Math.max(node.size?.[1] ?? 0, minHeight + Math.min(12, wrapped) * 15);
+  node.setSize?.([width, height]);
   app.graph?.setDirtyCanvas?.(true, true);
   return widget;
 }
