@@ -468,3 +468,18 @@ def test_train_refuses_patterns_matching_nothing_and_a_file_for_another_model_be
         err = capsys.readouterr().err
         assert __import__("re").search(named, err), err
         assert not (tmp_path / "runs").exists() or RunRegistry(tmp_path / "runs").list() == []
+
+
+def test_runs_list_says_when_a_runs_folder_was_deleted_by_hand_and_delete_clears_it(tmp_path, capsys):
+    import shutil
+
+    from sa3_lora_studio.cli import main
+
+    registry, run_id = _registry_with_run(tmp_path, status="done")
+    kept = registry.create(RunConfig(dataset="somewhere", steps=5, name="kept"))
+    shutil.rmtree(registry.run_dir(run_id))
+    assert main(["runs", "--runs-dir", str(tmp_path / "runs"), "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run_id:48} folder missing (`sa3-lora runs delete {run_id}` removes its record)" in out
+    assert main(["runs", "--runs-dir", str(tmp_path / "runs"), "delete", run_id]) == 0
+    assert [r["id"] for r in registry.list()] == [kept]

@@ -173,6 +173,9 @@ def _cmd_runs(args) -> int:
         if not runs:
             print(f"no runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
         for r in runs:
+            if not registry.run_dir(r["id"], must_exist=False).is_dir():  # deleted by hand: listed, to be deleted
+                print(f"{r['id']:48} folder missing (`sa3-lora runs delete {r['id']}` removes its record)")
+                continue
             latest = registry.latest_checkpoint(r["id"])
             print(f"{r['id']:48} {r['status']:11} {r['step']:>6}/{r['total_steps']:<6} {r['adapter_type']}/{r['rank']}"
                   + (f" ×{r['world_size']}" if r.get("world_size", 1) > 1 else "")
