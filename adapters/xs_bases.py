@@ -2,11 +2,13 @@
 weight from an fp32 CPU SVD with the reference's sign convention (the largest-|.| entry of each U column positive),
 so the bases are bit-identical to the reference's on the same LAPACK.
 
-Why a cache: the full SVD of a real-size layer costs seconds (a [1024, 4096] weight ~5-10 s on 2 CPU threads) and a
-model has ~100 adapted layers, yet the bases depend only on the frozen weight. A generation, a training start, each
+Why a cache: the full SVD of a real-size layer costs 0.3-0.8 s, and ~10 s for the wide [1024, 4096] one, on 2 CPU
+threads (`python bench/xs_bases.py`), and a model has ~100 adapted layers, yet the bases depend only on the frozen
+weight. A generation, a training start, each
 round of ARC demos (the ARC model is loaded anew for each round) and an export all ask for the same ones. Entries are
 found by the weight tensor itself (unchanged in place) or else by its content (shape, dtype and a BLAKE2 digest of
-its bytes: ~10 ms for a 16 MB weight), and the cache keeps the most recently used bases up to CACHE_BYTES.
+its bytes: 5-50 ms for a 4-32 MB weight, same bench), and the cache keeps the most recently used bases up to
+CACHE_BYTES.
 """
 
 from __future__ import annotations
