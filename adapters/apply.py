@@ -384,6 +384,50 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def find_layer(tree: nn.Module, layer: str, roots: Sequence[Root]) -> tuple[str, nn.Module | None, Root]:
+    """(full path, module, root) of an adapter file's layer in tree: the first root under which it is a
+    Linear/Conv1d; ("", None, roots[0]) when none has it."""
+    for root in roots:
+        full = _join(root.path, layer)
+        try:
+            module = tree.get_submodule(full)
+        except AttributeError:
+            continue
+        if isinstance(module, TARGET_TYPES):
+            return full, module, root
+    return "", None, roots[0]
+
+
+def check_coverage(adapter: LoadedAdapter, name: str, applied: int, unmatched: list[str]) -> None:
+    """AdapterMismatch when too few of an adapter's layers exist in the model to apply it: none, or fewer than the
+    missing ones (e.g. only the conditioner's layer found: the DiT would stay as it is)."""
+    if applied == 0:
+        raise AdapterMismatch(
+            f"{name}: none of its {len(adapter.layers)} layers (e.g. {next(iter(adapter.layers), '?')}) exists in "
+            f"this model; it is for another model or another key layout")
+    if len(unmatched) > applied:
+        raise AdapterMismatch(
+            f"{name}: only {applied} of its {len(adapter.layers)} layers exist in this model (missing e.g. "
+            f"{unmatched[0]}): it is for another model, or its keys use another layout (SA3-native keys "
+            f"start with 'model.' for the DiT and 'conditioners.' for the conditioner)")
+
+
+def check_adapter_fits(tree: nn.Module, adapter: LoadedAdapter, name: str, roots: Sequence[Root]) -> list[str]:
+    """The checks applying an adapter makes, without applying it (tree's weights may be on the meta device: shapes
+    are what counts): each found layer's shapes (`check_layer_shapes`) and the coverage (`check_coverage`).
+    Returns the layers that matched nothing."""
+    unmatched, applied = [], 0
+    for layer in adapter.layers:
+        module = find_layer(tree, layer, roots)[1]
+        if module is None:
+            unmatched.append(layer)
+            continue
+        check_layer_shapes(layer, module, adapter, name)
+        applied += 1
+    check_coverage(adapter, name, applied, unmatched)
+    return unmatched
+
+
 def check_layer_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, name: str) -> None:
     """The adapter's tensors must fit the layer's 2-D weight view [out, in]; error names the first bad layer."""
     out_f, in_f = module.weight.shape[0], module.weight[0].numel()
@@ -478,15 +522,7 @@ class AdaptedModel:
                 base_by_path[full] = module
                 self._gated[full] = layer.removeprefix(root.filter_strip).lower() if root.gated else None
                 applied += 1
-            if applied == 0:
-                raise AdapterMismatch(
-                    f"{name}: none of its {len(a.layers)} layers (e.g. {next(iter(a.layers), '?')}) exists in this "
-                    f"model; it is for another model or another key layout")
-            if len(unmatched) > applied:  # e.g. only the conditioner's layer found: the DiT would stay as it is
-                raise AdapterMismatch(
-                    f"{name}: only {applied} of its {len(a.layers)} layers exist in this model (missing e.g. "
-                    f"{unmatched[0]}): it is for another model, or its keys use another layout (SA3-native keys "
-                    f"start with 'model.' for the DiT and 'conditioners.' for the conditioner)")
+            check_coverage(a, name, applied, unmatched)
             if unmatched:
                 self._warn(f"{name}: applied to {applied} of {len(a.layers)} layers; {len(unmatched)} matched nothing "
                            f"(e.g. {unmatched[0]})")
@@ -502,15 +538,7 @@ class AdaptedModel:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _find(self, tree: nn.Module, layer: str) -> tuple[str, nn.Module | None, Root]:
-        for root in self.roots:
-            full = _join(root.path, layer)
-            try:
-                module = tree.get_submodule(full)
-            except AttributeError:
-                continue
-            if isinstance(module, TARGET_TYPES):
-                return full, module, root
-        return "", None, self.roots[0]
+        return find_layer(tree, layer, self.roots)
 
     def _xs_bases_origin(self, tree: nn.Module, a: LoadedAdapter, name: str,
                          source: XsBasesSource | None) -> XsBasesSource | None:
@@ -826,5 +854,6 @@ def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
 
 
 __all__ = ["SA3_ROOTS", "AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport",
-           "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "load_adapter_cached",
-           "merged_state", "model_xs_bases", "new_adapter", "skip_steps_interval", "xs_bases_origin"]
+           "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "check_adapter_fits",
+           "find_layer", "load_adapter_cached", "merged_state", "model_xs_bases", "new_adapter",
+           "skip_steps_interval", "xs_bases_origin"]

@@ -460,9 +460,19 @@ def test_train_refuses_patterns_matching_nothing_and_a_file_for_another_model_be
     save_file(tensors, str(tmp_path / "other.safetensors"),
               metadata={"lora_config": json.dumps({"rank": other.rank, "alpha": other.alpha,
                                                    "adapter_type": other.adapter_type})})
+    # a file of another layout sharing a few layer names: all but two renamed away
+    few = read_adapter_file(fixture_lora).layers
+    kept = sorted(few)[:2]
+    renamed = {(layer if layer in kept else layer.replace("model.", "model.other_")): t for layer, t in few.items()}
+    save_file({f"{layer}.parametrizations.weight.0.{k}": v for layer, t in renamed.items() for k, v in t.items()},
+              str(tmp_path / "few.safetensors"),
+              metadata={"lora_config": json.dumps({"rank": other.rank, "alpha": other.alpha,
+                                                   "adapter_type": other.adapter_type})})
     for change, named in (({"include": ["nosuchlayer"]}, "RunConfig.include/exclude .*no Linear/Conv1d layer matches"),
                           ({"continue_from": str(tmp_path / "other.safetensors")},
-                           "RunConfig.continue_from: other.safetensors: .* the loaded model expects")):
+                           "RunConfig.continue_from: other.safetensors: .* the loaded model expects"),
+                          ({"continue_from": str(tmp_path / "few.safetensors")},
+                           "RunConfig.continue_from: few.safetensors: only 2 of its .* layers exist in this model")):
         (tmp_path / "run.json").write_text(json.dumps({**base, **change}))
         assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err

@@ -85,31 +85,18 @@ def check_targets(config: RunConfig, model) -> None:
 
 
 def check_continue_fits(config: RunConfig, modules) -> None:
-    """RunError naming `continue_from` when its file is for another model: a layer of another shape, or none of its
-    layers in `modules` (the model's module tree; weights may be on the meta device: shapes are what counts)."""
+    """RunError naming `continue_from` when its file is unreadable or for another model, by the checks applying it
+    makes (`apply.check_adapter_fits`: layer shapes, and enough of its layers in the model); `modules`: the model's
+    module tree, its weights possibly on the meta device."""
     adapter = open_continue_from(config)
     if adapter is None:
         return
-    from ..adapters.apply import SA3_ROOTS, AdapterMismatch, check_layer_shapes
-    from ..adapters.targets import TARGET_TYPES
+    from ..adapters.apply import SA3_ROOTS, AdapterMismatch, check_adapter_fits
 
-    name, found = Path(config.continue_from).name, 0
-    for layer in adapter.layers:
-        for root in SA3_ROOTS:
-            try:
-                module = modules.get_submodule(f"{root.path}.{layer}" if root.path else layer)
-            except AttributeError:
-                continue
-            if isinstance(module, TARGET_TYPES):
-                found += 1
-                try:
-                    check_layer_shapes(layer, module, adapter, name)
-                except AdapterMismatch as e:
-                    raise RunError(f"RunConfig.continue_from: {e}") from None
-                break
-    if not found:
-        raise RunError(f"RunConfig.continue_from: none of the {len(adapter.layers)} layers of {name} exists in "
-                       f"{config.model}; it is for another model")
+    try:
+        check_adapter_fits(modules, adapter, Path(config.continue_from).name, SA3_ROOTS)
+    except AdapterMismatch as e:
+        raise RunError(f"RunConfig.continue_from: {e}") from None
 
 
 def check_model_sources(config: RunConfig):
@@ -157,8 +144,9 @@ def check_run_inputs(config: RunConfig, model=None) -> None:
             modules = build_modules(loc.config)
             check_targets(config, SimpleNamespace(modules=modules))
             check_continue_fits(config, modules)
+        else:  # no model to fit it to: that it reads
+            open_continue_from(config)
     open_dataset(config, model)
-    open_continue_from(config)
 
 
 __all__ = ["check_continue_fits", "check_model_sources", "check_run_inputs", "check_targets", "check_trainable",
