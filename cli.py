@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the official tools.")
     p.add_argument("source", help="model folder (Hub layout), ComfyUI checkpoint file, or pack name")
     p.add_argument("--variant", default=None, choices=["base", "arc"], help="pack variant (pack names only)")
-    p.add_argument("--models-dir", default=None, help="folder holding <pack>/<variant>/ (default: HF cache)")
+    p.add_argument("--models-dir", default=None, help=MODELS_DIR_HELP)
     p.add_argument("--out", required=True, help="file to write, e.g. svd_bases.pt")
     p.add_argument("--columns", type=int, default=128, help="basis vectors kept per layer: the largest rank served")
     p.add_argument("--preset", default=None, help="layer preset, as for training (default: every adaptable layer)")

@@ -109,14 +109,14 @@ def _cmd_encode(args) -> int:
             import torch
 
             args.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [args.device]
-        with native_stderr_to(decoder_log) as decoder_messages:
-            if args.devices and len(args.devices) > 1:
-                report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=args.devices, **kw)
-            else:
-                from ..training.trainer import usable_device
+        from ..training.trainer import usable_device
 
-                device = str(usable_device(args.devices[0] if args.devices else args.device))
-                report = encode_folder(args.folder, args.out, factory(device), **kw)
+        devices = [str(usable_device(d)) for d in (args.devices or [args.device])]  # named errors, before any load
+        with native_stderr_to(decoder_log) as decoder_messages:
+            if len(devices) > 1:
+                report = encode_folder(args.folder, args.out, encoder_factory=factory, devices=devices, **kw)
+            else:
+                report = encode_folder(args.folder, args.out, factory(devices[0]), **kw)
     except KeyboardInterrupt:
         print(f"\nsa3-lora encode: interrupted; the files finished so far are kept in {args.out}. Run the same "
               "command again to continue.", file=sys.stderr)

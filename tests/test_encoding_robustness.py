@@ -508,3 +508,14 @@ def test_cli_takes_the_dtype_spellings_of_the_other_commands_and_the_auto_device
     assert _encode_cli(tmp_path / "src", tmp_path / "out", "--dtype", "fp16") == 0
     assert _manifest(tmp_path / "out")["dtype"] == "float16"
     assert devices == ["cpu"]  # "auto" on a machine without a GPU
+
+
+def test_cli_names_a_device_this_machine_lacks_among_several_before_loading(tmp_path, capsys, models_loaded,
+                                                                           monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _write(tmp_path / "src", "a")
+    assert _encode_cli(tmp_path / "src", tmp_path / "out", "--devices", "cpu", "cuda:7") == 2
+    assert "device cuda:7: this PyTorch sees no CUDA GPU" in capsys.readouterr().err
+    assert models_loaded == []

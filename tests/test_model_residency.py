@@ -165,7 +165,7 @@ def test_the_hooks_are_installed_when_the_pack_loads_inside_comfyui(monkeypatch,
 
 
 def test_runs_a_restart_cut_off_are_marked_and_auto_resumed_as_the_pack_loads_without_any_request(
-        monkeypatch, tmp_path, dataset, fixtures_dir):
+        monkeypatch, tmp_path, dataset, fixtures_dir, capsys):
     """SA3_AUTO_RESUME=1 on a headless server: the run goes on as ComfyUI starts, not at the first page or call."""
     import sa3_lora_studio.nodes.routes as routes
     from sa3_lora_studio import nodes
@@ -189,7 +189,9 @@ def test_runs_a_restart_cut_off_are_marked_and_auto_resumed_as_the_pack_loads_wi
     finally:
         training_nodes.reset_manager()
     monkeypatch.setenv("SA3_RUNS_PER_DEVICE", "zero")  # a bad setting: said, the pack still loads
+    capsys.readouterr()
     nodes._register_routes()
+    assert "training runs not started: SA3_RUNS_PER_DEVICE='zero'" in capsys.readouterr().out
     training_nodes.reset_manager()
 
 

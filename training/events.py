@@ -169,6 +169,12 @@ def samples_by_bin(step_event: dict, bins: int) -> list[list[float]]:
     return per_bin
 
 
+def bin_means(step_event: dict, bins: int) -> list[float | None]:
+    """Each noise-level bin's mean finite sample loss in one step event (None: no sample there this step); the
+    metrics CSV's and TensorBoard's per-bin columns."""
+    return [sum(losses) / len(losses) if losses else None for losses in samples_by_bin(step_event, bins)]
+
+
 def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> list[dict]:
     """Per-sample (t, loss) pairs binned into `bins` equal-width noise-level bins over [0, 1]; per bin the raw points
     and an EMA-smoothed curve over steps: [{"lo", "hi", "steps": [...], "loss": [...], "smoothed": [...]}]."""
@@ -259,7 +265,7 @@ def metrics_csv(events: list[dict], bins: int = 5) -> str:
     for step in sorted(set(steps) | set(scored)):
         e = steps.get(step, {})
         cells = [e.get(k) for k in fields]
-        cells += [sum(b) / len(b) if b else None for b in samples_by_bin(e, bins)]
+        cells += bin_means(e, bins)
         writer.writerow([step, *("" if v is None else repr(float(v)) for v in cells + [scored.get(step)]),
                          checkpoints.get(step, "")])
     return out.getvalue()
