@@ -840,8 +840,7 @@ def new_adapter(tree: nn.Module, adapter_type: str, rank: int, alpha: float | No
         check_xs_rank(weights, rank)
     layers: dict[str, dict[str, Tensor]] = {}
     for name, w in weights.items():
-        t = init_tensors(adapter_type, w, rank, generator)
-        layers[name] = {k: v for k, v in t.items() if k not in ("U", "V")}
+        layers[name] = init_tensors(adapter_type, w, rank, generator, bases=False)
     config = {"rank": rank, "alpha": alpha, "adapter_type": adapter_type, "dropout": dropout, "include": include,
               "exclude": exclude}
     metadata = {"base_fingerprint": weights_fingerprint(weights)}

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .apply import SA3_ROOTS, Root, check_layer_shapes, xs_bases_origin
+from .apply import SA3_ROOTS, Root, check_layer_shapes, find_layer, xs_bases_origin
 from .files import LoadedAdapter
 from .maths import adapter_scale, check_adapter_type, effective_weight, svd_bases
 from .xs_bases import XsBasesSource
@@ -73,14 +73,8 @@ def comfy_tensors(adapter: LoadedAdapter, tree: nn.Module, strength: float = 1.0
     dit = tree.get_submodule(dit_root) if dit_root else tree
     bases_from = None
     if adapter.is_xs:  # the bases generation would use on this model (xs_bases_origin: one rule)
-        own = {}  # every root's layers, as the fingerprint was taken (the conditioner's too)
-        for layer in adapter.layers:
-            for root in roots:
-                try:
-                    own[layer] = tree.get_submodule(f"{root.path}.{layer}" if root.path else layer).weight
-                    break
-                except AttributeError:
-                    continue
+        own = {layer: module.weight for layer in adapter.layers  # every root's, as the fingerprint was taken
+               for module in [find_layer(tree, layer, roots)[1]] if module is not None}
         origin = xs_bases_origin(adapter, own, adapter.name or "adapter", xs_bases)
         bases_from = origin.source
         report.notes += [text for text in (origin.note, origin.warning) if text]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
 from .fused import EPS, bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, row_blocks
-from .xs_bases import svd_bases  # noqa: F401  (re-exported: maths is where the adapter rules are looked up)
+from .xs_bases import svd_bases
 
 # file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
 ADAPTER_TYPES = {
@@ -174,11 +174,12 @@ def chain_weight(w: Tensor, steps: list[tuple[str, dict[str, Tensor], Tensor | f
 # ---------------------------------------------------------------------------------------------------- fresh init
 
 def init_tensors(adapter_type: str, w0: Tensor, rank: int, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                 dtype: torch.dtype = torch.float32, bases: bool = True) -> dict[str, Tensor]:
     """Fresh trainable tensors exactly as the reference initialises them, so a fresh adapter is an identity:
     A Kaiming-uniform (a=√5), B and M_xs zero, magnitudes = the base weight's row/column norms.
-    Also returns the frozen U, V for -xs types. w0: the ORIGINAL base weight (the reference uses it even when
-    stacking on top of other adapters)."""
+    Also returns the frozen U, V for -xs types unless `bases` is False (a file stores none: the view that applies
+    the adapter takes them, maybe from a bases file, so an SVD here would be wasted). w0: the ORIGINAL base weight
+    (the reference uses it even when stacking on top of other adapters)."""
     delta, renorm = check_adapter_type(adapter_type)
     w2 = w0.detach().reshape(w0.shape[0], -1)
     fan_out, fan_in = w2.shape
@@ -190,9 +191,10 @@ def init_tensors(adapter_type: str, w0: Tensor, rank: int, generator: torch.Gene
         t["lora_A"] = nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator).to(w0.device)
         t["lora_B"] = torch.zeros(fan_out, rank, dtype=dtype, device=w0.device)
     else:
-        u, v = svd_bases(w0, rank)
         t["M_xs"] = torch.zeros(rank, rank, dtype=dtype, device=w0.device)
-        t["U"], t["V"] = u.to(w0.device, dtype), v.to(w0.device, dtype)
+        if bases:
+            u, v = svd_bases(w0, rank)
+            t["U"], t["V"] = u.to(w0.device, dtype), v.to(w0.device, dtype)
     if renorm == "rows":
         t["magnitude"] = w2.norm(dim=1).to(dtype)
     elif renorm == "cols":

@@ -2,13 +2,12 @@
 weight from an fp32 CPU SVD with the reference's sign convention (the largest-|.| entry of each U column positive),
 so the bases are bit-identical to the reference's on the same LAPACK.
 
-Why a cache: the full SVD of a real-size layer costs 0.3-0.8 s, and ~10 s for the wide [1024, 4096] one, on 2 CPU
-threads (`python bench/xs_bases.py`), and a model has ~100 adapted layers, yet the bases depend only on the frozen
-weight. A generation, a training start, each
-round of ARC demos (the ARC model is loaded anew for each round) and an export all ask for the same ones. Entries are
-found by the weight tensor itself (unchanged in place) or else by its content (shape, dtype and a BLAKE2 digest of
-its bytes: 5-50 ms for a 4-32 MB weight, same bench), and the cache keeps the most recently used bases up to
-CACHE_BYTES.
+Why a cache: the full SVD of a real-size layer costs 0.3-0.8 s, and 1-10 s for the wide [1024, 4096] one (it varies
+run to run), on 2 CPU threads of the bench VM (`python bench/xs_bases.py`); a model has ~100 adapted layers, yet the
+bases depend only on the frozen weight. A generation, a training start, each round of ARC demos (the ARC model is
+loaded anew for each round) and an export all ask for the same ones. Entries are found by the weight tensor itself
+(unchanged in place) or else by its content (shape, dtype and a BLAKE2 digest of its bytes: 5-50 ms for a 4-32 MB
+weight, same bench), and the cache keeps the most recently used bases up to CACHE_BYTES.
 """
 
 from __future__ import annotations
@@ -72,6 +71,8 @@ def clear_cache() -> None:
     with _lock:
         _by_content.clear()
         _by_tensor.clear()
+        _fingerprints.clear()
+        _bases_files.clear()
         _cached_bytes = 0
 
 
@@ -201,7 +202,16 @@ class XsBasesSource:
         self.base_checkpoint = None if base_checkpoint is None else Path(base_checkpoint)
         self.origin = origin  # where the file was named (e.g. "svd_bases_path in .../model_config.json")
         self._file_bases: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._checkpoint = None  # sa3.loading.SafetensorsFile of base_checkpoint: its header parsed once
         self._lock = threading.Lock()
+
+    def _base_file(self):
+        from ..sa3.loading import SafetensorsFile
+
+        with self._lock:
+            if self._checkpoint is None:
+                self._checkpoint = SafetensorsFile(self.base_checkpoint)
+            return self._checkpoint
 
     def describe(self) -> str:
         if self.file is not None:
@@ -212,11 +222,8 @@ class XsBasesSource:
         """The base checkpoint's weight of a layer (None: not in it, or this source is a file)."""
         if self.base_checkpoint is None:
             return None
-        from safetensors import safe_open
-
-        key = bases_file_key(layer)
-        with safe_open(str(self.base_checkpoint), "pt") as f:
-            return f.get_tensor(key) if key in f.keys() else None
+        checkpoint, key = self._base_file(), bases_file_key(layer)
+        return checkpoint.read(key) if key in checkpoint.shapes else None
 
     def fingerprint(self, layers: list[str]) -> str | None:
         """`files.weights_fingerprint` of the base checkpoint's weights of these layers (those it has), read one at a
@@ -224,8 +231,6 @@ class XsBasesSource:
         again; None for a file source (it holds no weights)."""
         if self.base_checkpoint is None:
             return None
-        from safetensors import safe_open
-
         from .files import weights_fingerprint
 
         st = self.base_checkpoint.stat()
@@ -234,8 +239,7 @@ class XsBasesSource:
             known = _fingerprints.get(key)
         if known is not None:
             return known
-        with safe_open(str(self.base_checkpoint), "pt") as f:
-            present = set(f.keys())
+        present = self._base_file().shapes
         here = [layer for layer in layers if bases_file_key(layer) in present]
         found = weights_fingerprint(_LazyWeights(self, here))
         with _lock:
@@ -252,7 +256,7 @@ class XsBasesSource:
             return svd_bases(w, rank)
         with self._lock:
             if self._file_bases is None:
-                self._file_bases = read_svd_bases_file(self.file)
+                self._file_bases = _bases_file_cached(self.file)
         key = bases_file_key(layer)
         entry = self._file_bases.get(key)
         if entry is None:
@@ -284,6 +288,26 @@ class _LazyWeights(Mapping):
 
 
 _fingerprints: dict[tuple, str] = {}  # (base checkpoint, mtime, size, layers) -> fingerprint
+_bases_files: OrderedDict[tuple, dict] = OrderedDict()  # (file, mtime, size) -> read_svd_bases_file's, newest last
+
+
+def _bases_file_cached(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """`read_svd_bases_file`, kept for the last few files (an ARC model loaded anew each demo round names the same
+    file each time)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return read_svd_bases_file(path)  # says what is wrong with it
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _lock:
+        known = _bases_files.get(key)
+    if known is None:
+        known = read_svd_bases_file(path)
+        with _lock:
+            _bases_files[key] = known
+            while len(_bases_files) > 4:
+                _bases_files.popitem(last=False)
+    return known
 
 
 def xs_bases_source_for(model) -> XsBasesSource | None:
@@ -301,7 +325,9 @@ def xs_bases_source_for(model) -> XsBasesSource | None:
         return XsBasesSource(file=path, origin=f"svd_bases_path in {folder / 'model_config.json'}")
     if getattr(config, "is_arc", False) and source.is_dir() and source.name == "arc":
         base = source.parent / "base"
-        if (base / "model_config.json").is_file() and (base / "model.safetensors").is_file():
+        from ..sa3.packs import is_complete
+
+        if is_complete(base):
             return XsBasesSource(base_checkpoint=base / "model.safetensors")
     return None
 

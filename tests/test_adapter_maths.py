@@ -268,6 +268,8 @@ def test_svd_bases_cache_keeps_the_most_recent_within_its_byte_budget(monkeypatc
     assert len(calls) == 4
     M.svd_bases(weights[0].clone(), 2)  # the oldest was dropped to stay within the budget
     assert len(calls) == 5
+    M.svd_bases(weights[1].clone(), 2)  # used recently, so kept (a first-in-first-out cache would have dropped it)
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("adapter_type", ["dora-rows", "dora-cols", "bora", "dora-rows-xs", "bora-xs"])

@@ -630,8 +630,11 @@ def test_an_xs_run_on_a_model_whose_config_names_svd_bases_trains_on_the_files_b
     config["svd_bases_path"] = "bases.pt"
     (model_dir / "model_config.json").write_text(json.dumps(config))
 
+    said = []
+
     class Log:
         def emit(self, kind, **payload):
+            said.append(payload.get("message", ""))
             return {}
 
     trainer = Trainer(_config(dataset, fixtures_dir, model=str(model_dir), adapter_type="lora-xs", rank=4),
@@ -644,6 +647,7 @@ def test_an_xs_run_on_a_model_whose_config_names_svd_bases_trains_on_the_files_b
         key = ("model." if slot.layer.startswith("model.") else "conditioner.") + slot.layer + ".weight"
         assert torch.equal(slot.U, bases[key]["U"]) and torch.equal(slot.V, bases[key]["V"]), key
     assert any("bases from the SVD bases file" in n for n in trainer.stack.report.notes)
+    assert any("bases from the SVD bases file" in m for m in said)  # in the run's log, where a user sees it
 
 
 def test_a_model_whose_text_encoder_is_narrower_than_cond_dim_loads_and_its_prompt_projection_trains(tmp_path):

@@ -486,7 +486,8 @@ def test_the_text_a_node_returns_is_shown_on_the_node_and_not_saved_with_the_wor
       function Other() {}
       await ext.beforeRegisterNodeDef(Other, {name: 'KSampler'});
       const node = Object.assign(new NodeType(), {widgets: [], size: [200, 80],
-        addWidget(type, name, value, cb, options) { const w = {type, name, value, options}; this.widgets.push(w); return w; }});
+        addWidget(type, name, value, cb, options) { const w = {type, name, value, options}; this.widgets.push(w); return w; },
+        setSize(size) { this.size = size; }, computeSize() { return [200, 80]; }});
       const settle = async (want) => {  // the first call imports ComfyUI's widget module (absent here)
         for (let i = 0; i < 100 && node.widgets.find((x) => x.name === RESULT_WIDGET)?.value !== want; i++) {
           await new Promise((r) => setTimeout(r, 20));
@@ -495,14 +496,21 @@ def test_the_text_a_node_returns_is_shown_on_the_node_and_not_saved_with_the_wor
       node.onExecuted({text: ['kept: done step 3/3', 'lowest validation loss 0.01 at step 2']});
       await settle('kept: done step 3/3\nlowest validation loss 0.01 at step 2');
       const first = node.widgets.find((x) => x.name === RESULT_WIDGET)?.value;
+      const grown = [...node.size];
+      node.onExecuted({text: ['kept: training step 4/9']});
+      await settle('kept: training step 4/9');
+      node.onExecuted({text: ['kept: done step 3/3', 'lowest validation loss 0.01 at step 2']});
+      await settle('kept: done step 3/3\nlowest validation loss 0.01 at step 2');
+      const again = [...node.size];
       node.onExecuted({text: ['kept: training step 4/9']});
       await settle('kept: training step 4/9');
       const w = node.widgets.find((x) => x.name === RESULT_WIDGET);
-      return {first, value: w.value, count: node.widgets.length, serialize: w.serialize, calls: calls.length,
+      return {first, grown, again, value: w.value, count: node.widgets.length, serialize: w.serialize, calls: calls.length,
               other: Other.prototype.onExecuted === undefined, typeof: typeof showText};
     })()""")
+    assert shown.pop("grown") == shown.pop("again") == [360, 80 + 2 * 15]  # room for 2 lines; runs again: no growth
     assert shown == {"first": "kept: done step 3/3\nlowest validation loss 0.01 at step 2",
-                     "value": "kept: training step 4/9", "count": 1, "serialize": False, "calls": 2,
+                     "value": "kept: training step 4/9", "count": 1, "serialize": False, "calls": 4,
                      "other": True, "typeof": "function"}
 
 

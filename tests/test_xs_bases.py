@@ -245,3 +245,40 @@ def test_an_xs_export_for_comfyui_on_the_arc_model_uses_the_bases_generation_use
         assert torch.allclose(comfy, want, atol=1e-5), full  # what ComfyUI renders = what we generate with
         checked += 1
     assert checked > 3
+
+
+def test_sources_are_read_once_across_arc_models_loaded_anew_and_a_new_adapter_takes_no_svd(tmp_path, fixtures_dir,
+                                                                                           tiny, monkeypatch):
+    """Each ARC demo round loads the ARC model anew: the base's fingerprint and a bases file are not read again,
+    and making a fresh -xs adapter computes no bases (the view that applies it takes them, maybe from a file)."""
+    from sa3_lora_studio.adapters import xs_bases
+
+    xs_bases.clear_cache()
+    svds, reads, files = [], [], []
+    real_svd, real_read, real_file = xs_bases.compute_svd_bases, XsBasesSource.base_weight, xs_bases.read_svd_bases_file
+    monkeypatch.setattr(xs_bases, "compute_svd_bases", lambda w, r: svds.append(1) or real_svd(w, r))
+    monkeypatch.setattr(XsBasesSource, "base_weight", lambda self, layer: reads.append(layer) or real_read(self, layer))
+    monkeypatch.setattr(xs_bases, "read_svd_bases_file", lambda path: files.append(path) or real_file(path))
+    adapter = _trained_xs(tiny, "lora-xs")
+    assert svds == []  # new_adapter: no bases made only to be dropped
+    root = _pack(tmp_path, fixtures_dir)
+    for round_ in range(2):
+        with adapter_session(load_model(root / "arc"), [adapter]) as view:
+            pass
+        assert "the weights it was trained on" in view.report.notes[0]
+        if round_ == 0:
+            first_reads, first_svds = len(reads), len(svds)
+    layers = len(adapter.layers)
+    assert first_reads == 2 * layers  # the fingerprint's, then the bases'
+    assert len(reads) - first_reads == layers  # the fingerprint is known: only the bases' reads (and no new SVD)
+    assert len(svds) == first_svds
+    arc_dir = tmp_path / "arc-file"
+    shutil.copytree(fixtures_dir / "tiny-small-arc", arc_dir)
+    xs_bases.write_svd_bases_file(arc_dir / "b.pt", ((xs_bases.bases_file_key(layer), _weight(tiny, layer))
+                                                    for layer in adapter.layers), columns=4)
+    config = json.loads((arc_dir / "model_config.json").read_text())
+    (arc_dir / "model_config.json").write_text(json.dumps({**config, "svd_bases_path": "b.pt"}))
+    for _ in range(2):
+        with adapter_session(load_model(arc_dir), [adapter]):
+            pass
+    assert len(files) == 1

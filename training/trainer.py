@@ -266,6 +266,10 @@ class Trainer:
         self.adapter = adapter
         self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm,
                                   xs_bases=model_xs_bases(self.model) if adapter.is_xs else None)  # svd_bases_path
+        for note in self.stack.report.notes:  # e.g. where -xs bases come from: said where the run's messages are
+            self.log.emit("status", status="loading", message=note)
+        for warning in self.stack.report.warnings:
+            self.log.emit("warning", message=warning)
         self.has_dropout = self.stack.has_dropout()  # fixed by the adapter's lora_config: not looked up every step
         params = self.stack.parameters()
         named = [(s_name, p) for slot in self.stack.slots(0).values() for s_name, p in slot.named_parameters()]

@@ -6,6 +6,7 @@ import { api } from "../../scripts/api.js";
 import { comfyTransport, EVENT_TYPES } from "./panel/api.js";
 import { copyName, mountPanel } from "./panel/mount.js";
 
+const RUN_PREFIX = "sa3 runs/";  // how the server lists a run's checkpoints (nodes/lora_nodes.RUN_PREFIX)
 const TAB = { id: "sa3-training", title: "SA3 Training", icon: "pi pi-chart-line", tooltip: "SA3 LoRA training runs" };
 
 /** Put a configured SA3 Load LoRA node into the current graph, near the middle of the view; copy the name if the
@@ -21,11 +22,11 @@ async function useCheckpoint(checkpoint) {
       // validates a prompt; the combo here holds the list of when the page loaded, which misses checkpoints saved
       // since. So: this run's entry, else a copy in the loras folder (maybe in a sub-folder), else this run's entry
       // added to the combo (the server knows it).
-      const runValue = `sa3 runs/${checkpoint.runId}/${checkpoint.name}`;
+      const runValue = `${RUN_PREFIX}${checkpoint.runId}/${checkpoint.name}`;
       const values = widget.options?.values;
       const list = Array.isArray(values) ? values : typeof values === "function" ? values() : [];
       // (a copy in the loras folder, never another run's entry: runs of one name share file names)
-      const match = list.find((v) => v === runValue) ?? list.find((v) => !String(v).startsWith("sa3 runs/")
+      const match = list.find((v) => v === runValue) ?? list.find((v) => !String(v).startsWith(RUN_PREFIX)
         && (v === checkpoint.name || String(v).replaceAll("\\", "/").endsWith(`/${checkpoint.name}`)));
       if (!match && Array.isArray(values)) values.unshift(runValue);
       widget.value = match ?? runValue;

@@ -18,7 +18,7 @@ function el(tag, className, text) {
 }
 
 /** The log lines of a run's events, oldest first: [{kind, time, step, text}]. */
-export function logLines(events) {
+function logLines(events) {
   const lines = [];
   for (const e of events) {
     if (!(e.type in LOGGED)) continue;
