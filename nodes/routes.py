@@ -88,7 +88,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         manager = get_manager()
         run_id = request.match_info["run_id"]
         try:
-            path = manager.registry.run_dir(run_id) / "events.jsonl"
+            path = manager.events_path(run_id)
         except RunError as e:
             return _run_error(e)
         events = read_all_events(path)

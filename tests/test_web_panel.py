@@ -193,6 +193,14 @@ def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):
     assert got["durations"] == ["5 s", "2 min 34 s", "2 h 03 min"]
     assert got["ticks"] == [[[1, "start"], [2, "end"]], [[1, "start"], [2, "middle"], [3, "end"]],
                             [[0, "start"], [30, "middle"], [60, "end"]], [[5, "start"]]]  # each step labelled once
+    # step 40 scored again after a resume, and the score was NaN (written as null): it has no score now, so neither
+    # its stale earlier one nor a "best" at step 40, in the panel as on the server
+    rescored = events + [{"type": "validation", "step": 40, "loss": None, "levels": [], "items": 2}]
+    out = subprocess.run(["node", "--input-type=module", "-e", NODE_SCRIPT % module], input=json.dumps(rescored),
+                         capture_output=True, text=True, timeout=30, check=True)
+    again = json.loads(out.stdout)
+    assert again["validation"]["steps"] == [e["step"] for e in validation_events(rescored)] == [0, 20, 60]
+    assert again["best"] == best_validation(rescored) and again["best"]["step"] != 40
 
 
 # --------------------------------------------------------------------------------------------------------- browser

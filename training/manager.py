@@ -62,6 +62,8 @@ class TrainingManager:
         """The newest run whose stored config equals `config` (paths made absolute as `submit` stores them), or None."""
         wanted = config.with_absolute_paths().to_dict()
         for record in reversed(self.registry.list()):
+            if wanted.get("name") and record.get("name") != wanted["name"]:
+                continue  # the index says so: no need to read that run's config
             try:
                 if self.registry.config(record["id"]).to_dict() == wanted:
                     return record

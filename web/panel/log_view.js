@@ -42,9 +42,13 @@ export function mount(root, store) {
   const list = box.appendChild(el("ol", "sa3-log-list"));
   list.setAttribute("aria-live", "polite");
 
+  let shown = null;  // run id and message count last rendered: a step event alone changes nothing here
   const off = store.subscribe("events", ({ run, events }) => {
     const lines = run ? logLines(events) : [];
     box.hidden = !run;
+    const key = `${run?.id}:${lines.length}`;
+    if (key === shown) return;
+    shown = key;
     const count = (kind) => lines.filter((l) => l.kind === kind).length;
     const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
     const notable = [["warning", count("warning")], ["error", count("error")]].filter(([, n]) => n)

@@ -22,8 +22,14 @@ export function ema(values, alpha = 0.05) {
 /** The step events of the run's current history, in step order: a step trained again after a crash and resume
  * replaces its lost first attempt (the last event of each step wins). Mirrors `current_steps`. */
 export function currentSteps(events) {
+  return lastPerStep(events, "step");
+}
+
+/** The last event of a type per step, in step order (a resumed run logs its replayed steps again). Mirrors
+ * `last_per_step`. */
+function lastPerStep(events, type) {
   const byStep = new Map();
-  for (const e of events) if (e.type === "step") byStep.set(e.step, e);
+  for (const e of events) if (e.type === type) byStep.set(e.step, e);
   return [...byStep.keys()].sort((a, b) => a - b).map((step) => byStep.get(step));
 }
 
@@ -85,10 +91,10 @@ export function referenceClips(events) {
 /** Validation events (held-out items, training/validation.py) in step order, the last of each step: {steps, values}.
  * Mirrors `validation_events`. */
 export function validationSeries(events) {
-  const byStep = new Map();
-  for (const e of events) if (e.type === "validation" && e.loss !== null && e.loss !== undefined) byStep.set(e.step, e);
-  const steps = [...byStep.keys()].sort((a, b) => a - b);
-  return { steps, values: steps.map((s) => Number(byStep.get(s).loss)) };
+  // the last score of each step first, then the unscored dropped: a step re-scored as NaN (null) after a resume
+  // has no score, not its stale earlier one (as `validation_events`)
+  const scored = lastPerStep(events, "validation").filter((e) => e.loss !== null && e.loss !== undefined);
+  return { steps: scored.map((e) => e.step), values: scored.map((e) => Number(e.loss)) };
 }
 
 /** The saved checkpoint with the lowest validation loss: {step, loss, path} (path relative to the run folder) or
