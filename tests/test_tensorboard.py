@@ -1,14 +1,18 @@
 """TensorBoard event files of training runs, read back with TensorBoard's own reader (EventAccumulator)."""
 
 import json
+import random
+import struct
 
 import numpy as np
 import pytest
 import soundfile as sf
+from sa3_lora_studio.training.crc32c import CHUNKS, register_loop, register_parallel
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import RunConfig
 from sa3_lora_studio.training.tensorboard import TB_FOLDER, TensorBoardSink, crc32c, tfrecord
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 
 def _config(dataset, fixtures_dir, **kw):
@@ -32,6 +36,21 @@ def test_crc32c_and_record_framing_follow_tfrecord():
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     record = tfrecord(b"abc")
     assert len(record) == 8 + 4 + 3 + 4 and record[:8] == (3).to_bytes(8, "little") and record[12:15] == b"abc"
+
+
+@pytest.mark.parametrize("length", [0, 1, 4095, 4096, 4097, 2 * 4096 - 1, 65535, 65536, 65537, 65536 + 4095,
+                                    65536 * 3 + 17, 1_764_000])
+def test_long_inputs_take_the_chunked_crc_with_the_same_value(length):
+    """The chunked numpy CRC (used from 64 KB: a demo WAV) equals the byte loop, at every chunk boundary, from any
+    starting register, and TensorBoard's own masked CRC of the record."""
+    data = random.Random(length).randbytes(length)
+    if length >= CHUNKS:
+        for start in (0, 0xFFFFFFFF, 0x1234ABCD):
+            assert register_parallel(data, start) == register_loop(data, start)
+    expected = register_loop(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+    assert crc32c(data) == expected
+    assert crc32c(bytearray(data)) == expected and crc32c(memoryview(data)) == expected
+    assert tfrecord(data)[-4:] == struct.pack("<I", masked_crc32c(data))
 
 
 def test_a_run_logs_its_curves_validation_and_demos_for_tensorboard(tmp_path, tiny, dataset, fixtures_dir):

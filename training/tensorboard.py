@@ -23,28 +23,12 @@ import threading
 import time
 from pathlib import Path
 
+from .crc32c import crc32c
 from .events import bin_edges, bin_means
 
 TB_FOLDER = "tensorboard"
 
-# ---------------------------------------------------------------------------------------------------- CRC-32C
-
-_CRC32C_TABLE = []
-for _byte in range(256):
-    _crc = _byte
-    for _ in range(8):
-        _crc = (_crc >> 1) ^ 0x82F63B78 if _crc & 1 else _crc >> 1
-    _CRC32C_TABLE.append(_crc)
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum TFRecords use. Pure Python, a byte at a time: nothing for a step's
-    scalars, a noticeable fraction of a second for a demo's WAV (once per demo, beside seconds of sampling)."""
-    crc, table = 0xFFFFFFFF, _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
+# ---------------------------------------------------------------------------------------------------- TFRecord
 
 def _masked_crc(data: bytes) -> int:
     crc = crc32c(data)

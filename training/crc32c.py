@@ -1,0 +1,103 @@
+"""CRC-32C (Castagnoli), the checksum of TFRecords (`tensorboard.py`), without a compiled package.
+
+A byte-at-a-time table loop costs about 0.1 µs a byte in Python: nothing for a step's scalars, 0.2 s for a 10 s demo
+WAV and seconds when `sa3-lora runs tensorboard` rebuilds a run's demos. Long inputs are therefore split into K
+equal chunks whose CRC registers advance together, one numpy table lookup per byte position for all K, and then
+combined: the register is linear over GF(2), so the CRC of `a || b` is the register of `a` carried through len(b)
+zero bytes (a fixed 32x32 bit matrix, applied through four 256-entry byte tables) XOR the register of `b` started at
+zero. Same value as the loop (tested on lengths around every chunk boundary).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POLY = 0x82F63B78  # reflected Castagnoli polynomial
+CHUNKS = 4096  # registers advanced together; a power of two so the chunks pair up level by level
+PARALLEL_FROM = 1 << 16  # bytes; below this the plain loop is as fast
+
+
+def _byte_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+BYTE_TABLE = _byte_table()
+_BYTE_TABLE_NP = np.array(BYTE_TABLE, dtype=np.uint32)
+
+
+def register_loop(data, register: int = 0) -> int:
+    """The CRC register after feeding data (bytes-like) a byte at a time from `register` (no final XOR)."""
+    table = BYTE_TABLE
+    for b in data:
+        register = table[(register ^ b) & 0xFF] ^ (register >> 8)
+    return register
+
+
+def _apply(columns: list[int], value: int) -> int:
+    """A GF(2) 32x32 matrix (its 32 column images) times a 32-bit value."""
+    out, bit = 0, 0
+    while value:
+        if value & 1:
+            out ^= columns[bit]
+        value >>= 1
+        bit += 1
+    return out
+
+
+def _zero_bytes_matrix(count: int) -> list[int]:
+    """Columns of the map 'carry a register through `count` zero bytes' (square and multiply from one byte)."""
+    one = [BYTE_TABLE[(1 << bit) & 0xFF] ^ ((1 << bit) >> 8) for bit in range(32)]
+    result = [1 << bit for bit in range(32)]  # identity
+    while count:
+        if count & 1:
+            result = [_apply(one, col) for col in result]
+        one = [_apply(one, col) for col in one]
+        count >>= 1
+    return result
+
+
+def _byte_tables(columns: list[int]) -> np.ndarray:
+    """[4, 256] uint32: the matrix applied to each byte value in each byte position, so a whole array of registers
+    maps with four lookups. A byte's image is the XOR of its set bits' columns: built by doubling."""
+    tables = np.zeros((4, 256), dtype=np.uint32)
+    for k in range(4):
+        for bit in range(8):
+            tables[k, 1 << bit:2 << bit] = tables[k, :1 << bit] ^ np.uint32(columns[8 * k + bit])
+    return tables
+
+
+def _map_registers(tables: np.ndarray, registers: np.ndarray) -> np.ndarray:
+    return (tables[0][registers & 0xFF] ^ tables[1][(registers >> 8) & 0xFF]
+            ^ tables[2][(registers >> 16) & 0xFF] ^ tables[3][registers >> 24])
+
+
+def register_parallel(data, register: int = 0) -> int:
+    """register_loop's result for long data: CHUNKS chunks advanced together, then folded pairwise."""
+    view = memoryview(data).cast("B")
+    head = len(view) % CHUNKS
+    register = register_loop(view[:head], register)
+    body = np.frombuffer(view[head:], dtype=np.uint8).reshape(CHUNKS, -1)
+    length = body.shape[1]
+    registers = np.zeros(CHUNKS, dtype=np.uint32)
+    for column in body.T:  # one byte position of every chunk
+        registers = _BYTE_TABLE_NP[(registers ^ column) & 0xFF] ^ (registers >> 8)
+    shift = _zero_bytes_matrix(length)
+    while len(registers) > 1:  # (left carried through the right chunk's length) XOR right, lengths doubling
+        registers = _map_registers(_byte_tables(shift), registers[0::2]) ^ registers[1::2]
+        shift = [_apply(shift, col) for col in shift]
+    return _apply(shift, register) ^ int(registers[0])
+
+
+def crc32c(data) -> int:
+    """CRC-32C of bytes-like data (initial register and final XOR 0xFFFFFFFF)."""
+    fold = register_parallel if len(data) >= PARALLEL_FROM else register_loop
+    return fold(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+__all__ = ["crc32c", "register_loop", "register_parallel"]
