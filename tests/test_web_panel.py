@@ -698,6 +698,16 @@ def test_a_runs_newest_warning_shows_in_its_row_live_and_after_a_reload(site, br
                          "li.querySelector('.sa3-log-text').textContent])")
     assert lines == [["status", "resumed from step 31"], ["warning", message]]
     assert browser.eval("document.querySelector('.sa3-log summary').textContent") == "Log (2 messages: 1 warning)"
+    # a new message goes in on top and the lines already shown stay the same nodes (a screen reader of the live
+    # list announces the new one, not the whole log again)
+    browser.eval("window.sa3OldestLine = document.querySelector('.sa3-log-list li:last-child')")
+    site.manager.feed(live).put({"type": "error", "message": "disk full"})
+    browser.wait("document.querySelector('.sa3-log')?.dataset.count === '3'")
+    assert browser.eval("document.querySelector('.sa3-log-list li:last-child') === window.sa3OldestLine") is True
+    assert browser.eval("[...document.querySelectorAll('.sa3-log-list li')].map(li => li.dataset.kind)") == [
+        "error", "status", "warning"]
+    assert browser.eval("document.querySelector('.sa3-log summary').textContent") == \
+        "Log (3 messages: 1 warning, 1 error)"
     assert browser.call("errors") == []
 
 

@@ -3,15 +3,14 @@
 // first). Buttons are enabled only when the server would accept the action.
 
 import { ACTIVE, baseName, bestValidation, formatNumber, latestCheckpoint } from "./series.js";
+import { el } from "./dom.js";
 
 const RESUMABLE = ["interrupted", "stopped", "failed"];  // restart continues from the last checkpoint
 const EXTENDABLE = [...RESUMABLE, "done"];  // restart with more_steps: trains on past the run's total
 
 function button(label, action, help) {
-  const b = document.createElement("button");
+  const b = el("button", "sa3-button", label);
   b.type = "button";
-  b.className = "sa3-button";
-  b.textContent = label;
   b.dataset.action = action;
   b.title = help;
   b.setAttribute("aria-label", help);
@@ -20,26 +19,20 @@ function button(label, action, help) {
 
 /** A link styled as a button (a download: its href is set when there is something to fetch). */
 function link(label, action) {
-  const a = document.createElement("a");
-  a.className = "sa3-button";
-  a.textContent = label;
+  const a = el("a", "sa3-button", label);
   a.dataset.action = action;
   return a;
 }
 
 export function mount(root, store, { useCheckpoint }) {
-  const section = root.appendChild(document.createElement("section"));
-  section.className = "sa3-controls";
+  const section = root.appendChild(el("section", "sa3-controls"));
   section.setAttribute("aria-label", "Run controls");
   const title = section.appendChild(document.createElement("h3"));
   // the id SA3 Run Status / Run Control take in their run_id field, for a run this graph did not start
-  const idRow = section.appendChild(document.createElement("div"));
-  idRow.className = "sa3-run-id-row";
-  const idText = idRow.appendChild(document.createElement("code"));
-  idText.className = "sa3-run-id";
+  const idRow = section.appendChild(el("div", "sa3-run-id-row"));
+  const idText = idRow.appendChild(el("code", "sa3-run-id"));
   const copyId = idRow.appendChild(button("Copy id", "copy-id", "Copy the run id (for the run_id field of SA3 Run Status and SA3 Run Control)"));
-  const bar = section.appendChild(document.createElement("div"));
-  bar.className = "sa3-button-row";
+  const bar = section.appendChild(el("div", "sa3-button-row"));
   bar.setAttribute("role", "toolbar");
   bar.setAttribute("aria-label", "Run controls");
 
@@ -52,31 +45,26 @@ export function mount(root, store, { useCheckpoint }) {
   const del = button("Delete…", "delete", "Delete the run with its checkpoints and demos");
   bar.append(stop, pause, save, restart, use, download, del);
 
-  const bestRow = section.appendChild(document.createElement("div"));
-  bestRow.className = "sa3-button-row sa3-best";
+  const bestRow = section.appendChild(el("div", "sa3-button-row sa3-best"));
   bestRow.hidden = true;
   const bestText = bestRow.appendChild(document.createElement("span"));
   const useBest = button("Use best", "use-best", "Add an SA3 Load LoRA node with the checkpoint of lowest validation loss");
   const downloadBest = link("Download best", "download-best");
   bestRow.append(useBest, downloadBest);
 
-  const more = section.appendChild(document.createElement("div"));
-  more.className = "sa3-button-row sa3-more";
-  const moreLabel = more.appendChild(document.createElement("label"));
-  moreLabel.textContent = "Train ";
-  const moreSteps = moreLabel.appendChild(document.createElement("input"));
+  const more = section.appendChild(el("div", "sa3-button-row sa3-more"));
+  const moreLabel = more.appendChild(el("label", "", "Train "));
+  const moreSteps = moreLabel.appendChild(el("input", "sa3-number"));
   moreSteps.type = "number";
   moreSteps.min = "1";
   moreSteps.step = "1";
   moreSteps.value = "500";
-  moreSteps.className = "sa3-number";
   moreSteps.setAttribute("aria-label", "Steps to train beyond the run's total");
   moreLabel.append(" more steps");
   const moreGo = button("Train more", "more", "Resume from the last checkpoint and train this many steps beyond the run's total");
   more.append(moreGo);
 
-  const confirmBox = section.appendChild(document.createElement("div"));
-  confirmBox.className = "sa3-confirm";
+  const confirmBox = section.appendChild(el("div", "sa3-confirm"));
   confirmBox.setAttribute("role", "alertdialog");
   confirmBox.setAttribute("aria-label", "Confirm delete");
   confirmBox.hidden = true;
@@ -86,8 +74,7 @@ export function mount(root, store, { useCheckpoint }) {
   const no = button("Cancel", "cancel-delete", "Keep the run");
   confirmBox.append(yes, no);
 
-  const message = section.appendChild(document.createElement("p"));
-  message.className = "sa3-message";
+  const message = section.appendChild(el("p", "sa3-message"));
   message.setAttribute("role", "status");
   message.setAttribute("aria-live", "polite");
 

@@ -3,13 +3,7 @@
 // the run's dataset clips (decoded by the model's autoencoder) to compare the demos with.
 
 import { baseName, demoSteps, referenceClips } from "./series.js";
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el } from "./dom.js";
 
 function settingsText(s = {}) {
   const parts = [s.arc ? "ARC" : "base"];

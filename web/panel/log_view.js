@@ -2,6 +2,8 @@
 // settings a restart changed, ...), newest first, from the same events as everything else. The runs list shows only
 // the newest warning; this keeps all of them.
 
+import { el } from "./dom.js";
+
 const LOGGED = {  // event type -> label; status events only when they carry a message
   warning: "warning",
   error: "error",
@@ -9,13 +11,6 @@ const LOGGED = {  // event type -> label; status events only when they carry a m
   status: "status",
 };
 const SHOWN_AT_MOST = 200;
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 /** The log lines of a run's events, oldest first: [{kind, time, step, text}]. */
 function logLines(events) {
@@ -42,27 +37,37 @@ export function mount(root, store) {
   const list = box.appendChild(el("ol", "sa3-log-list"));
   list.setAttribute("aria-live", "polite");
 
-  let shown = null;  // run id and message count last rendered: a step event alone changes nothing here
+  let shown = { run: null, lines: [] };  // what the list shows: a step event alone changes nothing here
+  const render = (line) => {
+    const item = el("li", `sa3-log-${line.kind}`);
+    item.dataset.kind = line.kind;
+    const when = [clock(line.time), line.step !== null ? `step ${line.step}` : ""].filter(Boolean).join(" · ");
+    item.append(el("span", "sa3-log-when", when), el("span", "sa3-log-kind", LOGGED[line.kind]),
+      el("span", "sa3-log-text", line.text));
+    return item;
+  };
+  const same = (a, b) => a.kind === b.kind && a.text === b.text && a.step === b.step && a.time === b.time;
   const off = store.subscribe("events", ({ run, events }) => {
     const lines = run ? logLines(events) : [];
     box.hidden = !run;
-    const key = `${run?.id}:${lines.length}`;
-    if (key === shown) return;
-    shown = key;
+    const before = shown.lines;
+    const sameRun = (run?.id ?? null) === shown.run;
+    if (sameRun && lines.length === before.length) return;
     const count = (kind) => lines.filter((l) => l.kind === kind).length;
     const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
     const notable = [["warning", count("warning")], ["error", count("error")]].filter(([, n]) => n)
       .map(([word, n]) => plural(n, word));
     summary.textContent = `Log (${plural(lines.length, "message")}${notable.length ? `: ${notable.join(", ")}` : ""})`;
     box.dataset.count = String(lines.length);
-    list.replaceChildren(...lines.slice(-SHOWN_AT_MOST).reverse().map((line) => {
-      const item = el("li", `sa3-log-${line.kind}`);
-      item.dataset.kind = line.kind;
-      const when = [clock(line.time), line.step !== null ? `step ${line.step}` : ""].filter(Boolean).join(" · ");
-      item.append(el("span", "sa3-log-when", when), el("span", "sa3-log-kind", LOGGED[line.kind]),
-        el("span", "sa3-log-text", line.text));
-      return item;
-    }));
+    const grew = sameRun && before.length > 0 && lines.length > before.length
+      && same(lines[before.length - 1], before[before.length - 1]);
+    if (grew) {  // only the new lines go in (on top), so a screen reader announces them and not the whole log
+      list.prepend(...lines.slice(before.length).slice(-SHOWN_AT_MOST).reverse().map(render));
+      while (list.children.length > SHOWN_AT_MOST) list.lastElementChild.remove();
+    } else {
+      list.replaceChildren(...lines.slice(-SHOWN_AT_MOST).reverse().map(render));
+    }
+    shown = { run: run?.id ?? null, lines };
   });
   return () => {
     off();

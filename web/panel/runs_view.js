@@ -1,13 +1,7 @@
 // The runs list: name, pack, adapter type/rank, status, step/total with a progress bar, steps/s, ETA.
 
 import { etaSeconds, formatDuration } from "./series.js";
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el } from "./dom.js";
 
 function runRow(run, selected, store) {
   const li = el("li", "sa3-run");

@@ -2,6 +2,8 @@
 // whole config as JSON to copy into `sa3-lora train --config` or to compare runs. Read again when the run changes
 // or is resumed with other settings (a "queued" status event naming what changed).
 
+import { el } from "./dom.js";
+
 const SHOWN = [  // [label, text of the config]
   ["Model", (c) => c.model],
   ["Dataset", (c) => c.dataset],
@@ -23,13 +25,6 @@ const SHOWN = [  // [label, text of the config]
     + `out, scored ${c.validation_every ? `every ${c.validation_every} steps` : "with each checkpoint"}` : "off")],
   ["Seed", (c) => String(c.seed)],
 ];
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 export function mount(root, store) {
   const box = root.appendChild(el("details", "sa3-settings"));
