@@ -312,8 +312,7 @@ def test_chained_training_demo_nodes_set_the_runs_demos_and_their_format(comfy, 
 
 def test_held_out_files_give_a_validation_curve_and_the_best_checkpoint_by_it(comfy, dataset):
     from sa3_lora_studio.nodes.training_nodes import get_manager
-    from sa3_lora_studio.training.events import VALIDATION_COLOUR, read_events
-    from sa3_lora_studio.training.validation import best_validation
+    from sa3_lora_studio.training.events import VALIDATION_COLOUR, best_validation, read_events
 
     (options,) = run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "validation_items": 1})
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from sa3_lora_studio.adapters import adapter_session, read_adapter_file
 from sa3_lora_studio.sa3 import schedules
+from sa3_lora_studio.training.events import best_validation, validation_events
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import RunError
 from sa3_lora_studio.training.trainer import Trainer
-from sa3_lora_studio.training.validation import best_validation, noise_levels, split_items, validation_events
+from sa3_lora_studio.training.validation import noise_levels, split_items
 from test_distributed import runs_cli
 from test_training import EventLogStub, _config, _final_adapter, _provider
 

@@ -24,9 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "web"))
 from browser import Browser, missing_requirements  # noqa: E402
 from panel_server import PanelServer  # noqa: E402
 from recorded_run import DEMO_SETTINGS, step_events, write_demo, write_recorded_run, write_reference  # noqa: E402
-from sa3_lora_studio.training.events import EventLog, ema, loss_by_timestep, metrics_csv, read_events  # noqa: E402
+from sa3_lora_studio.training.events import (  # noqa: E402  # noqa: E402
+    EventLog,
+    best_validation,
+    ema,
+    loss_by_timestep,
+    metrics_csv,
+    read_events,
+    validation_events,
+)
 from sa3_lora_studio.training.runs import RunConfig  # noqa: E402
-from sa3_lora_studio.training.validation import best_validation, validation_events  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

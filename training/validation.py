@@ -7,7 +7,7 @@ choice kept in the run folder by file, `ValidationPlan`: the same after every re
 full-generation task at the centres of the loss-by-noise-level bins, each item with its own fixed crop, prompt and
 noise, no CFG dropout. Every evaluation sees the same inputs, so the curve moves only with the adapter: a rising
 validation loss under a falling training loss is overfitting, and the checkpoint at its lowest point is the one to
-keep (`best_validation`).
+keep (`events.best_validation`).
 
 Nothing here draws from the training's random streams or changes the adapter, so a run with validation trains
 exactly as one without it on the same items.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoding.dataset import item_seconds
-from .events import best_validation, bin_edges, validation_events  # noqa: F401 (re-exported: the run's scores)
+from .events import bin_edges
 
 
 def split_items(n_items: int, count: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -137,5 +137,4 @@ def score(validation: ValidationSet, loss_fn, batch_size: int, levels: list[floa
     return {"loss": sum(v for _, v in per_level) / len(per_level), "levels": per_level}
 
 
-__all__ = ["PLAN_FILE", "ValidationPlan", "ValidationSet", "best_validation", "build_validation_set", "noise_levels",
-           "score", "split_items", "validation_events"]
+__all__ = ["PLAN_FILE", "ValidationPlan", "ValidationSet", "build_validation_set", "noise_levels", "score", "split_items"]
