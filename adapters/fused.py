@@ -1,4 +1,4 @@
-"""Hand-written autograd nodes for DoRA/BoRA layers in fp32 CPU training (oneDNN products, `sa3/fast_linear.py`).
+"""Hand-written autograd nodes for DoRA/BoRA layers in fp32 CPU training (oneDNN and MKL products, `sa3/fast_linear.py`).
 
 z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with x [N, in], W [out, in] frozen, A [r, in], B [out, r]; the magnitudes renormalise it.
 - `dora_rows_linear`: y = d ∘ z + bias, d = m / ‖W + s·B·A‖_rows from ‖W‖², P = W·Aᵀ and B·AAᵀ. The r rows of A
@@ -26,9 +26,9 @@ from torch import Tensor
 
 from ..sa3.fast_linear import onednn_applies, rows_times_wt
 
-# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through torch.mm(W, rowsᵀ): 10-20 % faster than oneDNN's rows·Wᵀ
-# at r = 16 on the bench machine, for every DiT shape (weights cycled out of cache); Bᵀ·W (the other direction) is
-# fastest through oneDNN with the view Wᵀ.
+# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through torch.mm(W, rowsᵀ): up to ~20 % faster than oneDNN's
+# rows·Wᵀ at r = 16 on the bench machine (5-24 % on the attention and ff-out shapes, even on ff-in; weights cycled out
+# of cache), never measurably slower; Bᵀ·W (the other direction) is fastest through oneDNN with the view Wᵀ.
 BLOCK_BYTES = 4 << 20  # row blocks of W for passes that form W∘W or re-read a block (bench/adapter_layers.py)
 
 

@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
-from sa3_lora_studio.training.crc32c import CHUNKS, register_loop, register_parallel
+from sa3_lora_studio.training import crc32c as crc32c_module
+from sa3_lora_studio.training.crc32c import CHUNKED_FROM, N_CHUNKS, advance_register, advance_register_chunked
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import RunConfig
 from sa3_lora_studio.training.tensorboard import TB_FOLDER, TensorBoardSink, crc32c, tfrecord
@@ -38,19 +39,32 @@ def test_crc32c_and_record_framing_follow_tfrecord():
     assert len(record) == 8 + 4 + 3 + 4 and record[:8] == (3).to_bytes(8, "little") and record[12:15] == b"abc"
 
 
-@pytest.mark.parametrize("length", [0, 1, 4095, 4096, 4097, 2 * 4096 - 1, 65535, 65536, 65537, 65536 + 4095,
+@pytest.mark.parametrize("length", [0, 1, 4095, 4096, 4097, 2 * 4096 - 1, 32767, 32768, 32769, 65536 + 4095,
                                     65536 * 3 + 17, 1_764_000])
-def test_long_inputs_take_the_chunked_crc_with_the_same_value(length):
-    """The chunked numpy CRC (used from 64 KB: a demo WAV) equals the byte loop, at every chunk boundary, from any
+def test_long_inputs_take_the_chunked_crc_with_the_same_value(length, monkeypatch):
+    """The chunked numpy CRC (from 32 KB: a demo WAV) equals the byte loop, at every chunk boundary, from any
     starting register, and TensorBoard's own masked CRC of the record."""
     data = random.Random(length).randbytes(length)
-    if length >= CHUNKS:
+    if length >= N_CHUNKS:
         for start in (0, 0xFFFFFFFF, 0x1234ABCD):
-            assert register_parallel(data, start) == register_loop(data, start)
-    expected = register_loop(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+            assert advance_register_chunked(data, start) == advance_register(data, start)
+    expected = advance_register(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+    chunked_calls = []
+    monkeypatch.setattr(crc32c_module, "advance_register_chunked",
+                        lambda *a: chunked_calls.append(1) or advance_register_chunked(*a))
     assert crc32c(data) == expected
-    assert crc32c(bytearray(data)) == expected and crc32c(memoryview(data)) == expected
+    assert chunked_calls == ([1] if length >= CHUNKED_FROM else [])
     assert tfrecord(data)[-4:] == struct.pack("<I", masked_crc32c(data))
+
+
+@pytest.mark.parametrize("length", [100, 200_000])
+def test_the_crc_takes_any_bytes_like_object_by_its_bytes(length):
+    data = random.Random(length).randbytes(length)
+    whole = np.frombuffer(data, dtype=np.uint8)
+    for same in (bytearray(data), memoryview(data), whole, memoryview(data).cast("h"), whole.reshape(-1, 4)):
+        assert crc32c(same) == crc32c(data)
+    assert crc32c(memoryview(data)[::2]) == crc32c(data[::2])  # strided: its own bytes, in order
+    assert crc32c(whole.reshape(-1, 4)[:, 1:3]) == crc32c(whole.reshape(-1, 4)[:, 1:3].tobytes())
 
 
 def test_a_run_logs_its_curves_validation_and_demos_for_tensorboard(tmp_path, tiny, dataset, fixtures_dir):

@@ -174,6 +174,45 @@ console.log(JSON.stringify({
 """
 
 
+STORE_SCRIPT = r"""
+const { Store } = await import(%s);
+let runs = [{ id: "only", status: "done" }];
+let live = null;
+const api = {
+  runs: async () => runs,
+  events: async (id, offset) => (offset ? { events: [], offset }
+    : { events: [{ type: "warning", time: 1, message: "kept" }], offset: 1 }),
+  onEvent: (cb) => { live = cb; return () => {}; },
+  onReconnect: () => () => {},
+};
+const seen = [];
+async function shownAfter(change) {
+  const store = new Store(api, { storage: null });
+  await store.start();
+  store.subscribe("events", ({ run, events }) => seen.push([run && run.id, events.length]));
+  seen.length = 0;
+  await change(store);
+  return seen.at(-1);
+}
+const result = {};
+result.deleted = await shownAfter(async () => live({ run: "only", type: "deleted" }));
+runs = [{ id: "only", status: "done" }];
+result.folderGone = await shownAfter(async (store) => { runs = []; await store.refreshRuns(); });
+console.log(JSON.stringify(result));
+"""
+
+
+def test_views_of_the_selected_run_empty_when_it_goes_away_with_no_other_run():
+    """The last run deleted (live event) or gone from the list (its folder removed): the views that follow the
+    selected run's events (charts, log, demos) get an empty selection, not the gone run's history."""
+    if shutil.which("node") is None:
+        pytest.skip("node not found (see tests/web/INSTALL.sh)")
+    module = json.dumps((REPO / "web" / "panel" / "store.js").as_uri())
+    out = subprocess.run(["node", "--input-type=module", "-e", STORE_SCRIPT % module], capture_output=True,
+                         text=True, timeout=30, check=True)
+    assert json.loads(out.stdout) == {"deleted": [None, 0], "folderGone": [None, 0]}
+
+
 def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):
     if shutil.which("node") is None:
         pytest.skip("node not found (see tests/web/INSTALL.sh)")

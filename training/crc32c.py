@@ -1,11 +1,11 @@
 """CRC-32C (Castagnoli), the checksum of TFRecords (`tensorboard.py`), without a compiled package.
 
 A byte-at-a-time table loop costs about 0.1 µs a byte in Python: nothing for a step's scalars, 0.2 s for a 10 s demo
-WAV and seconds when `sa3-lora runs tensorboard` rebuilds a run's demos. Long inputs are therefore split into K
-equal chunks whose CRC registers advance together, one numpy table lookup per byte position for all K, and then
-combined: the register is linear over GF(2), so the CRC of `a || b` is the register of `a` carried through len(b)
-zero bytes (a fixed 32x32 bit matrix, applied through four 256-entry byte tables) XOR the register of `b` started at
-zero. Same value as the loop (tested on lengths around every chunk boundary).
+WAV and seconds when `sa3-lora runs tensorboard` rebuilds a run's demos. Long inputs are therefore split into
+N_CHUNKS equal chunks whose CRC registers advance together, one numpy table lookup per byte position for all of
+them, and then combined: the register is linear over GF(2), so the CRC of `a || b` is the register of `a` carried
+through len(b) zero bytes (a fixed 32x32 bit matrix, applied through four 256-entry byte tables) XOR the register of
+`b` started at zero. Same value as the loop (tested on lengths around every chunk boundary).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 POLY = 0x82F63B78  # reflected Castagnoli polynomial
-CHUNKS = 4096  # registers advanced together; a power of two so the chunks pair up level by level
-PARALLEL_FROM = 1 << 16  # bytes; below this the plain loop is as fast
+N_CHUNKS = 4096  # registers advanced together; a power of two so the chunks pair up level by level
+CHUNKED_FROM = 1 << 15  # bytes; the chunked form wins from about 24 KB (2.5 ms against the loop's 3.7 ms at 32 KB)
 
 
 def _byte_table() -> list[int]:
@@ -31,16 +31,16 @@ BYTE_TABLE = _byte_table()
 _BYTE_TABLE_NP = np.array(BYTE_TABLE, dtype=np.uint32)
 
 
-def register_loop(data, register: int = 0) -> int:
-    """The CRC register after feeding data (bytes-like) a byte at a time from `register` (no final XOR)."""
+def advance_register(data: memoryview | bytes, register: int = 0) -> int:
+    """The CRC register after feeding data's bytes one at a time from `register` (no final XOR)."""
     table = BYTE_TABLE
     for b in data:
         register = table[(register ^ b) & 0xFF] ^ (register >> 8)
     return register
 
 
-def _apply(columns: list[int], value: int) -> int:
-    """A GF(2) 32x32 matrix (its 32 column images) times a 32-bit value."""
+def _matrix_times(columns: list[int], value: int) -> int:
+    """A GF(2) 32x32 matrix, given as its 32 column images, times a 32-bit value."""
     out, bit = 0, 0
     while value:
         if value & 1:
@@ -50,14 +50,18 @@ def _apply(columns: list[int], value: int) -> int:
     return out
 
 
+def _matrix_product(left: list[int], right: list[int]) -> list[int]:
+    return [_matrix_times(left, column) for column in right]
+
+
 def _zero_bytes_matrix(count: int) -> list[int]:
     """Columns of the map 'carry a register through `count` zero bytes' (square and multiply from one byte)."""
-    one = [BYTE_TABLE[(1 << bit) & 0xFF] ^ ((1 << bit) >> 8) for bit in range(32)]
+    one_byte = [BYTE_TABLE[(1 << bit) & 0xFF] ^ ((1 << bit) >> 8) for bit in range(32)]
     result = [1 << bit for bit in range(32)]  # identity
     while count:
         if count & 1:
-            result = [_apply(one, col) for col in result]
-        one = [_apply(one, col) for col in one]
+            result = _matrix_product(one_byte, result)
+        one_byte = _matrix_product(one_byte, one_byte)
         count >>= 1
     return result
 
@@ -73,31 +77,39 @@ def _byte_tables(columns: list[int]) -> np.ndarray:
 
 
 def _map_registers(tables: np.ndarray, registers: np.ndarray) -> np.ndarray:
+    """registers [K] uint32 through the matrix of `tables` [4, 256] (`_byte_tables`) -> [K] uint32."""
     return (tables[0][registers & 0xFF] ^ tables[1][(registers >> 8) & 0xFF]
             ^ tables[2][(registers >> 16) & 0xFF] ^ tables[3][registers >> 24])
 
 
-def register_parallel(data, register: int = 0) -> int:
-    """register_loop's result for long data: CHUNKS chunks advanced together, then folded pairwise."""
+def advance_register_chunked(data: memoryview | bytes, register: int = 0) -> int:
+    """advance_register's result for long data (C-contiguous bytes): N_CHUNKS chunks advanced together, then
+    folded pairwise, each fold carrying the left register through the right chunk's length."""
     view = memoryview(data).cast("B")
-    head = len(view) % CHUNKS
-    register = register_loop(view[:head], register)
-    body = np.frombuffer(view[head:], dtype=np.uint8).reshape(CHUNKS, -1)
-    length = body.shape[1]
-    registers = np.zeros(CHUNKS, dtype=np.uint32)
+    head = len(view) % N_CHUNKS
+    register = advance_register(view[:head], register)
+    body = np.frombuffer(view[head:], dtype=np.uint8).reshape(N_CHUNKS, -1)
+    registers = np.zeros(N_CHUNKS, dtype=np.uint32)
     for column in body.T:  # one byte position of every chunk
         registers = _BYTE_TABLE_NP[(registers ^ column) & 0xFF] ^ (registers >> 8)
-    shift = _zero_bytes_matrix(length)
-    while len(registers) > 1:  # (left carried through the right chunk's length) XOR right, lengths doubling
-        registers = _map_registers(_byte_tables(shift), registers[0::2]) ^ registers[1::2]
-        shift = [_apply(shift, col) for col in shift]
-    return _apply(shift, register) ^ int(registers[0])
+    carry = _zero_bytes_matrix(body.shape[1])  # through one chunk; doubles with each fold
+    while len(registers) > 1:
+        registers = _map_registers(_byte_tables(carry), registers[0::2]) ^ registers[1::2]
+        carry = _matrix_product(carry, carry)
+    return _matrix_times(carry, register) ^ int(registers[0])  # the head's register carried through the body
+
+
+def as_bytes(data) -> memoryview:
+    """A flat byte view of any bytes-like object (bytes, bytearray, numpy arrays, strided or typed memoryviews)."""
+    view = memoryview(data)
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
 
 
 def crc32c(data) -> int:
-    """CRC-32C of bytes-like data (initial register and final XOR 0xFFFFFFFF)."""
-    fold = register_parallel if len(data) >= PARALLEL_FROM else register_loop
-    return fold(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+    """CRC-32C of a bytes-like object's bytes (initial register and final XOR 0xFFFFFFFF)."""
+    view = as_bytes(data)
+    advance = advance_register_chunked if view.nbytes >= CHUNKED_FROM else advance_register
+    return advance(view, 0xFFFFFFFF) ^ 0xFFFFFFFF
 
 
-__all__ = ["crc32c", "register_loop", "register_parallel"]
+__all__ = ["N_CHUNKS", "CHUNKED_FROM", "advance_register", "advance_register_chunked", "as_bytes", "crc32c"]

@@ -61,11 +61,15 @@ export function mount(root, store) {
     box.dataset.count = String(lines.length);
     const grew = sameRun && before.length > 0 && lines.length > before.length
       && same(lines[before.length - 1], before[before.length - 1]);
+    // The store only ever appends to a run's events (deduplicated), so a longer log of the same run that still ends
+    // where the shown one did is the shown one plus new lines
     if (grew) {  // only the new lines go in (on top), so a screen reader announces them and not the whole log
       list.prepend(...lines.slice(before.length).slice(-SHOWN_AT_MOST).reverse().map(render));
       while (list.children.length > SHOWN_AT_MOST) list.lastElementChild.remove();
-    } else {
+    } else {  // another run, or a first look: shown whole, and not read out line by line
+      list.setAttribute("aria-live", "off");
       list.replaceChildren(...lines.slice(-SHOWN_AT_MOST).reverse().map(render));
+      setTimeout(() => list.setAttribute("aria-live", "polite"), 0);
     }
     shown = { run: run?.id ?? null, lines };
   });

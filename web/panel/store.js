@@ -82,8 +82,10 @@ export class Store {
       // keep what only live events know (steps/s) across a refresh
       this.runs = fresh.map((r) => ({ steps_per_s: old.get(r.id)?.steps_per_s ?? null, ...r }));
       for (const id of this.runData.keys()) if (!this.runs.some((r) => r.id === id)) this.runData.delete(id);
-      if (this.selectedId && !this.runs.some((r) => r.id === this.selectedId)) this.selectedId = null;
+      const selectedGone = this.selectedId && !this.runs.some((r) => r.id === this.selectedId);
+      if (selectedGone) this.selectedId = null;
       this.emit("runs");
+      if (selectedGone) this.unselected();
     } catch (err) {
       this.say(`Could not list runs: ${err.message}`, "error");
     }
@@ -101,6 +103,13 @@ export class Store {
     this.emit("selected");
     this.emit("events");  // what we already have of this run (nothing on first view), not the previous run's
     await this.catchUp(runId);
+  }
+
+  /** The selected run went away (deleted, or its folder gone) with none to show instead: every view of a run
+   * empties, the views of its events too. */
+  unselected() {
+    this.emit("selected");
+    this.emit("events");
   }
 
   /** Whether the selected run's history has been read (tests and the loading hint use it). */
@@ -176,7 +185,7 @@ export class Store {
         this.selectedId = null;
         const next = this.runs[this.runs.length - 1];
         if (next) this.select(next.id);
-        else this.emit("selected");
+        else this.unselected();
       }
       this.emit("runs");
       return;
