@@ -98,7 +98,7 @@ def check_numbers(args) -> None:
 
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be 1 or more")
-    if not args.duration > 0:
+    if args.duration is not None and not args.duration > 0:
         raise ValueError(f"--duration {args.duration}: must be more than 0 seconds")
     if args.steps < 0 or args.lora_skip_first_steps < 0:
         raise ValueError("--steps and --lora-skip-first-steps must be 0 or more")
@@ -117,7 +117,8 @@ def check_numbers(args) -> None:
 def run_generate(args) -> int:
     from .encoding.audio_write import write_audio
     from .encoding.loudness import normalize_loudness
-    from .sa3.generate import continuation_region, generate, parse_regions, resolve_seed, sampling_defaults
+    from .sa3.generate import (continuation_region, generate, output_seconds, parse_regions, resolve_seed,
+                               sampling_defaults)
     from .sa3.model import load_model
     from .training.trainer import usable_device
 
@@ -150,6 +151,14 @@ def run_generate(args) -> int:
     paths = output_paths(args.out, args.batch, len(prompts))
     init = _source_audio(args.init_audio, "--init-audio")
     inpaint = _source_audio(args.inpaint, "--inpaint")
+    source = init if init is not None else inpaint
+    try:
+        duration = output_seconds(args.duration, source, args.continuation)
+    except ValueError as e:
+        raise ValueError(f"--continue: {e} (--duration)") from None
+    if args.duration is None and source is not None:
+        print(f"sa3-lora generate: no --duration: the source's length, {duration:g} s", file=sys.stderr)
+    args.duration = duration
     if args.continuation:
         regions = [continuation_region(inpaint, args.duration)]
     seed = resolve_seed(args.seed)
@@ -200,7 +209,9 @@ def add_generate_parser(sub) -> None:
                    help="instead of --prompt: one prompt per line, each rendered with the same seed and settings "
                         "(<out>_p0, <out>_p1, ...), e.g. to compare checkpoints on a fixed set")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds (at most the model's maximum)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds (at most the model's maximum); default: the source's length with --init-audio or "
+                        "--inpaint --regions, 10 without a source; --continue needs it (the extended length)")
     p.add_argument("--seed", type=int, default=-1, help="-1 = random (the JSON line names the seed used)")
     p.add_argument("--steps", type=int, default=0, help="0 = the model's default (ARC 8, base 50)")
     p.add_argument("--cfg", type=float, default=None, help="default: the model's (ARC 1, base 7)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sa3.generate import ADAPTER_MODES, continuation_region, parse_regions
+from ..sa3.generate import ADAPTER_MODES, continuation_region, output_seconds, parse_regions
 from .comfy_bridge import CATEGORY, progress_callback
 from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
 
@@ -43,6 +43,16 @@ def _common_inputs():
         "sampler": (SAMPLERS, {"default": "auto", "tooltip": "auto: ping-pong for ARC, Euler for base."}),
         "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Variations generated at once (one seed, different noise per item)."}),
     }
+
+
+def _source_inputs(source_help: str) -> dict:
+    """The inputs of the nodes that start from a clip: the common ones, the clip, and a duration that defaults to
+    the clip's own length."""
+    req = _common_inputs()
+    req["duration"] = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 384.0, "step": 0.5, "tooltip": "Seconds of "
+                       "audio; 0 = the source's length (continuation needs the length to extend to)."})
+    req["audio"] = ("AUDIO", {"tooltip": source_help})
+    return req
 
 
 def _optional_inputs():
@@ -95,9 +105,8 @@ class SA3Generate:
 class SA3AudioToAudio:
     @classmethod
     def INPUT_TYPES(cls):
-        req = _common_inputs()
-        req["audio"] = ("AUDIO", {"tooltip": "Source audio (any sample rate and channel count; a batch of clips gives "
-                                  "one output per clip)."})
+        req = _source_inputs("Source audio (any sample rate and channel count; a batch of clips gives one output "
+                             "per clip).")
         req["noise_level"] = ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
                               "How much to change: 1.0 ignores the source, lower keeps more of it."})
         return {"required": req, "optional": _optional_inputs()}
@@ -110,6 +119,7 @@ class SA3AudioToAudio:
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio,
                  noise_level, loras=None, lora_memory="fast"):
         init = audio_input(audio, "SA3 Audio to Audio")
+        duration = output_seconds(duration, init)
         return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
                     init_audio=init, init_noise_level=noise_level)
 
@@ -117,8 +127,7 @@ class SA3AudioToAudio:
 class SA3Inpaint:
     @classmethod
     def INPUT_TYPES(cls):
-        req = _common_inputs()
-        req["audio"] = ("AUDIO", {"tooltip": "The source clip (a batch of clips gives one output per clip)."})
+        req = _source_inputs("The source clip (a batch of clips gives one output per clip).")
         req["regions"] = ("STRING", {"default": "4.0-8.0", "tooltip": "Seconds to regenerate, e.g. '4.0-8.0, 16-20'. "
                                      "Ignored when continuation is on."})
         req["continuation"] = ("BOOLEAN", {"default": False, "tooltip": "Continue the clip from its end up to "
@@ -136,6 +145,7 @@ class SA3Inpaint:
                  continuation, paste_back, loras=None, lora_memory="fast"):
         source = audio_input(audio, "SA3 Inpaint")
         try:
+            duration = output_seconds(duration, source, continuation)
             spans = [continuation_region(source, duration)] if continuation else parse_regions(regions)
         except ValueError as e:
             raise ValueError(f"SA3 Inpaint: {e}") from None

@@ -60,6 +60,35 @@ def continuation_region(source, duration: float) -> tuple[float, float]:
     return source_seconds, float(duration)
 
 
+def source_seconds(source, name: str = "source audio") -> float:
+    """Length in seconds of a source clip in any form `as_audio` takes."""
+    wav, rate = as_audio(source, name)
+    return wav.shape[-1] / rate
+
+
+TEXT_TO_AUDIO_SECONDS = 10.0  # the duration when none is given and there is no source to take it from
+
+
+def output_seconds(duration: float | None, source=None, continuation: bool = False) -> float:
+    """Seconds to generate: `duration` when given (None or 0: not given); else the source's own length
+    (audio-to-audio, repairing regions) or TEXT_TO_AUDIO_SECONDS without a source. Continuing a clip needs it given:
+    it is the length to extend to."""
+    if duration:
+        return float(duration)
+    if continuation:
+        raise ValueError(f"continuing a clip needs the length to extend to: give a duration longer than the "
+                         f"source's {source_seconds(source):.3g} s")
+    return TEXT_TO_AUDIO_SECONDS if source is None else round(source_seconds(source), 3)
+
+
+def warn_if_source_is_cut(source, name: str, durations: Sequence[float]) -> None:
+    """Warn when a source (init or inpaint audio) lasts longer than the output: only its start is used."""
+    seconds, longest = source_seconds(source, name), max(durations)
+    if seconds > longest + 0.001:  # a duration rounded to the millisecond does not cut a take
+        warnings.warn(f"the {name} lasts {seconds:.3g} s but the output {longest:g} s: only its first {longest:g} s "
+                      f"are used (a duration of {seconds:.3g} s keeps all of it)", stacklevel=3)
+
+
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
     """(waveform, rate) | {"waveform", "sample_rate"} | (rate, waveform) (official order) -> ([B, C, N] float, rate);
     a [C, N] or [N] waveform is one clip (B = 1)."""
@@ -229,6 +258,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if negative_prompt is not None:
             negative = model.encode_text(_broadcast(negative_prompt, n, "negative_prompt"), durations)
 
+    for source, name in ((init_audio, "init audio"), (inpaint_audio, "inpaint audio")):
+        if source is not None:
+            warn_if_source_is_cut(source, name, durations)
     z_init = None
     if init_audio is not None:
         z_init = encode_source(model, init_audio, audio_samples, n).to(device)

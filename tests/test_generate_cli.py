@@ -72,6 +72,31 @@ def test_inpainting_and_audio_to_audio_read_their_source_files(fixtures_dir, tmp
                                atol=2**-22)
 
 
+@pytest.mark.filterwarnings("ignore:duration")
+def test_without_a_duration_a_source_gives_its_own_length_and_a_cut_source_is_named(fixtures_dir, tmp_path, capsys):
+    """Repairing or varying a take keeps its length unless --duration says otherwise; a --duration shorter than the
+    source says that only the start is used; extending needs the length to extend to."""
+    source = torch.zeros(2, 529).uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(1))  # 0.012 s
+    sf.write(tmp_path / "take.wav", source.numpy().T, 44100, subtype="FLOAT")
+    common = [str(fixtures_dir / "tiny-small-arc"), "--prompt", "rain", "--seed", "4", "--device", "cpu"]
+    for extra in (["--inpaint", str(tmp_path / "take.wav"), "--regions", "0.004-0.008"],
+                  ["--init-audio", str(tmp_path / "take.wav")]):
+        assert main(["generate", *common, *extra, "--out", str(tmp_path / "out.wav")]) == 0
+        captured = capsys.readouterr()
+        line = json.loads(captured.out.splitlines()[-1])
+        assert line["duration"] == 0.012 and line["seconds"] == 0.012, extra
+        assert sf.info(tmp_path / "out.wav").frames == 529
+        assert "no --duration: the source's length, 0.012 s" in captured.err and "only its first" not in captured.err
+        assert main(["generate", *common, *extra, "--duration", "0.006", "--out", str(tmp_path / "short.wav")]) == 0
+        err = capsys.readouterr().err
+        assert "lasts 0.012 s but the output 0.006 s: only its first 0.006 s are used" in err, extra
+    assert main(["generate", *common, "--out", str(tmp_path / "t2a.wav"), "--duration", "0.012"]) == 0
+    assert "only its first" not in capsys.readouterr().err  # text-to-audio has no source to cut
+    assert main(["generate", *common, "--inpaint", str(tmp_path / "take.wav"), "--continue"]) == 2
+    assert "--continue: continuing a clip needs the length to extend to: give a duration longer than the source's " \
+           "0.012 s (--duration)" in capsys.readouterr().err
+
+
 def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, capsys):
     model = str(fixtures_dir / "tiny-small")
     (tmp_path / "noise.wav").write_bytes(b"RIFF....WAVEjunk")

@@ -92,6 +92,18 @@ def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy):
     assert not torch.equal(a2a["waveform"], audio["waveform"])
     with pytest.raises(ValueError, match="SA3 Inpaint: region"):
         run_node("SA3Inpaint", **gen_inputs(model, audio=audio, regions="abc", continuation=False, paste_back=False))
+    # duration 0 (these nodes' default): the source's own length; a shorter duration uses the source's start
+    longer = {"waveform": torch.cat([audio["waveform"], audio["waveform"][..., :220]], -1), "sample_rate": 44100}
+    for name, extra in (("SA3AudioToAudio", {"noise_level": 0.7}),
+                        ("SA3Inpaint", {"regions": "0.002-0.006", "continuation": False, "paste_back": False})):
+        assert dict(NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"])["duration"][1]["default"] == 0.0
+        (whole,) = run_node(name, **gen_inputs(model, audio=longer, duration=0.0, **extra))
+        assert whole["waveform"].shape == (1, 2, 661), name  # 0.015 s
+        with pytest.warns(UserWarning, match="lasts 0.015 s but the output 0.01 s: only its first 0.01 s are used"):
+            run_node(name, **gen_inputs(model, audio=longer, **extra))
+    with pytest.raises(ValueError, match="SA3 Inpaint: continuing a clip needs the length to extend to"):
+        run_node("SA3Inpaint", **gen_inputs(model, audio=audio, duration=0.0, regions="", continuation=True,
+                                            paste_back=False))
     (image,) = run_node("SA3Spectrogram", audio=audio, width=128, height=64)
     assert image.shape == (1, 64, 128, 3) and 0 <= image.min() and image.max() <= 1
 

@@ -405,13 +405,18 @@ def test_train_prints_every_nth_step_or_none_and_runs_commands_take_the_runs_fol
     from sa3_lora_studio.cli import main
 
     config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
-                  steps=4, batch_size=1, crop_seconds=0.017, checkpoint_every=2, demo_every=0, seed=3, lr=1e-3)
+                  steps=4, batch_size=1, crop_seconds=0.017, checkpoint_every=2, demo_every=0, seed=3, lr=1e-3,
+                  validation_items=1)
     (tmp_path / "run.json").write_text(json.dumps(config))
     runs = tmp_path / "runs"
     assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(runs), "--log-every", "2"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["2", "4"]
     assert out.count("checkpoint: ") == 2
+    # the held-out file's score: the baseline and each checkpoint, with its noise levels, as the metrics have it
+    scored = [line for line in out.splitlines() if line.startswith("validation at step ")]
+    assert [line.split()[3] for line in scored] == ["0:", "2:", "4:"]
+    assert all("on 1 held-out file  (t=0.1 " in line and " t=0.9 " in line for line in scored)
     (run_id,) = [r["id"] for r in RunRegistry(runs).list()]
     assert main(["runs", "resume", run_id, "--runs-dir", str(runs), "--more-steps", "2", "--quiet"]) == 0
     out = capsys.readouterr().out

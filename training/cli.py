@@ -41,6 +41,12 @@ def _print_event(event: dict) -> None:
               f"grad {event['grad_norm']:.3f}  {event.get('steps_per_s', 0):.2f} steps/s", flush=True)
     elif kind in ("checkpoint", "demo"):
         print(f"{kind}: {event.get('path') or event.get('audio')}", flush=True)
+    elif kind == "validation" and event.get("loss") is not None:
+        levels = "  ".join(f"t={t:.1f} {loss:.4f}" for t, loss in event.get("levels", []))
+        items = event.get("items")
+        print(f"validation at step {event['step']}: loss {event['loss']:.4f}"
+              + (f" on {items} held-out file{'s' * (items != 1)}" if items else "")
+              + (f"  ({levels})" if levels else ""), flush=True)
     elif kind == "status":
         print(f"status: {event['status']}" + (f" ({event['error']})" if event.get("error") else "")
               + (f" — {event['message']}" if event.get("message") else ""), flush=True)
