@@ -117,8 +117,7 @@ def check_numbers(args) -> None:
 def run_generate(args) -> int:
     from .encoding.audio_write import write_audio
     from .encoding.loudness import normalize_loudness
-    from .sa3.generate import (continuation_region, generate, output_seconds, parse_regions, resolve_seed,
-                               sampling_defaults)
+    from .sa3.generate import continuation_region, generate, output_seconds, parse_regions, resolve_seed, sampling_defaults
     from .sa3.model import load_model
     from .training.trainer import usable_device
 
