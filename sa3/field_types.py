@@ -63,16 +63,19 @@ def check_field_types(obj, owner: str) -> None:
             raise ValueError(f"{owner}.{f.name}: {value!r} is {_an(type(value).__name__)}; expected {f.type}")
 
 
-def check_known_keys(cls, data: dict, message: str, error: type[Exception] = ValueError) -> None:
+def check_known_keys(cls, data: dict, message: str, error: type[Exception] = ValueError,
+                     aliases: dict[str, str] | None = None) -> None:
     """`error(f"{message} {unknown}; known: {known}")` when `data` has keys that are not fields of dataclass `cls`
-    (a typo in a JSON config is named, never silently ignored)."""
+    (a typo in a JSON config is named, never silently ignored), with the closest field as a hint. aliases: other
+    tools' names for fields ({"learning_rate": "lr"}): a key close to one is pointed at its field."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         from difflib import get_close_matches
 
-        hints = [f"{name!r} → {close[0]!r}?" for name in unknown
-                 for close in [get_close_matches(str(name), sorted(known), n=1, cutoff=0.75)] if close]
+        targets = {name: name for name in known} | dict(aliases or {})
+        hints = [f"{name!r} → {targets[close[0]]!r}?" for name in unknown
+                 for close in [get_close_matches(str(name), sorted(targets), n=1, cutoff=0.75)] if close]
         raise error(f"{message} {unknown}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
                     + f"; known: {sorted(known)}")
 

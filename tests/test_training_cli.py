@@ -194,11 +194,21 @@ def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
     ({"rank": 4.5}, "RunConfig.rank: 4.5 is a float; expected int"),
     ({"seed": "7"}, "RunConfig.seed: '7' is a str"), ({"steps": []}, "RunConfig.steps: \\[\\] is a list"),
     ({"demo_every": -3}, "RunConfig.demo_every: -3 must be >= 0"), ({"checkpoint_every": 0}, "checkpoint_every: 0"),
-    ({"step": 5, "lerning_rate": 1}, "did you mean: 'step' → 'steps'\\?"),
+    ({"step": 5, "lerning_rate": 1}, "did you mean: 'lerning_rate' → 'lr'\\?, 'step' → 'steps'\\?"),
+    ({"max_steps": 10, "lora_rank": 8}, "did you mean: 'lora_rank' → 'rank'\\?, 'max_steps' → 'steps'\\?"),
 ])
 def test_settings_that_would_fail_a_run_later_are_refused_by_name(change, named):
     with pytest.raises(RunError, match=named):
         RunConfig.from_dict({"dataset": "d", **change})
+
+
+def test_a_typo_in_a_config_file_names_the_file_and_the_field_it_meant(tmp_path, capsys):
+    from sa3_lora_studio.cli import main
+
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "d", "learning_rate": 1e-4}))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert (f"sa3-lora train: {tmp_path / 'run.json'}: unknown run config field(s) ['learning_rate'] (did you mean: "
+            "'learning_rate' → 'lr'?)") in capsys.readouterr().err
 
 
 def test_a_device_this_machine_lacks_is_refused_before_a_run_or_a_model_load(tmp_path, dataset, fixtures_dir, capsys,
@@ -271,7 +281,9 @@ def test_a_stopped_runs_settings_change_within_what_a_resume_may_change(tmp_path
     assert "steps 5 → 12" in describe_changes(changed) and "1 demo(s) instead of 0" in describe_changes(changed)
     for changes, named in (({"rank": 4, "seed": 2}, "rank, seed cannot change"), ({"lr": -1}, "RunConfig.lr"),
                            ({"steps": 0}, "RunConfig.steps"), ({"batch_size": "2"}, "batch_size"),
-                           ([("lr", 1)], "must be an object")):
+                           ([("lr", 1)], "must be an object"),
+                           ({"learnig_rate": 0.1}, r"unknown run config field\(s\) \['learnig_rate'\] \(did you mean: "
+                                                   r"'learnig_rate' → 'lr'\?\)")):
         with pytest.raises(RunError, match=named):
             registry.amend(run_id, changes)
     with pytest.raises(RunError, match="more_steps"):

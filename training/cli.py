@@ -88,7 +88,10 @@ def _cmd_train(args) -> int:
         value = getattr(args, key, None)
         if value is not None:
             data[key] = value
-    config = RunConfig.from_dict(data).with_absolute_paths(Path(args.config).resolve().parent)
+    try:
+        config = RunConfig.from_dict(data).with_absolute_paths(Path(args.config).resolve().parent)
+    except RunError as e:  # name the file: the field may come from it or from an option above
+        raise RunError(f"{args.config}: {e}") from None
     run_id = os.environ.get("SA3_RUN_ID") or None  # set by `sa3-lora runs resume`: continue that run
     if run_id is None:
         check_run_inputs(config)  # before a run folder is made for it

@@ -36,6 +36,13 @@ CROP_FROM = ("random", "start")  # where a training crop of a longer file begins
 DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 # What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
 # demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
+# Other trainers' names (the official scripts, underfit, fal) for our fields: a config key near one is pointed at ours
+FIELD_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
+                 "batch": "batch_size", "lora_rank": "rank", "lora_alpha": "alpha", "lora_type": "adapter_type",
+                 "adapter": "adapter_type", "lora_dropout": "dropout", "save_every": "checkpoint_every",
+                 "demo_steps": "demo_every", "random_seed": "seed", "dataset_dir": "dataset", "model_path": "model",
+                 "continue_from_lora": "continue_from", "clip_grad_norm": "grad_clip", "warmup": "warmup_steps"}
+
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
@@ -265,7 +272,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        check_known_keys(cls, data, "unknown run config field(s)", RunError)
+        check_known_keys(cls, data, "unknown run config field(s)", RunError, FIELD_ALIASES)
         if "dataset" not in data:
             raise RunError("RunConfig.dataset: missing; give the folder of an encoded dataset (`sa3-lora encode "
                            "AUDIO_FOLDER --out DATASET`)")
@@ -524,6 +531,7 @@ class RunRegistry:
         if changes is not None and not isinstance(changes, dict):
             raise RunError(f"changes: {changes!r} must be an object of run config fields, e.g. {{\"lr\": 5e-05}}")
         changes = dict(changes or {})
+        check_known_keys(RunConfig, changes, f"run {run_id}: unknown run config field(s)", RunError, FIELD_ALIASES)
         refused = sorted(set(changes) - set(RESUME_SETTINGS))
         if refused:
             raise RunError(f"run {run_id}: {', '.join(refused)} cannot change when a run resumes (they define its "
