@@ -10,7 +10,15 @@ import pytest
 import torch
 from sa3_lora_studio.training.cli import torchrun_command
 from sa3_lora_studio.training.requests import apply_requests, take_request, write_request
-from sa3_lora_studio.training.runs import RunConfig, RunConflict, RunError, RunRegistry, describe_changes, process_owner
+from sa3_lora_studio.training.runs import (
+    RunConfig,
+    RunConflict,
+    RunError,
+    RunNotFound,
+    RunRegistry,
+    describe_changes,
+    process_owner,
+)
 from sa3_lora_studio.training.worker import RunControl
 from test_distributed import drive_pause_save_continue_stop, run_events, runs_cli
 
@@ -269,6 +277,33 @@ def test_the_command_line_starts_without_importing_torch():
     code = "import sys; from sa3_lora_studio.cli import main; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_run_is_found_by_its_id_name_start_of_id_or_latest_and_an_unclear_one_is_refused(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from sa3_lora_studio.cli import main
+
+    registry = RunRegistry(tmp_path / "runs")
+    stamps = iter(["20261201-100000", "20261202-100000", "20261203-100000"])
+    monkeypatch.setattr("sa3_lora_studio.training.runs.time.strftime", lambda fmt: next(stamps))
+    pads = registry.create(RunConfig(dataset="d", name="Long Pads", steps=5))
+    bass = registry.create(RunConfig(dataset="d", name="bass", steps=5))
+    bass2 = registry.create(RunConfig(dataset="d", name="bass", steps=5))
+    assert registry.find(pads) == pads and registry.find("long-pads") == pads and registry.find("Long Pads") == pads
+    assert registry.find("20261201") == pads and registry.find("latest") == bass2 and registry.find(bass[:17]) == bass
+    with pytest.raises(RunError, match=f"'bass' could be any of 2 runs .*: {bass}, {bass2}; give the whole id"):
+        registry.find("bass")
+    with pytest.raises(RunNotFound, match=f"no run 'long-pad' .*did you mean: {pads}\\?"):
+        registry.find("long-pad")
+    runs = ["runs", "--runs-dir", str(tmp_path / "runs")]
+    assert main([*runs, "show", "long-pads"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["id"] == pads
+    assert main([*runs, "metrics", "latest"]) == 0 and capsys.readouterr().out.startswith("step,")
+    assert main([*runs, "delete", "latest"]) == 2
+    assert "not latest: it removes the run without asking" in capsys.readouterr().err
+    registry.update(pads, status="stopped")
+    assert main([*runs, "delete", "long-pads"]) == 0 and f"deleted {pads}" in capsys.readouterr().out
+    assert sorted(r["id"] for r in registry.list()) == [bass, bass2]
 
 
 def test_a_stopped_runs_settings_change_within_what_a_resume_may_change(tmp_path):

@@ -174,6 +174,12 @@ def _cmd_runs(args) -> int:
         raise RunError(f"no runs folder at {where}; give the folder `sa3-lora train` used with --runs-dir")
     registry = RunRegistry(args.runs_dir)  # not a TrainingManager: these commands start nothing in this process
     registry.mark_interrupted_after_restart()  # runs whose process died (live ones elsewhere keep their status)
+    if args.runs_what == "delete" and args.run_id == "latest":
+        raise RunError("runs delete takes the run's id or name, not latest: it removes the run without asking")
+    if getattr(args, "run_id", None) is not None:  # a name, `latest` or the start of an id stands for the run
+        args.run_id = registry.find(args.run_id)
+    if getattr(args, "run_ids", None):
+        args.run_ids = [registry.find(r) for r in args.run_ids]
     if args.runs_what == "list":
         runs = registry.list()
         if args.json:
@@ -313,7 +319,8 @@ def add_train_parsers(sub) -> None:
             ("continue", "continue a paused run (in any process)"),
             ("delete", "remove a run and its files")):
         y = rs.add_parser(name, help=helptext, description=helptext)
-        y.add_argument("run_id")
+        y.add_argument("run_id", metavar="RUN", help="the run's id, its name, the start of its id"
+                       + (" (delete asks nothing: not `latest`)" if name == "delete" else ", or latest"))
         y.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
         if name == "metrics":
             y.add_argument("--out", default=None, help="write the CSV to this file instead of stdout")
@@ -335,6 +342,6 @@ def add_train_parsers(sub) -> None:
                       "for runs trained with tensorboard off or from before it", description="Runs log for TensorBoard "
                       "as they train (RunConfig.tensorboard, on by default): `tensorboard --logdir RUNS_DIR` shows "
                       "them all. This rebuilds a run's TensorBoard folder from its events.jsonl.")
-    t.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    t.add_argument("run_ids", nargs="+", metavar="RUN", help="ids, names, starts of ids, or latest")
     t.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
     r.set_defaults(func=_cmd_runs)

@@ -326,6 +326,12 @@ class RunConfig:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+def _id_label(run_id: str) -> str:
+    """The name part of a run id `YYYYmmdd-HHMMSS-<name>-<4 hex>` (`RunRegistry.create`)."""
+    parts = run_id.split("-", 2)
+    return parts[2].rsplit("-", 1)[0] if len(parts) == 3 and "-" in parts[2] else run_id
+
+
 class RunRegistry:
     """Runs under one root folder. Thread-safe; the index `runs.json` is rewritten atomically on every change."""
 
@@ -434,6 +440,30 @@ class RunRegistry:
             if run_id not in runs:
                 raise RunNotFound(f"no run {run_id!r} in {self.root}")
             return runs[run_id]
+
+    def find(self, text: str) -> str:
+        """The run id a person means by `text`: the id itself, `latest` (the newest run), the run's name (the id's
+        middle part, `20261204-101500-NAME-1a2b`) or the start of one id. RunNotFound names close ids when nothing
+        matches; RunError lists the runs when several do."""
+        with self._lock():
+            ids = sorted(self._read_index())
+        if text in ids:
+            return text
+        if text == "latest" and ids:
+            return ids[-1]
+        label = slugify(text).lower()
+        matches = [i for i in ids if i.startswith(text)] or [i for i in ids if _id_label(i).lower() == label]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise RunError(f"{text!r} could be any of {len(matches)} runs in {self.root}: " + ", ".join(matches)
+                           + "; give the whole id")
+        from difflib import get_close_matches
+
+        by_label = {_id_label(i).lower(): i for i in ids}
+        close = [by_label[c] for c in get_close_matches(label, list(by_label), n=3, cutoff=0.6)]
+        raise RunNotFound(f"no run {text!r} in {self.root}" + (f" (did you mean: {', '.join(close)}?)" if close else "")
+                          + "; `sa3-lora runs list` shows them")
 
     def create(self, config: RunConfig) -> str:
         with self._lock():
