@@ -11,7 +11,7 @@ from sa3_lora_studio.training import crc32c as crc32c_module
 from sa3_lora_studio.training.crc32c import CHUNKED_FROM, N_CHUNKS, advance_register, advance_register_chunked
 from sa3_lora_studio.training.manager import TrainingManager
 from sa3_lora_studio.training.runs import RunConfig
-from sa3_lora_studio.training.tensorboard import TB_FOLDER, TensorBoardSink, crc32c, tfrecord
+from sa3_lora_studio.training.tensorboard import TB_FOLDER, TensorBoardSink, attempt_start_step, crc32c, tfrecord
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
@@ -114,11 +114,21 @@ def test_a_resumed_run_replaces_the_replayed_steps_instead_of_doubling_them(tmp_
     first = TensorBoardSink(run, wall_time=1000.0)
     for step in (1, 2, 3, 4):  # a crash after step 4; the last checkpoint was step 2
         first({"type": "step", "step": step, "loss": float(step), "time": 1000.0 + step})
-    second = TensorBoardSink(run, resume_step=3, wall_time=2000.0)
+    second = TensorBoardSink(run, start_step=3, wall_time=2000.0)
     for step in (3, 4, 5):
         second({"type": "step", "step": step, "loss": 10.0 + step, "time": 2000.0 + step})
     loss = _read(run / TB_FOLDER).Scalars("loss")
     assert [(s.step, s.value) for s in loss] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+    # a run killed before its first checkpoint starts over at its step 0 baseline: all of it is replaced
+    assert attempt_start_step(run, 0, resumed=False) == 0 and attempt_start_step(run, 2, resumed=True) == 3
+    assert attempt_start_step(tmp_path / "fresh", 0, resumed=False) is None
+    third = TensorBoardSink(run, start_step=0, wall_time=3000.0)
+    third({"type": "validation", "step": 0, "loss": 0.5, "levels": [], "time": 3000.0})
+    for step in (1, 2):
+        third({"type": "step", "step": step, "loss": 20.0 + step, "time": 3000.0 + step})
+    accumulator = _read(run / TB_FOLDER)
+    assert [(s.step, s.value) for s in accumulator.Scalars("loss")] == [(1, 21.0), (2, 22.0)]
+    assert [s.step for s in accumulator.Scalars("validation/loss")] == [0]
 
 
 def test_runs_tensorboard_rebuilds_the_folder_from_the_event_log(tmp_path, tiny, dataset, fixtures_dir, capsys):

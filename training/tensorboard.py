@@ -146,15 +146,16 @@ class TensorBoardSink:
 
     bins: the number of noise-level bins of the loss-by-noise chart; per step, each bin's mean sample loss is logged
     as `loss_by_noise/<lo>-<hi>` (bins without a sample that step are left out).
-    resume_step: the step the run continues from (a SessionLog START there); None for a fresh run."""
+    start_step: the first step this attempt logs when an earlier attempt of the run logged here (a SessionLog START
+    there: TensorBoard drops that attempt's events from this step on); None: nothing to replace."""
 
-    def __init__(self, run_folder: Path, bins: int = 5, resume_step: int | None = None,
+    def __init__(self, run_folder: Path, bins: int = 5, start_step: int | None = None,
                  wall_time: float | None = None):
         self.run_folder = Path(run_folder)
         self.bins = bins
         self.writer = EventFileWriter(self.run_folder / TB_FOLDER, wall_time)
-        if resume_step:
-            self.writer.write(session_start_event(resume_step, wall_time))
+        if start_step is not None:
+            self.writer.write(session_start_event(start_step, wall_time))
 
     def __call__(self, event: dict) -> None:
         kind, step, wall_time = event.get("type"), event.get("step"), event.get("time")
@@ -186,6 +187,15 @@ class TensorBoardSink:
                 for (lo, hi), mean in zip(bin_edges(self.bins), bin_means(event, self.bins)) if mean is not None}
 
 
+def attempt_start_step(run_folder: Path, step: int, resumed: bool) -> int | None:
+    """`TensorBoardSink`'s start_step for an attempt of a run starting at `step`: a resume replays the steps after
+    its checkpoint (step + 1 on); an attempt over events of an earlier one that never checkpointed (killed early)
+    starts over at `step`; else None."""
+    if resumed:
+        return step + 1
+    return step if any((Path(run_folder) / TB_FOLDER).glob("events.out.tfevents.*")) else None
+
+
 def export_run(run_folder: Path, bins: int = 5) -> Path:
     """Rebuild `<run>/tensorboard/` from the run's `events.jsonl` (a run trained with tensorboard off, or whose folder
     was deleted), with the events' own times. Steps a resumed run logged again (after a crash, from its last
@@ -210,5 +220,5 @@ def export_run(run_folder: Path, bins: int = 5) -> Path:
     return run_folder / TB_FOLDER
 
 
-__all__ = ["EventFileWriter", "TB_FOLDER", "TensorBoardSink", "audio_event", "crc32c", "export_run", "file_version_event",
-           "scalars_event", "session_start_event", "tfrecord"]
+__all__ = ["EventFileWriter", "TB_FOLDER", "TensorBoardSink", "attempt_start_step", "audio_event", "crc32c", "export_run",
+           "file_version_event", "scalars_event", "session_start_event", "tfrecord"]

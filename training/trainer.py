@@ -33,7 +33,7 @@ from .events import EventLog
 from .preflight import check_trainable, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
-from .tensorboard import TensorBoardSink
+from .tensorboard import TensorBoardSink, attempt_start_step
 from .validation import PLAN_FILE, ValidationPlan, build_validation_set, noise_levels, score
 from .worker import RunControl
 
@@ -296,9 +296,10 @@ class Trainer:
             self.last_saved_step = self.global_step
             self.log.emit("status", status="loading", message=f"resumed from step {self.global_step}")
         if c.tensorboard and self.is_main and isinstance(getattr(self.log, "listeners", None), list):
-            # a resumed run replays the steps after its checkpoint: TensorBoard drops the earlier ones from there
-            self.log.listeners.append(TensorBoardSink(self.folder, resume_step=None if resume is None
-                                                      else self.global_step + 1))
+            # a resumed run replays the steps after its checkpoint, and a run that failed before its first
+            # checkpoint starts over: TensorBoard drops the earlier attempt's events from there
+            start = attempt_start_step(self.folder, self.global_step, resumed=resume is not None)
+            self.log.listeners.append(TensorBoardSink(self.folder, start_step=start))
         if self.registry is not None:  # a continued file sets type and rank, whatever the config said
             self.registry.update(self.run_id, adapter_type=adapter.adapter_type, rank=adapter.rank)
         self.ready = True  # set up, a resumed run's state loaded: global_step is where the run is
