@@ -136,6 +136,12 @@ def run_generate(args) -> int:
     loras = [{**parse_lora(spec), "skip_first_steps": args.lora_skip_first_steps,
               "interval": tuple(args.lora_interval)} for spec in args.lora]
     for spec, lora in zip(args.lora, loras):
+        if Path(lora["path"]).is_dir():  # a run folder, or its checkpoints folder: name the newest file in it
+            files = sorted(Path(lora["path"]).glob("*.safetensors")) or sorted(
+                Path(lora["path"]).glob("checkpoints/*.safetensors"))
+            newest = max(files, key=lambda f: f.stat().st_mtime) if files else None
+            raise ValueError(f"--lora {lora['path']} is a folder; give a LoRA file"
+                             + (f", e.g. its newest: {newest}" if newest else " (it holds no .safetensors)"))
         if not Path(lora["path"]).is_file():
             _, at, strength = spec.rpartition("@")
             if at and Path(spec.rpartition("@")[0]).is_file():

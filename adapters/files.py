@@ -135,14 +135,15 @@ def _positive_number(value, field_name: str, where: str, kind: type, allow_zero:
 
 
 def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, metadata: dict | None = None,
-                       name: str = "") -> LoadedAdapter:
-    """Build a LoadedAdapter from checkpoint-keyed tensors and a lora_config dict (rank/alpha inferred if absent)."""
+                       name: str = "", where: str | None = None) -> LoadedAdapter:
+    """Build a LoadedAdapter from checkpoint-keyed tensors and a lora_config dict (rank/alpha inferred if absent).
+    name: the adapter's; where: what errors call it (its file name; default the name)."""
     config = dict(config or {})
     state = {k: v for k, v in state.items() if _KEY.match(k) and k.rsplit(".", 1)[1] in TRAINABLE_NAMES}
+    where = where or name or "file"
     if not state:
-        raise AdapterFileError(f"{name or 'file'}: no adapter tensors (keys '<layer>.parametrizations.weight.0."
+        raise AdapterFileError(f"{where}: no adapter tensors (keys '<layer>.parametrizations.weight.0."
                                f"lora_A' ...); is this a full model checkpoint rather than a LoRA?")
-    where = name or "file"
     try:
         adapter_type = resolve_adapter_type(config.get("adapter_type"), state)
     except ValueError as e:
@@ -206,7 +207,7 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
             raise AdapterFileError(f"{path.name} is a LoRA in ComfyUI's format (lora_up/lora_down or diff keys, as "
                                    "SA3 Export LoRA for ComfyUI writes) for ComfyUI's own LoRA loader; SA3 Load LoRA "
                                    "reads the SA3-native file it was exported from")
-        return adapter_from_state(state, config, metadata, path.stem)
+        return adapter_from_state(state, config, metadata, path.stem, str(path))
     if kind not in ("zip", "pickle"):  # neither torch's zip format nor a legacy pickle
         raise AdapterFileError(f"{path.name} is not an adapter file: neither safetensors nor a PyTorch checkpoint "
                                f"{'(it is audio) ' if kind == 'audio' else ''}(an SA3 LoRA is a .safetensors file, "
@@ -228,7 +229,7 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise AdapterFileError(f"{path.name}: expected a dict with 'state_dict' (the official trainer's LoRA .ckpt)")
     config = ckpt.get("lora_config") or {}
-    return adapter_from_state(ckpt["state_dict"], dict(config), {}, path.stem)
+    return adapter_from_state(ckpt["state_dict"], dict(config), {}, path.stem, str(path))
 
 
 def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object) -> Path:

@@ -38,11 +38,19 @@ _RENORM_TENSORS = {"none": (), "rows": ("magnitude",), "cols": ("magnitude",), "
 TRAINABLE_NAMES = ("lora_A", "lora_B", "M_xs", "magnitude", "magnitude_r", "magnitude_c")
 
 
+def unknown_adapter_type(adapter_type) -> str:
+    """What to say of a type string that is not one of ADAPTER_TYPES: the types, and the closest one."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(str(adapter_type).lower().replace("_", "-"), sorted(ADAPTER_TYPES), n=1, cutoff=0.6)
+    return (f"{adapter_type!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; use one of {sorted(ADAPTER_TYPES)} (or the legacy alias 'dora')")
+
+
 def check_adapter_type(adapter_type: str) -> tuple[str, str]:
     """The (delta form, renorm) pair of a resolved type string; a clear error otherwise."""
     if adapter_type not in ADAPTER_TYPES:
-        raise ValueError(f"adapter_type={adapter_type!r} is unknown; use one of {sorted(ADAPTER_TYPES)} "
-                         f"(or the legacy alias 'dora')")
+        raise ValueError(f"adapter_type={unknown_adapter_type(adapter_type)}")
     return ADAPTER_TYPES[adapter_type]
 
 

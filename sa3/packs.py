@@ -155,6 +155,19 @@ def download_pack(name: str, variant: str, models_dir: str | Path | None = None,
     return Path(path)
 
 
+def hub_cache_dir() -> str:
+    """Where huggingface_hub keeps downloads ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        import os
+
+        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+        return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+
+
 def resolve_pack(name: str, variant: str, models_dir: str | Path | None = None, download: bool = False,
                  token: str | None = None) -> Path:
     """The local folder of a pack variant, downloading it if allowed; otherwise a message saying how to get it."""
@@ -173,7 +186,7 @@ def resolve_pack(name: str, variant: str, models_dir: str | Path | None = None, 
             pass
     if download:
         return download_pack(name, variant, models_dir, token=token)
-    where = folder or "the Hugging Face cache"
+    where = folder or f"the Hugging Face cache ({hub_cache_dir()})"
     raise PackError(f"{name} ({variant}) is not in {where}. Download it with "
                     f"`sa3-lora download {name} --variant {variant}` (accept the licence at "
                     f"https://huggingface.co/{get_pack(name).repo(variant)} first), or place the Hub repo's files there.")

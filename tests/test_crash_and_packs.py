@@ -83,6 +83,10 @@ def test_gated_repo_error_says_to_accept_the_licence(monkeypatch, tmp_path):
         packs.download_pack("sa3-medium", "base", tmp_path)
     with pytest.raises(packs.PackError, match="sa3-lora download sa3-small-sfx"):
         packs.resolve_pack("sa3-small-sfx", "arc", tmp_path)
+    monkeypatch.delenv("SA3_MODELS_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(packs.PackError, match=f"is not in the Hugging Face cache \\({tmp_path / 'hub-cache'}\\)"):
+        packs.resolve_pack("sa3-small-sfx", "arc")  # no models folder: the cache, named where it is
 
 
 def test_packs_already_on_disk_are_used_offline(monkeypatch, tmp_path, fixtures_dir, capsys):

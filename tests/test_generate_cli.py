@@ -100,7 +100,13 @@ def test_without_a_duration_a_source_gives_its_own_length_and_a_cut_source_is_na
 def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, capsys):
     model = str(fixtures_dir / "tiny-small")
     (tmp_path / "noise.wav").write_bytes(b"RIFF....WAVEjunk")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "pads-step=000010.safetensors").write_bytes(b"x")
     cases = [
+        (["--lora", str(tmp_path / "run")], "--lora .*run is a folder; give a LoRA file, e.g. its newest: "
+                                             ".*pads-step=000010.safetensors"),
+        (["--lora", str(tmp_path / "run" / "checkpoints" / "") + "@0.5"], "is a folder; give a LoRA file, e.g."),
+        (["--lora", str(fixtures_dir)], "is a folder; give a LoRA file \\(it holds no .safetensors\\)"),
         (["--regions", "1-2"], "--regions, --continue and --paste-back need --inpaint"),
         (["--inpaint", "x.wav"], "--inpaint needs --regions"),
         (["--inpaint", "x.wav", "--regions", "2-1"], "--regions: region '2-1': need 0 <= start < end"),

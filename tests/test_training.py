@@ -3,6 +3,7 @@
 import json
 import math
 import threading
+import time
 
 import pytest
 import soundfile as sf
@@ -131,6 +132,28 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
     manager.control(run, "stop")
     assert manager.wait(run, 120)["status"] == "stopped"
     assert manager.registry.latest_checkpoint(run)["step"] <= max(step, 1) + 1
+
+
+def test_time_spent_paused_does_not_count_in_steps_per_second(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    paused, rates = threading.Event(), {}
+
+    def pause_at_1(event):
+        if event["type"] == "step":
+            rates[event["step"]] = event["steps_per_s"]
+            if event["step"] == 1:
+                manager.control(event["run"], "pause")
+        if event["type"] == "status" and event.get("status") == "paused":
+            paused.set()
+
+    manager.listeners.append(pause_at_1)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=3, checkpoint_every=3))
+    assert paused.wait(120)
+    time.sleep(3.0)
+    manager.control(run, "resume")
+    assert manager.wait(run, 120)["status"] == "done"
+    # two steps in the window after step 0, with 3 s of pause between them: counted, that is below 2/3 steps/s
+    assert rates[2] > 0.8 * rates[1] and rates[2] > 2 / 3
 
 
 def assert_at_demo_loudness(audio, rate: int, settings: dict, target: float) -> None:

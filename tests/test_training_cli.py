@@ -192,6 +192,7 @@ def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("change, named", [
     ({"crop_seconds": float("inf")}, "crop_seconds"), ({"crop_seconds": 1e6}, "crop_seconds"),
+    ({"adapter_type": "dora_rows"}, r"RunConfig.adapter_type: 'dora_rows' is unknown \(did you mean 'dora-rows'\?\)"),
     ({"device": "cudax"}, "RunConfig.device: 'cudax'"), ({"include": ["", "attn"]}, "include"),
     ({"exclude": 3}, "RunConfig.exclude: 3 must be a list"),
     ({"betas": ["a", "b"]}, r"RunConfig.betas: \['a', 'b'\] holds a str \('a'\); expected tuple\[float, float\]"),

@@ -199,6 +199,7 @@ class RunConfig:
         if not self.dataset:
             bad("dataset", "give the folder of an encoded dataset")
         from ..adapters import PRESETS, resolve_adapter_type
+        from ..adapters.maths import unknown_adapter_type
 
         if self.adapter_type == "dora":  # the legacy alias: a new adapter of it is dora-rows
             object.__setattr__(self, "adapter_type", resolve_adapter_type("dora"))
@@ -206,7 +207,7 @@ class RunConfig:
         if self.targets not in PRESETS:
             bad("targets", f"{self.targets!r} is not a preset; use one of {sorted(PRESETS)}")
         if self.adapter_type not in ADAPTER_TYPES:
-            bad("adapter_type", f"{self.adapter_type!r} is unknown; use one of {sorted(ADAPTER_TYPES)}")
+            bad("adapter_type", unknown_adapter_type(self.adapter_type))
         if self.rank < 1:
             bad("rank", "must be >= 1")
         if self.steps < 1 or self.batch_size < 1:

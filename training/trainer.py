@@ -694,7 +694,10 @@ class Trainer:
                     set_status("stopped")  # its demos and scores it
                     return "stopped"
                 break
-            if self.at_step_boundary(control, set_status):
+            waited = time.time()
+            stop = self.at_step_boundary(control, set_status)
+            last_time += time.time() - waited  # a pause (or a save asked for) is not training time: steps/s and ETA
+            if stop:
                 if self.last_saved_step != self.global_step:
                     self.save_checkpoint()
                 set_status("stopped")
