@@ -50,7 +50,7 @@ def run_quickstart(args) -> int:
     from .training.manager import TrainingManager
     from .training.runs import DemoSpec, RunConfig
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # every path said below is absolute: it works from any folder
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -90,6 +90,7 @@ def run_quickstart(args) -> int:
 
     manager.listeners.append(stop_half_way)
     run_id = manager.submit(config)
+    say(f"training run {run_id} in {manager.registry.run_dir(run_id)} (its files below are relative to it)")
     record = manager.wait(run_id)
     say(f"run {record['status']} at step {record['step']} (stopped on purpose); resuming from its checkpoint")
     manager.control(run_id, "restart")
@@ -109,9 +110,11 @@ def run_quickstart(args) -> int:
     from .sa3.spectrogram import spectrogram_png
 
     spectrogram_png(audio[0], rate, out / "generated.png")
-    say(f"generated {audio.shape[-1] / rate:.2f} s on the ARC model with the LoRA: {wav_path}")
+    say(f"generated {audio.shape[-1] / rate:.2f} s on the ARC model with the LoRA: {wav_path} (its spectrogram: "
+        f"{out / 'generated.png'})")
     best = best_validation(read_all_events(manager.events_path(run_id)))
-    summary = {"lora": str(lora), "generated": str(wav_path), "run": str(manager.registry.run_dir(run_id)),
+    summary = {"lora": str(lora), "generated": str(wav_path), "spectrogram": str(out / "generated.png"),
+               "run": str(manager.registry.run_dir(run_id)),
                "best_lora": str(manager.registry.run_dir(run_id) / best["path"]) if best else None,
                "dataset": str(out / "dataset"), "base_model": str(base_dir), "arc_model": str(arc_dir),
                "runs_dir": str(manager.registry.root),

@@ -2,6 +2,7 @@
 
 import json
 import shlex
+from pathlib import Path
 
 import soundfile as sf
 from sa3_lora_studio.adapters import read_adapter_file
@@ -9,10 +10,16 @@ from sa3_lora_studio.cli import main
 from sa3_lora_studio.training.runs import RunRegistry
 
 
-def test_quickstart_trains_resumes_and_generates_and_its_summary_says_how_to_go_on(tmp_path, capsys):
+def test_quickstart_trains_resumes_and_generates_and_its_summary_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--out", "qs"]) == 0  # a relative --out: everything it says is absolute
+    said = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    paths = [v for k, v in summary.items() if k not in ("try", "seconds") and v is not None]
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in paths), summary
+    assert f"training run {Path(summary['run']).name} in {summary['run']}" in said
+    assert Path(summary["spectrogram"]).suffix == ".png"
     lora = read_adapter_file(summary["lora"])
     assert lora.adapter_type == "dora-rows" and lora.layers
     audio, rate = sf.read(summary["generated"])
