@@ -606,6 +606,21 @@ class EncodeReport:
         return lines
 
 
+def duplicate_warnings(files: list[dict]) -> list[tuple[str, str]]:
+    """(relpath, warning) for each dataset file whose bytes equal an earlier one's (manifest records, path order):
+    both train, so that sound counts twice as often as the others."""
+    first_with: dict[str, str] = {}
+    found = []
+    for f in files:
+        if f.get("status") != "encoded" or not f.get("hash"):
+            continue
+        first = first_with.setdefault(f["hash"], f["relpath"])
+        if first != f["relpath"]:
+            found.append((f["relpath"], f"the same file as {first} (byte for byte): both train, so that sound "
+                                        "counts twice; exclude one unless that is meant"))
+    return found
+
+
 def _load_manifest(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -875,7 +890,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         in_order = [records[k] for k in sorted(records)]
         report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
         report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
-                           for w in f.get("warnings", [])]
+                           for w in f.get("warnings", [])] + duplicate_warnings(in_order)
         report.table_warnings = table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
         report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
                                                    if f["status"] == "encoded"))

@@ -161,6 +161,21 @@ def test_rerun_reencodes_only_changed_and_new_files_and_removes_deleted_ones(tmp
     assert {e["relpath"] for e in load_dataset(out).entries} == {"s0.flac", "s1.flac", "s3.flac", "s4.flac"}
 
 
+def test_a_byte_identical_copy_is_named_in_the_report_on_every_run(tmp_path, tiny_model):
+    import shutil
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "bass", "flac", freq=110)
+    _write(src, "pad", "flac", freq=300)
+    (src / "more").mkdir()
+    shutil.copy(src / "bass.flac", src / "more" / "bass2.flac")
+    for run in (encode_folder(src, out, tiny_model), encode_folder(src, out, tiny_model)):  # encoded, then reused
+        assert [rel for rel, text in run.warnings if "the same file as" in text] == ["more/bass2.flac"]
+        assert ("  warning more/bass2.flac: the same file as bass.flac (byte for byte): both train, so that sound "
+                "counts twice; exclude one unless that is meant") in run.summary()
+    assert encode_folder(src, out, tiny_model, exclude=["more/*"]).warnings == []
+
+
 def test_a_different_encoder_or_dtype_reencodes_everything(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     _write(src, "a")
