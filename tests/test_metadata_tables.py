@@ -4,6 +4,7 @@ problems reported once per dataset, parsed once per change, and edits reaching a
 
 import json
 import os
+import zlib
 
 import mutagen
 from mutagen.id3 import TCON
@@ -14,8 +15,10 @@ from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
 
 
 def _audio(path, fmt="flac"):
+    """A short tone of its own for each path (byte-identical files would be named as copies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_audio_file(path, tone(0.1, 44100), 44100, fmt)
+    freq = 220 + zlib.crc32(str(path).encode()) % 2000
+    return write_audio_file(path, tone(0.1, 44100, freq=freq), 44100, fmt)
 
 
 def _lookup(path, root):
