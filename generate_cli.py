@@ -162,7 +162,7 @@ def run_generate(args) -> int:
     except ValueError as e:
         raise ValueError(f"--continue: {e} (--duration)") from None
     if args.duration is None and source is not None:
-        print(f"sa3-lora generate: no --duration: the source's length, {duration:g} s", file=sys.stderr)
+        print(f"sa3-lora generate: no --duration: the source's length, {duration:.3f} s", file=sys.stderr)
     args.duration = duration
     if args.continuation:
         regions = [continuation_region(inpaint, args.duration)]

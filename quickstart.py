@@ -33,7 +33,7 @@ def synthesise_dataset(folder: Path, seed: int = 0) -> Path:
         envelope = (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t)) if "pulse" in name else np.exp(-t)
         wav = 0.3 * tone * envelope
         stereo = np.stack([wav, np.roll(wav, 40)], axis=1) + 0.01 * rng.standard_normal((len(t), 2))
-        sf.write(folder / name, stereo.astype(np.float32), sr)
+        sf.write(str(folder / name), stereo.astype(np.float32), sr)  # str: old soundfile builds take no Path
         (folder / name).with_suffix(".txt").write_text(caption)
     (folder / "chord.json").write_text(json.dumps({"prompt": "warm minor chord pad, ambient", "genre": "ambient"}))
     return folder
@@ -106,7 +106,7 @@ def run_quickstart(args) -> int:
     audio, rate = arc.generate("qstyle, deep sub bass drone", duration=2.0, seed=args.seed,
                                loras=[{"path": str(lora), "strength": 1.0, "skip_first_steps": 1}])
     wav_path = out / "generated.wav"
-    sf.write(wav_path, audio[0].T.numpy(), rate)
+    sf.write(str(wav_path), audio[0].T.numpy(), rate)
     from .sa3.spectrogram import spectrogram_png
 
     spectrogram_png(audio[0], rate, out / "generated.png")

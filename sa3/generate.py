@@ -78,15 +78,22 @@ def output_seconds(duration: float | None, source=None, continuation: bool = Fal
     if continuation:
         raise ValueError(f"continuing a clip needs the length to extend to: give a duration longer than the "
                          f"source's {source_seconds(source):.3g} s")
-    return TEXT_TO_AUDIO_SECONDS if source is None else round(source_seconds(source), 3)
+    if source is None:
+        return TEXT_TO_AUDIO_SECONDS
+    wav, rate = as_audio(source, "source audio")
+    return (wav.shape[-1] + 0.5) / rate  # half a sample over: the output's int(seconds · rate) is every sample
 
 
-def warn_if_source_is_cut(source, name: str, durations: Sequence[float]) -> None:
-    """Warn when a source (init or inpaint audio) lasts longer than the output: only its start is used."""
-    seconds, longest = source_seconds(source, name), max(durations)
+def warn_if_source_is_cut(source, name: str, durations: Sequence[float], max_seconds: float) -> None:
+    """Warn when a source (init or inpaint audio) lasts longer than the output (its duration, capped at the
+    model's maximum): only its start is used."""
+    seconds = source_seconds(source, name)
+    longest = min(max(durations), max_seconds)
     if seconds > longest + 0.001:  # a duration rounded to the millisecond does not cut a take
-        warnings.warn(f"the {name} lasts {seconds:.3g} s but the output {longest:g} s: only its first {longest:g} s "
-                      f"are used (a duration of {seconds:.3g} s keeps all of it)", stacklevel=3)
+        fix = (f"a duration of {seconds:.3g} s keeps all of it" if seconds <= max_seconds
+               else f"the model makes at most {max_seconds:.4g} s: split the source")
+        warnings.warn(f"the {name} lasts {seconds:.3g} s but the output {longest:.4g} s: only its first "
+                      f"{longest:.4g} s are used ({fix})", stacklevel=3)
 
 
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
@@ -260,7 +267,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
 
     for source, name in ((init_audio, "init audio"), (inpaint_audio, "inpaint audio")):
         if source is not None:
-            warn_if_source_is_cut(source, name, durations)
+            warn_if_source_is_cut(source, name, durations, max_seconds)
     z_init = None
     if init_audio is not None:
         z_init = encode_source(model, init_audio, audio_samples, n).to(device)

@@ -198,19 +198,32 @@ const result = {};
 result.deleted = await shownAfter(async () => live({ run: "only", type: "deleted" }));
 runs = [{ id: "only", status: "done" }];
 result.folderGone = await shownAfter(async (store) => { runs = []; await store.refreshRuns(); });
+runs = [{ id: "only", status: "done" }];
+api.control = async () => ({ deleted: true });  // the reply came before the websocket's "deleted"
+result.deletedHere = await shownAfter(async (store) => { runs = []; await store.control("delete", {}); });
+// a run queued while the panel shows none: listed and shown
+runs = [];
+const empty = new Store(api, { storage: null });
+await empty.start();
+runs = [{ id: "new", status: "queued" }];
+live({ run: "new", type: "status", status: "queued" });
+await empty.pendingList;
+result.firstRun = empty.selectedId;
 console.log(JSON.stringify(result));
 """
 
 
 def test_views_of_the_selected_run_empty_when_it_goes_away_with_no_other_run():
-    """The last run deleted (live event) or gone from the list (its folder removed): the views that follow the
-    selected run's events (charts, log, demos) get an empty selection, not the gone run's history."""
+    """The last run deleted (live event, or the panel's own delete answered first) or gone from the list (its folder
+    removed): the views that follow the selected run's events (charts, log, demos) get an empty selection, not the
+    gone run's history. A run that appears while none is shown is shown."""
     if shutil.which("node") is None:
         pytest.skip("node not found (see tests/web/INSTALL.sh)")
     module = json.dumps((REPO / "web" / "panel" / "store.js").as_uri())
     out = subprocess.run(["node", "--input-type=module", "-e", STORE_SCRIPT % module], capture_output=True,
                          text=True, timeout=30, check=True)
-    assert json.loads(out.stdout) == {"deleted": [None, 0], "folderGone": [None, 0]}
+    assert json.loads(out.stdout) == {"deleted": [None, 0], "folderGone": [None, 0], "deletedHere": [None, 0],
+                                      "firstRun": "new"}
 
 
 def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):

@@ -69,6 +69,12 @@ export class Store {
     } catch {
       wanted = null;  // storage can be blocked (private windows): just pick a run
     }
+    await this.selectIfNone(wanted);
+  }
+
+  /** With no run selected: select `wanted` if listed, else the newest active run, else the newest. */
+  async selectIfNone(wanted = null) {
+    if (this.selectedId) return;
     const pick = this.runs.find((r) => r.id === wanted)
       || [...this.runs].reverse().find((r) => ACTIVE.includes(r.status))
       || this.runs[this.runs.length - 1];
@@ -193,7 +199,8 @@ export class Store {
     const record = this.runs.find((r) => r.id === runId);
     if (!record) {
       // a run we have not seen yet (submitted from a node): list once, not once per event of the burst
-      this.pendingList ??= this.refreshRuns().finally(() => {
+      // (and shown, when nothing is: e.g. the first run queued while the panel was open)
+      this.pendingList ??= this.refreshRuns().then(() => this.selectIfNone()).finally(() => {
         this.pendingList = null;
       });
       return;
@@ -247,7 +254,7 @@ export class Store {
         await this.refreshRuns();
         const next = this.runs[this.runs.length - 1];
         if (next) await this.select(next.id);
-        else this.emit("selected");
+        else this.unselected();
         this.say(`Deleted ${run.name}.`);
       } else {
         // the new status arrives as a live event; the response's record may already be older than that event
