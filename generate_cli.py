@@ -117,7 +117,16 @@ def check_numbers(args) -> None:
 def run_generate(args) -> int:
     from .encoding.audio_write import write_audio
     from .encoding.loudness import normalize_loudness
-    from .sa3.generate import continuation_region, generate, output_seconds, parse_regions, resolve_seed, sampling_defaults
+    from .sa3.generate import (
+        check_regions_inside,
+        continuation_region,
+        generate,
+        max_output_seconds,
+        output_seconds,
+        parse_regions,
+        resolve_seed,
+        sampling_defaults,
+    )
     from .sa3.model import load_model
     from .training.trainer import usable_device
 
@@ -157,19 +166,25 @@ def run_generate(args) -> int:
     init = _source_audio(args.init_audio, "--init-audio")
     inpaint = _source_audio(args.inpaint, "--inpaint")
     source = init if init is not None else inpaint
-    try:
-        duration = output_seconds(args.duration, source, args.continuation)
-    except ValueError as e:
-        raise ValueError(f"--continue: {e} (--duration)") from None
-    if args.duration is None and source is not None:
-        print(f"sa3-lora generate: no --duration: the source's length, {duration:.3f} s", file=sys.stderr)
-    args.duration = duration
     if args.continuation:
+        try:
+            output_seconds(args.duration, source, continuation=True)  # the length to extend to must be given
+        except ValueError as e:
+            raise ValueError(f"--continue: {e} (--duration)") from None
         regions = [continuation_region(inpaint, args.duration)]
     seed = resolve_seed(args.seed)
 
     model = load_model(args.source, dtype=args.dtype, device=usable_device(args.device), variant=args.variant,
                        text_encoder=args.text_encoder, models_dir=args.models_dir)
+    duration = output_seconds(args.duration, source, max_seconds=max_output_seconds(model))
+    if args.duration is None and source is not None:
+        print(f"sa3-lora generate: no --duration: the source's length, {duration:.3f} s", file=sys.stderr)
+        if regions and not args.continuation:
+            try:
+                check_regions_inside(regions, duration, from_source=True)
+            except ValueError as e:
+                raise ValueError(f"--regions: {e} (--duration)") from None
+    args.duration = duration
     sampler, steps, cfg = sampling_defaults(model)
     common = {"model": model.source, "negative_prompt": args.negative_prompt, "duration": args.duration, "seed": seed,
               "steps": args.steps or steps, "cfg": cfg if args.cfg is None else args.cfg,

@@ -137,7 +137,7 @@ def _positive_number(value, field_name: str, where: str, kind: type, allow_zero:
 def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, metadata: dict | None = None,
                        name: str = "", where: str | None = None) -> LoadedAdapter:
     """Build a LoadedAdapter from checkpoint-keyed tensors and a lora_config dict (rank/alpha inferred if absent).
-    name: the adapter's; where: what errors call it (its file name; default the name)."""
+    name: the adapter's; where: what errors call it (its file path; default the name)."""
     config = dict(config or {})
     state = {k: v for k, v in state.items() if _KEY.match(k) and k.rsplit(".", 1)[1] in TRAINABLE_NAMES}
     where = where or name or "file"

@@ -42,7 +42,8 @@ def unknown_adapter_type(adapter_type) -> str:
     """What to say of a type string that is not one of ADAPTER_TYPES: the types, and the closest one."""
     from difflib import get_close_matches
 
-    close = get_close_matches(str(adapter_type).lower().replace("_", "-"), sorted(ADAPTER_TYPES), n=1, cutoff=0.6)
+    close = get_close_matches(str(adapter_type).lower().replace("_", "-"), sorted(ADAPTER_TYPES) + ["dora"], n=1,
+                              cutoff=0.6)
     return (f"{adapter_type!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; use one of {sorted(ADAPTER_TYPES)} (or the legacy alias 'dora')")
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..sa3.generate import ADAPTER_MODES, continuation_region, output_seconds, parse_regions
+from ..sa3.generate import (
+    ADAPTER_MODES,
+    check_regions_inside,
+    continuation_region,
+    max_output_seconds,
+    output_seconds,
+    parse_regions,
+)
 from .comfy_bridge import CATEGORY, progress_callback
 from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
 
@@ -119,7 +126,7 @@ class SA3AudioToAudio:
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio,
                  noise_level, loras=None, lora_memory="fast"):
         init = audio_input(audio, "SA3 Audio to Audio")
-        duration = output_seconds(duration, init)
+        duration = output_seconds(duration, init, max_seconds=max_output_seconds(model))
         return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
                     init_audio=init, init_noise_level=noise_level)
 
@@ -144,9 +151,11 @@ class SA3Inpaint:
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, audio, regions,
                  continuation, paste_back, loras=None, lora_memory="fast"):
         source = audio_input(audio, "SA3 Inpaint")
+        from_source = not duration
         try:
-            duration = output_seconds(duration, source, continuation)
+            duration = output_seconds(duration, source, continuation, max_seconds=max_output_seconds(model))
             spans = [continuation_region(source, duration)] if continuation else parse_regions(regions)
+            check_regions_inside(spans, duration, from_source)
         except ValueError as e:
             raise ValueError(f"SA3 Inpaint: {e}") from None
         if not spans:

@@ -69,19 +69,40 @@ def source_seconds(source, name: str = "source audio") -> float:
 TEXT_TO_AUDIO_SECONDS = 10.0  # the duration when none is given and there is no source to take it from
 
 
-def output_seconds(duration: float | None, source=None, continuation: bool = False) -> float:
-    """Seconds to generate: `duration` when given (None or 0: not given); else the source's own length
-    (audio-to-audio, repairing regions) or TEXT_TO_AUDIO_SECONDS without a source. Continuing a clip needs it given:
-    it is the length to extend to."""
+def max_output_seconds(model) -> float:
+    """The longest output the model makes in one piece (its config's sample_size), in seconds; inf when unset."""
+    cfg = model.config
+    return cfg.sample_size / cfg.sample_rate if cfg.sample_size else float("inf")
+
+
+def output_seconds(duration: float | None, source=None, continuation: bool = False,
+                   max_seconds: float = float("inf")) -> float:
+    """Seconds to generate: `duration` when given (None or 0: not given); else the source's own length, at most
+    `max_seconds` (audio-to-audio, repairing regions), or TEXT_TO_AUDIO_SECONDS without a source. Continuing a clip
+    needs it given: it is the length to extend to."""
     if duration:
         return float(duration)
     if continuation:
         raise ValueError(f"continuing a clip needs the length to extend to: give a duration longer than the "
-                         f"source's {source_seconds(source):.3g} s")
+                         f"source's {_up_to_ms(source_seconds(source))} s")
     if source is None:
         return TEXT_TO_AUDIO_SECONDS
     wav, rate = as_audio(source, "source audio")
-    return (wav.shape[-1] + 0.5) / rate  # half a sample over: the output's int(seconds · rate) is every sample
+    return min((wav.shape[-1] + 0.5) / rate, max_seconds)  # half a sample over: int(seconds · rate) is every sample
+
+
+def _up_to_ms(seconds: float) -> str:
+    return f"{math.ceil(seconds * 1000 - 1e-6) / 1000:g}"
+
+
+def check_regions_inside(regions: Sequence[tuple[float, float]], duration: float, from_source: bool) -> None:
+    """ValueError for an inpainting region that starts at or after the output's end; from_source: the duration
+    was taken from the source (none given), which the message says, since regions past it need one given."""
+    for start, end in regions:
+        if start >= duration:
+            said = " (the source's length: no duration was given)" if from_source else ""
+            raise ValueError(f"region {start:g}-{end:g} s starts after the output's end, {round(duration, 3):g} s"
+                             f"{said}; set regions inside the clip, or a duration to regenerate past its end")
 
 
 def warn_if_source_is_cut(source, name: str, durations: Sequence[float], max_seconds: float) -> None:
@@ -90,10 +111,11 @@ def warn_if_source_is_cut(source, name: str, durations: Sequence[float], max_sec
     seconds = source_seconds(source, name)
     longest = min(max(durations), max_seconds)
     if seconds > longest + 0.001:  # a duration rounded to the millisecond does not cut a take
-        fix = (f"a duration of {seconds:.3g} s keeps all of it" if seconds <= max_seconds
-               else f"the model makes at most {max_seconds:.4g} s: split the source")
-        warnings.warn(f"the {name} lasts {seconds:.3g} s but the output {longest:.4g} s: only its first "
-                      f"{longest:.4g} s are used ({fix})", stacklevel=3)
+        fix = (f"a duration of {_up_to_ms(seconds)} s keeps all of it" if seconds <= max_seconds
+               else f"the model makes at most {math.floor(max_seconds * 1000) / 1000:g} s: split the source")
+        cut = f"{math.floor(longest * 1000) / 1000:g}"
+        warnings.warn(f"the {name} lasts {_up_to_ms(seconds)} s but the output {cut} s: only its first {cut} s are "
+                      f"used ({fix})", stacklevel=3)
 
 
 def as_audio(audio, name: str) -> tuple[Tensor, int]:
@@ -236,7 +258,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         n = clips
     prompts = _broadcast(prompts[0] if len(prompts) == 1 else prompts, n, "prompt")
     durations = [float(d) for d in _broadcast(duration, n, "duration")]
-    max_seconds = cfg.sample_size / cfg.sample_rate if cfg.sample_size else float("inf")
+    max_seconds = max_output_seconds(model)
     for d in durations:
         if d <= 0:
             raise ValueError(f"duration must be > 0 s (got {d:g})")

@@ -92,6 +92,9 @@ def test_without_a_duration_a_source_gives_its_own_length_and_a_cut_source_is_na
         assert "lasts 0.012 s but the output 0.006 s: only its first 0.006 s are used" in err, extra
     assert main(["generate", *common, "--out", str(tmp_path / "t2a.wav"), "--duration", "0.012"]) == 0
     assert "only its first" not in capsys.readouterr().err  # text-to-audio has no source to cut
+    assert main(["generate", *common, "--inpaint", str(tmp_path / "take.wav"), "--regions", "0.02-0.03"]) == 2
+    assert ("--regions: region 0.02-0.03 s starts after the output's end, 0.012 s (the source's length: no duration "
+            "was given); set regions inside the clip, or a duration to regenerate past its end") in capsys.readouterr().err
     assert main(["generate", *common, "--inpaint", str(tmp_path / "take.wav"), "--continue"]) == 2
     assert "--continue: continuing a clip needs the length to extend to: give a duration longer than the source's " \
            "0.012 s (--duration)" in capsys.readouterr().err

@@ -102,10 +102,14 @@ def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy):
         with pytest.warns(UserWarning, match="lasts 0.015 s but the output 0.01 s: only its first 0.01 s are used"):
             run_node(name, **gen_inputs(model, audio=longer, **extra))
     too_long = {"waveform": torch.cat([longer["waveform"]] * 2, -1), "sample_rate": 44100}  # past the model's 768
-    with pytest.warns(UserWarning, match=r"lasts 0.03 s but the output 0.01741 s: only its first 0.01741 s are used "
-                                         r"\(the model makes at most 0.01741 s: split the source\)"):
+    with pytest.warns(UserWarning, match=r"lasts 0.03 s but the output 0.017 s: only its first 0.017 s are used "
+                                         r"\(the model makes at most 0.017 s: split the source\)"):
         (capped,) = run_node("SA3AudioToAudio", **gen_inputs(model, audio=too_long, duration=0.0, noise_level=0.7))
     assert capped["waveform"].shape[-1] == 768
+    with pytest.raises(ValueError, match=r"SA3 Inpaint: region 0.012-0.016 s starts after the output's end, 0.01 s "
+                                         r"\(the source's length: no duration was given\); set regions inside"):
+        run_node("SA3Inpaint", **gen_inputs(model, audio=audio, duration=0.0, regions="0.012-0.016",
+                                            continuation=False, paste_back=False))
     with pytest.raises(ValueError, match="SA3 Inpaint: continuing a clip needs the length to extend to"):
         run_node("SA3Inpaint", **gen_inputs(model, audio=audio, duration=0.0, regions="", continuation=True,
                                             paste_back=False))

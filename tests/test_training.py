@@ -134,9 +134,39 @@ def test_pause_and_stop_act_within_one_step_with_their_own_flag(tmp_path, tiny, 
     assert manager.registry.latest_checkpoint(run)["step"] <= max(step, 1) + 1
 
 
-def test_time_spent_paused_does_not_count_in_steps_per_second(tmp_path, tiny, dataset, fixtures_dir):
+def test_steps_per_second_leave_out_pauses_and_follow_a_monotonic_clock():
+    from sa3_lora_studio.training.step_rate import WINDOW_SECONDS, StepRate
+
+    now = [100.0]
+    rate = StepRate(0, clock=lambda: now[0])
+    now[0] += 0.5
+    assert rate.after_step(1) == pytest.approx(2.0)
+    with rate.left_out():  # paused for 30 s between steps 1 and 2
+        now[0] += 30.0
+    now[0] += 0.5
+    assert rate.after_step(2) == pytest.approx(2.0)
+    now[0] += WINDOW_SECONDS  # a slow stretch: the window restarts after it, so the rate follows it
+    assert rate.after_step(3) == pytest.approx(3 / (WINDOW_SECONDS + 1.0))
+    now[0] += 1.0
+    assert rate.after_step(4) == pytest.approx(1.0)
+    with rate.left_out():  # a clock that went back never moves the window back
+        now[0] -= 3.0
+    now[0] += 3.25
+    assert rate.after_step(5) == pytest.approx(2 / 1.25)
+
+
+def test_a_paused_run_reports_its_rate_without_the_pause(tmp_path, tiny, dataset, fixtures_dir, monkeypatch):
+    """The trainer hands the pause to StepRate: with the clock stopped outside the pause, the rate stays finite and
+    positive and the pause (10 000 s on that clock) is not in it."""
+    from sa3_lora_studio.training import step_rate
+
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
     paused, rates = threading.Event(), {}
+    clock = [0.0]
+
+    def tick() -> float:  # every reading 0.5 s later: a step takes a second or two on this clock
+        clock[0] += 0.5
+        return clock[0]
 
     def pause_at_1(event):
         if event["type"] == "step":
@@ -144,16 +174,17 @@ def test_time_spent_paused_does_not_count_in_steps_per_second(tmp_path, tiny, da
             if event["step"] == 1:
                 manager.control(event["run"], "pause")
         if event["type"] == "status" and event.get("status") == "paused":
+            clock[0] += 10_000.0
             paused.set()
 
+    real_step_rate = step_rate.StepRate  # only the trainer's step rate reads this clock
+    monkeypatch.setattr(step_rate, "StepRate", lambda step, clock=None: real_step_rate(step, clock=tick))
     manager.listeners.append(pause_at_1)
     run = manager.submit(_config(dataset, fixtures_dir, steps=3, checkpoint_every=3))
     assert paused.wait(120)
-    time.sleep(3.0)
     manager.control(run, "resume")
     assert manager.wait(run, 120)["status"] == "done"
-    # two steps in the window after step 0, with 3 s of pause between them: counted, that is below 2/3 steps/s
-    assert rates[2] > 0.8 * rates[1] and rates[2] > 2 / 3
+    assert all(0.1 < rates[step] < 10 for step in (1, 2, 3)), rates  # with the pause counted: below 3 / 10 000
 
 
 def assert_at_demo_loudness(audio, rate: int, settings: dict, target: float) -> None:
@@ -1051,7 +1082,6 @@ def test_a_stop_another_process_asks_for_reaches_demos_within_a_second(tmp_path,
     assert not asked()
     request_path(tmp_path, "stop").write_text("")  # what `sa3-lora runs stop` leaves
     assert not asked()  # read at most once per poll interval
-    import time
 
     time.sleep(0.06)
     assert asked() and control.stop.is_set() and not request_path(tmp_path, "stop").exists()

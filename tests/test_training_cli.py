@@ -190,9 +190,15 @@ def test_a_run_config_file_that_is_not_a_json_object_is_named(tmp_path, capsys):
         assert "run.json" in err and why in err
 
 
+def test_an_adapter_type_is_read_whatever_its_case():
+    assert RunConfig.from_dict({"dataset": "d", "adapter_type": "DoRA"}).adapter_type == "dora-rows"
+    assert RunConfig.from_dict({"dataset": "d", "adapter_type": " BoRA-XS "}).adapter_type == "bora-xs"
+
+
 @pytest.mark.parametrize("change, named", [
     ({"crop_seconds": float("inf")}, "crop_seconds"), ({"crop_seconds": 1e6}, "crop_seconds"),
     ({"adapter_type": "dora_rows"}, r"RunConfig.adapter_type: 'dora_rows' is unknown \(did you mean 'dora-rows'\?\)"),
+    ({"adapter_type": "doraa"}, r"'doraa' is unknown \(did you mean 'dora'\?\)"),
     ({"device": "cudax"}, "RunConfig.device: 'cudax'"), ({"include": ["", "attn"]}, "include"),
     ({"exclude": 3}, "RunConfig.exclude: 3 must be a list"),
     ({"betas": ["a", "b"]}, r"RunConfig.betas: \['a', 'b'\] holds a str \('a'\); expected tuple\[float, float\]"),
@@ -285,13 +291,20 @@ def test_a_run_is_found_by_its_id_name_start_of_id_or_latest_and_an_unclear_one_
     from sa3_lora_studio.cli import main
 
     registry = RunRegistry(tmp_path / "runs")
-    stamps = iter(["20261201-100000", "20261202-100000", "20261203-100000"])
+    stamps = iter(["20261201-100000", "20261202-100000", "20261203-100000", "20261203-100000"])
     monkeypatch.setattr("sa3_lora_studio.training.runs.time.strftime", lambda fmt: next(stamps))
     pads = registry.create(RunConfig(dataset="d", name="Long Pads", steps=5))
     bass = registry.create(RunConfig(dataset="d", name="bass", steps=5))
     bass2 = registry.create(RunConfig(dataset="d", name="bass", steps=5))
     assert registry.find(pads) == pads and registry.find("long-pads") == pads and registry.find("Long Pads") == pads
     assert registry.find("20261201") == pads and registry.find("latest") == bass2 and registry.find(bass[:17]) == bass
+    for nothing in ("", "  ", "2026"):  # too little to say which run: never the only one by chance
+        with pytest.raises(RunError, match="give a run|no run"):
+            registry.find(nothing)
+    with pytest.raises(RunNotFound, match="give its whole id or its name"):
+        registry.find("20261201", exact=True)  # deleting takes no start of an id
+    dated = registry.create(RunConfig(dataset="d", name="20261202", steps=5))  # a name that looks like a date
+    assert registry.find("20261202") == dated and registry.find("latest") == dated
     with pytest.raises(RunError, match=f"'bass' could be any of 2 runs .*: {bass}, {bass2}; give the whole id"):
         registry.find("bass")
     with pytest.raises(RunNotFound, match=f"no run 'long-pad' .*did you mean: {pads}\\?"):
@@ -304,7 +317,13 @@ def test_a_run_is_found_by_its_id_name_start_of_id_or_latest_and_an_unclear_one_
     assert "not latest: it removes the run without asking" in capsys.readouterr().err
     registry.update(pads, status="stopped")
     assert main([*runs, "delete", "long-pads"]) == 0 and f"deleted {pads}" in capsys.readouterr().out
-    assert sorted(r["id"] for r in registry.list()) == [bass, bass2]
+    assert sorted(r["id"] for r in registry.list()) == sorted([bass, bass2, dated])
+    assert main([*runs, "delete", ""]) == 2 and "give a run" in capsys.readouterr().err
+    assert main([*runs, "delete", "2026"]) == 2 and main([*runs, "delete", bass[:20]]) == 2
+    assert len(registry.list()) == 3
+    empty = RunRegistry(tmp_path / "none")
+    with pytest.raises(RunNotFound, match="no runs yet"):
+        empty.find("latest")
 
 
 def test_a_stopped_runs_settings_change_within_what_a_resume_may_change(tmp_path):

@@ -174,10 +174,10 @@ def _cmd_runs(args) -> int:
         raise RunError(f"no runs folder at {where}; give the folder `sa3-lora train` used with --runs-dir")
     registry = RunRegistry(args.runs_dir)  # not a TrainingManager: these commands start nothing in this process
     registry.mark_interrupted_after_restart()  # runs whose process died (live ones elsewhere keep their status)
-    if args.runs_what == "delete" and args.run_id == "latest":
-        raise RunError("runs delete takes the run's id or name, not latest: it removes the run without asking")
     if getattr(args, "run_id", None) is not None:  # a name, `latest` or the start of an id stands for the run
-        args.run_id = registry.find(args.run_id)
+        if args.runs_what == "delete" and args.run_id.strip() == "latest":
+            raise RunError("runs delete takes the run's id or name, not latest: it removes the run without asking")
+        args.run_id = registry.find(args.run_id, exact=args.runs_what == "delete")  # deleting asks nothing
     if getattr(args, "run_ids", None):
         args.run_ids = [registry.find(r) for r in args.run_ids]
     if args.runs_what == "list":
@@ -319,8 +319,9 @@ def add_train_parsers(sub) -> None:
             ("continue", "continue a paused run (in any process)"),
             ("delete", "remove a run and its files")):
         y = rs.add_parser(name, help=helptext, description=helptext)
-        y.add_argument("run_id", metavar="RUN", help="the run's id, its name, the start of its id"
-                       + (" (delete asks nothing: not `latest`)" if name == "delete" else ", or latest"))
+        y.add_argument("run_id", metavar="RUN", help="the run's whole id or its name (delete asks nothing)"
+                       if name == "delete" else "the run's id, its name, the start of its id (at least its date), "
+                       "or latest")
         y.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
         if name == "metrics":
             y.add_argument("--out", default=None, help="write the CSV to this file instead of stdout")

@@ -40,7 +40,7 @@ DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
 FIELD_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
                  "batch": "batch_size", "lora_rank": "rank", "lora_alpha": "alpha", "lora_type": "adapter_type",
                  "adapter": "adapter_type", "lora_dropout": "dropout", "save_every": "checkpoint_every",
-                 "demo_steps": "demo_every", "random_seed": "seed", "dataset_dir": "dataset", "model_path": "model",
+"random_seed": "seed", "dataset_dir": "dataset", "model_path": "model",
                  "continue_from_lora": "continue_from", "clip_grad_norm": "grad_clip", "warmup": "warmup_steps"}
 
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
@@ -201,6 +201,8 @@ class RunConfig:
         from ..adapters import PRESETS, resolve_adapter_type
         from ..adapters.maths import unknown_adapter_type
 
+        if isinstance(self.adapter_type, str) and self.adapter_type != self.adapter_type.strip().lower():
+            object.__setattr__(self, "adapter_type", self.adapter_type.strip().lower())  # "DoRA-rows" as written
         if self.adapter_type == "dora":  # the legacy alias: a new adapter of it is dora-rows
             object.__setattr__(self, "adapter_type", resolve_adapter_type("dora"))
 
@@ -327,6 +329,9 @@ class RunConfig:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+MIN_ID_START = 8  # characters of an id's start that may stand for it: its date, YYYYmmdd
+
+
 def _id_label(run_id: str) -> str:
     """The name part of a run id `YYYYmmdd-HHMMSS-<name>-<4 hex>` (`RunRegistry.create`)."""
     parts = run_id.split("-", 2)
@@ -442,18 +447,27 @@ class RunRegistry:
                 raise RunNotFound(f"no run {run_id!r} in {self.root}")
             return runs[run_id]
 
-    def find(self, text: str) -> str:
+    def find(self, text: str, exact: bool = False) -> str:
         """The run id a person means by `text`: the id itself, `latest` (the newest run), the run's name (the id's
-        middle part, `20261204-101500-NAME-1a2b`) or the start of one id. RunNotFound names close ids when nothing
+        middle part, `20261204-101500-NAME-1a2b`) or the start of one id, at least its date (MIN_ID_START
+        characters). exact: the id or the name only (for deleting). RunNotFound names close ids when nothing
         matches; RunError lists the runs when several do."""
+        text = text.strip()
+        if not text:
+            raise RunError("give a run: its id, its name, the start of its id, or latest")
         with self._lock():
-            ids = sorted(self._read_index())
+            records = sorted(self._read_index().values(), key=lambda r: r.get("created_at", 0))
+        ids = [r["id"] for r in records]
         if text in ids:
             return text
-        if text == "latest" and ids:
+        if text == "latest" and not exact:
+            if not ids:
+                raise RunNotFound(f"no runs yet in {self.root}")
             return ids[-1]
         label = slugify(text).lower()
-        matches = [i for i in ids if i.startswith(text)] or [i for i in ids if _id_label(i).lower() == label]
+        matches = [i for i in ids if _id_label(i).lower() == label]  # a name first: a name may look like a date
+        if not matches and not exact and len(text) >= MIN_ID_START:
+            matches = [i for i in ids if i.startswith(text)]
         if len(matches) == 1:
             return matches[0]
         if matches:
@@ -464,7 +478,7 @@ class RunRegistry:
         by_label = {_id_label(i).lower(): i for i in ids}
         close = [by_label[c] for c in get_close_matches(label, list(by_label), n=3, cutoff=0.6)]
         raise RunNotFound(f"no run {text!r} in {self.root}" + (f" (did you mean: {', '.join(close)}?)" if close else "")
-                          + "; `sa3-lora runs list` shows them")
+                          + ("; give its whole id or its name" if exact else "") + "; `sa3-lora runs list` shows them")
 
     def create(self, config: RunConfig) -> str:
         with self._lock():

@@ -28,6 +28,7 @@ from ..encoding.dataset import item_seconds
 from ..sa3 import schedules
 from ..sa3.atomic import fsync_replace
 from ..sa3.text import TextEncoderCache
+from . import step_rate
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .preflight import check_trainable, open_continue_from, open_dataset
@@ -676,7 +677,7 @@ class Trainer:
         from .demos import run_demos
 
         set_status("training")
-        last_time, last_step = time.time(), self.step
+        rate = step_rate.StepRate(self.step)
         demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
                       if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
         while True:
@@ -694,9 +695,8 @@ class Trainer:
                     set_status("stopped")  # its demos and scores it
                     return "stopped"
                 break
-            waited = time.time()
-            stop = self.at_step_boundary(control, set_status)
-            last_time += time.time() - waited  # a pause (or a save asked for) is not training time: steps/s and ETA
+            with rate.left_out():  # a pause (or a save asked for) is not training time
+                stop = self.at_step_boundary(control, set_status)
             if stop:
                 if self.last_saved_step != self.global_step:
                     self.save_checkpoint()
@@ -708,15 +708,12 @@ class Trainer:
                 self.checkpoint_before_failing()
                 raise
             self.step += 1
-            now = time.time()
-            rate = (self.step - last_step) / max(now - last_time, 1e-9)
-            if now - last_time > 5:
-                last_time, last_step = now, self.step
+            steps_per_s = rate.after_step(self.step)
             if not math.isfinite(metrics["loss"]):
                 hint = "lower the learning rate" + ("" if c.precision == "fp32" else ", or train in fp32")
                 raise RunError(f"the loss became {metrics['loss']} at step {self.global_step}; {hint} (the run "
                                "resumes from its last checkpoint)")
-            self.log.emit("step", step=self.global_step, steps_per_s=round(rate, 4), **metrics)
+            self.log.emit("step", step=self.global_step, steps_per_s=round(steps_per_s, 4), **metrics)
             if metrics["skipped"] and self.loss_scale.lowered:  # finding its level
                 self.log.emit("loss_scale", step=self.global_step, scale=self.loss_scale.scale,
                               message=f"step {self.global_step}: fp16 gradients overflowed at this loss scale; the "
