@@ -287,9 +287,6 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if negative_prompt is not None:
             negative = model.encode_text(_broadcast(negative_prompt, n, "negative_prompt"), durations)
 
-    for source, name in ((init_audio, "init audio"), (inpaint_audio, "inpaint audio")):
-        if source is not None:
-            warn_if_source_is_cut(source, name, durations, max_seconds)
     z_init = None
     if init_audio is not None:
         z_init = encode_source(model, init_audio, audio_samples, n).to(device)
@@ -314,6 +311,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         masked_input = z_source * mask
     elif inpaint_regions:
         raise ValueError("inpaint_regions given without inpaint_audio")
+    for source, name in ((init_audio, "init audio"), (inpaint_audio, "inpaint audio")):  # once the inputs are usable
+        if source is not None:
+            warn_if_source_is_cut(source, name, durations, max_seconds)
     local_cond = torch.cat([mask, masked_input], dim=1)
 
     effective = schedules.effective_seq_len(durations, cfg.sample_rate, ratio)
