@@ -23,8 +23,10 @@ from sa3_lora_studio.sa3.fast_linear import frozen_linear
 SMALL_MUSIC_SHAPES = [(3072, 1024), (1024, 1024), (8192, 1024), (1024, 4096)]  # qkv, out / cross q, ff in, ff out
 
 
-def best_ms(fn, repeats: int) -> float:
-    fn()
+def best_ms(fn, repeats: int, warm_up: bool = True) -> float:
+    """Best of `repeats` timed calls of fn, in milliseconds (after one untimed call unless warm_up is False)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

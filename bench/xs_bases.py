@@ -12,21 +12,12 @@ The figures quoted in adapters/xs_bases.py's docstring come from here.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from adapter_layers import best_ms  # this folder's timing helper
 from sa3_lora_studio.adapters import xs_bases
 
 SMALL_MUSIC_SHAPES = ["3072x1024", "1024x1024", "8192x1024", "1024x4096"]
-
-
-def best_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
 
 
 def main() -> None:
@@ -41,11 +32,11 @@ def main() -> None:
     for spec in args.shapes:
         out_f, in_f = (int(x) for x in spec.lower().split("x"))
         w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) / in_f**0.5
-        svd = best_ms(lambda w=w: xs_bases.compute_svd_bases(w, args.rank), args.repeats)
-        digest = best_ms(lambda w=w: xs_bases._content_key(w, args.rank), args.repeats)
+        svd = best_ms(lambda w=w: xs_bases.compute_svd_bases(w, args.rank), args.repeats, warm_up=False)
+        digest = best_ms(lambda w=w: xs_bases._content_key(w, args.rank), args.repeats, warm_up=False)
         xs_bases.clear_cache()
         xs_bases.svd_bases(w, args.rank)
-        hit = best_ms(lambda w=w: xs_bases.svd_bases(w, args.rank), max(args.repeats, 5))
+        hit = best_ms(lambda w=w: xs_bases.svd_bases(w, args.rank), max(args.repeats, 5), warm_up=False)
         print(f"{spec:>12} {w.numel() * 4 / 2**20:6.1f} {svd:12.0f} ms {digest:12.1f} ms {hit:11.2f} ms")
 
 
