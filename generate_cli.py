@@ -179,11 +179,11 @@ def run_generate(args) -> int:
     duration = output_seconds(args.duration, source, max_seconds=max_output_seconds(model))
     if args.duration is None and source is not None:
         print(f"sa3-lora generate: no --duration: the source's length, {duration:.3f} s", file=sys.stderr)
-        if regions and not args.continuation:
-            try:
-                check_regions_inside(regions, duration, from_source=True)
-            except ValueError as e:
-                raise ValueError(f"--regions: {e} (--duration)") from None
+    if regions and not args.continuation:
+        try:
+            check_regions_inside(regions, duration, from_source=args.duration is None)
+        except ValueError as e:
+            raise ValueError(f"--regions: {e} (--duration)") from None
     args.duration = duration
     sampler, steps, cfg = sampling_defaults(model)
     common = {"model": model.source, "negative_prompt": args.negative_prompt, "duration": args.duration, "seed": seed,

@@ -53,11 +53,11 @@ def parse_regions(text: str) -> list[tuple[float, float]]:
 
 
 def continuation_region(source, duration: float) -> tuple[float, float]:
-    """The inpainting region that continues `source` ((waveform [..., N], rate)) from its end up to `duration` s."""
-    source_seconds = source[0].shape[-1] / source[1]
-    if duration <= source_seconds:
-        raise ValueError(f"continuation needs duration > the source length ({source_seconds:.2f} s)")
-    return source_seconds, float(duration)
+    """The inpainting region that continues `source` (any form `as_audio` takes) from its end up to `duration` s."""
+    seconds = source_seconds(source)
+    if duration <= seconds:
+        raise ValueError(f"continuation needs duration > the source length ({seconds:.2f} s)")
+    return seconds, float(duration)
 
 
 def source_seconds(source, name: str = "source audio") -> float:
