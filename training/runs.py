@@ -34,15 +34,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 TIMESTEP_SAMPLERS = ("trunc_logit_normal", "logit_normal", "uniform")
 CROP_FROM = ("random", "start")  # where a training crop of a longer file begins
 DEMO_MODES = ("generate", "inpaint", "continue")  # DemoSpec.mode
-# What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
-# demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
 # Other trainers' names (the official scripts, underfit, fal) for our fields: a config key near one is pointed at ours
 FIELD_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_steps": "steps",
                  "batch": "batch_size", "lora_rank": "rank", "lora_alpha": "alpha", "lora_type": "adapter_type",
                  "adapter": "adapter_type", "lora_dropout": "dropout", "save_every": "checkpoint_every",
-"random_seed": "seed", "dataset_dir": "dataset", "model_path": "model",
+                 "random_seed": "seed", "dataset_dir": "dataset", "model_path": "model",
                  "continue_from_lora": "continue_from", "clip_grad_norm": "grad_clip", "warmup": "warmup_steps"}
-
+# What a resumed run may change (`RunRegistry.amend`): its length, schedule, batches, objective options, cadence and
+# demos. Not what the adapter is (model, dataset, type, rank, alpha, targets), its seed, precision or device.
 RESUME_SETTINGS = ("steps", "lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "batch_size", "crop_seconds",
                    "crop_from", "gradient_checkpointing", "detach_norm", "timestep_sampler", "ot_coupling",
                    "inpaint_probabilities", "mask_loss_weight", "cfg_dropout", "checkpoint_every", "demo_every", "demos",
