@@ -26,9 +26,9 @@ from torch import Tensor
 
 from ..sa3.fast_linear import onednn_applies, rows_times_wt
 
-# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through torch.mm(W, rowsᵀ): up to ~20 % faster than oneDNN's
-# rows·Wᵀ at r = 16 on the bench machine (5-24 % on the attention and ff-out shapes, even on ff-in; weights cycled out
-# of cache), never measurably slower; Bᵀ·W (the other direction) is fastest through oneDNN with the view Wᵀ.
+# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through torch.mm(W, rowsᵀ): faster than oneDNN's rows·Wᵀ at
+# r = 16 on the bench machine, never measurably slower (bench/step_products.py prints both over the DiT's layers);
+# Bᵀ·W (the other direction) is fastest through oneDNN with the view Wᵀ.
 BLOCK_BYTES = 4 << 20  # row blocks of W for passes that form W∘W or re-read a block (bench/adapter_layers.py)
 
 

@@ -1,0 +1,140 @@
+"""The products with W one training step makes, summed over every DiT layer, on the CPU.
+
+    python bench/step_products.py                      # small-music, 10 s crop, rank 16
+    python bench/step_products.py --models medium --rank 32
+
+Where DoRA/BoRA steps spend their time beyond a LoRA step (README, "Training speed"). A no-grad forward of the
+random-weight DiT records each Linear/Conv1d's weight and input rows; then each kind of product is timed over all
+layers in turn, with their own weights, so W comes from memory as in a step (best of --repeats passes), in seconds
+per step:
+- `main x·Wᵀ`: the layers' own forward products (rows as in the step; the backward's g·W costs about the same);
+- `rank-r W·rowsᵀ` (torch.mm, as adapters/fused.py computes it; and through oneDNN, for comparison) and `rank-r
+  rows·W` (oneDNN with the view Wᵀ): one product of r rows with every W, as P = W·Aᵀ and Q = Bᵀ·W are (DoRA-cols
+  makes one of each per step, BoRA four, BoRA-xs two);
+- `(W∘W)ᵀ·v`: the column-norm product with W∘W formed in row blocks (BoRA and BoRA-xs make two per step).
+The no-grad forward itself is printed beside them for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from sa3_lora_studio.adapters.fused import row_blocks
+from sa3_lora_studio.sa3.config import family_defaults, read_config
+from sa3_lora_studio.sa3.fast_linear import rows_times_wt
+from sa3_lora_studio.training.cpu_heap import keep_heap
+from sa3_lora_studio.training.vram import build_random_dit_tree, random_step_inputs
+
+REAL_LATENT_RATE = 44100 / 4096
+
+
+def recorded_layers(dit, inputs) -> list[tuple[torch.Tensor, int]]:
+    """(weight [out, in], input rows) of every Linear/Conv1d the DiT's forward runs, in order: plain Linears go
+    through `sa3.dit.frozen_linear` (recorded there), others through their module call (a forward hook)."""
+    from sa3_lora_studio.sa3 import dit as dit_module
+
+    layers, hooks = [], []
+
+    def add(weight, x):
+        w = weight.reshape(weight.shape[0], -1)
+        layers.append((w, x.numel() // w.shape[1]))
+
+    for module in dit.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv1d):
+            hooks.append(module.register_forward_hook(lambda mod, args, out: add(mod.weight, args[0])))
+    original = dit_module.frozen_linear
+
+    def recording_linear(x, w, bias=None):
+        add(w, x)
+        return original(x, w, bias)
+
+    dit_module.frozen_linear = recording_linear
+    try:
+        with torch.inference_mode():
+            dit(*inputs)
+    finally:
+        dit_module.frozen_linear = original
+        for h in hooks:
+            h.remove()
+    return layers
+
+
+def seconds_over_layers(layers, product, repeats: int) -> float:
+    """Best of `repeats` passes of product(w, rows) over all layers, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w, rows in layers:
+            product(w, rows)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_model(spec: str, args) -> None:
+    config = read_config(spec if os.path.exists(spec) else family_defaults(spec))
+    n = max(1, round(args.seconds * REAL_LATENT_RATE))
+    n += (-n) % config.latent_alignment
+    dit = build_random_dit_tree(config).model.model
+    x, _, t, cross, glob, local = random_step_inputs(config, 1, n, torch.Generator().manual_seed(0))
+    inputs = (x, t, cross, glob, local)
+    layers = recorded_layers(dit, inputs)
+    r = args.rank
+    down = {w.shape[1]: torch.randn(r, w.shape[1]) for w, _ in layers}  # A-like [r, in]
+    up_t = {w.shape[0]: torch.randn(r, w.shape[0]) for w, _ in layers}  # Bᵀ-like [r, out]
+    rows_in = {(rows, w.shape[1]): torch.randn(rows, w.shape[1]) for w, rows in layers}
+    row_weights = {w.shape[0]: torch.rand(w.shape[0]) for w, _ in layers}
+
+    def squared_product(w, rows):
+        out = torch.zeros(w.shape[1])
+        for block in row_blocks(w):
+            out.addmv_((w[block] * w[block]).T, row_weights[w.shape[0]][block])
+
+    products = {
+        "main x·Wᵀ": lambda w, rows: rows_times_wt(rows_in[rows, w.shape[1]], w),
+        f"rank-{r} W·rowsᵀ (mm)": lambda w, rows: torch.mm(w, down[w.shape[1]].T),
+        f"rank-{r} W·rowsᵀ (oneDNN)": lambda w, rows: rows_times_wt(down[w.shape[1]], w),  # as before fused.py took mm
+        f"rank-{r} rows·W (oneDNN)": lambda w, rows: rows_times_wt(up_t[w.shape[0]], w.t()),
+        "(W∘W)ᵀ·v in row blocks": squared_product,
+    }
+    weights_gb = sum(w.numel() * w.element_size() for w, _ in layers) / 2**30
+    print(f"{spec}: {len(layers)} layers, {weights_gb:.2f} GB of weights, {n} latents, rank {r}", flush=True)
+
+    def forward():
+        with torch.inference_mode():
+            dit(*inputs)
+
+    forward()
+    best_forward = min(_timed(forward) for _ in range(args.repeats))
+    print(f"  {'no-grad forward':28s} {best_forward:6.3f} s", flush=True)
+    for name, product in products.items():
+        seconds = seconds_over_layers(layers, product, args.repeats)
+        print(f"  {name:28s} {seconds:6.3f} s  ({seconds / best_forward:4.2f}x the forward)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["small-music"], help="model config JSONs or families")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_heap()  # as a training step runs on the CPU
+    print(f"torch {torch.__version__} threads={torch.get_num_threads()} load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    for spec in args.models:
+        bench_model(spec, args)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
