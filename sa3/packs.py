@@ -157,15 +157,9 @@ def download_pack(name: str, variant: str, models_dir: str | Path | None = None,
 
 def hub_cache_dir() -> str:
     """Where huggingface_hub keeps downloads ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub)."""
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        return str(constants.HF_HUB_CACHE)
-    except ImportError:
-        import os
-
-        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-        return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    return str(constants.HF_HUB_CACHE)
 
 
 def resolve_pack(name: str, variant: str, models_dir: str | Path | None = None, download: bool = False,

@@ -156,8 +156,8 @@ def test_steps_per_second_leave_out_pauses_and_follow_a_monotonic_clock():
 
 
 def test_a_paused_run_reports_its_rate_without_the_pause(tmp_path, tiny, dataset, fixtures_dir, monkeypatch):
-    """The trainer hands the pause to StepRate: with the clock stopped outside the pause, the rate stays finite and
-    positive and the pause (10 000 s on that clock) is not in it."""
+    """The trainer hands the pause to StepRate: on a clock that reads 0.5 s later each time and jumps 10 000 s
+    while the run is paused, the rate stays near one step a second, the pause not in it."""
     from sa3_lora_studio.training import step_rate
 
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
