@@ -201,6 +201,13 @@ result.folderGone = await shownAfter(async (store) => { runs = []; await store.r
 runs = [{ id: "only", status: "done" }];
 api.control = async () => ({ deleted: true });  // the reply came before the websocket's "deleted"
 result.deletedHere = await shownAfter(async (store) => { runs = []; await store.control("delete", {}); });
+// the selected run deleted with another left: that one is shown
+runs = [{ id: "a", status: "done" }, { id: "b", status: "training" }];
+result.another = await shownAfter(async () => {
+  runs = [runs[0]];
+  live({ run: "b", type: "deleted" });
+  await new Promise((resolve) => setTimeout(resolve, 50));  // its history read
+});
 // a run queued while the panel shows none: listed and shown
 runs = [];
 const empty = new Store(api, { storage: null });
@@ -223,7 +230,7 @@ def test_views_of_the_selected_run_empty_when_it_goes_away_with_no_other_run():
     out = subprocess.run(["node", "--input-type=module", "-e", STORE_SCRIPT % module], capture_output=True,
                          text=True, timeout=30, check=True)
     assert json.loads(out.stdout) == {"deleted": [None, 0], "folderGone": [None, 0], "deletedHere": [None, 0],
-                                      "firstRun": "new"}
+                                      "another": ["a", 1], "firstRun": "new"}
 
 
 def test_panel_curves_and_demo_grouping_equal_the_server_rules(site):

@@ -91,7 +91,7 @@ export class Store {
       const selectedGone = this.selectedId && !this.runs.some((r) => r.id === this.selectedId);
       if (selectedGone) this.selectedId = null;
       this.emit("runs");
-      if (selectedGone) this.unselected();
+      if (selectedGone) await this.selectedWentAway();
     } catch (err) {
       this.say(`Could not list runs: ${err.message}`, "error");
     }
@@ -111,9 +111,12 @@ export class Store {
     await this.catchUp(runId);
   }
 
-  /** The selected run went away (deleted, or its folder gone) with none to show instead: every view of a run
-   * empties, the views of its events too. */
-  unselected() {
+  /** The selected run went away (deleted, or its folder gone): show another (`selectIfNone`), or with none left
+   * empty every view of a run, the views of its events too. */
+  async selectedWentAway() {
+    this.selectedId = null;
+    await this.selectIfNone();
+    if (this.selectedId) return;
     this.emit("selected");
     this.emit("events");
   }
@@ -187,12 +190,7 @@ export class Store {
     if (event.type === "deleted") {  // a run deleted while it trained: gone once its trainer stopped
       this.runs = this.runs.filter((r) => r.id !== runId);
       this.runData.delete(runId);
-      if (this.selectedId === runId) {
-        this.selectedId = null;
-        const next = this.runs[this.runs.length - 1];
-        if (next) this.select(next.id);
-        else this.unselected();
-      }
+      if (this.selectedId === runId) this.selectedWentAway();
       this.emit("runs");
       return;
     }
@@ -250,11 +248,8 @@ export class Store {
         this.say(`Deleting ${run.name}: it stops at its next step, then its files go.`);
       } else if (action === "delete") {
         this.runData.delete(run.id);
-        this.selectedId = null;
-        await this.refreshRuns();
-        const next = this.runs[this.runs.length - 1];
-        if (next) await this.select(next.id);
-        else this.unselected();
+        await this.refreshRuns();  // shows another run, or none, once the deleted one is no longer listed
+        if (this.selectedId === run.id) await this.selectedWentAway();
         this.say(`Deleted ${run.name}.`);
       } else {
         // the new status arrives as a live event; the response's record may already be older than that event
