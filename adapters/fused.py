@@ -167,29 +167,37 @@ class _BoraLinear(torch.autograd.Function):
     Row norms need P = W·Aᵀ; the column norms of diag(d)·V need Q = (d²∘B)ᵀ·W and S = (d²)ᵀ·(W∘W). d of a row
     depends only on that row, so all three come from ONE pass over W in row blocks (P, then d, then the block's
     share of Q and S), and the backward's three W terms likewise; plus the layer's own product each way.
-    P may come in (an -xs layer's (W·V)·Mᵀ): then the walks skip it and dL/dP goes back to it."""
+    P may come in (an -xs layer's (W·V)·Mᵀ): then the walks skip it and dL/dP goes back to it.
+    The walks do only what needs the block of W (its products, and d or dL/dP of its rows when P is computed there);
+    every other per-row term is one vectorised op per layer: a walk costs per block, not per op."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m_r: Tensor, m_c: Tensor, scale: float, w: Tensor,
                 bias: Tensor | None, row_sq: Tensor, p_in: Tensor | None, detach_norm: bool) -> Tensor:
         s, r = scale, a.shape[0]
-        p = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device) if p_in is None else p_in
+        bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
+        qr = torch.add(row_sq, torch.linalg.vecdot(bk, b), alpha=s * s)  # ‖V‖²_rows without the P term yet
         q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
         col_sq = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
-        bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
-        d, norm_r, inv_r = torch.empty_like(m_r), torch.empty_like(m_r), torch.empty_like(m_r)
+        if p_in is None:
+            p, d = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device), torch.empty_like(m_r)
+        else:
+            p = p_in
+            qr.add_(torch.linalg.vecdot(p, b), alpha=2 * s)
+            d = _renorm_factor(qr, m_r)[0]
+        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block
         for rows in row_blocks(w):
-            wb = w[rows]
+            wb, b_rows = w[rows], b[rows]
             if p_in is None:
-                torch.mm(wb, a.T, out=p[rows])
-            qr = row_sq[rows] + (2 * s) * (p[rows] * b[rows]).sum(1) + (s * s) * (bk[rows] * b[rows]).sum(1)
-            d[rows], norm_r[rows], inv_r[rows] = _renorm_factor(qr, m_r[rows])
-            g2 = d[rows] * d[rows]
-            q.add_(rows_times_wt((b[rows] * g2[:, None]).T, wb.t()))
-            col_sq.addmv_((wb * wb).T, g2)
+                qr[rows] += (2 * s) * torch.linalg.vecdot(torch.mm(wb, a.T, out=p[rows]), b_rows)
+                torch.mul(qr[rows].clamp_min(0).sqrt_().add_(EPS).reciprocal_(), m_r[rows], out=d[rows])
+            d2 = d[rows].square()
+            q.add_(rows_times_wt((b_rows * d2[:, None]).T, wb.t()))
+            col_sq.addmv_(torch.mul(wb, wb, out=squares[:wb.shape[0]]).T, d2)
+        d, norm_r, inv_r = _renorm_factor(qr, m_r)  # the same values as the walk's d, with the norms kept
         g2 = d * d
         kb = b.T @ (b * g2[:, None])  # Bᵀ diag(d²) B [r, r]
-        qc = col_sq + (2 * s) * (q * a).sum(0) + (s * s) * ((kb @ a) * a).sum(0)
+        qc = col_sq + (2 * s) * torch.linalg.vecdot(q, a, dim=0) + (s * s) * torch.linalg.vecdot(kb @ a, a, dim=0)
         c, norm_c, inv_c = _renorm_factor(qc, m_c)
         xc = x2 * c
         z = rows_times_wt(xc, w)
@@ -219,35 +227,43 @@ class _BoraLinear(torch.autograd.Function):
         g_qc = _sq_norm_grad(g_c, m_c, norm_c, inv_c)  # [in]
         g2 = d * d
         g_qa = g_qc * a  # [r, in]; dL/dQ = 2s·g_qa
-        # column-norm terms: S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW, Kb = Bᵀdiag(d²)B
-        g_a = (g_h.T @ xc).add_(g_qc * q, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
         g_kb = (s * s) * (a @ g_qa.T)  # [r, r], symmetric
-        g_b = (g_z.T @ h).mul_(s)
+        # dL/d(d²∘B) = 2s·W·g_qaᵀ + B·g_Kb and dL/d(d²) = (W∘W)·g_qc + rowsum(that ∘ B): the walk's products,
+        # S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW, Kb = Bᵀdiag(d²)B
+        g_ub = b @ g_kb
+        w_gqa = torch.empty_like(b)  # W·g_qaᵀ [out, r]
         g_g2 = torch.empty_like(d)
-        g_ub = torch.empty_like(b)  # dL/d(d²∘B)
-        g_mr = torch.empty_like(m_r)
-        g_qr_all = torch.empty_like(m_r)
-        g_row = None if ctx.p_given else torch.zeros_like(a)  # Σ_blocks g_Pᵀ·W_block
+        g_qr = torch.empty_like(d)  # dL/d‖V‖²_rows
+        g_row = None if ctx.p_given else torch.zeros_like(a)  # Σ_blocks dL/dP_blockᵀ·W_block
+        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)
         for rows in row_blocks(w):
             wb = w[rows]
-            g_g2[rows] = (wb * wb) @ g_qc
-            g_ub[rows] = torch.mm(wb, g_qa.T).mul_(2 * s) + b[rows] @ g_kb
-            g_g2[rows] += (g_ub[rows] * b[rows]).sum(1)
-            g_dr = g_d[rows] + 2 * d[rows] * g_g2[rows]
-            g_mr[rows] = g_dr * inv_r[rows]
-            g_qr = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])[:, None]
-            g_qr_all[rows] = g_qr[:, 0]
-            if g_row is not None:
-                g_row.add_(rows_times_wt(((2 * s) * g_qr * b[rows]).T, wb.t()))  # dL/dP of the block, times W
-            g_b[rows] += g_ub[rows] * g2[rows, None] + (2 * s) * g_qr * p[rows] + (2 * s * s) * g_qr * bk[rows]
+            torch.mv(torch.mul(wb, wb, out=squares[:wb.shape[0]]), g_qc, out=g_g2[rows])
+            torch.mm(wb, g_qa.T, out=w_gqa[rows])
+            if g_row is not None:  # dL/dP of these rows needs their dL/d(d²) now: W's block is at hand
+                g_ub[rows] += (2 * s) * w_gqa[rows]
+                g_g2[rows] += torch.linalg.vecdot(g_ub[rows], b[rows])
+                g_dr = torch.addcmul(g_d[rows], d[rows], g_g2[rows], value=2)
+                g_qr[rows] = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])
+                g_row.add_(rows_times_wt((b[rows] * g_qr[rows, None]).T, wb.t()), alpha=2 * s)
+        if g_row is None:  # the same row terms, vectorised
+            g_ub.add_(w_gqa, alpha=2 * s)
+            g_g2.add_(torch.linalg.vecdot(g_ub, b))
+            g_qr = _sq_norm_grad(torch.addcmul(g_d, d, g_g2, value=2), m_r, norm_r, inv_r)
+        g_dr = torch.addcmul(g_d, d, g_g2, value=2)
+        g_mr = g_dr * inv_r
+        g_qr_col = g_qr[:, None]
+        g_a = (g_h.T @ xc).add_(g_qc * q, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
+        g_b = (g_z.T @ h).mul_(s)
+        g_b.addcmul_(g_ub, g2[:, None]).add_(g_qr_col * p, alpha=2 * s).add_(g_qr_col * bk, alpha=2 * s * s)
         g_b.addmm_(b * g2[:, None], g_kb)  # Kb = Bᵀ·(d²∘B): the (d²∘B) side went into g_ub, this is the Bᵀ side
         # row-norm terms: P = W·Aᵀ (dL/dA += g_Pᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
-        g_a.addmm_(b.T @ (g_qr_all[:, None] * b), a, alpha=2 * s * s)
+        g_a.addmm_(b.T @ (g_qr_col * b), a, alpha=2 * s * s)
         g_p_in = None
         if g_row is not None:
             g_a.add_(g_row)
         elif ctx.needs_input_grad[9]:
-            g_p_in = (2 * s) * g_qr_all[:, None] * b
+            g_p_in = (2 * s) * g_qr_col * b
         return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in, None
 
 

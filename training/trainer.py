@@ -31,6 +31,7 @@ from ..sa3.text import TextEncoderCache
 from . import step_rate
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
+from .optimizer import adamw, load_adamw_state
 from .preflight import check_trainable, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
@@ -283,7 +284,7 @@ class Trainer:
         self.params = params
         self.param_names = [f"{layer}.{name}" for layer, slot in self.stack.slots(0).items()
                             for name, _ in slot.named_parameters()]  # the order of `params` (slot by slot)
-        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
+        self.optimizer = adamw(groups, lr=c.lr, betas=tuple(c.betas))
         warmup = max(0, c.warmup_steps)
         self.loss_scale = LossScale(enabled=c.precision == "fp16")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -340,7 +341,7 @@ class Trainer:
         with torch.no_grad():
             for p, saved in zip(self.params, state["adapter"]):
                 p.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_adamw_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "loss_scale" in state:  # states written before fp16 loss scaling start from the initial scale
             self.loss_scale.load_state_dict(state["loss_scale"])

@@ -245,6 +245,7 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     from ..adapters import AdaptedModel, Root, new_adapter
     from ..sa3.schedules import masked_flow_loss
     from .cpu_heap import keep_heap
+    from .optimizer import adamw
 
     keep_heap()  # as Trainer.train does on the CPU; this process exists to measure steps, so it is never released
 
@@ -256,7 +257,7 @@ def make_training_step(tree, model_config, adapter_type: str, rank: int, batch: 
     with torch.no_grad():  # a trained-looking adapter: B / M_xs away from zero so every path does real work
         for p in params:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    optimizer = adamw(params, lr=1e-4, betas=(0.9, 0.95))
     dit, view_dit = tree.model.model, stack.module.model.model
     dit.gradient_checkpointing = view_dit.gradient_checkpointing = gradient_checkpointing
     x, target, t, cross, glob, local = random_step_inputs(model_config, batch, crop_latents, g, prompt_tokens)
