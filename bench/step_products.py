@@ -11,8 +11,11 @@ per step:
 - `rank-r W·rowsᵀ` (torch.mm, as adapters/fused.py computes it; and through oneDNN, for comparison) and `rank-r
   rows·W` (oneDNN with the view Wᵀ): one product of r rows with every W, as P = W·Aᵀ and Q = Bᵀ·W are (DoRA-cols
   makes one of each per step, BoRA four, BoRA-xs two);
-- `(W∘W)ᵀ·v`: the column-norm product with W∘W formed in row blocks (BoRA and BoRA-xs make two per step).
-The no-grad forward itself is printed beside them for scale.
+- `(W∘W)ᵀ·v`: the column-norm product with W∘W formed in row blocks (BoRA and BoRA-xs make two per step);
+- `bora walk`: P, Q and the W∘W product one row block after the other, as BoRA's forward makes them: beside the sum
+  of the three alone, it shows what reading each block from cache instead of memory saves.
+Each line also gives the multiply-adds per second the kernels reached (GFMA/s); the no-grad forward is printed
+beside them for scale.
 """
 
 from __future__ import annotations
@@ -92,13 +95,29 @@ def bench_model(spec: str, args) -> None:
         for block in row_blocks(w):
             out.addmv_((w[block] * w[block]).T, row_weights[w.shape[0]][block])
 
+    walk = "bora walk (W·Aᵀ, Bᵀ·W, W∘W)"
+
+    def bora_walk(w, rows):
+        p, q = torch.empty(w.shape[0], r), torch.zeros(r, w.shape[1])
+        out, d2, b_t = torch.zeros(w.shape[1]), row_weights[w.shape[0]], up_t[w.shape[0]]
+        for block in row_blocks(w):
+            torch.mm(w[block], down[w.shape[1]].T, out=p[block])
+            q.add_(rows_times_wt(b_t[:, block] * d2[block], w[block].t()))
+            out.addmv_((w[block] * w[block]).T, d2[block])
+
     products = {
         "main x·Wᵀ": lambda w, rows: rows_times_wt(rows_in[rows, w.shape[1]], w),
         f"rank-{r} W·rowsᵀ (mm)": lambda w, rows: torch.mm(w, down[w.shape[1]].T),
         f"rank-{r} W·rowsᵀ (oneDNN)": lambda w, rows: rows_times_wt(down[w.shape[1]], w),  # as before fused.py took mm
         f"rank-{r} rows·W (oneDNN)": lambda w, rows: rows_times_wt(up_t[w.shape[0]], w.t()),
         "(W∘W)ᵀ·v in row blocks": squared_product,
+        walk: bora_walk,
     }
+    weight_count = sum(w.numel() for w, _ in layers)
+    multiply_adds = {name: weight_count * r for name in products}  # per weight: r for a rank-r product
+    multiply_adds["main x·Wᵀ"] = sum(w.numel() * rows for w, rows in layers)
+    multiply_adds["(W∘W)ᵀ·v in row blocks"] = 2 * weight_count  # the square, then the weighted sum
+    multiply_adds[walk] = (2 * r + 2) * weight_count
     weights_gb = sum(w.numel() * w.element_size() for w, _ in layers) / 2**30
     print(f"{spec}: {len(layers)} layers, {weights_gb:.2f} GB of weights, {n} latents, rank {r}", flush=True)
 
@@ -109,9 +128,14 @@ def bench_model(spec: str, args) -> None:
     forward()
     best_forward = min(_timed(forward) for _ in range(args.repeats))
     print(f"  {'no-grad forward':28s} {best_forward:6.3f} s", flush=True)
+    walk_parts = (f"rank-{r} W·rowsᵀ (mm)", f"rank-{r} rows·W (oneDNN)", "(W∘W)ᵀ·v in row blocks")
+    timed = {}
     for name, product in products.items():
-        seconds = seconds_over_layers(layers, product, args.repeats)
-        print(f"  {name:28s} {seconds:6.3f} s  ({seconds / best_forward:4.2f}x the forward)", flush=True)
+        timed[name] = seconds = seconds_over_layers(layers, product, args.repeats)
+        rate = multiply_adds[name] / seconds / 1e9
+        parts = f"  (the three alone: {sum(timed[p] for p in walk_parts):.3f} s)" if name == walk else ""
+        print(f"  {name:28s} {seconds:6.3f} s  ({seconds / best_forward:4.2f}x the forward)  {rate:5.1f} GFMA/s{parts}",
+              flush=True)
 
 
 def main() -> None:
