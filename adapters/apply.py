@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import math
 import threading
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
+from . import notices
 from .files import LoadedAdapter, weights_fingerprint
 from .maths import (
     BaseProducts,
@@ -103,7 +103,7 @@ class AdapterUse:
 @dataclass
 class ApplyReport:
     """What applying a stack did: per adapter the number of layers applied and the file's layers that matched
-    nothing, plus warnings (also issued through `warnings.warn`)."""
+    nothing, plus warnings (also issued through `notices.warn`)."""
 
     applied: list[int] = field(default_factory=list)
     unmatched: list[list[str]] = field(default_factory=list)
@@ -556,7 +556,7 @@ class AdaptedModel:
 
     def _warn(self, message: str) -> None:
         self.report.warnings.append(message)
-        warnings.warn(message, stacklevel=3)
+        notices.warn(message, stacklevel=3)
 
     def slots(self, index: int) -> dict[str, AdapterSlot]:
         """The slots of adapter `index`, by full layer path."""
@@ -738,7 +738,7 @@ class XsOrigin(NamedTuple):
     source: XsBasesSource | None
     note: str | None = None
     warning: str | None = None
-    loud: bool = False  # the warning also goes through warnings.warn (weights that differ from the training's)
+    loud: bool = False  # the warning also goes through notices.warn (weights that differ from the training's)
 
 
 def xs_bases_origin(adapter: LoadedAdapter, own_weights: dict[str, Tensor], name: str,

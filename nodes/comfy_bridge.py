@@ -25,6 +25,17 @@ def progress_callback(total: int, node_id: str | None = None):
     return callback
 
 
+def with_notices(result: tuple, found: list[str]) -> dict:
+    """A node's return value with the engine's notices of this call (`adapters.notices.collected`): printed to the
+    console and shown on the node every time, not once per process as Python's warnings are. No notices still sends
+    an empty text, which takes an earlier run's warning off the node. A message said twice (a retry after freeing
+    memory) is shown once."""
+    found = list(dict.fromkeys(found))
+    for message in found:
+        print(f"SA3 LoRA Studio: warning: {message}")
+    return {"ui": {"text": [f"warning: {message}" for message in found]}, "result": result}
+
+
 def throw_if_interrupted() -> None:
     try:
         import comfy.model_management as mm

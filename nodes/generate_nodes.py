@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import notices
 from ..sa3.generate import (
     ADAPTER_MODES,
     check_regions_inside,
@@ -12,7 +13,7 @@ from ..sa3.generate import (
     output_seconds,
     parse_regions,
 )
-from .comfy_bridge import CATEGORY, progress_callback
+from .comfy_bridge import CATEGORY, progress_callback, with_notices
 from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
@@ -81,7 +82,7 @@ def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, ba
 
     advice = (f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch {batch_size}). Try a shorter "
               "duration, batch 1, or a model loaded in bf16")
-    with using(model):  # held while ComfyUI frees memory for a retry: this model is the one that needs it
+    with using(model), notices.collected() as found:  # model held while ComfyUI frees memory for a retry
         try:
             waveform, rate = retry_after_freeing(lambda: generate(lora_memory), model.device, advice)
         except DeviceOutOfMemory:
@@ -91,7 +92,7 @@ def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, ba
             # weights may fit
             print(f"SA3 LoRA Studio: out of memory on {model.device} with lora_memory 'fast'; generating with 'low'")
             waveform, rate = retry_after_freeing(lambda: generate("low"), model.device, advice)
-    return (audio_output(waveform, rate),)
+    return with_notices((audio_output(waveform, rate),), found)
 
 
 class SA3Generate:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..adapters import notices
 from ..sa3.packs import PACKS, get_pack
 from ..sa3.residency import empty_device_cache, is_out_of_memory
 from ..training.trainer import usable_device
-from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir
+from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir, with_notices
 
 _CACHE: dict[tuple, object] = {}
 _KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its cache key, while the model lives
@@ -203,9 +204,11 @@ class SA3LoadPack:
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs normal tensors
                 return get_or_load(key, loader)
 
-        return (retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack} in {dtype} on "
-                                    f"{dev}. Try dtype bf16 or fp16, a smaller pack (sa3-small-* instead of "
-                                    "sa3-medium), or device cpu"),)
+        with notices.collected() as found:  # e.g. a checkpoint whose config had to be guessed
+            model = retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack} in {dtype} "
+                                        f"on {dev}. Try dtype bf16 or fp16, a smaller pack (sa3-small-* instead of "
+                                        "sa3-medium), or device cpu")
+        return with_notices((model,), found)
 
 
 class SA3UnloadModels:

@@ -15,13 +15,13 @@ The flow mirrors the official `StableAudioModel.generate` so a seed gives the of
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..adapters import notices
 from . import samplers as samplers_mod
 from . import schedules
 
@@ -114,7 +114,7 @@ def warn_if_source_is_cut(source, name: str, durations: Sequence[float], max_sec
         fix = (f"a duration of {_up_to_ms(seconds)} s keeps all of it" if seconds <= max_seconds
                else f"the model makes at most {math.floor(max_seconds * 1000) / 1000:g} s: split the source")
         cut = f"{math.floor(longest * 1000) / 1000:g}"
-        warnings.warn(f"the {name} lasts {_up_to_ms(seconds)} s but the output {cut} s: only its first {cut} s are "
+        notices.warn(f"the {name} lasts {_up_to_ms(seconds)} s but the output {cut} s: only its first {cut} s are "
                       f"used ({fix})", stacklevel=3)
 
 
@@ -263,7 +263,7 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
         if d <= 0:
             raise ValueError(f"duration must be > 0 s (got {d:g})")
         if d > max_seconds:
-            warnings.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.4g} s; "
+            notices.warn(f"duration {d:g} s is longer than the model's native maximum {max_seconds:.4g} s; "
                           "the output is capped there", stacklevel=2)
     seed = resolve_seed(seed)
     if not 0 < init_noise_level <= 1:

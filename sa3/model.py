@@ -8,7 +8,6 @@ code); it loads from the pack's `t5gemma-b-b-ul2/` folder or ComfyUI's single `t
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapters import notices
 from .autoencoder import SAMEAutoencoder
 from .conditioners import MultiConditioner
 from .config import (
@@ -315,7 +315,7 @@ def sidecar_config(path: Path) -> SA3Config | None:
     try:
         return read_config(path)
     except (ConfigError, OSError, ValueError) as e:
-        warnings.warn(f"{path.name} beside the checkpoint is not its model_config.json ({e}); ignored", stacklevel=3)
+        notices.warn(f"{path.name} beside the checkpoint is not its model_config.json ({e}); ignored", stacklevel=3)
         return None
 
 
@@ -395,7 +395,7 @@ def locate_checkpoint(source: str | Path, *, variant: str | None = None, text_en
     if guessed:
         message = guessed_fields_message(weights, cfg, objective, stride, set(config_overrides))
         if message:
-            warnings.warn(message, stacklevel=2)
+            notices.warn(message, stacklevel=2)
     cfg = with_prompt_projections(cfg, file.shapes)
     if cfg.objective not in ("rectified_flow", "rf_denoiser"):
         raise ConfigError(f"objective={cfg.objective!r}")

@@ -20,7 +20,6 @@ Randomness only comes in through an explicit `torch.Generator`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -28,6 +27,8 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..adapters import notices
 
 SeqLen = int | float | Tensor | None  # latent frames: one for all items, or [B] (one per item)
 
@@ -474,7 +475,7 @@ def inpaint_latent_mask(regions: Sequence[tuple[float, float]], n_latents: int, 
             raise ValueError(f"inpaint region ({start_s}, {end_s}) s starts after the output's end "
                              f"({output_end / sample_rate:.2f} s): nothing would be regenerated")
         if int(end_s * sample_rate) > output_end:  # what the user asked is not what happens: say so
-            warnings.warn(f"inpaint region ({start_s:g}, {end_s:g}) s runs past the output's end "
+            notices.warn(f"inpaint region ({start_s:g}, {end_s:g}) s runs past the output's end "
                           f"({output_end / sample_rate:.2f} s): regenerated up to there", stacklevel=3)
         start = min(int(start_s * sample_rate), audio_samples)
         end = min(int(end_s * sample_rate), audio_samples)

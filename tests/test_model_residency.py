@@ -40,7 +40,7 @@ def _generate(model, seed=3):
 
     seconds = model.config.sample_size / model.sample_rate
     with torch.inference_mode():
-        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, seed, 2, 3.0, "auto", 1)
+        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, seed, 2, 3.0, "auto", 1)["result"]
     return audio["waveform"]
 
 
@@ -367,7 +367,7 @@ def test_a_generation_with_loras_that_never_fits_merged_falls_back_to_low_memory
     seconds = model.config.sample_size / model.sample_rate
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1, loras=loras)
+        (audio,) = SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1, loras=loras)["result"]
         assert memories == ["fast", "fast", "low"] and torch.isfinite(audio["waveform"]).all()
         assert "generating with 'low'" in capsys.readouterr().out
         memories.clear()

@@ -1,6 +1,7 @@
 """The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
 
 import shutil
+import warnings
 from pathlib import Path
 
 import comfy_stubs
@@ -30,6 +31,11 @@ def comfy(monkeypatch, tmp_path, fixtures_dir):
 
 def run_node(node_name, **inputs):
     """Execute a node the way ComfyUI does: an instance, its FUNCTION, under inference mode."""
+    return run_node_shown(node_name, **inputs)[0]
+
+
+def run_node_shown(node_name, **inputs):
+    """run_node's result and the text the node shows on itself ({"ui": {"text": [...]}}; None without any)."""
     cls = NODE_CLASS_MAPPINGS[node_name]
     spec = cls.INPUT_TYPES()
     missing = [k for k in spec["required"] if k not in inputs]
@@ -38,7 +44,7 @@ def run_node(node_name, **inputs):
         out = getattr(cls(), cls.FUNCTION)(**inputs)
     result = out["result"] if isinstance(out, dict) else out
     assert len(result) == len(cls.RETURN_TYPES)
-    return result
+    return result, out.get("ui", {}).get("text") if isinstance(out, dict) else None
 
 
 def test_every_node_has_a_display_name_category_and_tooltips(comfy):  # comfy: runs live in its output folder
@@ -77,7 +83,7 @@ def gen_inputs(model, **kw):
     return base
 
 
-def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy):
+def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy, capsys):
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
     (again,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
     assert model is again and model.is_arc  # cached and shared
@@ -97,14 +103,23 @@ def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy):
     for name, extra in (("SA3AudioToAudio", {"noise_level": 0.7}),
                         ("SA3Inpaint", {"regions": "0.002-0.006", "continuation": False, "paste_back": False})):
         assert dict(NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"])["duration"][1]["default"] == 0.0
-        (whole,) = run_node(name, **gen_inputs(model, audio=longer, duration=0.0, **extra))
+        (whole,), shown = run_node_shown(name, **gen_inputs(model, audio=longer, duration=0.0, **extra))
         assert whole["waveform"].shape == (1, 2, 661), name  # 0.015 s
-        with pytest.warns(UserWarning, match="lasts 0.015 s but the output 0.01 s: only its first 0.01 s are used"):
-            run_node(name, **gen_inputs(model, audio=longer, **extra))
+        assert shown == []  # nothing to say: an empty text takes an earlier warning off the node
+        for _ in range(2):  # on the node and in the console at every run, not once per process like warnings.warn
+            capsys.readouterr()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # said on the node instead, not also through warnings
+                _, shown = run_node_shown(name, **gen_inputs(model, audio=longer, **extra))
+            cut = "the init audio" if name == "SA3AudioToAudio" else "the inpaint audio"
+            assert shown == [f"warning: {cut} lasts 0.015 s but the output 0.01 s: only its first 0.01 s are used "
+                             "(a duration of 0.015 s keeps all of it)"], name
+            assert capsys.readouterr().out == f"SA3 LoRA Studio: {shown[0]}\n"
     too_long = {"waveform": torch.cat([longer["waveform"]] * 2, -1), "sample_rate": 44100}  # past the model's 768
-    with pytest.warns(UserWarning, match=r"lasts 0.03 s but the output 0.017 s: only its first 0.017 s are used "
-                                         r"\(the model makes at most 0.017 s: split the source\)"):
-        (capped,) = run_node("SA3AudioToAudio", **gen_inputs(model, audio=too_long, duration=0.0, noise_level=0.7))
+    (capped,), shown = run_node_shown("SA3AudioToAudio", **gen_inputs(model, audio=too_long, duration=0.0,
+                                                                      noise_level=0.7))
+    assert shown == ["warning: the init audio lasts 0.03 s but the output 0.017 s: only its first 0.017 s are used "
+                     "(the model makes at most 0.017 s: split the source)"]
     assert capped["waveform"].shape[-1] == 768
     with pytest.raises(ValueError, match=r"SA3 Inpaint: region 0.012-0.016 s starts after the output's end, 0.01 s "
                                          r"\(the source's length: no duration was given\); set regions inside"):

@@ -548,7 +548,8 @@ def test_queued_and_interrupted_runs_say_what_they_are_and_messages_stay_with_th
 
 
 def test_the_text_a_node_returns_is_shown_on_the_node_and_not_saved_with_the_workflow(site, browser):
-    """ComfyUI's frontend keeps a node's returned text in the history only: our extension puts it on the node."""
+    """ComfyUI's frontend keeps a node's returned text in the history only: our extension puts it on the node, and
+    an empty text (a generation without warnings) takes it off."""
     open_panel(browser, site)
     shown = browser.eval(r"""(async () => {
       const { showText, RESULT_WIDGET } = await import('/extensions/sa3_lora_studio/sa3_node_text.js');
@@ -579,13 +580,21 @@ def test_the_text_a_node_returns_is_shown_on_the_node_and_not_saved_with_the_wor
       node.onExecuted({text: ['kept: training step 4/9']});
       await settle('kept: training step 4/9');
       const w = node.widgets.find((x) => x.name === RESULT_WIDGET);
-      return {first, grown, again, value: w.value, count: node.widgets.length, serialize: w.serialize, calls: calls.length,
-              other: Other.prototype.onExecuted === undefined, typeof: typeof showText};
+      const shownCount = node.widgets.length;
+      let removed = 0;
+      w.onRemove = () => { removed++; };
+      node.onExecuted({});  // a message without text (another output) leaves the box alone
+      const kept = node.widgets.length;
+      node.onExecuted({text: []});  // a generation without warnings after one with: the box goes
+      const sizeAfter = [...node.size];
+      return {first, grown, again, value: w.value, count: shownCount, serialize: w.serialize, calls: calls.length,
+              other: Other.prototype.onExecuted === undefined, typeof: typeof showText,
+              kept, cleared: node.widgets.length, removed, sizeKept: sizeAfter.join() === again.join()};
     })()""")
     assert shown.pop("grown") == shown.pop("again") == [360, 80 + 2 * 15]  # room for 2 lines; runs again: no growth
     assert shown == {"first": "kept: done step 3/3\nlowest validation loss 0.01 at step 2",
-                     "value": "kept: training step 4/9", "count": 1, "serialize": False, "calls": 4,
-                     "other": True, "typeof": "function"}
+                     "value": "kept: training step 4/9", "count": 1, "serialize": False, "calls": 6,
+                     "other": True, "typeof": "function", "kept": 1, "cleared": 0, "removed": 1, "sizeKept": True}
 
 
 SHOWN_THOUGH_HIDDEN = ("[...document.querySelectorAll('.sa3-panel [hidden]')]"

@@ -1,5 +1,6 @@
-// Shows the text our nodes return ({"ui": {"text": [...]}}: a run's status, an encode report, what Run Control did)
-// on the node itself. ComfyUI's frontend keeps such text in the history only; without this the user sees nothing.
+// Shows the text our nodes return ({"ui": {"text": [...]}}: a run's status, an encode report, what Run Control did,
+// a generation's warnings) on the node itself; an empty list takes it off. ComfyUI's frontend keeps such text in the
+// history only; without this the user sees nothing.
 
 import { app } from "../../scripts/app.js";
 
@@ -46,6 +47,16 @@ export async function showText(node, text) {
   return widget;
 }
 
+/** Take the result box off the node (a run that had nothing to say after one that warned); its size stays, as the
+ * user may have set it. */
+export function clearText(node) {
+  const i = node.widgets?.findIndex((w) => w.name === RESULT_WIDGET) ?? -1;
+  if (i < 0) return;
+  const [widget] = node.widgets.splice(i, 1);
+  widget.onRemove?.();  // a DOM widget's text box leaves the page with it
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "sa3_lora_studio.node_text",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -54,6 +65,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.text?.length) showText(this, message.text);
+      else if (Array.isArray(message?.text)) clearText(this);  // e.g. a generation without warnings this time
     };
   },
 });
