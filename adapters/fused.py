@@ -185,12 +185,13 @@ class _BoraLinear(torch.autograd.Function):
             p = p_in
             qr.add_(torch.linalg.vecdot(p, b), alpha=2 * s)
             d = _renorm_factor(qr, m_r)[0]
-        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block
+        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block,
+        # one buffer for every block: a fresh 4 MB temporary per block costs an allocation each time
         for rows in row_blocks(w):
             wb, b_rows = w[rows], b[rows]
             if p_in is None:
                 qr[rows] += (2 * s) * torch.linalg.vecdot(torch.mm(wb, a.T, out=p[rows]), b_rows)
-                torch.mul(qr[rows].clamp_min(0).sqrt_().add_(EPS).reciprocal_(), m_r[rows], out=d[rows])
+                d[rows] = _renorm_factor(qr[rows], m_r[rows])[0]
             d2 = d[rows].square()
             q.add_(rows_times_wt((b_rows * d2[:, None]).T, wb.t()))
             col_sq.addmv_(torch.mul(wb, wb, out=squares[:wb.shape[0]]).T, d2)
@@ -235,21 +236,23 @@ class _BoraLinear(torch.autograd.Function):
         g_g2 = torch.empty_like(d)
         g_qr = torch.empty_like(d)  # dL/d‖V‖²_rows
         g_row = None if ctx.p_given else torch.zeros_like(a)  # Σ_blocks dL/dP_blockᵀ·W_block
-        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)
+        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # as forward's
+
+        def row_norm_grads(rows: slice) -> None:  # g_ub, g_g2 and g_qr of these rows, from the walk's products
+            g_ub[rows] += (2 * s) * w_gqa[rows]
+            g_g2[rows] += torch.linalg.vecdot(g_ub[rows], b[rows])
+            g_dr = torch.addcmul(g_d[rows], d[rows], g_g2[rows], value=2)
+            g_qr[rows] = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])
+
         for rows in row_blocks(w):
             wb = w[rows]
             torch.mv(torch.mul(wb, wb, out=squares[:wb.shape[0]]), g_qc, out=g_g2[rows])
             torch.mm(wb, g_qa.T, out=w_gqa[rows])
-            if g_row is not None:  # dL/dP of these rows needs their dL/d(d²) now: W's block is at hand
-                g_ub[rows] += (2 * s) * w_gqa[rows]
-                g_g2[rows] += torch.linalg.vecdot(g_ub[rows], b[rows])
-                g_dr = torch.addcmul(g_d[rows], d[rows], g_g2[rows], value=2)
-                g_qr[rows] = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])
+            if g_row is not None:  # dL/dP of these rows needs their dL/d‖V‖² now, while W's block is at hand
+                row_norm_grads(rows)
                 g_row.add_(rows_times_wt((b[rows] * g_qr[rows, None]).T, wb.t()), alpha=2 * s)
-        if g_row is None:  # the same row terms, vectorised
-            g_ub.add_(w_gqa, alpha=2 * s)
-            g_g2.add_(torch.linalg.vecdot(g_ub, b))
-            g_qr = _sq_norm_grad(torch.addcmul(g_d, d, g_g2, value=2), m_r, norm_r, inv_r)
+        if g_row is None:  # P came in: every row at once
+            row_norm_grads(slice(None))
         g_dr = torch.addcmul(g_d, d, g_g2, value=2)
         g_mr = g_dr * inv_r
         g_qr_col = g_qr[:, None]

@@ -12,10 +12,12 @@ per step:
   rows·W` (oneDNN with the view Wᵀ): one product of r rows with every W, as P = W·Aᵀ and Q = Bᵀ·W are (DoRA-cols
   makes one of each per step, BoRA four, BoRA-xs two);
 - `(W∘W)ᵀ·v`: the column-norm product with W∘W formed in row blocks (BoRA and BoRA-xs make two per step);
-- `bora walk`: P, Q and the W∘W product one row block after the other, as BoRA's forward makes them: beside the sum
-  of the three alone, it shows what reading each block from cache instead of memory saves.
-Each line also gives the multiply-adds per second the kernels reached (GFMA/s); the no-grad forward is printed
-beside them for scale.
+- `bora walk`: P, Q and the W∘W product of each row block in turn, as BoRA's forward makes them, beside the same
+  blocked products made as three passes over all the blocks: what reading each block from memory once instead of
+  three times saves;
+- `read W (sum)`: one plain read of every W, the memory's speed for scale.
+Each line also gives the multiply-adds per second the kernels reached (GFMA/s; the W∘W line counts the square and
+the weighted sum as one each); the no-grad forward is printed beside them for scale.
 """
 
 from __future__ import annotations
@@ -95,29 +97,36 @@ def bench_model(spec: str, args) -> None:
         for block in row_blocks(w):
             out.addmv_((w[block] * w[block]).T, row_weights[w.shape[0]][block])
 
-    walk = "bora walk (W·Aᵀ, Bᵀ·W, W∘W)"
+    walk, passes = "bora walk (W·Aᵀ, Bᵀ·W, W∘W)", "the same, 3 passes of blocks"
 
-    def bora_walk(w, rows):
+    def bora_blocks(w, together: bool):
+        """BoRA's forward products with W in fused.py's row blocks: all three per block (together: each block read
+        from memory once) or each product over every block in turn (each block read three times)."""
         p, q = torch.empty(w.shape[0], r), torch.zeros(r, w.shape[1])
-        out, d2, b_t = torch.zeros(w.shape[1]), row_weights[w.shape[0]], up_t[w.shape[0]]
-        for block in row_blocks(w):
-            torch.mm(w[block], down[w.shape[1]].T, out=p[block])
-            q.add_(rows_times_wt(b_t[:, block] * d2[block], w[block].t()))
-            out.addmv_((w[block] * w[block]).T, d2[block])
+        out, d2, b = torch.zeros(w.shape[1]), row_weights[w.shape[0]], up_t[w.shape[0]].T
+        products = (lambda block: torch.mm(w[block], down[w.shape[1]].T, out=p[block]),
+                    lambda block: q.add_(rows_times_wt((b[block] * d2[block, None]).T, w[block].t())),
+                    lambda block: out.addmv_((w[block] * w[block]).T, d2[block]))
+        blocks = row_blocks(w)
+        for block, product in ([(bl, pr) for bl in blocks for pr in products] if together else
+                               [(bl, pr) for pr in products for bl in blocks]):
+            product(block)
 
     products = {
+        "read W (sum)": lambda w, rows: w.sum(),
         "main x·Wᵀ": lambda w, rows: rows_times_wt(rows_in[rows, w.shape[1]], w),
         f"rank-{r} W·rowsᵀ (mm)": lambda w, rows: torch.mm(w, down[w.shape[1]].T),
         f"rank-{r} W·rowsᵀ (oneDNN)": lambda w, rows: rows_times_wt(down[w.shape[1]], w),  # as before fused.py took mm
         f"rank-{r} rows·W (oneDNN)": lambda w, rows: rows_times_wt(up_t[w.shape[0]], w.t()),
         "(W∘W)ᵀ·v in row blocks": squared_product,
-        walk: bora_walk,
+        passes: lambda w, rows: bora_blocks(w, together=False),
+        walk: lambda w, rows: bora_blocks(w, together=True),
     }
     weight_count = sum(w.numel() for w, _ in layers)
     multiply_adds = {name: weight_count * r for name in products}  # per weight: r for a rank-r product
     multiply_adds["main x·Wᵀ"] = sum(w.numel() * rows for w, rows in layers)
     multiply_adds["(W∘W)ᵀ·v in row blocks"] = 2 * weight_count  # the square, then the weighted sum
-    multiply_adds[walk] = (2 * r + 2) * weight_count
+    multiply_adds[walk] = multiply_adds[passes] = (2 * r + 2) * weight_count
     weights_gb = sum(w.numel() * w.element_size() for w, _ in layers) / 2**30
     print(f"{spec}: {len(layers)} layers, {weights_gb:.2f} GB of weights, {n} latents, rank {r}", flush=True)
 
@@ -128,15 +137,12 @@ def bench_model(spec: str, args) -> None:
     forward()
     best_forward = min(_timed(forward) for _ in range(args.repeats))
     print(f"  {'no-grad forward':28s} {best_forward:6.3f} s", flush=True)
-    walk_parts = (f"rank-{r} W·rowsᵀ (mm)", f"rank-{r} rows·W (oneDNN)", "(W∘W)ᵀ·v in row blocks")
-    timed = {}
+    weights_bytes = sum(w.numel() * w.element_size() for w, _ in layers)
     for name, product in products.items():
-        timed[name] = seconds = seconds_over_layers(layers, product, args.repeats)
-        rate = multiply_adds[name] / seconds / 1e9
-        parts = f"  (the three alone: {sum(timed[p] for p in walk_parts):.3f} s)" if name == walk else ""
-        print(f"  {name:28s} {seconds:6.3f} s  ({seconds / best_forward:4.2f}x the forward)  {rate:5.1f} GFMA/s{parts}",
-              flush=True)
-
+        seconds = seconds_over_layers(layers, product, args.repeats)
+        rate = (f"{weights_bytes / seconds / 1e9:5.1f} GB/s" if name.startswith("read") else
+                f"{multiply_adds[name] / seconds / 1e9:5.1f} GFMA/s")
+        print(f"  {name:30s} {seconds:6.3f} s  ({seconds / best_forward:4.2f}x the forward)  {rate}", flush=True)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,10 +5,11 @@
 
 Same config, same random DiT weights, same inputs, same machine. Official: its `LoRAParametrization` registered on
 every Linear/Conv1d of the DiT with `add_lora` (as its `train_lora.py` does through the training wrapper), base
-weights frozen, then velocity -> MSE -> backward -> clip 1.0 -> AdamW (1e-4, (0.9, 0.95), 0.01). Ours: the step of
-bench/train_step.py (`training.vram.make_training_step`: adapter view, the same loss, backward, clip, AdamW,
-update). Each figure is the best of --repeats interleaved rounds (on a shared VM the same step varies by +-15 %).
-Prints per type both steps, ours / official, and each one's step / its own no-grad forward.
+weights frozen, then velocity -> MSE -> backward -> clip 1.0 -> AdamW (1e-4, (0.9, 0.95), 0.01; torch's looped form,
+as the official trainer makes it). Ours: the step of bench/train_step.py (`training.vram.make_training_step`: adapter
+view, the same loss, backward, clip, AdamW in torch's fused form as the trainer makes it, update). Each figure is
+the best of --repeats interleaved rounds (on a shared VM the same step varies by +-15 %). Prints per type both
+steps, ours / official, and each one's step / its own no-grad forward.
 The reference is imported from a read-only checkout (--ref, default /work/ref); nothing of it is copied here.
 """
 

@@ -42,8 +42,12 @@ def test_a_looped_training_state_resumes_in_the_fused_optimiser():
         for a, b in zip(new_params, old_params):
             a.copy_(b)
     new = adamw(new_params, lr=1e-2, betas=(0.9, 0.95))
-    load_adamw_state(new, copy.deepcopy(old.state_dict()))  # a copy: as read back from a training-state file
+    saved = copy.deepcopy(old.state_dict())  # a copy: as read back from a training-state file
+    for entry in saved["state"].values():  # a looped optimiser keeps its step count as it came (a float64 default
+        entry["step"] = entry["step"].double()  # dtype, say); the fused kernel wants fp32 on the parameter's device
+    load_adamw_state(new, saved)
     assert new.param_groups[0]["fused"] is True  # not the saved group's None
+    assert {(v["step"].dtype, v["step"].device) for v in new.state.values()} == {(torch.float32, new_params[0].device)}
     back = torch.optim.AdamW(_params(2), lr=1e-2)
     load_adamw_state(back, new.state_dict())
     assert not back.param_groups[0]["fused"]  # and a fused state loads where no fused kernel is wanted
@@ -53,8 +57,11 @@ def test_a_looped_training_state_resumes_in_the_fused_optimiser():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_half_or_unsupported_parameters_take_the_default_form(monkeypatch):
+def test_parameters_on_devices_without_the_kernel_or_strided_take_the_default_form(monkeypatch):
     from sa3_lora_studio.training import optimizer
 
+    strided = torch.nn.Parameter(torch.randn(24, 16).T)  # the fused CPU kernel mis-updates strided tensors
+    assert not adamw([strided, *_params(0)], lr=1e-3, betas=(0.9, 0.95)).defaults["fused"]
+    assert adamw(iter(_params(0)), lr=1e-3, betas=(0.9, 0.95)).defaults["fused"]  # a generator is read once
     monkeypatch.setattr(optimizer, "fused_devices", lambda: ("cuda",))
     assert not adamw(_params(0), lr=1e-3, betas=(0.9, 0.95)).defaults["fused"]
