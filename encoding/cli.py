@@ -33,8 +33,9 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
                    help="latent storage precision (fp32/fp16 are the same as float32/float16; default float32)")
     p.add_argument("--force", action="store_true", help="re-encode everything (implies --prune)")
     p.add_argument("--prune", action="store_true",
-                   help="allow removing earlier outputs when DIR was encoded from another folder or none of its files "
-                        "is in this run (refused otherwise, as a likely mistake)")
+                   help="allow removing earlier outputs when DIR was encoded from another folder, none of its files "
+                        "is in this run, or --include/--exclude now leave some out (refused otherwise: encoded "
+                        "latents can be hours of work)")
     p.add_argument("--devices", nargs="*", default=None,
                    help="one worker process per device, e.g. cuda:0 cuda:1, or 'all' for every visible GPU "
                         "(default: one process on --device)")

@@ -17,8 +17,8 @@ longer than MAX_NAME_BYTES is shortened on disk (`output_relpath`); the manifest
 the exact decoded duration is `seconds_decoded`. Every JSON file is strict UTF-8 JSON (no NaN/Infinity).
 
 Re-runs encode new and changed audio, re-read every file's captions/tags/sidecars (so edited captions arrive
-without re-encoding), and remove the outputs of files that are gone or now excluded, but never a whole dataset by
-accident: see `plan_encode`.
+without re-encoding), and remove the outputs of files deleted from the source; outputs of files a new
+include/exclude leaves out, or a whole dataset, only when asked (`prune`): see `plan_encode`.
 """
 
 from __future__ import annotations
@@ -311,10 +311,11 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _removals(out_dir: Path, folder: Path, present: set[str], prune: bool) -> list[str]:
+def _removals(out_dir: Path, folder: Path, present: set[str], excluded: set[str], prune: bool) -> list[str]:
     """Relpaths of earlier encoded files a run over `present` would remove (gone from the source, or now
-    excluded). DatasetError when that looks like a mistake rather than an edit: the dataset came from another
-    folder, or none of its files is left (an unmounted drive, a typo in include); prune=True allows it."""
+    excluded). DatasetError when that may not be what the user wants, as encoded latents can be hours of work: the
+    dataset came from another folder, none of its files is left (an unmounted drive, a typo in include), or this
+    run's include/exclude leave out encoded files that are still in the folder (`excluded`); prune=True allows it."""
     old = _load_manifest(out_dir) or {}
     encoded = [f["relpath"] for f in old.get("files", [])
                if isinstance(f, dict) and f.get("status") == "encoded" and isinstance(f.get("relpath"), str)]
@@ -323,14 +324,19 @@ def _removals(out_dir: Path, folder: Path, present: set[str], prune: bool) -> li
         return gone
     source = old.get("source_folder")
     moved = isinstance(source, str) and not _same_folder(source, folder)
+    left_out = [r for r in gone if r in excluded]
     if moved or len(gone) == len(encoded):
         why = f"was encoded from {source}" if moved else "has none of its files in this run"
-        shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-        raise DatasetError(f"{out_dir}: this dataset of {len(encoded)} encoded files {why}, so encoding {folder} "
-                           f"into it would remove {len(gone)} of them ({shown}). Nothing was changed. Encode into "
-                           "another folder, or replace them: `sa3-lora encode --prune`, `force` in SA3 Encode Audio Folder, "
-                           "prune=True in Python.")
-    return gone
+        removed = gone
+    elif left_out:
+        why, removed = "has files this run's include/exclude leave out, though they are still in the folder", left_out
+    else:
+        return gone  # deleted from the source: their outputs follow
+    shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+    raise DatasetError(f"{out_dir}: this dataset of {len(encoded)} encoded files {why}, so encoding {folder} "
+                       f"into it would remove {len(removed)} of them ({shown}). Nothing was changed. Encode into "
+                       "another folder, or remove them: `sa3-lora encode --prune`, `force` in SA3 Encode Audio "
+                       "Folder, prune=True in Python.")
 
 
 def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
@@ -350,7 +356,7 @@ def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
     if not scan.files:
         raise DatasetError(_nothing_to_encode(folder, scan, include, exclude))
     present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
-    return scan, _removals(out_dir, folder, present, prune)
+    return scan, _removals(out_dir, folder, present, set(scan.excluded), prune)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -722,10 +728,11 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
       is the same as with one process.
     include/exclude: globs or explicit relpaths (see `matches`). dtype: "float32" | "float16" for the latents.
     force: re-encode everything (and allow what prune allows); otherwise files whose content hash (and encoder
-      and dtype) are unchanged are kept, their captions/tags/sidecars re-read, and outputs of files that are gone
-      or now excluded are removed.
-    prune: also remove earlier outputs when the dataset came from another folder or none of its files is left
-      (refused otherwise, as a likely mistake: see `plan_encode`, which runs first and raises DatasetError).
+      and dtype) are unchanged are kept, their captions/tags/sidecars re-read, and outputs of files deleted from
+      the source are removed.
+    prune: also remove earlier outputs when the dataset came from another folder, none of its files is left, or
+      include/exclude now leave some out (refused otherwise, as a likely mistake: see `plan_encode`, which runs
+      first and raises DatasetError).
     progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
     should_stop(): polled between files; when it returns True (or on KeyboardInterrupt) the finished files and an
       incomplete manifest are kept, and a re-run continues from there.

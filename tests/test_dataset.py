@@ -14,6 +14,7 @@ import pytest
 from sa3_lora_studio.encoding import audio_io
 from sa3_lora_studio.encoding.dataset import (
     MANIFEST,
+    DatasetError,
     encode_folder,
     encode_waveform,
     import_dataset,
@@ -173,7 +174,7 @@ def test_a_byte_identical_copy_is_named_in_the_report_on_every_run(tmp_path, tin
         assert [rel for rel, text in run.warnings if "the same file as" in text] == ["more/bass2.flac"]
         assert ("  warning more/bass2.flac: the same file as bass.flac (byte for byte): both train, so that sound "
                 "counts twice; exclude one unless that is meant") in run.summary()
-    assert encode_folder(src, out, tiny_model, exclude=["more/*"]).warnings == []
+    assert encode_folder(src, out, tiny_model, exclude=["more/*"], prune=True).warnings == []
 
 
 def test_a_different_encoder_or_dtype_reencodes_everything(tmp_path):
@@ -245,7 +246,7 @@ def test_interrupted_run_keeps_finished_files_and_a_rerun_completes_it(tmp_path,
         np.testing.assert_array_equal(np.load(out / f"s{i}.wav.npy"), np.load(ref / f"s{i}.wav.npy"))
 
 
-def test_include_and_exclude_select_files_and_unticked_outputs_are_removed(tmp_path, tiny_model):
+def test_include_and_exclude_select_files_and_unticked_outputs_are_removed_only_when_asked(tmp_path, tiny_model):
     src, out = tmp_path / "src", tmp_path / "out"
     _write(src / "drums", "kick")
     _write(src / "drums", "snare [take 2]")
@@ -254,8 +255,17 @@ def test_include_and_exclude_select_files_and_unticked_outputs_are_removed(tmp_p
     r = encode_folder(src, out, tiny_model, include=["drums/*", "*.wav"])
     assert sorted(r.encoded) == ["drums/kick.flac", "drums/snare [take 2].flac", "keys/organ.wav"]
     assert r.excluded == ["keys/rhodes.flac"]
-    r = encode_folder(src, out, tiny_model, exclude=["drums/snare [take 2].flac", "organ.wav"])
-    assert sorted(r.encoded) == ["keys/rhodes.flac"] and sorted(r.reused) == ["drums/kick.flac"]
+    before = sorted(p.name for p in out.rglob("*.npy"))
+    with pytest.raises(DatasetError, match=r"include/exclude leave out.*remove 2 of them \(drums/snare \[take 2\]"
+                                           r"\.flac, keys/organ\.wav\)\. Nothing was changed.*--prune"):
+        encode_folder(src, out, tiny_model, exclude=["drums/snare [take 2].flac", "organ.wav"])
+    assert sorted(p.name for p in out.rglob("*.npy")) == before  # latents can be hours of work: kept
+    (src / "drums" / "kick.flac").unlink()  # a file deleted from the source: its outputs follow without asking
+    r = encode_folder(src, out, tiny_model, include=["drums/*", "*.wav"])
+    assert r.removed == ["drums/kick.flac"] and not r.encoded
+    _write(src / "drums", "kick")
+    r = encode_folder(src, out, tiny_model, exclude=["drums/snare [take 2].flac", "organ.wav"], prune=True)
+    assert sorted(r.encoded) == ["drums/kick.flac", "keys/rhodes.flac"] and not r.reused
     assert sorted(r.removed) == ["drums/snare [take 2].flac", "keys/organ.wav"]
     assert not (out / "drums" / "snare [take 2].flac.npy").exists()
 
