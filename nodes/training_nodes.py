@@ -192,7 +192,7 @@ class SA3TrainLoRA:
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {},
                                **(options or {}))
-            check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not in the background
+            input_warnings = check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not later
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
         with using(model):  # ComfyUI frees its own models if the run needs the room (this one stays)
@@ -212,7 +212,7 @@ class SA3TrainLoRA:
             run_id = manager.submit(config)
             text = (f"run {run_id} queued behind {len(ahead)} run(s) on {device_key(config)}" if ahead
                     else f"run {run_id} started")
-        text += f"\nwarning: {warning}" if warning else ""
+        text += "".join(f"\nwarning: {w}" for w in [*input_warnings, warning] if w)
         if wait_until_done:  # ComfyUI's cancel ends the wait (the run trains on; stop it with SA3 Run Control)
             while not manager.worker.join(run_id, 0.5):
                 throw_if_interrupted()

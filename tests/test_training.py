@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import threading
 import time
 
@@ -1165,3 +1166,33 @@ def test_a_resume_that_fails_while_setting_up_keeps_the_runs_step(tmp_path, tiny
     record = manager.wait(run, 300)
     assert record["status"] == "failed" and "model file gone" in record["error"]
     assert record["step"] == 4  # where it is, not the 0 of a trainer that never loaded its state
+
+
+def test_a_run_on_a_dataset_whose_encode_was_interrupted_says_so_and_trains_on_what_is_encoded(tmp_path, tiny,
+                                                                                                 fixtures_dir):
+    import numpy as np
+    import soundfile as sf
+    from sa3_lora_studio.encoding import encode_folder
+    from sa3_lora_studio.training.preflight import check_run_inputs
+
+    audio, out = tmp_path / "audio", tmp_path / "dataset"
+    audio.mkdir()
+    for i in range(4):
+        t = np.arange(int(44100 * 0.06)) / 44100
+        sf.write(audio / f"clip{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), 44100)
+    done = []
+    report = encode_folder(audio, out, encoder=tiny, progress=done.append, should_stop=lambda: len(done) >= 2)
+    assert not report.complete  # stopped as Ctrl-C or SA3 Encode Audio Folder's cancel would
+    config = _config(out, fixtures_dir, name="partial", steps=1, batch_size=1, checkpoint_every=1)
+    warnings = check_run_inputs(config, tiny)
+    assert len(warnings) == 1 and re.fullmatch(
+        rf"dataset {re.escape(str(out))} is incomplete: 2 of its files are not encoded yet; training uses the 2 "
+        r"encoded ones\. Run the encode again \(SA3 Encode Audio Folder or `sa3-lora encode`\) to add the rest",
+        warnings[0]), warnings
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(config)
+    assert manager.wait(run, 300)["status"] == "done"
+    events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
+    assert [e["message"] for e in events if e["type"] == "warning" and "incomplete" in e["message"]] == warnings
+    encode_folder(audio, out, encoder=tiny)  # finished: nothing more to say
+    assert check_run_inputs(config, tiny) == []

@@ -43,6 +43,17 @@ def open_dataset(config: RunConfig, model=None):
     return dataset
 
 
+def dataset_warning(dataset) -> str | None:
+    """What a run should say about a dataset it can train on but maybe should not yet: an encode that stopped
+    before the end (interrupted, or still running elsewhere) leaves files unencoded. None when it is complete."""
+    if dataset.complete:
+        return None
+    pending = sum(f.get("status") == "pending" for f in dataset.manifest.get("files", []) if isinstance(f, dict))
+    left = f"{pending} of its files are not encoded yet" if pending else "its last encode did not finish"
+    return (f"dataset {dataset.root} is incomplete: {left}; training uses the {len(dataset)} encoded ones. Run the "
+            "encode again (SA3 Encode Audio Folder or `sa3-lora encode`) to add the rest")
+
+
 def open_continue_from(config: RunConfig):
     """The adapter file to continue (`LoadedAdapter`), or None; RunError naming `continue_from` when unreadable."""
     if not config.continue_from:
@@ -121,10 +132,10 @@ def check_model_sources(config: RunConfig):
     return located
 
 
-def check_run_inputs(config: RunConfig, model=None) -> None:
+def check_run_inputs(config: RunConfig, model=None) -> list[str]:
     """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
     model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`), else its files are looked
-    for (`check_model_sources`)."""
+    for (`check_model_sources`). Returns warnings that do not stop the run (`dataset_warning`)."""
     from .trainer import device_problem
 
     problem = device_problem(config.device)
@@ -146,8 +157,9 @@ def check_run_inputs(config: RunConfig, model=None) -> None:
             check_continue_fits(config, modules)
         else:  # no model to fit it to: that it reads
             open_continue_from(config)
-    open_dataset(config, model)
+    warning = dataset_warning(open_dataset(config, model))
+    return [warning] if warning else []
 
 
 __all__ = ["check_continue_fits", "check_model_sources", "check_run_inputs", "check_targets", "check_trainable",
-           "open_continue_from", "open_dataset"]
+           "dataset_warning", "open_continue_from", "open_dataset"]

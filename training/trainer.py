@@ -32,7 +32,7 @@ from . import step_rate
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .optimizer import adamw, load_adamw_state
-from .preflight import check_trainable, open_continue_from, open_dataset
+from .preflight import check_trainable, dataset_warning, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
 from .tensorboard import TensorBoardSink, attempt_start_step
@@ -231,6 +231,8 @@ class Trainer:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
                                              "trained on the base model")
         self.dataset = open_dataset(c, self.model)
+        if warning := dataset_warning(self.dataset):
+            self.log.emit("warning", message=warning)
         self.items = self.dataset.prompt_items()
         prompt_config = dict(c.prompt_config)
         if c.trigger_word and not prompt_config.get("trigger"):
