@@ -11,7 +11,8 @@ composer):
    `prompt` field (the official SA3 convention, so a folder prepared for `pre_encode_dataset.py` works as-is).
 3. A row of a folder-level table, `metadata.csv` / `.tsv` / `.jsonl` in the audio's folder or one above it up to
    the dataset root, nearest first (`metadata_tables.py`: the Hugging Face audiofolder convention, `file_name`
-   column; a `caption` or `text` column is the prompt).
+   column; a `caption`, `text` or `description` column is the prompt, and likewise in a JSON sidecar without
+   `prompt`).
 4. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms): title,
    artist, album, genre, label, date, composer, bpm, key, comment and any other text tag, under lower-case names.
 5. Path fields: `file_stem`, `folder` (the audio's folder relative to `root`, '/'-separated, '' at the top) and
@@ -28,7 +29,7 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .metadata_tables import decoded_text, find_row, root_relative, tables_in_use, tables_of
+from .metadata_tables import caption_becomes_prompt, decoded_text, find_row, root_relative, tables_in_use, tables_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def _read_json_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> t
             warnings.append(f"{shown}: JSON sidecar is a {type(data).__name__}, not an object; ignored")
             continue
         data = _drop_non_finite(data, shown, warnings)
-        return {str(k): v for k, v in data.items() if v is not None and v != ""}, utf8_text(str(cand))
+        return caption_becomes_prompt({str(k): v for k, v in data.items() if v is not None and v != ""}), \
+            utf8_text(str(cand))
     return {}, None
 
 

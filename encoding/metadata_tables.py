@@ -43,7 +43,7 @@ TABLE_NAMES = ("metadata.csv", "metadata.tsv", "metadata.jsonl")
 # Column names that hold the file a row describes, the audiofolder spelling first (compared after `_column_key`).
 KEY_COLUMNS = ("file_name", "filename", "file", "file_path", "filepath", "path", "relpath", "audio", "audio_file",
                "audio_path", "audio_filename")
-CAPTION_COLUMNS = ("caption", "text")  # become `prompt` when the row has no prompt of its own
+CAPTION_COLUMNS = ("caption", "text", "description")  # the first one is the prompt when there is no `prompt`
 FREE_TEXT_COLUMNS = ("prompt", "caption", "text", "description", "comment", "comments")  # may hold the delimiter
 _AUDIO_NAME = re.compile(r"\.(" + "|".join(sorted(e[1:] for e in AUDIO_EXTENSIONS)) + r")\b", re.IGNORECASE)
 MAX_TABLE_BYTES = 64 << 20  # a bigger "metadata.csv" is no caption table: read nothing, warn
@@ -290,10 +290,7 @@ def parse_table(path: Path, aliases: dict[str, str]) -> MetadataTable:
                 non_finite += [line] if line not in non_finite[-1:] else []  # our per-file JSON is strict JSON
                 continue
             fields[aliases.get(re.sub(r"[\s_\-]+", "", name), name)] = value
-        if "prompt" not in fields:
-            caption = next((fields[c] for c in CAPTION_COLUMNS if isinstance(fields.get(c), str)), None)
-            if caption:
-                fields["prompt"] = caption
+        caption_becomes_prompt(fields)
         if key in table.by_relpath:
             duplicates.append(key)
         table.by_relpath[key] = len(table.rows)
@@ -419,5 +416,16 @@ def tables_in_use(root: Path, audio_paths: list[Path], aliases: dict[str, str]) 
     return out
 
 
-__all__ = ["CAPTION_COLUMNS", "KEY_COLUMNS", "TABLE_NAMES", "MetadataTable", "Row", "cached_table", "find_row",
-           "parse_table", "root_relative", "table_folders", "tables_in_use", "tables_of"]
+def caption_becomes_prompt(fields: dict) -> dict:
+    """A row's or sidecar's caption under another common name (`CAPTION_COLUMNS`, first found) becomes its
+    `prompt` when it has none; moved, not copied, so the tags source does not say it again as `Text: ...`. In place;
+    returns fields."""
+    if "prompt" not in fields:
+        name = next((c for c in CAPTION_COLUMNS if isinstance(fields.get(c), str) and fields[c].strip()), None)
+        if name is not None:
+            fields["prompt"] = fields.pop(name)
+    return fields
+
+
+__all__ = ["CAPTION_COLUMNS", "KEY_COLUMNS", "TABLE_NAMES", "MetadataTable", "Row", "cached_table",
+           "caption_becomes_prompt", "find_row", "parse_table", "root_relative", "table_folders", "tables_in_use", "tables_of"]

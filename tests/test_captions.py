@@ -196,3 +196,24 @@ def test_name_bytes_that_are_not_utf8_are_spelled_as_escapes():
     fields = path_fields(Path("/r") / os.fsdecode(b"d\xe9j\xe0") / f"{undecodable}.wav", "/r")
     assert fields == {"file_stem": "caf\\xe9 \\xff", "folder": "d\\xe9j\\xe0", "top_folder": "d\\xe9j\\xe0"}
     json.dumps(fields, ensure_ascii=False).encode("utf-8")  # writable
+
+
+def test_a_json_sidecars_caption_text_or_description_is_its_prompt_and_no_tag(tmp_path):
+    from sa3_lora_studio.encoding.prompts import PromptConfig, tag_parts
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name, fields in (("cap", {"caption": "dusty breakbeat", "bpm": 100}),
+                         ("txt", {"text": "glassy pad", "description": "long prose"}),
+                         ("desc", {"description": "field recording, rain"}),
+                         ("both", {"prompt": "own prompt", "caption": "a second caption"}),
+                         ("blank", {"caption": "  ", "mood": "calm"})):
+        audio = write_audio_file(folder / name, tone(0.05, 44100), 44100, "wav16")
+        (folder / f"{name}.json").write_text(json.dumps(fields))
+        md = lookup_metadata(audio, tmp_path)
+        expected = {"cap": "dusty breakbeat", "txt": "glassy pad", "desc": "field recording, rain",
+                    "both": "own prompt", "blank": None}[name]
+        assert md.get("prompt") == expected, name
+        parts = tag_parts(md, PromptConfig(tag_keys=None))
+        assert not any(expected and expected in part for part in parts), (name, parts)
+    assert md["caption"] == "  " and md["mood"] == "calm"  # nothing to take: the fields stay as they are

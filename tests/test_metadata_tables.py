@@ -36,7 +36,7 @@ def test_audiofolder_csv_names_files_by_path_from_its_folder_and_its_text_is_the
         'file_name,text,Genre,Tempo\na.flac,"warm pad, slow",ambient,70\ndrums/b.flac,tight kick,,128\n',
         encoding="utf-8")
     md, warnings, sources = _lookup(a, tmp_path)
-    assert md["prompt"] == "warm pad, slow" and md["text"] == "warm pad, slow"
+    assert md["prompt"] == "warm pad, slow" and "text" not in md  # moved, so no tag says it again as "Text: ..."
     assert md["genre"] == "ambient" and md["bpm"] == "70"  # Tempo is the tag alias of bpm
     assert sources["table"].endswith("metadata.csv:2") and warnings == []
     md, _, sources = _lookup(b, tmp_path)
