@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -115,8 +114,10 @@ def check_numbers(args) -> None:
 
 
 def run_generate(args) -> int:
+    from .adapters import notices
     from .encoding.audio_write import write_audio
     from .encoding.loudness import normalize_loudness
+    from .sa3.atomic import writable_folder_problem
     from .sa3.generate import (
         check_regions_inside,
         continuation_region,
@@ -163,6 +164,10 @@ def run_generate(args) -> int:
         raise ValueError(f"--regions: {e}") from None
     prompts = read_prompts(args.prompt, args.prompts_file)
     paths = output_paths(args.out, args.batch, len(prompts))
+    for folder in dict.fromkeys(path.parent for group in paths for path in group):  # before the model and sampling
+        problem = writable_folder_problem(folder)
+        if problem:
+            raise ValueError(f"--out {args.out}: {problem}")
     init = _source_audio(args.init_audio, "--init-audio")
     inpaint = _source_audio(args.inpaint, "--inpaint")
     source = init if init is not None else inpaint
@@ -195,8 +200,7 @@ def run_generate(args) -> int:
         common |= {"inpaint": args.inpaint, "regions": regions, "paste_back": args.paste_back}
     for p, (prompt, prompt_paths) in enumerate(zip(prompts, paths)):
         progress = StepPrinter(common["steps"])
-        with model.residency.in_use(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with model.residency.in_use(), notices.collected() as found:
             audio, rate = generate(model, prompt, negative_prompt=args.negative_prompt or None,
                                    duration=args.duration, seed=seed, steps=common["steps"], cfg_scale=common["cfg"],
                                    sampler=common["sampler"], batch_size=args.batch, init_audio=init,
@@ -204,8 +208,8 @@ def run_generate(args) -> int:
                                    inpaint_regions=regions or None, paste_back=args.paste_back, loras=loras or None,
                                    adapter_memory=args.lora_memory, callback=progress)
         progress.finish()
-        for w in caught:  # e.g. a duration capped at the model's maximum: one plain line, not a source location
-            print(f"sa3-lora generate: warning: {w.message}", file=sys.stderr)
+        for message in dict.fromkeys(found):  # e.g. a duration capped at the model's maximum: one plain line each
+            print(f"sa3-lora generate: warning: {message}", file=sys.stderr)
         for i, path in enumerate(prompt_paths):
             path.parent.mkdir(parents=True, exist_ok=True)
             samples, level = audio[i].numpy(), {}

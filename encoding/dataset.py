@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sa3.atomic import atomic_write
+from ..sa3.atomic import atomic_write, writable_folder_problem
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
 from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, table_warnings, utf8_text
 
@@ -343,8 +343,8 @@ def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
                 prune: bool = False) -> tuple[ScanResult, list[str]]:
     """Everything about an encode that is checked before an encoder is needed: returns (the scan, relpaths of
     earlier outputs this run removes). DatasetError naming the folder when the source is not a folder, `out_dir`
-    is a file, no audio file is selected (with the extensions recognised and what was ignored), or the run would
-    remove earlier outputs by mistake (`_removals`)."""
+    is a file, no audio file is selected (with the extensions recognised and what was ignored), the run would
+    remove earlier outputs by mistake (`_removals`), or `out_dir` cannot be written (it is made here)."""
     folder, out_dir = Path(folder), Path(out_dir)
     if not folder.exists():
         raise DatasetError(f"{folder}: no such folder; give the folder that holds the audio files")
@@ -356,7 +356,11 @@ def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
     if not scan.files:
         raise DatasetError(_nothing_to_encode(folder, scan, include, exclude))
     present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
-    return scan, _removals(out_dir, folder, present, set(scan.excluded), prune)
+    removals = _removals(out_dir, folder, present, set(scan.excluded), prune)
+    problem = writable_folder_problem(out_dir)
+    if problem:
+        raise DatasetError(f"{out_dir}: {problem}; give a dataset folder you can write to")
+    return scan, removals
 
 
 # ----------------------------------------------------------------------------------------------------------------

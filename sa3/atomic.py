@@ -17,6 +17,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def writable_folder_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written into `folder` (made with its parents if missing), or None when they can: checked
+    by writing and removing a probe file, which sees read-only mounts, permissions and ACLs alike. Callers ask
+    before long work whose result would otherwise be lost at the end (a render, an encode)."""
+    blocking = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return f"{blocking} is a file, not a folder"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sa3-write-check-"):
+            pass
+    except OSError as e:
+        return f"cannot write into {folder}: {e.strerror or e}"
+    return None
+
+
 def fsync_replace(tmp: str | Path, final: str | Path) -> None:
     """Make an already written temp file durable, then move it over `final` atomically."""
     with open(tmp, "rb") as f:

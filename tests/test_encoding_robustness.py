@@ -295,7 +295,8 @@ def test_cli_checks_the_folders_before_loading_the_model_and_prints_no_traceback
     audio = _write(tmp_path / "src", "a")
     cases = [(tmp_path / "missing", tmp_path / "out", "missing: no such folder"),
              (audio, tmp_path / "out", "a.wav is a file; give the folder"),
-             (tmp_path / "src", audio, "a.wav is a file; the dataset is written to a folder")]
+             (tmp_path / "src", audio, "a.wav is a file; the dataset is written to a folder"),
+             (tmp_path / "src", audio / "set", "a.wav is a file, not a folder; give a dataset folder you can write to")]
     for folder, out, message in cases:
         assert _encode_cli(folder, out) == 2
         err = capsys.readouterr().err

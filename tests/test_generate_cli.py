@@ -127,6 +127,8 @@ def test_bad_options_are_named_before_a_model_loads(fixtures_dir, tmp_path, caps
         (["--prompts-file", str(tmp_path / "noise.wav")], "not both"),
         (["--loudness", "3"], r"--loudness 3.0: must be in \[-70, -1\] LUFS"),
         (["--loudness", "nan"], "--loudness nan"),
+        (["--out", str(tmp_path / "noise.wav" / "take.flac")],
+         r"--out .*take.flac: .*noise.wav is a file, not a folder"),  # said before sampling, not after it
     ]
     for extra, message in cases:
         assert main(["generate", model, "--prompt", "x", "--device", "cpu", *extra]) == 2, extra
