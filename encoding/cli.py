@@ -18,7 +18,8 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
         description="Encode every audio file under FOLDER with the pack's SAME autoencoder into the --out folder. Re-running "
                     "re-encodes only new or changed files, re-reads every caption, and continues an interrupted run. "
                     "Exit code 0 when the dataset was written, even if some files were skipped (they are listed "
-                    "with reasons); 1 when it was interrupted or no file could be used; 2 on a usage error.")
+                    "with reasons); 1 when no file could be used or it stopped early; 2 on a usage error; 130 when "
+                    "interrupted with Ctrl-C (the shell's convention; the files finished so far are kept).")
     p.add_argument("folder", help="folder of audio files (any depth)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pack", help="pack name (sa3-medium, sa3-small-music, sa3-small-sfx)")

@@ -3,6 +3,7 @@ ownership in the registry, and a `sa3-lora train` process driven from the comman
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from sa3_lora_studio.training.runs import (
     process_owner,
 )
 from sa3_lora_studio.training.worker import RunControl
-from test_distributed import drive_pause_save_continue_stop, run_events, runs_cli
+from test_distributed import drive_pause_save_continue_stop, last_step, run_events, runs_cli, wait_until
 
 
 def _registry_with_run(tmp_path, status="training") -> tuple[RunRegistry, str]:
@@ -138,6 +139,32 @@ def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_
                              text=True, timeout=240)
     assert shorter.returncode != 0 and "below the 40 steps" in shorter.stderr
     assert registry.config(run_id).steps == steps
+
+
+def test_ctrl_c_stops_a_train_process_after_saving_exits_130_and_says_how_to_resume(tmp_path, dataset, fixtures_dir):
+    config = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), adapter_type="lora", rank=2,
+                  steps=500, batch_size=1, crop_seconds=0.017, checkpoint_every=1000, demo_every=0, seed=3,
+                  device="cpu")
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    runs = tmp_path / "my runs"
+    env = {k: v for k, v in os.environ.items() if k != "SA3_RUN_ID"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sa3_lora_studio", "train", "--config", str(tmp_path / "run.json"),
+                             "--runs-dir", str(runs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        registry = RunRegistry(runs)
+        run_id = wait_until(lambda: [r["id"] for r in registry.list()], proc, "the run to be registered")[0]
+        wait_until(lambda: last_step(registry, run_id) >= 1, proc, "the first step")
+        proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, out + err  # `train && generate` does not go on
+    assert err.count("stopping after the current step") == 1
+    record = registry.get(run_id)
+    assert record["status"] == "stopped" and registry.latest_checkpoint(run_id)["step"] == record["step"] < 500
+    assert f"resume it with: sa3-lora runs --runs-dir '{runs}' resume {run_id}" in out
 
 
 def test_a_run_trained_by_a_live_process_is_neither_deleted_nor_resumed_twice(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -54,11 +55,25 @@ def _print_event(event: dict) -> None:
         print(f"{kind}: {event['message']}", file=sys.stderr, flush=True)
 
 
+def _runs_dir_option(manager) -> str:
+    """" --runs-dir DIR" for a command to paste, unless the runs folder is the default one here."""
+    root = manager.registry.root
+    return "" if root.resolve() == Path(DEFAULT_RUNS_DIR).resolve() else f" --runs-dir {shlex.quote(str(root))}"
+
+
 def _follow(manager, run_id: str) -> int:
-    """Wait for the run in the foreground; Ctrl-C (SIGINT) or SIGTERM stops it cleanly after saving."""
+    """Wait for the run in the foreground; Ctrl-C (SIGINT) or SIGTERM stops it cleanly after saving. Returns 0 when
+    it finished or another process stopped it, 128 + the signal's number when a signal here stopped it (the shell's
+    convention: `train && generate` does not go on after a Ctrl-C), 1 when it failed."""
+    signals = []
+
     def stop(signum, frame):
-        print("stopping after the current step (a checkpoint is saved)…", file=sys.stderr, flush=True)
-        manager.worker.controls[run_id].request_stop()
+        if signals:
+            print("still stopping: the checkpoint is being saved…", file=sys.stderr, flush=True)
+        else:
+            print("stopping after the current step (a checkpoint is saved)…", file=sys.stderr, flush=True)
+            manager.worker.controls[run_id].request_stop()
+        signals.append(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -69,7 +84,11 @@ def _follow(manager, run_id: str) -> int:
             signal.signal(s, handler)
     record = manager.registry.get(run_id)
     print(f"run {run_id}: {record['status']} at step {record['step']}  ({manager.registry.run_dir(run_id)})")
-    return 0 if record["status"] in ("done", "stopped") else 1
+    if record["status"] != "done":
+        print(f"resume it with: sa3-lora runs{_runs_dir_option(manager)} resume {run_id}", flush=True)
+    if record["status"] == "stopped":
+        return 128 + signals[0] if signals else 0
+    return 0 if record["status"] == "done" else 1
 
 
 def _cmd_train(args) -> int:
