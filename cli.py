@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
         # Our errors carry actionable messages; a traceback would bury them.
         print(f"sa3-lora {args.command}: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # a write refused: permissions, a read-only mount
+
 
 def writable_folder_problem(folder: str | Path) -> str | None:
     """Why files cannot be written into `folder` (made with its parents if missing), or None when they can: checked

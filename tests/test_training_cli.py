@@ -22,6 +22,7 @@ from sa3_lora_studio.training.runs import (
 )
 from sa3_lora_studio.training.worker import RunControl
 from test_distributed import drive_pause_save_continue_stop, last_step, run_events, runs_cli, wait_until
+from unprivileged import unprivileged
 
 
 def _registry_with_run(tmp_path, status="training") -> tuple[RunRegistry, str]:
@@ -165,6 +166,31 @@ def test_ctrl_c_stops_a_train_process_after_saving_exits_130_and_says_how_to_res
     record = registry.get(run_id)
     assert record["status"] == "stopped" and registry.latest_checkpoint(run_id)["step"] == record["step"] < 500
     assert f"resume it with: sa3-lora runs --runs-dir '{runs}' resume {run_id}" in out
+
+
+def test_a_read_only_runs_folder_is_listed_and_read_and_train_refuses_it_by_name(tmp_path):
+    registry = RunRegistry(tmp_path / "archive")
+    run_id = registry.create(RunConfig(dataset="somewhere", steps=5, name="old"))
+    registry.update(run_id, status="training", owner={"host": "elsewhere", "pid": 1})  # would be marked interrupted
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "somewhere", "steps": 5}))
+    for path in [tmp_path / "archive", *(tmp_path / "archive").rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        def cli(*argv):
+            return subprocess.run(unprivileged([sys.executable, "-m", "sa3_lora_studio", *argv]), capture_output=True,
+                                  text=True, timeout=120)
+
+        listed = cli("runs", "--runs-dir", str(tmp_path / "archive"), "list")
+        assert listed.returncode == 0 and run_id in listed.stdout and "Traceback" not in listed.stderr, listed.stderr
+        shown = cli("runs", "--runs-dir", str(tmp_path / "archive"), "show", "old")
+        assert shown.returncode == 0 and json.loads(shown.stdout)["run"]["id"] == run_id
+        train = cli("train", "--config", str(tmp_path / "run.json"), "--runs-dir", str(tmp_path / "archive"))
+        assert train.returncode == 2 and "Traceback" not in train.stderr
+        assert f"--runs-dir {tmp_path / 'archive'}: cannot write into {tmp_path / 'archive'}: Permission denied; give " \
+               "a runs folder you can write to" in train.stderr
+    finally:
+        for path in [tmp_path / "archive", *(tmp_path / "archive").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_a_run_trained_by_a_live_process_is_neither_deleted_nor_resumed_twice(tmp_path):

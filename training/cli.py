@@ -92,6 +92,7 @@ def _follow(manager, run_id: str) -> int:
 
 
 def _cmd_train(args) -> int:
+    from ..sa3.atomic import writable_folder_problem
     from .preflight import check_run_inputs
     from .runs import RunConfig
 
@@ -112,6 +113,9 @@ def _cmd_train(args) -> int:
     except RunError as e:  # name the file: the field may come from it or from an option above
         raise RunError(f"{args.config}: {e}") from None
     run_id = os.environ.get("SA3_RUN_ID") or None  # set by `sa3-lora runs resume`: continue that run
+    problem = writable_folder_problem(args.runs_dir)
+    if problem:
+        raise RunError(f"--runs-dir {args.runs_dir}: {problem}; give a runs folder you can write to")
     if run_id is None:
         check_run_inputs(config)  # before a run folder is made for it
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

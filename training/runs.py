@@ -12,6 +12,7 @@ A run folder reads without our code:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..sa3.atomic import atomic_write_json, file_lock
+from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock
 from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
@@ -353,10 +354,13 @@ class RunRegistry:
         with self._thread_lock:
             self._depth += 1
             try:
-                if self._depth == 1:
-                    with file_lock(self.root / ".runs.lock"):
-                        yield
-                else:
+                with contextlib.ExitStack() as held:
+                    if self._depth == 1:
+                        try:
+                            held.enter_context(file_lock(self.root / ".runs.lock"))
+                        except OSError as e:  # a read-only runs folder (an archive, another user's): reading it
+                            if e.errno not in READ_ONLY_ERRNOS:  # needs no lock, and writing fails by name
+                                raise
                     yield
             finally:
                 self._depth -= 1
@@ -634,7 +638,12 @@ class RunRegistry:
             runs = self._read_index()
             changed = self._mark_dead_owners(runs)
             if changed:
-                self._write_index(runs)
+                try:
+                    self._write_index(runs)
+                except OSError as e:  # a read-only runs folder: listed as it was left
+                    if e.errno not in READ_ONLY_ERRNOS:
+                        raise
+                    return []
         return changed
 
 
