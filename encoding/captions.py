@@ -13,8 +13,9 @@ composer):
    the dataset root, nearest first (`metadata_tables.py`: the Hugging Face audiofolder convention, `file_name`
    column; a `caption`, `text` or `description` column is the prompt, and likewise in a JSON sidecar without
    `prompt`).
-4. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms): title,
-   artist, album, genre, label, date, composer, bpm, key, comment and any other text tag, under lower-case names.
+4. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms), and a WAV's
+   RIFF INFO or an AIFF's text chunks through libsndfile: title, artist, album, genre, label, date, composer, bpm,
+   key, comment and any other text tag, under lower-case names.
 5. Path fields: `file_stem`, `folder` (the audio's folder relative to `root`, '/'-separated, '' at the top) and
    `top_folder`.
 
@@ -199,17 +200,26 @@ def _text(value) -> str:
     return str(value).strip()
 
 
-def read_tags(path: str | Path) -> dict:
-    """Embedded text tags via mutagen, normalised to lower-case field names. {} when there are none or on error."""
-    try:
-        import mutagen
+# Containers whose own text chunks libsndfile reads (RIFF INFO in WAV: INAM, IART, IGNR, ICMT...; AIFF's NAME, AUTH):
+# what DAWs and sample editors write, where mutagen reads only an ID3 chunk
+SNDFILE_TEXT_EXTENSIONS = frozenset({".wav", ".wave", ".bwf", ".w64", ".rf64", ".aif", ".aiff", ".aifc", ".caf"})
+SNDFILE_SKIPPED = frozenset({"software"})  # the writing program's name, not a description of the sound
 
-        f = mutagen.File(str(path))
+
+def _sndfile_text_chunks(path: Path) -> dict[str, str]:
+    """{field: text} of the container's own text chunks (`SNDFILE_TEXT_EXTENSIONS`), {} on any error."""
+    try:
+        import soundfile as sf
+
+        with sf.SoundFile(str(path)) as f:
+            return {k: v for k, v in f.copy_metadata().items() if k not in SNDFILE_SKIPPED}
     except Exception:
         return {}
-    if f is None or not getattr(f, "tags", None):
-        return {}
-    tags = f.tags
+
+
+def read_tags(path: str | Path) -> dict:
+    """Embedded text tags, normalised to lower-case field names: via mutagen, plus a WAV's RIFF INFO or an AIFF's
+    text chunks (an ID3 tag wins over them). {} when there are none or on error."""
     out: dict[str, str] = {}
 
     def put(key: str, value) -> None:
@@ -218,6 +228,22 @@ def read_tags(path: str | Path) -> dict:
         if key and text and key not in out:
             out[key] = text
 
+    try:
+        import mutagen
+
+        f = mutagen.File(str(path))
+    except Exception:
+        f = None
+    if f is not None and getattr(f, "tags", None):
+        _put_mutagen_tags(f.tags, put)
+    if Path(path).suffix.lower() in SNDFILE_TEXT_EXTENSIONS:
+        for key, value in _sndfile_text_chunks(Path(path)).items():
+            put(key, value)
+    return out
+
+
+def _put_mutagen_tags(tags, put) -> None:
+    """Each text tag of a mutagen tag block through put(key, value)."""
     if hasattr(tags, "getall"):  # ID3, also inside WAV and AIFF
         for frame in tags.values():
             fid = frame.FrameID
@@ -243,7 +269,6 @@ def read_tags(path: str | Path) -> dict:
         for key, value in items:
             if isinstance(key, str) and key.lower() not in ("metadata_block_picture", "coverart", "encoder"):
                 put(key, value)
-    return out
 
 
 def path_fields(audio_path: str | Path, root: str | Path | None) -> dict:

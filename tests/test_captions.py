@@ -217,3 +217,22 @@ def test_a_json_sidecars_caption_text_or_description_is_its_prompt_and_no_tag(tm
         parts = tag_parts(md, PromptConfig(tag_keys=None))
         assert not any(expected and expected in part for part in parts), (name, parts)
     assert md["caption"] == "  " and md["mood"] == "calm"  # nothing to take: the fields stay as they are
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "AIFF"])
+def test_a_wavs_riff_info_and_an_aiffs_text_chunks_are_tags_and_an_id3_tag_wins_over_them(tmp_path, fmt):
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / f"take.{fmt.lower()}"
+    with sf.SoundFile(str(path), "w", 44100, 2, format=fmt, subtype="PCM_16") as f:
+        f.title, f.artist, f.genre, f.comment, f.software = "Rain Loop", "Field Kit", "Ambient", "mic: MKH416", "X 1.0"
+        f.write(np.zeros((4410, 2), dtype=np.float32))
+    tags = read_tags(path)
+    if fmt == "WAV":  # RIFF INFO: INAM, IART, IGNR, ICMT (a sample editor's, a DAW's)
+        assert tags == {"title": "Rain Loop", "artist": "Field Kit", "genre": "Ambient", "comment": "mic: MKH416"}
+    else:  # AIFF's NAME, AUTH and ANNO chunks (no genre there)
+        assert tags["title"] == "Rain Loop" and tags["artist"] == "Field Kit" and "software" not in tags
+    assert lookup_metadata(path, tmp_path)["title"] == "Rain Loop"
+    _tag_id3(path)  # both kinds in one file: the ID3 tag's title
+    assert read_tags(path)["title"] == TAGS["title"] and read_tags(path)["mood"] == "calm"
