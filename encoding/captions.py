@@ -7,8 +7,9 @@ composer):
 1. JSON sidecar, first found of: `song.json` next to `song.wav`; `json/song.json` in a `json/` folder beside the
    audio; `../json/song.json` (a `json/` folder beside the audio's folder). Invalid JSON, or JSON that is not an
    object, is a warning and the next location/source is used.
-2. Text sidecar, first found of `song.txt`, `txt/song.txt`, `../txt/song.txt`: the whole stripped text becomes the
-   `prompt` field (the official SA3 convention, so a folder prepared for `pre_encode_dataset.py` works as-is).
+2. Text sidecar, first found of `song.txt`, `song.wav.txt`, `txt/song.txt`, `../txt/song.txt`: the whole stripped
+   text becomes the `prompt` field (the official SA3 convention, so a folder prepared for `pre_encode_dataset.py`
+   works as-is).
 3. A row of a folder-level table, `metadata.csv` / `.tsv` / `.jsonl` in the audio's folder or one above it up to
    the dataset root, nearest first (`metadata_tables.py`: the Hugging Face audiofolder convention, `file_name`
    column; a `caption`, `text` or `description` column is the prompt, and likewise in a JSON sidecar without
@@ -19,14 +20,17 @@ composer):
 5. Path fields: `file_stem`, `folder` (the audio's folder relative to `root`, '/'-separated, '' at the top) and
    `top_folder`.
 
+A sidecar's name may differ from the audio's by case or Unicode form (`SONG.TXT`, a name from macOS in NFD).
 Values are kept as found (strings, numbers, lists); multi-valued tags become ", "-joined strings.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import unicodedata
 from pathlib import Path
 
@@ -97,6 +101,43 @@ def _is_file(path: Path, warnings: list[str], root: Path | None) -> bool:
         return False
 
 
+def _name_key(name: str) -> str:
+    """A file name as people mean it: Unicode NFC (macOS writes NFD) and without case (Windows and macOS ignore it)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+@functools.lru_cache(maxsize=256)
+def _names_in(folder: str, mtime_ns: int) -> dict[str, str]:
+    """{_name_key(name): name} of a folder's entries; keyed by its mtime too, so an edited folder is read again."""
+    try:
+        return {_name_key(name): name for name in sorted(os.listdir(folder), reverse=True)}  # first name on a tie
+    except OSError:
+        return {}
+
+
+def _sidecar(cand: Path, warnings: list[str], root: Path | None) -> Path | None:
+    """cand when it is a file, else the file beside it whose name differs only by case or Unicode form (`SONG.TXT`
+    for `SONG.WAV`; a caption file named on Windows for audio named on macOS), else None."""
+    if _is_file(cand, warnings, root):
+        return cand
+    try:
+        mtime_ns = cand.parent.stat().st_mtime_ns
+    except OSError:  # no such folder (json/, ../txt/), or one it may not look into (reported by _is_file)
+        return None
+    name = _names_in(str(cand.parent), mtime_ns).get(_name_key(cand.name))
+    return cand.parent / name if name is not None and name != cand.name and (cand.parent / name).is_file() else None
+
+
+def _sidecar_candidates(audio: Path, ext: str) -> tuple[Path, ...]:
+    """Where a sidecar of `audio` may be, in priority order: `song.ext` beside it (and `song.wav.txt`: never
+    `song.wav.json`, the name of a dataset's own per-file JSON), `ext/song.ext` in a folder named after the
+    extension beside it, and one folder up."""
+    stem = audio.stem
+    full_name = (audio.with_name(audio.name + ext),) if ext == ".txt" else ()
+    return (audio.with_suffix(ext), *full_name, audio.parent / ext[1:] / f"{stem}{ext}",
+            audio.parent.parent / ext[1:] / f"{stem}{ext}")
+
+
 def _shown(path: Path, root: Path | None) -> str:
     """A sidecar's path for a warning: relative to the dataset root when inside it, else absolute."""
     try:
@@ -124,10 +165,9 @@ def _drop_non_finite(data: dict, where: str, warnings: list[str]) -> dict:
 
 
 def _read_json_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
-    stem = audio.stem
-    for cand in (audio.with_suffix(".json"), audio.parent / "json" / f"{stem}.json",
-                 audio.parent.parent / "json" / f"{stem}.json"):
-        if not _is_file(cand, warnings, root):
+    for cand in _sidecar_candidates(audio, ".json"):
+        cand = _sidecar(cand, warnings, root)
+        if cand is None:
             continue
         shown = _shown(cand, root)
         try:
@@ -145,10 +185,9 @@ def _read_json_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> t
 
 
 def _read_txt_sidecar(audio: Path, root: Path | None, warnings: list[str]) -> tuple[dict, str | None]:
-    stem = audio.stem
-    for cand in (audio.with_suffix(".txt"), audio.parent / "txt" / f"{stem}.txt",
-                 audio.parent.parent / "txt" / f"{stem}.txt"):
-        if not _is_file(cand, warnings, root):
+    for cand in _sidecar_candidates(audio, ".txt"):
+        cand = _sidecar(cand, warnings, root)
+        if cand is None:
             continue
         try:
             raw = cand.read_bytes()

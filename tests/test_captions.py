@@ -236,3 +236,21 @@ def test_a_wavs_riff_info_and_an_aiffs_text_chunks_are_tags_and_an_id3_tag_wins_
     assert lookup_metadata(path, tmp_path)["title"] == "Rain Loop"
     _tag_id3(path)  # both kinds in one file: the ID3 tag's title
     assert read_tags(path)["title"] == TAGS["title"] and read_tags(path)["mood"] == "calm"
+
+
+def test_a_sidecar_named_with_another_case_or_unicode_form_or_after_the_whole_file_name_is_found(tmp_path):
+    import unicodedata
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    loud = write_audio_file(folder / "KICK", tone(0.05, 44100), 44100, "wav16")  # KICK.wav
+    (folder / "kick.TXT").write_text("punchy kick")
+    nfd = write_audio_file(folder / unicodedata.normalize("NFD", "Café Noir"), tone(0.05, 44100), 44100, "wav16")
+    (folder / (unicodedata.normalize("NFC", "Café Noir") + ".json")).write_text(json.dumps({"prompt": "smoky"}))
+    whole = write_audio_file(folder / "Track 01", tone(0.05, 44100), 44100, "wav16")
+    (folder / "Track 01.wav.txt").write_text("intro theme")
+    assert lookup_metadata(loud, tmp_path)["prompt"] == "punchy kick"
+    assert lookup_metadata(nfd, tmp_path)["prompt"] == "smoky"
+    assert lookup_metadata(whole, tmp_path)["prompt"] == "intro theme"
+    (folder / "Track 01.txt").write_text("the exact name first")
+    assert lookup_metadata(whole, tmp_path)["prompt"] == "the exact name first"
