@@ -777,15 +777,20 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                 raise DatasetError(f"{silence_path}: cannot write to the dataset folder ({e})") from None
 
         # Hash files and decide what is already done; reused files get their metadata re-read.
+        def stamp(st: os.stat_result) -> dict:
+            """What says a file is unchanged without reading it: size, mtime, and the inode's change time, which
+            `cp -p`, `rsync -a` or unzip cannot set back (a same-length take copied over keeps size and mtime)."""
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
         records: dict[str, dict] = {}
         todo: list[tuple[Path, str, str]] = []
         for path, rel in scan.files:
             try:
-                size = check_readable(path)
-                st = os.stat(path)
+                check_readable(path)
+                now = stamp(os.stat(path))
                 prev = old_files.get(rel, {})
-                if prev.get("hash") and prev.get("size") == size and prev.get("mtime_ns") == st.st_mtime_ns:
-                    h = prev["hash"]  # unchanged size and mtime: trust the recorded hash
+                if prev.get("hash") and all(prev.get(k) == v for k, v in now.items()):
+                    h = prev["hash"]  # the same stamp: trust the recorded hash (a dataset from before ctime: read once)
                 else:
                     h = file_hash(path)
             except AudioFileError as e:
@@ -797,7 +802,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
             done = None if force else _reusable(out_dir, rel, h, ident, dtype)
             if done is not None:
                 refreshed, recaptioned = _refresh_metadata(out_dir, path, folder, *done)
-                records[rel] = {**refreshed, "size": size, "mtime_ns": st.st_mtime_ns}
+                records[rel] = {**refreshed, **now}
                 report.reused.append(rel)
                 if recaptioned:
                     report.recaptioned.append(rel)
@@ -808,10 +813,9 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                                 and (out_dir / prev["latents"]).is_file())
                 if prev_encoded:  # re-encoded (force, another storage dtype): its latents serve until replaced, so
                     # a run can train on the dataset meanwhile and a cancel leaves it as usable as before
-                    records[rel] = {**prev, "size": size, "mtime_ns": st.st_mtime_ns}
+                    records[rel] = {**prev, **now}
                 else:
-                    records[rel] = {"relpath": rel, "hash": h, "size": size, "mtime_ns": st.st_mtime_ns,
-                                    "status": "pending"}
+                    records[rel] = {"relpath": rel, "hash": h, **now, "status": "pending"}
         for rel, reason in scan.problems:
             records.setdefault(rel, {"relpath": rel, "status": "skipped", "reason": reason})
 
@@ -850,7 +854,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         def finish(i: int, rec: dict) -> None:
             nonlocal last_flush
             prev = records[rec["relpath"]]
-            records[rec["relpath"]] = {**rec, "size": prev.get("size"), "mtime_ns": prev.get("mtime_ns")}
+            records[rec["relpath"]] = {**rec, **{k: prev.get(k) for k in ("size", "mtime_ns", "ctime_ns")}}
             if rec["status"] == "encoded":
                 report.encoded.append(rec["relpath"])
             else:

@@ -520,3 +520,29 @@ def test_cli_names_a_device_this_machine_lacks_among_several_before_loading(tmp_
     assert _encode_cli(tmp_path / "src", tmp_path / "out", "--devices", "cpu", "cuda:7") == 2
     assert "device cuda:7: this PyTorch sees no CUDA GPU" in capsys.readouterr().err
     assert models_loaded == []
+
+
+def test_a_take_copied_over_with_the_same_size_and_mtime_is_encoded_again(tmp_path, monkeypatch):
+    """`cp -p`, `rsync -a` or unzip keep a file's mtime, and a same-length bounce its size: the inode's change time,
+    which no tool sets back, tells that the content may differ (the file is read again, and encoded if it does)."""
+    from sa3_lora_studio.encoding import dataset as dataset_module
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    take = _write(src, "take", freq=440.0)
+    encode_folder(src, out, ToyEncoder())
+    first = np.load(out / "take.wav.npy")
+    hashed = []
+    real_hash = dataset_module.file_hash
+    monkeypatch.setattr(dataset_module, "file_hash", lambda path: hashed.append(path) or real_hash(path))
+    assert encode_folder(src, out, ToyEncoder()).reused == ["take.wav"] and hashed == []  # unchanged: not read
+    st = take.stat()
+    other = _write(tmp_path / "v2", "take", freq=880.0)
+    take.write_bytes(other.read_bytes())  # the same length, another sound
+    os.utime(take, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p leaves it
+    assert take.stat().st_size == st.st_size and take.stat().st_mtime_ns == st.st_mtime_ns
+    report = encode_folder(src, out, ToyEncoder())
+    assert report.encoded == ["take.wav"] and not np.array_equal(np.load(out / "take.wav.npy"), first)
+    os.chmod(take, 0o600)  # a change of the inode alone: read again, the same hash, nothing encoded
+    hashed.clear()
+    assert encode_folder(src, out, ToyEncoder()).reused == ["take.wav"] and len(hashed) == 1
+    assert _records(out)["take.wav"]["ctime_ns"] == take.stat().st_ctime_ns  # the new stamp: not read next time
