@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -84,6 +85,19 @@ def utf8_text(text: str) -> str:
     except UnicodeEncodeError:
         return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                        else "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def readable_name(text: str) -> str:
+    """A name spelled by `utf8_text` as people would read it, for a prompt: each run of `\\xNN` bytes decoded as
+    Windows-1252 (the usual origin of such names: an old zip or a Windows disk), else Latin-1."""
+    def decoded(match: re.Match) -> str:
+        raw = bytes(int(h, 16) for h in re.findall(r"\\x([0-9a-f]{2})", match.group(0)))
+        try:
+            return raw.decode("cp1252")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+    return re.sub(r"(?:\\x[0-9a-f]{2})+", decoded, text)
 
 
 def name_text(name: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 
 from ..sa3.field_types import check_field_types, check_known_keys
-from .captions import PATH_FIELDS, RESERVED_FIELDS
+from .captions import PATH_FIELDS, RESERVED_FIELDS, readable_name
 
 SOURCES = ("caption", "tags", "path", "fixed")
 DEFAULT_TAG_KEYS = ("title", "artist", "album", "genre", "label", "date", "composer", "bpm", "key")
@@ -139,8 +139,9 @@ def tag_parts(metadata: dict, config: PromptConfig) -> list[str]:
 
 
 def path_text(relpath: str, config: PromptConfig) -> str:
-    """The path source: relpath ('/'-separated) with the configured parts hidden."""
-    p = PurePosixPath(relpath.replace("\\", "/"))
+    """The path source: relpath ('/'-separated; a Windows '\\' too) with the configured parts hidden, and name bytes
+    that were not UTF-8 read as people would (`readable_name`), not as `\\xNN` (nor its '\\' as a folder)."""
+    p = PurePosixPath(readable_name(relpath).replace("\\", "/"))
     name = p.stem if config.hide_extension else p.name
     dirs = list(p.parts[:-1])
     if config.hide_top_folder and dirs:

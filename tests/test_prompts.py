@@ -105,6 +105,19 @@ def test_path_prompts_hide_what_is_asked(opts, expected):
     assert compose_prompt(MD, REL, cfg, 0) == expected
 
 
+def test_a_name_that_was_not_utf8_reads_as_its_letters_in_a_path_prompt_not_as_a_folder():
+    """Relpaths spell such name bytes `\\xNN` (lossless); a prompt reads them as Windows-1252, the usual origin."""
+    import os
+
+    from sa3_lora_studio.encoding.captions import name_text
+
+    relpath = "old/" + name_text(os.fsdecode(b"caf\xe9 latin1 name.wav"))
+    assert relpath == "old/caf\\xe9 latin1 name.wav"
+    cfg = PromptConfig(caption_weight=0, path_weight=1)
+    assert compose_prompt({}, relpath, cfg, 0) == "old/café latin1 name"
+    assert compose_prompt({}, "win\\drums\\kick.wav", cfg, 0) == "win/drums/kick"  # a Windows relpath still splits
+
+
 def test_same_seed_same_prompt_and_seeds_differ():
     cfg = PromptConfig(caption_weight=1, tags_weight=1, trigger="sks", trigger_percent=50, tag_keys=None)
     a = [compose_prompt(MD, REL, cfg, s) for s in range(100)]
