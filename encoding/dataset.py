@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -1028,6 +1029,19 @@ class EncodedDataset:
         return [(e["relpath"], self.metadata(i)) for i, e in enumerate(self.entries)]
 
 
+def _audio_hint(root: Path) -> str:
+    """When a folder given as a dataset holds audio files (the folder to encode, not the encoded one): how to
+    encode it. '' otherwise."""
+    try:
+        audio = next((p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()), None)
+    except OSError:
+        return ""
+    if audio is None:
+        return ""
+    return (f". It holds audio ({audio.name}): encode it into a dataset first (SA3 Encode Audio Folder, or "
+            f"`sa3-lora encode {shlex.quote(str(root))} --pack PACK --out DATASET`) and train on that dataset")
+
+
 def _scan_pre_encoded(root: Path) -> tuple[dict, list[dict]]:
     """Find .npy + .json pairs under root (official or underfit layout) and describe them as manifest records."""
     details: dict = {}
@@ -1065,7 +1079,7 @@ def _scan_pre_encoded(root: Path) -> tuple[dict, list[dict]]:
                       "seconds": meta.get("seconds_decoded", meta.get("seconds_total")),
                       "source_relpath": meta.get("src_relpath") or meta.get("relpath")})
     if latent_dim is None:
-        raise DatasetError(f"{root}: no .npy + .json latent pairs found (nor a {MANIFEST})")
+        raise DatasetError(f"{root}: no .npy + .json latent pairs found (nor a {MANIFEST})" + _audio_hint(root))
     ratio = details.get("downsampling_ratio") or (4096 if latent_dim == 256 else None)  # every SAME model is 4096x
     sr = int(details.get("sample_rate", 44100))
     manifest = {

@@ -409,3 +409,14 @@ def test_cli_imports_and_inspects_an_official_dataset(tmp_path, capsys):
     assert main(["dataset", "inspect", str(src), "--prompts", "3"]) == 0
     printed = capsys.readouterr().out
     assert "3 files" in printed and "caption 2" in printed
+
+
+def test_a_folder_of_audio_given_as_a_dataset_says_to_encode_it_first(tmp_path):
+    _write(tmp_path / "my takes", "kick")
+    with pytest.raises(DatasetError, match=r"my takes: no \.npy \+ \.json latent pairs found \(nor a dataset\.json\)\. "
+                                           r"It holds audio \(kick\.flac\): encode it into a dataset first \(SA3 Encode "
+                                           r"Audio Folder, or `sa3-lora encode '.*my takes' --pack PACK --out DATASET`\)"):
+        load_dataset(tmp_path / "my takes")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no \.npy \+ \.json latent pairs found \(nor a dataset\.json\)$"):
+        load_dataset(tmp_path / "empty")
