@@ -366,6 +366,7 @@ def decode_audio(path: str | Path) -> DecodedAudio:
     check_fits_in_memory(path)
     errors = []
     best: DecodedAudio | None = None
+    empty = False  # a decoder read the file as audio holding no samples (a valid header and nothing after it)
     for decode in (_decode_soundfile, _decode_pyav):
         try:
             got = decode(path)
@@ -377,13 +378,15 @@ def decode_audio(path: str | Path) -> DecodedAudio:
             continue
         if got.frames == 0:
             errors.append(f"{got.decoder}: no samples")
+            empty = True
             continue
         if best is None or got.frames > best.frames:
             best = got
         if not _short(best):
             break
     if best is None:
-        raise AudioFileError("not audio or undecodable", "; ".join(errors))
+        raise AudioFileError("no samples (an empty recording)" if empty else "not audio or undecodable",
+                             "; ".join(errors))
     peak = sample_peak(best.samples)
     if not math.isfinite(peak):
         raise AudioFileError("NaN/inf samples")

@@ -111,6 +111,15 @@ def test_zero_byte_file_is_rejected(tmp_path):
     assert _reason(tmp_path / "z.wav") == "zero bytes"
 
 
+@pytest.mark.parametrize("fmt", ["WAV", "AIFF"])  # (libsndfile writes an empty FLAC as zero bytes)
+def test_a_recording_with_no_samples_is_named_as_empty_not_as_undecodable(tmp_path, fmt):
+    import soundfile as sf
+
+    path = tmp_path / f"armed-but-never-recorded.{fmt.lower()}"
+    sf.write(path, np.zeros((0, 2), dtype=np.float32), 44100, format=fmt)
+    assert _reason(path) == "no samples (an empty recording)"
+
+
 def test_text_file_with_an_audio_extension_is_not_audio(tmp_path):
     (tmp_path / "t.mp3").write_text("this is not audio\n" * 20)
     assert "not audio" in _reason(tmp_path / "t.mp3")
