@@ -143,7 +143,9 @@ def _cmd_inspect(args) -> int:
         "dtype": m.get("dtype"), "totals": m.get("totals", {}),
         "skipped": [{"relpath": f["relpath"], "reason": f.get("reason"), "detail": f.get("detail", "")}
                     for f in ds.skipped],
-        "warnings": [{"relpath": e["relpath"], "warning": w} for e in ds.entries for w in e.get("warnings", [])],
+        "warnings": [{"relpath": e["relpath"], "warning": w} for e in ds.entries for w in e.get("warnings", [])]
+        + [w for w in m.get("dataset_warnings", []) if "relpath" in w],  # e.g. a byte-identical copy
+        "table_warnings": [w for w in m.get("dataset_warnings", []) if "table" in w],
     }
     if args.prompts:
         from .prompts import PromptConfig, preview_prompts
@@ -166,6 +168,8 @@ def _cmd_inspect(args) -> int:
               f"{t.get('excluded', 0)} excluded, {t.get('n_latents', 0)} latent frames")
     for s in info["skipped"]:
         print(f"  skipped {s['relpath']}: {s['reason']}")
+    for w in info["table_warnings"]:
+        print(f"  warning {w['table']}: {w['warning']}")
     for w in info["warnings"]:
         print(f"  warning {w['relpath']}: {w['warning']}")
     for row in info.get("prompts", []):

@@ -844,7 +844,9 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
                 totals={"files": len(files), "encoded": len(enc),
                         "skipped": sum(f["status"] == "skipped" for f in files),
                         "pending": sum(f["status"] == "pending" for f in files), "excluded": len(scan.excluded),
-                        "with_warnings": sum(bool(f.get("warnings")) for f in enc),
+                        "with_warnings": len({f["relpath"] for f in enc if f.get("warnings")}
+                                             | {w["relpath"] for w in manifest.get("dataset_warnings", [])
+                                                if "relpath" in w}),  # the files the report warns about
                         "seconds": round(report.seconds, 3), "minutes": round(report.seconds / 60, 3),
                         "n_latents": sum(int(f.get("n_latents") or 0) for f in enc)})
             write_json(out_dir / MANIFEST, manifest)
@@ -910,6 +912,10 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         report.table_warnings = table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
         report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
                                                    if f["status"] == "encoded"))
+        # what the report said beyond each file's own warnings (copies, metadata tables), for `dataset inspect`
+        manifest["dataset_warnings"] = (
+            [{"relpath": rel, "warning": text} for rel, text in duplicate_warnings(in_order)]
+            + [{"table": table, "warning": text} for table, text in report.table_warnings])
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
     finally:

@@ -162,7 +162,7 @@ def test_rerun_reencodes_only_changed_and_new_files_and_removes_deleted_ones(tmp
     assert {e["relpath"] for e in load_dataset(out).entries} == {"s0.flac", "s1.flac", "s3.flac", "s4.flac"}
 
 
-def test_a_byte_identical_copy_is_named_in_the_report_on_every_run(tmp_path, tiny_model):
+def test_a_byte_identical_copy_is_named_in_the_report_on_every_run_and_in_inspect(tmp_path, tiny_model, capsys):
     import shutil
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -174,7 +174,14 @@ def test_a_byte_identical_copy_is_named_in_the_report_on_every_run(tmp_path, tin
         assert [rel for rel, text in run.warnings if "the same file as" in text] == ["more/bass2.flac"]
         assert ("  warning more/bass2.flac: the same file as bass.flac (byte for byte): both train, so that sound "
                 "counts twice; exclude one unless that is meant") in run.summary()
+        assert "1 with warnings" in run.summary() and _manifest(out)["totals"]["with_warnings"] == 1  # one count
+    # `sa3-lora dataset inspect` says it too, from the manifest, after the encode's report is gone
+    from sa3_lora_studio.cli import main
+
+    assert main(["dataset", "inspect", str(out)]) == 0
+    assert "  warning more/bass2.flac: the same file as bass.flac (byte for byte)" in capsys.readouterr().out
     assert encode_folder(src, out, tiny_model, exclude=["more/*"], prune=True).warnings == []
+    assert _manifest(out)["dataset_warnings"] == [] and _manifest(out)["totals"]["with_warnings"] == 0
 
 
 def test_a_different_encoder_or_dtype_reencodes_everything(tmp_path):

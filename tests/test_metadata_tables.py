@@ -185,7 +185,7 @@ def test_an_exact_row_further_up_beats_a_loose_row_nearer(tmp_path):
     assert md["prompt"] == "exact and far" and not any("loosely" in w for w in warnings)
 
 
-def test_rows_naming_no_audio_file_are_one_report_warning_per_table(tmp_path):
+def test_rows_naming_no_audio_file_are_one_report_warning_per_table(tmp_path, capsys):
     src = tmp_path / "src"
     _audio(src / "a.flac"), _audio(src / "b.flac")
     (src / "metadata.csv").write_text("file_name,text\na.flac,ok\ngone.flac,renamed since\nold/b2.wav,moved\n")
@@ -193,6 +193,10 @@ def test_rows_naming_no_audio_file_are_one_report_warning_per_table(tmp_path):
     assert ("metadata.csv", "2 of 3 rows name no audio file here (e.g. line 3: 'gone.flac'); paths are relative to "
                             "the table's folder") in report.table_warnings
     assert "warning metadata.csv: 2 of 3 rows" in report.summary()
+    from sa3_lora_studio.cli import main  # and `dataset inspect` after the encode, from the manifest
+
+    assert main(["dataset", "inspect", str(tmp_path / "out")]) == 0
+    assert "  warning metadata.csv: 2 of 3 rows name no audio file here" in capsys.readouterr().out
 
 
 def test_spreadsheet_quirks_utf16_sep_line_spaced_headers_comments_and_unquoted_commas(tmp_path):
