@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sa3.atomic import atomic_write, writable_folder_problem
+from ..sa3.atomic import LockHeld, atomic_write, file_lock, writable_folder_problem
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
 from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, table_warnings, utf8_text
 
@@ -50,6 +51,7 @@ MANIFEST = "dataset.json"
 # downmix of 4 to 8 channels changed with version 2).
 DECODE_VERSION = 3  # 3: AAC priming removed by iTunSMPB in MP4s without an edit list; 2: surround downmix
 SILENCE = "silence.npy"
+ENCODE_LOCK = ".encode.lock"  # held by the one process writing the dataset (`encode_folder`)
 FORMAT = "sa3-lora-dataset"
 FORMAT_VERSION = 1
 SILENCE_LATENTS = 64  # frames of encoded silence stored; loaders tile it when they need more
@@ -755,6 +757,21 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DatasetError(f"{out_dir}: cannot create the dataset folder ({e.strerror or e})") from None
+    writer = contextlib.ExitStack()  # this process alone writes the dataset until the encode ends
+    try:
+        writer.enter_context(file_lock(out_dir / ENCODE_LOCK, wait=False))
+    except LockHeld:
+        raise DatasetError(f"{out_dir}: another encode is writing this dataset now (in another process); wait for "
+                           "it to end, or encode into another folder. Nothing was changed.") from None
+    with writer:
+        return _encode_locked(folder, out_dir, encoder, encoder_factory, devices, scan, gone, include, exclude,
+                              dtype, force, progress, should_stop, chunk_latents, model_info)
+
+
+def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, devices, scan: ScanResult,
+                   gone: list[str], include, exclude, dtype: str, force: bool, progress, should_stop,
+                   chunk_latents: int | None, model_info: dict | None) -> EncodeReport:
+    """encode_folder's work, while it holds the dataset's writer lock."""
     report = EncodeReport(out_dir=out_dir, excluded=scan.excluded)
     old = _load_manifest(out_dir) or {}
     old_files = {f["relpath"]: f for f in old.get("files", []) if isinstance(f, dict) and "relpath" in f}

@@ -66,23 +66,30 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
+class LockHeld(Exception):
+    """Another process holds the lock `file_lock(path, wait=False)` asked for."""
+
+
 @contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing) against other processes: flock on POSIX, a one-byte
-    msvcrt lock on Windows. For read-modify-write of files several processes share (the runs index). Not reentrant:
-    take it once per process (callers pair it with a thread lock)."""
+    msvcrt lock on Windows. For read-modify-write of files several processes share (the runs index), or work only
+    one process may do at a time (wait=False: LockHeld at once when another holds it). Not reentrant: take it once
+    per process (callers pair it with a thread lock)."""
     with open(path, "a+b") as f:
         if os.name == "nt":
             import msvcrt
 
             f.seek(0)
             while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # retries for ~10 s, then raises: keep waiting
+                try:  # LK_LOCK retries for ~10 s, then raises: keep waiting
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
                     break
                 except OSError as e:
                     if e.errno not in (errno.EDEADLOCK, errno.EACCES):  # held by another process: wait on
                         raise
+                    if not wait:
+                        raise LockHeld(str(path)) from None
             try:
                 yield
             finally:
@@ -91,7 +98,10 @@ def file_lock(path: str | Path) -> Iterator[None]:
         else:
             import fcntl
 
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise LockHeld(str(path)) from None
             try:
                 yield
             finally:

@@ -546,3 +546,29 @@ def test_a_take_copied_over_with_the_same_size_and_mtime_is_encoded_again(tmp_pa
     hashed.clear()
     assert encode_folder(src, out, ToyEncoder()).reused == ["take.wav"] and len(hashed) == 1
     assert _records(out)["take.wav"]["ctime_ns"] == take.stat().st_ctime_ns  # the new stamp: not read next time
+
+
+def test_a_second_encode_into_a_dataset_being_written_is_refused_and_changes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from sa3_lora_studio.encoding.dataset import ENCODE_LOCK
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "a")
+    encode_folder(src, out, ToyEncoder())
+    _write(src, "b")
+    before = _listing(out)
+    holder = subprocess.Popen(  # another process in the middle of an encode into `out`
+        [sys.executable, "-c", "import sys, time\nfrom sa3_lora_studio.sa3.atomic import file_lock\n"
+         f"with file_lock({str(out / ENCODE_LOCK)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DatasetError, match="another encode is writing this dataset now .*Nothing was changed"):
+            encode_folder(src, out, ToyEncoder())
+        assert _listing(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert encode_folder(src, out, ToyEncoder()).encoded == ["b.wav"]  # once it is gone
