@@ -294,6 +294,30 @@ def sample_peak(samples: np.ndarray) -> float:
     return math.nan if math.isnan(hi) or math.isnan(lo) else max(hi, lo)
 
 
+NEARLY_SILENT_DBFS = -60.0  # a take whose loudest sample is below this is noise floor, not a sound
+CHANNEL_NAMES = {0: "left", 1: "right"}
+
+
+def level_warnings(samples: np.ndarray, peak: float) -> list[str]:
+    """What a sound designer would want to know about a take's level before training on it (it is encoded all the
+    same: silence and quiet room tone are sounds too): digital silence, a peak below NEARLY_SILENT_DBFS, and a
+    silent channel beside a sounding one (it trains as sound panned hard to one side). samples: [C, N]."""
+    if peak == 0.0:
+        return ["digital silence: every sample is 0 (an empty export or a muted track?)"]
+    found = []
+    peak_dbfs = 20 * math.log10(peak)
+    if peak_dbfs < NEARLY_SILENT_DBFS:
+        found.append(f"nearly silent: the loudest sample is at {peak_dbfs:.0f} dBFS (a level problem, or only the "
+                     "noise floor?)")
+    if samples.ndim == 2 and samples.shape[0] == 2:
+        silent = [c for c in range(2) if not samples[c].any()]
+        if len(silent) == 1:
+            other = CHANNEL_NAMES[1 - silent[0]]
+            found.append(f"the {CHANNEL_NAMES[silent[0]]} channel is silent: it trains as sound panned hard "
+                         f"{other} (a mono recording on one track? save it as mono to hear it in the middle)")
+    return found
+
+
 def fit_level(d: DecodedAudio, peak: float | None = None) -> None:
     """Bring d.samples into [-1, 1] in place by the module's level policy, noting what was done in d.warnings.
     Raises AudioFileError when the peak is above MAX_PEAK. peak: `sample_peak(d.samples)` when the caller has it."""
@@ -393,8 +417,7 @@ def decode_audio(path: str | Path) -> DecodedAudio:
     if _short(best):
         best.warnings.append(f"decoded {best.seconds:.2f} s of the {best.declared_frames / best.sample_rate:.2f} s "
                              "the file declares: truncated or damaged, the rest is lost")
-    if peak == 0.0:  # encoded all the same (a silent take still teaches silence), but the user likely did not mean it
-        best.warnings.append("digital silence: every sample is 0 (an empty export or a muted track?)")
+    best.warnings += level_warnings(best.samples, peak)
     fit_level(best, peak)
     return best
 

@@ -162,6 +162,23 @@ def test_a_digitally_silent_file_decodes_with_a_warning(tmp_path):
     assert d.frames > 0 and d.warnings == ["digital silence: every sample is 0 (an empty export or a muted track?)"]
 
 
+def test_a_nearly_silent_take_and_a_silent_channel_are_named(tmp_path):
+    def at_dbfs(dbfs):
+        x = tone(0.3, 44100)
+        return x * (10 ** (dbfs / 20) / np.abs(x).max())
+
+    quiet = write_audio_file(tmp_path / "room", at_dbfs(-70), 44100, "wavf")
+    assert decode_audio(quiet).warnings == ["nearly silent: the loudest sample is at -70 dBFS (a level problem, or "
+                                            "only the noise floor?)"]
+    x = tone(0.3, 44100)
+    x[1] = 0.0  # a mono recording on the left track of a stereo file
+    assert decode_audio(write_audio_file(tmp_path / "left", x, 44100, "wav24")).warnings == [
+        "the right channel is silent: it trains as sound panned hard left (a mono recording on one track? save it "
+        "as mono to hear it in the middle)"]
+    soft = write_audio_file(tmp_path / "soft", at_dbfs(-50), 44100, "wavf")
+    assert decode_audio(soft).warnings == []  # -50 dBFS is a quiet sound, not silence
+
+
 def test_hot_float_file_is_peak_normalised_with_a_warning(tmp_path):
     x = 18.0 * tone(0.2, 44100) / 0.3  # peak 18: a float mix far above full scale
     d = decode_audio(write_audio_file(tmp_path / "hot", x, 44100, "wavf"))
