@@ -111,12 +111,17 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+PLACEHOLDERS = frozenset({"nan", "none", "null", "n/a"})  # what spreadsheets and scripts write for "no value"
+
+
 def _value_text(value) -> str:
+    """A metadata value as prompt text; '' for a placeholder such as "NaN" or "N/A" (a spreadsheet's empty cell)."""
     if isinstance(value, (list, tuple)):
-        return ", ".join(str(v).strip() for v in value if str(v).strip())
+        return ", ".join(t for t in map(_value_text, value) if t)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value).strip()
+    text = str(value).strip()
+    return "" if text.lower() in PLACEHOLDERS else text
 
 
 def tag_parts(metadata: dict, config: PromptConfig) -> list[str]:

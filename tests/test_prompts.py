@@ -147,3 +147,10 @@ def test_config_checks_and_round_trips():
     assert PromptConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         PromptConfig.from_dict({"colour": "red"})
+
+
+def test_placeholder_values_from_spreadsheets_are_no_prompt_text():
+    metadata = {"prompt": "NaN", "bpm": "nan", "genre": ["ambient", "N/A"], "mood": "None", "key": "null", "a": "x"}
+    cfg = PromptConfig(caption_weight=1, tags_weight=0, tag_keys=None, fallback=True)
+    assert compose_prompt(metadata, "set/take.wav", cfg, 0) == "Genre: ambient, A: x"  # no caption: the tags
+    assert compose_prompt({"prompt": "Nan bread sizzling"}, "t.wav", cfg, 0) == "Nan bread sizzling"  # only whole
