@@ -185,8 +185,8 @@ class _BoraLinear(torch.autograd.Function):
             p = p_in
             qr.add_(torch.linalg.vecdot(p, b), alpha=2 * s)
             d = _renorm_factor(qr, m_r)[0]
-        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block,
-        # one buffer for every block: a fresh 4 MB temporary per block costs an allocation each time
+        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block:
+        # one buffer written by every block, instead of a new temporary per block
         for rows in row_blocks(w):
             wb, b_rows = w[rows], b[rows]
             if p_in is None:
