@@ -12,8 +12,7 @@ composer):
    works as-is).
 3. A row of a folder-level table, `metadata.csv` / `.tsv` / `.jsonl` in the audio's folder or one above it up to
    the dataset root, nearest first (`metadata_tables.py`: the Hugging Face audiofolder convention, `file_name`
-   column; a `caption`, `text` or `description` column is the prompt, and likewise in a JSON sidecar without
-   `prompt`).
+   column; a `caption` or `text` column is the prompt, and likewise in a JSON sidecar without `prompt`).
 4. Embedded tags read with mutagen (ID3 in MP3/WAV/AIFF, Vorbis comments in FLAC/OGG/Opus, MP4 atoms), and a WAV's
    RIFF INFO or an AIFF's text chunks through libsndfile: title, artist, album, genre, label, date, composer, bpm,
    key, comment and any other text tag, under lower-case names.
@@ -32,9 +31,11 @@ import logging
 import math
 import os
 import re
+import time
 import unicodedata
 from pathlib import Path
 
+from .audio_io import AUDIO_EXTENSIONS
 from .metadata_tables import caption_becomes_prompt, decoded_text, find_row, root_relative, tables_in_use, tables_of
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,27 @@ def _name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name).casefold()
 
 
-@functools.lru_cache(maxsize=256)
-def _names_in(folder: str, mtime_ns: int) -> dict[str, str]:
-    """{_name_key(name): name} of a folder's entries; keyed by its mtime too, so an edited folder is read again."""
+def _listed_names(folder: str) -> tuple[dict[str, str], frozenset[str]]:
+    """({_name_key(name): name} of a folder's entries (the first name, in sorted order, on a tie), the exact stems of
+    its audio files)."""
     try:
-        return {_name_key(name): name for name in sorted(os.listdir(folder), reverse=True)}  # first name on a tie
+        names = sorted(os.listdir(folder), reverse=True)
     except OSError:
-        return {}
+        return {}, frozenset()
+    audio_stems = frozenset(Path(n).stem for n in names if Path(n).suffix.lower() in AUDIO_EXTENSIONS)
+    return {_name_key(name): name for name in names}, audio_stems
+
+
+_cached_names = functools.lru_cache(maxsize=256)(lambda folder, mtime_ns: _listed_names(folder))
+RECENT_NS = 2_000_000_000  # a folder changed this recently may change again within its mtime's granularity
+
+
+def _names_in(folder: str, mtime_ns: int) -> tuple[dict[str, str], frozenset[str]]:
+    """`_listed_names`, cached by the folder's mtime (an edited folder is read again), except for a folder edited in
+    the last 2 s: filesystems stamp mtimes coarsely, so two edits that close can share one."""
+    if time.time_ns() - mtime_ns < RECENT_NS:
+        return _listed_names(folder)
+    return _cached_names(folder, mtime_ns)
 
 
 def _sidecar(cand: Path, warnings: list[str], root: Path | None) -> Path | None:
@@ -138,8 +153,13 @@ def _sidecar(cand: Path, warnings: list[str], root: Path | None) -> Path | None:
         mtime_ns = cand.parent.stat().st_mtime_ns
     except OSError:  # no such folder (json/, ../txt/), or one it may not look into (reported by _is_file)
         return None
-    name = _names_in(str(cand.parent), mtime_ns).get(_name_key(cand.name))
-    return cand.parent / name if name is not None and name != cand.name and (cand.parent / name).is_file() else None
+    names, audio_stems = _names_in(str(cand.parent), mtime_ns)
+    name = names.get(_name_key(cand.name))
+    if name is None or name == cand.name or not (cand.parent / name).is_file():
+        return None
+    if Path(name).stem in audio_stems:  # `kick.txt` is kick.wav's when kick.wav and KICK.wav are both there
+        return None
+    return cand.parent / name
 
 
 def _sidecar_candidates(audio: Path, ext: str) -> tuple[Path, ...]:

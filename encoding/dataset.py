@@ -764,6 +764,9 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         raise DatasetError(f"{out_dir}: another encode is writing this dataset now (in another process); wait for "
                            "it to end, or encode into another folder. Nothing was changed.") from None
     with writer:
+        if planned is not None:  # planned before the lock (and the model load): another encode may have written since
+            present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
+            gone = _removals(out_dir, folder, present, set(scan.excluded), prune or force)
         return _encode_locked(folder, out_dir, encoder, encoder_factory, devices, scan, gone, include, exclude,
                               dtype, force, progress, should_stop, chunk_latents, model_info)
 

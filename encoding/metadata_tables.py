@@ -43,7 +43,13 @@ TABLE_NAMES = ("metadata.csv", "metadata.tsv", "metadata.jsonl")
 # Column names that hold the file a row describes, the audiofolder spelling first (compared after `_column_key`).
 KEY_COLUMNS = ("file_name", "filename", "file", "file_path", "filepath", "path", "relpath", "audio", "audio_file",
                "audio_path", "audio_filename")
-CAPTION_COLUMNS = ("caption", "text", "description")  # the first one is the prompt when there is no `prompt`
+CAPTION_COLUMNS = ("caption", "text")  # the first one is the prompt when there is no `prompt`
+PLACEHOLDERS = frozenset({"nan", "none", "null", "n/a"})  # what spreadsheets and scripts write for "no value"
+
+
+def is_placeholder(value) -> bool:
+    """A metadata value that means "no value" (a spreadsheet's "NaN" or "N/A" cell): no caption, no tag."""
+    return isinstance(value, str) and value.strip().lower() in PLACEHOLDERS
 FREE_TEXT_COLUMNS = ("prompt", "caption", "text", "description", "comment", "comments")  # may hold the delimiter
 _AUDIO_NAME = re.compile(r"\.(" + "|".join(sorted(e[1:] for e in AUDIO_EXTENSIONS)) + r")\b", re.IGNORECASE)
 MAX_TABLE_BYTES = 64 << 20  # a bigger "metadata.csv" is no caption table: read nothing, warn
@@ -420,12 +426,14 @@ def caption_becomes_prompt(fields: dict) -> dict:
     """A row's or sidecar's caption under another common name (`CAPTION_COLUMNS`, first found) becomes its
     `prompt` when it has none; moved, not copied, so the tags source does not say it again as `Text: ...`. In place;
     returns fields."""
-    if "prompt" not in fields:
-        name = next((c for c in CAPTION_COLUMNS if isinstance(fields.get(c), str) and fields[c].strip()), None)
+    if "prompt" not in fields or is_placeholder(fields["prompt"]):
+        name = next((c for c in CAPTION_COLUMNS if isinstance(fields.get(c), str) and fields[c].strip()
+                     and not is_placeholder(fields[c])), None)
         if name is not None:
             fields["prompt"] = fields.pop(name)
     return fields
 
 
-__all__ = ["CAPTION_COLUMNS", "KEY_COLUMNS", "TABLE_NAMES", "MetadataTable", "Row", "cached_table",
-           "caption_becomes_prompt", "find_row", "parse_table", "root_relative", "table_folders", "tables_in_use", "tables_of"]
+__all__ = ["CAPTION_COLUMNS", "KEY_COLUMNS", "PLACEHOLDERS", "TABLE_NAMES", "MetadataTable", "Row", "cached_table",
+           "caption_becomes_prompt", "find_row", "is_placeholder", "parse_table", "root_relative", "table_folders",
+           "tables_in_use", "tables_of"]

@@ -24,6 +24,7 @@ from pathlib import PurePosixPath
 
 from ..sa3.field_types import check_field_types, check_known_keys
 from .captions import PATH_FIELDS, RESERVED_FIELDS, readable_name
+from .metadata_tables import is_placeholder
 
 SOURCES = ("caption", "tags", "path", "fixed")
 DEFAULT_TAG_KEYS = ("title", "artist", "album", "genre", "label", "date", "composer", "bpm", "key")
@@ -111,9 +112,6 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-PLACEHOLDERS = frozenset({"nan", "none", "null", "n/a"})  # what spreadsheets and scripts write for "no value"
-
-
 def _value_text(value) -> str:
     """A metadata value as prompt text; '' for a placeholder such as "NaN" or "N/A" (a spreadsheet's empty cell)."""
     if isinstance(value, (list, tuple)):
@@ -121,7 +119,7 @@ def _value_text(value) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
-    return "" if text.lower() in PLACEHOLDERS else text
+    return "" if is_placeholder(text) else text
 
 
 def tag_parts(metadata: dict, config: PromptConfig) -> list[str]:

@@ -198,20 +198,21 @@ def test_name_bytes_that_are_not_utf8_are_spelled_as_escapes():
     json.dumps(fields, ensure_ascii=False).encode("utf-8")  # writable
 
 
-def test_a_json_sidecars_caption_text_or_description_is_its_prompt_and_no_tag(tmp_path):
+def test_a_json_sidecars_caption_or_text_is_its_prompt_and_no_tag(tmp_path):
     from sa3_lora_studio.encoding.prompts import PromptConfig, tag_parts
 
     folder = tmp_path / "set"
     folder.mkdir()
     for name, fields in (("cap", {"caption": "dusty breakbeat", "bpm": 100}),
-                         ("txt", {"text": "glassy pad", "description": "long prose"}),
-                         ("desc", {"description": "field recording, rain"}),
+                         ("txt", {"text": "glassy pad", "description": "Downloaded from a sample site"}),
+                         ("desc", {"description": "recorded with a Zoom H4n"}),  # metadata, not a caption
+                         ("nan", {"caption": "NaN", "text": "warm analog pad"}),  # a placeholder is no caption
                          ("both", {"prompt": "own prompt", "caption": "a second caption"}),
                          ("blank", {"caption": "  ", "mood": "calm"})):
         audio = write_audio_file(folder / name, tone(0.05, 44100), 44100, "wav16")
         (folder / f"{name}.json").write_text(json.dumps(fields))
         md = lookup_metadata(audio, tmp_path)
-        expected = {"cap": "dusty breakbeat", "txt": "glassy pad", "desc": "field recording, rain",
+        expected = {"cap": "dusty breakbeat", "txt": "glassy pad", "desc": None, "nan": "warm analog pad",
                     "both": "own prompt", "blank": None}[name]
         assert md.get("prompt") == expected, name
         parts = tag_parts(md, PromptConfig(tag_keys=None))
@@ -254,3 +255,7 @@ def test_a_sidecar_named_with_another_case_or_unicode_form_or_after_the_whole_fi
     assert lookup_metadata(whole, tmp_path)["prompt"] == "intro theme"
     (folder / "Track 01.txt").write_text("the exact name first")
     assert lookup_metadata(whole, tmp_path)["prompt"] == "the exact name first"
+    write_audio_file(folder / "kick", tone(0.05, 44100), 44100, "wav16")  # kick.wav beside KICK.wav: kick.TXT is
+    (folder / "kick.TXT").rename(folder / "kick.txt")  # kick.wav's own now, not KICK.wav's too
+    assert lookup_metadata(folder / "kick.wav", tmp_path)["prompt"] == "punchy kick"
+    assert "prompt" not in lookup_metadata(loud, tmp_path)

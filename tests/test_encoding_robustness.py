@@ -572,3 +572,19 @@ def test_a_second_encode_into_a_dataset_being_written_is_refused_and_changes_not
         holder.kill()
         holder.wait()
     assert encode_folder(src, out, ToyEncoder()).encoded == ["b.wav"]  # once it is gone
+
+
+def test_an_encode_planned_before_another_one_wrote_the_folder_is_checked_again_under_the_lock(tmp_path):
+    """The CLI plans before loading the model (minutes): what it may remove is decided again once it holds the lock."""
+    from sa3_lora_studio.encoding.dataset import plan_encode
+
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for name in ("a", "b"):
+        _write(first, name)
+    _write(second, "z")
+    planned = plan_encode(second, out)  # the dataset folder is still empty: nothing to refuse yet
+    encode_folder(first, out, ToyEncoder())  # meanwhile another process encodes into it
+    before = _listing(out)
+    with pytest.raises(DatasetError, match="encoded from .*first.*remove 2 of them"):
+        encode_folder(second, out, ToyEncoder(), planned=planned)
+    assert _listing(out) == before

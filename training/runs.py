@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock
+from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock, writable_folder_problem
 from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
@@ -359,7 +359,8 @@ class RunRegistry:
                         try:
                             held.enter_context(file_lock(self.root / ".runs.lock"))
                         except OSError as e:  # a read-only runs folder (an archive, another user's): reading it
-                            if e.errno not in READ_ONLY_ERRNOS:  # needs no lock, and writing fails by name
+                            # needs no lock, and writing fails by name; a writable one never goes unlocked
+                            if e.errno not in READ_ONLY_ERRNOS or writable_folder_problem(self.root) is None:
                                 raise
                     yield
             finally:
