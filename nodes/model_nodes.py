@@ -17,6 +17,7 @@ from ..training.trainer import usable_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir, with_notices
 
 _CACHE: dict[tuple, object] = {}
+_LOAD_NOTICES: dict[tuple, list[str]] = {}  # what loading each key said (its files say it again at a reload)
 _KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its cache key, while the model lives
 _LOCK = threading.Lock()
 CUSTOM = "(ComfyUI checkpoint file)"
@@ -208,7 +209,9 @@ class SA3LoadPack:
             model = retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack} in {dtype} "
                                         f"on {dev}. Try dtype bf16 or fp16, a smaller pack (sa3-small-* instead of "
                                         "sa3-medium), or device cpu")
-        return with_notices((model,), found)
+        if found:
+            _LOAD_NOTICES[key] = list(found)
+        return with_notices((model,), found or _LOAD_NOTICES.get(key, []))  # a cached model says them again
 
 
 class SA3UnloadModels:

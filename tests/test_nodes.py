@@ -554,3 +554,24 @@ def test_encode_finds_a_relative_folder_in_comfyuis_input_folder_and_shows_its_r
     with pytest.raises(ValueError, match="'nothing_here' is not a folder \\(looked for .*input/nothing_here"):
         run_node("SA3EncodeAudioFolder", model=model, folder="nothing_here", dataset_name="x", include="",
                  exclude="", dtype="float32", force=False)
+
+
+def test_a_load_pack_served_from_the_cache_shows_the_warning_its_load_gave(monkeypatch):
+    from sa3_lora_studio.adapters import notices
+    from sa3_lora_studio.nodes import model_nodes
+
+    cache = {}
+
+    def get_or_load(key, loader):  # ComfyUI's second run of the node finds the model loaded: nothing is said again
+        if key not in cache:
+            notices.warn("model.safetensors: its config was guessed (put its model_config.json beside it)")
+            cache[key] = "model"
+        return cache[key]
+
+    monkeypatch.setattr(model_nodes, "get_or_load", get_or_load)
+    monkeypatch.setattr(model_nodes, "models_dir", lambda: None)
+    monkeypatch.setattr(model_nodes, "_LOAD_NOTICES", {})
+    for _ in range(2):
+        out = model_nodes.SA3LoadPack().load("sa3-small-music", "base", "fp32", "cpu")
+        assert out["result"] == ("model",) and out["ui"]["text"] == [
+            "warning: model.safetensors: its config was guessed (put its model_config.json beside it)"]
