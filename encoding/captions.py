@@ -88,17 +88,18 @@ def utf8_text(text: str) -> str:
                        else "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
+ESCAPED_BYTE = re.compile(r"\\x[0-9a-f]{2}")  # how `utf8_text` spells a name byte that was not UTF-8
+
+
 def readable_name(text: str) -> str:
-    """A name spelled by `utf8_text` as people would read it, for a prompt: each run of `\\xNN` bytes decoded as
-    Windows-1252 (the usual origin of such names: an old zip or a Windows disk), else Latin-1."""
+    """A name spelled by `utf8_text` as people would read it, for a prompt: each run of `\\xNN` bytes decoded by the
+    project's rule for legacy text (`metadata_tables.decoded_text`: Windows-1252, else Latin-1), control characters
+    left out."""
     def decoded(match: re.Match) -> str:
         raw = bytes(int(h, 16) for h in re.findall(r"\\x([0-9a-f]{2})", match.group(0)))
-        try:
-            return raw.decode("cp1252")
-        except UnicodeDecodeError:
-            return raw.decode("latin-1")
+        return "".join(c for c in decoded_text(raw, []) if not 0x80 <= ord(c) <= 0x9F)
 
-    return re.sub(r"(?:\\x[0-9a-f]{2})+", decoded, text)
+    return re.sub(rf"(?:{ESCAPED_BYTE.pattern})+", decoded, text)
 
 
 def name_text(name: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 
 from ..sa3.field_types import check_field_types, check_known_keys
-from .captions import PATH_FIELDS, RESERVED_FIELDS, readable_name
+from .captions import ESCAPED_BYTE, PATH_FIELDS, RESERVED_FIELDS, readable_name
 from .metadata_tables import is_placeholder
 
 SOURCES = ("caption", "tags", "path", "fixed")
@@ -142,9 +142,10 @@ def tag_parts(metadata: dict, config: PromptConfig) -> list[str]:
 
 
 def path_text(relpath: str, config: PromptConfig) -> str:
-    """The path source: relpath ('/'-separated; a Windows '\\' too) with the configured parts hidden, and name bytes
-    that were not UTF-8 read as people would (`readable_name`), not as `\\xNN` (nor its '\\' as a folder)."""
-    p = PurePosixPath(readable_name(relpath).replace("\\", "/"))
+    """The path source: relpath ('/'-separated; a Windows one with '\\' too) with the configured parts hidden, and
+    name bytes that were not UTF-8 read as people would (`readable_name`), not as `\\xNN`."""
+    windows = "/" not in relpath and "\\" in relpath and not ESCAPED_BYTE.search(relpath)
+    p = PurePosixPath(*(readable_name(part) for part in relpath.split("\\" if windows else "/") if part))
     name = p.stem if config.hide_extension else p.name
     dirs = list(p.parts[:-1])
     if config.hide_top_folder and dirs:

@@ -116,6 +116,7 @@ def test_a_name_that_was_not_utf8_reads_as_its_letters_in_a_path_prompt_not_as_a
     cfg = PromptConfig(caption_weight=0, path_weight=1)
     assert compose_prompt({}, relpath, cfg, 0) == "old/café latin1 name"
     assert compose_prompt({}, "win\\drums\\kick.wav", cfg, 0) == "win/drums/kick"  # a Windows relpath still splits
+    assert compose_prompt({}, "set/a\\x81b.wav", cfg, 0) == "set/ab"  # no control character from an odd byte
 
 
 def test_same_seed_same_prompt_and_seeds_differ():
