@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -763,6 +764,9 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
     except LockHeld:
         raise DatasetError(f"{out_dir}: another encode is writing this dataset now (in another process); wait for "
                            "it to end, or encode into another folder. Nothing was changed.") from None
+    except OSError as e:  # a filesystem without locks (some network and FUSE mounts): encode as before, unguarded
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
     with writer:
         if planned is not None:  # planned before the lock (and the model load): another encode may have written since
             present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
