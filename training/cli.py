@@ -57,8 +57,8 @@ def _print_event(event: dict) -> None:
 
 def _runs_dir_option(manager) -> str:
     """" --runs-dir DIR" for a command to paste, unless the runs folder is the default one here."""
-    root = manager.registry.root
-    return "" if root.resolve() == Path(DEFAULT_RUNS_DIR).resolve() else f" --runs-dir {shlex.quote(str(root))}"
+    root = manager.registry.root.resolve()  # absolute: the command may be pasted in another folder
+    return "" if root == Path(DEFAULT_RUNS_DIR).resolve() else f" --runs-dir {shlex.quote(str(root))}"
 
 
 def _follow(manager, run_id: str) -> int:
