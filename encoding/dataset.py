@@ -804,7 +804,8 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
         # Hash files and decide what is already done; reused files get their metadata re-read.
         def stamp(st: os.stat_result) -> dict:
             """What says a file is unchanged without reading it: size, mtime, and the inode's change time, which
-            `cp -p`, `rsync -a` or unzip cannot set back (a same-length take copied over keeps size and mtime)."""
+            `cp -p`, `rsync -a` or unzip cannot set back (a same-length take copied over keeps size and mtime). On
+            Windows st_ctime is the creation time instead: there the first two decide, as before."""
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
         records: dict[str, dict] = {}
@@ -931,14 +932,15 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
             raise
         in_order = [records[k] for k in sorted(records)]
         report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
+        copies = duplicate_warnings(in_order)
         report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
-                           for w in f.get("warnings", [])] + duplicate_warnings(in_order)
+                           for w in f.get("warnings", [])] + copies
         report.table_warnings = table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
         report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
                                                    if f["status"] == "encoded"))
         # what the report said beyond each file's own warnings (copies, metadata tables), for `dataset inspect`
         manifest["dataset_warnings"] = (
-            [{"relpath": rel, "warning": text} for rel, text in duplicate_warnings(in_order)]
+            [{"relpath": rel, "warning": text} for rel, text in copies]
             + [{"table": table, "warning": text} for table, text in report.table_warnings])
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
