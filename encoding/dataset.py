@@ -339,7 +339,7 @@ def _removals(out_dir: Path, folder: Path, present: set[str], excluded: set[str]
     shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
     raise DatasetError(f"{out_dir}: this dataset of {len(encoded)} encoded files {why}, so encoding {folder} "
                        f"into it would remove {len(removed)} of them ({shown}). Nothing was changed. Encode into "
-                       "another folder, or remove them: `sa3-lora encode --prune`, `force` in SA3 Encode Audio "
+                       "another folder, or remove them: `sa3-lora encode --prune`, `prune` on SA3 Encode Audio "
                        "Folder, prune=True in Python.")
 
 

@@ -56,6 +56,10 @@ class SA3EncodeAudioFolder:
             "dtype": (["float32", "float16"], {"default": "float32", "tooltip": "Latent storage precision."}),
             "force": ("BOOLEAN", {"default": False, "tooltip": "Re-encode everything (otherwise only new or changed "
                                   "files are encoded)."}),
+        }, "optional": {
+            "prune": ("BOOLEAN", {"default": False, "tooltip": "Remove the encoded files that include/exclude now "
+                                  "leave out, or a dataset encoded from another folder (refused otherwise: encoded "
+                                  "latents can be hours of work). Files deleted from the folder always leave."}),
         }}
 
     RETURN_TYPES = ("SA3_DATASET", "STRING")
@@ -66,7 +70,7 @@ class SA3EncodeAudioFolder:
     DESCRIPTION = "Encodes every audio file of a folder to latents for training; bad files are skipped and listed."
 
     @classmethod
-    def IS_CHANGED(cls, model, folder, dataset_name, include, exclude, dtype, force):
+    def IS_CHANGED(cls, model, folder, dataset_name, include, exclude, dtype, force, prune=False):
         # The inputs alone do not say whether files were added or captions edited since the last run: the folder's
         # files do (a stat walk), and whether the dataset is still there
         from ..encoding.dataset import folder_signature
@@ -76,7 +80,7 @@ class SA3EncodeAudioFolder:
             return float("nan")  # no dataset (yet, or deleted since), or no folder (the node says): run
         return folder_signature(audio_folder(folder), skip=(out,))
 
-    def encode(self, model, folder, dataset_name, include, exclude, dtype, force):
+    def encode(self, model, folder, dataset_name, include, exclude, dtype, force, prune=False):
         import torch
 
         from ..encoding import encode_folder, load_dataset
@@ -104,7 +108,7 @@ class SA3EncodeAudioFolder:
 
         with torch.inference_mode(False), using(model):
             report = encode_folder(src, out, encoder=model, include=text_list(include), exclude=text_list(exclude),
-                                   dtype=dtype, force=force, progress=progress, should_stop=should_stop)
+                                   dtype=dtype, force=force, prune=prune, progress=progress, should_stop=should_stop)
         if report.interrupted:
             raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")
         summary = report.summary()

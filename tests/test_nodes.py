@@ -207,6 +207,14 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     dataset, report = run_node("SA3EncodeAudioFolder", **encode_inputs)
     assert "0 encoded" in report
     assert "tone number one, edited" in (Path(dataset) / "tone 1.wav.json").read_text()
+    with pytest.raises(Exception, match=r"include/exclude leave out.*remove 1 of them \(tone 2\.wav\).*`prune` on "
+                                        r"SA3 Encode Audio Folder"):  # latents kept unless asked
+        run_node("SA3EncodeAudioFolder", **encode_inputs | {"exclude": "tone 2.wav"})
+    assert (Path(dataset) / "tone 2.wav.npy").is_file()
+    _, report = run_node("SA3EncodeAudioFolder", **encode_inputs | {"exclude": "tone 2.wav", "prune": True})
+    assert "1 removed" in report and not (Path(dataset) / "tone 2.wav.npy").exists()
+    dataset, report = run_node("SA3EncodeAudioFolder", **encode_inputs)  # back in: encoded again
+    assert "1 encoded" in report
     kept = Path(str(dataset) + ".kept")
     shutil.move(dataset, kept)  # a dataset deleted since: the node must run again, whatever it returned last time
     signature = changed(**encode_inputs)
