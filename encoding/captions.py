@@ -96,7 +96,7 @@ def readable_name(text: str) -> str:
     project's rule for legacy text (`metadata_tables.decoded_text`: Windows-1252, else Latin-1), control characters
     left out."""
     def decoded(match: re.Match) -> str:
-        raw = bytes(int(h, 16) for h in re.findall(r"\\x([0-9a-f]{2})", match.group(0)))
+        raw = bytes(int(escaped[2:], 16) for escaped in ESCAPED_BYTE.findall(match.group(0)))
         return "".join(c for c in decoded_text(raw, []) if not 0x80 <= ord(c) <= 0x9F)
 
     return re.sub(rf"(?:{ESCAPED_BYTE.pattern})+", decoded, text)
@@ -133,7 +133,12 @@ def _listed_names(folder: str) -> tuple[dict[str, str], frozenset[str]]:
     return {_name_key(name): name for name in names}, audio_stems
 
 
-_cached_names = functools.lru_cache(maxsize=256)(lambda folder, mtime_ns: _listed_names(folder))
+@functools.lru_cache(maxsize=256)
+def _cached_names(folder: str, mtime_ns: int) -> tuple[dict[str, str], frozenset[str]]:
+    """`_listed_names` of a folder as it was at mtime_ns (the key that makes an edited folder be read again)."""
+    return _listed_names(folder)
+
+
 RECENT_NS = 2_000_000_000  # a folder changed this recently may change again within its mtime's granularity
 
 

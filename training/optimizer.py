@@ -1,10 +1,11 @@
 """The trainer's AdamW: torch's, fused into one kernel per step wherever torch has that kernel for the device.
 
 Why fused: torch's default AdamW on the CPU loops over the parameters in Python, about ten small ops each. A BoRA
-adapter on every small-music DiT layer has 760 tensors: 50 ms a step looped, 10 ms fused (2 threads on the bench
-machine), the same maths (decoupled weight decay, bias-corrected moments) and the same saved moments; the kernel
-choice is saved with them, and `load_adamw_state` replaces it with this process's, so a state saved by the looped
-form (or on a device with other kernels) resumes fused here and the other way round.
+adapter on every small-music DiT layer has 768 tensors: 61 ms a step looped, 13 ms fused (2 threads on the bench
+machine; `bench/optimizer_step.py` prints every type), with the same maths (decoupled weight decay, bias-corrected
+moments) and the same saved moments. The kernel choice is saved with them, and `load_adamw_state` replaces it with
+this process's, so a state saved by the looped form (or on a device with other kernels) resumes fused here and the
+other way round.
 """
 
 from __future__ import annotations
