@@ -13,6 +13,7 @@ same start (the same maths; the fused kernel rounds differently).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from adapter_layers import best_ms
@@ -43,7 +44,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tree = build_random_dit_tree(read_config(family_defaults(args.model)))
+    spec = Path(args.model)
+    tree = build_random_dit_tree(read_config(spec if spec.is_file() else family_defaults(args.model)))
     print(f"{args.model}, rank {args.rank}, fp32, threads={torch.get_num_threads()}: AdamW step, best of "
           f"{args.repeats}", flush=True)
     for adapter_type in args.adapters:
