@@ -38,7 +38,8 @@ REAL_LATENT_RATE = 44100 / 4096
 
 def recorded_layers(dit, inputs) -> list[tuple[torch.Tensor, int]]:
     """(weight [out, in], input rows) of every Linear/Conv1d the DiT's forward runs, in order: plain Linears go
-    through `sa3.dit.frozen_linear` (recorded there), others through their module call (a forward hook)."""
+    through `sa3.dit.frozen_linear` (recorded there), the SwiGLU input half through oneDNN from `GLU.forward` (a
+    hook on the GLU), others through their module call (a forward hook)."""
     from sa3_lora_studio.sa3 import dit as dit_module
 
     layers, hooks = [], []
@@ -47,9 +48,15 @@ def recorded_layers(dit, inputs) -> list[tuple[torch.Tensor, int]]:
         w = weight.reshape(weight.shape[0], -1)
         layers.append((w, x.numel() // w.shape[1]))
 
+    def glu_hook(mod, args, out):  # the fused SwiGLU calls oneDNN itself, past both other records
+        if dit_module.use_onednn(mod.proj, args[0]):
+            add(mod.proj.weight, args[0])
+
     for module in dit.modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv1d):
             hooks.append(module.register_forward_hook(lambda mod, args, out: add(mod.weight, args[0])))
+        elif isinstance(module, dit_module.GLU):
+            hooks.append(module.register_forward_hook(glu_hook))
     original = dit_module.frozen_linear
 
     def recording_linear(x, w, bias=None):
@@ -86,6 +93,11 @@ def bench_model(spec: str, args) -> None:
     x, _, t, cross, glob, local = random_step_inputs(config, 1, n, torch.Generator().manual_seed(0))
     inputs = (x, t, cross, glob, local)
     layers = recorded_layers(dit, inputs)
+    seen = {w.data_ptr() for w, _ in layers}
+    missed = [name for name, m in dit.named_modules()
+              if isinstance(m, torch.nn.Linear | torch.nn.Conv1d) and m.weight.data_ptr() not in seen]
+    if missed:  # the sums below would leave these layers' products out
+        raise SystemExit(f"{len(missed)} DiT layers were not recorded, e.g. {missed[:3]}: update recorded_layers")
     r = args.rank
     down = {w.shape[1]: torch.randn(r, w.shape[1]) for w, _ in layers}  # A-like [r, in]
     up_t = {w.shape[0]: torch.randn(r, w.shape[0]) for w, _ in layers}  # Bᵀ-like [r, out]
