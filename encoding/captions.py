@@ -286,14 +286,34 @@ SNDFILE_SKIPPED = frozenset({"software"})  # the writing program's name, not a d
 
 
 def _sndfile_text_chunks(path: Path) -> dict[str, str]:
-    """{field: text} of the container's own text chunks (`SNDFILE_TEXT_EXTENSIONS`), {} on any error."""
+    """{field: text} of the container's own text chunks (`SNDFILE_TEXT_EXTENSIONS`), {} on any error. RIFF INFO has
+    no declared encoding and Windows tools write their code page: each chunk's bytes go through `decoded_text`, the
+    rule sidecars and tables use, where soundfile's own reader would turn every non-UTF-8 accent into U+FFFD."""
     try:
         import soundfile as sf
 
         with sf.SoundFile(str(path)) as f:
-            return {k: v for k, v in f.copy_metadata().items() if k not in SNDFILE_SKIPPED}
+            raw = _sndfile_raw_strings(sf, f)
+            if raw is None:  # a soundfile without the C string access: its UTF-8 reading
+                return {k: v for k, v in f.copy_metadata().items() if k not in SNDFILE_SKIPPED}
+            return {k: decoded_text(v, []) for k, v in raw.items() if k not in SNDFILE_SKIPPED}
     except Exception:
         return {}
+
+
+def _sndfile_raw_strings(sf, f) -> dict[str, bytes] | None:
+    """{field: bytes} of libsndfile's text fields of an open SoundFile, or None when this soundfile version does not
+    expose libsndfile's string call (it is not public API)."""
+    lib, ffi, kinds = getattr(sf, "_snd", None), getattr(sf, "_ffi", None), getattr(sf, "_str_types", None)
+    handle = getattr(f, "_file", None)
+    if lib is None or ffi is None or not isinstance(kinds, dict) or handle is None:
+        return None
+    out = {}
+    for name, kind in kinds.items():
+        data = lib.sf_get_string(handle, kind)
+        if data:
+            out[name] = ffi.string(data)
+    return out
 
 
 def read_tags(path: str | Path) -> dict:

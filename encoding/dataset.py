@@ -876,6 +876,21 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                         "n_latents": sum(int(f.get("n_latents") or 0) for f in enc)})
             write_json(out_dir / MANIFEST, manifest)
 
+        def summarise() -> None:  # the report's lists, and what it says beyond each file's own warnings (copies,
+            # metadata tables) into the manifest for `dataset inspect`
+            in_order = [records[k] for k in sorted(records)]
+            report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
+            copies = duplicate_warnings(in_order)
+            report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
+                               for w in f.get("warnings", [])] + copies
+            report.table_warnings = table_warnings(folder, [p for p, _ in scan.files]
+                                                   + [folder / r for r in scan.excluded])
+            report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
+                                                       if f["status"] == "encoded"))
+            manifest["dataset_warnings"] = (
+                [{"relpath": rel, "warning": text} for rel, text in copies]
+                + [{"table": table, "warning": text} for table, text in report.table_warnings])
+
         flush(False)
         n, last_flush = len(todo), time.monotonic()
 
@@ -928,20 +943,10 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                         ahead.cancel()
         except KeyboardInterrupt:
             report.interrupted = True
+            summarise()  # the files finished so far are a dataset `dataset inspect` reads, warnings included
             flush(False)
             raise
-        in_order = [records[k] for k in sorted(records)]
-        report.skipped = [(f["relpath"], f["reason"]) for f in in_order if f["status"] == "skipped"]
-        copies = duplicate_warnings(in_order)
-        report.warnings = [(f["relpath"], w) for f in in_order if f["status"] == "encoded"
-                           for w in f.get("warnings", [])] + copies
-        report.table_warnings = table_warnings(folder, [p for p, _ in scan.files] + [folder / r for r in scan.excluded])
-        report.captions = dict(collections.Counter(f.get("caption") or "none" for f in in_order
-                                                   if f["status"] == "encoded"))
-        # what the report said beyond each file's own warnings (copies, metadata tables), for `dataset inspect`
-        manifest["dataset_warnings"] = (
-            [{"relpath": rel, "warning": text} for rel, text in copies]
-            + [{"table": table, "warning": text} for table, text in report.table_warnings])
+        summarise()
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report
     finally:

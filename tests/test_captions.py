@@ -239,6 +239,25 @@ def test_a_wavs_riff_info_and_an_aiffs_text_chunks_are_tags_and_an_id3_tag_wins_
     assert read_tags(path)["title"] == TAGS["title"] and read_tags(path)["mood"] == "calm"
 
 
+def test_riff_info_written_in_a_windows_code_page_keeps_its_accents(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / "take.wav"
+    with sf.SoundFile(str(path), "w", 44100, 1, format="WAV", subtype="PCM_16") as f:
+        f.title, f.artist = "Cafe Noir", "Jose Gonzalez"
+        f.write(np.zeros(4410, dtype=np.float32))
+    data = path.read_bytes()  # as a Windows editor writes them: Windows-1252 bytes, sizes unchanged
+    data = data.replace(b"Cafe Noir", "Café Noir".encode("cp1252")).replace(b"Jose", "José".encode("cp1252"))
+    path.write_bytes(data)
+    tags = read_tags(path)
+    assert tags["title"] == "Café Noir" and tags["artist"] == "José Gonzalez"
+    with sf.SoundFile(str(path), "w", 44100, 1, format="WAV", subtype="PCM_16") as f:  # UTF-8 stays UTF-8
+        f.title = "Café Noir"
+        f.write(np.zeros(4410, dtype=np.float32))
+    assert read_tags(path)["title"] == "Café Noir"
+
+
 def test_a_sidecar_named_with_another_case_or_unicode_form_or_after_the_whole_file_name_is_found(tmp_path):
     import unicodedata
 

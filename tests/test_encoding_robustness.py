@@ -344,6 +344,7 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
     src, out = tmp_path / "src", tmp_path / "out"
     for name in ("a", "b", "c"):
         _write(src, name)
+    (src / "metadata.csv").write_text("file_name,prompt\na.wav,warm pad\ngone.wav,a renamed file\n")
     real_encode = dataset.encode_waveform
     calls = []
 
@@ -357,6 +358,7 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "Run the same command again to continue" in err and "Traceback" not in err
     assert not _manifest(out)["complete"] and _manifest(out)["totals"]["encoded"] == 1
+    assert [w["table"] for w in _manifest(out)["dataset_warnings"]] == ["metadata.csv"]  # `dataset inspect` sees it
     monkeypatch.setattr(dataset, "encode_waveform", real_encode)
     assert _encode_cli(src, out) == 0 and "2 encoded, 1 unchanged" in capsys.readouterr().out
     assert np.isfinite(load_dataset(out).latents(0)).all()
