@@ -65,25 +65,42 @@ def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
 
 
 class _Bar:
-    """A one-line progress bar on stderr (no dependency)."""
+    """A one-line progress bar on stderr (no dependency): per file (`__call__`, encode_folder's progress) and
+    within a long file (`within`, its file_progress: an hour of audio is some 300 chunks)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.logged_tenths: tuple[str, int] | None = None  # (file, tenths done) last logged to a non-terminal
 
     def __call__(self, ev: dict) -> None:
         if self.quiet:
             return
-        n, i = max(ev["n"], 1), ev["i"]
+        tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
         if not sys.stderr.isatty():  # a log file: one plain line per file, no carriage returns or escapes
-            tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
-            sys.stderr.write(f"{i}/{n} {ev['relpath']} ({tail})\n")
+            sys.stderr.write(f"{ev['i']}/{ev['n']} {ev['relpath']} ({tail})\n")
             sys.stderr.flush()
             return
-        filled = int(30 * i / n)
-        name = ev["relpath"] if len(ev["relpath"]) <= 40 else "…" + ev["relpath"][-39:]
-        tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {i}/{n} {name} ({tail})\x1b[K")
-        if i == n:
+        self._draw(ev["i"], ev["n"], ev["relpath"], tail, end=ev["i"] == ev["n"])
+
+    def within(self, ev: dict) -> None:
+        if self.quiet:
+            return
+        part = ev["done"] / max(ev["total"], 1)
+        if not sys.stderr.isatty():  # a line each tenth of a long file
+            tenths = (ev["relpath"], int(10 * part))
+            if tenths[1] < 10 and tenths != self.logged_tenths and tenths[1] > 0:
+                sys.stderr.write(f"{ev['i']}/{ev['n']} {ev['relpath']} ({tenths[1] * 10} % encoded)\n")
+                sys.stderr.flush()
+            self.logged_tenths = tenths
+            return
+        self._draw(ev["i"] - 1 + part, ev["n"], ev["relpath"], f"{100 * part:.0f} %", end=False)
+
+    def _draw(self, done: float, n: int, relpath: str, tail: str, end: bool) -> None:
+        filled = int(30 * done / max(n, 1))
+        name = relpath if len(relpath) <= 40 else "…" + relpath[-39:]
+        shown = int(done) if done == int(done) else int(done) + 1  # the file being encoded counts
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {shown}/{n} {name} ({tail})\x1b[K")
+        if end:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -102,8 +119,9 @@ def _cmd_encode(args) -> int:
     factory = partial(load_encoder, source, variant=variant, models_dir=args.models_dir)
     decoder_log = Path(args.out) / DECODER_LOG
     dtype = {"fp32": "float32", "fp16": "float16"}.get(args.dtype, args.dtype)
+    bar = _Bar(args.quiet)
     kw = dict(include=args.include, exclude=exclude, dtype=dtype, force=args.force, prune=args.prune,
-              progress=_Bar(args.quiet), model_info={"source": source, "variant": variant})
+              progress=bar, file_progress=bar.within, model_info={"source": source, "variant": variant})
     try:
         kw["planned"] = plan_encode(args.folder, args.out, args.include, exclude,  # before the model loads
                                     prune=args.prune or args.force)

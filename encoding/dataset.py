@@ -71,6 +71,12 @@ class DatasetError(ValueError):
     """A dataset problem the user can fix; the message names the file or folder and what to do."""
 
 
+class EncodeStopped(Exception):
+    """Raised between a long file's chunks to stop the run there: that file stays pending (not skipped). Its
+    __cause__, when set, is what a progress callback raised (ComfyUI's interrupt, Ctrl-C), raised again once the
+    finished work is saved."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
 
@@ -372,13 +378,15 @@ def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
 
 
 def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
-                    overlap_latents: int = DEFAULT_OVERLAP_LATENTS) -> np.ndarray:
+                    overlap_latents: int = DEFAULT_OVERLAP_LATENTS,
+                    on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """audio: [2, N] float32 at encoder.sample_rate -> latents [latent_dim, ceil(N / ratio)] float32.
 
     The whole true length is encoded: nothing is truncated, and padding stops at the last partial frame. With
     chunk_latents, longer audio goes to the encoder in calls of that many frames, each with overlap_latents frames
     of real context on both sides that are then dropped (exact for encoders with a receptive field within the
-    overlap)."""
+    overlap). on_chunk(done, total): after each of those chunks, else after each of the encoder's own chunks when
+    its encode_audio takes on_chunk (`SA3Model.encode_audio`); it may raise to stop."""
     import torch
 
     r = int(encoder.downsampling_ratio)
@@ -387,20 +395,33 @@ def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFA
     if x.shape[-1] != n_latents * r:  # zero tail up to the last frame boundary (a copy: only when needed)
         x = torch.nn.functional.pad(x, (0, n_latents * r - x.shape[-1]))
 
-    def run(lo: int, hi: int) -> np.ndarray:
-        z = encoder.encode_audio(x[None, :, lo * r:hi * r], encoder.sample_rate)[0]
+    def run(lo: int, hi: int, inner: Callable[[int, int], None] | None = None) -> np.ndarray:
+        extra = {"on_chunk": inner} if inner is not None and _takes_on_chunk(encoder) else {}
+        z = encoder.encode_audio(x[None, :, lo * r:hi * r], encoder.sample_rate, **extra)[0]
         if z.shape[-1] < hi - lo:
             raise DatasetError(f"encoder returned {z.shape[-1]} frames for {hi - lo} frames of audio")
         return z[:, :hi - lo].float().cpu().numpy()
 
     if chunk_latents is None or n_latents <= chunk_latents:
-        return run(0, n_latents)
-    out = []
-    for start in range(0, n_latents, chunk_latents):
+        return run(0, n_latents, on_chunk)
+    out, starts = [], range(0, n_latents, chunk_latents)
+    for done, start in enumerate(starts, 1):
         stop = min(start + chunk_latents, n_latents)
         lo, hi = max(0, start - overlap_latents), min(n_latents, stop + overlap_latents)
         out.append(run(lo, hi)[:, start - lo:stop - lo])
+        if on_chunk is not None:
+            on_chunk(done, len(starts))
     return np.concatenate(out, axis=1)
+
+
+def _takes_on_chunk(encoder) -> bool:
+    """Whether encoder.encode_audio accepts on_chunk= (ours does; the encoder protocol does not require it)."""
+    import inspect
+
+    try:
+        return "on_chunk" in inspect.signature(encoder.encode_audio).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def encode_silence(encoder, n_latents: int = SILENCE_LATENTS) -> np.ndarray:
@@ -449,10 +470,11 @@ def _file_json(metadata: dict, sources: dict, encoded: dict) -> dict:
 
 
 def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
-                 content_hash: str, chunk_latents: int | None, decoded=None) -> dict:
-    """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped'). Never
-    raises: whatever goes wrong with this file (bad audio, out of memory, an output it cannot write) is its
-    skip reason, and the run goes on."""
+                 content_hash: str, chunk_latents: int | None, decoded=None,
+                 on_chunk: Callable[[int, int], None] | None = None) -> dict:
+    """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped'). Raises
+    only EncodeStopped (from on_chunk, see `encode_waveform`): whatever else goes wrong with this file (bad audio,
+    out of memory, an output it cannot write) is its skip reason, and the run goes on."""
     rec = {"relpath": relpath, "hash": content_hash}
     try:
         audio, info = decoded if decoded is not None else load_audio(path, encoder.sample_rate, 2)
@@ -460,10 +482,12 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         if audio.shape[-1] < r:
             raise AudioFileError("too short", f"{info.seconds:.4f} s is less than one latent frame "
                                  f"({r / encoder.sample_rate:.4f} s)")
-        latents = encode_waveform(encoder, audio, chunk_latents)
+        latents = encode_waveform(encoder, audio, chunk_latents, on_chunk=on_chunk)
         if not np.isfinite(latents).all():
             raise AudioFileError("encoder produced NaN/inf")
         md, warnings, sources, caption = _file_metadata(path, root)
+    except EncodeStopped:
+        raise
     except Exception as e:
         return _skipped(rec, e)
     n = latents.shape[-1]
@@ -723,11 +747,21 @@ def _remove_outputs(out_dir: Path, relpath: str) -> None:
         pass
 
 
+def _calling_back(callback: Callable, *args):
+    """callback(*args); whatever it raises comes out as EncodeStopped from it (`encode_folder` saves, then re-raises
+    the original): a caller's progress bar must not become a file's skip reason."""
+    try:
+        return callback(*args)
+    except BaseException as e:
+        raise EncodeStopped() from e
+
+
 def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, encoder_factory: Callable | None = None,
                   devices: list[str] | None = None, include=(), exclude=(), dtype: str = "float32",
                   force: bool = False, prune: bool = False, progress: Callable[[dict], None] | None = None,
                   should_stop: Callable[[], bool] | None = None, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
-                  model_info: dict | None = None, planned: tuple[ScanResult, list[str]] | None = None) -> EncodeReport:
+                  model_info: dict | None = None, planned: tuple[ScanResult, list[str]] | None = None,
+                  file_progress: Callable[[dict], None] | None = None) -> EncodeReport:
     """Encode every audio file under `folder` into the dataset folder `out_dir` (module docstring for the layout).
 
     encoder: an object with encode_audio(waveform [B, 2, N], sample_rate) -> [B, D, T], latent_dim, sample_rate,
@@ -742,8 +776,12 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
       include/exclude now leave some out (refused otherwise, as a likely mistake: see `plan_encode`, which runs
       first and raises DatasetError).
     progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
-    should_stop(): polled between files; when it returns True (or on KeyboardInterrupt) the finished files and an
-      incomplete manifest are kept, and a re-run continues from there.
+    file_progress(event): within a long file, after each of its chunks, {"i", "n", "relpath", "done", "total"}
+      (chunks; i counts the file being encoded). Only with one encoder in this process (not encoder_factory).
+    should_stop(): polled between files, and between a long file's chunks (with one encoder in this process);
+      when it returns True (or on KeyboardInterrupt) the finished files and an incomplete manifest are kept, and a
+      re-run continues from there (a file stopped between its chunks is encoded again then). An exception raised
+      by progress or file_progress (ComfyUI's cancel raises from its progress bar) also keeps them, then goes on.
     planned: what `plan_encode` returned for these same arguments, when the caller ran it already (the CLI does,
       before loading the model), so the folder is not scanned twice.
     Bad files are skipped with a reason (report.skipped and the manifest); the rest is still encoded. Caveats on
@@ -772,12 +810,12 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
             present = {rel for _, rel in scan.files} | {rel for rel, _ in scan.problems}
             gone = _removals(out_dir, folder, present, set(scan.excluded), prune or force)
         return _encode_locked(folder, out_dir, encoder, encoder_factory, devices, scan, gone, include, exclude,
-                              dtype, force, progress, should_stop, chunk_latents, model_info)
+                              dtype, force, progress, should_stop, chunk_latents, model_info, file_progress)
 
 
 def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, devices, scan: ScanResult,
                    gone: list[str], include, exclude, dtype: str, force: bool, progress, should_stop,
-                   chunk_latents: int | None, model_info: dict | None) -> EncodeReport:
+                   chunk_latents: int | None, model_info: dict | None, file_progress) -> EncodeReport:
     """encode_folder's work, while it holds the dataset's writer lock."""
     report = EncodeReport(out_dir=out_dir, excluded=scan.excluded)
     old = _load_manifest(out_dir) or {}
@@ -894,6 +932,14 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
         flush(False)
         n, last_flush = len(todo), time.monotonic()
 
+        def between_chunks(i: int, rel: str) -> Callable[[int, int], None]:
+            def on_chunk(done: int, total: int) -> None:
+                if file_progress is not None:
+                    _calling_back(file_progress, {"i": i, "n": n, "relpath": rel, "done": done, "total": total})
+                if done < total and should_stop is not None and _calling_back(should_stop):
+                    raise EncodeStopped()
+            return on_chunk
+
         def finish(i: int, rec: dict) -> None:
             nonlocal last_flush
             prev = records[rec["relpath"]]
@@ -903,9 +949,9 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
             else:
                 _remove_outputs(out_dir, rec["relpath"])  # a file that went bad must not keep stale latents
             if progress is not None:
-                progress({"i": i, "n": n, "relpath": rec["relpath"], "status": rec["status"],
-                          **({"reason": rec["reason"]} if "reason" in rec else {}),
-                          **({"seconds": rec["seconds"]} if "seconds" in rec else {})})
+                _calling_back(progress, {"i": i, "n": n, "relpath": rec["relpath"], "status": rec["status"],
+                                         **({"reason": rec["reason"]} if "reason" in rec else {}),
+                                         **({"seconds": rec["seconds"]} if "seconds" in rec else {})})
             if time.monotonic() - last_flush > 10:
                 flush(False)
                 last_flush = time.monotonic()
@@ -937,7 +983,7 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                             rec = _skipped({"relpath": rel, "hash": h}, decoded)
                         else:
                             rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h, chunk_latents,
-                                               decoded=decoded)
+                                               decoded=decoded, on_chunk=between_chunks(i + 1, rel))
                         finish(i + 1, rec)
                     if ahead is not None:
                         ahead.cancel()
@@ -946,6 +992,12 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
             summarise()  # the files finished so far are a dataset `dataset inspect` reads, warnings included
             flush(False)
             raise
+        except EncodeStopped as stop:
+            report.interrupted = True
+            if stop.__cause__ is not None:  # a callback's exception: saved as for Ctrl-C, then passed on
+                summarise()
+                flush(False)
+                raise stop.__cause__ from None
         summarise()
         flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
         return report

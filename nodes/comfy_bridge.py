@@ -25,6 +25,22 @@ def progress_callback(total: int, node_id: str | None = None):
     return callback
 
 
+def fractional_progress(total: int):
+    """position(done) -> None: ComfyUI's progress bar at `done` of `total` (a float: a long file part-way), or None
+    outside ComfyUI. Like every progress update, it raises ComfyUI's interrupt when the user pressed cancel."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    steps = 1000  # per unit: the bar moves in thousandths of a file
+    bar = comfy.utils.ProgressBar(max(total, 1) * steps)
+
+    def position(done: float) -> None:
+        bar.update_absolute(round(done * steps))
+
+    return position
+
+
 def with_notices(result: tuple, found: list[str]) -> dict:
     """A node's return value with the engine's notices of this call (`adapters.notices.collected`): printed to the
     console and shown on the node every time, not once per process as Python's warnings are. No notices still sends

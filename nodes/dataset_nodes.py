@@ -84,7 +84,7 @@ class SA3EncodeAudioFolder:
         import torch
 
         from ..encoding import encode_folder, load_dataset
-        from .comfy_bridge import progress_callback, throw_if_interrupted
+        from .comfy_bridge import fractional_progress, throw_if_interrupted
 
         src = audio_folder(folder)
         if not src.is_dir():
@@ -93,11 +93,17 @@ class SA3EncodeAudioFolder:
         out = dataset_dir_for(dataset_name)
         bar = {}
 
-        def progress(event):
+        def move_bar(event, done: float):  # the bar is made at the first event, which knows how many files
             if "bar" not in bar:
-                bar["bar"] = progress_callback(event["n"])
+                bar["bar"] = fractional_progress(event["n"])
             if bar["bar"]:
-                bar["bar"](event)
+                bar["bar"](done)
+
+        def progress(event):
+            move_bar(event, event["i"])
+
+        def within_file(event):  # a long file part-way: an hour of audio is some 300 chunks
+            move_bar(event, event["i"] - 1 + event["done"] / max(event["total"], 1))
 
         def should_stop():
             try:
@@ -108,7 +114,8 @@ class SA3EncodeAudioFolder:
 
         with torch.inference_mode(False), using(model):
             report = encode_folder(src, out, encoder=model, include=text_list(include), exclude=text_list(exclude),
-                                   dtype=dtype, force=force, prune=prune, progress=progress, should_stop=should_stop)
+                                   dtype=dtype, force=force, prune=prune, progress=progress, should_stop=should_stop,
+                                   file_progress=within_file)
         if report.interrupted:
             raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")
         summary = report.summary()

@@ -11,7 +11,7 @@ checkpoint loads with a strict key match.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -468,12 +468,13 @@ class SAMEAutoencoder(nn.Module):
         return torch.tanh(audio) if self.soft_clip else audio
 
     # --- public API ---
-    def encode(self, audio: Tensor, chunked: bool | None = None, chunk_size: int = 128, overlap: int = 32) -> Tensor:
+    def encode(self, audio: Tensor, chunked: bool | None = None, chunk_size: int = 128, overlap: int = 32,
+               on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
         """Waveform to latents. audio: [B, io_channels, N] float in [-1, 1] at sample_rate (N a multiple of
         downsampling_ratio, see `prepare_audio`) -> [B, latent_dim, N / downsampling_ratio] (≈ 10.77 per second).
-        `chunked=None` follows the config's flag."""
+        `chunked=None` follows the config's flag. on_chunk(done, total): see `encode_chunked`."""
         if self.chunked if chunked is None else chunked:
-            return self.encode_chunked(audio, chunk_size, overlap)
+            return self.encode_chunked(audio, chunk_size, overlap, on_chunk)
         return self.encode_unchunked(audio)
 
     def decode(self, latents: Tensor, chunked: bool | None = None, chunk_size: int = 128, overlap: int = 32,
@@ -484,10 +485,12 @@ class SAMEAutoencoder(nn.Module):
             return self.decode_chunked(latents, chunk_size, overlap, generator)
         return self.decode_unchunked(latents, generator)
 
-    def encode_chunked(self, audio: Tensor, chunk_size: int = 128, overlap: int = 32) -> Tensor:
+    def encode_chunked(self, audio: Tensor, chunk_size: int = 128, overlap: int = 32,
+                       on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
         """Encode in overlapping chunks of `chunk_size` latents (the official stitching; see `chunk_layout`).
         Signals shorter than one chunk are encoded whole. A length that is not a multiple of downsampling_ratio is
-        zero-padded first (the reference would drop the tail)."""
+        zero-padded first (the reference would drop the tail). on_chunk(done, total) is called after each chunk of
+        a chunked signal (an hour of audio is some 300 chunks): for progress, and it may raise to stop."""
         ratio = self.downsampling_ratio
         if audio.shape[-1] % ratio:  # F.pad copies even when it adds nothing: a long signal is not copied for 0
             audio = F.pad(audio, (0, -audio.shape[-1] % ratio))
@@ -495,11 +498,14 @@ class SAMEAutoencoder(nn.Module):
             return self.encode_unchunked(audio)
         n_latents = audio.shape[-1] // ratio
         out = None
-        for start, (left, right), out_start in chunk_layout(n_latents, chunk_size, overlap):
+        plan = chunk_layout(n_latents, chunk_size, overlap)
+        for done, (start, (left, right), out_start) in enumerate(plan, 1):
             z = self.encode_unchunked(audio[..., start * ratio:(start + chunk_size) * ratio])  # whole batch per chunk
             if out is None:
                 out = z.new_zeros(*z.shape[:-1], n_latents)
             out[..., out_start + left:out_start + right] = z[..., left:right]
+            if on_chunk is not None:
+                on_chunk(done, len(plan))
         return out
 
     def decode_chunked(self, latents: Tensor, chunk_size: int = 128, overlap: int = 32,

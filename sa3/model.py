@@ -8,7 +8,7 @@ code); it loads from the pack's `t5gemma-b-b-ul2/` folder or ComfyUI's single `t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +148,11 @@ class SA3Model:
 
     # --- audio ---
     @torch.no_grad()
-    def encode_audio(self, waveform: Tensor, sample_rate: int, chunked: bool | None = None) -> Tensor:
+    def encode_audio(self, waveform: Tensor, sample_rate: int, chunked: bool | None = None,
+                     on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
         """waveform: [B, C, N] or [C, N] float in [-1, 1] at `sample_rate` Hz (any rate, mono/stereo/multichannel)
-        -> latents [B, latent_dim, T] at sample_rate / downsampling_ratio Hz (44100 / 4096 ≈ 10.77 Hz)."""
+        -> latents [B, latent_dim, T] at sample_rate / downsampling_ratio Hz (44100 / 4096 ≈ 10.77 Hz).
+        on_chunk(done, total): after each chunk of a chunked encode (`SAMEAutoencoder.encode_chunked`)."""
         from .autoencoder import prepare_audio
 
         if waveform.dim() == 2:
@@ -161,7 +163,7 @@ class SA3Model:
         audio = prepare_audio(waveform.float(), sample_rate, self.sample_rate, ae.io_channels, self.downsampling_ratio)
         audio = audio.to(self.device, ae_dtype)
         chunked = self.config.pretransform.get("chunked", False) if chunked is None else chunked
-        return ae.encode(audio, chunked=bool(chunked)).float()
+        return ae.encode(audio, chunked=bool(chunked), on_chunk=on_chunk).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, chunked: bool | None = None, chunk_size: int = 128,

@@ -74,8 +74,12 @@ class ComfyStubs:
                 self.total, self.current = total, 0
 
             def update(self, n):
+                self.update_absolute(self.current + n)
+
+            def update_absolute(self, value, total=None, preview=None):
                 throw_exception_if_processing_interrupted()  # ComfyUI's progress hook does this first
-                self.current += n
+                self.total = self.total if total is None else total
+                self.current = min(value, self.total)
                 stubs.progress.append((self.current, self.total))
 
         utils.ProgressBar = ProgressBar

@@ -253,6 +253,44 @@ def test_interrupted_run_keeps_finished_files_and_a_rerun_completes_it(tmp_path,
         np.testing.assert_array_equal(np.load(out / f"s{i}.wav.npy"), np.load(ref / f"s{i}.wav.npy"))
 
 
+def test_a_long_file_reports_its_chunks_and_a_stop_between_them_leaves_it_pending_not_skipped(tmp_path, tiny_model):
+    """An hour of audio is some 300 of the encoder's chunks: the progress moves within the file, and a stop (or a
+    progress bar raising ComfyUI's cancel) acts before the next chunk without marking the file bad."""
+    from sa3_lora_studio.sa3.autoencoder import chunk_layout
+
+    src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
+    _write(src, "a_short", "wav16", seconds=0.05)
+    _write(src, "b_long", "wav16", seconds=0.6, freq=300.0)
+    n_latents = math.ceil(0.6 * 44100 / tiny_model.downsampling_ratio)
+    chunks = len(chunk_layout(n_latents, 128, 32))
+    assert chunks >= 4  # the premise: this file spans several of the tiny model's chunks
+    events = []
+    report = encode_folder(src, out, tiny_model, file_progress=events.append,
+                           should_stop=lambda: len(events) >= 2)
+    assert report.interrupted and report.encoded == ["a_short.wav"] and report.skipped == []
+    assert [(e["relpath"], e["i"], e["n"], e["done"], e["total"]) for e in events] == [
+        ("b_long.wav", 2, 2, 1, chunks), ("b_long.wav", 2, 2, 2, chunks)]
+    assert _status(out) == {"a_short.wav": ("encoded", None), "b_long.wav": ("pending", None)}
+    assert not (out / "b_long.wav.npy").exists()
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_on_the_third_chunk(event):
+        if event["done"] == 3:
+            raise Cancelled
+    with pytest.raises(Cancelled):
+        encode_folder(src, out, tiny_model, file_progress=cancel_on_the_third_chunk)
+    assert _status(out)["b_long.wav"] == ("pending", None) and not _manifest(out)["complete"]
+
+    events.clear()
+    resumed = encode_folder(src, out, tiny_model, file_progress=events.append)
+    assert resumed.encoded == ["b_long.wav"] and resumed.reused == ["a_short.wav"] and _manifest(out)["complete"]
+    assert [e["done"] for e in events] == list(range(1, chunks + 1))
+    encode_folder(src, ref, tiny_model)
+    np.testing.assert_array_equal(np.load(out / "b_long.wav.npy"), np.load(ref / "b_long.wav.npy"))
+
+
 def test_include_and_exclude_select_files_and_unticked_outputs_are_removed_only_when_asked(tmp_path, tiny_model):
     src, out = tmp_path / "src", tmp_path / "out"
     _write(src / "drums", "kick")

@@ -348,11 +348,11 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
     real_encode = dataset.encode_waveform
     calls = []
 
-    def interrupted_on_the_second_file(encoder, audio, *args):
+    def interrupted_on_the_second_file(encoder, audio, *args, **kwargs):
         if len(calls) == 2:  # the silence, then the first file
             raise KeyboardInterrupt
         calls.append(audio.shape)
-        return real_encode(encoder, audio, *args)
+        return real_encode(encoder, audio, *args, **kwargs)
     monkeypatch.setattr(dataset, "encode_waveform", interrupted_on_the_second_file)
     assert _encode_cli(src, out) == 130
     err = capsys.readouterr().err
@@ -590,3 +590,20 @@ def test_an_encode_planned_before_another_one_wrote_the_folder_is_checked_again_
     with pytest.raises(DatasetError, match="encoded from .*first.*remove 2 of them"):
         encode_folder(second, out, ToyEncoder(), planned=planned)
     assert _listing(out) == before
+
+
+def test_the_cli_bar_moves_within_a_long_file_on_a_terminal_and_logs_each_tenth_to_a_file(capsys, monkeypatch):
+    from sa3_lora_studio.encoding.cli import _Bar
+
+    bar = _Bar(quiet=False)
+    for done in range(1, 31):
+        bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": done, "total": 30})
+    bar({"i": 2, "n": 4, "relpath": "live set.flac", "status": "encoded"})
+    logged = capsys.readouterr().err.splitlines()
+    assert logged == [f"2/4 live set.flac ({p} % encoded)" for p in range(10, 100, 10)] + ["2/4 live set.flac (encoded)"]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": 15, "total": 30})
+    drawn = capsys.readouterr().err
+    assert drawn.startswith("\r[" + "#" * 11 + "." * 19 + "] 2/4 live set.flac (50 %)")  # 1.5 of 4 files
+    _Bar(quiet=True).within({"i": 1, "n": 1, "relpath": "x.wav", "done": 1, "total": 2})
+    assert capsys.readouterr().err == ""

@@ -564,6 +564,39 @@ def test_encode_finds_a_relative_folder_in_comfyuis_input_folder_and_shows_its_r
                  exclude="", dtype="float32", force=False)
 
 
+def test_encode_node_moves_its_bar_within_a_long_file_and_a_cancel_there_keeps_the_finished_files(comfy, tmp_path,
+                                                                                                   monkeypatch):
+    from sa3_lora_studio.encoding import load_dataset
+    from sa3_lora_studio.sa3.autoencoder import SAMEAutoencoder
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name, seconds in (("a_short", 0.05), ("b_long", 0.6)):
+        t = np.arange(int(44100 * seconds)) / 44100
+        sf.write(audio / f"{name}.wav", 0.3 * np.sin(2 * np.pi * 330 * t)[:, None].repeat(2, 1), 44100)
+    inputs = dict(model=model, folder=str(audio), dataset_name="long", include="", exclude="", dtype="float32",
+                  force=False)
+    real_chunk, chunks_seen = SAMEAutoencoder.encode_unchunked, []
+
+    def cancel_during_the_long_file(self, x):  # the user presses cancel while the third chunk encodes
+        chunks_seen.append(x.shape[-1])
+        if len(chunks_seen) == 4:  # the silence, the short file, then the long file's chunks
+            comfy.interrupt = True
+        return real_chunk(self, x)
+    monkeypatch.setattr(SAMEAutoencoder, "encode_unchunked", cancel_during_the_long_file)
+    comfy.progress.clear()
+    with pytest.raises(comfy_stubs.InterruptProcessingException):  # ComfyUI's own cancel: no error box
+        run_node("SA3EncodeAudioFolder", **inputs)
+    positions = [current / total for current, total in comfy.progress]
+    assert positions[0] == 0.5 and 0.5 < positions[1] < 1.0  # the short file, then part-way through the long one
+    monkeypatch.setattr(SAMEAutoencoder, "encode_unchunked", real_chunk)
+    (path, summary) = run_node("SA3EncodeAudioFolder", **inputs)
+    assert "1 encoded, 1 unchanged" in summary, summary
+    assert [e["relpath"] for e in load_dataset(path).entries] == ["a_short.wav", "b_long.wav"]
+    assert comfy.progress[-1][0] == comfy.progress[-1][1]
+
+
 def test_a_load_pack_served_from_the_cache_shows_the_warning_its_load_gave(monkeypatch):
     from sa3_lora_studio.adapters import notices
     from sa3_lora_studio.nodes import model_nodes
