@@ -45,6 +45,7 @@ import numpy as np
 from ..sa3.atomic import LockHeld, atomic_write, file_lock, writable_folder_problem
 from .audio_io import AUDIO_EXTENSIONS, AudioFileError, check_readable, load_audio
 from .captions import ENCODER_FIELDS, lookup_metadata, name_text, nfc, table_warnings, utf8_text
+from .partial import PartialEncode, remove_all_partials
 
 MANIFEST = "dataset.json"
 # How audio becomes the encoder's input (downmix, levels, damaged packets, AAC padding). Raise it when that changes:
@@ -379,14 +380,17 @@ def plan_encode(folder: str | Path, out_dir: str | Path, include=(), exclude=(),
 
 def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFAULT_CHUNK_LATENTS,
                     overlap_latents: int = DEFAULT_OVERLAP_LATENTS,
-                    on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
+                    on_chunk: Callable[[int, int, np.ndarray], None] | None = None,
+                    finished: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """audio: [2, N] float32 at encoder.sample_rate -> latents [latent_dim, ceil(N / ratio)] float32.
 
     The whole true length is encoded: nothing is truncated, and padding stops at the last partial frame. With
     chunk_latents, longer audio goes to the encoder in calls of that many frames, each with overlap_latents frames
     of real context on both sides that are then dropped (exact for encoders with a receptive field within the
-    overlap). on_chunk(done, total): after each of those chunks, else after each of the encoder's own chunks when
-    its encode_audio takes on_chunk (`SA3Model.encode_audio`); it may raise to stop."""
+    overlap). on_chunk(done, total, kept) after each of those chunks, else after each of the encoder's own chunks
+    when its encode_audio takes on_chunk (`SA3Model.encode_audio`), with the latents that chunk contributes, kept
+    [latent_dim, k]; it may raise to stop. finished: {done - 1: kept} of an earlier, stopped encode of this same
+    audio with the same chunking, not computed again (`encoding.partial`)."""
     import torch
 
     r = int(encoder.downsampling_ratio)
@@ -395,22 +399,30 @@ def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFA
     if x.shape[-1] != n_latents * r:  # zero tail up to the last frame boundary (a copy: only when needed)
         x = torch.nn.functional.pad(x, (0, n_latents * r - x.shape[-1]))
 
-    def run(lo: int, hi: int, inner: Callable[[int, int], None] | None = None) -> np.ndarray:
-        extra = {"on_chunk": inner} if inner is not None and _takes_on_chunk(encoder) else {}
+    def run(lo: int, hi: int, inner: Callable[[int, int, np.ndarray], None] | None = None,
+            inner_finished: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        extra = {}
+        if (inner is not None or inner_finished) and _takes_on_chunk(encoder):  # its own chunks, [1, D, k] tensors
+            if inner is not None:
+                extra["on_chunk"] = lambda done, total, kept: inner(done, total, kept[0].float().cpu().numpy())
+            extra["finished"] = {i: torch.from_numpy(k)[None] for i, k in (inner_finished or {}).items()}
         z = encoder.encode_audio(x[None, :, lo * r:hi * r], encoder.sample_rate, **extra)[0]
         if z.shape[-1] < hi - lo:
             raise DatasetError(f"encoder returned {z.shape[-1]} frames for {hi - lo} frames of audio")
         return z[:, :hi - lo].float().cpu().numpy()
 
     if chunk_latents is None or n_latents <= chunk_latents:
-        return run(0, n_latents, on_chunk)
+        return run(0, n_latents, on_chunk, finished)
     out, starts = [], range(0, n_latents, chunk_latents)
-    for done, start in enumerate(starts, 1):
+    for index, start in enumerate(starts):
         stop = min(start + chunk_latents, n_latents)
-        lo, hi = max(0, start - overlap_latents), min(n_latents, stop + overlap_latents)
-        out.append(run(lo, hi)[:, start - lo:stop - lo])
+        kept = (finished or {}).get(index)
+        if kept is None or kept.shape != (encoder.latent_dim, stop - start):
+            lo, hi = max(0, start - overlap_latents), min(n_latents, stop + overlap_latents)
+            kept = run(lo, hi)[:, start - lo:stop - lo]
+        out.append(kept)
         if on_chunk is not None:
-            on_chunk(done, len(starts))
+            on_chunk(index + 1, len(starts), kept)
     return np.concatenate(out, axis=1)
 
 
@@ -471,10 +483,11 @@ def _file_json(metadata: dict, sources: dict, encoded: dict) -> dict:
 
 def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
                  content_hash: str, chunk_latents: int | None, decoded=None,
-                 on_chunk: Callable[[int, int], None] | None = None) -> dict:
+                 on_chunk: Callable[[int, int, np.ndarray], None] | None = None,
+                 finished: dict[int, np.ndarray] | None = None) -> dict:
     """Decode, encode and write one file; returns its manifest record (status 'encoded' or 'skipped'). Raises
-    only EncodeStopped (from on_chunk, see `encode_waveform`): whatever else goes wrong with this file (bad audio,
-    out of memory, an output it cannot write) is its skip reason, and the run goes on."""
+    only EncodeStopped (from on_chunk; on_chunk and finished: see `encode_waveform`): whatever else goes wrong with
+    this file (bad audio, out of memory, an output it cannot write) is its skip reason, and the run goes on."""
     rec = {"relpath": relpath, "hash": content_hash}
     try:
         audio, info = decoded if decoded is not None else load_audio(path, encoder.sample_rate, 2)
@@ -482,7 +495,7 @@ def _encode_file(encoder, ident: dict, path: Path, relpath: str, root: Path, out
         if audio.shape[-1] < r:
             raise AudioFileError("too short", f"{info.seconds:.4f} s is less than one latent frame "
                                  f"({r / encoder.sample_rate:.4f} s)")
-        latents = encode_waveform(encoder, audio, chunk_latents, on_chunk=on_chunk)
+        latents = encode_waveform(encoder, audio, chunk_latents, on_chunk=on_chunk, finished=finished)
         if not np.isfinite(latents).all():
             raise AudioFileError("encoder produced NaN/inf")
         md, warnings, sources, caption = _file_metadata(path, root)
@@ -932,8 +945,9 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
         flush(False)
         n, last_flush = len(todo), time.monotonic()
 
-        def between_chunks(i: int, rel: str) -> Callable[[int, int], None]:
-            def on_chunk(done: int, total: int) -> None:
+        def between_chunks(i: int, rel: str, kept_chunks: PartialEncode) -> Callable[[int, int, np.ndarray], None]:
+            def on_chunk(done: int, total: int, kept: np.ndarray) -> None:
+                kept_chunks.add(done - 1, kept)
                 if file_progress is not None:
                     _calling_back(file_progress, {"i": i, "n": n, "relpath": rel, "done": done, "total": total})
                 if done < total and should_stop is not None and _calling_back(should_stop):
@@ -979,11 +993,21 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                             break
                         decoded = ahead.result()
                         ahead = ex.submit(decode, i + 1) if i + 1 < n else None
+                        kept_chunks = PartialEncode(out_dir, rel, {
+                            "hash": h, "encoder": ident["fingerprint"], "decode_version": DECODE_VERSION,
+                            "chunk_latents": chunk_latents, "overlap_latents": DEFAULT_OVERLAP_LATENTS})
                         if isinstance(decoded, Exception):
                             rec = _skipped({"relpath": rel, "hash": h}, decoded)
                         else:
-                            rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h, chunk_latents,
-                                               decoded=decoded, on_chunk=between_chunks(i + 1, rel))
+                            try:
+                                rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h,
+                                                   chunk_latents, decoded=decoded, finished=kept_chunks.finished(),
+                                                   on_chunk=between_chunks(i + 1, rel, kept_chunks))
+                            except BaseException:  # stopped part-way: the next run starts after the last chunk
+                                with contextlib.suppress(OSError):  # unsaved, they are encoded again; the stop goes on
+                                    kept_chunks.flush()
+                                raise
+                        kept_chunks.remove()
                         finish(i + 1, rec)
                     if ahead is not None:
                         ahead.cancel()
@@ -999,7 +1023,10 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                 flush(False)
                 raise stop.__cause__ from None
         summarise()
-        flush(not report.interrupted and not any(f["status"] == "pending" for f in records.values()))
+        complete = not report.interrupted and not any(f["status"] == "pending" for f in records.values())
+        flush(complete)
+        if complete:  # chunks kept for files that changed or left since they were stopped
+            remove_all_partials(out_dir)
         return report
     finally:
         if pool is not None:

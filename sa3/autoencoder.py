@@ -469,12 +469,13 @@ class SAMEAutoencoder(nn.Module):
 
     # --- public API ---
     def encode(self, audio: Tensor, chunked: bool | None = None, chunk_size: int = 128, overlap: int = 32,
-               on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
+               on_chunk: Callable[[int, int, Tensor], None] | None = None,
+               finished: dict[int, Tensor] | None = None) -> Tensor:
         """Waveform to latents. audio: [B, io_channels, N] float in [-1, 1] at sample_rate (N a multiple of
         downsampling_ratio, see `prepare_audio`) -> [B, latent_dim, N / downsampling_ratio] (≈ 10.77 per second).
-        `chunked=None` follows the config's flag. on_chunk(done, total): see `encode_chunked`."""
+        `chunked=None` follows the config's flag. on_chunk, finished: see `encode_chunked`."""
         if self.chunked if chunked is None else chunked:
-            return self.encode_chunked(audio, chunk_size, overlap, on_chunk)
+            return self.encode_chunked(audio, chunk_size, overlap, on_chunk, finished)
         return self.encode_unchunked(audio)
 
     def decode(self, latents: Tensor, chunked: bool | None = None, chunk_size: int = 128, overlap: int = 32,
@@ -486,11 +487,16 @@ class SAMEAutoencoder(nn.Module):
         return self.decode_unchunked(latents, generator)
 
     def encode_chunked(self, audio: Tensor, chunk_size: int = 128, overlap: int = 32,
-                       on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
+                       on_chunk: Callable[[int, int, Tensor], None] | None = None,
+                       finished: dict[int, Tensor] | None = None) -> Tensor:
         """Encode in overlapping chunks of `chunk_size` latents (the official stitching; see `chunk_layout`).
         Signals shorter than one chunk are encoded whole. A length that is not a multiple of downsampling_ratio is
-        zero-padded first (the reference would drop the tail). on_chunk(done, total) is called after each chunk of
-        a chunked signal (an hour of audio is some 300 chunks): for progress, and it may raise to stop."""
+        zero-padded first (the reference would drop the tail).
+
+        For long signals (an hour of audio is some 300 chunks): on_chunk(done, total, kept) is called after each
+        chunk with the latents it contributes, kept [B, latent_dim, k]; it may raise to stop. finished: {chunk
+        index (done - 1): kept} from an earlier, stopped encode of the same audio, not computed again (one of
+        another shape is)."""
         ratio = self.downsampling_ratio
         if audio.shape[-1] % ratio:  # F.pad copies even when it adds nothing: a long signal is not copied for 0
             audio = F.pad(audio, (0, -audio.shape[-1] % ratio))
@@ -499,13 +505,17 @@ class SAMEAutoencoder(nn.Module):
         n_latents = audio.shape[-1] // ratio
         out = None
         plan = chunk_layout(n_latents, chunk_size, overlap)
-        for done, (start, (left, right), out_start) in enumerate(plan, 1):
-            z = self.encode_unchunked(audio[..., start * ratio:(start + chunk_size) * ratio])  # whole batch per chunk
+        for index, (start, (left, right), out_start) in enumerate(plan):
+            kept = (finished or {}).get(index)
+            if kept is None or tuple(kept.shape) != (audio.shape[0], self.latent_dim, right - left):
+                z = self.encode_unchunked(audio[..., start * ratio:(start + chunk_size) * ratio])  # whole batch
+                kept = z[..., left:right]
+            kept = kept.to(audio.device, audio.dtype)
             if out is None:
-                out = z.new_zeros(*z.shape[:-1], n_latents)
-            out[..., out_start + left:out_start + right] = z[..., left:right]
+                out = kept.new_zeros(*kept.shape[:-1], n_latents)
+            out[..., out_start + left:out_start + right] = kept
             if on_chunk is not None:
-                on_chunk(done, len(plan))
+                on_chunk(index + 1, len(plan), kept)
         return out
 
     def decode_chunked(self, latents: Tensor, chunk_size: int = 128, overlap: int = 32,

@@ -149,10 +149,12 @@ class SA3Model:
     # --- audio ---
     @torch.no_grad()
     def encode_audio(self, waveform: Tensor, sample_rate: int, chunked: bool | None = None,
-                     on_chunk: Callable[[int, int], None] | None = None) -> Tensor:
+                     on_chunk: Callable[[int, int, Tensor], None] | None = None,
+                     finished: dict[int, Tensor] | None = None) -> Tensor:
         """waveform: [B, C, N] or [C, N] float in [-1, 1] at `sample_rate` Hz (any rate, mono/stereo/multichannel)
         -> latents [B, latent_dim, T] at sample_rate / downsampling_ratio Hz (44100 / 4096 ≈ 10.77 Hz).
-        on_chunk(done, total): after each chunk of a chunked encode (`SAMEAutoencoder.encode_chunked`)."""
+        on_chunk(done, total, kept) after each chunk of a chunked encode, and finished, its chunks from a stopped
+        encode of the same audio: see `SAMEAutoencoder.encode_chunked`."""
         from .autoencoder import prepare_audio
 
         if waveform.dim() == 2:
@@ -163,7 +165,7 @@ class SA3Model:
         audio = prepare_audio(waveform.float(), sample_rate, self.sample_rate, ae.io_channels, self.downsampling_ratio)
         audio = audio.to(self.device, ae_dtype)
         chunked = self.config.pretransform.get("chunked", False) if chunked is None else chunked
-        return ae.encode(audio, chunked=bool(chunked), on_chunk=on_chunk).float()
+        return ae.encode(audio, chunked=bool(chunked), on_chunk=on_chunk, finished=finished).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, chunked: bool | None = None, chunk_size: int = 128,

@@ -164,6 +164,27 @@ def test_chunked_passes_never_run_more_than_one_chunk(autoencoders):
     assert sorted(set(seen)) == [16, 16 * 4]  # decoder: 16 latents; encoder: 16 latents x 4 patches (stride)
 
 
+def test_a_chunked_encode_reports_each_chunk_and_skips_the_ones_given_as_finished(autoencoders):
+    ae = autoencoders["small"]
+    audio = 0.3 * torch.randn(2, 2, 61 * 32, generator=torch.Generator().manual_seed(3))  # a batch of two
+    plan = chunk_layout(61, 16, 4)
+    reported = {}
+    with torch.no_grad():
+        whole = ae.encode_chunked(audio, 16, 4, on_chunk=lambda done, total, kept: reported.update(
+            {done - 1: (total, kept.clone())}))
+        assert sorted(reported) == list(range(len(plan))) and {t for t, _ in reported.values()} == {len(plan)}
+        assert [k.shape[-1] for _, k in reported.values()] == [right - left for _, (left, right), _ in plan]
+        calls = []
+        hook = ae.encoder.register_forward_pre_hook(lambda m, args: calls.append(1))
+        try:
+            finished = {i: kept for i, (_, kept) in reported.items() if i != 2}
+            finished[0] = finished[0][..., 1:]  # a kept chunk of another shape is computed again
+            again = ae.encode_chunked(audio, 16, 4, finished=finished)
+        finally:
+            hook.remove()
+    assert len(calls) == 2 and torch.equal(again, whole)
+
+
 def test_decode_noise_is_driven_by_the_generator(fixtures_dir):
     """Real SAME-S configs set bottleneck noise_regularize (1e-3 · running_std in eval) and decoder mask_noise 0.01
     on the learned tokens; both draw from `generator` (the global RNG without one, as the reference)."""

@@ -253,9 +253,21 @@ def test_interrupted_run_keeps_finished_files_and_a_rerun_completes_it(tmp_path,
         np.testing.assert_array_equal(np.load(out / f"s{i}.wav.npy"), np.load(ref / f"s{i}.wav.npy"))
 
 
-def test_a_long_file_reports_its_chunks_and_a_stop_between_them_leaves_it_pending_not_skipped(tmp_path, tiny_model):
-    """An hour of audio is some 300 of the encoder's chunks: the progress moves within the file, and a stop (or a
-    progress bar raising ComfyUI's cancel) acts before the next chunk without marking the file bad."""
+def _counting_chunks(monkeypatch) -> list:
+    """The chunks the SAME encoder computes from now on (one entry each)."""
+    from sa3_lora_studio.sa3.autoencoder import SAMEAutoencoder
+
+    computed, real = [], SAMEAutoencoder.encode_unchunked
+    monkeypatch.setattr(SAMEAutoencoder, "encode_unchunked", lambda self, x: computed.append(1) or real(self, x))
+    return computed
+
+
+def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the_last_chunk(tmp_path, tiny_model,
+                                                                                               monkeypatch):
+    """An hour of audio is some 300 of the encoder's chunks: the progress moves within the file, a stop (or a
+    progress bar raising ComfyUI's cancel) acts before the next chunk without marking the file bad, and the next run
+    computes only the chunks not done yet, to the same latents."""
+    from sa3_lora_studio.encoding.partial import PARTIAL_DIR
     from sa3_lora_studio.sa3.autoencoder import chunk_layout
 
     src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
@@ -273,22 +285,68 @@ def test_a_long_file_reports_its_chunks_and_a_stop_between_them_leaves_it_pendin
     assert _status(out) == {"a_short.wav": ("encoded", None), "b_long.wav": ("pending", None)}
     assert not (out / "b_long.wav.npy").exists()
 
+    assert (out / PARTIAL_DIR).is_dir()
+
     class Cancelled(Exception):
         pass
 
-    def cancel_on_the_third_chunk(event):
-        if event["done"] == 3:
+    def cancel_on_the_fourth_chunk(event):
+        if event["done"] == 4:
             raise Cancelled
+    computed = _counting_chunks(monkeypatch)
     with pytest.raises(Cancelled):
-        encode_folder(src, out, tiny_model, file_progress=cancel_on_the_third_chunk)
+        encode_folder(src, out, tiny_model, file_progress=cancel_on_the_fourth_chunk)
+    assert len(computed) == 2  # chunks 3 and 4: 1 and 2 were kept by the stop
     assert _status(out)["b_long.wav"] == ("pending", None) and not _manifest(out)["complete"]
 
     events.clear()
+    computed.clear()
     resumed = encode_folder(src, out, tiny_model, file_progress=events.append)
     assert resumed.encoded == ["b_long.wav"] and resumed.reused == ["a_short.wav"] and _manifest(out)["complete"]
-    assert [e["done"] for e in events] == list(range(1, chunks + 1))
+    assert [e["done"] for e in events] == list(range(1, chunks + 1)) and len(computed) == chunks - 4
+    assert not (out / PARTIAL_DIR).exists()  # the file is done: its chunks go
     encode_folder(src, ref, tiny_model)
     np.testing.assert_array_equal(np.load(out / "b_long.wav.npy"), np.load(ref / "b_long.wav.npy"))
+
+    # Chunks kept for a file that then changed are not used: its content hash is in their key
+    encode_folder(src, out, tiny_model, force=True, should_stop=lambda: len(events) >= chunks + 2,
+                  file_progress=events.append)
+    _write(src, "b_long", "wav16", seconds=0.6, freq=500.0)
+    computed.clear()
+    encode_folder(src, out, tiny_model, force=True)
+    assert len(computed) == chunks + 2  # the silence, the short file, every chunk of the changed one
+    assert not (out / PARTIAL_DIR).exists()  # the stale ones went with the complete run
+    encode_folder(src, ref, tiny_model, force=True)
+    np.testing.assert_array_equal(np.load(out / "b_long.wav.npy"), np.load(ref / "b_long.wav.npy"))
+
+
+def test_a_hard_kill_in_a_long_file_loses_at_most_the_chunks_since_the_last_save(tmp_path, fixtures_dir, tiny_model,
+                                                                                    monkeypatch):
+    """SIGKILL leaves no chance to flush: what the timed saves wrote is what the next run reuses."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from sa3_lora_studio.sa3.autoencoder import chunk_layout
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write(src, "long", "wav16", seconds=0.6, freq=300.0)
+    chunks = len(chunk_layout(math.ceil(0.6 * 44100 / tiny_model.downsampling_ratio), 128, 32))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from sa3_lora_studio.encoding import dataset, partial
+        partial.SAVE_EVERY_SECONDS = 0  # a save after every chunk, as a slow CPU encode gets them
+        def killed_after_the_third(event):
+            if event["done"] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        dataset.encode_folder({str(src)!r}, {str(out)!r}, dataset.load_encoder({str(fixtures_dir / "tiny-small")!r}),
+                              file_progress=killed_after_the_third)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    computed = _counting_chunks(monkeypatch)
+    report = encode_folder(src, out, tiny_model)
+    assert report.encoded == ["long.wav"] and len(computed) == chunks - 3
 
 
 def test_include_and_exclude_select_files_and_unticked_outputs_are_removed_only_when_asked(tmp_path, tiny_model):
@@ -324,6 +382,13 @@ def test_long_files_are_encoded_at_their_true_length_whole_or_in_outer_chunks(tm
     whole = encode_waveform(enc, audio)
     assert whole.shape == (enc.latent_dim, 701)
     np.testing.assert_array_equal(encode_waveform(enc, audio, chunk_latents=64), whole)  # seams are exact
+    kept = {}
+    encode_waveform(enc, audio, chunk_latents=64, on_chunk=lambda done, total, k: kept.update({done - 1: k}))
+    assert sorted(kept) == list(range(11)) and sum(k.shape[-1] for k in kept.values()) == 701
+    del kept[4]
+    calls = enc.calls
+    resumed = encode_waveform(enc, audio, chunk_latents=64, finished=kept)  # an outer chunk stopped at is redone
+    assert enc.calls == calls + 1 and np.array_equal(resumed, whole)
 
     # The SA3 model chunks internally (official 128-latent stitching): the dataset holds exactly its encoding of
     # the whole file, far longer than one chunk, not a truncated or padded one.
@@ -465,3 +530,26 @@ def test_a_folder_of_audio_given_as_a_dataset_says_to_encode_it_first(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"empty: no \.npy \+ \.json latent pairs found \(nor a dataset\.json\)$"):
         load_dataset(tmp_path / "empty")
+
+
+def test_kept_chunks_are_saved_once_and_a_damaged_archive_is_passed_over(tmp_path, monkeypatch):
+    from sa3_lora_studio.encoding import partial
+
+    monkeypatch.setattr(partial, "SAVE_EVERY_SECONDS", 0)
+    identity = {"hash": "abc", "encoder": "fp", "decode_version": 3, "chunk_latents": None, "overlap_latents": 16}
+    store = partial.PartialEncode(tmp_path, "set/live.flac", identity)
+    chunks = {i: np.full((4, 3), i, np.float32) for i in range(3)}
+    for i, kept in chunks.items():
+        store.add(i, kept)
+    again = partial.PartialEncode(tmp_path, "set/live.flac", identity)
+    found = again.finished()
+    assert sorted(found) == [0, 1, 2] and all(np.array_equal(found[i], chunks[i]) for i in found)
+    for i, kept in found.items():  # the engine reports reused chunks too: they are not written again
+        again.add(i, kept)
+    assert len(list(again.folder.glob("*.npz"))) == 3
+    other = partial.PartialEncode(tmp_path, "set/live.flac", {**identity, "hash": "changed"})
+    assert other.finished() == {} and other.folder != again.folder
+    (again.folder / "chunks-000001-000001.npz").write_bytes(b"PK\x03\x04 torn")  # a power cut after the rename
+    assert sorted(partial.PartialEncode(tmp_path, "set/live.flac", identity).finished()) == [0, 2]
+    again.remove()
+    assert not (tmp_path / partial.PARTIAL_DIR).exists()
