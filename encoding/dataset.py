@@ -426,6 +426,35 @@ def encode_waveform(encoder, audio: np.ndarray, chunk_latents: int | None = DEFA
     return np.concatenate(out, axis=1)
 
 
+def _chunks_identity(ident: dict, content_hash: str, chunk_latents: int | None) -> dict:
+    """What a file's kept chunks depend on besides its relpath (`encoding.partial`)."""
+    return {"hash": content_hash, "encoder": ident["fingerprint"], "decode_version": DECODE_VERSION,
+            "chunk_latents": chunk_latents, "overlap_latents": DEFAULT_OVERLAP_LATENTS}
+
+
+def _encode_file_resuming(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
+                          content_hash: str, chunk_latents: int | None, decoded=None,
+                          between_chunks: Callable[[int, int], None] | None = None) -> dict:
+    """`_encode_file` continuing from the chunks an earlier, stopped encode of this file kept (`encoding.partial`),
+    keeping its own as it goes; they are dropped once the file is encoded or skipped. between_chunks(done, total)
+    after each chunk: progress, and it may raise EncodeStopped."""
+    kept_chunks = PartialEncode(out_dir, relpath, _chunks_identity(ident, content_hash, chunk_latents))
+
+    def on_chunk(done: int, total: int, kept: np.ndarray) -> None:
+        kept_chunks.add(done - 1, kept)
+        if between_chunks is not None:
+            between_chunks(done, total)
+    try:
+        rec = _encode_file(encoder, ident, path, relpath, root, out_dir, dtype, content_hash, chunk_latents,
+                           decoded=decoded, finished=kept_chunks.finished(), on_chunk=on_chunk)
+    except BaseException:  # stopped part-way: the next run starts after the last chunk
+        with contextlib.suppress(OSError):  # unsaved, they are encoded again; the stop goes on
+            kept_chunks.flush()
+        raise
+    kept_chunks.remove()
+    return rec
+
+
 def _takes_on_chunk(encoder) -> bool:
     """Whether encoder.encode_audio accepts on_chunk= (ours does; the encoder protocol does not require it)."""
     import inspect
@@ -590,8 +619,8 @@ def _worker_silence(_=None) -> np.ndarray:
 def _worker_encode(task: tuple) -> dict:
     _worker_check()
     path, relpath, root, out_dir, dtype, content_hash, chunk_latents = task
-    return _encode_file(_WORKER["encoder"], _WORKER["ident"], Path(path), relpath, Path(root), Path(out_dir), dtype,
-                        content_hash, chunk_latents)
+    return _encode_file_resuming(_WORKER["encoder"], _WORKER["ident"], Path(path), relpath, Path(root),
+                                 Path(out_dir), dtype, content_hash, chunk_latents)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -945,9 +974,8 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
         flush(False)
         n, last_flush = len(todo), time.monotonic()
 
-        def between_chunks(i: int, rel: str, kept_chunks: PartialEncode) -> Callable[[int, int, np.ndarray], None]:
-            def on_chunk(done: int, total: int, kept: np.ndarray) -> None:
-                kept_chunks.add(done - 1, kept)
+        def between_chunks(i: int, rel: str) -> Callable[[int, int], None]:
+            def on_chunk(done: int, total: int) -> None:
                 if file_progress is not None:
                     _calling_back(file_progress, {"i": i, "n": n, "relpath": rel, "done": done, "total": total})
                 if done < total and should_stop is not None and _calling_back(should_stop):
@@ -993,21 +1021,11 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
                             break
                         decoded = ahead.result()
                         ahead = ex.submit(decode, i + 1) if i + 1 < n else None
-                        kept_chunks = PartialEncode(out_dir, rel, {
-                            "hash": h, "encoder": ident["fingerprint"], "decode_version": DECODE_VERSION,
-                            "chunk_latents": chunk_latents, "overlap_latents": DEFAULT_OVERLAP_LATENTS})
                         if isinstance(decoded, Exception):
                             rec = _skipped({"relpath": rel, "hash": h}, decoded)
                         else:
-                            try:
-                                rec = _encode_file(encoder, ident, path, rel, folder, out_dir, dtype, h,
-                                                   chunk_latents, decoded=decoded, finished=kept_chunks.finished(),
-                                                   on_chunk=between_chunks(i + 1, rel, kept_chunks))
-                            except BaseException:  # stopped part-way: the next run starts after the last chunk
-                                with contextlib.suppress(OSError):  # unsaved, they are encoded again; the stop goes on
-                                    kept_chunks.flush()
-                                raise
-                        kept_chunks.remove()
+                            rec = _encode_file_resuming(encoder, ident, path, rel, folder, out_dir, dtype, h,
+                                                        chunk_latents, decoded, between_chunks(i + 1, rel))
                         finish(i + 1, rec)
                     if ahead is not None:
                         ahead.cancel()

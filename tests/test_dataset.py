@@ -253,6 +253,16 @@ def test_interrupted_run_keeps_finished_files_and_a_rerun_completes_it(tmp_path,
         np.testing.assert_array_equal(np.load(out / f"s{i}.wav.npy"), np.load(ref / f"s{i}.wav.npy"))
 
 
+def _seconds_of_chunks(encoder, chunks: int) -> float:
+    """A length that spans `chunks` or more of the encoder's own 128-latent chunks (96 new latents each after the
+    first), whatever its downsampling ratio."""
+    return (128 + 96 * (chunks - 1) + 8) * encoder.downsampling_ratio / 44100
+
+
+def _latents_of(encoder, path) -> int:
+    return math.ceil(audio_io.load_audio(path)[0].shape[-1] / encoder.downsampling_ratio)
+
+
 def _counting_chunks(monkeypatch) -> list:
     """The chunks the SAME encoder computes from now on (one entry each)."""
     from sa3_lora_studio.sa3.autoencoder import SAMEAutoencoder
@@ -271,11 +281,10 @@ def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the
     from sa3_lora_studio.sa3.autoencoder import chunk_layout
 
     src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
-    _write(src, "a_short", "wav16", seconds=0.05)
-    _write(src, "b_long", "wav16", seconds=0.6, freq=300.0)
-    n_latents = math.ceil(0.6 * 44100 / tiny_model.downsampling_ratio)
-    chunks = len(chunk_layout(n_latents, 128, 32))
-    assert chunks >= 4  # the premise: this file spans several of the tiny model's chunks
+    _write(src, "a_short", "wav16", seconds=_seconds_of_chunks(tiny_model, 1) / 2)  # inside one chunk
+    long = _write(src, "b_long", "wav16", seconds=_seconds_of_chunks(tiny_model, 6), freq=300.0)
+    chunks = len(chunk_layout(_latents_of(tiny_model, long), 128, 32))
+    assert chunks >= 6
     events = []
     report = encode_folder(src, out, tiny_model, file_progress=events.append,
                            should_stop=lambda: len(events) >= 2)
@@ -311,7 +320,7 @@ def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the
     # Chunks kept for a file that then changed are not used: its content hash is in their key
     encode_folder(src, out, tiny_model, force=True, should_stop=lambda: len(events) >= chunks + 2,
                   file_progress=events.append)
-    _write(src, "b_long", "wav16", seconds=0.6, freq=500.0)
+    _write(src, "b_long", "wav16", seconds=_seconds_of_chunks(tiny_model, 6), freq=500.0)
     computed.clear()
     encode_folder(src, out, tiny_model, force=True)
     assert len(computed) == chunks + 2  # the silence, the short file, every chunk of the changed one
@@ -330,8 +339,8 @@ def test_a_hard_kill_in_a_long_file_loses_at_most_the_chunks_since_the_last_save
     from sa3_lora_studio.sa3.autoencoder import chunk_layout
 
     src, out = tmp_path / "src", tmp_path / "out"
-    _write(src, "long", "wav16", seconds=0.6, freq=300.0)
-    chunks = len(chunk_layout(math.ceil(0.6 * 44100 / tiny_model.downsampling_ratio), 128, 32))
+    long = _write(src, "long", "wav16", seconds=_seconds_of_chunks(tiny_model, 5), freq=300.0)
+    chunks = len(chunk_layout(_latents_of(tiny_model, long), 128, 32))
     script = textwrap.dedent(f"""
         import os, signal
         from sa3_lora_studio.encoding import dataset, partial
@@ -470,6 +479,23 @@ def test_two_processes_write_the_same_dataset_as_one(tmp_path, fixtures_dir):
             for k in ("created", "updated"):
                 a.pop(k), b.pop(k)
         assert a == b
+
+    # The workers continue a long file from the chunks a stopped encode kept, too (marked ones here, to see them)
+    from sa3_lora_studio.encoding.dataset import _chunks_identity, encoder_identity, file_hash
+    from sa3_lora_studio.encoding.partial import PARTIAL_DIR, PartialEncode
+    from sa3_lora_studio.sa3.autoencoder import chunk_layout
+
+    encoder = factory("cpu")
+    _write(src / "d0", "s0", "flac", seconds=_seconds_of_chunks(encoder, 4), freq=150)
+    rel, h = "d0/s0.flac", file_hash(src / "d0" / "s0.flac")
+    store = PartialEncode(two, rel, _chunks_identity(encoder_identity(encoder), h, None))
+    start, (left, right), out_start = chunk_layout(_latents_of(encoder, src / "d0" / "s0.flac"), 128, 32)[1]
+    marked = np.full((encoder.latent_dim, right - left), 7.0, np.float32)
+    store.add(1, marked)
+    store.flush()
+    r = encode_folder(src, two, encoder_factory=factory, devices=["cpu", "cpu"])
+    assert r.encoded == [rel] and not (two / PARTIAL_DIR).exists()
+    np.testing.assert_array_equal(np.load(two / f"{rel}.npy")[:, out_start + left:out_start + right], marked)
 
 
 def test_cli_encode_and_inspect(tmp_path, fixtures_dir, capsys):

@@ -572,7 +572,8 @@ def test_encode_node_moves_its_bar_within_a_long_file_and_a_cancel_there_keeps_t
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
     audio = tmp_path / "audio"
     audio.mkdir()
-    for name, seconds in (("a_short", 0.05), ("b_long", 0.6)):
+    chunk_seconds = 128 * model.downsampling_ratio / 44100  # the encoder's own chunks: the long file spans 5+
+    for name, seconds in (("a_short", chunk_seconds / 2), ("b_long", chunk_seconds * 4.5)):
         t = np.arange(int(44100 * seconds)) / 44100
         sf.write(audio / f"{name}.wav", 0.3 * np.sin(2 * np.pi * 330 * t)[:, None].repeat(2, 1), 44100)
     inputs = dict(model=model, folder=str(audio), dataset_name="long", include="", exclude="", dtype="float32",
