@@ -26,12 +26,15 @@ def lora_choices() -> list[str]:
         from .training_nodes import get_manager
 
         manager = get_manager()
-        for run in reversed(manager.registry.list()):
-            for ckpt in sorted((manager.registry.run_dir(run["id"]) / "checkpoints").glob("*.safetensors"),
-                               reverse=True):
-                choices.append(f"{RUN_PREFIX}{run['id']}/{ckpt.name}")
-    except Exception:
-        pass
+        runs = list(reversed(manager.registry.list()))
+    except Exception:  # no runs folder (yet), or an unreadable one: ComfyUI's own LoRAs still list
+        return choices
+    for run in runs:
+        try:  # one run folder moved or deleted by hand, or refused as outside the runs folder: skip that run only
+            found = sorted((manager.registry.run_dir(run["id"]) / "checkpoints").glob("*.safetensors"), reverse=True)
+        except Exception:
+            continue
+        choices += [f"{RUN_PREFIX}{run['id']}/{ckpt.name}" for ckpt in found]
     return choices
 
 

@@ -167,6 +167,19 @@ class SA3TrainLoRA:
     OUTPUT_NODE = True
     DESCRIPTION = "Starts LoRA training in the background (ComfyUI stays usable); watch it in the SA3 Training panel."
 
+    @classmethod
+    def IS_CHANGED(cls, name="", **_inputs):
+        """The runs this node could match and where they are: ComfyUI serves a node's cached result while this stays
+        the same, so the same graph queued after a stop resumes, after a delete starts anew, and otherwise says
+        what the run is doing, instead of repeating the first message. Widget values only reach here (links do
+        not): the runs are matched by name, or all of them when the name comes from a link."""
+        try:
+            runs = get_manager().registry.list()
+        except Exception:  # no runs folder yet, or unreadable: let the node run and say what is wrong
+            return float("nan")
+        return repr(sorted((r.get("id"), r.get("status"), r.get("step"), r.get("total_steps")) for r in runs
+                           if not isinstance(name, str) or not name or r.get("name") == name))
+
     def train(self, model, dataset, name, adapter_type, rank, alpha, targets, steps, batch_size, crop_seconds,
               learning_rate, checkpoint_every, demo_every, seed, gradient_checkpointing, wait_until_done,
               prompt_config=None, continue_from=None, trigger_word="", demo_prompts="", detach_norm=False,

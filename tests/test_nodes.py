@@ -141,6 +141,22 @@ def test_comfyui_cancel_stops_sampling_cleanly(comfy):
     assert audio["waveform"].shape[-1] == 441
 
 
+def test_the_lora_list_skips_a_run_folder_moved_away_by_hand_and_keeps_the_other_runs(comfy, tmp_path):
+    from sa3_lora_studio.nodes.lora_nodes import RUN_PREFIX, lora_choices
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+    from sa3_lora_studio.training.runs import RunConfig
+
+    registry = get_manager().registry
+    runs = [registry.create(RunConfig(dataset="-", name=f"listed {i}")) for i in range(3)]
+    for run in runs:
+        (registry.run_dir(run) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (registry.run_dir(run) / "checkpoints" / "r-step=000001.safetensors").write_bytes(b"")
+    listed = [f"{RUN_PREFIX}{run}/r-step=000001.safetensors" for run in reversed(runs)]
+    assert [c for c in lora_choices() if c in listed] == listed
+    shutil.move(registry.run_dir(runs[1]), tmp_path / "moved away")
+    assert [c for c in lora_choices() if c.startswith(RUN_PREFIX)] == [listed[0], listed[2]]
+
+
 def test_lora_stack_changes_the_output_and_info_describes_it(comfy):
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
     (plain,) = run_node("SA3Generate", **gen_inputs(model))
@@ -234,10 +250,16 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
                           hide_extension=True, hide_directories=False, shuffle=False, trigger="", trigger_percent=0.0,
                           preview_seed=0, **more)
     assert {k: shown[k] for k in more} == more
-    run, run_id = run_node("SA3TrainLoRA", model=model, dataset=dataset, name="node run", adapter_type="lora", rank=2,
-                           alpha=0.0, targets="all", steps=2, batch_size=1, crop_seconds=0.02, learning_rate=1e-3,
-                           checkpoint_every=1, demo_every=0, seed=0, gradient_checkpointing=False,
-                           wait_until_done=True, prompt_config=config)
+    train_inputs = dict(model=model, dataset=dataset, name="node run", adapter_type="lora", rank=2, alpha=0.0,
+                        targets="all", steps=2, batch_size=1, crop_seconds=0.02, learning_rate=1e-3,
+                        checkpoint_every=1, demo_every=0, seed=0, gradient_checkpointing=False,
+                        wait_until_done=True, prompt_config=config)
+    train_changed = NODE_CLASS_MAPPINGS["SA3TrainLoRA"].IS_CHANGED
+    before_run = train_changed(**train_inputs)
+    run, run_id = run_node("SA3TrainLoRA", **train_inputs)
+    finished = train_changed(**train_inputs)  # a new run of this name: the graph queued again must run the node
+    assert finished != before_run and train_changed(**train_inputs) == finished  # nothing moved: cached is right
+    assert train_changed(**train_inputs | {"name": "another name"}) == before_run  # only runs of this name count
     loss_img, lbt_img, lora, status, best = run_node("SA3RunStatus", run=run, bins=5)
     assert "done step 2/2" in status and lora.endswith("step=000002.safetensors")
     assert best == lora and "validation" not in status  # no items held out: the newest is the best it can tell
@@ -251,6 +273,7 @@ def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
     from sa3_lora_studio.nodes.training_nodes import get_manager
 
     assert get_manager().wait(run, 120)["status"] == "done"
+    assert train_changed(**train_inputs) != finished  # trained on: the node says so when queued again
     _, _, lora, status, _ = run_node("SA3RunStatus", run=run, bins=5)
     assert "done step 3/3" in status and lora.endswith("step=000003.safetensors")
     (stack,) = run_node("SA3LoadLoRA", lora="", strength=1.0, interval_start=0.0, interval_end=1.0,
