@@ -44,6 +44,12 @@ def _int_query(request, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+async def _off_loop(work: Callable[[], object]):
+    """work() on a worker thread: reading and summing up a long run's events (100 000 steps: some 40 MB) takes
+    seconds, and on ComfyUI's event loop it would stall every other request and the websocket meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
 def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Callable]]:
     async def list_runs(request):
         manager = get_manager()
@@ -71,8 +77,8 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             offset = _int_query(request, "offset", 0, 0, MAX_OFFSET)
         except RunError as e:
             return _run_error(e)
-        events, next_offset = read_events(path, offset)
-        return web.json_response({"events": events, "offset": next_offset})
+        body = await _off_loop(lambda: json.dumps(dict(zip(("events", "offset"), read_events(path, offset)))))
+        return web.Response(text=body, content_type="application/json")
 
     async def get_loss_by_timestep(request):
         manager = get_manager()
@@ -81,8 +87,8 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             bins = _int_query(request, "bins", 5, 1, 20)
         except RunError as e:
             return _run_error(e)
-        events = read_all_events(path)
-        return web.json_response({"bins": loss_by_timestep(events, bins)})
+        body = await _off_loop(lambda: json.dumps({"bins": loss_by_timestep(read_all_events(path), bins)}))
+        return web.Response(text=body, content_type="application/json")
 
     async def get_metrics_csv(request):
         manager = get_manager()
@@ -91,8 +97,8 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             path = manager.events_path(run_id)
         except RunError as e:
             return _run_error(e)
-        events = read_all_events(path)
-        return web.Response(text=metrics_csv(events), content_type="text/csv", headers={
+        text = await _off_loop(lambda: metrics_csv(read_all_events(path)))
+        return web.Response(text=text, content_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="{run_id}-metrics.csv"'})
 
     async def get_file(request):
@@ -119,9 +125,9 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
             if not isinstance(body, dict):
                 return _error(400, "the request body must be a JSON object, e.g. {\"confirm\": true}")
         try:  # off the event loop: a control call touches files and must never stall ComfyUI's server
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: manager.control(run_id, action, confirm=body.get("confirm") is True,
-                                              changes=body.get("changes"), more_steps=body.get("more_steps", 0)))
+            result = await _off_loop(lambda: manager.control(run_id, action, confirm=body.get("confirm") is True,
+                                                             changes=body.get("changes"),
+                                                             more_steps=body.get("more_steps", 0)))
         except RunError as e:
             return _run_error(e)
         return web.json_response({"ok": True, "run": result})
@@ -135,7 +141,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         from .model_nodes import unload_idle
 
         # off the event loop: moving a GPU model's weights to host memory takes seconds
-        report = await asyncio.get_running_loop().run_in_executor(None, unload_idle)
+        report = await _off_loop(unload_idle)
         return web.json_response({"unloaded": report.unloaded, "offloaded": report.offloaded, "kept": report.kept,
                                   "summary": report.summary()})
 

@@ -874,3 +874,36 @@ def test_control_route_statuses_follow_the_kind_of_refusal(site):
     status, _, _ = get(site, file_route(site.runs["done"], "../runs.json"))
     assert status == 403
     assert post(site, "/sa3/runs/nope/pause")[0] == 404
+    status, answer = post(site, f"/sa3/runs/{done}/restart", json.dumps({"more_steps": 10**23}).encode())
+    assert status == 400 and "more_steps" in answer["error"] and "100,000,000" in answer["error"]
+    with pytest.raises(ValueError, match="steps: 100000001 is more than 100,000,000 steps"):
+        RunConfig(dataset="-", steps=100_000_001)
+
+
+@pytest.mark.parametrize("route", ["loss_by_timestep?bins=5", "metrics.csv"])
+def test_a_route_reading_a_long_runs_whole_history_leaves_the_server_answering_meanwhile(site, monkeypatch, route):
+    """Those routes parse every event of a run (100 000 steps: some 40 MB, seconds of work): on ComfyUI's event
+    loop they would stall every other request and the websocket; here the reading is held until /sa3/runs answers."""
+    import threading
+
+    from sa3_lora_studio.nodes import routes
+
+    reading, release, real = threading.Event(), threading.Event(), routes.read_all_events
+
+    def slow_read(path):
+        reading.set()
+        assert release.wait(30), "the test never let the read finish"
+        return real(path)
+    monkeypatch.setattr(routes, "read_all_events", slow_read)
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(get(site, f"/sa3/runs/{site.runs['done']}/{route}")))
+    slow.start()
+    try:
+        assert reading.wait(10)
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=5)
+        conn.request("GET", "/sa3/runs")
+        assert conn.getresponse().status == 200 and not answers  # answered while the history is still being read
+    finally:
+        release.set()
+        slow.join(30)
+    assert answers and answers[0][0] == 200

@@ -29,6 +29,8 @@ from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock, writabl
 from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
+MAX_STEPS = 100_000_000  # a run's length; beyond it, a typo (a day of steps on a GPU is ~10^5), and JSON readers
+# in the browser lose integers past 2^53
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
 ACTIVE = ("queued", "loading", "training", "demos", "paused")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -214,6 +216,8 @@ class RunConfig:
             bad("rank", "must be >= 1")
         if self.steps < 1 or self.batch_size < 1:
             bad("steps" if self.steps < 1 else "batch_size", "must be >= 1")
+        if self.steps > MAX_STEPS:
+            bad("steps", f"{self.steps} is more than {MAX_STEPS:,} steps; a run that long would never finish")
         if not 0 < self.crop_seconds <= MAX_CROP_SECONDS:
             bad("crop_seconds", f"{self.crop_seconds} must be > 0 and at most {MAX_CROP_SECONDS} (the longest SA3 "
                 "model's window; each model caps it at its own)")
@@ -585,8 +589,8 @@ class RunRegistry:
         if refused:
             raise RunError(f"run {run_id}: {', '.join(refused)} cannot change when a run resumes (they define its "
                            f"adapter or its randomness); these can: {', '.join(RESUME_SETTINGS)}")
-        if not isinstance(more_steps, int) or isinstance(more_steps, bool) or more_steps < 0:
-            raise RunError(f"more_steps: {more_steps!r} must be a whole number >= 0")
+        if not isinstance(more_steps, int) or isinstance(more_steps, bool) or not 0 <= more_steps <= MAX_STEPS:
+            raise RunError(f"more_steps: {more_steps!r} must be a whole number from 0 to {MAX_STEPS:,}")
         if more_steps and "steps" in changes:
             raise RunError("give steps (the run's new length) or more_steps, not both")
         with self._lock():
