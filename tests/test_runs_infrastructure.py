@@ -62,6 +62,29 @@ def test_loss_by_timestep_bins_every_sample_by_its_noise_level():
     assert series[4]["steps"] == [1, 1]
 
 
+def test_the_loss_by_noise_level_image_names_and_colours_every_bin_apart_up_to_twenty():
+    import numpy as np
+    from sa3_lora_studio.training.events import BIN_COLOURS, bin_colours, bin_label, loss_by_timestep_chart
+
+    assert bin_colours(5) == BIN_COLOURS[:5]  # the web panel's palette and order
+    assert [bin_label(lo / 20, (lo + 1) / 20, 20) for lo in (0, 1, 19)] == ["t 0.00-0.05", "t 0.05-0.10",
+                                                                           "t 0.95-1.00"]
+    assert bin_label(0.2, 0.4, 5) == "t 0.2-0.4" and bin_label(1 / 3, 2 / 3, 3) == "t 0.33-0.67"
+    rng = np.random.default_rng(0)
+    events = [{"type": "step", "step": step, "samples": [[(i + 0.5) / 20, float(1 + i + rng.random())]
+                                                          for i in range(20)]} for step in range(1, 30)]
+    for bins in (5, 8, 12, 20):
+        colours = bin_colours(bins)
+        assert len(set(colours)) == bins
+        image = loss_by_timestep_chart(events, bins)
+        legend = image[22:22 + 60].reshape(-1, 3).astype(float) - (24, 24, 28)  # its rows, from the background
+        for colour in colours:  # every bin's name is there in its colour (text is antialiased: blends count)
+            towards = np.asarray(colour, float) - (24, 24, 28)
+            alpha = legend @ towards / (towards @ towards)
+            off = np.linalg.norm(legend - alpha[:, None] * towards, axis=1)
+            assert ((alpha > 0.6) & (off < 10)).any(), (bins, colour)
+
+
 def test_worker_runs_jobs_in_the_background_one_at_a_time_per_device():
     order, running, overlap = [], set(), []
     gate = threading.Event()

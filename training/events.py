@@ -228,7 +228,6 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
         draw.text((2, y - 6), label, fill=(170, 170, 170))
     draw.text((pad_l, height - pad_b + 4), str(x0), fill=(170, 170, 170))
     draw.text((width - pad_r - 40, height - pad_b + 4), str(x1), fill=(170, 170, 170))
-    legend_x = pad_l + 8
     for name, steps, values, colour in series:
         pts = [(pad_l + plot_w * (s - x0) / (x1 - x0), pad_t + plot_h * (1 - (ty(v) - lo) / (hi - lo)))
                for s, v in zip(steps, values) if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
@@ -236,14 +235,38 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        if name:
-            draw.text((legend_x, pad_t + 4), name, fill=colour)
-            legend_x += 8 * len(name) + 16
+    # the legend last, on its own background, in as many rows as it needs: the curves never hide a name
+    legend_x, legend_y, row_h = pad_l + 6, pad_t + 4, 13
+    for name, _, _, colour in series:
+        if not name:
+            continue
+        text_w = draw.textlength(name)
+        if legend_x + text_w > width - pad_r - 4 and legend_x > pad_l + 6:
+            legend_x, legend_y = pad_l + 6, legend_y + row_h
+        draw.rectangle([legend_x - 3, legend_y - 1, legend_x + text_w + 3, legend_y + row_h - 2], fill=(24, 24, 28))
+        draw.text((legend_x, legend_y), name, fill=colour)
+        legend_x += text_w + 14
     return np.asarray(img)
 
 
 BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (171, 71, 188), (38, 198, 218),
                (255, 238, 88), (141, 110, 99)]
+
+
+def bin_colours(bins: int) -> list[tuple[int, int, int]]:
+    """A distinct colour per noise-level bin: the panel's palette (BIN_COLOURS) up to its length, else hues spread
+    evenly around the wheel (a palette that repeats would give two bins one colour)."""
+    import colorsys
+
+    if bins <= len(BIN_COLOURS):
+        return BIN_COLOURS[:bins]
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / bins, 0.65, 0.95)) for i in range(bins)]
+
+
+def bin_label(lo: float, hi: float, bins: int) -> str:
+    """"t 0.2-0.4": one decimal where the bin edges have one (1, 2, 5 or 10 bins), else two (20 bins: t 0.05-0.10)."""
+    places = 1 if 10 % bins == 0 else 2
+    return f"t {lo:.{places}f}-{hi:.{places}f}"
 
 
 def metrics_csv(events: list[dict], bins: int = 5) -> str:
@@ -285,6 +308,6 @@ def loss_chart(events: list[dict]):
 
 
 def loss_by_timestep_chart(events: list[dict], bins: int = 5):
-    series = [(f"t {s['lo']:.1f}-{s['hi']:.1f}", s["steps"], s["smoothed"], BIN_COLOURS[i % len(BIN_COLOURS)])
-              for i, s in enumerate(loss_by_timestep(events, bins))]
+    series = [(bin_label(s["lo"], s["hi"], bins), s["steps"], s["smoothed"], colour)
+              for s, colour in zip(loss_by_timestep(events, bins), bin_colours(bins))]
     return render_chart(series, title="loss by noise level (smoothed)", log_y=True)
