@@ -820,6 +820,21 @@ def test_a_model_loaded_under_inference_mode_is_refused_before_a_run_is_queued(d
         check_run_inputs(_config(dataset, fixtures_dir), frozen)
 
 
+def test_a_wrong_arc_model_is_refused_by_name_before_a_run_is_queued_even_with_the_base_model_loaded(
+        tiny, dataset, fixtures_dir):
+    """SA3 Train LoRA has its model loaded, so only the ARC demos' model is still a name to look for."""
+    from sa3_lora_studio.training.preflight import check_run_inputs
+    from sa3_lora_studio.training.runs import RunError
+
+    with pytest.raises(RunError, match="RunConfig.arc_model: .*no-such-pack"):
+        check_run_inputs(_config(dataset, fixtures_dir, arc_model="no-such-pack", demo_every=2), tiny)
+    assert check_run_inputs(_config(dataset, fixtures_dir, arc_model=str(fixtures_dir / "tiny-small-arc"),
+                                    demo_every=2), tiny) == []
+    no_arc_demos = [{"prompt": "a", "arc": False}]  # the name is only looked for when ARC demos will use it
+    assert check_run_inputs(_config(dataset, fixtures_dir, arc_model="no-such-pack", demo_every=2,
+                                    demos=no_arc_demos), tiny) == []
+
+
 def test_fp16_runs_scale_the_loss_and_resume_with_their_scale(tmp_path, dataset, fixtures_dir):
     """fp16 activations round gradients under 6e-8 to zero: an fp16 run multiplies the loss by a dynamic scale,
     halves it when the gradients overflow (that update skipped, reported as a loss_scale event, not a warning) and

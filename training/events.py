@@ -228,7 +228,7 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
         draw.text((2, y - 6), label, fill=(170, 170, 170))
     draw.text((pad_l, height - pad_b + 4), str(x0), fill=(170, 170, 170))
     draw.text((width - pad_r - 40, height - pad_b + 4), str(x1), fill=(170, 170, 170))
-    for name, steps, values, colour in series:
+    for _, steps, values, colour in series:
         pts = [(pad_l + plot_w * (s - x0) / (x1 - x0), pad_t + plot_h * (1 - (ty(v) - lo) / (hi - lo)))
                for s, v in zip(steps, values) if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
         if len(pts) > 1:

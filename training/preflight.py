@@ -110,10 +110,10 @@ def check_continue_fits(config: RunConfig, modules) -> None:
         raise RunError(f"RunConfig.continue_from: {e}") from None
 
 
-def check_model_sources(config: RunConfig):
+def check_model_sources(config: RunConfig, fields: tuple[str, ...] = ("model", "arc_model")):
     """RunError naming `model` or `arc_model` (when ARC demos will use it) when its files cannot be found, without
-    loading any weight (the command line's check before a run is registered; a node has its model loaded). Returns
-    the model's `CheckpointLocation` (its config says the module tree)."""
+    loading any weight (the command line's check before a run is registered; a node has its model loaded, and
+    checks `arc_model` alone). Returns the model's `CheckpointLocation` (its config says the module tree)."""
     from ..sa3.config import ConfigError
     from ..sa3.loading import CheckpointError
     from ..sa3.model import locate_checkpoint
@@ -123,7 +123,7 @@ def check_model_sources(config: RunConfig):
     located = None
     for name, spec, variant in (("model", config.model, "base"),
                                 ("arc_model", config.arc_model if arc_demos else None, "arc")):
-        if spec:
+        if spec and name in fields:
             try:
                 loc = locate_checkpoint(spec, variant=variant, models_dir=config.models_dir)
             except (CheckpointError, ConfigError, PackError, OSError, ValueError) as e:
@@ -145,6 +145,7 @@ def check_run_inputs(config: RunConfig, model=None) -> list[str]:
         check_trainable(model)
         check_targets(config, model)
         check_continue_fits(config, model.modules)
+        check_model_sources(config, ("arc_model",))  # ARC demos' model: not loaded until the first demo
     else:
         loc = check_model_sources(config)
         if loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
