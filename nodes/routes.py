@@ -145,7 +145,7 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         return web.json_response({"unloaded": report.unloaded, "offloaded": report.offloaded, "kept": report.kept,
                                   "summary": report.summary()})
 
-    return [
+    table = [
         ("GET", "/sa3/runs", list_runs),
         ("GET", "/sa3/runs/{run_id}", get_run),
         ("GET", "/sa3/runs/{run_id}/events", get_events),
@@ -156,6 +156,20 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         ("GET", "/sa3/models", loaded_models),
         ("POST", "/sa3/models/unload", unload_models),
     ]
+    return [(method, path, _setting_errors_answered(handler)) for method, path, handler in table]
+
+
+def _setting_errors_answered(handler: Callable) -> Callable:
+    """handler, with a process setting the runs cannot start with (`SettingsError`, e.g. SA3_RUNS_PER_DEVICE=0)
+    answered as a JSON 500 that names it, instead of aiohttp's bare 'Server got itself in trouble'."""
+    from .training_nodes import SettingsError
+
+    async def answered(request):
+        try:
+            return await handler(request)
+        except SettingsError as e:
+            return _error(500, str(e))
+    return answered
 
 
 def add_routes(router, get_manager) -> None:

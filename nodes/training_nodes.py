@@ -65,6 +65,10 @@ def get_manager(root: str | Path | None = None):
         return _MANAGER
 
 
+class SettingsError(ValueError):
+    """A setting of this ComfyUI process (an environment variable) the training runs cannot start with."""
+
+
 def manager_options(environ=None) -> dict:
     """The training options of a ComfyUI process, from its environment (set them before starting ComfyUI):
     SA3_AUTO_RESUME=1 resumes runs a restart interrupted; SA3_RUNS_PER_DEVICE=N trains N runs at once per device."""
@@ -72,11 +76,14 @@ def manager_options(environ=None) -> dict:
 
     environ = os.environ if environ is None else environ
     auto = environ.get("SA3_AUTO_RESUME", "0").strip().lower()
+    restart = "; set it right and restart ComfyUI (training runs cannot start until then)"
     if auto not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise ValueError(f"SA3_AUTO_RESUME={auto!r}: use 1 or 0")
+        raise SettingsError(f"SA3_AUTO_RESUME={auto!r} (an environment variable of SA3 LoRA Studio): use 1 or "
+                            f"0{restart}")
     per_device = environ.get("SA3_RUNS_PER_DEVICE", "1").strip() or "1"
     if not per_device.isdigit() or int(per_device) < 1:
-        raise ValueError(f"SA3_RUNS_PER_DEVICE={per_device!r}: use a whole number >= 1")
+        raise SettingsError(f"SA3_RUNS_PER_DEVICE={per_device!r} (an environment variable of SA3 LoRA Studio): "
+                            f"use a whole number >= 1{restart}")
     return {"auto_resume": auto in ("1", "true", "yes"), "runs_per_device": int(per_device)}
 
 
@@ -229,7 +236,11 @@ class SA3TrainLoRA:
         if wait_until_done:  # ComfyUI's cancel ends the wait (the run trains on; stop it with SA3 Run Control)
             while not manager.worker.join(run_id, 0.5):
                 throw_if_interrupted()
-            record = manager.registry.get(run_id)
+            try:
+                record = manager.registry.get(run_id)
+            except RunError:  # deleted from the panel or a route meanwhile
+                raise ValueError(f"SA3 Train LoRA: run {run_id} was deleted while this node waited for it to "
+                                 "finish (queue the graph again for a new run)") from None
             text = f"run {run_id}: {record['status']} at step {record['step']}"
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")

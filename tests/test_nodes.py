@@ -1,6 +1,7 @@
 """The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
 
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -285,6 +286,45 @@ def _widget_defaults(node_name: str) -> dict:
     spec = NODE_CLASS_MAPPINGS[node_name].INPUT_TYPES()["required"]
     return {name: (opts[1]["default"] if len(opts) > 1 and "default" in opts[1] else opts[0][0])
             for name, opts in spec.items()}
+
+
+def test_a_run_deleted_while_train_lora_waits_for_it_ends_the_wait_with_a_message_that_says_so(comfy, tmp_path):
+    import threading
+
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
+    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="w", include="",
+                          exclude="", dtype="float32", force=False)
+    failures = []
+
+    def train():
+        try:
+            run_node("SA3TrainLoRA", model=model, dataset=dataset, name="waited on", adapter_type="lora", rank=2,
+                     alpha=0.0, targets="all", steps=100000, batch_size=1, crop_seconds=0.05, learning_rate=1e-3,
+                     checkpoint_every=1000, demo_every=0, seed=0, gradient_checkpointing=False, wait_until_done=True)
+        except Exception as e:
+            failures.append(e)
+    waiting = threading.Thread(target=train)
+    waiting.start()
+    manager = get_manager()
+
+    def training_run():
+        return next((r for r in manager.registry.list() if r["name"] == "waited on" and r["status"] == "training"),
+                    None)
+    deadline = time.monotonic() + 120
+    while training_run() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run = training_run()
+    assert run is not None
+    manager.control(run["id"], "delete", confirm=True)
+    waiting.join(120)
+    assert not waiting.is_alive() and len(failures) == 1
+    assert str(failures[0]) == (f"SA3 Train LoRA: run {run['id']} was deleted while this node waited for it to finish "
+                                "(queue the graph again for a new run)")
 
 
 def test_training_options_reach_the_run_and_a_pattern_matching_no_layer_is_refused_before_it_queues(comfy, tmp_path):

@@ -907,3 +907,31 @@ def test_a_route_reading_a_long_runs_whole_history_leaves_the_server_answering_m
         release.set()
         slow.join(30)
     assert answers and answers[0][0] == 200
+
+
+def test_a_bad_process_setting_is_answered_as_json_naming_it_by_every_route():
+    """SA3_RUNS_PER_DEVICE=0 stops the runs from starting: each route says so, not aiohttp's bare 500 page."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from sa3_lora_studio.nodes.routes import route_table
+    from sa3_lora_studio.nodes.training_nodes import manager_options
+
+    def get_manager():
+        return manager_options({"SA3_RUNS_PER_DEVICE": "0"})
+
+    async def ask() -> list[tuple[int, dict]]:
+        app = web.Application()
+        for method, path, handler in route_table(get_manager):
+            app.router.add_route(method, path, handler)
+        async with TestClient(TestServer(app)) as client:
+            answers = []
+            for method, path in (("GET", "/sa3/runs"), ("GET", "/sa3/runs/x/events"), ("POST", "/sa3/runs/x/stop")):
+                response = await client.request(method, path)
+                answers.append((response.status, await response.json()))
+            return answers
+    for status, answer in asyncio.run(ask()):
+        assert status == 500 and answer["error"].startswith("SA3_RUNS_PER_DEVICE='0' (an environment variable of SA3 "
+                                                            "LoRA Studio): use a whole number >= 1; set it right and "
+                                                            "restart ComfyUI")
