@@ -309,3 +309,21 @@ def test_a_restart_that_cannot_be_queued_leaves_the_run_as_it_was(tmp_path):
         manager.control(run, "restart", changes={"lr": 5e-5}, more_steps=100)
     record = manager.registry.get(run)
     assert record["status"] == "stopped" and (manager.registry.config(run), record["total_steps"]) == before
+
+
+def test_a_run_folder_copied_into_the_runs_folder_joins_the_list_at_the_next_start(tmp_path):
+    import shutil
+
+    from sa3_lora_studio.training.runs import RunConfig, RunRegistry
+
+    here, elsewhere = RunRegistry(tmp_path / "here"), RunRegistry(tmp_path / "elsewhere")
+    kept = here.create(RunConfig(dataset="-", name="already here", steps=3))
+    brought = elsewhere.create(RunConfig(dataset="-", name="from the other machine", steps=3))
+    shutil.copytree(elsewhere.run_dir(brought), tmp_path / "here" / brought)
+    (tmp_path / "here" / brought / "owner.json").unlink(missing_ok=True)  # no process of this machine trains it
+    assert [r["id"] for r in here.list()] == [kept]  # the index is the list while the process runs
+    assert RunRegistry(tmp_path / "here").mark_interrupted_after_restart() == []  # none was cut off
+    listed = {r["id"]: r for r in here.list()}
+    assert sorted(listed) == sorted([kept, brought])
+    assert listed[brought]["name"] == "from the other machine" and listed[brought]["status"] == "interrupted"
+    assert listed[kept]["status"] == "queued"  # the known run as it was

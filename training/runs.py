@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -393,14 +393,16 @@ class RunRegistry:
                 self._write_index(runs)
         return runs
 
-    def _runs_from_folders(self) -> dict[str, dict]:
-        """Index records rebuilt from the run folders (config.json, latest.json, owner.json): a run still active in
-        a live process (owner.json, kept while a run is active) keeps its status; the others are `done` when their
-        newest checkpoint reached the run's steps, else `interrupted` (one action resumes each); step = the newest
-        checkpoint's."""
-        runs = {}
+    def _runs_from_folders(self, skip: Iterable[str] = ()) -> dict[str, dict]:
+        """Index records rebuilt from the run folders (config.json, latest.json, owner.json) but those in `skip`: a
+        run still active in a live process (owner.json, kept while a run is active) keeps its status; the others are
+        `done` when their newest checkpoint reached the run's steps, else `interrupted` (one action resumes each);
+        step = the newest checkpoint's."""
+        runs, skip = {}, set(skip)
         for config_path in sorted(self.root.glob("*/config.json")):
             run_id = config_path.parent.name
+            if run_id in skip:
+                continue
             created = config_path.stat().st_mtime
             try:
                 config = RunConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
@@ -638,11 +640,14 @@ class RunRegistry:
     def mark_interrupted_after_restart(self) -> list[str]:
         """On start-up: runs that were active when their process died are `interrupted` (resumable in one action).
         Runs still trained by a live process (`sa3-lora train`, torchrun, another ComfyUI) on this runs folder keep
-        their status."""
+        their status. Run folders the index does not know (copied in from another machine or a backup) join it,
+        as a rebuilt index lists them."""
         with self._lock():
             runs = self._read_index()
             changed = self._mark_dead_owners(runs)
-            if changed:
+            adopted = self._runs_from_folders(skip=runs)  # run folders copied or moved in while it was down
+            runs.update(adopted)
+            if changed or adopted:
                 try:
                     self._write_index(runs)
                 except OSError as e:  # a read-only runs folder: listed as it was left
