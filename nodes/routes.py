@@ -103,8 +103,10 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
 
     async def get_file(request):
         manager = get_manager()
+        if not request.query.get("path"):
+            return _error(400, "give the file as ?path=, relative to the run's folder (e.g. ?path=demos/...)")
         try:
-            path = manager.registry.run_file(request.match_info["run_id"], request.query.get("path", ""))
+            path = manager.registry.run_file(request.match_info["run_id"], request.query["path"])
         except RunError as e:
             return _run_error(e)
         headers = {}

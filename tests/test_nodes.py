@@ -594,6 +594,12 @@ def test_status_and_control_take_a_run_by_id_and_the_same_graph_after_a_restart_
     out = NODE_CLASS_MAPPINGS["SA3RunControl"]().control("restart", run_id=run, more_steps=1)
     assert out["result"][0] == run and out["ui"]["text"][0].startswith("kept: restarted (now ")
     assert manager.wait(run, 300)["status"] == "done" and manager.registry.latest_checkpoint(run)["step"] == 4
+    training_nodes.reset_manager()  # restarted since, and the graph queued again: the run it made, trained on
+    with torch.inference_mode():
+        amended = cls().train(**{**inputs, "wait_until_done": False})
+    manager = training_nodes.get_manager()
+    assert amended["result"][0] == run and "already finished" in amended["ui"]["text"][0]
+    assert len(manager.registry.list()) == 2
     for node, call in (("SA3 Run Status", lambda **k: run_node("SA3RunStatus", bins=5, **k)),
                        ("SA3 Run Control", lambda **k: run_node("SA3RunControl", action="stop", **k))):
         with pytest.raises(ValueError, match=f"{node}: connect run .* or give a run_id"):

@@ -873,6 +873,9 @@ def test_control_route_statuses_follow_the_kind_of_refusal(site):
     assert post(site, f"/sa3/runs/{done}/fly")[0] == 400  # an unknown action
     status, _, _ = get(site, file_route(site.runs["done"], "../runs.json"))
     assert status == 403
+    for query in ("", "?path="):
+        status, _, body = get(site, f"/sa3/runs/{done}/file{query}")
+        assert status == 400 and "?path=" in json.loads(body)["error"]
     assert post(site, "/sa3/runs/nope/pause")[0] == 404
     status, answer = post(site, f"/sa3/runs/{done}/restart", json.dumps({"more_steps": 10**23}).encode())
     assert status == 400 and "more_steps" in answer["error"] and "100,000,000" in answer["error"]

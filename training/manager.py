@@ -59,13 +59,15 @@ class TrainingManager:
         return run_id
 
     def same_settings_run(self, config: RunConfig) -> dict | None:
-        """The newest run whose stored config equals `config` (paths made absolute as `submit` stores them), or None."""
+        """The newest run whose stored config equals `config` (paths made absolute as `submit` stores them), or was
+        queued with it before a restart changed its settings (more steps, another learning rate), or None."""
         wanted = config.with_absolute_paths().to_dict()
         for record in reversed(self.registry.list()):
             if wanted.get("name") and record.get("name") != wanted["name"]:
                 continue  # the index says so: no need to read that run's config
             try:
-                if self.registry.config(record["id"]).to_dict() == wanted:
+                submitted = self.registry.submitted_config(record["id"])
+                if wanted in (self.registry.config(record["id"]).to_dict(), submitted and submitted.to_dict()):
                     return record
             except (RunError, OSError):  # a run whose config cannot be read is no match
                 continue

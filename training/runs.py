@@ -29,6 +29,7 @@ from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock, writabl
 from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
+SUBMITTED_CONFIG = "config.submitted.json"  # a run's settings as queued, kept when a restart changes config.json
 MAX_STEPS = 100_000_000  # a run's length; beyond it, a typo (a day of steps on a GPU is ~10^5), and JSON readers
 # in the browser lose integers past 2^53
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
@@ -617,12 +618,23 @@ class RunRegistry:
                 raise RunConflict(f"run {run_id} is done ({trained} of {new.steps} steps): nothing to resume; give "
                                   "more steps to train it further")
             if changed:
+                submitted = self.run_dir(run_id) / SUBMITTED_CONFIG
+                if not submitted.exists():  # the settings it was queued with: the same graph queued again finds it
+                    atomic_write_json(submitted, before)
                 atomic_write_json(self.run_dir(run_id) / "config.json", after)
                 total = int(record.get("total_steps", old.steps)) - old.steps + new.steps  # a file's offset kept
                 self.update(run_id, total_steps=total)
             if queue:
                 self.update(run_id, status="queued", error=None)
             return new, changed
+
+    def submitted_config(self, run_id: str) -> RunConfig | None:
+        """The settings a run was queued with when `amend` has changed them since; else None (config.json holds
+        them)."""
+        try:
+            return RunConfig.from_dict(json.loads((self.run_dir(run_id) / SUBMITTED_CONFIG).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, RunError):
+            return None
 
     def restore_config(self, run_id: str, config: RunConfig, total_steps: int | None) -> None:
         """Put back a run's settings as they were before `amend` (a restart that failed after amending)."""
