@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -198,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
         # Our errors carry actionable messages; a traceback would bury them.
         print(f"sa3-lora {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from .sa3.atomic import READ_ONLY_ERRNOS
+
+        if e.errno not in READ_ONLY_ERRNOS:
+            raise
+        where = Path(e.filename).parent if e.filename else "a folder it writes to"
+        print(f"sa3-lora {args.command}: cannot write into {where}: {e.strerror} (a read-only folder or mount: "
+              "copy it somewhere writable, or run as a user who may write there)", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `sa3-lora … | head`: the reader left; no traceback, nothing more to write
         import os

@@ -35,10 +35,41 @@ def writable_folder_problem(folder: str | Path) -> str | None:
     return None
 
 
+def _process_umask() -> int:
+    """This process's umask: from /proc on Linux (reading it changes nothing), else by setting and restoring it,
+    once, at import (before the threads that write files exist)."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open() gives a new file; mkstemp and safetensors' writer give 0600
+
+
+def as_created_by_open(fd_or_path: int | str | Path) -> None:
+    """Give a temp file the mode a plain open() would have given it, before it becomes the real file: a LoRA,
+    config or dataset file readable by the other users who should read it (a ComfyUI service account, a Samba
+    share), not only by this one. Nothing on Windows, where modes are not permissions."""
+    if os.name != "posix":
+        return
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, FILE_MODE)
+    else:
+        os.chmod(fd_or_path, FILE_MODE)
+
+
 def fsync_replace(tmp: str | Path, final: str | Path) -> None:
-    """Make an already written temp file durable, then move it over `final` atomically."""
+    """Make an already written temp file durable (with the mode `open` would give it), then move it over `final`
+    atomically."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    as_created_by_open(tmp)
     os.replace(tmp, final)
 
 
@@ -48,6 +79,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_created_by_open(fd)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)

@@ -341,6 +341,11 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     if return_latents:
         return latents, cfg.sample_rate
     audio = model.decode_latents(latents, chunked=chunked_decode, generator=generator).cpu()
+    if not torch.isfinite(audio).all():  # no file format holds NaN, and a player would play it as noise or silence
+        raise ValueError("the generated audio is not finite (NaN/inf samples)"
+                         + ("; a LoRA applied makes it so: it has diverged in training (train again with a lower "
+                            "learning rate) or its strength is far too high" if loras else
+                            "; the model's weights hold NaN/inf, or its precision overflowed (try fp32)"))
     audio_mask = padding_mask.cpu()[:, None].repeat_interleave(ratio, dim=-1)
     audio = audio[..., : audio_mask.shape[-1]] * audio_mask[..., : audio.shape[-1]]
     audio = audio.clamp(-1, 1)

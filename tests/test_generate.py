@@ -172,3 +172,19 @@ def test_a_batch_of_source_clips_gives_one_output_per_clip(models):
     assert (both[1] - first[1]).abs().max() > 1e-2  # item 1 started from the other clip
     with pytest.raises(ValueError, match="2 clips but batch_size is 3"):
         model.generate("pad", init_audio={"waveform": clips, "sample_rate": 44100}, batch_size=3, **kw)
+
+
+def test_audio_that_is_not_finite_is_refused_with_what_to_do_not_written(models, fixtures_dir, monkeypatch):
+    """A diverged adapter (trained with far too high a learning rate) makes NaN audio: no format holds it (WAV
+    writing fails deep in soundfile), so generation says so and names the likely cause."""
+    model = models["tiny-small"]
+    real = type(model).decode_latents
+
+    def nan_audio(self, latents, **kwargs):
+        return real(self, latents, **kwargs) * float("nan")
+    monkeypatch.setattr(type(model), "decode_latents", nan_audio)
+    lora = {"path": str(fixtures_dir / "golden" / "lora" / "lora.safetensors"), "strength": 1.0}
+    with pytest.raises(ValueError, match="not finite .*diverged in training .*lower learning rate"):
+        model.generate("pad", duration=0.01, steps=2, loras=[lora])
+    with pytest.raises(ValueError, match="not finite .*try fp32"):
+        model.generate("pad", duration=0.01, steps=2)

@@ -835,6 +835,42 @@ def test_a_wrong_arc_model_is_refused_by_name_before_a_run_is_queued_even_with_t
                                     demos=no_arc_demos), tiny) == []
 
 
+def test_a_layer_pattern_that_matches_nothing_is_refused_by_name_with_the_model_loaded_or_not(
+        tiny, dataset, fixtures_dir):
+    """Patterns are substrings of layer names: '*.ff.*' would exclude nothing and train every layer it meant to
+    spare. The command line has no model loaded: its module tree (meta device) answers the same."""
+    from sa3_lora_studio.training.preflight import check_run_inputs
+    from sa3_lora_studio.training.runs import RunError
+
+    for model in (tiny, None):
+        for field, patterns, named, hint in (("exclude", ["*.ff.*"], "'*.ff.*'", "not globs"),
+                                             ("exclude", ["nonexistent_xyz"], "'nonexistent_xyz'", ""),
+                                             ("include", ["self_attn", "bogus_layer"], "'bogus_layer'", "")):
+            with pytest.raises(RunError, match=rf"RunConfig\.{field}: {re.escape(named)} is part of no layer's "
+                                               rf"name.*{hint}"):
+                check_run_inputs(_config(dataset, fixtures_dir, **{field: patterns}), model)
+        assert check_run_inputs(_config(dataset, fixtures_dir, exclude=["ff"], include=["layers.[0-1]."]),
+                                model) == []
+
+
+def test_a_dataset_of_another_autoencoder_is_refused_before_queueing_without_the_model_loaded(tmp_path,
+                                                                                              fixtures_dir):
+    from sa3_lora_studio.encoding import encode_folder
+    from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
+    from sa3_lora_studio.sa3.config import read_config
+    from sa3_lora_studio.training.preflight import check_run_inputs
+    from sa3_lora_studio.training.runs import RunError
+
+    width = read_config(fixtures_dir / "tiny-small" / "model_config.json").latent_dim
+    toy = ToyEncoder(latent_dim=width + 3)
+    (tmp_path / "audio").mkdir()
+    write_audio_file(tmp_path / "audio" / "a", tone(0.3, 44100), 44100, "wav16")
+    encode_folder(tmp_path / "audio", tmp_path / "toy", toy)
+    with pytest.raises(RunError, match=rf"was encoded by another autoencoder: latent width {width + 3} \(the "
+                                       rf"model's: {width}\)"):
+        check_run_inputs(_config(tmp_path / "toy", fixtures_dir))
+
+
 def test_fp16_runs_scale_the_loss_and_resume_with_their_scale(tmp_path, dataset, fixtures_dir):
     """fp16 activations round gradients under 6e-8 to zero: an fp16 run multiplies the loss by a dynamic scale,
     halves it when the gradients overflow (that update skipped, reported as a loss_scale event, not a warning) and

@@ -188,6 +188,9 @@ def test_a_read_only_runs_folder_is_listed_and_read_and_train_refuses_it_by_name
         assert train.returncode == 2 and "Traceback" not in train.stderr
         assert f"--runs-dir {tmp_path / 'archive'}: cannot write into {tmp_path / 'archive'}: Permission denied; give " \
                "a runs folder you can write to" in train.stderr
+        for argv in (("resume", "old"), ("tensorboard", "old")):
+            refused = cli("runs", "--runs-dir", str(tmp_path / "archive"), *argv)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, (argv, refused.stderr)
     finally:
         for path in [tmp_path / "archive", *(tmp_path / "archive").rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -618,3 +621,22 @@ def test_runs_list_says_when_a_runs_folder_was_deleted_by_hand_and_delete_clears
     assert f"{run_id:48} folder missing (`sa3-lora runs delete {run_id}` removes its record)" in out
     assert main(["runs", "--runs-dir", str(tmp_path / "runs"), "delete", run_id]) == 0
     assert [r["id"] for r in registry.list()] == [kept]
+
+
+def test_a_read_only_mount_is_named_without_a_traceback(monkeypatch, capsys):
+    """EROFS is an OSError, not a PermissionError: a runs folder copied onto a read-only mount says so too."""
+    import errno
+
+    from sa3_lora_studio import cli
+
+    def writes(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/archive/runs/r1/.owner.json.abc.tmp")
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["runs", "list"])
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    monkeypatch.setattr(args, "func", writes)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == ("sa3-lora runs: cannot write into /mnt/archive/runs/r1: Read-only file system "
+                                       "(a read-only folder or mount: copy it somewhere writable, or run as a user "
+                                       "who may write there)\n")

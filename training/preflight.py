@@ -12,7 +12,8 @@ from .runs import RunConfig, RunError
 
 def open_dataset(config: RunConfig, model=None):
     """The run's EncodedDataset; RunError when it cannot be opened, has no encoded file, or (when the model is given)
-    holds latents another autoencoder made: another width, latent rate or sample rate than the model's."""
+    holds latents another autoencoder made: another width, latent rate or sample rate than the model's, or (when
+    its autoencoder is loaded) other weights. model: a loaded model, or its config (`sa3.config.ModelConfig`)."""
     try:
         dataset = load_dataset(config.dataset)
     except (DatasetError, OSError, ValueError) as e:
@@ -88,11 +89,30 @@ def check_targets(config: RunConfig, model) -> None:
         weights = target_weights(model.modules, SA3_ROOTS, include, exclude)
     except ValueError as e:
         raise RunError(f"RunConfig.include/exclude (targets {config.targets!r}): {e}") from None
+    check_every_pattern_matches(config, model.modules)
     if config.adapter_type.endswith("-xs"):
         try:
             check_xs_rank(weights, config.rank)
         except ValueError as e:
             raise RunError(f"RunConfig.rank: {e}") from None
+
+
+def check_every_pattern_matches(config: RunConfig, modules) -> None:
+    """RunError naming the first include/exclude pattern of the config that is part of no Linear/Conv1d layer's
+    name: such a pattern does nothing (an exclude that leaves nothing out trains every layer it meant to spare),
+    which is nearly always a typo or a glob (patterns are substrings, with [0-3] ranges; `*` is literal)."""
+    from ..adapters.apply import SA3_ROOTS
+    from ..adapters.targets import matches_any, select_targets
+
+    names = [name for root in SA3_ROOTS for name in select_targets(modules.get_submodule(root.path) if root.path
+                                                                     else modules)]
+    for field, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns:
+            if not any(matches_any(name, [pattern]) for name in names):
+                hint = ("; patterns are parts of layer names, not globs: leave out the '*' and '?'"
+                        if any(c in pattern for c in "*?") else "")
+                raise RunError(f"RunConfig.{field}: {pattern!r} is part of no layer's name, so it would do nothing"
+                               f"{hint} (layer names look like {names[len(names) // 2]!r})")
 
 
 def check_continue_fits(config: RunConfig, modules) -> None:
@@ -146,6 +166,7 @@ def check_run_inputs(config: RunConfig, model=None) -> list[str]:
         check_targets(config, model)
         check_continue_fits(config, model.modules)
         check_model_sources(config, ("arc_model",))  # ARC demos' model: not loaded until the first demo
+        loc = None
     else:
         loc = check_model_sources(config)
         if loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
@@ -158,7 +179,8 @@ def check_run_inputs(config: RunConfig, model=None) -> list[str]:
             check_continue_fits(config, modules)
         else:  # no model to fit it to: that it reads
             open_continue_from(config)
-    warning = dataset_warning(open_dataset(config, model))
+    shapes = model if model is not None else getattr(loc, "config", None)  # a config says widths and rates too
+    warning = dataset_warning(open_dataset(config, shapes))
     return [warning] if warning else []
 
 
