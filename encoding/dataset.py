@@ -1092,6 +1092,15 @@ class EncodedDataset:
     def total_seconds(self) -> float:
         return float(sum(e.get("seconds") or 0 for e in self.entries))
 
+    def identity(self) -> str:
+        """A fingerprint of what the dataset holds (each entry's relpath and content hash, or its latent count when
+        no hash was recorded, and the encoder's): the same for the dataset moved or copied to another folder, which
+        a run stopped before the move may resume on."""
+        h = hashlib.sha256(str((self.manifest.get("encoder") or {}).get("fingerprint", "")).encode())
+        for e in self.entries:
+            h.update(json.dumps([e["relpath"], e.get("hash") or e.get("n_latents")]).encode())
+        return h.hexdigest()
+
     def latents(self, i: int) -> np.ndarray:
         """[latent_dim, T] as stored (float32 or float16). DatasetError naming the file when it is unreadable, of
         another width than the dataset's, or holds NaN/inf (a disk error or a bad encode: re-encode that file)."""

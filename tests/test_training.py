@@ -358,6 +358,55 @@ class EventLogStub:
         return {}
 
 
+def test_a_run_resumes_on_its_dataset_moved_to_another_folder_and_refuses_another_dataset(tmp_path, tiny, dataset,
+                                                                                             fixtures_dir):
+    """A renamed folder or a drive mounted elsewhere: the same dataset (its files and encoder) is accepted in its
+    new place and the run continues exactly; other files are refused by name, and so is the move without a record."""
+    import shutil
+
+    from sa3_lora_studio.training.runs import RunError
+
+    here, moved, other = tmp_path / "ds", tmp_path / "moved ds", tmp_path / "other ds"
+    shutil.copytree(dataset, here)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight = manager.submit(_config(here, fixtures_dir, name="straight"))
+    assert manager.wait(straight, 300)["status"] == "done"
+    stopper = {}
+
+    def stop_at_2(event):
+        if event["type"] == "step" and event["step"] == 2 and event["run"] == stopper.get("id"):
+            manager.worker.controls[event["run"]].request_stop()
+    manager.listeners.append(stop_at_2)
+    run = stopper["id"] = manager.submit(_config(here, fixtures_dir, name="moved"))
+    assert manager.wait(run, 300)["status"] == "stopped"
+    manager.listeners.remove(stop_at_2)
+    from sa3_lora_studio.encoding.dataset import MANIFEST
+    from sa3_lora_studio.training.preflight import open_dataset
+
+    shutil.copytree(here, other)  # another dataset: the same one less a file
+    listed = json.loads((other / MANIFEST).read_text())
+    listed["files"] = [f for f in listed["files"] if f.get("status") != "encoded"] + \
+        [f for f in listed["files"] if f.get("status") == "encoded"][1:]
+    (other / MANIFEST).write_text(json.dumps(listed))
+    shutil.move(here, moved)
+    with pytest.raises(RunError, match="RunConfig.dataset: .*If it moved, a stopped run resumes on it in its new "
+                                       "folder: sa3-lora runs resume RUN --set dataset=NEW_FOLDER"):
+        open_dataset(manager.registry.config(run))
+    with pytest.raises(RunError, match=f"dataset: {re.escape(str(other))} is not the dataset run {run} trained on"):
+        manager.control(run, "restart", changes={"dataset": str(other)})
+    record = manager.registry.run_dir(run) / "dataset.json"
+    kept = record.read_bytes()
+    record.unlink()  # a run from before the record: nothing to check another folder against
+    with pytest.raises(RunError, match=f"its dataset cannot change .*move the dataset back to {re.escape(str(here))}"):
+        manager.control(run, "restart", changes={"dataset": str(moved)})
+    record.write_bytes(kept)
+    manager.control(run, "restart", changes={"dataset": str(moved)})
+    assert manager.wait(run, 300)["status"] == "done"
+    assert manager.registry.config(run).dataset == str(moved)
+    (_, a), (_, b) = _final_adapter(manager, straight), _final_adapter(manager, run)
+    assert all(torch.equal(x, y) for x, y in zip(a["adapter"], b["adapter"]))  # the same run, bit-exact
+
+
 def test_a_run_killed_during_demos_resumes_and_renders_that_steps_demos_again(tmp_path, tiny, dataset, fixtures_dir):
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
 

@@ -357,7 +357,8 @@ def add_train_parsers(sub) -> None:
             y.add_argument("--lr", type=float, default=None, help="a new learning rate from here on")
             y.add_argument("--set", action="append", metavar="FIELD=VALUE",
                            help="change another setting before resuming, e.g. --set demo_every=100 --set "
-                                "batch_size=2 (JSON values); allowed: " + ", ".join(RESUME_SETTINGS))
+                                "batch_size=2 (JSON values); allowed: " + ", ".join(RESUME_SETTINGS)
+                                + "; and dataset=NEW_FOLDER when the run's dataset moved (the same files only)")
             y.add_argument("--nproc", type=int, default=None,
                            help="number of processes (default: the run's own; 1 = in this process). batch_size "
                                 "is per process, so the global batch becomes batch_size × N: another N changes "

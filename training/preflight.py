@@ -17,7 +17,10 @@ def open_dataset(config: RunConfig, model=None):
     try:
         dataset = load_dataset(config.dataset)
     except (DatasetError, OSError, ValueError) as e:
-        raise RunError(f"RunConfig.dataset: {e}") from None
+        moved = "" if Path(config.dataset).exists() else (
+            ". If it moved, a stopped run resumes on it in its new folder: sa3-lora runs resume RUN --set "
+            "dataset=NEW_FOLDER")
+        raise RunError(f"RunConfig.dataset: {e}{moved}") from None
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")

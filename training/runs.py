@@ -29,6 +29,7 @@ from ..sa3.atomic import READ_ONLY_ERRNOS, atomic_write_json, file_lock, writabl
 from ..sa3.field_types import check_field_types, check_known_keys
 
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
+DATASET_RECORD = "dataset.json"  # {"identity", "folder"} of the dataset a run trains on (`EncodedDataset.identity`)
 SUBMITTED_CONFIG = "config.submitted.json"  # a run's settings as queued, kept when a restart changes config.json
 MAX_STEPS = 100_000_000  # a run's length; beyond it, a typo (a day of steps on a GPU is ~10^5), and JSON readers
 # in the browser lose integers past 2^53
@@ -588,7 +589,7 @@ class RunRegistry:
             raise RunError(f"changes: {changes!r} must be an object of run config fields, e.g. {{\"lr\": 5e-05}}")
         changes = dict(changes or {})
         check_known_keys(RunConfig, changes, f"run {run_id}: unknown run config field(s)", RunError, FIELD_ALIASES)
-        refused = sorted(set(changes) - set(RESUME_SETTINGS))
+        refused = sorted(set(changes) - set(RESUME_SETTINGS) - {"dataset"})  # the dataset: moved, see below
         if refused:
             raise RunError(f"run {run_id}: {', '.join(refused)} cannot change when a run resumes (they define its "
                            f"adapter or its randomness); these can: {', '.join(RESUME_SETTINGS)}")
@@ -602,6 +603,8 @@ class RunRegistry:
                 raise RunConflict(f"run {run_id} is already {record['status']}; stop it before resuming it with "
                                   "other settings")
             old = self.config(run_id)
+            if "dataset" in changes:
+                changes["dataset"] = self._moved_dataset(run_id, old, changes["dataset"])
             if more_steps:
                 changes["steps"] = old.steps + more_steps
             try:
@@ -613,7 +616,7 @@ class RunRegistry:
                 raise RunError(f"RunConfig.steps: {new.steps} is below the {trained} steps run {run_id} has "
                                "trained; give more steps to extend it")
             before, after = old.to_dict(), new.to_dict()
-            changed = {k: (before[k], after[k]) for k in RESUME_SETTINGS if before[k] != after[k]}
+            changed = {k: (before[k], after[k]) for k in (*RESUME_SETTINGS, "dataset") if before[k] != after[k]}
             if record.get("status") == "done" and new.steps <= trained:
                 raise RunConflict(f"run {run_id} is done ({trained} of {new.steps} steps): nothing to resume; give "
                                   "more steps to train it further")
@@ -627,6 +630,33 @@ class RunRegistry:
             if queue:
                 self.update(run_id, status="queued", error=None)
             return new, changed
+
+    def _moved_dataset(self, run_id: str, old: RunConfig, new_folder) -> str:
+        """The absolute path of `new_folder` when it holds the very dataset the run trained on (moved, renamed, a
+        drive mounted elsewhere: `EncodedDataset.identity`); RunError otherwise (another dataset would change what
+        the run learns and its data order)."""
+        from ..encoding.dataset import DatasetError, load_dataset
+
+        if not isinstance(new_folder, str) or not new_folder.strip():
+            raise RunError(f"dataset: {new_folder!r} must be the folder the run's dataset was moved to")
+        new_folder = str(Path(new_folder).expanduser().absolute())
+        if new_folder == old.dataset:
+            return new_folder
+        try:
+            recorded = json.loads((self.run_dir(run_id) / DATASET_RECORD).read_text(encoding="utf-8"))["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RunError(f"run {run_id}: its dataset cannot change (it has no record of what it trained on, so "
+                           f"another folder cannot be checked to hold the same files); move the dataset back to "
+                           f"{old.dataset}") from None
+        try:
+            found = load_dataset(new_folder).identity()
+        except (DatasetError, OSError, ValueError) as e:
+            raise RunError(f"dataset: {e}") from None
+        if found != recorded:
+            raise RunError(f"dataset: {new_folder} is not the dataset run {run_id} trained on (other files, or "
+                           f"encoded again since); a run resumes on its own dataset only: move that one back to "
+                           f"{old.dataset} or give its new folder")
+        return new_folder
 
     def submitted_config(self, run_id: str) -> RunConfig | None:
         """The settings a run was queued with when `amend` has changed them since; else None (config.json holds

@@ -34,7 +34,7 @@ from .events import EventLog
 from .optimizer import adamw, load_adamw_state
 from .preflight import check_trainable, dataset_warning, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
-from .runs import RunConfig, RunError, RunRegistry, atomic_write_json
+from .runs import DATASET_RECORD, RunConfig, RunError, RunRegistry, atomic_write_json
 from .tensorboard import TensorBoardSink, attempt_start_step
 from .validation import PLAN_FILE, ValidationPlan, build_validation_set, noise_levels, score
 from .worker import RunControl
@@ -231,6 +231,9 @@ class Trainer:
             self.log.emit("warning", message="training on an ARC (post-trained) model; adapters are meant to be "
                                              "trained on the base model")
         self.dataset = open_dataset(c, self.model)
+        record = self.folder / DATASET_RECORD
+        if not record.exists():  # what it trains on: a resume after the folder moved may take the same dataset there
+            atomic_write_json(record, {"identity": self.dataset.identity(), "folder": str(self.dataset.root)})
         if warning := dataset_warning(self.dataset):
             self.log.emit("warning", message=warning)
         self.items = self.dataset.prompt_items()
