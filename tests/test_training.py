@@ -32,11 +32,10 @@ def _final_adapter(manager, run_id):
     return latest, state
 
 
-def test_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_path, tiny, dataset, fixtures_dir):
-    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+def _straight_and_stopped_at_2(manager, dataset, fixtures_dir) -> tuple[str, str]:
+    """(a run trained to its end, the same settings' run stopped after step 2) on `dataset`."""
     straight = manager.submit(_config(dataset, fixtures_dir, name="straight"))
     assert manager.wait(straight, 300)["status"] == "done"
-
     stopper = {}
 
     def stop_at_2(event):
@@ -50,6 +49,12 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_path, tiny, da
     assert manager.wait(interrupted, 300)["status"] == "stopped"
     assert manager.registry.latest_checkpoint(interrupted)["step"] == 2
     manager.listeners.remove(stop_at_2)
+    return straight, interrupted
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_run(tmp_path, tiny, dataset, fixtures_dir):
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight, interrupted = _straight_and_stopped_at_2(manager, dataset, fixtures_dir)
     manager.control(interrupted, "restart")
     assert manager.wait(interrupted, 300)["status"] == "done"
 
@@ -369,17 +374,7 @@ def test_a_run_resumes_on_its_dataset_moved_to_another_folder_and_refuses_anothe
     here, moved, other = tmp_path / "ds", tmp_path / "moved ds", tmp_path / "other ds"
     shutil.copytree(dataset, here)
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
-    straight = manager.submit(_config(here, fixtures_dir, name="straight"))
-    assert manager.wait(straight, 300)["status"] == "done"
-    stopper = {}
-
-    def stop_at_2(event):
-        if event["type"] == "step" and event["step"] == 2 and event["run"] == stopper.get("id"):
-            manager.worker.controls[event["run"]].request_stop()
-    manager.listeners.append(stop_at_2)
-    run = stopper["id"] = manager.submit(_config(here, fixtures_dir, name="moved"))
-    assert manager.wait(run, 300)["status"] == "stopped"
-    manager.listeners.remove(stop_at_2)
+    straight, run = _straight_and_stopped_at_2(manager, here, fixtures_dir)
     from sa3_lora_studio.encoding.dataset import MANIFEST
     from sa3_lora_studio.training.preflight import open_dataset
 
