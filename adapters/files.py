@@ -223,9 +223,11 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
         raise AdapterFileError(f"{path.name}: a damaged PyTorch checkpoint ({type(e).__name__}: {e}); download or "
                                "copy it again") from None
     if isinstance(ckpt, dict) and "adapter_names" in ckpt and "optimizer" in ckpt:
-        beside = path.name.removesuffix(".state.pt") + ".safetensors"
+        beside = path.with_name(path.name.removesuffix(".state.pt") + ".safetensors")
+        lora = (f"the .safetensors file beside it: {beside.name}" if beside.is_file() and beside != path else
+                "the <run>-step=<S>.safetensors file of the same step, in the run's checkpoints folder")
         raise AdapterFileError(f"{path.name} is a training state (optimiser and data position, for resuming); the "
-                               f"LoRA is the .safetensors file beside it: {beside}")
+                               f"LoRA is {lora}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise AdapterFileError(f"{path.name}: expected a dict with 'state_dict' (the official trainer's LoRA .ckpt)")
     config = ckpt.get("lora_config") or {}

@@ -41,9 +41,13 @@ def _an(name: str) -> str:
 
 def check_field_types(obj, owner: str) -> None:
     """ValueError `owner.field: value is a T; expected A` for the first scalar field (or item of a tuple of
-    scalars) holding a wrong type."""
+    scalars) holding a wrong type. A whole-number float in an int field becomes that int first: JSON has one number
+    type, and `"steps": 1e3` or a spreadsheet's `2.0` mean 1000 and 2."""
     for f in fields(obj):
         value, accepted = getattr(obj, f.name), _accepted(str(f.type))
+        if accepted == (int,) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+            object.__setattr__(obj, f.name, value)  # frozen dataclasses too
         items = _tuple_items(str(f.type))
         if items is not None and isinstance(value, tuple | list):
             kinds, _ = items

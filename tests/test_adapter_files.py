@@ -144,8 +144,13 @@ def test_files_that_are_no_adapter_say_what_they_are(tmp_path):
         read_adapter_file(tmp_path / "cut.ckpt")
     torch.save({"step": 4, "adapter": [torch.zeros(2)], "adapter_names": ["x.lora_A"], "optimizer": {}},
                tmp_path / "run-step=000004.state.pt")  # what a training run writes beside its LoRA
+    (tmp_path / "run-step=000004.safetensors").write_bytes(b"")
     with pytest.raises(AdapterFileError, match=r"training state.*beside it: run-step=000004\.safetensors"):
         read_adapter_file(tmp_path / "run-step=000004.state.pt")
+    (tmp_path / "run-step=000004.state.pt").rename(tmp_path / "state.pt")  # renamed: no file of its name beside it
+    with pytest.raises(AdapterFileError, match=r"state\.pt is a training state .*the LoRA is the "
+                                               r"<run>-step=<S>\.safetensors file of the same step"):
+        read_adapter_file(tmp_path / "state.pt")
 
 
 def test_files_without_adapter_tensors_are_errors(tmp_path):

@@ -59,6 +59,7 @@ def test_sigkill_loses_at_most_one_checkpoint_interval_and_resume_finishes(tmp_p
     assert events_before - saved <= 2 + 1  # at most one checkpoint interval (+ the step in flight) is lost
     registry2 = RunRegistry(runs)
     assert registry2.mark_interrupted_after_restart() == [run_id]  # what a ComfyUI restart shows
+    assert registry2.get(run_id)["step"] == saved  # listed where it resumes, not at the steps lost with it
     cfg = json.loads((registry.run_dir(run_id) / "config.json").read_text())
     cfg["steps"] = saved + 2
     (registry.run_dir(run_id) / "config.json").write_text(json.dumps(cfg))

@@ -273,6 +273,14 @@ def test_settings_that_would_fail_a_run_later_are_refused_by_name(change, named)
         RunConfig.from_dict({"dataset": "d", **change})
 
 
+def test_whole_number_floats_are_the_ints_they_stand_for():
+    """JSON has one number type: `"steps": 1e3` is 1000.0 to a parser, and a spreadsheet writes 2.0."""
+    config = RunConfig.from_dict({"dataset": "d", "steps": 1e3, "rank": 8.0, "seed": 7.0})
+    assert (config.steps, config.rank, config.seed) == (1000, 8, 7)
+    assert all(type(v) is int for v in (config.steps, config.rank, config.seed))
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 def test_a_typo_in_a_config_file_names_the_file_and_the_field_it_meant(tmp_path, capsys):
     from sa3_lora_studio.cli import main
 
@@ -491,6 +499,9 @@ def test_runs_commands_never_make_a_runs_folder_and_a_finished_run_is_pointed_at
     assert "no runs: " in capsys.readouterr().err and not missing.exists()
     assert runs_cli(missing, "stop", "x") != 0
     assert "no runs folder at" in capsys.readouterr().err and not missing.exists()
+    (tmp_path / "a file").write_text("")
+    assert runs_cli(tmp_path / "a file", "list") == 2
+    assert f"--runs-dir {tmp_path / 'a file'} is a file, not a folder" in capsys.readouterr().err
     registry, run_id = _registry_with_run(tmp_path, status="done")
     with pytest.raises(RunError, match="--more-steps N` trains it further"):
         write_request(registry, run_id, "stop")

@@ -190,6 +190,8 @@ def _cmd_runs(args) -> int:
 
     if not Path(args.runs_dir).is_dir():  # not made here: a runs folder typed wrong, or this is another directory
         where = Path(args.runs_dir).resolve()
+        if where.exists():
+            raise RunError(f"--runs-dir {where} is a file, not a folder; give the folder `sa3-lora train` used")
         if args.runs_what == "list":
             print(f"no runs: {where} does not exist (the runs folder is relative to the current directory unless "
                   "--runs-dir says otherwise)", file=sys.stderr)

@@ -64,7 +64,10 @@ def open_continue_from(config: RunConfig):
         return None
     try:
         return read_adapter_file(config.continue_from)
-    except Exception as e:  # a missing file, a truncated header, a file that is not an adapter
+    except FileNotFoundError:  # the whole path: where it was looked for (a relative one resolved already)
+        raise RunError(f"RunConfig.continue_from: {Path(config.continue_from).absolute()}: no such adapter "
+                       "file") from None
+    except Exception as e:  # a truncated header, a file that is not an adapter
         name = Path(config.continue_from).name
         text = str(e).replace(str(config.continue_from), name)
         raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None

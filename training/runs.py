@@ -442,13 +442,15 @@ class RunRegistry:
                 self._write_index(runs)
             return sorted(runs.values(), key=lambda r: r.get("created_at", 0))
 
-    @staticmethod
-    def _mark_dead_owners(runs: dict[str, dict]) -> list[str]:
-        """Active runs whose owner process is gone become `interrupted` (in `runs`); their ids."""
+    def _mark_dead_owners(self, runs: dict[str, dict]) -> list[str]:
+        """Active runs whose owner process is gone become `interrupted` (in `runs`), at the step of their last
+        checkpoint, where they resume (the steps after it died with the process); their ids."""
         changed = []
         for run in runs.values():
             if run.get("status") in ACTIVE and not owner_alive(run.get("owner")):
                 run["status"] = "interrupted"
+                saved = self.latest_checkpoint(run["id"])
+                run["step"] = int(saved["step"]) if saved else 0
                 changed.append(run["id"])
         return changed
 
