@@ -423,6 +423,29 @@ def test_a_run_killed_during_demos_resumes_and_renders_that_steps_demos_again(tm
     assert sorted(p.name for p in (demos / "step_000004").iterdir()) == ["demo_0.flac", "demo_0.json", "demo_0.png"]
 
 
+def test_demo_events_a_kill_cut_off_are_said_when_the_run_resumes(tmp_path, tiny, dataset, fixtures_dir):
+    """A step's demos are put in place whole, then announced one event each: a kill between two of those events
+    left the step showing fewer demos for ever (a resume renders only steps without a folder)."""
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    demos = [{"prompt": "x", "steps": 1, "duration": 0.01}, {"prompt": "y", "steps": 1, "duration": 0.01}]
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2, demo_every=2, demos=demos))
+    assert manager.wait(run, 300)["status"] == "done"
+    events_file = manager.registry.run_dir(run) / "events.jsonl"
+
+    def demo_events():
+        return [(e["step"], e["index"], e["audio"], e["settings"]["prompt"])
+                for e in map(json.loads, events_file.read_text().splitlines()) if e["type"] == "demo"]
+    full = demo_events()
+    assert [(step, index) for step, index, _, _ in full] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    lines = events_file.read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"type": "demo"' in line and '"step": 2' in line
+               and '"index": 1' in line)
+    events_file.write_text("".join(lines[:cut]))  # killed right after step 2's first demo event
+    manager.control(run, "restart", more_steps=1)
+    assert manager.wait(run, 300)["status"] == "done"
+    assert demo_events() == full  # the missing one said once, as it was (step 3 has no demos)
+
+
 def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, fixtures_dir):
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
 

@@ -13,6 +13,7 @@ time).
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -220,6 +221,47 @@ def render_references(trainer, n: int = REFERENCE_CLIPS) -> list[dict]:
                              image=f"demos/reference/ref_{i}.png", settings=settings) for i, name, settings in written]
 
 
+def demo_event(trainer, step: int, index: int, audio_name: str, settings: dict) -> dict:
+    """Emit the `demo` event of demo `index` of `step` (its files in demos/step_<S>/)."""
+    rel = Path("demos") / f"step_{step:06d}"
+    return trainer.log.emit("demo", step=step, index=index, audio=f"{rel}/{audio_name}",
+                            image=f"{rel}/demo_{index}.png", settings=settings)
+
+
+def emit_missing_demo_events(trainer) -> list[dict]:
+    """The `demo` events of demos on disk that the events file lacks, emitted now: a process killed after a step's
+    demos were in place (the folder is renamed whole) but before all their events were written would otherwise
+    show that step with fewer demos for ever, since a resume renders only steps without a folder."""
+    recorded = set()
+    try:
+        with open(trainer.log.path, "rb") as f:
+            for line in f:
+                if b'"type": "demo"' in line:  # the few demo lines of a long file, without parsing the rest
+                    try:
+                        event = json.loads(line)
+                        recorded.add((int(event["step"]), int(event["index"])))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    except FileNotFoundError:
+        pass
+    emitted = []
+    for folder in sorted((trainer.folder / "demos").glob("step_*")):
+        if not folder.is_dir() or not folder.name[5:].isdigit():  # step_*.partial: rendered again on resume
+            continue
+        step = int(folder.name[5:])
+        for settings_file in sorted(folder.glob("demo_*.json")):
+            index = settings_file.stem[5:]
+            audio = [p for p in folder.glob(f"demo_{index}.*") if p.suffix not in (".json", ".png")]
+            if not index.isdigit() or (step, int(index)) in recorded or not audio:
+                continue
+            try:
+                settings = json.loads(settings_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            emitted.append(demo_event(trainer, step, int(index), audio[0].name, settings))
+    return emitted
+
+
 def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | None:
     """Render the step's demos into `demos/step_<S>.partial/`, renamed to `step_<S>/` when all are written; returns
     their events, or None when `stop_requested()` turned true during the demos (the step's demos are then dropped
@@ -259,12 +301,8 @@ def run_demos(trainer, step: int, stop_requested=lambda: False) -> list[dict] | 
     if out_dir.exists():  # a re-run of the same step (resume): replace
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
-    events = []
-    for i, audio_name, settings in written:
-        rel = Path("demos") / out_dir.name
-        events.append(trainer.log.emit("demo", step=step, index=i, audio=f"{rel}/{audio_name}",
-                                       image=f"{rel}/demo_{i}.png", settings=settings))
-    return events
+    return [demo_event(trainer, step, i, audio_name, settings) for i, audio_name, settings in written]
 
 
-__all__ = ["run_demos", "demo_prompt", "arc_model_for", "release_arc_model", "render_references"]
+__all__ = ["run_demos", "demo_prompt", "arc_model_for", "release_arc_model", "render_references",
+           "emit_missing_demo_events"]

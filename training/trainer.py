@@ -680,12 +680,14 @@ class Trainer:
 
     def _train_loop(self, control: RunControl, set_status) -> str:
         c = self.config
-        from .demos import run_demos
+        from .demos import emit_missing_demo_events, run_demos
 
         set_status("training")
         rate = step_rate.StepRate(self.step)
         demos_done = {int(p.name[5:]) for p in (self.folder / "demos").glob("step_*")
                       if p.is_dir() and p.name[5:].isdigit()}  # not step_*.partial: a crash mid-demos left it
+        if self.is_main and demos_done:
+            emit_missing_demo_events(self)  # a kill between a step's demo events: the rest are said now
         while True:
             cancelled = self.validate_if_due(control)  # the baseline, or a step whose score a stop cancelled
             dropped = False  # a stop between two demos drops the step's demos (a restart renders them)
