@@ -63,12 +63,16 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         run_id = request.match_info["run_id"]
         try:
             record = manager.registry.get(run_id)
-            config = manager.registry.config(run_id).to_dict()
         except RunError as e:
-            return _error(404, str(e))
+            return _run_error(e)
+        try:
+            config, config_error = manager.registry.config(run_id).to_dict(), None
+        except RunError as e:  # a damaged or missing config.json: the run is still there, and says why
+            config, config_error = None, str(e)
         latest = manager.registry.latest_checkpoint(run_id)
         return web.json_response({"run": {**record, "latest_checkpoint": latest}, "config": config,
-                                  "latest_checkpoint": latest})  # in the record too, as /sa3/runs lists it
+                                  "latest_checkpoint": latest,  # in the record too, as /sa3/runs lists it
+                                  **({"config_error": config_error} if config_error else {})})
 
     async def get_events(request):
         manager = get_manager()

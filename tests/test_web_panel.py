@@ -938,3 +938,15 @@ def test_a_bad_process_setting_is_answered_as_json_naming_it_by_every_route():
         assert status == 500 and answer["error"].startswith("SA3_RUNS_PER_DEVICE='0' (an environment variable of SA3 "
                                                             "LoRA Studio): use a whole number >= 1; set it right and "
                                                             "restart ComfyUI")
+
+
+def test_a_run_whose_config_is_damaged_is_still_shown_with_the_reason(site):
+    registry = site.manager.registry
+    run = registry.create(RunConfig(dataset="datasets/x", name="damaged config"))
+    registry.update(run, status="stopped")
+    (registry.run_dir(run) / "config.json").write_text("{not json")
+    status, _, body = get(site, f"/sa3/runs/{run}")
+    answer = json.loads(body)
+    assert status == 200 and answer["run"]["id"] == run and answer["config"] is None
+    assert "config.json is unreadable" in answer["config_error"]
+    assert get(site, "/sa3/runs/nope")[0] == 404
