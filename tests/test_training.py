@@ -446,6 +446,33 @@ def test_demo_events_a_kill_cut_off_are_said_when_the_run_resumes(tmp_path, tiny
     assert demo_events() == full  # the missing one said once, as it was (step 3 has no demos)
 
 
+def test_a_run_being_deleted_refuses_every_other_action_until_it_is_gone(tmp_path, tiny, dataset, fixtures_dir):
+    import threading
+
+    from sa3_lora_studio.training.runs import RunConflict, RunNotFound
+
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    at_step, release = threading.Event(), threading.Event()
+
+    def hold_at_step_1(event):  # the training thread waits here, between two steps
+        if event["type"] == "step" and event["step"] == 1:
+            at_step.set()
+            release.wait(60)
+    manager.listeners.append(hold_at_step_1)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=50))
+    try:
+        assert at_step.wait(120)
+        assert manager.control(run, "delete", confirm=True) == {"id": run, "deleted": False, "deleting": True}
+        for action in ("resume", "pause", "save", "stop", "restart"):
+            with pytest.raises(RunConflict, match=f"run {run} is being deleted"):
+                manager.control(run, action)
+    finally:
+        release.set()
+    manager.worker.join(run, 120)
+    with pytest.raises(RunNotFound):
+        manager.control(run, "resume")
+
+
 def test_a_stop_during_demos_acts_before_the_next_demo(tmp_path, tiny, dataset, fixtures_dir):
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
 

@@ -114,6 +114,8 @@ class TrainingManager:
                            "restart")
         record = self.registry.get(run_id)
         control = self.worker.controls.get(run_id)
+        if control is not None and control.delete_when_done and action != "delete":
+            raise RunConflict(f"run {run_id} is being deleted: it stops at its next step, then its folder goes")
         started = self.worker.is_running(run_id)
         queued = not started and run_id in self.worker.queued()
         if not (started or queued) and trained_elsewhere(record):
