@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .native_stderr import native_stderr_to
@@ -68,17 +69,18 @@ class _Bar:
     """A one-line progress bar on stderr (no dependency): per file (`__call__`, encode_folder's progress) and
     within a long file (`within`, its file_progress: an hour of audio is some 300 chunks)."""
 
+    LOG_EVERY_SECONDS = 30.0  # a log file gets a line within a file only this long after the one before
+
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.logged_tenths: tuple[str, int] | None = None  # (file, tenths done) last logged to a non-terminal
+        self.last_line = time.monotonic()  # when a line last went to a non-terminal
 
     def __call__(self, ev: dict) -> None:
         if self.quiet:
             return
         tail = ev["status"] if ev["status"] == "encoded" else f"skipped: {ev.get('reason', '')}"
         if not sys.stderr.isatty():  # a log file: one plain line per file, no carriage returns or escapes
-            sys.stderr.write(f"{ev['i']}/{ev['n']} {ev['relpath']} ({tail})\n")
-            sys.stderr.flush()
+            self._log(f"{ev['i']}/{ev['n']} {ev['relpath']} ({tail})")
             return
         self._draw(ev["i"], ev["n"], ev["relpath"], tail, end=ev["i"] == ev["n"])
 
@@ -86,14 +88,16 @@ class _Bar:
         if self.quiet:
             return
         part = ev["done"] / max(ev["total"], 1)
-        if not sys.stderr.isatty():  # a line each tenth of a long file
-            tenths = (ev["relpath"], int(10 * part))
-            if tenths[1] < 10 and tenths != self.logged_tenths and tenths[1] > 0:
-                sys.stderr.write(f"{ev['i']}/{ev['n']} {ev['relpath']} ({tenths[1] * 10} % encoded)\n")
-                sys.stderr.flush()
-            self.logged_tenths = tenths
+        if not sys.stderr.isatty():  # a long file says how far it is now and then; short ones add no lines
+            if ev["done"] < ev["total"] and time.monotonic() - self.last_line >= self.LOG_EVERY_SECONDS:
+                self._log(f"{ev['i']}/{ev['n']} {ev['relpath']} ({100 * part:.0f} % encoded)")
             return
         self._draw(ev["i"] - 1 + part, ev["n"], ev["relpath"], f"{100 * part:.0f} %", end=False)
+
+    def _log(self, line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.last_line = time.monotonic()
 
     def _draw(self, done: float, n: int, relpath: str, tail: str, end: bool) -> None:
         filled = int(30 * done / max(n, 1))

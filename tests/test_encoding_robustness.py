@@ -592,18 +592,29 @@ def test_an_encode_planned_before_another_one_wrote_the_folder_is_checked_again_
     assert _listing(out) == before
 
 
-def test_the_cli_bar_moves_within_a_long_file_on_a_terminal_and_logs_each_tenth_to_a_file(capsys, monkeypatch):
-    from sa3_lora_studio.encoding.cli import _Bar
+def test_the_cli_bar_moves_within_a_long_file_on_a_terminal_and_logs_a_long_one_now_and_then(capsys, monkeypatch):
+    """On a terminal the bar moves per chunk; a log file gets a line within a file only 30 s after the line before,
+    so a folder of songs logs a line each, and an hour-long take says where it is every half minute."""
+    from sa3_lora_studio.encoding import cli
 
-    bar = _Bar(quiet=False)
-    for done in range(1, 31):
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    bar = cli._Bar(quiet=False)
+    for done in range(1, 4):  # a song: 3 chunks in a few seconds
+        clock[0] += 2
+        bar.within({"i": 1, "n": 4, "relpath": "song.flac", "done": done, "total": 3})
+    bar({"i": 1, "n": 4, "relpath": "song.flac", "status": "encoded"})
+    for done in range(1, 31):  # an hour-long take: 30 chunks of 12 s
+        clock[0] += 12
         bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": done, "total": 30})
     bar({"i": 2, "n": 4, "relpath": "live set.flac", "status": "encoded"})
     logged = capsys.readouterr().err.splitlines()
-    assert logged == [f"2/4 live set.flac ({p} % encoded)" for p in range(10, 100, 10)] + ["2/4 live set.flac (encoded)"]
+    assert logged == ["1/4 song.flac (encoded)"] + [f"2/4 live set.flac ({round(100 * d / 30)} % encoded)"
+                                                    for d in (3, 6, 9, 12, 15, 18, 21, 24, 27)] + \
+        ["2/4 live set.flac (encoded)"]
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": 15, "total": 30})
     drawn = capsys.readouterr().err
     assert drawn.startswith("\r[" + "#" * 11 + "." * 19 + "] 2/4 live set.flac (50 %)")  # 1.5 of 4 files
-    _Bar(quiet=True).within({"i": 1, "n": 1, "relpath": "x.wav", "done": 1, "total": 2})
+    cli._Bar(quiet=True).within({"i": 1, "n": 1, "relpath": "x.wav", "done": 1, "total": 2})
     assert capsys.readouterr().err == ""
