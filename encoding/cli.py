@@ -67,7 +67,7 @@ def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
 
 class _Bar:
     """A one-line progress bar on stderr (no dependency): per file (`__call__`, encode_folder's progress) and
-    within a long file (`within`, its file_progress: an hour of audio is some 300 chunks)."""
+    within a long file (`within`, its file_progress: an hour of audio is some 400 chunks of a real pack)."""
 
     LOG_EVERY_SECONDS = 30.0  # a log file gets a line within a file only this long after the one before
 

@@ -25,17 +25,26 @@ def progress_callback(total: int, node_id: str | None = None):
     return callback
 
 
-def fractional_progress(total: int):
+def fractional_progress(total: int, min_interval: float = 0.1):
     """position(done) -> None: ComfyUI's progress bar at `done` of `total` (a float: a long file part-way), or None
-    outside ComfyUI. Like every progress update, it raises ComfyUI's interrupt when the user pressed cancel."""
+    outside ComfyUI. Part-way positions go out at most every `min_interval` seconds (a small model's encoder makes
+    some 160 chunks a second: one websocket message each would flood the page); whole ones always. Like every
+    progress update, a sent one raises ComfyUI's interrupt when the user pressed cancel."""
+    import time
+
     try:
         import comfy.utils
     except ImportError:
         return None
     steps = 1000  # per unit: the bar moves in thousandths of a file
     bar = comfy.utils.ProgressBar(max(total, 1) * steps)
+    last_sent = [float("-inf")]
 
     def position(done: float) -> None:
+        now = time.monotonic()
+        if done != int(done) and now - last_sent[0] < min_interval:
+            return
+        last_sent[0] = now
         bar.update_absolute(round(done * steps))
 
     return position

@@ -102,13 +102,16 @@ class SA3EncodeAudioFolder:
         def progress(event):
             move_bar(event, event["i"])
 
-        def within_file(event):  # a long file part-way: an hour of audio is some 300 chunks
+        def within_file(event):  # a long file part-way: an hour of audio is some 400 chunks of a real pack
             move_bar(event, event["i"] - 1 + event["done"] / max(event["total"], 1))
+
+        cancelled = []  # ComfyUI's interrupt, raised again once the finished work is saved (not an error dialog)
 
         def should_stop():
             try:
                 throw_if_interrupted()
-            except Exception:
+            except Exception as e:
+                cancelled.append(e)
                 return True
             return False
 
@@ -117,6 +120,8 @@ class SA3EncodeAudioFolder:
                                    dtype=dtype, force=force, prune=prune, progress=progress, should_stop=should_stop,
                                    file_progress=within_file)
         if report.interrupted:
+            if cancelled:
+                raise cancelled[0]
             raise RuntimeError(f"SA3 Encode Audio Folder: interrupted; queue it again to continue.\n{report.summary()}")
         summary = report.summary()
         return {"ui": {"text": [summary]}, "result": (str(load_dataset(out).root), summary)}

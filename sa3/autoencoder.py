@@ -493,7 +493,7 @@ class SAMEAutoencoder(nn.Module):
         Signals shorter than one chunk are encoded whole. A length that is not a multiple of downsampling_ratio is
         zero-padded first (the reference would drop the tail).
 
-        For long signals (an hour of audio is some 300 chunks): on_chunk(done, total, kept) is called after each
+        For long signals (an hour of audio is some 400 chunks of a real pack): on_chunk(done, total, kept) is called after each
         chunk with the latents it contributes, kept [B, latent_dim, k]; it may raise to stop. finished: {chunk
         index (done - 1): kept} from an earlier, stopped encode of the same audio, not computed again (one of
         another shape is)."""

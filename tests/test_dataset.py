@@ -274,7 +274,7 @@ def _counting_chunks(monkeypatch) -> list:
 
 def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the_last_chunk(tmp_path, tiny_model,
                                                                                                monkeypatch):
-    """An hour of audio is some 300 of the encoder's chunks: the progress moves within the file, a stop (or a
+    """An hour of audio is some 400 of a real pack's encoder chunks: the progress moves within the file, a stop (or a
     progress bar raising ComfyUI's cancel) acts before the next chunk without marking the file bad, and the next run
     computes only the chunks not done yet, to the same latents."""
     from sa3_lora_studio.encoding.partial import PARTIAL_DIR

@@ -1,5 +1,6 @@
 """The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
 
+import functools
 import re
 import shutil
 import time
@@ -656,6 +657,10 @@ def test_encode_node_moves_its_bar_within_a_long_file_and_a_cancel_there_keeps_t
             comfy.interrupt = True
         return real_chunk(self, x)
     monkeypatch.setattr(SAMEAutoencoder, "encode_unchunked", cancel_during_the_long_file)
+    from sa3_lora_studio.nodes import comfy_bridge
+
+    every = functools.partial(comfy_bridge.fractional_progress, min_interval=0)  # this fast model's every chunk
+    monkeypatch.setattr(comfy_bridge, "fractional_progress", every)
     comfy.progress.clear()
     with pytest.raises(comfy_stubs.InterruptProcessingException):  # ComfyUI's own cancel: no error box
         run_node("SA3EncodeAudioFolder", **inputs)
@@ -666,6 +671,25 @@ def test_encode_node_moves_its_bar_within_a_long_file_and_a_cancel_there_keeps_t
     assert "1 encoded, 1 unchanged" in summary, summary
     assert [e["relpath"] for e in load_dataset(path).entries] == ["a_short.wav", "b_long.wav"]
     assert comfy.progress[-1][0] == comfy.progress[-1][1]
+
+
+def test_the_encode_bar_sends_part_way_positions_at_most_ten_times_a_second_and_whole_ones_always(comfy,
+                                                                                                 monkeypatch):
+    import time as time_module
+
+    from sa3_lora_studio.nodes.comfy_bridge import fractional_progress
+
+    clock = [50.0]
+    monkeypatch.setattr(time_module, "monotonic", lambda: clock[0])
+    comfy.progress.clear()
+    position = fractional_progress(2)
+    for done in (0.01, 0.02, 0.03):  # three chunks within 20 ms: the first goes out
+        position(done)
+        clock[0] += 0.01
+    clock[0] += 0.2
+    position(0.5)
+    position(1)  # a file done: always
+    assert comfy.progress == [(10, 2000), (500, 2000), (1000, 2000)]
 
 
 def test_a_load_pack_served_from_the_cache_shows_the_warning_its_load_gave(monkeypatch):

@@ -235,17 +235,21 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-    # the legend last, on its own background, in as many rows as it needs: the curves never hide a name
-    legend_x, legend_y, row_h = pad_l + 6, pad_t + 4, 13
+    # the legend last, in as many rows as it needs, each row on one background: the curves never hide a name
+    legend_x, legend_y, row_h, placed = pad_l + 6, pad_t + 4, 13, []
     for name, _, _, colour in series:
         if not name:
             continue
         text_w = draw.textlength(name)
         if legend_x + text_w > width - pad_r - 4 and legend_x > pad_l + 6:
             legend_x, legend_y = pad_l + 6, legend_y + row_h
-        draw.rectangle([legend_x - 3, legend_y - 1, legend_x + text_w + 3, legend_y + row_h - 2], fill=(24, 24, 28))
-        draw.text((legend_x, legend_y), name, fill=colour)
+        placed.append((legend_x, legend_y, text_w, name, colour))
         legend_x += text_w + 14
+    for row_y in sorted({y for _, y, _, _, _ in placed}):
+        row = [(x, w) for x, y, w, _, _ in placed if y == row_y]
+        draw.rectangle([row[0][0] - 3, row_y - 1, row[-1][0] + row[-1][1] + 3, row_y + row_h - 2], fill=(24, 24, 28))
+    for x, y, _, name, colour in placed:
+        draw.text((x, y), name, fill=colour)
     return np.asarray(img)
 
 
