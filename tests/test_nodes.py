@@ -290,17 +290,23 @@ def _widget_defaults(node_name: str) -> dict:
             for name, opts in spec.items()}
 
 
+def _base_pack_and_a_tone_dataset(tmp_path, name: str):
+    """(the tiny base pack, a dataset of one 0.1 s tone encoded by SA3 Encode Audio Folder as `name`)."""
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
+    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name=name, include="",
+                          exclude="", dtype="float32", force=False)
+    return model, dataset
+
+
 def test_a_run_deleted_while_train_lora_waits_for_it_ends_the_wait_with_a_message_that_says_so(comfy, tmp_path):
     import threading
 
     from sa3_lora_studio.nodes.training_nodes import get_manager
 
-    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
-    audio_dir = tmp_path / "audio"
-    audio_dir.mkdir()
-    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
-    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="w", include="",
-                          exclude="", dtype="float32", force=False)
+    model, dataset = _base_pack_and_a_tone_dataset(tmp_path, "w")
     failures = []
 
     def train():
@@ -348,12 +354,7 @@ def test_training_options_reach_the_run_and_a_pattern_matching_no_layer_is_refus
         **_widget_defaults("SA3TrainingOptions"), "include": "self_attn,\ncross_attn.to_q", "exclude": "layers.0.",
         "warmup_steps": 3, "weight_decay": 0.05, "beta1": 0.8, "grad_clip": 0.5, "dropout": 0.1,
         "timestep_sampler": "uniform", "inpaint_segments": 1.0, "inpaint_full": 2.0, "inpaint_causal": 1.0})
-    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
-    audio_dir = tmp_path / "audio"
-    audio_dir.mkdir()
-    sf.write(audio_dir / "tone.wav", 0.3 * np.sin(np.arange(4410) / 7.0)[:, None].repeat(2, 1), 44100)
-    dataset, _ = run_node("SA3EncodeAudioFolder", model=model, folder=str(audio_dir), dataset_name="t", include="",
-                          exclude="", dtype="float32", force=False)
+    model, dataset = _base_pack_and_a_tone_dataset(tmp_path, "t")
     train = dict(model=model, dataset=dataset, name="options run", adapter_type="lora", rank=2, alpha=0.0,
                  targets="all", steps=1, batch_size=1, crop_seconds=0.05, learning_rate=1e-3, checkpoint_every=1,
                  demo_every=0, seed=0, gradient_checkpointing=False, wait_until_done=True)
