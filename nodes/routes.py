@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..training.events import loss_by_timestep, metrics_csv, read_all_events, read_events
+from ..training.events import loss_by_timestep, metrics_csv, read_all_events, read_events, thinned
 from ..training.runs import PathOutsideRun, RunConflict, RunError, RunNotFound
 
 MAX_OFFSET = 1 << 60  # byte offsets into events.jsonl; larger ones cannot be seeked to
@@ -89,9 +89,16 @@ def route_table(get_manager: Callable[[], object]) -> list[tuple[str, str, Calla
         try:
             path = manager.registry.run_dir(request.match_info["run_id"]) / "events.jsonl"
             bins = _int_query(request, "bins", 5, 1, 20)
+            points = _int_query(request, "points", 0, 0, 10_000_000)  # per bin; 0: every sample
         except RunError as e:
             return _run_error(e)
-        body = await _off_loop(lambda: json.dumps({"bins": loss_by_timestep(read_all_events(path), bins)}))
+        if points == 1:
+            return _error(400, "points=1 must be 0 (every sample) or at least 2 (the first and the last)")
+
+        def answer() -> str:
+            series = loss_by_timestep(read_all_events(path), bins)
+            return json.dumps({"bins": thinned(series, points) if points else series})
+        body = await _off_loop(answer)
         return web.Response(text=body, content_type="application/json")
 
     async def get_metrics_csv(request):

@@ -950,3 +950,22 @@ def test_a_run_whose_config_is_damaged_is_still_shown_with_the_reason(site):
     assert status == 200 and answer["run"]["id"] == run and answer["config"] is None
     assert "config.json is unreadable" in answer["config_error"]
     assert get(site, "/sa3/runs/nope")[0] == 404
+
+
+def test_loss_by_timestep_can_answer_a_chart_sized_sample_of_each_bin(site):
+    """A long run's bins hold every sample (18 MB for 100 000 steps); ?points=N gives N evenly spaced ones per bin,
+    the last always, with the full curve's smoothed values at them."""
+    done = site.runs["done"]
+    full = json.loads(get(site, f"/sa3/runs/{done}/loss_by_timestep?bins=2")[2])["bins"]
+    status, _, body = get(site, f"/sa3/runs/{done}/loss_by_timestep?bins=2&points=5")
+    assert status == 200
+    for whole, sample in zip(full, json.loads(body)["bins"]):
+        assert len(whole["loss"]) > 5 and len(sample["loss"]) == 5
+        picked = [round(i * (len(whole["loss"]) - 1) / 4) for i in range(5)]
+        for key in ("steps", "loss", "smoothed"):
+            assert sample[key] == [whole[key][i] for i in picked], key
+        assert sample["steps"][-1] == whole["steps"][-1] and (sample["lo"], sample["hi"]) == (whole["lo"], whole["hi"])
+    assert json.loads(get(site, f"/sa3/runs/{done}/loss_by_timestep?bins=2&points=0")[2])["bins"] == full
+    for bad in ("1", "-2", "x"):
+        status, _, body = get(site, f"/sa3/runs/{done}/loss_by_timestep?points={bad}")
+        assert status == 400 and "points" in json.loads(body)["error"], bad

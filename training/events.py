@@ -188,6 +188,17 @@ def loss_by_timestep(events: list[dict], bins: int = 5, alpha: float = 0.05) -> 
     return series
 
 
+def thinned(series: list[dict], points: int) -> list[dict]:
+    """`loss_by_timestep` bins with at most `points` samples each: evenly spaced ones, the last always kept (a long
+    run has hundreds of thousands; a chart needs a few thousand). The smoothed values are the full curve's."""
+    out = []
+    for s in series:
+        n = len(s["loss"])
+        keep = range(n) if n <= points else sorted({round(i * (n - 1) / (points - 1)) for i in range(points)})
+        out.append({**s, **{key: [s[key][i] for i in keep] for key in ("steps", "loss", "smoothed")}})
+    return out
+
+
 def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for e in current_steps(events):
