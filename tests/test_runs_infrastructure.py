@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -327,3 +328,16 @@ def test_a_run_folder_copied_into_the_runs_folder_joins_the_list_at_the_next_sta
     assert sorted(listed) == sorted([kept, brought])
     assert listed[brought]["name"] == "from the other machine" and listed[brought]["status"] == "interrupted"
     assert listed[kept]["status"] == "queued"  # the known run as it was
+
+
+def test_a_run_id_that_links_outside_the_runs_folder_is_refused_as_a_run_id(tmp_path):
+    from sa3_lora_studio.training.runs import PathOutsideRun, RunRegistry
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs" / "fake").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    registry = RunRegistry(tmp_path / "runs")
+    for run_id in ("fake", "../elsewhere", "/etc"):
+        with pytest.raises(PathOutsideRun, match=rf"run id '{re.escape(run_id)}' is not a run folder of "
+                                                 rf"{re.escape(str(tmp_path / 'runs'))} \(a run id is a folder name"):
+            registry.run_dir(run_id)

@@ -548,7 +548,11 @@ class RunRegistry:
             shutil.rmtree(folder, ignore_errors=True)
 
     def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
-        folder = confine(self.root, run_id)
+        try:
+            folder = confine(self.root, run_id)
+        except PathOutsideRun:  # said of the id, not as a path the user did not think they gave
+            raise PathOutsideRun(f"run id {run_id!r} is not a run folder of {self.root} (a run id is a folder name "
+                                 "there, and a link to elsewhere is not followed)") from None
         if folder.parent != self.root.resolve():
             raise PathOutsideRun(f"run id {run_id!r} is not a run folder name")
         if must_exist and not folder.is_dir():
