@@ -7,8 +7,8 @@ computed independently from the same decoded audio, so the resumed latents equal
 Layout: `<dataset>/.partial/<key>/chunks-<first>-<last>.npz`, one archive per save holding `c<index>` arrays
 (float32 [latent_dim, k], the latents each chunk contributes). The key hashes everything the latents depend on
 (the file's relpath and content hash, the encoder's fingerprint, the decoding version, the chunking), so chunks of
-another version of the file or of another encoder are never used. Saves are batched (`SAVE_EVERY_SECONDS`): a chunk
-takes 20 ms on a GPU, and an fsync per chunk would cost more than the work it keeps; a hard kill loses at most that
+another version of the file or of another encoder are never used. Saves are batched (`SAVE_EVERY_SECONDS`): on a GPU a
+chunk is quick, and an fsync after each could cost more than the work it keeps; a hard kill loses at most that
 much, a Ctrl-C or a cancel nothing (`flush` runs on the way out).
 """
 

@@ -5,6 +5,8 @@ Outside ComfyUI (CLI, tests without stand-ins) every function degrades to a no-o
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 CATEGORY = "audio/SA3 LoRA Studio"
@@ -25,13 +27,11 @@ def progress_callback(total: int, node_id: str | None = None):
     return callback
 
 
-def fractional_progress(total: int, min_interval: float = 0.1):
+def fractional_progress(total: int, min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic):
     """position(done) -> None: ComfyUI's progress bar at `done` of `total` (a float: a long file part-way), or None
     outside ComfyUI. Part-way positions go out at most every `min_interval` seconds (a small model's encoder makes
     some 160 chunks a second: one websocket message each would flood the page); whole ones always. Like every
     progress update, a sent one raises ComfyUI's interrupt when the user pressed cancel."""
-    import time
-
     try:
         import comfy.utils
     except ImportError:
@@ -41,7 +41,7 @@ def fractional_progress(total: int, min_interval: float = 0.1):
     last_sent = [float("-inf")]
 
     def position(done: float) -> None:
-        now = time.monotonic()
+        now = clock()
         if done != int(done) and now - last_sent[0] < min_interval:
             return
         last_sent[0] = now

@@ -30,24 +30,38 @@ def test_a_read_only_folder_is_refused_with_the_reason(tmp_path):
         folder.chmod(0o755)
 
 
-def test_written_files_get_the_mode_open_gives_so_other_users_can_read_a_lora(tmp_path):
+def test_written_files_get_the_mode_open_gives_so_other_users_can_read_a_lora():
     """mkstemp and safetensors' writer make 0600 files: a LoRA another account (a ComfyUI service, a share) could
-    not read. Checked in a child with a known umask, through both atomic writers and a training checkpoint's."""
+    not read. Checked in a child with a known umask, through both atomic writers and a training checkpoint's, in a
+    folder every user may enter; where this runs as root, `nobody` then reads the LoRA (root itself, without its
+    override, still owns the file and would read it at 0600 too, so another uid is what tells)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shared = Path(tempfile.mkdtemp(prefix="sa3-mode-", dir="/tmp"))
+    shared.chmod(0o755)
     script = f"""
 import os, stat, torch
 os.umask(0o022)
 from pathlib import Path
 from sa3_lora_studio.sa3.atomic import atomic_write, fsync_replace
 from sa3_lora_studio.adapters import new_adapter, write_adapter_file
-root = Path({str(tmp_path)!r})
+root = Path({str(shared)!r})
 atomic_write(root / "config.json", "{{}}")
 lora = new_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), "lora", 2)
 write_adapter_file(root / ".x.tmp", lora)
 fsync_replace(root / ".x.tmp", root / "x-step=000001.safetensors")
 print(*(oct(stat.S_IMODE((root / n).stat().st_mode)) for n in ("config.json", "x-step=000001.safetensors")))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0o644", "0o644"]
-    shown = subprocess.run(unprivileged(["cat", str(tmp_path / "x-step=000001.safetensors")]), capture_output=True)
-    assert shown.returncode == 0, shown.stderr
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["0o644", "0o644"]
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+            shown = subprocess.run(nobody + ["cat", str(shared / "x-step=000001.safetensors")], capture_output=True)
+            assert shown.returncode == 0, shown.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
