@@ -6,12 +6,12 @@ z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with x [N, in], W [out, in] frozen, A [r, in], 
   memory-bound pass; in the backward the rows [dz; dPᵀ] share the one product with W.
 - `dora_cols_linear`: z of x∘c, c = m / ‖W + s·B·A‖_cols, needs Q = Bᵀ·W (the other product direction): one extra
   pass over W each way.
-- `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) come from one row-blocked walk over W each
-  way, still about 1.7-2x the frozen layer's cost (eight passes over W instead of two).
+- `bora_linear`: rows then columns of diag(d)·V; P, Q and S = (d²)ᵀ(W∘W) forward and three such products backward,
+  each a pass over W (eight passes instead of the frozen layer's two).
 
 detach_norm (every node): the norms are constants in the backward, as the DoRA paper's section 4.3 suggests and
 PEFT does; the magnitudes still learn through m / ‖·‖. The forward is unchanged, and the backward no longer needs the
-norms' own passes over W (DoRA-rows's ride-along rows, DoRA-cols's dB product, BoRA's whole row-block walk). The
+norms' own passes over W (DoRA-rows's ride-along rows, DoRA-cols's dB product, BoRA's three). The
 official trainer does not detach: it is an option (`RunConfig.detach_norm`), exact gradients are the default.
 
 Why by hand: autograd's graph of the same maths makes extra passes over W (for P and its gradient) and runs ~30
@@ -24,18 +24,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sa3.fast_linear import onednn_applies, rows_times_wt
+from ..sa3.fast_linear import onednn_applies, rows_times_wt, w_times_rows_t
 
-# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through torch.mm(W, rowsᵀ): faster than oneDNN's rows·Wᵀ at
-# r = 16 on the bench machine, never measurably slower (bench/step_products.py prints both over the DiT's layers);
-# Bᵀ·W (the other direction) is fastest through oneDNN with the view Wᵀ.
-BLOCK_BYTES = 4 << 20  # row blocks of W for passes that form W∘W or re-read a block (bench/adapter_layers.py)
+# W·rowsᵀ for r rows (P = W·Aᵀ and the like) goes through oneDNN with W as the source (`w_times_rows_t`), Bᵀ·W (the
+# other direction) through oneDNN with the view Wᵀ: the fastest of the forms bench/step_products.py prints.
+BLOCK_BYTES = 4 << 20  # row blocks of W for the passes that form W∘W (bench/adapter_layers.py)
 
 
 def row_blocks(w: Tensor) -> list[slice]:
     """Row ranges of W [out, in] of about BLOCK_BYTES each (at least one row)."""
     rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * w.element_size()))
     return [slice(i, min(i + rows, w.shape[0])) for i in range(0, w.shape[0], rows)]
+
+
+def squares_product(w: Tensor, v: Tensor, transposed: bool) -> Tensor:
+    """(W∘W)ᵀ·v [in] for v [out] (transposed) or (W∘W)·v [out] for v [in], in v's dtype, with W [out, in] squared
+    in row blocks into one buffer: no W∘W of the whole layer (the size of W) is ever made."""
+    blocks = row_blocks(w)
+    squares = torch.empty(blocks[0].stop, w.shape[1], dtype=v.dtype, device=v.device)
+    out = v.new_zeros(w.shape[1]) if transposed else v.new_empty(w.shape[0])
+    for rows in blocks:
+        wb = w[rows].to(v.dtype)
+        sq = torch.mul(wb, wb, out=squares[:wb.shape[0]])
+        if transposed:
+            out.addmv_(sq.T, v[rows])
+        else:
+            torch.mv(sq, v, out=out[rows])
+    return out
 
 
 EPS = 1e-12  # added to the norms by the reference (after the square root); maths.py uses this one too
@@ -156,7 +171,7 @@ class _DoraColsLinear(torch.autograd.Function):
             g_a.add_(g_q * q_bw, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
         if need_b:  # the norms' Q = Bᵀ·W (dB = W·dQᵀ) and BᵀB
             if not ctx.q_given:
-                g_b.add_(torch.mm(w, g_qa.T), alpha=2 * s)
+                g_b.add_(w_times_rows_t(w, g_qa), alpha=2 * s)
             g_b.addmm_(b, a @ g_qa.T, alpha=2 * s * s)
         return g_x, g_a, g_b, g_m, None, None, None, None, None, None
 
@@ -164,41 +179,25 @@ class _DoraColsLinear(torch.autograd.Function):
 class _BoraLinear(torch.autograd.Function):
     """BoRA: y = d ∘ ((x∘c)·Wᵀ + s·((x∘c)·Aᵀ)·Bᵀ) + bias, V = W + s·B·A, d = m_r / ‖V‖_rows, c = m_c / ‖diag(d)·V‖_cols.
 
-    Row norms need P = W·Aᵀ; the column norms of diag(d)·V need Q = (d²∘B)ᵀ·W and S = (d²)ᵀ·(W∘W). d of a row
-    depends only on that row, so all three come from ONE pass over W in row blocks (P, then d, then the block's
-    share of Q and S), and the backward's three W terms likewise; plus the layer's own product each way.
-    P may come in (an -xs layer's (W·V)·Mᵀ): then the walks skip it and dL/dP goes back to it.
-    The walks do only what needs the block of W (its products, and d or dL/dP of its rows when P is computed there);
-    every other per-row term is one vectorised op per layer: a walk costs per block, not per op."""
+    Row norms need P = W·Aᵀ; the column norms of diag(d)·V need Q = (d²∘B)ᵀ·W and S = (d²)ᵀ·(W∘W); the backward
+    needs W·(dL/dQ)ᵀ, (W∘W)·(dL/dS) and, for dL/dA, (dL/dP)ᵀ·W. Each waits for the one before it, and none can ride
+    along with the layer's own product, so each is its own pass over W: whole-matrix products (faster than the same
+    products over row blocks, bench/step_products.py), W∘W in row blocks (`squares_product`).
+    P may come in (an -xs layer's (W·V)·Mᵀ): then it is not computed and dL/dP goes back to it."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, a: Tensor, b: Tensor, m_r: Tensor, m_c: Tensor, scale: float, w: Tensor,
                 bias: Tensor | None, row_sq: Tensor, p_in: Tensor | None, detach_norm: bool) -> Tensor:
-        s, r = scale, a.shape[0]
+        s = scale
         bk = b @ (a @ a.T)  # B·AAᵀ [out, r]
-        qr = torch.add(row_sq, torch.linalg.vecdot(bk, b), alpha=s * s)  # ‖V‖²_rows without the P term yet
-        q = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
-        col_sq = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
-        if p_in is None:
-            p, d = torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device), torch.empty_like(m_r)
-        else:
-            p = p_in
-            qr.add_(torch.linalg.vecdot(p, b), alpha=2 * s)
-            d = _renorm_factor(qr, m_r)[0]
-        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # W∘W of a block:
-        # one buffer written by every block, instead of a new temporary per block
-        for rows in row_blocks(w):
-            wb, b_rows = w[rows], b[rows]
-            if p_in is None:
-                qr[rows] += (2 * s) * torch.linalg.vecdot(torch.mm(wb, a.T, out=p[rows]), b_rows)
-                d[rows] = _renorm_factor(qr[rows], m_r[rows])[0]
-            d2 = d[rows].square()
-            q.add_(rows_times_wt((b_rows * d2[:, None]).T, wb.t()))
-            col_sq.addmv_(torch.mul(wb, wb, out=squares[:wb.shape[0]]).T, d2)
-        d, norm_r, inv_r = _renorm_factor(qr, m_r)  # the same values as the walk's d, with the norms kept
-        g2 = d * d
-        kb = b.T @ (b * g2[:, None])  # Bᵀ diag(d²) B [r, r]
-        qc = col_sq + (2 * s) * torch.linalg.vecdot(q, a, dim=0) + (s * s) * torch.linalg.vecdot(kb @ a, a, dim=0)
+        p = w_times_rows_t(w, a) if p_in is None else p_in  # W·Aᵀ [out, r]
+        qr = row_sq + (2 * s) * torch.linalg.vecdot(p, b) + (s * s) * torch.linalg.vecdot(bk, b)  # ‖V‖²_rows
+        d, norm_r, inv_r = _renorm_factor(qr, m_r)
+        b_g2 = b * (d * d)[:, None]  # d²∘B [out, r]
+        q = rows_times_wt(b_g2.T, w.t())  # (d²∘B)ᵀ·W [r, in]
+        kb = b.T @ b_g2  # Bᵀ diag(d²) B [r, r]
+        qc = (squares_product(w, d * d, transposed=True) + (2 * s) * torch.linalg.vecdot(q, a, dim=0)
+              + (s * s) * torch.linalg.vecdot(kb @ a, a, dim=0))
         c, norm_c, inv_c = _renorm_factor(qc, m_c)
         xc = x2 * c
         z = rows_times_wt(xc, w)
@@ -221,7 +220,7 @@ class _BoraLinear(torch.autograd.Function):
         g_c = (g_xc * x2).sum(0)
         g_x = g_xc.mul_(c) if need_x else None
         g_mc = g_c * inv_c
-        if ctx.detach_norm:  # constant norms: the low-rank path's terms and m / ‖·‖ only, no walk over W
+        if ctx.detach_norm:  # constant norms: the low-rank path's terms and m / ‖·‖ only, no pass over W
             g_a = g_h.T @ xc if ctx.needs_input_grad[1] else None
             g_b = (g_z.T @ h).mul_(s) if ctx.needs_input_grad[2] else None  # -xs: up = U is frozen
             return g_x, g_a, g_b, (g_d * inv_r).view_as(m_r), g_mc.view_as(m_c), None, None, None, None, None, None
@@ -229,45 +228,24 @@ class _BoraLinear(torch.autograd.Function):
         g2 = d * d
         g_qa = g_qc * a  # [r, in]; dL/dQ = 2s·g_qa
         g_kb = (s * s) * (a @ g_qa.T)  # [r, r], symmetric
-        # dL/d(d²∘B) = 2s·W·g_qaᵀ + B·g_Kb and dL/d(d²) = (W∘W)·g_qc + rowsum(that ∘ B): the walk's products,
-        # S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW, Kb = Bᵀdiag(d²)B
-        g_ub = b @ g_kb
-        w_gqa = torch.empty_like(b)  # W·g_qaᵀ [out, r]
-        g_g2 = torch.empty_like(d)
-        g_qr = torch.empty_like(d)  # dL/d‖V‖²_rows
-        g_row = None if ctx.p_given else torch.zeros_like(a)  # Σ_blocks dL/dP_blockᵀ·W_block
-        squares = torch.empty(row_blocks(w)[0].stop, w.shape[1], dtype=w.dtype, device=w.device)  # as forward's
-
-        def row_norm_grads(rows: slice) -> None:  # g_ub, g_g2 and g_qr of these rows, from the walk's products
-            g_ub[rows] += (2 * s) * w_gqa[rows]
-            g_g2[rows] += torch.linalg.vecdot(g_ub[rows], b[rows])
-            g_dr = torch.addcmul(g_d[rows], d[rows], g_g2[rows], value=2)
-            g_qr[rows] = _sq_norm_grad(g_dr, m_r[rows], norm_r[rows], inv_r[rows])
-
-        for rows in row_blocks(w):
-            wb = w[rows]
-            torch.mv(torch.mul(wb, wb, out=squares[:wb.shape[0]]), g_qc, out=g_g2[rows])
-            torch.mm(wb, g_qa.T, out=w_gqa[rows])
-            if g_row is not None:  # dL/dP of these rows needs their dL/d‖V‖² now, while W's block is at hand
-                row_norm_grads(rows)
-                g_row.add_(rows_times_wt((b[rows] * g_qr[rows, None]).T, wb.t()), alpha=2 * s)
-        if g_row is None:  # P came in: every row at once
-            row_norm_grads(slice(None))
+        # S = (d²)ᵀ(W∘W), Q = (d²∘B)ᵀW and Kb = Bᵀdiag(d²)B give dL/d(d²∘B) = 2s·W·g_qaᵀ + B·g_Kb and
+        # dL/d(d²) = (W∘W)·g_qc + rowsum(dL/d(d²∘B) ∘ B)
+        g_ub = torch.add(b @ g_kb, w_times_rows_t(w, g_qa), alpha=2 * s)  # [out, r]
+        g_g2 = squares_product(w, g_qc, transposed=False).add_(torch.linalg.vecdot(g_ub, b))  # [out]
         g_dr = torch.addcmul(g_d, d, g_g2, value=2)
-        g_mr = g_dr * inv_r
-        g_qr_col = g_qr[:, None]
+        g_qr_col = _sq_norm_grad(g_dr, m_r, norm_r, inv_r)[:, None]  # dL/d‖V‖²_rows
         g_a = (g_h.T @ xc).add_(g_qc * q, alpha=2 * s).addmm_(kb, g_qa, alpha=2 * s * s)
         g_b = (g_z.T @ h).mul_(s)
         g_b.addcmul_(g_ub, g2[:, None]).add_(g_qr_col * p, alpha=2 * s).add_(g_qr_col * bk, alpha=2 * s * s)
         g_b.addmm_(b * g2[:, None], g_kb)  # Kb = Bᵀ·(d²∘B): the (d²∘B) side went into g_ub, this is the Bᵀ side
-        # row-norm terms: P = W·Aᵀ (dL/dA += g_Pᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
+        # row-norm terms: P = W·Aᵀ (dL/dA += dL/dPᵀ·W), and B·AAᵀ (dL/dA += 2·Bᵀ diag(g_qr) B·A)
         g_a.addmm_(b.T @ (g_qr_col * b), a, alpha=2 * s * s)
         g_p_in = None
-        if g_row is not None:
-            g_a.add_(g_row)
+        if not ctx.p_given:
+            g_a.add_(rows_times_wt((g_qr_col * b).T, w.t()), alpha=2 * s)
         elif ctx.needs_input_grad[9]:
             g_p_in = (2 * s) * g_qr_col * b
-        return g_x, g_a, g_b, g_mr.view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in, None
+        return g_x, g_a, g_b, (g_dr * inv_r).view_as(m_r), g_mc.view_as(m_c), None, None, None, None, g_p_in, None
 
 
 def fused_applies(x: Tensor, w: Tensor, down: Tensor) -> bool:
@@ -301,4 +279,4 @@ def bora_linear(x2: Tensor, down: Tensor, up: Tensor, magnitude_r: Tensor, magni
     return _BoraLinear.apply(x2, down, up, magnitude_r, magnitude_c, scale, w, bias, row_sq, w_down, detach_norm)
 
 
-__all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "row_blocks"]
+__all__ = ["bora_linear", "dora_cols_linear", "dora_rows_linear", "fused_applies", "row_blocks", "squares_product"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sa3.fast_linear import frozen_linear
-from .fused import EPS, bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, row_blocks
+from .fused import EPS, bora_linear, dora_cols_linear, dora_rows_linear, fused_applies, squares_product
 from .xs_bases import svd_bases
 
 # file-format type string -> (delta form, renorm axes). "dora" is a legacy alias resolved by `resolve_adapter_type`.
@@ -345,18 +345,14 @@ class _WeightedColSq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g2: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(w)
-        out = g2.new_zeros(w.shape[1])
         with _autocast_off(g2.device.type):
-            for rows in row_blocks(w):
-                wb = w[rows].to(g2.dtype)
-                out.addmv_((wb * wb).T, g2[rows])
-        return out
+            return squares_product(w, g2, transposed=True)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (w,) = ctx.saved_tensors
         with _autocast_off(grad.device.type):
-            return torch.cat([(wb * wb) @ grad for wb in (w[rows].to(grad.dtype) for rows in row_blocks(w))]), None
+            return squares_product(w, grad, transposed=False), None
 
 
 def _weighted_col_sq(g2: Tensor, w: Tensor) -> Tensor:

@@ -8,13 +8,12 @@ random-weight DiT records each Linear/Conv1d's weight and input rows; then each 
 layers in turn, with their own weights, so W comes from memory as in a step (best of --repeats passes), in seconds
 per step:
 - `main x·Wᵀ`: the layers' own forward products (rows as in the step; the backward's g·W costs about the same);
-- `rank-r W·rowsᵀ` (torch.mm, as adapters/fused.py computes it; and through oneDNN, for comparison) and `rank-r
-  rows·W` (oneDNN with the view Wᵀ): one product of r rows with every W, as P = W·Aᵀ and Q = Bᵀ·W are (DoRA-cols
-  makes one of each per step, BoRA four, BoRA-xs two);
+- `rank-r W·rowsᵀ` (oneDNN with W as its source, as adapters/fused.py computes it; torch.mm and oneDNN with W as
+  its weight, for comparison) and `rank-r rows·W` (oneDNN with the view Wᵀ): one product of r rows with every W,
+  as P = W·Aᵀ and Q = Bᵀ·W are (DoRA-cols makes one of each per step, BoRA four, BoRA-xs two);
 - `(W∘W)ᵀ·v`: the column-norm product with W∘W formed in row blocks (BoRA and BoRA-xs make two per step);
-- `bora walk`: P, Q and the W∘W product of each row block in turn, as BoRA's forward makes them, beside the same
-  blocked products made as three passes over all the blocks: what reading each block from memory once instead of
-  three times saves;
+- `bora fwd`: P, Q and the W∘W product as three passes over W, as BoRA's forward makes them, beside the same
+  products made for each row block in turn (each block read from memory once; the products are slower on blocks);
 - `read W (sum)`: one plain read of every W, the memory's speed for scale.
 Each line also gives the multiply-adds per second the kernels reached (GFMA/s; the W∘W line counts the square and
 the weighted sum as one each); the no-grad forward is printed beside them for scale.
@@ -27,9 +26,9 @@ import os
 import time
 
 import torch
-from sa3_lora_studio.adapters.fused import row_blocks
+from sa3_lora_studio.adapters.fused import row_blocks, squares_product
 from sa3_lora_studio.sa3.config import family_defaults, read_config
-from sa3_lora_studio.sa3.fast_linear import rows_times_wt
+from sa3_lora_studio.sa3.fast_linear import rows_times_wt, w_times_rows_t
 from sa3_lora_studio.training.cpu_heap import keep_heap
 from sa3_lora_studio.training.vram import build_random_dit_tree, random_step_inputs
 
@@ -104,35 +103,33 @@ def bench_model(spec: str, args) -> None:
     rows_in = {(rows, w.shape[1]): torch.randn(rows, w.shape[1]) for w, rows in layers}
     row_weights = {w.shape[0]: torch.rand(w.shape[0]) for w, _ in layers}
 
-    def squared_product(w, rows):
-        out = torch.zeros(w.shape[1])
+    walk, passes = "bora fwd, row-block walk", "bora fwd (W·Aᵀ, Bᵀ·W, W∘W)"
+
+    def bora_forward(w, together: bool):
+        """BoRA's forward products with W: P, Q and the W∘W product as three passes, as fused.py makes them, or all
+        three per row block in turn (together: each block read from memory once, as fused.py did before)."""
+        a, b, d2 = down[w.shape[1]], up_t[w.shape[0]].T, row_weights[w.shape[0]]
+        if not together:
+            w_times_rows_t(w, a)
+            rows_times_wt((b * d2[:, None]).T, w.t())
+            squares_product(w, d2, transposed=True)
+            return
+        p, q, out = torch.empty(w.shape[0], r), torch.zeros(r, w.shape[1]), torch.zeros(w.shape[1])
         for block in row_blocks(w):
-            out.addmv_((w[block] * w[block]).T, row_weights[w.shape[0]][block])
-
-    walk, passes = "bora walk (W·Aᵀ, Bᵀ·W, W∘W)", "the same, 3 passes of blocks"
-
-    def bora_blocks(w, together: bool):
-        """BoRA's forward products with W in fused.py's row blocks: all three per block (together: each block read
-        from memory once) or each product over every block in turn (each block read three times)."""
-        p, q = torch.empty(w.shape[0], r), torch.zeros(r, w.shape[1])
-        out, d2, b = torch.zeros(w.shape[1]), row_weights[w.shape[0]], up_t[w.shape[0]].T
-        products = (lambda block: torch.mm(w[block], down[w.shape[1]].T, out=p[block]),
-                    lambda block: q.add_(rows_times_wt((b[block] * d2[block, None]).T, w[block].t())),
-                    lambda block: out.addmv_((w[block] * w[block]).T, d2[block]))
-        blocks = row_blocks(w)
-        for block, product in ([(bl, pr) for bl in blocks for pr in products] if together else
-                               [(bl, pr) for pr in products for bl in blocks]):
-            product(block)
+            p[block] = w_times_rows_t(w[block], a)
+            q.add_(rows_times_wt((b[block] * d2[block, None]).T, w[block].t()))
+            out.addmv_((w[block] * w[block]).T, d2[block])
 
     products = {
         "read W (sum)": lambda w, rows: w.sum(),
         "main x·Wᵀ": lambda w, rows: rows_times_wt(rows_in[rows, w.shape[1]], w),
-        f"rank-{r} W·rowsᵀ (mm)": lambda w, rows: torch.mm(w, down[w.shape[1]].T),
-        f"rank-{r} W·rowsᵀ (oneDNN)": lambda w, rows: rows_times_wt(down[w.shape[1]], w),  # as before fused.py took mm
+        f"rank-{r} W·rowsᵀ (W src)": lambda w, rows: w_times_rows_t(w, down[w.shape[1]]),  # as fused.py takes it
+        f"rank-{r} W·rowsᵀ (mm)": lambda w, rows: torch.mm(w, down[w.shape[1]].T),  # as fused.py took it before
+        f"rank-{r} W·rowsᵀ (oneDNN)": lambda w, rows: rows_times_wt(down[w.shape[1]], w),  # W as oneDNN's weight
         f"rank-{r} rows·W (oneDNN)": lambda w, rows: rows_times_wt(up_t[w.shape[0]], w.t()),
-        "(W∘W)ᵀ·v in row blocks": squared_product,
-        passes: lambda w, rows: bora_blocks(w, together=False),
-        walk: lambda w, rows: bora_blocks(w, together=True),
+        "(W∘W)ᵀ·v in row blocks": lambda w, rows: squares_product(w, row_weights[w.shape[0]], transposed=True),
+        passes: lambda w, rows: bora_forward(w, together=False),
+        walk: lambda w, rows: bora_forward(w, together=True),
     }
     weight_count = sum(w.numel() for w, _ in layers)
     multiply_adds = {name: weight_count * r for name in products}  # per weight: r for a rank-r product

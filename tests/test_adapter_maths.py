@@ -165,7 +165,7 @@ def test_factored_linear_gradients_equal_the_formed_weights(adapter_type, fused,
     detached (the training option), against the formed weight whose norms are detached."""
     if not fused:
         monkeypatch.setattr(M, "fused_applies", lambda *args: False)
-    else:  # BoRA walks W in row blocks: make it several blocks of uneven size (40 rows of 24 fp32 = 7+7+...+5)
+    else:  # BoRA squares W in row blocks: make it several blocks of uneven size (40 rows of 24 fp32 = 7+7+...+5)
         from sa3_lora_studio.adapters import fused as F
 
         monkeypatch.setattr(F, "BLOCK_BYTES", 7 * 24 * 4)
