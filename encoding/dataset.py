@@ -840,7 +840,7 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
         raise DatasetError(f"{out_dir}: cannot create the dataset folder ({e.strerror or e})") from None
     writer = contextlib.ExitStack()  # this process alone writes the dataset until the encode ends
     try:
-        writer.enter_context(file_lock(out_dir / ENCODE_LOCK, wait=False))
+        writer.enter_context(file_lock(out_dir / ENCODE_LOCK, wait=False, remove=True))
     except LockHeld:
         raise DatasetError(f"{out_dir}: another encode is writing this dataset now (in another process); wait for "
                            "it to end, or encode into another folder. Nothing was changed.") from None

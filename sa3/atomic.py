@@ -7,6 +7,7 @@ writing the same path never share a temp file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -103,38 +104,72 @@ class LockHeld(Exception):
 
 
 @contextmanager
-def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = True, remove: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing) against other processes: flock on POSIX, a one-byte
     msvcrt lock on Windows. For read-modify-write of files several processes share (the runs index), or work only
     one process may do at a time (wait=False: LockHeld at once when another holds it). Not reentrant: take it once
-    per process (callers pair it with a thread lock)."""
+    per process (callers pair it with a thread lock).
+    remove: the lock file is deleted on release (a lock in a folder users look at). On POSIX that is safe because a
+    lock taken on a file that was deleted or replaced meanwhile is let go and taken again on the file now at `path`;
+    on Windows it stays while another process has it open."""
+    if os.name == "nt":
+        try:
+            with _windows_lock(path, wait):
+                yield
+        finally:
+            if remove:  # Windows deletes no file another process has open (holding or waiting for the lock)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        return
+    import fcntl
+
+    while True:
+        f = open(path, "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            raise LockHeld(str(path)) from None
+        except BaseException:
+            f.close()
+            raise
+        try:
+            held = os.fstat(f.fileno())
+            now = os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+        except FileNotFoundError:  # the holder before us deleted it on release: lock the one at `path` now
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        try:
+            if remove:  # under the lock: a process that opened this file before the unlink sees it gone
+                with contextlib.suppress(OSError):  # only tidiness is lost
+                    os.unlink(path)
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+
+@contextmanager
+def _windows_lock(path: str | Path, wait: bool) -> Iterator[None]:
+    import msvcrt
+
     with open(path, "a+b") as f:
-        if os.name == "nt":
-            import msvcrt
-
+        f.seek(0)
+        while True:
+            try:  # LK_LOCK retries for ~10 s, then raises: keep waiting
+                msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EDEADLOCK, errno.EACCES):  # held by another process: wait on
+                    raise
+                if not wait:
+                    raise LockHeld(str(path)) from None
+        try:
+            yield
+        finally:
             f.seek(0)
-            while True:
-                try:  # LK_LOCK retries for ~10 s, then raises: keep waiting
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EDEADLOCK, errno.EACCES):  # held by another process: wait on
-                        raise
-                    if not wait:
-                        raise LockHeld(str(path)) from None
-            try:
-                yield
-            finally:
-                f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise LockHeld(str(path)) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)

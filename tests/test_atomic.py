@@ -65,3 +65,37 @@ print(*(oct(stat.S_IMODE((root / n).stat().st_mode)) for n in ("config.json", "x
             assert shown.returncode == 0, shown.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_lock_that_deletes_its_file_on_release_still_lets_one_holder_in_at_a_time(tmp_path):
+    """file_lock(remove=True): a waiter that locked the file its holder just deleted must not hold the lock beside a
+    newcomer who locked the new file at the same path (flock locks open files, so separate opens in threads contend
+    as separate processes do)."""
+    import threading
+    import time
+
+    from sa3_lora_studio.sa3.atomic import file_lock
+
+    path, inside, most, errors = tmp_path / ".encode.lock", [0], [0], []
+    count_lock = threading.Lock()
+
+    def worker() -> None:
+        try:
+            for _ in range(150):
+                with file_lock(path, remove=True):
+                    with count_lock:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                    time.sleep(0.0002)
+                    with count_lock:
+                        inside[0] -= 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and most[0] == 1
+    assert not path.exists()  # the last holder deleted it

@@ -560,13 +560,14 @@ def test_a_second_encode_into_a_dataset_being_written_is_refused_and_changes_not
     _write(src, "a")
     encode_folder(src, out, ToyEncoder())
     _write(src, "b")
-    before = _listing(out)
+    assert not (out / ENCODE_LOCK).exists()  # an encode that ended leaves no lock file in the dataset folder
     holder = subprocess.Popen(  # another process in the middle of an encode into `out`
         [sys.executable, "-c", "import sys, time\nfrom sa3_lora_studio.sa3.atomic import file_lock\n"
          f"with file_lock({str(out / ENCODE_LOCK)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        before = _listing(out)
         with pytest.raises(DatasetError, match="another encode is writing this dataset now .*Nothing was changed"):
             encode_folder(src, out, ToyEncoder())
         assert _listing(out) == before
@@ -574,6 +575,7 @@ def test_a_second_encode_into_a_dataset_being_written_is_refused_and_changes_not
         holder.kill()
         holder.wait()
     assert encode_folder(src, out, ToyEncoder()).encoded == ["b.wav"]  # once it is gone
+    assert not (out / ENCODE_LOCK).exists()  # the killed holder's file too
 
 
 def test_an_encode_planned_before_another_one_wrote_the_folder_is_checked_again_under_the_lock(tmp_path):
