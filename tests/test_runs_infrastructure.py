@@ -77,6 +77,8 @@ def test_the_loss_by_noise_level_image_names_and_colours_every_bin_apart_up_to_t
     for bins in (5, 8, 12, 20):
         colours = bin_colours(bins)
         assert len(set(colours)) == bins
+        rgb = np.asarray(colours, float)  # neighbouring bins, whose lines run close, stand apart most
+        assert np.linalg.norm(np.diff(rgb, axis=0), axis=1).min() > (90 if bins > 8 else 60), bins
         image = loss_by_timestep_chart(events, bins)
         legend = image[22:22 + 60].reshape(-1, 3).astype(float) - (24, 24, 28)  # its rows, from the background
         for colour in colours:  # every bin's name is there in its colour (text is antialiased: blends count)

@@ -270,12 +270,14 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
 
 def bin_colours(bins: int) -> list[tuple[int, int, int]]:
     """A distinct colour per noise-level bin: the panel's palette (BIN_COLOURS) up to its length, else hues spread
-    evenly around the wheel (a palette that repeats would give two bins one colour)."""
+    evenly around the wheel (a palette that repeats would give two bins one colour), pale and strong in turn: at 20
+    bins neighbouring hues are only 18° apart, and the lines of neighbouring bins run close together."""
     import colorsys
 
     if bins <= len(BIN_COLOURS):
         return BIN_COLOURS[:bins]
-    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / bins, 0.65, 0.95)) for i in range(bins)]
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / bins, 0.75 if i % 2 else 0.35, 1.0))
+            for i in range(bins)]
 
 
 def bin_label(lo: float, hi: float, bins: int) -> str:
