@@ -88,11 +88,13 @@ class _Bar:
         if self.quiet:
             return
         part = ev["done"] / max(ev["total"], 1)
+        resumed = (f", resumed at {100 * ev['resumed'] / max(ev['total'], 1):.0f} %"  # the quick start is explained
+                   if ev.get("resumed") else "")
         if not sys.stderr.isatty():  # a long file says how far it is now and then; short ones add no lines
             if ev["done"] < ev["total"] and time.monotonic() - self.last_line >= self.LOG_EVERY_SECONDS:
-                self._log(f"{ev['i']}/{ev['n']} {ev['relpath']} ({100 * part:.0f} % encoded)")
+                self._log(f"{ev['i']}/{ev['n']} {ev['relpath']} ({100 * part:.0f} % encoded{resumed})")
             return
-        self._draw(ev["i"] - 1 + part, ev["n"], ev["relpath"], f"{100 * part:.0f} %", end=False)
+        self._draw(ev["i"] - 1 + part, ev["n"], ev["relpath"], f"{100 * part:.0f} %{resumed}", end=False)
 
     def _log(self, line: str) -> None:
         sys.stderr.write(line + "\n")

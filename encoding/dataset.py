@@ -434,19 +434,21 @@ def _chunks_identity(ident: dict, content_hash: str, chunk_latents: int | None) 
 
 def _encode_file_resuming(encoder, ident: dict, path: Path, relpath: str, root: Path, out_dir: Path, dtype: str,
                           content_hash: str, chunk_latents: int | None, decoded=None,
-                          between_chunks: Callable[[int, int], None] | None = None) -> dict:
+                          between_chunks: Callable[[int, int, int], None] | None = None) -> dict:
     """`_encode_file` continuing from the chunks an earlier, stopped encode of this file kept (`encoding.partial`),
-    keeping its own as it goes; they are dropped once the file is encoded or skipped. between_chunks(done, total)
-    after each chunk: progress, and it may raise EncodeStopped."""
+    keeping its own as it goes; they are dropped once the file is encoded or skipped. between_chunks(done, total,
+    resumed) after each chunk, resumed: how many chunks came from the earlier encode: progress, and it may raise
+    EncodeStopped."""
     kept_chunks = PartialEncode(out_dir, relpath, _chunks_identity(ident, content_hash, chunk_latents))
+    finished = kept_chunks.finished()
 
     def on_chunk(done: int, total: int, kept: np.ndarray) -> None:
         kept_chunks.add(done - 1, kept)
         if between_chunks is not None:
-            between_chunks(done, total)
+            between_chunks(done, total, sum(index < total for index in finished))
     try:
         rec = _encode_file(encoder, ident, path, relpath, root, out_dir, dtype, content_hash, chunk_latents,
-                           decoded=decoded, finished=kept_chunks.finished(), on_chunk=on_chunk)
+                           decoded=decoded, finished=finished, on_chunk=on_chunk)
     except BaseException:  # stopped part-way: the next run starts after the last chunk
         with contextlib.suppress(OSError):  # unsaved, they are encoded again; the stop goes on
             kept_chunks.flush()
@@ -819,7 +821,8 @@ def encode_folder(folder: str | Path, out_dir: str | Path, encoder=None, *, enco
       first and raises DatasetError).
     progress(event): called per file with {"i", "n", "relpath", "status", "reason"?, "seconds"?}.
     file_progress(event): within a long file, after each of its chunks, {"i", "n", "relpath", "done", "total"}
-      (chunks; i counts the file being encoded). Only with one encoder in this process (not encoder_factory).
+      (chunks; i counts the file being encoded), and "resumed": how many of them a stopped encode had saved, when
+      any. Only with one encoder in this process (not encoder_factory).
     should_stop(): polled between files, and between a long file's chunks (with one encoder in this process);
       when it returns True (or on KeyboardInterrupt) the finished files and an incomplete manifest are kept, and a
       re-run continues from there (a file stopped between its chunks is encoded again then). An exception raised
@@ -974,10 +977,11 @@ def _encode_locked(folder: Path, out_dir: Path, encoder, encoder_factory, device
         flush(False)
         n, last_flush = len(todo), time.monotonic()
 
-        def between_chunks(i: int, rel: str) -> Callable[[int, int], None]:
-            def on_chunk(done: int, total: int) -> None:
+        def between_chunks(i: int, rel: str) -> Callable[[int, int, int], None]:
+            def on_chunk(done: int, total: int, resumed: int) -> None:
                 if file_progress is not None:
-                    _calling_back(file_progress, {"i": i, "n": n, "relpath": rel, "done": done, "total": total})
+                    _calling_back(file_progress, {"i": i, "n": n, "relpath": rel, "done": done, "total": total,
+                                                  **({"resumed": resumed} if resumed else {})})
                 if done < total and should_stop is not None and _calling_back(should_stop):
                     raise EncodeStopped()
             return on_chunk

@@ -289,8 +289,8 @@ def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the
     report = encode_folder(src, out, tiny_model, file_progress=events.append,
                            should_stop=lambda: len(events) >= 2)
     assert report.interrupted and report.encoded == ["a_short.wav"] and report.skipped == []
-    assert [(e["relpath"], e["i"], e["n"], e["done"], e["total"]) for e in events] == [
-        ("b_long.wav", 2, 2, 1, chunks), ("b_long.wav", 2, 2, 2, chunks)]
+    assert [(e["relpath"], e["i"], e["n"], e["done"], e["total"], e.get("resumed")) for e in events] == [
+        ("b_long.wav", 2, 2, 1, chunks, None), ("b_long.wav", 2, 2, 2, chunks, None)]
     assert _status(out) == {"a_short.wav": ("encoded", None), "b_long.wav": ("pending", None)}
     assert not (out / "b_long.wav.npy").exists()
 
@@ -313,6 +313,7 @@ def test_a_long_file_reports_its_chunks_and_a_stop_between_them_resumes_from_the
     resumed = encode_folder(src, out, tiny_model, file_progress=events.append)
     assert resumed.encoded == ["b_long.wav"] and resumed.reused == ["a_short.wav"] and _manifest(out)["complete"]
     assert [e["done"] for e in events] == list(range(1, chunks + 1)) and len(computed) == chunks - 4
+    assert {e.get("resumed") for e in events} == {4}  # a bar can say why its first 4 chunks went by at once
     assert not (out / PARTIAL_DIR).exists()  # the file is done: its chunks go
     encode_folder(src, ref, tiny_model)
     np.testing.assert_array_equal(np.load(out / "b_long.wav.npy"), np.load(ref / "b_long.wav.npy"))

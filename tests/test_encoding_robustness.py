@@ -618,5 +618,7 @@ def test_the_cli_bar_moves_within_a_long_file_on_a_terminal_and_logs_a_long_one_
     bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": 15, "total": 30})
     drawn = capsys.readouterr().err
     assert drawn.startswith("\r[" + "#" * 11 + "." * 19 + "] 2/4 live set.flac (50 %)")  # 1.5 of 4 files
+    bar.within({"i": 2, "n": 4, "relpath": "live set.flac", "done": 15, "total": 30, "resumed": 12})
+    assert "live set.flac (50 %, resumed at 40 %)" in capsys.readouterr().err  # why it got there at once
     cli._Bar(quiet=True).within({"i": 1, "n": 1, "relpath": "x.wav", "done": 1, "total": 2})
     assert capsys.readouterr().err == ""
