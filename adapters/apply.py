@@ -809,6 +809,21 @@ def check_xs_rank(weights: dict[str, Tensor], rank: int) -> None:
                          f"those layers (exclude={names[:6]!r})")
 
 
+def trained_on_fingerprint(tree: nn.Module, adapter: LoadedAdapter, roots: Sequence[Root],
+                           xs_source: XsBasesSource | None = None) -> str:
+    """The base fingerprint a file of `adapter` trained on `tree` records: of the weights its -xs bases come from
+    (`xs_bases_origin`: a base model beside an ARC one), else of the tree's own weights of its layers; never the one
+    a continued file brought from the model it was made on."""
+    own = {layer: module.weight for layer in adapter.layers for module in [find_layer(tree, layer, roots)[1]]
+           if module is not None}
+    if adapter.is_xs:
+        source = xs_bases_origin(adapter, own, "", xs_source).source
+        given = None if source is None else source.fingerprint(list(own))  # None: a bases file (it holds no weights)
+        if given:
+            return given
+    return weights_fingerprint(own)
+
+
 def target_weights(tree: nn.Module, roots: Sequence[Root], include: Sequence[str] | None,
                    exclude: Sequence[str] | None) -> dict[str, Tensor]:
     """The weights an adapter with these (resolved, `resolve_patterns`) patterns adapts, by layer path relative to
@@ -855,4 +870,4 @@ def merged_state(view_layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
 __all__ = ["SA3_ROOTS", "AdaptedLayer", "AdaptedModel", "AdapterMismatch", "AdapterSlot", "AdapterUse", "ApplyReport",
            "DispatchConv1d", "DispatchLinear", "MODES", "Root", "adapter_session", "as_use", "check_adapter_fits",
            "find_layer", "load_adapter_cached", "merged_state", "model_xs_bases", "new_adapter",
-           "skip_steps_interval", "xs_bases_origin"]
+           "skip_steps_interval", "trained_on_fingerprint", "xs_bases_origin"]

@@ -1105,6 +1105,15 @@ class EncodedDataset:
             h.update(json.dumps([e["relpath"], e.get("hash") or e.get("n_latents")]).encode())
         return h.hexdigest()
 
+    def missing_files(self) -> str | None:
+        """What to say when latent or metadata files the manifest lists are not in the folder (a partial copy), for a
+        training run to refuse it before it starts; None when all are there."""
+        missing = [e[key] for e in self.entries for key in ("latents", "metadata") if not (self.root / e[key]).is_file()]
+        if not missing:
+            return None
+        return (f"{len(missing)} of the files {self.root} lists are not there (e.g. {missing[0]}): copy the whole "
+                "dataset folder, or encode the audio into it again (the files already there are kept)")
+
     def latents(self, i: int) -> np.ndarray:
         """[latent_dim, T] as stored (float32 or float16). DatasetError naming the file when it is unreadable, of
         another width than the dataset's, or holds NaN/inf (a disk error or a bad encode: re-encode that file)."""

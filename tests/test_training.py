@@ -395,6 +395,13 @@ def test_a_run_resumes_on_its_dataset_moved_to_another_folder_and_refuses_anothe
     with pytest.raises(RunError, match=f"its dataset cannot change .*move the dataset back to {re.escape(str(here))}"):
         manager.control(run, "restart", changes={"dataset": str(moved)})
     record.write_bytes(kept)
+    part = tmp_path / "part of it"  # the same dataset, copied in part: refused before any setting changes
+    shutil.copytree(moved, part)
+    (part / json.loads((part / MANIFEST).read_text())["files"][-1]["latents"]).unlink()
+    steps_before = manager.registry.config(run).steps
+    with pytest.raises(RunError, match="dataset: 1 of the files .* lists are not there"):
+        manager.control(run, "restart", changes={"dataset": str(part)}, more_steps=2)
+    assert (manager.registry.config(run).dataset, manager.registry.config(run).steps) == (str(here), steps_before)
     manager.control(run, "restart", changes={"dataset": str(moved)})
     assert manager.wait(run, 300)["status"] == "done"
     assert manager.registry.config(run).dataset == str(moved)
@@ -583,6 +590,94 @@ def test_a_continued_run_resumes_from_its_own_checkpoint_when_the_source_file_is
     latest, _ = _final_adapter(manager, run)
     trained = read_adapter_file(manager.registry.run_dir(run) / latest["path"])
     assert trained.adapter_type == original.adapter_type and set(trained.layers) == set(original.layers)
+
+
+def test_a_continued_run_resumes_from_its_own_checkpoint_when_the_source_file_was_replaced(tmp_path, tiny, dataset,
+                                                                                          fixtures_dir):
+    """A file of another type put where the run's source was (a re-export, a newer version) does not break the
+    resume: the run's own checkpoint has its adapter, and it ends as an uninterrupted run from the source does."""
+    import shutil
+
+    golden = fixtures_dir / "golden" / "lora"
+    source = tmp_path / "source.safetensors"
+    shutil.copy(golden / "dora-rows.safetensors", source)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    straight = manager.submit(_config(dataset, fixtures_dir, steps=3, checkpoint_every=1, continue_from=str(source)))
+    assert manager.wait(straight, 300)["status"] == "done"
+    run = _stopped_run(manager, dataset, fixtures_dir, 1, steps=3, checkpoint_every=1, continue_from=str(source))
+    shutil.copy(golden / "bora.safetensors", source)
+    manager.control(run, "restart")
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    a = read_adapter_file(manager.registry.run_dir(straight) / manager.registry.latest_checkpoint(straight)["path"])
+    b = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
+    assert b.adapter_type == "dora-rows" and a.layers.keys() == b.layers.keys()
+    for layer in a.layers:
+        for key in a.layers[layer]:
+            assert torch.equal(a.layers[layer][key], b.layers[layer][key]), (layer, key)
+
+
+def test_a_continued_file_with_a_step_that_is_no_count_starts_at_0_with_a_warning(tmp_path, tiny, dataset,
+                                                                                  fixtures_dir):
+    """Hand-edited or foreign metadata ('abc', '-5', '1.5') must not fail the run at loading, which no resume
+    could get past; '12.0' is step 12."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    golden = fixtures_dir / "golden" / "lora" / "lora.safetensors"
+    with safe_open(str(golden), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    for step, first in (("abc", 1), ("-5", 1), ("1.5", 1), ("12.0", 13)):
+        source = tmp_path / f"step {step}.safetensors"
+        save_file(tensors, str(source), metadata={**metadata, "step": step})
+        run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source)))
+        record = manager.wait(run, 300)
+        assert record["status"] == "done" and record["step"] == first, (step, record.get("error"))
+        events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
+        warnings = [e["message"] for e in events if e["type"] == "warning"]
+        assert any("not a step count" in w for w in warnings) == (first == 1), (step, warnings)
+
+
+def test_checkpoints_record_the_fingerprint_of_the_weights_they_were_trained_on(tmp_path, tiny, dataset,
+                                                                                 fixtures_dir):
+    """A continued file made on other weights (an ARC model's) must not pass its fingerprint on: the run's output
+    would then warn on the very model it was trained on."""
+    from sa3_lora_studio.adapters.apply import SA3_ROOTS, trained_on_fingerprint
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    golden = fixtures_dir / "golden" / "lora" / "dora-rows-xs.safetensors"
+    with safe_open(str(golden), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    source = tmp_path / "made-elsewhere.safetensors"
+    save_file(tensors, str(source), metadata={**metadata, "base_fingerprint": "0123456789abcdef"})
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source)))
+    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    out = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
+    mine = trained_on_fingerprint(tiny.modules, out, SA3_ROOTS)
+    assert out.metadata["base_fingerprint"] == mine != "0123456789abcdef"
+
+
+def test_a_dataset_copied_in_part_is_refused_before_the_run_is_queued(tmp_path, tiny, dataset, fixtures_dir):
+    import shutil
+
+    from sa3_lora_studio.encoding import load_dataset
+
+    copy = tmp_path / "partial copy"
+    shutil.copytree(dataset, copy)
+    gone = load_dataset(copy).entries[-1]["metadata"]
+    (copy / gone).unlink()
+    from sa3_lora_studio.training.preflight import check_run_inputs
+    from sa3_lora_studio.training.runs import RunError
+
+    config = _config(copy, fixtures_dir)
+    named = f"RunConfig.dataset: 1 of the files .* lists are not there .*{re.escape(gone)}"
+    with pytest.raises(RunError, match=named):  # the node's and the command line's check before queueing
+        check_run_inputs(config, tiny)
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    record = manager.wait(manager.submit(config), 300)  # a run queued anyway fails at setup with the same words
+    assert record["status"] == "failed" and re.search(named, record["error"]), record["error"]
 
 
 def test_a_latent_file_broken_mid_run_is_named_and_the_last_good_step_is_saved(tmp_path, tiny, dataset, fixtures_dir):

@@ -24,6 +24,8 @@ def open_dataset(config: RunConfig, model=None):
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")
+    if missing := dataset.missing_files():
+        raise RunError(f"RunConfig.dataset: {missing}")
     if config.validation_items >= len(dataset):
         raise RunError(f"RunConfig.validation_items: {config.validation_items} held out of {config.dataset}'s "
                        f"{len(dataset)} encoded files leaves nothing to train on; hold out at most {len(dataset) - 1}, "
@@ -71,6 +73,21 @@ def open_continue_from(config: RunConfig):
         name = Path(config.continue_from).name
         text = str(e).replace(str(config.continue_from), name)
         raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None
+
+
+def continued_step(adapter) -> tuple[int, str | None]:
+    """(the step a continued file's metadata says it was saved at, 0 when it says none; a warning when that is not
+    a whole number from 0 up, as in a hand-edited or foreign file: such a file counts from 0, as reset_step does)."""
+    raw = adapter.metadata.get("step")
+    if raw is None or str(raw).strip() == "":
+        return 0, None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if value.is_integer() and 0 <= value <= 10**12:  # "12.0" is 12
+        return int(value), None
+    return 0, f"continue_from: its metadata gives step {raw!r}, which is not a step count; counting from step 0"
 
 
 def check_trainable(model) -> None:
@@ -191,4 +208,4 @@ def check_run_inputs(config: RunConfig, model=None) -> list[str]:
 
 
 __all__ = ["check_continue_fits", "check_model_sources", "check_run_inputs", "check_targets", "check_trainable",
-           "dataset_warning", "open_continue_from", "open_dataset"]
+           "continued_step", "dataset_warning", "open_continue_from", "open_dataset"]

@@ -655,13 +655,15 @@ class RunRegistry:
                            f"another folder cannot be checked to hold the same files); move the dataset back to "
                            f"{old.dataset}") from None
         try:
-            found = load_dataset(new_folder).identity()
+            moved = load_dataset(new_folder)
         except (DatasetError, OSError, ValueError) as e:
             raise RunError(f"dataset: {e}") from None
-        if found != recorded:
+        if moved.identity() != recorded:
             raise RunError(f"dataset: {new_folder} is not the dataset run {run_id} trained on (other files, or "
                            f"encoded again since); a run resumes on its own dataset only: move that one back to "
                            f"{old.dataset} or give its new folder")
+        if missing := moved.missing_files():  # refused before the settings change: a failed resume keeps none
+            raise RunError(f"dataset: {missing}")
         return new_folder
 
     def submitted_config(self, run_id: str) -> RunConfig | None:

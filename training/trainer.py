@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
-from ..adapters.apply import model_xs_bases
+from ..adapters.apply import model_xs_bases, trained_on_fingerprint
 from ..encoding import PromptConfig, batch_prompts
 from ..encoding.dataset import item_seconds
 from ..sa3 import schedules
@@ -32,7 +32,7 @@ from . import step_rate
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .optimizer import adamw, load_adamw_state
-from .preflight import check_trainable, dataset_warning, open_continue_from, open_dataset
+from .preflight import check_trainable, continued_step, dataset_warning, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import DATASET_RECORD, RunConfig, RunError, RunRegistry, atomic_write_json
 from .tensorboard import TensorBoardSink, attempt_start_step
@@ -250,15 +250,18 @@ class Trainer:
         self.hold_out_items()
 
         resume = self.find_resume_point()
-        if c.continue_from and resume is not None and not Path(c.continue_from).is_file():
-            # the run's own checkpoint has the adapter; the file it started from may have moved since
+        if c.continue_from and resume is not None:
+            # the run's own checkpoint has the adapter: the file it started from may have moved or been replaced
             adapter = read_adapter_file(self.folder / resume["path"])
-            self.log.emit("warning", message=f"continue_from {Path(c.continue_from).name} is gone; resuming from "
-                          f"the run's own checkpoint at step {resume['step']}")
+            if not Path(c.continue_from).is_file():
+                self.log.emit("warning", message=f"continue_from {Path(c.continue_from).name} is gone; resuming "
+                              f"from the run's own checkpoint at step {resume['step']}")
         elif c.continue_from:
             adapter = open_continue_from(c)
             if not c.reset_step:
-                self.step_offset = int(adapter.metadata.get("step", 0) or 0)
+                self.step_offset, step_warning = continued_step(adapter)
+                if step_warning:
+                    self.log.emit("warning", message=step_warning)
             ignored = [f"{name} {mine}" for name, mine, theirs in (("adapter_type", c.adapter_type, adapter.adapter_type),
                                                                    ("rank", c.rank, adapter.rank)) if mine != theirs]
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
@@ -271,8 +274,10 @@ class Trainer:
                                   include=list(c.include) or None, exclude=list(c.exclude) or None, preset=c.targets,
                                   dropout=c.dropout, generator=g)
         self.adapter = adapter
+        xs_source = model_xs_bases(self.model) if adapter.is_xs else None  # svd_bases_path, base beside ARC
         self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm,
-                                  xs_bases=model_xs_bases(self.model) if adapter.is_xs else None)  # svd_bases_path
+                                  xs_bases=xs_source)
+        self.base_fingerprint = trained_on_fingerprint(self.model.modules, adapter, SA3_ROOTS, xs_source)
         for note in self.stack.report.notes:  # e.g. where -xs bases come from: said where the run's messages are
             self.log.emit("status", status="loading", message=note)
         for warning in self.stack.report.warnings:
@@ -429,7 +434,7 @@ class Trainer:
         write_adapter_file(tmp, adapter, base_pack=self.model.pack or model_label(c.model), step=self.global_step,
                            epoch=self.global_step * c.batch_size // max(1, len(self.train_ids)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
-                           base_fingerprint=self.adapter.metadata.get("base_fingerprint", ""))
+                           base_fingerprint=self.base_fingerprint)
         fsync_replace(tmp, adapter_path)
         state_path = ckpt_dir / state_name
         tmp = ckpt_dir / f".{state_name}.tmp"
