@@ -127,3 +127,21 @@ def test_the_benchmarks_floor_step_is_the_frozen_dits_input_gradient_and_the_ste
     losses = [step() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[2] != losses[0]
     forward()
+
+
+def test_the_adapter_is_estimated_at_its_full_rank_and_a_continued_file_at_its_own_size(tmp_path, small):
+    """LoRA trains at the rank asked even above a layer's size (rank 2000 on 1024-wide layers: every layer's A and B
+    are that tall); a run continuing a file trains that file's tensors, whatever the config's type and rank say."""
+    import torch
+    from safetensors.torch import save_file
+
+    ranks = [estimate_training_memory(small, _run(adapter_type="lora", rank=r))["adapter"] for r in (1000, 2000)]
+    assert ranks[1] == 2 * ranks[0]
+    source = tmp_path / "continued.safetensors"
+    save_file({"a.lora_A": torch.zeros(8, 1000, dtype=torch.float16),
+               "a.lora_B": torch.zeros(300, 8, dtype=torch.float16)}, str(source))
+    continued = estimate_training_memory(small, _run(continue_from=str(source)))
+    assert continued["adapter"] == (8 * 1000 + 300 * 8) * 16  # fp32 values, gradients and two AdamW moments
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    assert estimate_training_memory(small, _run(continue_from=str(broken))) == estimate_training_memory(small, _run())

@@ -42,6 +42,7 @@ should follow the same formula, but recalibrate `measure_training_peak`-style wh
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -103,10 +104,24 @@ def adapter_parameter_count(layers: list[tuple[str, int, int]], adapter_type: st
     for name, fan_in, fan_out in layers:
         if (inc is not None and not matches_any(name, inc)) or (exc and matches_any(name, exc)):
             continue
-        r = min(rank, fan_in, fan_out)
-        total += r * (fan_in + fan_out) if delta == "lowrank" else r * r
+        if delta == "lowrank":  # trained at the full rank, even above the layer's size
+            total += rank * (fan_in + fan_out)
+        else:  # -xs ranks above a layer's size are refused
+            total += min(rank, fan_in, fan_out) ** 2
         total += {"none": 0, "rows": fan_out, "cols": fan_in, "both": fan_in + fan_out}[renorm]
     return total
+
+
+def continued_parameter_count(path) -> int | None:
+    """Trainable values of the adapter file a run continues (its tensors' sizes, read from the safetensors header
+    without the data), or None when that cannot be read that way (the run's own checks name a bad file)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception:  # a Lightning .ckpt, a damaged file: the config's type and rank stand in
+        return None
 
 
 def estimate_training_memory(model_config, run_config, text_encoder_params: int | None = None) -> dict:
@@ -118,8 +133,10 @@ def estimate_training_memory(model_config, run_config, text_encoder_params: int 
     c, d = run_config, model_config.dit
     size = BYTES[c.precision]
     n_params, layers = _count_parameters(model_config)
-    n_adapter = adapter_parameter_count(layers, c.adapter_type, c.rank, list(c.include) or None,
-                                        list(c.exclude) or None, c.targets)
+    n_adapter = (continued_parameter_count(c.continue_from) if c.continue_from else None)  # the file decides
+    if n_adapter is None:
+        n_adapter = adapter_parameter_count(layers, c.adapter_type, c.rank, list(c.include) or None,
+                                            list(c.exclude) or None, c.targets)
     crop = c.crop_latents(model_config)
     tokens = crop + int(d.get("num_memory_tokens", 0) or 0)
     width, depth, batch = int(d["embed_dim"]), int(d["depth"]), c.batch_size
