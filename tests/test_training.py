@@ -5,6 +5,7 @@ import math
 import re
 import threading
 import time
+import warnings
 
 import pytest
 import soundfile as sf
@@ -652,8 +653,14 @@ def test_checkpoints_record_the_fingerprint_of_the_weights_they_were_trained_on(
     source = tmp_path / "made-elsewhere.safetensors"
     save_file(tensors, str(source), metadata={**metadata, "base_fingerprint": "0123456789abcdef"})
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
-    run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source)))
-    assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source)))
+        assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+    said = [e["message"] for e in map(json.loads, (manager.registry.run_dir(run) / "events.jsonl").read_text()
+                                      .splitlines()) if e["type"] == "warning"]
+    assert sum("trained on other base weights" in m for m in said) == 1  # said once, as the run's event ...
+    assert not [w for w in caught if "trained on other base weights" in str(w.message)]  # ... not also by Python
     out = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
     mine = trained_on_fingerprint(tiny.modules, out, SA3_ROOTS)
     assert out.metadata["base_fingerprint"] == mine != "0123456789abcdef"

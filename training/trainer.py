@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, read_adapter_file, write_adapter_file
+from ..adapters import SA3_ROOTS, AdaptedModel, new_adapter, notices, read_adapter_file, write_adapter_file
 from ..adapters.apply import model_xs_bases, trained_on_fingerprint
 from ..encoding import PromptConfig, batch_prompts
 from ..encoding.dataset import item_seconds
@@ -275,8 +275,9 @@ class Trainer:
                                   dropout=c.dropout, generator=g)
         self.adapter = adapter
         xs_source = model_xs_bases(self.model) if adapter.is_xs else None  # svd_bases_path, base beside ARC
-        self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True, detach_norm=c.detach_norm,
-                                  xs_bases=xs_source)
+        with notices.collected():  # its warnings go out below as the run's events, once (not also as Python's)
+            self.stack = AdaptedModel(self.model.modules, [adapter], SA3_ROOTS, trainable=True,
+                                      detach_norm=c.detach_norm, xs_bases=xs_source)
         self.base_fingerprint = trained_on_fingerprint(self.model.modules, adapter, SA3_ROOTS, xs_source)
         for note in self.stack.report.notes:  # e.g. where -xs bases come from: said where the run's messages are
             self.log.emit("status", status="loading", message=note)
