@@ -423,6 +423,12 @@ def test_runs_resume_options_become_settings_changes():
     assert resume_changes(args) == {"demo_every": 50, "demo_format": "opus", "betas": [0.9, 0.99], "lr": 5e-5}
     with pytest.raises(RunError, match="FIELD=VALUE"):
         resume_changes(build_parser().parse_args(["runs", "resume", "RUN", "--set", "demo_every"]))
+    with pytest.raises(RunError, match="--lr 0.001 and --set lr=0.002 disagree"):  # no silent winner
+        resume_changes(build_parser().parse_args(["runs", "resume", "RUN", "--lr", "1e-3", "--set", "lr=2e-3"]))
+    with pytest.raises(RunError, match="--steps 50 and --set steps=60 disagree"):
+        resume_changes(build_parser().parse_args(["runs", "resume", "RUN", "--steps", "50", "--set", "steps=60"]))
+    same = build_parser().parse_args(["runs", "resume", "RUN", "--steps", "50", "--set", "steps=50"])
+    assert resume_changes(same) == {"steps": 50}
 
 
 def test_a_finished_run_is_trained_further_from_the_command_line(tmp_path, dataset, fixtures_dir, capsys):
@@ -513,8 +519,10 @@ def test_a_resume_is_queued_once_and_a_finished_run_needs_more_steps(tmp_path):
     registry, run_id = _registry_with_run(tmp_path, status="stopped")
     registry.amend(run_id, more_steps=5, queue=True)
     assert registry.get(run_id)["status"] == "queued" and registry.config(run_id).steps == 10
-    with pytest.raises(RunConflict, match="already queued"):  # a second window's click, or another process
-        registry.amend(run_id, more_steps=5, queue=True)
+    with pytest.raises(RunConflict, match="already queued; stop it before resuming it with other settings"):
+        registry.amend(run_id, more_steps=5, queue=True)  # a second window's click, or another process
+    with pytest.raises(RunConflict, match="already queued: nothing to resume"):  # no settings asked for
+        registry.amend(run_id, queue=True)
     assert registry.config(run_id).steps == 10
     registry.update(run_id, status="done")
     (registry.run_dir(run_id) / "latest.json").write_text(json.dumps({"step": 10, "step_offset": 0}))

@@ -288,10 +288,12 @@ def resume_changes(args) -> dict:
             changes[name.strip()] = json.loads(text)
         except ValueError:
             changes[name.strip()] = text  # a bare word: demo_format=opus
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.lr is not None:
-        changes["lr"] = args.lr
+    for flag, field, value in (("--steps", "steps", args.steps), ("--lr", "lr", args.lr)):
+        if value is None:
+            continue
+        if field in changes and changes[field] != value:  # which one was meant cannot be guessed
+            raise RunError(f"{flag} {value:g} and --set {field}={changes[field]} disagree: give one of them")
+        changes[field] = value
     return changes
 
 
