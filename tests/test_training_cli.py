@@ -103,6 +103,12 @@ def test_resume_relaunches_a_distributed_run_under_torchrun_with_its_process_cou
     assert command[command.index("--nproc_per_node") + 1] == "3"
     assert command[command.index("--config") + 1] == str(registry.run_dir(run_id) / "config.json")
     assert command[command.index("-m", 3) + 1:command.index("-m", 3) + 3] == ["sa3_lora_studio", "train"]
+    assert "--quiet" not in command and "--log-every" not in command
+    from sa3_lora_studio.cli import build_parser
+
+    told = torchrun_command(registry.root, run_id, 2, quiet=True, log_every=10)  # runs resume --quiet --log-every
+    train = build_parser().parse_args(told[told.index("-m", 3) + 2:])  # what each rank's `train` reads of it
+    assert (train.quiet, train.log_every) == (True, 10)
 
 
 def test_a_train_process_is_paused_saved_continued_and_stopped_from_the_command_line_then_resumed(

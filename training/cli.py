@@ -148,15 +148,17 @@ def _refuse_if_running(registry, run_id: str) -> None:
                        f"(`sa3-lora runs stop {run_id}`)")
 
 
-def torchrun_command(runs_dir: str | Path, run_id: str, nproc: int) -> list[str]:
+def torchrun_command(runs_dir: str | Path, run_id: str, nproc: int, quiet: bool = False,
+                     log_every: int = 1) -> list[str]:
     """The command that resumes a run on `nproc` local processes (torchrun is `python -m torch.distributed.run`;
-    `--standalone` picks a free rendezvous port)."""
+    `--standalone` picks a free rendezvous port), printing as `add_output_args`' quiet and log_every say."""
     from .runs import RunRegistry
 
     folder = RunRegistry(runs_dir).run_dir(run_id)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "sa3_lora_studio", "train", "--config", str(folder / "config.json"),
-            "--runs-dir", str(Path(runs_dir).resolve())]
+            "--runs-dir", str(Path(runs_dir).resolve()), *(["--quiet"] if quiet else []),
+            *(["--log-every", str(log_every)] if log_every != 1 else [])]
 
 
 def _resume_distributed(args, run_id: str, nproc: int) -> int:
@@ -168,7 +170,8 @@ def _resume_distributed(args, run_id: str, nproc: int) -> int:
     from .runs import RunRegistry
 
     _refuse_if_running(RunRegistry(args.runs_dir), run_id)
-    command = torchrun_command(args.runs_dir, run_id, nproc)
+    command = torchrun_command(args.runs_dir, run_id, nproc, getattr(args, "quiet", False),
+                               getattr(args, "log_every", 1))
     print(f"resuming {run_id} on {nproc} processes: {' '.join(command)}", flush=True)
     proc = subprocess.Popen(command, env=dict(os.environ, SA3_RUN_ID=run_id))
 
