@@ -78,7 +78,8 @@ def test_two_processes_equal_one_process_with_the_doubled_batch_and_resume(tmp_p
     registry = RunRegistry(runs)
     (record,) = registry.list()
     assert record["status"] == "done" and record["step"] == 1 and record["world_size"] == 2
-    _torchrun(config_path, runs, steps=5, run_id=record["id"])
+    resumed = _torchrun(config_path, runs, steps=5, run_id=record["id"])
+    assert "warning: it trained on" not in resumed.stdout  # the same 2 processes: its global batch is unchanged
     ddp_info, ddp_state = _state(registry, record["id"])
 
     assert single_info["step"] == ddp_info["step"] == 5

@@ -454,6 +454,13 @@ def test_a_finished_run_is_trained_further_from_the_command_line(tmp_path, datas
     assert registry.latest_checkpoint(run_id)["step"] == 4
     assert [(e["step"], e["lr"]) for e in run_events(registry, run_id) if e["type"] == "step"] == \
         [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2e-3)]
+    registry.update(run_id, world_size=2)  # as if it had trained under torchrun on 2 processes
+    assert runs_cli(runs, "resume", run_id, "--more-steps", "1", "--nproc", "1") == 0
+    out = capsys.readouterr().out
+    assert "warning: it trained on 2 processes (global batch 2) and resumes on 1 (global batch 1)" in out
+    assert "resume with --nproc 2 to keep it" in out and registry.get(run_id)["world_size"] == 1
+    assert runs_cli(runs, "resume", run_id, "--more-steps", "1") == 0
+    assert "warning: it trained on" not in capsys.readouterr().out  # one process, as before
 
 
 def test_relative_paths_in_a_run_config_are_stored_absolute_so_it_resumes_from_anywhere(tmp_path, dataset,

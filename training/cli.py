@@ -135,8 +135,13 @@ def _resume_here(args, run_id: str, changes: dict | None = None, more_steps: int
     first by `changes` / `more_steps` (`RunRegistry.amend`: e.g. a finished run trained further)."""
     manager = _manager(args, [_event_printer(args)])  # marks runs whose process died as interrupted
     _refuse_if_running(manager.registry, run_id)
+    before = int(manager.registry.get(run_id).get("world_size") or 1)
     manager.control(run_id, "restart", changes=changes, more_steps=more_steps)
     manager.registry.update(run_id, world_size=1)  # only once the restart was accepted
+    if before > 1:
+        from .distributed import world_size_change
+
+        print(f"warning: {world_size_change(before, 1, manager.registry.config(run_id).batch_size)}", flush=True)
     return _follow(manager, run_id)
 
 

@@ -47,6 +47,14 @@ from .trainer import Trainer, failed_at, failure_message
 from .worker import RunControl
 
 
+def world_size_change(before: int, now: int, batch_size: int) -> str:
+    """What a run resumed on another number of processes than it trained on should say: its global batch changes."""
+    return (f"it trained on {before} process{'es' if before > 1 else ''} (global batch {batch_size * before}) and "
+            f"resumes on {now} (global batch {batch_size * now}): its steps from here see "
+            f"{'more' if now > before else 'fewer'} samples each, and it no longer follows the run it would have "
+            f"been; resume with --nproc {before} to keep it")
+
+
 def rank_rows(global_batch: int, rank: int, world_size: int) -> slice:
     """Contiguous rows of the global batch processed by `rank` (sizes differ by at most one)."""
     per, extra = divmod(global_batch, world_size)
@@ -241,12 +249,15 @@ def train_distributed(config: RunConfig, runs_dir: str | Path, run_id: str | Non
         run_id = run_id or os.environ.get("SA3_RUN_ID") or None
         if rank == 0:
             if run_id is None:
-                run_id = registry.create(config)
+                run_id, before = registry.create(config), world
             else:  # the run's own config (per-rank batch), not the file given; only `steps` is taken from it
                 config, _ = registry.amend(run_id, {"steps": config.steps})  # the one resume rule (runs.py)
+                before = int(registry.get(run_id).get("world_size") or 1)  # none recorded: one process trained it
             registry.update(run_id, status="loading", error=None, world_size=world)
             print(f"run {run_id} in {registry.run_dir(run_id)} on {world} processes "
                   f"(global batch {config.batch_size * world})", flush=True)
+            if before != world:
+                print(f"warning: {world_size_change(before, world, config.batch_size)}", flush=True)
         shared = [run_id, config.to_dict()]
         dist.broadcast_object_list(shared, src=0)
         run_id, config = shared[0], RunConfig.from_dict(shared[1])
