@@ -150,6 +150,9 @@ def adapter_from_state(state: dict[str, Tensor], config: dict | None = None, met
         raise AdapterFileError(f"{where}: lora_config: {e}") from None
     rank = config.get("rank")
     rank = _positive_number(rank, "rank", where, int) if rank is not None else infer_rank(state)
+    if rank != infer_rank(state):  # else its layers look like another model's, which is not what is wrong
+        raise AdapterFileError(f"{where}: lora_config says rank {rank}, but its tensors have rank {infer_rank(state)}: "
+                               "its metadata does not belong to these tensors")
     alpha = config.get("alpha")
     alpha = _positive_number(alpha, "alpha", where, float, allow_zero=True) if alpha is not None else rank
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)

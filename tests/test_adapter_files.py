@@ -212,6 +212,7 @@ def test_bad_values_and_metadata_in_a_file_are_refused_naming_the_file(fixtures_
                       (json.dumps({"rank": 0}), "rank=0 is not a usable number"),
                       (json.dumps({"rank": 4.7}), "rank=4.7 is not a usable number"),
                       (json.dumps({"rank": 4, "alpha": "8"}), "alpha='8' is not a usable number"),
+                      (json.dumps({"rank": 8, "alpha": 8}), "says rank 8, but its tensors have rank 4"),
                       (json.dumps({"adapter_type": "loha"}), "lora_config: adapter_type='loha' is unknown")]:
         with pytest.raises(AdapterFileError, match=f"bad.*{why}"):
             read_adapter_file(_rewritten(src, tmp_path / "bad.safetensors", config=text))

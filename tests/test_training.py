@@ -286,6 +286,13 @@ def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_pa
     ignored = [f"{n} {v}" for n, v, theirs in (("adapter_type", "lora", original.adapter_type),
                                                ("rank", 2, original.rank)) if v != theirs]
     assert said.endswith(f"(the file decides: the config's {', '.join(ignored)} does not apply)") == bool(ignored)
+    if kind == "lora":  # a config that leaves type and rank at their defaults asked for neither: nothing to tell
+        run = manager.submit(_config(dataset, fixtures_dir, steps=1, adapter_type="dora-rows", rank=16,
+                                     continue_from=str(source)))
+        assert manager.wait(run, 300)["status"] == "done"
+        events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
+        said = next(e["message"] for e in events if e.get("message", "").startswith("continuing "))
+        assert said.startswith("continuing lora rank 4") and "does not apply" not in said
 
 
 def test_the_prompt_preview_for_step_s_shows_what_training_step_s_sees(tmp_path, tiny, dataset, fixtures_dir):

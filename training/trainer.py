@@ -262,8 +262,10 @@ class Trainer:
                 self.step_offset, step_warning = continued_step(adapter)
                 if step_warning:
                     self.log.emit("warning", message=step_warning)
+            defaults = RunConfig(dataset=c.dataset)  # a setting left at its default was not asked for: no notice
             ignored = [f"{name} {mine}" for name, mine, theirs in (("adapter_type", c.adapter_type, adapter.adapter_type),
-                                                                   ("rank", c.rank, adapter.rank)) if mine != theirs]
+                                                                   ("rank", c.rank, adapter.rank))
+                       if mine != theirs and mine != getattr(defaults, name)]
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
                           f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}"
                           + (f" (the file decides: the config's {', '.join(ignored)} does not apply)" if ignored
