@@ -608,15 +608,15 @@ def test_train_refuses_patterns_matching_nothing_and_a_file_for_another_model_be
     """Without loading weights: the model's module tree on the meta device says its layer names and shapes."""
     from sa3_lora_studio.cli import main
 
-    fixture_lora = next(p for p in sorted((fixtures_dir / "golden" / "lora").glob("*.safetensors")))
+    fixture_lora = fixtures_dir / "golden" / "lora" / "bora.safetensors"
     base = dict(dataset=str(dataset), model=str(fixtures_dir / "tiny-small"), steps=1, demo_every=0)
     from sa3_lora_studio.adapters import read_adapter_file
     from safetensors.torch import save_file
 
-    other = read_adapter_file(fixture_lora)  # a fixture LoRA with one tensor grown: a file for another model size
+    other = read_adapter_file(fixture_lora)  # a fixture LoRA with one layer 3 inputs wider: for another model size
     tensors = {f"{layer}.parametrizations.weight.0.{k}": v for layer, t in other.layers.items() for k, v in t.items()}
-    key = next(k for k in tensors if k.endswith(("lora_A", "M_xs", "lora_B")))
-    tensors[key] = torch.zeros(tensors[key].shape[0] + 3, *tensors[key].shape[1:])
+    key = next(k for k in tensors if k.endswith("lora_A"))  # [rank, in]: the layer's width, not the rank, grows
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
     save_file(tensors, str(tmp_path / "other.safetensors"),
               metadata={"lora_config": json.dumps({"rank": other.rank, "alpha": other.alpha,
                                                    "adapter_type": other.adapter_type})})
