@@ -1105,7 +1105,7 @@ class EncodedDataset:
             h.update(json.dumps([e["relpath"], e.get("hash") or e.get("n_latents")]).encode())
         return h.hexdigest()
 
-    def missing_files(self) -> str | None:
+    def missing_files_problem(self) -> str | None:
         """What to say when latent or metadata files the manifest lists are not in the folder (a partial copy), for a
         training run to refuse it before it starts; None when all are there."""
         missing = [e[key] for e in self.entries for key in ("latents", "metadata") if not (self.root / e[key]).is_file()]

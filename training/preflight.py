@@ -24,7 +24,7 @@ def open_dataset(config: RunConfig, model=None):
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")
-    if missing := dataset.missing_files():
+    if missing := dataset.missing_files_problem():
         raise RunError(f"RunConfig.dataset: {missing}")
     if config.validation_items >= len(dataset):
         raise RunError(f"RunConfig.validation_items: {config.validation_items} held out of {config.dataset}'s "
