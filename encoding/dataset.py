@@ -1105,14 +1105,26 @@ class EncodedDataset:
             h.update(json.dumps([e["relpath"], e.get("hash") or e.get("n_latents")]).encode())
         return h.hexdigest()
 
-    def missing_files_problem(self) -> str | None:
-        """What to say when latent or metadata files the manifest lists are not in the folder (a partial copy), for a
-        training run to refuse it before it starts; None when all are there."""
-        missing = [e[key] for e in self.entries for key in ("latents", "metadata") if not (self.root / e[key]).is_file()]
-        if not missing:
-            return None
-        return (f"{len(missing)} of the files {self.root} lists are not there (e.g. {missing[0]}): copy the whole "
-                "dataset folder, or encode the audio into it again (the files already there are kept)")
+    def files_problem(self) -> str | None:
+        """What to say when latent or metadata files the manifest lists are not in the folder (a partial copy) or a
+        latent file's header does not match its size (a truncated copy), for a training run to refuse it before it
+        starts; None when all are there. Reads headers only (memory-mapped), not the latents."""
+        missing, damaged = [], []
+        for e in self.entries:
+            missing += [e[key] for key in ("latents", "metadata") if not (self.root / e[key]).is_file()]
+            if e["latents"] not in missing:
+                try:
+                    np.load(self.root / e["latents"], mmap_mode="r")
+                except (OSError, ValueError, EOFError):
+                    damaged.append(e["latents"])
+        if missing:
+            return (f"{len(missing)} of the files {self.root} lists are not there (e.g. {missing[0]}): copy the whole "
+                    "dataset folder, or encode the audio into it again (the files already there are kept)")
+        if damaged:
+            return (f"{len(damaged)} latent file(s) in {self.root} are damaged (e.g. {damaged[0]}: shorter than its "
+                    "header says, as a copy cut off part-way leaves it): copy it again, or encode the audio again "
+                    "with force")
+        return None
 
     def latents(self, i: int) -> np.ndarray:
         """[latent_dim, T] as stored (float32 or float16). DatasetError naming the file when it is unreadable, of

@@ -7,6 +7,7 @@ routes in `routes.py` serve the panel. ComfyUI's cancel button does not stop tra
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -212,7 +213,11 @@ class SA3TrainLoRA:
                                checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {},
                                **(options or {}))
-            input_warnings = check_run_inputs(config, model)  # a bad dataset or LoRA file fails here, not later
+            manager = get_manager()
+            same = manager.same_settings_run(config)  # the same graph queued again: that run goes on
+            own_checkpoint = same is not None and manager.registry.latest_checkpoint(same["id"]) is not None
+            # a bad dataset or LoRA file fails here, not later (a run going on from its checkpoint reads no LoRA file)
+            input_warnings = check_run_inputs(config, model, own_checkpoint)
         except RunError as e:
             raise ValueError(f"SA3 Train LoRA: {e}") from None
         with using(model):  # ComfyUI frees its own models if the run needs the room (this one stays)
@@ -220,9 +225,10 @@ class SA3TrainLoRA:
         warning = memory_warning(model, config)
         from ..training.manager import device_key
 
-        manager = get_manager()
-        same = manager.same_settings_run(config)
+        said_before = 0  # where this attempt's events start in its run's events file (its warnings go on the node)
         if same is not None:  # the same graph queued again after a restart: that run, not a second one from step 0
+            with contextlib.suppress(OSError):
+                said_before = manager.events_path(same["id"]).stat().st_size
             try:
                 run_id, text = self.reuse(manager, same)
             except RunError as e:
@@ -232,7 +238,8 @@ class SA3TrainLoRA:
             run_id = manager.submit(config)
             text = (f"run {run_id} queued behind {len(ahead)} run(s) on {device_key(config)}" if ahead
                     else f"run {run_id} started")
-        text += "".join(f"\nwarning: {w}" for w in [*input_warnings, warning] if w)
+        warnings = [w for w in [*input_warnings, warning] if w]
+        text += "".join(f"\nwarning: {w}" for w in warnings)
         if wait_until_done:  # ComfyUI's cancel ends the wait (the run trains on; stop it with SA3 Run Control)
             while not manager.worker.join(run_id, 0.5):
                 throw_if_interrupted()
@@ -241,7 +248,12 @@ class SA3TrainLoRA:
             except RunError:  # deleted from the panel or a route meanwhile
                 raise ValueError(f"SA3 Train LoRA: run {run_id} was deleted while this node waited for it to "
                                  "finish (queue the graph again for a new run)") from None
-            text = f"run {run_id}: {record['status']} at step {record['step']}"
+            from ..training.events import read_events
+
+            said = [e["message"] for e in read_events(manager.events_path(run_id), said_before)[0]
+                    if e.get("type") == "warning"]
+            text = f"run {run_id}: {record['status']} at step {record['step']}" + "".join(
+                f"\nwarning: {w}" for w in dict.fromkeys([*warnings, *said]))  # an API caller sees no events
             if record["status"] == "failed":
                 raise RuntimeError(f"SA3 Train LoRA: {record.get('error')}")
         return {"ui": {"text": [text]}, "result": (run_id, run_id)}

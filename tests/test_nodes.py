@@ -611,6 +611,55 @@ def test_status_and_control_take_a_run_by_id_and_the_same_graph_after_a_restart_
             call(run_id="nope")
 
 
+def test_the_same_continued_graph_queued_again_goes_on_from_its_checkpoint_when_its_lora_file_is_gone(comfy, dataset,
+                                                                                                      tmp_path):
+    """The run resumes from its own checkpoint and never reads the file it started from: a file deleted or damaged
+    since must not refuse the graph that would resume it (SA3 Run Control's restart never read it either)."""
+    import shutil
+
+    from sa3_lora_studio.nodes import training_nodes
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    first, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), name="source"))
+    manager = training_nodes.get_manager()
+    source = tmp_path / "source.safetensors"
+    shutil.copy(manager.registry.run_dir(first) / manager.registry.latest_checkpoint(first)["path"], source)
+    inputs = _train_inputs(model=model, dataset=str(dataset), steps=3, name="continued", continue_from=str(source))
+
+    def stop_at_1(event):
+        if event["type"] == "step" and event["step"] == 2:  # the source's step 1, and one more
+            manager.worker.controls[event["run"]].request_stop()
+
+    manager.listeners.append(stop_at_1)
+    try:
+        run, _ = run_node("SA3TrainLoRA", **inputs)
+    finally:
+        manager.listeners.remove(stop_at_1)
+    assert manager.registry.get(run)["status"] == "stopped"
+    for damage in (lambda: source.write_bytes(b"not a LoRA any more"), source.unlink):
+        damage()
+        training_nodes.reset_manager()
+        with torch.inference_mode():
+            again = NODE_CLASS_MAPPINGS["SA3TrainLoRA"]().train(**{**inputs, "wait_until_done": False})
+        assert again["result"][0] == run and "resumed" in again["ui"]["text"][0]
+        manager = training_nodes.get_manager()
+        assert manager.wait(run, 300)["status"] == "done", manager.registry.get(run)["error"]
+        manager.registry.update(run, status="stopped")  # as if stopped again: the next damage is tried on it
+    with pytest.raises(ValueError, match="continue_from: .*source.safetensors"):  # a new run still needs the file
+        run_node("SA3TrainLoRA", **{**inputs, "seed": 5})
+
+    # a warning the run gives while it trains reaches the node's text when it waits (an API caller sees no events)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(manager.registry.run_dir(first) / manager.registry.latest_checkpoint(first)["path"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(source), metadata={**f.metadata(), "step": "abc"})
+    with torch.inference_mode():
+        waited = NODE_CLASS_MAPPINGS["SA3TrainLoRA"]().train(**{**inputs, "seed": 6, "steps": 1})
+    assert "done at step 1" in waited["ui"]["text"][0]
+    assert "warning: continue_from: its metadata gives step 'abc'" in waited["ui"]["text"][0]
+
+
 def test_encode_finds_a_relative_folder_in_comfyuis_input_folder_and_shows_its_report(comfy, tmp_path, monkeypatch):
     from sa3_lora_studio.nodes.dataset_nodes import SA3EncodeAudioFolder
 

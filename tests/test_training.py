@@ -692,6 +692,11 @@ def test_a_dataset_copied_in_part_is_refused_before_the_run_is_queued(tmp_path, 
     manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
     record = manager.wait(manager.submit(config), 300)  # a run queued anyway fails at setup with the same words
     assert record["status"] == "failed" and re.search(named, record["error"]), record["error"]
+    shutil.copy(dataset / gone, copy / gone)  # all there again, but one latent file cut off part-way
+    cut = copy / load_dataset(copy).entries[0]["latents"]
+    cut.write_bytes(cut.read_bytes()[:-40])
+    with pytest.raises(RunError, match=f"1 latent file.* damaged .*{re.escape(cut.name)}: shorter than its header"):
+        check_run_inputs(config, tiny)
 
 
 def test_a_latent_file_broken_mid_run_is_named_and_the_last_good_step_is_saved(tmp_path, tiny, dataset, fixtures_dir):

@@ -24,7 +24,7 @@ def open_dataset(config: RunConfig, model=None):
     if len(dataset) == 0:
         raise RunError(f"RunConfig.dataset: {config.dataset} has no encoded files; encode a folder of audio into it "
                        "first (SA3 Encode Audio Folder or `sa3-lora encode`)")
-    if missing := dataset.missing_files_problem():
+    if missing := dataset.files_problem():
         raise RunError(f"RunConfig.dataset: {missing}")
     if config.validation_items >= len(dataset):
         raise RunError(f"RunConfig.validation_items: {config.validation_items} held out of {config.dataset}'s "
@@ -175,10 +175,12 @@ def check_model_sources(config: RunConfig, fields: tuple[str, ...] = ("model", "
     return located
 
 
-def check_run_inputs(config: RunConfig, model=None) -> list[str]:
+def check_run_inputs(config: RunConfig, model=None, own_checkpoint: bool = False) -> list[str]:
     """Everything a run reads, checked before it is registered (nothing is queued on bad input); model: the loaded
     model when the caller has it (`open_dataset`, `check_trainable`, `check_targets`), else its files are looked
-    for (`check_model_sources`). Returns warnings that do not stop the run (`dataset_warning`)."""
+    for (`check_model_sources`). own_checkpoint: the run exists and resumes from its own checkpoint, so its
+    continue_from file is never read (it may have moved or changed since). Returns warnings that do not stop the
+    run (`dataset_warning`)."""
     from .trainer import device_problem
 
     problem = device_problem(config.device)
@@ -186,13 +188,16 @@ def check_run_inputs(config: RunConfig, model=None) -> list[str]:
         raise RunError(f"RunConfig.device: {problem}")
     if model is not None:
         check_trainable(model)
-        check_targets(config, model)
-        check_continue_fits(config, model.modules)
+        if not own_checkpoint:  # its adapter is in its checkpoint: no new one is made, no file is read
+            check_targets(config, model)
+            check_continue_fits(config, model.modules)
         check_model_sources(config, ("arc_model",))  # ARC demos' model: not loaded until the first demo
         loc = None
     else:
         loc = check_model_sources(config)
-        if loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
+        if own_checkpoint:
+            pass
+        elif loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
             from types import SimpleNamespace
 
             from ..sa3.model import build_modules

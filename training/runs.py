@@ -663,7 +663,7 @@ class RunRegistry:
             raise RunError(f"dataset: {new_folder} is not the dataset run {run_id} trained on (other files, or "
                            f"encoded again since); a run resumes on its own dataset only: move that one back to "
                            f"{old.dataset} or give its new folder")
-        if missing := moved.missing_files_problem():  # refused before the settings change: a failed resume keeps none
+        if missing := moved.files_problem():  # refused before the settings change: a failed resume keeps none
             raise RunError(f"dataset: {missing}")
         return new_folder
 
