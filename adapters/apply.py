@@ -543,8 +543,7 @@ class AdaptedModel:
     def _xs_bases_origin(self, tree: nn.Module, a: LoadedAdapter, name: str,
                          source: XsBasesSource | None) -> XsBasesSource | None:
         """`xs_bases_origin` for this view's tree; its note or warning goes into the report."""
-        own = {layer: module.weight for layer in a.layers for module in [self._find(tree, layer)[1]]
-               if module is not None}
+        own = adapter_layer_weights(tree, a, self.roots)
         origin = xs_bases_origin(a, own, name, source)
         if origin.note:
             self.report.notes.append(origin.note)
@@ -809,13 +808,18 @@ def check_xs_rank(weights: dict[str, Tensor], rank: int) -> None:
                          f"those layers (exclude={names[:6]!r})")
 
 
+def adapter_layer_weights(tree: nn.Module, adapter: LoadedAdapter, roots: Sequence[Root]) -> dict[str, Tensor]:
+    """{layer: the tree's weight} for the adapter's layers the tree has: what its base fingerprint is taken of."""
+    return {layer: module.weight for layer in adapter.layers for module in [find_layer(tree, layer, roots)[1]]
+            if module is not None}
+
+
 def trained_on_fingerprint(tree: nn.Module, adapter: LoadedAdapter, roots: Sequence[Root],
                            xs_source: XsBasesSource | None = None) -> str:
     """The base fingerprint a file of `adapter` trained on `tree` records: of the weights its -xs bases come from
     (`xs_bases_origin`: a base model beside an ARC one), else of the tree's own weights of its layers; never the one
     a continued file brought from the model it was made on."""
-    own = {layer: module.weight for layer in adapter.layers for module in [find_layer(tree, layer, roots)[1]]
-           if module is not None}
+    own = adapter_layer_weights(tree, adapter, roots)
     if adapter.is_xs:
         source = xs_bases_origin(adapter, own, "", xs_source).source
         given = None if source is None else source.fingerprint(list(own))  # None: a bases file (it holds no weights)

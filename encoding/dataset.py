@@ -441,11 +441,12 @@ def _encode_file_resuming(encoder, ident: dict, path: Path, relpath: str, root: 
     EncodeStopped."""
     kept_chunks = PartialEncode(out_dir, relpath, _chunks_identity(ident, content_hash, chunk_latents))
     finished = kept_chunks.finished()
+    resumed = len(finished)  # the saved chunks of this file's own chunking (its key), counted once
 
     def on_chunk(done: int, total: int, kept: np.ndarray) -> None:
         kept_chunks.add(done - 1, kept)
         if between_chunks is not None:
-            between_chunks(done, total, sum(index < total for index in finished))
+            between_chunks(done, total, resumed)
     try:
         rec = _encode_file(encoder, ident, path, relpath, root, out_dir, dtype, content_hash, chunk_latents,
                            decoded=decoded, finished=finished, on_chunk=on_chunk)

@@ -195,9 +195,7 @@ def check_run_inputs(config: RunConfig, model=None, own_checkpoint: bool = False
         loc = None
     else:
         loc = check_model_sources(config)
-        if own_checkpoint:
-            pass
-        elif loc is not None:  # the module tree on the meta device (no memory, no weights): layer names and shapes
+        if loc is not None and not own_checkpoint:  # the module tree on the meta device (no memory, no weights)
             from types import SimpleNamespace
 
             from ..sa3.model import build_modules
@@ -205,7 +203,7 @@ def check_run_inputs(config: RunConfig, model=None, own_checkpoint: bool = False
             modules = build_modules(loc.config)
             check_targets(config, SimpleNamespace(modules=modules))
             check_continue_fits(config, modules)
-        else:  # no model to fit it to: that it reads
+        elif not own_checkpoint:  # no model to fit it to: that it reads
             open_continue_from(config)
     shapes = model if model is not None else getattr(loc, "config", None)  # a config says widths and rates too
     warning = dataset_warning(open_dataset(config, shapes))

@@ -606,9 +606,9 @@ class RunRegistry:
         with self._lock():
             record = self.get(run_id)
             if trained_elsewhere(record):  # queued or training in a live process (this one included)
-                asked = " with other settings" if changes or more_steps else ""
-                raise RunConflict(f"run {run_id} is already {record['status']}"
-                                  + (f"; stop it before resuming it{asked}" if asked else ": nothing to resume"))
+                then = ("; stop it before resuming it with other settings" if changes or more_steps
+                        else ": nothing to resume")
+                raise RunConflict(f"run {run_id} is already {record['status']}{then}")
             old = self.config(run_id)
             if "dataset" in changes:
                 changes["dataset"] = self._moved_dataset(run_id, old, changes["dataset"])
