@@ -8,6 +8,7 @@ routes in `routes.py` serve the panel. ComfyUI's cancel button does not stop tra
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,17 @@ from .dataset_nodes import text_list
 _MANAGER = None
 _MANAGER_LOCK = threading.Lock()
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# config fields whose node input has another name; any other `RunConfig.x` / `DemoSpec.x` is the input x
+NODE_INPUT_NAMES = {"RunConfig.lr": "learning_rate", "DemoSpec.duration": "seconds", "DemoSpec.seed": "demo_seed"}
+
+
+def node_error(node: str, error: Exception) -> ValueError:
+    """The ValueError a node raises for a RunError: the node's name first, then the message with the config's field
+    names as the node's inputs are called (`RunConfig.lr: ...` is `learning_rate: ...` on the node)."""
+    text = re.sub(r"\b(?:RunConfig|DemoSpec)\.(\w+)", lambda m: NODE_INPUT_NAMES.get(m[0], m[1]), str(error))
+    return ValueError(f"{node}: {text}")
 
 
 def _forward_event(event: dict) -> None:
@@ -219,7 +231,7 @@ class SA3TrainLoRA:
             # a bad dataset or LoRA file fails here, not later (a run going on from its checkpoint reads no LoRA file)
             input_warnings = check_run_inputs(config, model, own_checkpoint)
         except RunError as e:
-            raise ValueError(f"SA3 Train LoRA: {e}") from None
+            raise node_error("SA3 Train LoRA", e) from None
         with using(model):  # ComfyUI frees its own models if the run needs the room (this one stays)
             make_room(model, config)
         warning = memory_warning(model, config)
@@ -232,7 +244,7 @@ class SA3TrainLoRA:
             try:
                 run_id, text = self.reuse(manager, same)
             except RunError as e:
-                raise ValueError(f"SA3 Train LoRA: {e}") from None
+                raise node_error("SA3 Train LoRA", e) from None
         else:
             ahead = manager.active_runs_on(config)
             run_id = manager.submit(config)
@@ -384,7 +396,7 @@ class SA3TrainingOptions:
         try:
             RunConfig(dataset="-", **options)  # named errors here, not when the run is queued
         except RunError as e:
-            raise ValueError(f"SA3 Training Options: {e}") from None
+            raise node_error("SA3 Training Options", e) from None
         return (options,)
 
 
@@ -435,7 +447,7 @@ class SA3TrainingDemo:
                             None if cfg < 0 else cfg, steps or None, demo_seed, seconds or None, lora_strength,
                             lora_skip_first_steps, mode)
         except RunError as e:
-            raise ValueError(f"SA3 Training Demo: {e}") from None
+            raise node_error("SA3 Training Demo", e) from None
         return (tuple(demos or ()) + (demo,),)
 
 
@@ -513,7 +525,7 @@ class SA3RunControl:
         try:  # the manager refuses settings with any action but restart
             record = manager.control(run, action, changes=changes, more_steps=more_steps)
         except RunError as e:
-            raise ValueError(f"SA3 Run Control: {e}") from None
+            raise node_error("SA3 Run Control", e) from None
         asked = {"stop": "stop asked: it saves and stops after its current step",
                  "pause": "pause asked: it pauses after its current step",
                  "save": "save asked: a checkpoint follows its current step",
@@ -537,7 +549,7 @@ def chosen_run(node: str, manager, run: str | None, run_id: str) -> str:
     try:
         manager.registry.get(chosen)
     except RunError as e:
-        raise ValueError(f"{node}: {e}") from None
+        raise node_error(node, e) from None
     return chosen
 
 

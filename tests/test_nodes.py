@@ -370,9 +370,9 @@ def test_training_options_reach_the_run_and_a_pattern_matching_no_layer_is_refus
     assert adapter.config["dropout"] == 0.1
     runs_before = len(get_manager().registry.list())
     (typo,) = run_node("SA3TrainingOptions", **{**_widget_defaults("SA3TrainingOptions"), "include": "self_atn"})
-    with pytest.raises(ValueError, match=r"RunConfig.include/exclude.*no Linear/Conv1d layer matches.*look like"):
+    with pytest.raises(ValueError, match=r"SA3 Train LoRA: include/exclude.*no Linear/Conv1d layer matches.*look like"):
         run_node("SA3TrainLoRA", options=typo, **train)
-    with pytest.raises(ValueError, match="RunConfig.rank: rank 4096"):
+    with pytest.raises(ValueError, match="SA3 Train LoRA: rank: rank 4096"):
         run_node("SA3TrainLoRA", **{**train, "adapter_type": "lora-xs", "rank": 4096})
     assert len(get_manager().registry.list()) == runs_before  # nothing was queued
 
@@ -457,10 +457,12 @@ def test_train_lora_refuses_bad_inputs_before_a_run_is_registered(comfy, tmp_pat
     (tmp_path / "empty").mkdir()
     cases = [
         (dict(model=arc, dataset=str(dataset)), "ARC .*variant 'base'"),
-        (dict(dataset=str(tmp_path / "missing")), "RunConfig.dataset: .*missing"),
-        (dict(dataset=str(tmp_path / "empty")), "RunConfig.dataset: .*empty: no .npy"),
+        (dict(dataset=str(tmp_path / "missing")), "^SA3 Train LoRA: dataset: .*missing"),
+        (dict(dataset=str(tmp_path / "empty")), "^SA3 Train LoRA: dataset: .*empty: no .npy"),
         (dict(dataset=str(dataset), continue_from=str(tmp_path / "no.safetensors")),
-         f"RunConfig.continue_from: {re.escape(str(tmp_path / 'no.safetensors'))}: no such adapter file"),
+         f"^SA3 Train LoRA: continue_from: {re.escape(str(tmp_path / 'no.safetensors'))}: no such adapter file"),
+        # the message names the node's inputs, not the config's fields (learning_rate is RunConfig.lr)
+        (dict(dataset=str(dataset), learning_rate=-1.0), "^SA3 Train LoRA: learning_rate: -1.0 must be"),
         (dict(dataset=str(dataset), prompt_config={"caption_weight": "x"}), "PromptConfig.caption_weight"),
     ]
     for changes, message in cases:
@@ -757,3 +759,15 @@ def test_a_load_pack_served_from_the_cache_shows_the_warning_its_load_gave(monke
         out = model_nodes.SA3LoadPack().load("sa3-small-music", "base", "fp32", "cpu")
         assert out["result"] == ("model",) and out["ui"]["text"] == [
             "warning: model.safetensors: its config was guessed (put its model_config.json beside it)"]
+
+
+def test_node_errors_name_the_nodes_inputs_not_the_config_fields():
+    from sa3_lora_studio.nodes.training_nodes import node_error
+    from sa3_lora_studio.training.runs import RunError
+
+    for node, said, shown in (
+            ("SA3 Training Demo", "DemoSpec.duration: -1.0 seconds must be > 0", "seconds: -1.0 seconds must be > 0"),
+            ("SA3 Training Demo", "DemoSpec.lora_strength: nan must be", "lora_strength: nan must be"),
+            ("SA3 Run Control", "RunConfig.steps: 3 is below the 5 steps", "steps: 3 is below the 5 steps"),
+            ("SA3 Train LoRA", "RunConfig.lr: 0 must be a finite number > 0", "learning_rate: 0 must be a finite")):
+        assert str(node_error(node, RunError(said))).startswith(f"{node}: {shown}")

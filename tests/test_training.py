@@ -646,6 +646,29 @@ def test_a_continued_file_with_a_step_that_is_no_count_starts_at_0_with_a_warnin
         assert any("not a step count" in w for w in warnings) == (first == 1), (step, warnings)
 
 
+def test_a_lightning_checkpoint_without_a_step_counts_on_from_the_step_in_its_name(tmp_path, tiny, dataset,
+                                                                                   fixtures_dir):
+    """The official trainer's callback keeps only the weights and lora_config in its .ckpt; Lightning names the file
+    epoch=E-step=S.ckpt, so that name is where its step is (a name without one starts at 0; reset_step too)."""
+    from safetensors import safe_open
+
+    golden = fixtures_dir / "golden" / "lora" / "dora-rows.safetensors"
+    with safe_open(str(golden), "pt") as f:
+        state, config = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"])
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    for name, reset, first in (("epoch=3-step=40.ckpt", False, 41), ("epoch=3-step=40.ckpt", True, 1),
+                               ("last.ckpt", False, 1)):
+        source = tmp_path / name
+        torch.save({"state_dict": state, "lora_config": config}, source)
+        run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source), reset_step=reset))
+        record = manager.wait(run, 300)
+        assert record["status"] == "done" and record["step"] == first, (name, reset, record.get("error"))
+        events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
+        said = [e.get("message", "") for e in events if e["type"] == "status"]
+        assert any("at step 40 (the step in its file name)" in m for m in said) == (first == 41), said
+        assert not [e for e in events if e["type"] == "warning" and "step" in e["message"]]
+
+
 def test_checkpoints_record_the_fingerprint_of_the_weights_they_were_trained_on(tmp_path, tiny, dataset,
                                                                                  fixtures_dir):
     """A continued file made on other weights (an ARC model's) must not pass its fingerprint on: the run's output

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..adapters import read_adapter_file
@@ -75,19 +76,28 @@ def open_continue_from(config: RunConfig):
         raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None
 
 
-def continued_step(adapter) -> tuple[int, str | None]:
-    """(the step a continued file's metadata says it was saved at, 0 when it says none; a warning when that is not
-    a whole number from 0 up, as in a hand-edited or foreign file: such a file counts from 0, as reset_step does)."""
+STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])step=(\d+)(?![0-9])")  # Lightning's epoch=0-step=2000, ours -step=000200
+
+
+def continued_step(adapter) -> tuple[int, str | None, str]:
+    """(the step a continued file was saved at, a warning or None, where that step came from: "metadata",
+    "file name" or "none").
+
+    The metadata's `step` decides; a file without one (the official trainer's Lightning `.ckpt`, whose callback keeps
+    only the weights, or a file converted from it) counts on from the `step=N` in its name, as Lightning names its
+    checkpoints. A metadata step that is not a whole number from 0 up (a hand-edited or foreign file) counts from 0
+    with a warning, as reset_step does."""
     raw = adapter.metadata.get("step")
     if raw is None or str(raw).strip() == "":
-        return 0, None
+        named = STEP_IN_NAME.findall(adapter.name or "")
+        return (int(named[-1]), None, "file name") if named else (0, None, "none")
     try:
         value = float(raw)
     except (TypeError, ValueError):
         value = float("nan")
     if value.is_integer() and 0 <= value <= 10**12:  # "12.0" is 12
-        return int(value), None
-    return 0, f"continue_from: its metadata gives step {raw!r}, which is not a step count; counting from step 0"
+        return int(value), None, "metadata"
+    return 0, f"continue_from: its metadata gives step {raw!r}, which is not a step count; counting from step 0", "none"
 
 
 def check_trainable(model) -> None:

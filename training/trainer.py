@@ -258,8 +258,9 @@ class Trainer:
                               f"from the run's own checkpoint at step {resume['step']}")
         elif c.continue_from:
             adapter = open_continue_from(c)
+            step_source = "none"
             if not c.reset_step:
-                self.step_offset, step_warning = continued_step(adapter)
+                self.step_offset, step_warning, step_source = continued_step(adapter)
                 if step_warning:
                     self.log.emit("warning", message=step_warning)
             defaults = RunConfig(dataset=c.dataset)  # a setting left at its default was not asked for: no notice
@@ -268,6 +269,7 @@ class Trainer:
                        if mine != theirs and mine != getattr(defaults, name)]
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
                           f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}"
+                          + (" (the step in its file name)" if step_source == "file name" else "")
                           + (f" (the file decides: the config's {', '.join(ignored)} does not apply)" if ignored
                              else ""))
         else:
