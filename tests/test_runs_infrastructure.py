@@ -79,6 +79,8 @@ def test_the_loss_by_noise_level_image_names_and_colours_every_bin_apart_up_to_t
         assert len(set(colours)) == bins
         rgb = np.asarray(colours, float)  # neighbouring bins, whose lines run close, stand apart most
         assert np.linalg.norm(np.diff(rgb, axis=0), axis=1).min() > (90 if bins > 8 else 60), bins
+        if bins > 8:  # nor do bins two apart
+            assert np.linalg.norm(rgb[2:] - rgb[:-2], axis=1).min() > 90, bins
         image = loss_by_timestep_chart(events, bins)
         legend = image[22:22 + 60].reshape(-1, 3).astype(float) - (24, 24, 28)  # its rows, from the background
         for colour in colours:  # every bin's name is there in its colour (text is antialiased: blends count)
@@ -86,6 +88,33 @@ def test_the_loss_by_noise_level_image_names_and_colours_every_bin_apart_up_to_t
             alpha = legend @ towards / (towards @ towards)
             off = np.linalg.norm(legend - alpha[:, None] * towards, axis=1)
             assert ((alpha > 0.6) & (off < 10)).any(), (bins, colour)
+
+
+def test_the_chart_legend_has_rows_of_its_own_and_leaves_out_bins_without_samples():
+    """20 names take three rows: the plot starts below them, so no curve runs under a name; a bin the sampler has
+    not reached yet (t near 0) is not named in a colour no line has."""
+    import numpy as np
+    from sa3_lora_studio.training.events import BIN_COLOURS, loss_by_timestep_chart
+
+    def legend_has(image, colour, top, bottom):
+        area = image[top:bottom].reshape(-1, 3).astype(float) - (24, 24, 28)
+        towards = np.asarray(colour, float) - (24, 24, 28)
+        alpha = area @ towards / (towards @ towards)
+        return bool(((alpha > 0.6) & (np.linalg.norm(area - alpha[:, None] * towards, axis=1) < 10)).any())
+
+    def frame_top(image):  # the plot's outline: the first row mostly in its colour
+        return int(np.flatnonzero((image == (70, 70, 80)).all(2).sum(1) > image.shape[1] // 2)[0])
+
+    many = [{"type": "step", "step": step, "samples": [[(i + 0.5) / 20, 1.0 + i + step] for i in range(20)]}
+            for step in range(1, 10)]  # rising lines: the top one meets the frame's top row at its end only
+    image = loss_by_timestep_chart(many, 20)
+    assert frame_top(image) >= 20 + 3 * 13  # title, then three legend rows
+    sparse = [{"type": "step", "step": step, "samples": [[0.5, 1.0 + step], [0.9, 2.0 + step]]} for step in range(1, 10)]
+    image = loss_by_timestep_chart(sparse, 5)
+    top = frame_top(image)
+    assert top < 20 + 2 * 13  # one legend row
+    assert legend_has(image, BIN_COLOURS[2], 18, top) and legend_has(image, BIN_COLOURS[4], 18, top)
+    assert not legend_has(image, BIN_COLOURS[0], 18, top) and not legend_has(image, BIN_COLOURS[1], 18, top)
 
 
 def test_worker_runs_jobs_in_the_background_one_at_a_time_per_device():

@@ -210,16 +210,34 @@ def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int, int]]], width: int = 640,
                  height: int = 320, title: str = "", log_y: bool = False):
-    """A simple line chart as an RGB uint8 array [H, W, 3] (for the `IMAGE` outputs of nodes)."""
+    """A simple line chart as an RGB uint8 array [H, W, 3] (for the `IMAGE` outputs of nodes). The legend gets its
+    own rows between the title and the plot, as many as its names need, so no curve runs under it; a series with
+    nothing to draw is left out of it."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (24, 24, 28))
     draw = ImageDraw.Draw(img)
-    pad_l, pad_r, pad_t, pad_b = 48, 12, 22, 22
+
+    def shown(y) -> bool:  # a point the chart can place: finite, and above 0 on a log scale
+        return y is not None and math.isfinite(y) and (y > 0 or not log_y)
+
+    pad_l, pad_r, pad_b, row_h = 48, 12, 22, 13
+    legend_x, legend_y, placed = pad_l + 6, 20, []
+    for name, _, values, colour in series:
+        if not name or not any(map(shown, values)):
+            continue
+        text_w = draw.textlength(name)
+        if legend_x + text_w > width - pad_r - 4 and legend_x > pad_l + 6:
+            legend_x, legend_y = pad_l + 6, legend_y + row_h
+        placed.append((legend_x, legend_y, name, colour))
+        legend_x += text_w + 14
+    pad_t = legend_y + row_h + 4 if placed else 22
     xs = [x for _, s, _, _ in series for x in s]
-    ys = [y for _, _, v, _ in series for y in v if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+    ys = [y for _, _, v, _ in series for y in v if shown(y)]
     draw.text((pad_l, 4), title, fill=(220, 220, 220))
+    for x, y, name, colour in placed:
+        draw.text((x, y), name, fill=colour)
     if not xs or not ys:
         draw.text((width // 2 - 30, height // 2), "no data yet", fill=(160, 160, 160))
         return np.asarray(img)
@@ -241,26 +259,11 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
     draw.text((width - pad_r - 40, height - pad_b + 4), str(x1), fill=(170, 170, 170))
     for _, steps, values, colour in series:
         pts = [(pad_l + plot_w * (s - x0) / (x1 - x0), pad_t + plot_h * (1 - (ty(v) - lo) / (hi - lo)))
-               for s, v in zip(steps, values) if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
+               for s, v in zip(steps, values) if shown(v)]
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=2)
         elif pts:
             draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-    # the legend last, in as many rows as it needs, each row on one background: the curves never hide a name
-    legend_x, legend_y, row_h, placed = pad_l + 6, pad_t + 4, 13, []
-    for name, _, _, colour in series:
-        if not name:
-            continue
-        text_w = draw.textlength(name)
-        if legend_x + text_w > width - pad_r - 4 and legend_x > pad_l + 6:
-            legend_x, legend_y = pad_l + 6, legend_y + row_h
-        placed.append((legend_x, legend_y, text_w, name, colour))
-        legend_x += text_w + 14
-    for row_y in sorted({y for _, y, _, _, _ in placed}):
-        row = [(x, w) for x, y, w, _, _ in placed if y == row_y]
-        draw.rectangle([row[0][0] - 3, row_y - 1, row[-1][0] + row[-1][1] + 3, row_y + row_h - 2], fill=(24, 24, 28))
-    for x, y, _, name, colour in placed:
-        draw.text((x, y), name, fill=colour)
     return np.asarray(img)
 
 
@@ -269,14 +272,16 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
 
 
 def bin_colours(bins: int) -> list[tuple[int, int, int]]:
-    """A distinct colour per noise-level bin: the panel's palette (BIN_COLOURS) up to its length, else hues spread
-    evenly around the wheel (a palette that repeats would give two bins one colour), pale and strong in turn: at 20
-    bins neighbouring hues are only 18° apart, and the lines of neighbouring bins run close together."""
+    """A distinct colour per noise-level bin: the panel's palette (BIN_COLOURS) up to its length; beyond it, hues a
+    golden-ratio turn apart (0.38 of the wheel from one bin to the next, 0.24 to the one after), pale and strong in
+    turn. Neighbouring bins, whose lines run close together, then never look alike, nor do bins two apart, as hues
+    spread evenly in order (18° apart at 20 bins) would."""
     import colorsys
 
     if bins <= len(BIN_COLOURS):
         return BIN_COLOURS[:bins]
-    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / bins, 0.75 if i % 2 else 0.35, 1.0))
+    turn = (3 - math.sqrt(5)) / 2  # 1 - 1/phi
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb((i * turn) % 1.0, 0.75 if i % 2 else 0.45, 1.0))
             for i in range(bins)]
 
 
@@ -325,6 +330,13 @@ def loss_chart(events: list[dict]):
 
 
 def loss_by_timestep_chart(events: list[dict], bins: int = 5):
+    """The smoothed loss of each noise-level bin over steps; the title counts the bins no sample fell in yet (the
+    sampler rarely draws t near 0 or 1), which the legend leaves out."""
+    binned = loss_by_timestep(events, bins)
     series = [(bin_label(s["lo"], s["hi"], bins), s["steps"], s["smoothed"], colour)
-              for s, colour in zip(loss_by_timestep(events, bins), bin_colours(bins))]
-    return render_chart(series, title="loss by noise level (smoothed)", log_y=True)
+              for s, colour in zip(binned, bin_colours(bins))]
+    empty = [bin_label(s["lo"], s["hi"], bins) for s in binned if not s["loss"]]
+    title = "loss by noise level (smoothed)"
+    if empty and len(empty) < bins:
+        title += f"; no samples yet: {empty[0]}" if len(empty) == 1 else f"; {len(empty)} bins without samples yet"
+    return render_chart(series, title=title, log_y=True)
