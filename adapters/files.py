@@ -239,7 +239,8 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
 
 def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object) -> Path:
     """Write the SA3-native safetensors: official keys and fp16 tensors, `lora_config` metadata as the official
-    writer produces it, plus our metadata keys (EXTRA_METADATA_KEYS, strings; lists/dicts as JSON)."""
+    writer produces it, plus our metadata keys (EXTRA_METADATA_KEYS, strings; lists/dicts as JSON). A lora_config
+    read with underfit's `step` / `epoch` in it gets the ones given here."""
     unknown = set(extra) - set(EXTRA_METADATA_KEYS)
     if unknown:
         raise ValueError(f"unknown metadata keys {sorted(unknown)}; use {EXTRA_METADATA_KEYS}")
@@ -247,7 +248,11 @@ def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object
     for k, v in extra.items():
         if v is not None:
             metadata[k] = v if isinstance(v, str) else json.dumps(v)
-    metadata["lora_config"] = json.dumps(adapter.lora_config())
+    config = adapter.lora_config()
+    for k in ("step", "epoch"):  # underfit keeps these inside lora_config and resumes from them: never left stale
+        if k in config and isinstance(extra.get(k), int):
+            config[k] = extra[k]
+    metadata["lora_config"] = json.dumps(config)
     state = adapter.state_dict()
     fp16_max = torch.finfo(torch.float16).max
     bad = next((k for k, v in state.items() if v.is_floating_point()

@@ -669,6 +669,27 @@ def test_a_lightning_checkpoint_without_a_step_counts_on_from_the_step_in_its_na
         assert not [e for e in events if e["type"] == "warning" and "step" in e["message"]]
 
 
+def test_an_underfit_file_counts_on_from_the_step_in_its_lora_config(tmp_path, tiny, dataset, fixtures_dir):
+    """underfit writes the step inside lora_config ({"rank", ..., "step", "epoch", "base_model"}), which decides
+    over the step= in its name, as underfit's own resume takes it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    golden = fixtures_dir / "golden" / "lora" / "lora.safetensors"
+    with safe_open(str(golden), "pt") as f:
+        tensors, config = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_config"])
+    source = tmp_path / "drums-step=30-epoch=2.safetensors"
+    save_file(tensors, str(source), metadata={"lora_config": json.dumps({**config, "step": 120, "epoch": 2,
+                                                                          "base_model": "sa3-small-music"})})
+    manager = TrainingManager(tmp_path / "runs", model_provider=_provider(tiny))
+    run = manager.submit(_config(dataset, fixtures_dir, steps=1, continue_from=str(source)))
+    record = manager.wait(run, 300)
+    assert record["status"] == "done" and record["step"] == 121, record.get("error")
+    written = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
+    assert written.metadata["step"] == "121"
+    assert written.config["step"] == 121 and written.config["base_model"] == "sa3-small-music"  # underfit reads these
+
+
 def test_checkpoints_record_the_fingerprint_of_the_weights_they_were_trained_on(tmp_path, tiny, dataset,
                                                                                  fixtures_dir):
     """A continued file made on other weights (an ARC model's) must not pass its fingerprint on: the run's output

@@ -83,11 +83,13 @@ def continued_step(adapter) -> tuple[int, str | None, str]:
     """(the step a continued file was saved at, a warning or None, where that step came from: "metadata",
     "file name" or "none").
 
-    The metadata's `step` decides; a file without one (the official trainer's Lightning `.ckpt`, whose callback keeps
-    only the weights, or a file converted from it) counts on from the `step=N` in its name, as Lightning names its
-    checkpoints. A metadata step that is not a whole number from 0 up (a hand-edited or foreign file) counts from 0
-    with a warning, as reset_step does."""
+    Where files keep it, in this order (underfit's own): a `step` metadata key (ours), a `step` inside lora_config
+    (underfit's), else the `step=N` in the file's name, as Lightning names the official trainer's `.ckpt` (its
+    callback keeps only the weights and lora_config) and underfit its files. A step that is not a whole number from 0
+    up (a hand-edited or foreign file) counts from 0 with a warning, as reset_step does."""
     raw = adapter.metadata.get("step")
+    if raw is None or str(raw).strip() == "":
+        raw = adapter.config.get("step")
     if raw is None or str(raw).strip() == "":
         named = STEP_IN_NAME.findall(adapter.name or "")
         return (int(named[-1]), None, "file name") if named else (0, None, "none")
