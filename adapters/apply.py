@@ -441,7 +441,7 @@ def check_layer_shapes(layer: str, module: nn.Module, adapter: LoadedAdapter, na
             raise AdapterMismatch(
                 f"{name}: {layer}.{key} is {tuple(value.shape)}, the loaded model expects {expect[key]} "
                 f"(layer weight {tuple(module.weight.shape)}). The adapter was trained on "
-                f"{adapter.metadata.get('base_pack', 'another model')}; load that model or another adapter.")
+                f"{adapter.trained_on('another model')}; load that model or another adapter.")
     if adapter.is_xs and r > min(out_f, in_f):
         raise AdapterMismatch(f"{name}: {layer} has rank {r} > min{(out_f, in_f)}; its -xs bases cannot exist here")
 
@@ -757,7 +757,7 @@ def xs_bases_origin(adapter: LoadedAdapter, own_weights: dict[str, Tensor], name
             return XsOrigin(source, f"{name}: {kind} bases from {source.describe()}, the weights it was trained on")
         return XsOrigin(None, warning=(
             f"{name}: this {kind} adapter was trained on other base weights "
-            f"({adapter.metadata.get('base_pack', 'fingerprint ' + fingerprint)}). -xs files store no SVD bases, so "
+            f"({adapter.trained_on('fingerprint ' + fingerprint)}). -xs files store no SVD bases, so "
             f"they are recomputed from these weights and the result differs from what was trained (e.g. a "
             f"base-model adapter on an ARC model without its base model beside it). Use the matching model, "
             f"or put the base model's SVD bases file in this model's config as svd_bases_path "

@@ -85,6 +85,11 @@ class LoadedAdapter:
             out["adapter_type"] = self.adapter_type
         return out
 
+    def trained_on(self, otherwise: str) -> str:
+        """The model the file says it was trained on: our `base_pack` metadata, underfit's lora_config `base_model`,
+        else `otherwise`."""
+        return str(self.metadata.get("base_pack") or self.config.get("base_model") or otherwise)
+
     def info(self) -> dict:
         """A summary for display (SA3 LoRA Info): type, rank, alpha, layer counts, size, and our metadata."""
         n_params = sum(v.numel() for t in self.layers.values() for v in t.values())

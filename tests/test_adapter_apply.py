@@ -234,8 +234,14 @@ def test_shape_mismatch_names_the_first_layer(tree):
     other = Tree()
     other.model.model.transformer.layers[0].self_attn.to_qkv = nn.Linear(16, 40, bias=False)
     with pytest.raises(AdapterMismatch, match=r"transformer\.layers\.0\.self_attn\.to_qkv\.lora_B is \(48, 2\).*"
-                                              r"expects \(40, 2\)"):
+                                              r"expects \(40, 2\).*trained on another model"):
         AdaptedModel(other, [a], ROOTS)
+    # the model it was trained on, as our metadata or underfit's lora_config names it
+    for metadata, config, said in (({"base_pack": "sa3-medium"}, {}, "sa3-medium"),
+                                   ({}, {"base_model": "sa3-small-sfx"}, "sa3-small-sfx")):
+        named = LoadedAdapter(a.adapter_type, a.rank, a.alpha, a.layers, config=config, metadata=metadata)
+        with pytest.raises(AdapterMismatch, match=f"trained on {said}; load that model"):
+            AdaptedModel(other, [named], ROOTS)
 
 
 def test_an_adapter_matching_nothing_is_an_error_and_a_partial_match_is_reported(tree):
