@@ -57,7 +57,7 @@ def memory_copies(fmt: str, rate: int, seconds: float, model: str | None) -> Non
     """In a fresh process (`--memory-only`): one file of `fmt` at `rate` through encode_folder, and the peak RSS
     above the start in copies of its 44.1 kHz stereo float32 samples (the unit of `DECODE_COPIES`)."""
     from sa3_lora_studio.encoding.audio_io import DECODE_COPIES
-    from sa3_lora_studio.encoding.dataset import encode_folder, load_encoder
+    from sa3_lora_studio.encoding.encode import encode_folder, load_encoder
     from sa3_lora_studio.encoding.toy import ToyEncoder, write_audio_file
     from sa3_lora_studio.training.cpu_heap import trim_heap
 
@@ -79,7 +79,7 @@ def memory_copies(fmt: str, rate: int, seconds: float, model: str | None) -> Non
 
 def main() -> None:
     from sa3_lora_studio.encoding.audio_io import DECODE_COPIES, load_audio
-    from sa3_lora_studio.encoding.dataset import encode_folder, encode_waveform, load_encoder
+    from sa3_lora_studio.encoding.encode import encode_folder, encode_waveform, load_encoder
     from sa3_lora_studio.encoding.toy import ToyEncoder, write_audio_file
     from sa3_lora_studio.training.cpu_heap import trim_heap
 

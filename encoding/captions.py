@@ -40,7 +40,7 @@ from .metadata_tables import caption_becomes_prompt, decoded_text, find_row, roo
 
 log = logging.getLogger(__name__)
 
-# Every field encode_folder writes into a file's JSON besides its metadata (dataset.py refuses to write any other,
+# Every field encode_folder writes into a file's JSON besides its metadata (encode.py refuses to write any other,
 # so a new field is reserved the moment it exists and never leaks into a prompt).
 ENCODER_FIELDS = frozenset({
     "seconds_total", "seconds_start", "padding_mask", "path", "relpath", "sample_rate", "timestamps",

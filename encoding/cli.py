@@ -114,7 +114,8 @@ class _Bar:
 def _cmd_encode(args) -> int:
     from functools import partial
 
-    from .dataset import encode_folder, load_encoder, plan_encode
+    from .encode import encode_folder, load_encoder
+    from .scan import plan_encode
 
     source = args.pack or args.model
     variant = args.variant if args.pack else None

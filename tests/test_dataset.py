@@ -12,15 +12,8 @@ import mutagen
 import numpy as np
 import pytest
 from sa3_lora_studio.encoding import audio_io
-from sa3_lora_studio.encoding.dataset import (
-    MANIFEST,
-    DatasetError,
-    encode_folder,
-    encode_waveform,
-    import_dataset,
-    load_dataset,
-    load_encoder,
-)
+from sa3_lora_studio.encoding.dataset import MANIFEST, DatasetError, import_dataset, load_dataset
+from sa3_lora_studio.encoding.encode import encode_folder, encode_waveform, load_encoder
 from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
 
 FORMATS = ["wav16", "wav24", "wav32", "wavf", "flac", "aiff", "mp3", "ogg", "opus", "m4a"]
@@ -344,12 +337,12 @@ def test_a_hard_kill_in_a_long_file_loses_at_most_the_chunks_since_the_last_save
     chunks = len(chunk_layout(_latents_of(tiny_model, long), 128, 32))
     script = textwrap.dedent(f"""
         import os, signal
-        from sa3_lora_studio.encoding import dataset, partial
+        from sa3_lora_studio.encoding import encode, partial
         partial.SAVE_EVERY_SECONDS = 0  # a save after every chunk, as a slow CPU encode gets them
         def killed_after_the_third(event):
             if event["done"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        dataset.encode_folder({str(src)!r}, {str(out)!r}, dataset.load_encoder({str(fixtures_dir / "tiny-small")!r}),
+        encode.encode_folder({str(src)!r}, {str(out)!r}, encode.load_encoder({str(fixtures_dir / "tiny-small")!r}),
                               file_progress=killed_after_the_third)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -482,7 +475,8 @@ def test_two_processes_write_the_same_dataset_as_one(tmp_path, fixtures_dir):
         assert a == b
 
     # The workers continue a long file from the chunks a stopped encode kept, too (marked ones here, to see them)
-    from sa3_lora_studio.encoding.dataset import _chunks_identity, encoder_identity, file_hash
+    from sa3_lora_studio.encoding.dataset import encoder_identity, file_hash
+    from sa3_lora_studio.encoding.encode import _chunks_identity
     from sa3_lora_studio.encoding.partial import PARTIAL_DIR, PartialEncode
     from sa3_lora_studio.sa3.autoencoder import chunk_layout
 

@@ -9,17 +9,10 @@ import unicodedata
 
 import numpy as np
 import pytest
-from sa3_lora_studio.encoding import dataset
+from sa3_lora_studio.encoding import encode, scan
 from sa3_lora_studio.encoding.captions import RESERVED_FIELDS, lookup_metadata
-from sa3_lora_studio.encoding.dataset import (
-    MANIFEST,
-    MAX_NAME_BYTES,
-    DatasetError,
-    encode_folder,
-    fit_name,
-    load_dataset,
-    output_relpath,
-)
+from sa3_lora_studio.encoding.dataset import MANIFEST, MAX_NAME_BYTES, DatasetError, fit_name, load_dataset, output_relpath
+from sa3_lora_studio.encoding.encode import encode_folder
 from sa3_lora_studio.encoding.prompts import PromptConfig, tag_parts
 from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
 
@@ -96,13 +89,13 @@ def test_an_output_the_file_system_refuses_skips_that_file_and_the_run_goes_on(t
     src, out = tmp_path / "src", tmp_path / "out"
     for name in ("a", "b", "c"):
         _write(src, name)
-    real_save = dataset.save_npy_atomic
+    real_save = encode.save_npy_atomic
 
     def refusing_save(path, array):
         if path.name == "b.wav.npy":
             raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
         real_save(path, array)
-    monkeypatch.setattr(dataset, "save_npy_atomic", refusing_save)
+    monkeypatch.setattr(encode, "save_npy_atomic", refusing_save)
     report = encode_folder(src, out, ToyEncoder())
     assert sorted(report.encoded) == ["a.wav", "c.wav"]
     assert report.skipped == [("b.wav", "could not write its outputs")]
@@ -264,7 +257,7 @@ def test_no_field_the_encoder_writes_reaches_a_prompt_built_from_every_field(tmp
 
 def test_the_encoder_refuses_to_write_a_field_that_is_not_reserved():
     with pytest.raises(RuntimeError, match="ENCODER_FIELDS"):
-        dataset._file_json({"title": "x"}, {}, {"seconds_total": 1, "new_internal_field": 2})
+        encode._file_json({"title": "x"}, {}, {"seconds_total": 1, "new_internal_field": 2})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +272,7 @@ def models_loaded(monkeypatch):
     def load_toy(source, device="cpu", variant=None, models_dir=None):
         loaded.append(source)
         return ToyEncoder()
-    monkeypatch.setattr(dataset, "load_encoder", load_toy)
+    monkeypatch.setattr(encode, "load_encoder", load_toy)
     return loaded
 
 
@@ -323,8 +316,8 @@ def test_cli_does_not_report_a_folder_of_only_bad_files_as_a_success(tmp_path, c
     (src / "zero.wav").write_bytes(b"")
     (src / "text.mp3").write_text("not audio\n" * 20)
     scans = []
-    real_scan = dataset.scan_folder
-    monkeypatch.setattr(dataset, "scan_folder", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    real_scan = scan.scan_folder
+    monkeypatch.setattr(scan, "scan_folder", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
     assert _encode_cli(src, tmp_path / "out") == 1
     assert "no usable file: every file was skipped" in capsys.readouterr().out
     assert len(scans) == 1  # planned before the model loads, and that plan is what is encoded
@@ -345,7 +338,7 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
     for name in ("a", "b", "c"):
         _write(src, name)
     (src / "metadata.csv").write_text("file_name,prompt\na.wav,warm pad\ngone.wav,a renamed file\n")
-    real_encode = dataset.encode_waveform
+    real_encode = encode.encode_waveform
     calls = []
 
     def interrupted_on_the_second_file(encoder, audio, *args, **kwargs):
@@ -353,13 +346,13 @@ def test_cli_ctrl_c_says_a_rerun_resumes_without_a_traceback(tmp_path, capsys, m
             raise KeyboardInterrupt
         calls.append(audio.shape)
         return real_encode(encoder, audio, *args, **kwargs)
-    monkeypatch.setattr(dataset, "encode_waveform", interrupted_on_the_second_file)
+    monkeypatch.setattr(encode, "encode_waveform", interrupted_on_the_second_file)
     assert _encode_cli(src, out) == 130
     err = capsys.readouterr().err
     assert "Run the same command again to continue" in err and "Traceback" not in err
     assert not _manifest(out)["complete"] and _manifest(out)["totals"]["encoded"] == 1
     assert [w["table"] for w in _manifest(out)["dataset_warnings"]] == ["metadata.csv"]  # `dataset inspect` sees it
-    monkeypatch.setattr(dataset, "encode_waveform", real_encode)
+    monkeypatch.setattr(encode, "encode_waveform", real_encode)
     assert _encode_cli(src, out) == 0 and "2 encoded, 1 unchanged" in capsys.readouterr().out
     assert np.isfinite(load_dataset(out).latents(0)).all()
 
@@ -502,11 +495,10 @@ def test_native_stderr_capture_leaves_no_log_when_nothing_was_written_and_restor
 
 
 def test_cli_takes_the_dtype_spellings_of_the_other_commands_and_the_auto_device(tmp_path, models_loaded, monkeypatch):
-    from sa3_lora_studio.encoding import dataset as ds
 
     devices = []
-    real = ds.load_encoder
-    monkeypatch.setattr(ds, "load_encoder", lambda source, device="cpu", **kw: devices.append(device) or real(source))
+    real = encode.load_encoder
+    monkeypatch.setattr(encode, "load_encoder", lambda source, device="cpu", **kw: devices.append(device) or real(source))
     _write(tmp_path / "src", "a")
     assert _encode_cli(tmp_path / "src", tmp_path / "out", "--dtype", "fp16") == 0
     assert _manifest(tmp_path / "out")["dtype"] == "float16"
@@ -527,15 +519,13 @@ def test_cli_names_a_device_this_machine_lacks_among_several_before_loading(tmp_
 def test_a_take_copied_over_with_the_same_size_and_mtime_is_encoded_again(tmp_path, monkeypatch):
     """`cp -p`, `rsync -a` or unzip keep a file's mtime, and a same-length bounce its size: the inode's change time,
     which no tool sets back, tells that the content may differ (the file is read again, and encoded if it does)."""
-    from sa3_lora_studio.encoding import dataset as dataset_module
-
     src, out = tmp_path / "src", tmp_path / "out"
     take = _write(src, "take", freq=440.0)
     encode_folder(src, out, ToyEncoder())
     first = np.load(out / "take.wav.npy")
     hashed = []
-    real_hash = dataset_module.file_hash
-    monkeypatch.setattr(dataset_module, "file_hash", lambda path: hashed.append(path) or real_hash(path))
+    real_hash = encode.file_hash
+    monkeypatch.setattr(encode, "file_hash", lambda path: hashed.append(path) or real_hash(path))
     assert encode_folder(src, out, ToyEncoder()).reused == ["take.wav"] and hashed == []  # unchanged: not read
     st = take.stat()
     other = _write(tmp_path / "v2", "take", freq=880.0)
@@ -580,7 +570,7 @@ def test_a_second_encode_into_a_dataset_being_written_is_refused_and_changes_not
 
 def test_an_encode_planned_before_another_one_wrote_the_folder_is_checked_again_under_the_lock(tmp_path):
     """The CLI plans before loading the model (minutes): what it may remove is decided again once it holds the lock."""
-    from sa3_lora_studio.encoding.dataset import plan_encode
+    from sa3_lora_studio.encoding.scan import plan_encode
 
     first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
     for name in ("a", "b"):

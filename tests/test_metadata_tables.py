@@ -10,7 +10,8 @@ import mutagen
 from mutagen.id3 import TCON
 from sa3_lora_studio.encoding import metadata_tables
 from sa3_lora_studio.encoding.captions import lookup_metadata, table_warnings
-from sa3_lora_studio.encoding.dataset import EncodeReport, encode_folder, load_dataset
+from sa3_lora_studio.encoding.dataset import load_dataset
+from sa3_lora_studio.encoding.encode import EncodeReport, encode_folder
 from sa3_lora_studio.encoding.toy import ToyEncoder, tone, write_audio_file
 
 
