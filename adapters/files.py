@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..sa3.loading import file_kind
+from ..sa3.packs import PACKS
 from .maths import TRAINABLE_NAMES, check_adapter_type, resolve_adapter_type, tensor_names
 
 EXTRA_METADATA_KEYS = ("base_pack", "base_fingerprint", "step", "epoch", "trigger_words", "created_by")
@@ -245,7 +246,8 @@ def read_adapter_file(path: str | Path) -> LoadedAdapter:
 def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object) -> Path:
     """Write the SA3-native safetensors: official keys and fp16 tensors, `lora_config` metadata as the official
     writer produces it, plus our metadata keys (EXTRA_METADATA_KEYS, strings; lists/dicts as JSON). A lora_config
-    read with underfit's `step` / `epoch` in it gets the ones given here."""
+    read with underfit's `step` / `epoch` / `base_model` in it gets the ones given here (base_model: when base_pack
+    is one of the packs, the names underfit knows)."""
     unknown = set(extra) - set(EXTRA_METADATA_KEYS)
     if unknown:
         raise ValueError(f"unknown metadata keys {sorted(unknown)}; use {EXTRA_METADATA_KEYS}")
@@ -257,6 +259,8 @@ def write_adapter_file(path: str | Path, adapter: LoadedAdapter, **extra: object
     for k in ("step", "epoch"):  # underfit keeps these inside lora_config and resumes from them: never left stale
         if k in config and isinstance(extra.get(k), int):
             config[k] = extra[k]
+    if "base_model" in config and extra.get("base_pack") in PACKS:  # underfit's name for the pack trained on
+        config["base_model"] = extra["base_pack"]
     metadata["lora_config"] = json.dumps(config)
     state = adapter.state_dict()
     fp16_max = torch.finfo(torch.float16).max

@@ -139,12 +139,15 @@ class SA3LoadDataset:
     CATEGORY = CATEGORY
 
     def load(self, path):
-        from ..encoding import load_dataset
+        from ..encoding import DatasetError, load_dataset
 
         p = Path(path).expanduser()
         if not p.is_absolute() and not p.exists():
             p = dataset_dir_for(path)
-        ds = load_dataset(p)
+        try:
+            ds = load_dataset(p)
+        except DatasetError as e:  # the message names the folder and what to do; the node's name says where
+            raise DatasetError(f"SA3 Load Dataset: {e}") from None
         report = (f"{ds.root}: {len(ds)} files, {ds.total_seconds / 60:.1f} min, latent dim {ds.latent_dim}, "
                   f"{len(ds.skipped)} skipped")
         return (str(ds.root), report)

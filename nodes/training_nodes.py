@@ -30,9 +30,41 @@ NODE_INPUT_NAMES = {"RunConfig.lr": "learning_rate", "DemoSpec.duration": "secon
 
 def node_error(node: str, error: Exception) -> ValueError:
     """The ValueError a node raises for a RunError: the node's name first, then the message with the config's field
-    names as the node's inputs are called (`RunConfig.lr: ...` is `learning_rate: ...` on the node)."""
-    text = re.sub(r"\b(?:RunConfig|DemoSpec)\.(\w+)", lambda m: NODE_INPUT_NAMES.get(m[0], m[1]), str(error))
-    return ValueError(f"{node}: {text}")
+    names as the node's inputs are called (`RunConfig.lr: ...` is `learning_rate: ...` on the node). On SA3 Train
+    LoRA, a field that is an input of SA3 Training Options says so."""
+    on_options = set()
+    if node == "SA3 Train LoRA":
+        on_options = set(_input_names(SA3TrainingOptions)) - set(_input_names(SA3TrainLoRA))
+
+    def input_name(m: re.Match) -> str:
+        name = NODE_INPUT_NAMES.get(m[0], m[1])
+        return f"{name} (on SA3 Training Options)" if name.split("/")[0] in on_options else name
+
+    return ValueError(f"{node}: " + re.sub(r"\b(?:RunConfig|DemoSpec)\.([\w/]+)", input_name, str(error)))
+
+
+def _input_names(node_class) -> list[str]:
+    types = node_class.INPUT_TYPES()
+    return [name for group in ("required", "optional") for name in types.get(group, {})]
+
+
+def continue_from_file(text: str | None) -> str | None:
+    """The node's continue_from as a file path: a path (absolute, or relative to ComfyUI's working folder), a file
+    name in ComfyUI's loras folder, or a run checkpoint as SA3 Load LoRA lists it (`sa3 runs/<run>/<file>`); None
+    when empty. ValueError naming what was tried when it is none of these."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if Path(text).is_absolute() or Path(text).is_file():
+        return text  # a missing absolute path is named by the run's own checks
+    from .lora_nodes import resolve_lora
+
+    try:
+        return str(resolve_lora(text))
+    except Exception:
+        raise ValueError(f"SA3 Train LoRA: continue_from: no file {text!r}; give a file path, a file name in "
+                         "ComfyUI's loras folder, or a run's checkpoint as SA3 Load LoRA lists it "
+                         "('sa3 runs/<run>/<file>')") from None
 
 
 def _forward_event(event: dict) -> None:
@@ -173,7 +205,9 @@ class SA3TrainLoRA:
             # Socket-only inputs go last: ComfyUI frontend 1.58 mis-assigns saved widget values (shifted by one from
             # here on) when a forceInput input sits between widgets on a node with a seed control widget.
             "continue_from": ("STRING", {"forceInput": True, "tooltip": "A LoRA file to continue (its type, rank, "
-                              "alpha and targets are used)."}),
+                              "alpha and targets are used; its step count goes on unless reset_step): a path (e.g. "
+                              "SA3 Run Status's lora_path), a file name in ComfyUI's loras folder, or a run's "
+                              "checkpoint as SA3 Load LoRA lists it."}),
             "demos": ("SA3_DEMOS", {"tooltip": "From SA3 Training Demo nodes (chained): demos with their own model "
                       "(base/ARC), CFG, steps, seed, length and strength; demo_prompts lines are added after them."}),
             "options": ("SA3_TRAIN_OPTIONS", {"tooltip": "From SA3 Training Options: layer include/exclude, "
@@ -222,7 +256,8 @@ class SA3TrainLoRA:
                                crop_seconds=crop_seconds, lr=learning_rate, precision=dtype,
                                gradient_checkpointing=gradient_checkpointing, detach_norm=detach_norm,
                                demo_format=demo_format,
-                               checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed, continue_from=continue_from or None, reset_step=reset_step,
+                               checkpoint_every=checkpoint_every, demo_every=demo_every, demos=demos, seed=seed,
+                               continue_from=continue_from_file(continue_from), reset_step=reset_step,
                                trigger_word=trigger_word, device=str(model.device), prompt_config=prompt_config or {},
                                **(options or {}))
             manager = get_manager()

@@ -235,3 +235,20 @@ def test_a_safetensors_file_under_another_suffix_reads_and_a_comfyui_export_is_n
                torch.zeros(1, 2)}, str(tmp_path / "comfy.safetensors"))
     with pytest.raises(AdapterFileError, match="comfy.safetensors is a LoRA in ComfyUI's format"):
         read_adapter_file(tmp_path / "comfy.safetensors")
+
+
+def test_underfits_step_epoch_and_base_model_in_lora_config_are_written_anew(tmp_path):
+    """underfit resumes from the step and epoch inside lora_config and names the model by base_model: a file we
+    write from one of its files must not carry the old ones (a base_pack that is no pack leaves base_model)."""
+    state = {"model.x.parametrizations.weight.0.lora_A": torch.randn(2, 4),
+             "model.x.parametrizations.weight.0.lora_B": torch.randn(3, 2)}
+    config = {"rank": 2, "alpha": 2, "adapter_type": "lora", "step": 100, "epoch": 1, "base_model": "sa3-small-sfx"}
+    adapter = adapter_from_state(state, config)
+    for base_pack, model in (("sa3-medium", "sa3-medium"), ("my-finetune/base", "sa3-small-sfx")):
+        write_adapter_file(tmp_path / "a.safetensors", adapter, base_pack=base_pack, step=150, epoch=2)
+        written = read_adapter_file(tmp_path / "a.safetensors")
+        assert (written.config["step"], written.config["epoch"], written.config["base_model"]) == (150, 2, model)
+        assert (written.metadata["step"], written.metadata["base_pack"]) == ("150", base_pack)
+    plain = adapter_from_state(state, {"rank": 2, "alpha": 2, "adapter_type": "lora"})
+    write_adapter_file(tmp_path / "b.safetensors", plain, base_pack="sa3-medium", step=5, epoch=0)
+    assert set(read_adapter_file(tmp_path / "b.safetensors").config) == {"rank", "alpha", "adapter_type"}

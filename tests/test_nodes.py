@@ -437,7 +437,7 @@ def test_held_out_files_give_a_validation_curve_and_the_best_checkpoint_by_it(co
     assert latest.endswith("step=000003.safetensors")
     pixels = (loss_img[0] * 255).round().reshape(-1, 3)
     assert (pixels == torch.tensor(VALIDATION_COLOUR, dtype=pixels.dtype)).all(1).any()  # the curve is drawn
-    with pytest.raises(ValueError, match="validation_items: 3 held out"):
+    with pytest.raises(ValueError, match=r"validation_items \(on SA3 Training Options\): 3 held out"):
         run_node("SA3TrainLoRA", options={**options, "validation_items": 3},
                  **_train_inputs(model=model, dataset=str(dataset)))
 
@@ -503,6 +503,22 @@ def test_continuing_a_lora_counts_on_from_its_step_unless_reset(comfy, dataset):
         run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from=lora,
                                                           reset_step=reset))
         assert run_node("SA3RunStatus", run=run, bins=5)[2].endswith(f"step={step:06d}.safetensors"), reset
+
+
+def test_continue_from_takes_a_loras_folder_name_or_a_run_checkpoint_as_load_lora_lists_them(comfy, dataset):
+    from sa3_lora_studio.nodes.lora_nodes import lora_choices
+    from sa3_lora_studio.nodes.training_nodes import get_manager
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="base", dtype="fp32", device="cpu")
+    from_folder, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), steps=1,
+                                                              continue_from="dora.safetensors", reset_step=True))
+    assert get_manager().registry.get(from_folder)["adapter_type"] == "dora-rows"  # the loras folder's file
+    (listed,) = [c for c in lora_choices() if c.startswith("sa3 runs/") and from_folder in c]
+    from_run, _ = run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from=listed))
+    assert run_node("SA3RunStatus", run=from_run, bins=5)[2].endswith("step=000002.safetensors")  # its 1 step + 1
+    with pytest.raises(ValueError, match=r"^SA3 Train LoRA: continue_from: no file 'nope.safetensors'; give a file "
+                                         r"path, a file name in ComfyUI's loras folder"):
+        run_node("SA3TrainLoRA", **_train_inputs(model=model, dataset=str(dataset), continue_from="nope.safetensors"))
 
 
 def test_comfyui_cancel_ends_a_waiting_train_node_and_the_run_trains_on(comfy, dataset):
@@ -769,5 +785,14 @@ def test_node_errors_name_the_nodes_inputs_not_the_config_fields():
             ("SA3 Training Demo", "DemoSpec.duration: -1.0 seconds must be > 0", "seconds: -1.0 seconds must be > 0"),
             ("SA3 Training Demo", "DemoSpec.lora_strength: nan must be", "lora_strength: nan must be"),
             ("SA3 Run Control", "RunConfig.steps: 3 is below the 5 steps", "steps: 3 is below the 5 steps"),
-            ("SA3 Train LoRA", "RunConfig.lr: 0 must be a finite number > 0", "learning_rate: 0 must be a finite")):
+            ("SA3 Train LoRA", "RunConfig.lr: 0 must be a finite number > 0", "learning_rate: 0 must be a finite"),
+            # a setting of the options node wired into Train LoRA's options input
+            ("SA3 Train LoRA", "RunConfig.validation_items: 50 held out", "validation_items (on SA3 Training "
+                                                                          "Options): 50 held out"),
+            ("SA3 Training Options", "RunConfig.validation_items: 50 held out", "validation_items: 50 held out")):
         assert str(node_error(node, RunError(said))).startswith(f"{node}: {shown}")
+
+
+def test_load_dataset_names_itself_in_its_errors(comfy, tmp_path):
+    with pytest.raises(ValueError, match=r"^SA3 Load Dataset: .*nope: no such dataset folder"):
+        run_node("SA3LoadDataset", path=str(tmp_path / "nope"))

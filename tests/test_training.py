@@ -665,8 +665,26 @@ def test_a_lightning_checkpoint_without_a_step_counts_on_from_the_step_in_its_na
         assert record["status"] == "done" and record["step"] == first, (name, reset, record.get("error"))
         events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
         said = [e.get("message", "") for e in events if e["type"] == "status"]
-        assert any("at step 40 (the step in its file name)" in m for m in said) == (first == 41), said
+        assert any("at step 40 (the step in its file name" in m for m in said) == (first == 41), said
+        assert any("at step 0 (the file records no step" in m for m in said) == (name == "last.ckpt"), said
         assert not [e for e in events if e["type"] == "warning" and "step" in e["message"]]
+
+
+def test_a_continued_files_step_that_is_no_count_is_passed_over_for_the_next_place_that_has_one():
+    from sa3_lora_studio.adapters import LoadedAdapter
+    from sa3_lora_studio.training.preflight import continued_epoch, continued_step
+
+    layers = {"model.x": {"lora_A": torch.zeros(2, 4), "lora_B": torch.zeros(3, 2)}}
+
+    def adapter(name, metadata=None, config=None):
+        return LoadedAdapter("lora", 2, 2.0, layers, config=config or {}, metadata=metadata or {}, name=name)
+
+    step, warning, where = continued_step(adapter("x-step=99-epoch=4", config={"step": -3, "epoch": 4}))
+    assert (step, where) == (99, "file name") and "its lora_config gives step -3, which is not a step count" in warning
+    assert continued_step(adapter("x", {"step": "7"}, {"step": 12})) == (7, None, "metadata")  # ours first
+    assert continued_step(adapter("x-step=3", {}, {"step": 12})) == (12, None, "lora_config")  # then underfit's
+    assert continued_step(adapter("last")) == (0, None, "none")
+    assert continued_epoch(adapter("x", {"epoch": "abc"}, {"epoch": 4})) == 4 and continued_epoch(adapter("x")) == 0
 
 
 def test_an_underfit_file_counts_on_from_the_step_in_its_lora_config(tmp_path, tiny, dataset, fixtures_dir):
@@ -688,6 +706,10 @@ def test_an_underfit_file_counts_on_from_the_step_in_its_lora_config(tmp_path, t
     written = read_adapter_file(manager.registry.run_dir(run) / manager.registry.latest_checkpoint(run)["path"])
     assert written.metadata["step"] == "121"
     assert written.config["step"] == 121 and written.config["base_model"] == "sa3-small-music"  # underfit reads these
+    # epochs count on from the file's 2 by this run's own passes over the data (not its step count's)
+    from sa3_lora_studio.encoding.dataset import load_dataset
+
+    assert written.config["epoch"] == int(written.metadata["epoch"]) == 2 + 1 // len(load_dataset(dataset).entries)
 
 
 def test_checkpoints_record_the_fingerprint_of_the_weights_they_were_trained_on(tmp_path, tiny, dataset,

@@ -12,6 +12,7 @@ Event kinds (every event has `type`, `run`, `time`; step events carry the global
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -208,6 +209,17 @@ def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def chart_font():
+    """Pillow's own TrueType font at 11 px (Pillow >= 10.1 with FreeType), else its bitmap font, whose spaces are a
+    pixel wide ("t0.0-0.2")."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int, int]]], width: int = 640,
                  height: int = 320, title: str = "", log_y: bool = False):
     """A simple line chart as an RGB uint8 array [H, W, 3] (for the `IMAGE` outputs of nodes). The legend gets its
@@ -218,6 +230,7 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
 
     img = Image.new("RGB", (width, height), (24, 24, 28))
     draw = ImageDraw.Draw(img)
+    draw.font = chart_font()
 
     def shown(y) -> bool:  # a point the chart can place: finite, and above 0 on a log scale
         return y is not None and math.isfinite(y) and (y > 0 or not log_y)
@@ -272,17 +285,44 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
 
 
 def bin_colours(bins: int) -> list[tuple[int, int, int]]:
-    """A distinct colour per noise-level bin: the panel's palette (BIN_COLOURS) up to its length; beyond it, hues a
-    golden-ratio turn apart (0.38 of the wheel from one bin to the next, 0.24 to the one after), pale and strong in
-    turn. Neighbouring bins, whose lines run close together, then never look alike, nor do bins two apart, as hues
-    spread evenly in order (18° apart at 20 bins) would."""
-    import colorsys
+    """A colour per noise-level bin, every one far from every other: the panel's palette (BIN_COLOURS) first, then
+    each further bin the bright colour farthest (in CIELAB) from all chosen so far. At 20 bins the closest two
+    differ by ΔE 36, where lines of two colours under ΔE 10 are hard to tell apart (hues spread around the wheel
+    instead gave pairs at 10: bins eight apart, whose lines cross in the middle of a run)."""
+    return [tuple(c) for c in _far_apart_colours(bins)]
 
-    if bins <= len(BIN_COLOURS):
-        return BIN_COLOURS[:bins]
-    turn = (3 - math.sqrt(5)) / 2  # 1 - 1/phi
-    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb((i * turn) % 1.0, 0.75 if i % 2 else 0.45, 1.0))
-            for i in range(bins)]
+
+@functools.lru_cache(maxsize=8)
+def _far_apart_colours(count: int) -> tuple[tuple[int, int, int], ...]:
+    import numpy as np
+
+    chosen = list(BIN_COLOURS[:count])
+    if count <= len(chosen):
+        return tuple(chosen)
+    levels = np.arange(0, 256, 15)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    lab = cielab(grid)
+    # bright and coloured enough to read as a line on the dark background (24, 24, 28)
+    usable = (lab[:, 0] >= 55) & (lab[:, 0] <= 92) & (np.hypot(lab[:, 1], lab[:, 2]) >= 30)
+    grid, lab = grid[usable], lab[usable]
+    nearest = np.min([np.linalg.norm(lab - c, axis=1) for c in cielab(np.asarray(chosen))], axis=0)
+    while len(chosen) < count:
+        i = int(np.argmax(nearest))
+        chosen.append(tuple(int(v) for v in grid[i]))
+        nearest = np.minimum(nearest, np.linalg.norm(lab - lab[i], axis=1))
+    return tuple(chosen)
+
+
+def cielab(rgb):
+    """sRGB colours [..., 3] in 0-255 -> CIELAB [..., 3] (D65): L* 0-100, and a*, b*; ΔE76 is the distance."""
+    import numpy as np
+
+    c = np.asarray(rgb, float) / 255
+    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
 def bin_label(lo: float, hi: float, bins: int) -> str:

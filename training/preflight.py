@@ -79,27 +79,44 @@ def open_continue_from(config: RunConfig):
 STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])step=(\d+)(?![0-9])")  # Lightning's epoch=0-step=2000, ours -step=000200
 
 
+def _recorded_count(adapter, key: str) -> tuple[int | None, str | None, list[str]]:
+    """(the first whole number from 0 up a continued file records under `key`, where: "metadata" for our header
+    key, "lora_config" for underfit's, or None; what was not a count, as messages)."""
+    problems = []
+    for where, raw in (("metadata", adapter.metadata.get(key)), ("lora_config", adapter.config.get(key))):
+        if raw is None or str(raw).strip() == "":
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if value.is_integer() and 0 <= value <= 10**12:  # "12.0" is 12
+            return int(value), where, problems
+        problems.append(f"its {where} gives {key} {raw!r}, which is not a {key} count")
+    return None, None, problems
+
+
 def continued_step(adapter) -> tuple[int, str | None, str]:
     """(the step a continued file was saved at, a warning or None, where that step came from: "metadata",
-    "file name" or "none").
+    "lora_config", "file name" or "none").
 
     Where files keep it, in this order (underfit's own): a `step` metadata key (ours), a `step` inside lora_config
     (underfit's), else the `step=N` in the file's name, as Lightning names the official trainer's `.ckpt` (its
-    callback keeps only the weights and lora_config) and underfit its files. A step that is not a whole number from 0
-    up (a hand-edited or foreign file) counts from 0 with a warning, as reset_step does."""
-    raw = adapter.metadata.get("step")
-    if raw is None or str(raw).strip() == "":
-        raw = adapter.config.get("step")
-    if raw is None or str(raw).strip() == "":
+    callback keeps only the weights and lora_config) and underfit its files. A recorded step that is not a whole
+    number from 0 up (a hand-edited or foreign file) is passed over with a warning; nothing found counts from 0."""
+    step, where, problems = _recorded_count(adapter, "step")
+    if step is None:
         named = STEP_IN_NAME.findall(adapter.name or "")
-        return (int(named[-1]), None, "file name") if named else (0, None, "none")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if value.is_integer() and 0 <= value <= 10**12:  # "12.0" is 12
-        return int(value), None, "metadata"
-    return 0, f"continue_from: its metadata gives step {raw!r}, which is not a step count; counting from step 0", "none"
+        step, where = (int(named[-1]), "file name") if named else (0, "none")
+    warning = (f"continue_from: {'; '.join(problems)}; counting from step {step}"
+               + (" (the step in its file name)" if where == "file name" else "")) if problems else None
+    return step, warning, where
+
+
+def continued_epoch(adapter) -> int:
+    """The epoch a continued file records (our metadata, else underfit's lora_config), else 0: the epochs our
+    checkpoints record count on from it."""
+    return _recorded_count(adapter, "epoch")[0] or 0
 
 
 def check_trainable(model) -> None:
@@ -223,4 +240,4 @@ def check_run_inputs(config: RunConfig, model=None, own_checkpoint: bool = False
 
 
 __all__ = ["check_continue_fits", "check_model_sources", "check_run_inputs", "check_targets", "check_trainable",
-           "continued_step", "dataset_warning", "open_continue_from", "open_dataset"]
+           "continued_epoch", "continued_step", "dataset_warning", "open_continue_from", "open_dataset"]

@@ -32,7 +32,7 @@ from . import step_rate
 from .cpu_heap import keep_heap, release_heap
 from .events import EventLog
 from .optimizer import adamw, load_adamw_state
-from .preflight import check_trainable, continued_step, dataset_warning, open_continue_from, open_dataset
+from .preflight import check_trainable, continued_epoch, continued_step, dataset_warning, open_continue_from, open_dataset
 from .requests import StepRequests, apply_requests
 from .runs import DATASET_RECORD, RunConfig, RunError, RunRegistry, atomic_write_json
 from .tensorboard import TensorBoardSink, attempt_start_step
@@ -188,6 +188,7 @@ class Trainer:
         self.model_provider, self.registry = model_provider, registry
         self.step = 0
         self.step_offset = 0  # from a continued LoRA file's metadata
+        self.epoch_offset = 0  # likewise: the epochs our checkpoints record count on from the file's
         self.last_saved_step: int | None = None
         # prompt -> (embedding [L, D], mask [L]) in host memory, bounded: see TextEncoderCache
         self.prompt_cache = TextEncoderCache(size=2**31, max_bytes=PROMPT_CACHE_BYTES)
@@ -258,20 +259,23 @@ class Trainer:
                               f"from the run's own checkpoint at step {resume['step']}")
         elif c.continue_from:
             adapter = open_continue_from(c)
-            step_source = "none"
+            notes = []
             if not c.reset_step:
                 self.step_offset, step_warning, step_source = continued_step(adapter)
+                self.epoch_offset = continued_epoch(adapter)
                 if step_warning:
                     self.log.emit("warning", message=step_warning)
+                notes += {"file name": ["the step in its file name"], "none": ["the file records no step"]}.get(
+                    step_source, [])
             defaults = RunConfig(dataset=c.dataset)  # a setting left at its default was not asked for: no notice
             ignored = [f"{name} {mine}" for name, mine, theirs in (("adapter_type", c.adapter_type, adapter.adapter_type),
                                                                    ("rank", c.rank, adapter.rank))
                        if mine != theirs and mine != getattr(defaults, name)]
+            if ignored:
+                notes.append(f"the file decides: the config's {', '.join(ignored)} does not apply")
             self.log.emit("status", status="loading", message=f"continuing {adapter.adapter_type} rank "
                           f"{adapter.rank} from {Path(c.continue_from).name} at step {self.step_offset}"
-                          + (" (the step in its file name)" if step_source == "file name" else "")
-                          + (f" (the file decides: the config's {', '.join(ignored)} does not apply)" if ignored
-                             else ""))
+                          + (f" ({'; '.join(notes)})" if notes else ""))
         else:
             g = torch.Generator().manual_seed(derive_seed(c.seed, "init"))
             adapter = new_adapter(self.model.modules, c.adapter_type, c.rank, c.effective_alpha, roots=SA3_ROOTS,
@@ -345,7 +349,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"step": self.step, "step_offset": self.step_offset,
+        return {"step": self.step, "step_offset": self.step_offset, "epoch_offset": self.epoch_offset,
                 "adapter": [p.detach().clone() for p in self.params], "adapter_names": list(self.param_names),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "loss_scale": self.loss_scale.state_dict(), "validated_step": self.validated_step}
@@ -361,6 +365,7 @@ class Trainer:
         if "loss_scale" in state:  # states written before fp16 loss scaling start from the initial scale
             self.loss_scale.load_state_dict(state["loss_scale"])
         self.step, self.step_offset = int(state["step"]), int(state["step_offset"])
+        self.epoch_offset = int(state.get("epoch_offset", 0))  # states written before it was kept: 0
         self.validated_step = state.get("validated_step")  # a stop mid-validation saved without it: scored again
         self.apply_optimizer_settings()
 
@@ -437,7 +442,7 @@ class Trainer:
         adapter_path = ckpt_dir / adapter_name
         tmp = ckpt_dir / f".{adapter_name}.tmp"
         write_adapter_file(tmp, adapter, base_pack=self.model.pack or model_label(c.model), step=self.global_step,
-                           epoch=self.global_step * c.batch_size // max(1, len(self.train_ids)),
+                           epoch=self.epoch_offset + self.step * c.batch_size // max(1, len(self.train_ids)),
                            trigger_words=[c.trigger_word] if c.trigger_word else [], created_by=CREATED_BY,
                            base_fingerprint=self.base_fingerprint)
         fsync_replace(tmp, adapter_path)
