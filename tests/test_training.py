@@ -285,7 +285,7 @@ def test_continue_from_a_golden_lora_file_keeps_its_type_rank_and_targets(tmp_pa
     said = next(e["message"] for e in events if e.get("message", "").startswith("continuing "))
     ignored = [f"{n} {v}" for n, v, theirs in (("adapter_type", "lora", original.adapter_type),
                                                ("rank", 2, original.rank)) if v != theirs]
-    assert said.endswith(f"(the file decides: the config's {', '.join(ignored)} does not apply)") == bool(ignored)
+    assert said.endswith(f"the file decides: the config's {', '.join(ignored)} does not apply)") == bool(ignored)
     if kind == "lora":  # a config that leaves type and rank at their defaults asked for neither: nothing to tell
         run = manager.submit(_config(dataset, fixtures_dir, steps=1, adapter_type="dora-rows", rank=16,
                                      continue_from=str(source)))
@@ -643,7 +643,7 @@ def test_a_continued_file_with_a_step_that_is_no_count_starts_at_0_with_a_warnin
         assert record["status"] == "done" and record["step"] == first, (step, record.get("error"))
         events = [json.loads(x) for x in (manager.registry.run_dir(run) / "events.jsonl").read_text().splitlines()]
         warnings = [e["message"] for e in events if e["type"] == "warning"]
-        assert any("not a step count" in w for w in warnings) == (first == 1), (step, warnings)
+        assert any("which is no whole number from 0 up" in w for w in warnings) == (first == 1), (step, warnings)
 
 
 def test_a_lightning_checkpoint_without_a_step_counts_on_from_the_step_in_its_name(tmp_path, tiny, dataset,
@@ -680,11 +680,15 @@ def test_a_continued_files_step_that_is_no_count_is_passed_over_for_the_next_pla
         return LoadedAdapter("lora", 2, 2.0, layers, config=config or {}, metadata=metadata or {}, name=name)
 
     step, warning, where = continued_step(adapter("x-step=99-epoch=4", config={"step": -3, "epoch": 4}))
-    assert (step, where) == (99, "file name") and "its lora_config gives step -3, which is not a step count" in warning
+    assert (step, where) == (99, "file name") and "its lora_config gives step -3, which is no whole number" in warning
     assert continued_step(adapter("x", {"step": "7"}, {"step": 12})) == (7, None, "metadata")  # ours first
     assert continued_step(adapter("x-step=3", {}, {"step": 12})) == (12, None, "lora_config")  # then underfit's
     assert continued_step(adapter("last")) == (0, None, "none")
-    assert continued_epoch(adapter("x", {"epoch": "abc"}, {"epoch": 4})) == 4 and continued_epoch(adapter("x")) == 0
+    assert continued_epoch(adapter("x", {"epoch": "5"}, {"epoch": 4})) == (5, None)
+    assert continued_epoch(adapter("epoch=1-step=7")) == (1, None)  # Lightning's name
+    epoch, warning = continued_epoch(adapter("x-epoch=2", {}, {"epoch": -2}))
+    assert epoch == 2 and "its lora_config gives epoch -2, which is no whole number from 0 up" in warning
+    assert continued_epoch(adapter("x")) == (0, None)
 
 
 def test_an_underfit_file_counts_on_from_the_step_in_its_lora_config(tmp_path, tiny, dataset, fixtures_dir):

@@ -628,7 +628,7 @@ def test_train_refuses_patterns_matching_nothing_and_a_file_for_another_model_be
               str(tmp_path / "few.safetensors"),
               metadata={"lora_config": json.dumps({"rank": other.rank, "alpha": other.alpha,
                                                    "adapter_type": other.adapter_type})})
-    for change, named in (({"include": ["nosuchlayer"]}, "RunConfig.include/exclude .*no Linear/Conv1d layer matches"),
+    for change, named in (({"include": ["nosuchlayer"]}, "RunConfig.include/exclude: with targets .*no Linear/Conv1d layer"),
                           ({"continue_from": str(tmp_path / "other.safetensors")},
                            "RunConfig.continue_from: other.safetensors: .* the loaded model expects"),
                           ({"continue_from": str(tmp_path / "few.safetensors")},

@@ -209,11 +209,20 @@ def step_series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+CHART_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial.ttf", "LiberationSans-Regular.ttf", "Helvetica.ttc")
+
+
+@functools.lru_cache(maxsize=1)
 def chart_font():
-    """Pillow's own TrueType font at 11 px (Pillow >= 10.1 with FreeType), else its bitmap font, whose spaces are a
-    pixel wide ("t0.0-0.2")."""
+    """A system sans-serif at 11 px (DejaVu Sans on Linux, Arial on Windows, Helvetica on macOS), else Pillow's own
+    TrueType font (Pillow >= 10.1 with FreeType; its spaces are 2 px, "t0.60-0.65"), else its bitmap font."""
     from PIL import ImageFont
 
+    for name in CHART_FONTS:
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=11)
     except (TypeError, ImportError, OSError):
@@ -261,6 +270,7 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     lo, hi = ty(min(ys)), ty(max(ys))
     hi = hi if hi > lo else lo + 1e-6
+    lo, hi = lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo)  # lines at the extremes stay off the frame
     plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
     draw.rectangle([pad_l, pad_t, width - pad_r, height - pad_b], outline=(70, 70, 80))
     for frac in (0.0, 0.5, 1.0):
@@ -286,9 +296,9 @@ BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (
 
 def bin_colours(bins: int) -> list[tuple[int, int, int]]:
     """A colour per noise-level bin, every one far from every other: the panel's palette (BIN_COLOURS) first, then
-    each further bin the bright colour farthest (in CIELAB) from all chosen so far. At 20 bins the closest two
-    differ by ΔE 36, where lines of two colours under ΔE 10 are hard to tell apart (hues spread around the wheel
-    instead gave pairs at 10: bins eight apart, whose lines cross in the middle of a run)."""
+    each further bin the bright colour farthest, in OKLab (a perceptually even colour space), from all chosen so far.
+    Bins far apart in t cross mid-run, so any two must differ, not only neighbours (hues spread around the wheel gave
+    pairs of near-identical greens at 20 bins)."""
     return [tuple(c) for c in _far_apart_colours(bins)]
 
 
@@ -301,11 +311,11 @@ def _far_apart_colours(count: int) -> tuple[tuple[int, int, int], ...]:
         return tuple(chosen)
     levels = np.arange(0, 256, 15)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
-    lab = cielab(grid)
-    # bright and coloured enough to read as a line on the dark background (24, 24, 28)
-    usable = (lab[:, 0] >= 55) & (lab[:, 0] <= 92) & (np.hypot(lab[:, 1], lab[:, 2]) >= 30)
+    lab = oklab(grid)
+    # light and coloured enough to read as a line on the dark background (24, 24, 28)
+    usable = (lab[:, 0] >= 0.65) & (lab[:, 0] <= 0.95) & (np.hypot(lab[:, 1], lab[:, 2]) >= 0.08)
     grid, lab = grid[usable], lab[usable]
-    nearest = np.min([np.linalg.norm(lab - c, axis=1) for c in cielab(np.asarray(chosen))], axis=0)
+    nearest = np.min([np.linalg.norm(lab - c, axis=1) for c in oklab(np.asarray(chosen))], axis=0)
     while len(chosen) < count:
         i = int(np.argmax(nearest))
         chosen.append(tuple(int(v) for v in grid[i]))
@@ -313,16 +323,18 @@ def _far_apart_colours(count: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(chosen)
 
 
-def cielab(rgb):
-    """sRGB colours [..., 3] in 0-255 -> CIELAB [..., 3] (D65): L* 0-100, and a*, b*; ΔE76 is the distance."""
+def oklab(rgb):
+    """sRGB colours [..., 3] in 0-255 -> OKLab [..., 3] (Björn Ottosson's): L 0-1, a, b; distances between colours
+    follow how different they look (0.02 is about a just-noticeable difference)."""
     import numpy as np
 
     c = np.asarray(rgb, float) / 255
     linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    lms = linear @ np.array([[0.4122214708, 0.5363325363, 0.0514459929], [0.2119034982, 0.6806995451, 0.1073969566],
+                             [0.0883024619, 0.2817188376, 0.6299787005]]).T
+    return np.cbrt(lms) @ np.array([[0.2104542553, 0.7936177850, -0.0040720468],
+                                    [1.9779984951, -2.4285922050, 0.4505937099],
+                                    [0.0259040371, 0.7827717662, -0.8086757660]]).T
 
 
 def bin_label(lo: float, hi: float, bins: int) -> str:

@@ -76,12 +76,10 @@ def open_continue_from(config: RunConfig):
         raise RunError(f"RunConfig.continue_from: {text if name in text else f'{name}: {text}'}") from None
 
 
-STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])step=(\d+)(?![0-9])")  # Lightning's epoch=0-step=2000, ours -step=000200
-
-
-def _recorded_count(adapter, key: str) -> tuple[int | None, str | None, list[str]]:
-    """(the first whole number from 0 up a continued file records under `key`, where: "metadata" for our header
-    key, "lora_config" for underfit's, or None; what was not a count, as messages)."""
+def _continued_count(adapter, key: str) -> tuple[int, str, list[str]]:
+    """(the `key` ("step" or "epoch") a continued file records, where it came from: "metadata" (our header key),
+    "lora_config" (underfit's), "file name" (`key=N` in the name, as Lightning and underfit name checkpoints) or
+    "none" (0); what was recorded but is no whole number from 0 up, as messages: passed over for the next place)."""
     problems = []
     for where, raw in (("metadata", adapter.metadata.get(key)), ("lora_config", adapter.config.get(key))):
         if raw is None or str(raw).strip() == "":
@@ -92,8 +90,9 @@ def _recorded_count(adapter, key: str) -> tuple[int | None, str | None, list[str
             value = float("nan")
         if value.is_integer() and 0 <= value <= 10**12:  # "12.0" is 12
             return int(value), where, problems
-        problems.append(f"its {where} gives {key} {raw!r}, which is not a {key} count")
-    return None, None, problems
+        problems.append(f"its {where} gives {key} {raw!r}, which is no whole number from 0 up")
+    named = re.findall(rf"(?:^|[^A-Za-z0-9]){key}=(\d+)(?![0-9])", adapter.name or "")  # epoch=0-step=2000
+    return (int(named[-1]), "file name", problems) if named else (0, "none", problems)
 
 
 def continued_step(adapter) -> tuple[int, str | None, str]:
@@ -102,21 +101,19 @@ def continued_step(adapter) -> tuple[int, str | None, str]:
 
     Where files keep it, in this order (underfit's own): a `step` metadata key (ours), a `step` inside lora_config
     (underfit's), else the `step=N` in the file's name, as Lightning names the official trainer's `.ckpt` (its
-    callback keeps only the weights and lora_config) and underfit its files. A recorded step that is not a whole
-    number from 0 up (a hand-edited or foreign file) is passed over with a warning; nothing found counts from 0."""
-    step, where, problems = _recorded_count(adapter, "step")
-    if step is None:
-        named = STEP_IN_NAME.findall(adapter.name or "")
-        step, where = (int(named[-1]), "file name") if named else (0, "none")
+    callback keeps only the weights and lora_config) and underfit its files. A recorded step that is no whole number
+    from 0 up (a hand-edited or foreign file) is passed over with a warning; nothing found counts from 0."""
+    step, where, problems = _continued_count(adapter, "step")
     warning = (f"continue_from: {'; '.join(problems)}; counting from step {step}"
                + (" (the step in its file name)" if where == "file name" else "")) if problems else None
     return step, warning, where
 
 
-def continued_epoch(adapter) -> int:
-    """The epoch a continued file records (our metadata, else underfit's lora_config), else 0: the epochs our
+def continued_epoch(adapter) -> tuple[int, str | None]:
+    """(the epoch a continued file records, found as its step is, else 0; a warning or None): the epochs our
     checkpoints record count on from it."""
-    return _recorded_count(adapter, "epoch")[0] or 0
+    epoch, _, problems = _continued_count(adapter, "epoch")
+    return epoch, (f"continue_from: {'; '.join(problems)}; its epochs count from {epoch}" if problems else None)
 
 
 def check_trainable(model) -> None:
@@ -140,7 +137,7 @@ def check_targets(config: RunConfig, model) -> None:
     try:
         weights = target_weights(model.modules, SA3_ROOTS, include, exclude)
     except ValueError as e:
-        raise RunError(f"RunConfig.include/exclude (targets {config.targets!r}): {e}") from None
+        raise RunError(f"RunConfig.include/exclude: with targets {config.targets!r}, {e}") from None
     check_every_pattern_matches(config, model.modules)
     if config.adapter_type.endswith("-xs"):
         try:

@@ -262,9 +262,10 @@ class Trainer:
             notes = []
             if not c.reset_step:
                 self.step_offset, step_warning, step_source = continued_step(adapter)
-                self.epoch_offset = continued_epoch(adapter)
-                if step_warning:
-                    self.log.emit("warning", message=step_warning)
+                self.epoch_offset, epoch_warning = continued_epoch(adapter)
+                for warning in (step_warning, epoch_warning):
+                    if warning:
+                        self.log.emit("warning", message=warning)
                 notes += {"file name": ["the step in its file name"], "none": ["the file records no step"]}.get(
                     step_source, [])
             defaults = RunConfig(dataset=c.dataset)  # a setting left at its default was not asked for: no notice
