@@ -290,8 +290,9 @@ def render_chart(series: list[tuple[str, list[int], list[float], tuple[int, int,
     return np.asarray(img)
 
 
-BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (171, 71, 188), (38, 198, 218),
-               (255, 238, 88), (141, 110, 99)]
+# Material 400 tones, with purple and brown at 300 (their 400s are too dark to read on the panel's background)
+BIN_COLOURS = [(239, 83, 80), (255, 167, 38), (102, 187, 106), (66, 165, 245), (186, 104, 200), (38, 198, 218),
+               (255, 238, 88), (161, 136, 127)]
 
 
 def bin_colours(bins: int) -> list[tuple[int, int, int]]:

@@ -6,7 +6,7 @@ import { ema, lossByNoiseLevel, stepSeries, validationSeries } from "./series.js
 
 export const BINS = 5;
 // Same order as BIN_COLOURS in training/events.py (the node's chart images), so both read alike.
-export const BIN_COLOURS = ["#ef5350", "#ffa726", "#66bb6a", "#42a5f5", "#ab47bc", "#26c6da", "#ffee58", "#8d6e63"];
+export const BIN_COLOURS = ["#ef5350", "#ffa726", "#66bb6a", "#42a5f5", "#ba68c8", "#26c6da", "#ffee58", "#a1887f"];
 const RAW = "var(--sa3-muted)";
 const MAIN = "#42a5f5";
 const VALIDATION = "#ffa726";  // VALIDATION_COLOUR of training/events.py (the node's chart image)
