@@ -461,6 +461,34 @@ def test_demo_events_a_kill_cut_off_are_said_when_the_run_resumes(tmp_path, tiny
     assert demo_events() == full  # the missing one said once, as it was (step 3 has no demos)
 
 
+def test_a_resume_that_fails_before_training_undoes_its_changes_so_a_retry_makes_them_once(tmp_path, tiny, dataset,
+                                                                                            fixtures_dir):
+    """more_steps after a resume whose model would not load: the retry with the same more_steps trains to the same
+    total as if the first attempt had worked (it used to add the steps a second time)."""
+    failing = {"on": False}
+
+    def provider(spec, variant, dtype, device):
+        if failing["on"]:
+            raise OSError("model files moved")
+        return tiny
+
+    manager = TrainingManager(tmp_path / "runs", model_provider=provider)
+    run = manager.submit(_config(dataset, fixtures_dir, steps=2))
+    assert manager.wait(run, 300)["status"] == "done"
+    failing["on"] = True
+    manager.control(run, "restart", changes={"lr": 5e-4}, more_steps=2)
+    record = manager.wait(run, 300)
+    assert record["status"] == "failed" and "are back as they were" in record["error"], record["error"]
+    config = manager.registry.config(run)
+    assert (config.steps, config.lr, record["total_steps"]) == (2, _config(dataset, fixtures_dir).lr, 2)
+    failing["on"] = False
+    manager.control(run, "restart", changes={"lr": 5e-4}, more_steps=2)
+    record = manager.wait(run, 300)
+    assert (record["status"], record["step"], record["total_steps"]) == ("done", 4, 4), record.get("error")
+    assert manager.registry.config(run).lr == 5e-4
+    assert not any(manager.registry.run_dir(run).glob("config.before-resume.json"))  # it took: nothing to undo
+
+
 def test_a_run_being_deleted_refuses_every_other_action_until_it_is_gone(tmp_path, tiny, dataset, fixtures_dir):
     import threading
 

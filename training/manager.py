@@ -154,7 +154,8 @@ class TrainingManager:
                 self.event_log(run_id).emit("status", status="queued", total_steps=total, **extra)
                 self.worker.submit(run_id, device_key=device_key(config))
             except BaseException:  # not queued after all: never left "queued" with no worker to take it, nor with
-                self.registry.restore_config(run_id, *before)  # settings a retry would amend a second time
+                if not self.registry.undo_amend(run_id):  # settings a retry would amend a second time
+                    self.registry.restore_config(run_id, *before)
                 self.registry.update(run_id, status=record["status"])
                 raise
             return self.registry.get(run_id)

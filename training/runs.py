@@ -31,6 +31,7 @@ from ..sa3.field_types import check_field_types, check_known_keys
 MAX_CROP_SECONDS = 380.0  # sa3-medium's sample window; longer crops only pad
 DATASET_RECORD = "dataset.json"  # {"identity", "folder"} of the dataset a run trains on (`EncodedDataset.identity`)
 SUBMITTED_CONFIG = "config.submitted.json"  # a run's settings as queued, kept when a restart changes config.json
+AMENDED_FROM = "config.before-resume.json"  # the settings before a resume changed them, until it gets going
 MAX_STEPS = 100_000_000  # a run's length; beyond it, a typo (a day of steps on a GPU is ~10^5), and JSON readers
 # in the browser lose integers past 2^53
 STATUSES = ("queued", "loading", "training", "demos", "paused", "interrupted", "done", "failed", "stopped")
@@ -631,6 +632,10 @@ class RunRegistry:
                 submitted = self.run_dir(run_id) / SUBMITTED_CONFIG
                 if not submitted.exists():  # the settings it was queued with: the same graph queued again finds it
                     atomic_write_json(submitted, before)
+                # undone if the resume fails before training (`undo_amend`): the same command given again then
+                # changes them once, not twice (--more-steps would add up)
+                atomic_write_json(self.run_dir(run_id) / AMENDED_FROM,
+                                  {"config": before, "total_steps": record.get("total_steps")})
                 atomic_write_json(self.run_dir(run_id) / "config.json", after)
                 total = int(record.get("total_steps", old.steps)) - old.steps + new.steps  # a file's offset kept
                 self.update(run_id, total_steps=total)
@@ -674,6 +679,23 @@ class RunRegistry:
             return RunConfig.from_dict(json.loads((self.run_dir(run_id) / SUBMITTED_CONFIG).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError, RunError):
             return None
+
+    def undo_amend(self, run_id: str) -> bool:
+        """Put back the settings a resume changed (`amend`) when that resume failed before it trained (a model or
+        dataset that would not load): retrying the same command must not change them twice. True when there was
+        something to undo."""
+        path = self.run_dir(run_id) / AMENDED_FROM
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        self.restore_config(run_id, RunConfig.from_dict(saved["config"]), saved.get("total_steps"))
+        path.unlink(missing_ok=True)
+        return True
+
+    def amend_took(self, run_id: str) -> None:
+        """The resumed run got going: its changed settings stay."""
+        (self.run_dir(run_id) / AMENDED_FROM).unlink(missing_ok=True)
 
     def restore_config(self, run_id: str, config: RunConfig, total_steps: int | None) -> None:
         """Put back a run's settings as they were before `amend` (a restart that failed after amending)."""

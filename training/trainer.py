@@ -835,10 +835,13 @@ def run_training(registry: RunRegistry, run_id: str, control: RunControl, log: E
     try:
         trainer = Trainer(config, registry.run_dir(run_id), run_id, log, model_provider, registry)
         trainer.setup()
+        registry.amend_took(run_id)
         registry.update(run_id, step=trainer.global_step, total_steps=trainer.step_offset + config.steps)
         return trainer.train(control, set_status)
     except BaseException as e:
         message = failure_message(e, trainer)
+        if not getattr(trainer, "ready", False) and registry.undo_amend(run_id):
+            message += " (the settings this resume changed are back as they were: give them again when you resume)"
         registry.update(run_id, status="failed", error=message, **failed_at(trainer))
         log.emit("error", message=message)
         log.emit("status", status="failed", error=message)
