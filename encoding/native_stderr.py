@@ -40,7 +40,8 @@ class Captured:
 
 @contextlib.contextmanager
 def native_stderr_to(log: Path):
-    """Within the block, fd 2 appends to `log` (a log this block made and nothing was written to is removed again);
+    """Within the block, fd 2 appends to `log` (a log this block made, or found empty as a killed run leaves it, and
+    nothing was written to is removed again);
     Python's own writes still reach the original stderr (`sys.stderr` is pointed at a copy of it when it wrote to
     fd 2). Yields `Captured`."""
     captured = Captured()
@@ -53,7 +54,7 @@ def native_stderr_to(log: Path):
     python_stderr = sys.stderr
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
-        size_before = log.stat().st_size if log.exists() else None
+        size_before = (log.stat().st_size or None) if log.exists() else None  # an empty one: a killed run's
         python_stderr.flush()
         _flush_c_stdio()
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

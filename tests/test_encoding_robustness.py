@@ -486,10 +486,14 @@ def test_native_stderr_capture_leaves_no_log_when_nothing_was_written_and_restor
         "with native_stderr_to(log / 'loud.log') as c:\n"
         "    os.write(2, b'native side\\n')\n"
         "print('loud', c.bytes)\n"
+        "log.joinpath('killed.log').write_bytes(b'')\n"  # what a run killed with -9 leaves
+        "with native_stderr_to(log / 'killed.log') as c:\n"
+        "    pass\n"
+        "print('killed', c.bytes, log.joinpath('killed.log').exists())\n"
         "os.write(2, b'after\\n')\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["quiet 0 False", "loud 12"]
+    assert done.stdout.splitlines() == ["quiet 0 False", "loud 12", "killed 0 False"]
     assert done.stderr.splitlines() == ["python side", "after"]
     assert (tmp_path / "loud.log").read_text() == "native side\n"
 
