@@ -22,15 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..sa3.atomic import fsync_replace
 from .apply import SA3_ROOTS, Root, check_layer_shapes, find_layer, xs_bases_origin
 from .files import LoadedAdapter
 from .maths import adapter_scale, check_adapter_type, effective_weight, svd_bases
 from .xs_bases import XsBasesSource
 
 COMFY_PREFIX = "diffusion_model."
+EXPORTED_BY = "sa3_lora_studio"  # the created_by metadata of our exports
 
 
 @dataclass
@@ -127,7 +130,23 @@ def export_for_comfyui(path: str | Path, adapter: LoadedAdapter, tree: nn.Module
     (fp32 default so `diff` layers stay exact; fp16 halves the size); xs_bases as for `comfy_tensors`."""
     tensors, report = comfy_tensors(adapter, tree, strength, roots, xs_bases=xs_bases)
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
-    metadata = {"created_by": "sa3_lora_studio", "sa3_adapter_type": adapter.adapter_type,
+    metadata = {"created_by": EXPORTED_BY, "sa3_adapter_type": adapter.adapter_type,
                 "sa3_strength": str(float(strength))}
-    save_file(tensors, str(path), metadata=metadata)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # a cut-off write never leaves half a file under the real name
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fsync_replace(tmp, path)  # with the mode open() gives (safetensors' writer makes it 0600)
+    finally:
+        tmp.unlink(missing_ok=True)
     return report
+
+
+def is_comfy_export(path: str | Path) -> bool:
+    """True when `path` is a file `export_for_comfyui` wrote (its metadata says so): one a new export may replace."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return False
+    return metadata.get("created_by") == EXPORTED_BY and "sa3_strength" in metadata

@@ -159,11 +159,15 @@ class SA3ExportLoRAForComfyUI:
         import folder_paths
 
         from ..adapters import read_adapter_file
-        from ..adapters.comfy_export import export_for_comfyui
+        from ..adapters.comfy_export import export_for_comfyui, is_comfy_export
 
         src = chosen_lora("SA3 Export LoRA for ComfyUI", lora, lora_path)
         name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
+        if out.exists() and (out.resolve() == src.resolve() or not is_comfy_export(out)):
+            what = "is the LoRA being converted" if out.resolve() == src.resolve() else "exists and is no earlier export"
+            raise ValueError(f"SA3 Export LoRA for ComfyUI: {out} {what}; give another filename (nothing was "
+                             "overwritten: only an earlier export of this node is replaced)")
         from ..adapters.apply import model_xs_bases
 
         with using(model):  # -xs bases as generation on this model takes them (e.g. the base's, on ARC)

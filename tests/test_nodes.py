@@ -1,6 +1,7 @@
 """The nodes through their ComfyUI-facing entry points (INPUT_TYPES, FUNCTION), with stand-ins for ComfyUI modules."""
 
 import functools
+import os
 import re
 import shutil
 import time
@@ -202,6 +203,22 @@ def test_export_for_comfyui_writes_into_the_loras_folder(comfy):
     assert path.endswith("loras/name.safetensors")
     with safe_open(path, "pt") as f:
         assert any(k.startswith("diffusion_model.") for k in f.keys())
+    if os.name == "posix":  # readable as any file this process writes (safetensors' own writer makes 0600)
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+    again = run_node("SA3ExportLoRAForComfyUI", model=model, lora="dora.safetensors", strength=0.5, filename="name")
+    assert again == (path,)  # an earlier export is replaced
+    loras = Path(path).parent
+    before = {f.name: f.read_bytes() for f in loras.iterdir()}
+    for filename, why in (("dora", "is the LoRA being converted"), ("style", "exists and is no earlier export")):
+        with pytest.raises(ValueError, match=f"{filename}.safetensors {why}; give another filename"):
+            run_node("SA3ExportLoRAForComfyUI", model=model, lora="dora.safetensors", strength=1.0, filename=filename)
+    assert {f.name: f.read_bytes() for f in loras.iterdir()} == before  # the user's LoRAs untouched
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_encode_compose_train_and_watch_a_run(comfy, tmp_path):
