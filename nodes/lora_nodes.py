@@ -13,6 +13,10 @@ RUN_PREFIX = "sa3 runs/"
 GATED_LAYERS_NOTE = "The DiT layers only: an adapter's layers in the seconds conditioner act at every step, as in the official tools."
 
 
+LORA_PATH_TOOLTIP = ("A LoRA file, overriding the list: a path (e.g. SA3 Run Status's lora_path), a file name in "
+                     "ComfyUI's loras folder, or a run's checkpoint as the list shows it.")
+
+
 def lora_list() -> list[str]:
     """The LoRA combo: `lora_choices()` then "(none)", for a node fed by `lora_path` (a combo needs a valid value:
     some ComfyUI builds refuse an empty one, and picking an unrelated file there was confusing)."""
@@ -53,6 +57,22 @@ def resolve_lora(name: str) -> Path:
     return folder_file_path("loras", name)
 
 
+def lora_file(node: str, input_name: str, text: str) -> Path:
+    """A LoRA file given as text (a socket such as lora_path or continue_from): a path (absolute, relative to
+    ComfyUI's working folder, or with ~), a file name in ComfyUI's loras folder, or a run checkpoint as the LoRA
+    list shows it (`sa3 runs/<run>/<file>`). ValueError naming the node, the input and what it accepts. A missing
+    absolute path comes back as it is: the reader's own error names it."""
+    text = text.strip()
+    path = Path(text).expanduser()
+    if path.is_absolute() or path.is_file():
+        return path
+    try:
+        return resolve_lora(text)
+    except Exception:
+        raise ValueError(f"{node}: {input_name}: no file {text!r}; give a file path, a file name in ComfyUI's loras "
+                         "folder, or a run's checkpoint as SA3 Load LoRA lists it ('sa3 runs/<run>/<file>')") from None
+
+
 def chosen_lora(node: str, lora: str, lora_path: str | None) -> Path:
     """The file a LoRA node uses: a connected `lora_path` wins (even empty: SA3 Run Status gives "" until the run's
     first checkpoint, and falling back to the list would silently load another LoRA), else the list's choice."""
@@ -60,7 +80,7 @@ def chosen_lora(node: str, lora: str, lora_path: str | None) -> Path:
         if not lora_path.strip():
             raise ValueError(f"{node}: lora_path is connected but empty (SA3 Run Status gives no file until the "
                              "run saves its first checkpoint)")
-        return Path(lora_path.strip())
+        return lora_file(node, "lora_path", lora_path)
     if lora in ("", ".", NO_FILE):  # "." is how the pip-installable fork passes an empty combo value
         raise ValueError(f"{node}: choose a LoRA file, or connect lora_path (e.g. from SA3 Run Status)")
     return resolve_lora(lora)
@@ -87,8 +107,7 @@ class SA3LoadLoRA:
             },
             "optional": {
                 "loras": ("SA3_LORA_STACK", {"tooltip": "Chain several SA3 Load LoRA nodes to stack adapters."}),
-                "lora_path": ("STRING", {"forceInput": True, "tooltip": "A LoRA file path (e.g. from SA3 Run Status); "
-                                         "overrides the list."}),
+                "lora_path": ("STRING", {"forceInput": True, "tooltip": LORA_PATH_TOOLTIP}),
             },
         }
 
@@ -119,7 +138,7 @@ class SA3LoRAInfo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"lora": (lora_list(), {"tooltip": "The adapter file to describe."})},
-                "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}
+                "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": LORA_PATH_TOOLTIP})}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("info",)
@@ -145,7 +164,7 @@ class SA3ExportLoRAForComfyUI:
             "lora": (lora_list(), {"tooltip": "The adapter to convert."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": "Baked into the exported file (DoRA/BoRA are not linear in strength)."}),
             "filename": ("STRING", {"default": "sa3_lora_comfy", "tooltip": "Saved in models/loras/ as <name>.safetensors"}),
-        }, "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": "A file path; overrides the list."})}}
+        }, "optional": {"lora_path": ("STRING", {"forceInput": True, "tooltip": LORA_PATH_TOOLTIP})}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)

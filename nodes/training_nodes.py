@@ -49,22 +49,13 @@ def _input_names(node_class) -> list[str]:
 
 
 def continue_from_file(text: str | None) -> str | None:
-    """The node's continue_from as a file path: a path (absolute, or relative to ComfyUI's working folder), a file
-    name in ComfyUI's loras folder, or a run checkpoint as SA3 Load LoRA lists it (`sa3 runs/<run>/<file>`); None
-    when empty. ValueError naming what was tried when it is none of these."""
+    """The node's continue_from as a file path (`lora_nodes.lora_file`: a path, a name in ComfyUI's loras folder or
+    a run checkpoint as SA3 Load LoRA lists it); None when empty."""
     if text is None or not text.strip():
         return None
-    text = text.strip()
-    if Path(text).is_absolute() or Path(text).is_file():
-        return text  # a missing absolute path is named by the run's own checks
-    from .lora_nodes import resolve_lora
+    from .lora_nodes import lora_file
 
-    try:
-        return str(resolve_lora(text))
-    except Exception:
-        raise ValueError(f"SA3 Train LoRA: continue_from: no file {text!r}; give a file path, a file name in "
-                         "ComfyUI's loras folder, or a run's checkpoint as SA3 Load LoRA lists it "
-                         "('sa3 runs/<run>/<file>')") from None
+    return str(lora_file("SA3 Train LoRA", "continue_from", text))
 
 
 def _forward_event(event: dict) -> None:

@@ -497,6 +497,12 @@ def test_load_lora_with_a_connected_but_empty_path_names_the_cause(comfy):
     (stack,) = run_node("SA3LoadLoRA", lora="style.safetensors", strength=1.0, interval_start=0.0, interval_end=1.0,
                         skip_first_steps=0, layer_filter="")
     assert stack[0]["path"].endswith("style.safetensors")
+    # a connected path may also be a name in the loras folder (not one relative to ComfyUI's working folder)
+    load = dict(lora="(none)", strength=1.0, interval_start=0.0, interval_end=1.0, skip_first_steps=0, layer_filter="")
+    (by_name,) = run_node("SA3LoadLoRA", **load, lora_path=" dora.safetensors ")
+    assert by_name[0]["path"] == str(comfy.folders["loras"][0] / "dora.safetensors")
+    with pytest.raises(ValueError, match=r"^SA3 Load LoRA: lora_path: no file 'nope.safetensors'; give a file path"):
+        run_node("SA3LoadLoRA", **load, lora_path="nope.safetensors")
 
 
 def test_training_options_of_a_comfyui_process_come_from_its_environment(comfy):
