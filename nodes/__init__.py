@@ -30,7 +30,9 @@ def _register_routes() -> None:
     try:  # now, not at the first request: runs a restart cut off show as interrupted (and SA3_AUTO_RESUME=1 resumes
         training_nodes.get_manager()  # them) on a server that no page or API call has touched yet
     except Exception as e:  # e.g. a bad SA3_RUNS_PER_DEVICE: said, and the nodes still load (the routes say it again)
-        print(f"[SA3 LoRA Studio] training runs not started: {e}")
+        from .comfy_bridge import say
+
+        say(f"training runs not started: {e}")
 
 
 _register_routes()

@@ -5,6 +5,7 @@ Outside ComfyUI (CLI, tests without stand-ins) every function degrades to a no-o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,12 @@ def fractional_progress(total: int, min_interval: float = 0.1, clock: Callable[[
     return position
 
 
+def say(message: str) -> None:
+    """A line for ComfyUI's console and its log (logging, as ComfyUI's own lines go: written and flushed at once,
+    also when the server's output goes to a file, where a print() stayed in Python's buffer)."""
+    logging.getLogger("sa3_lora_studio").warning(f"SA3 LoRA Studio: {message}")
+
+
 def with_notices(result: tuple, found: list[str]) -> dict:
     """A node's return value with the engine's notices of this call (`adapters.notices.collected`): printed to the
     console and shown on the node every time, not once per process as Python's warnings are. No notices still sends
@@ -57,7 +64,7 @@ def with_notices(result: tuple, found: list[str]) -> dict:
     memory) is shown once."""
     found = list(dict.fromkeys(found))
     for message in found:
-        print(f"SA3 LoRA Studio: warning: {message}")
+        say(f"warning: {message}")
     return {"ui": {"text": [f"warning: {message}" for message in found]}, "result": result}
 
 
@@ -146,12 +153,12 @@ def install_memory_hooks(unload_idle, offload_idle, mm=None) -> bool:
         try:
             fn(*args)
         except Exception:
-            print("SA3 LoRA Studio: freeing SA3 models for ComfyUI failed:\n" + traceback.format_exc())
+            say("freeing SA3 models for ComfyUI failed:\n" + traceback.format_exc())
 
     original_unload, original_free = getattr(mm, "unload_all_models", None), getattr(mm, "free_memory", None)
     if original_unload is None and original_free is None:
-        print("SA3 LoRA Studio: this ComfyUI has no comfy.model_management.unload_all_models / free_memory; its "
-              "'Unload models' will not free SA3 models (use SA3 Unload Models)")
+        say("this ComfyUI has no comfy.model_management.unload_all_models / free_memory; its 'Unload models' will "
+            "not free SA3 models (use SA3 Unload Models)")
         return False
     if original_unload is not None:
         @functools.wraps(original_unload)

@@ -13,7 +13,7 @@ from ..sa3.generate import (
     output_seconds,
     parse_regions,
 )
-from .comfy_bridge import CATEGORY, progress_callback, with_notices
+from .comfy_bridge import CATEGORY, progress_callback, say, with_notices
 from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
@@ -90,7 +90,7 @@ def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, ba
                 raise
             # the merged LoRA weights are a copy of the adapted layers: the same adapters computed beside the shared
             # weights may fit
-            print(f"SA3 LoRA Studio: out of memory on {model.device} with lora_memory 'fast'; generating with 'low'")
+            say(f"out of memory on {model.device} with lora_memory 'fast'; generating with 'low'")
             waveform, rate = retry_after_freeing(lambda: generate("low"), model.device, advice)
     return with_notices((audio_output(waveform, rate),), found)
 

@@ -87,7 +87,7 @@ def gen_inputs(model, **kw):
     return base
 
 
-def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy, capsys):
+def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy, caplog):
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
     (again,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
     assert model is again and model.is_arc  # cached and shared
@@ -111,14 +111,15 @@ def test_load_pack_generate_and_feed_audio_to_audio_and_inpaint(comfy, capsys):
         assert whole["waveform"].shape == (1, 2, 661), name  # 0.015 s
         assert shown == []  # nothing to say: an empty text takes an earlier warning off the node
         for _ in range(2):  # on the node and in the console at every run, not once per process like warnings.warn
-            capsys.readouterr()
+            caplog.clear()
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # said on the node instead, not also through warnings
                 _, shown = run_node_shown(name, **gen_inputs(model, audio=longer, **extra))
             cut = "the init audio" if name == "SA3AudioToAudio" else "the inpaint audio"
             assert shown == [f"warning: {cut} lasts 0.015 s but the output 0.01 s: only its first 0.01 s are used "
                              "(a duration of 0.015 s keeps all of it)"], name
-            assert capsys.readouterr().out == f"SA3 LoRA Studio: {shown[0]}\n"
+            said = [r.getMessage() for r in caplog.records if r.name == "sa3_lora_studio"]
+            assert said == [f"SA3 LoRA Studio: {shown[0]}"]  # ComfyUI's log, as its own lines
     too_long = {"waveform": torch.cat([longer["waveform"]] * 2, -1), "sample_rate": 44100}  # past the model's 768
     (capped,), shown = run_node_shown("SA3AudioToAudio", **gen_inputs(model, audio=too_long, duration=0.0,
                                                                       noise_level=0.7))
