@@ -3,7 +3,9 @@ the right one (bass meets in the middle). One implementation, used by demos, the
 
 Pipeline (per channel): resample to 32 kHz, STFT (n_fft 2048, hop `hop`, Hann, centred), 30-band Slaney mel up to
 16 kHz, power in dB (top 80 dB) clipped to [-60, 0] dB, scaled to [0, 1] and gamma 0.6. Each frame gets a colour from
-its energy in 0–200 Hz (red), 200–1500 Hz (green) and 1.5–16 kHz (blue).
+its energy in 0–200 Hz (red), 200–1500 Hz (green) and 1.5–16 kHz (blue). Unlike underfit's, the whole image is then
+dimmed by the clip's peak level on the same scale (0 dBFS full brightness, -60 dBFS and silence black), so a quiet or
+silent take looks quiet when takes are compared side by side.
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ def tinted_spectrogram(waveform: Tensor, sample_rate: int, width: int = 600, hei
     rgb = np.einsum("cbt,bk->ctk", band_w, colours)
     # one scale for all three colours (per-colour normalisation would turn a steady tone white)
     rgb = rgb / np.maximum(rgb.max(axis=(1, 2), keepdims=True), 1e-6)
-    pixels = intensity[..., None] * rgb[:, None, :, :]  # [2, mels, frames, 3]
+    # the clip's own level dims the whole image, with the same dB mapping: the dB above are relative to the clip's
+    # loudest bin (underfit's look), which alone drew silence white and a -80 dB tone as bright as a -6 dB one
+    peak_db = 20 * math.log10(max(float(wav.abs().max()), 1e-10))  # dBFS
+    level = min(max((peak_db + 60.0) / 60.0, 0.0), 1.0) ** 0.6
+    pixels = level * intensity[..., None] * rgb[:, None, :, :]  # [2, mels, frames, 3]
     left = pixels[0][::-1]  # high frequencies at the top edge, bass towards the centre
     right = pixels[1]
     image = np.concatenate([left, right], axis=0)
