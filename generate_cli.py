@@ -259,9 +259,8 @@ def add_generate_parser(sub) -> None:
                    help="with --inpaint: seconds to regenerate (the SA3 Inpaint node's syntax)")
     p.add_argument("--continue", dest="continuation", action="store_true",
                    help="with --inpaint: extend the audio from its end up to --duration seconds")
-    p.add_argument("--paste-back", action="store_true", help="with --inpaint: put the source's latents back outside "
-                   "the regions after sampling (the decoder still renders them, so the audio there is close to, not "
-                   "bit-equal to, the source)")
+    p.add_argument("--paste-back", action="store_true", help="with --inpaint: put the source's own audio back outside "
+                   "the regions after sampling (20 ms crossfades just inside their edges)")
     p.add_argument("--loudness", type=float, default=None, metavar="LUFS",
                    help="bring each take to this loudness (EBU R128, e.g. -18; true peak at most -1 dBTP, gain at most "
                         "+20 dB), so takes "

@@ -140,8 +140,9 @@ class SA3Inpaint:
                                      "Ignored when continuation is on."})
         req["continuation"] = ("BOOLEAN", {"default": False, "tooltip": "Continue the clip from its end up to "
                                            "`duration` seconds instead of regenerating regions."})
-        req["paste_back"] = ("BOOLEAN", {"default": False, "tooltip": "Paste the source latents back outside the "
-                                         "regenerated regions after sampling (off = the official behaviour)."})
+        req["paste_back"] = ("BOOLEAN", {"default": False, "tooltip": "Put the source's own audio back outside the "
+                                         "regenerated regions (20 ms crossfades just inside their edges); off = the "
+                                         "official behaviour, where the model redraws the whole clip."})
         return {"required": req, "optional": _optional_inputs()}
 
     RETURN_TYPES = ("AUDIO",)

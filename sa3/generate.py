@@ -150,19 +150,54 @@ def _broadcast(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def encode_source(model, source: tuple[Tensor, int], audio_samples: int, n: int) -> Tensor:
-    """Resample/stereo-ise source clips (`as_audio`'s ([B, C, N], rate)), zero-pad or crop them to
-    `audio_samples`, encode -> [n, C, T]: one clip serves the whole batch, else clip i serves item i."""
+def source_waveform(model, source: tuple[Tensor, int], audio_samples: int) -> tuple[Tensor, int]:
+    """Source clips (`as_audio`'s ([B, C, N], rate)) resampled to the model's rate and channels, zero-padded or cropped
+    to `audio_samples`: ([B, C, audio_samples], how many of those samples are the source's own)."""
     from .autoencoder import prepare_audio
 
     wav, rate = source
-    ae = model.autoencoder
-    wav = prepare_audio(list(wav), rate, model.sample_rate, ae.io_channels)
+    wav = prepare_audio(list(wav), rate, model.sample_rate, model.autoencoder.io_channels)
     out = wav.new_zeros(wav.shape[0], wav.shape[1], audio_samples)
     k = min(audio_samples, wav.shape[-1])
     out[..., :k] = wav[..., :k]
+    return out, k
+
+
+def encode_source(model, source: tuple[Tensor, int], audio_samples: int, n: int,
+                  wav: Tensor | None = None) -> Tensor:
+    """`source_waveform`'s clips (or `wav`, already made by it) encoded -> [n, C, T]: one clip serves the whole batch,
+    else clip i serves item i."""
+    out = source_waveform(model, source, audio_samples)[0] if wav is None else wav
     z = torch.cat([model.encode_audio(clip[None], model.sample_rate, chunked=False) for clip in out])
     return z.repeat(n, 1, 1) if z.shape[0] == 1 else z
+
+
+PASTE_FADE_SECONDS = 0.02  # the crossfade inside each regenerated region's edges, so no click where they meet
+
+
+def paste_source_audio(audio: Tensor, source: Tensor, source_samples: int, regions: Sequence[tuple[float, float]],
+                       sample_rate: int, fade_seconds: float = PASTE_FADE_SECONDS) -> Tensor:
+    """The source's own samples outside the regenerated regions: audio [B, C, N] generated, source [1 or B, C, >= N]
+    (`source_waveform`), of which the first `source_samples` are real. Inside each region the generated audio, with
+    a linear crossfade of `fade_seconds` just inside its edges (the source outside stays untouched); past the
+    source's end the generated audio, faded in likewise."""
+    n = audio.shape[-1]
+    keep = torch.ones(n)
+    fade = max(1, int(fade_seconds * sample_rate))
+    spans = [(int(a * sample_rate), int(b * sample_rate)) for a, b in regions] + [(source_samples, n)]
+    for start, end in spans:
+        start, end = max(0, min(start, n)), max(0, min(end, n))
+        if end <= start:
+            continue
+        keep[start:end] = 0
+        f = min(fade, (end - start) // 2)
+        if f > 0:
+            if start > 0:  # a region at the very start has nothing to fade from
+                keep[start:start + f] = torch.minimum(keep[start:start + f], torch.linspace(1, 0, f + 2)[1:-1])
+            if end < n:
+                keep[end - f:end] = torch.maximum(keep[end - f:end], torch.linspace(0, 1, f + 2)[1:-1])
+    keep = keep.to(audio.dtype)
+    return keep * source[..., :n].to(audio.dtype) + (1 - keep) * audio
 
 
 ADAPTER_MODES = {"fast": "merged", "low": "factored"}  # generate's adapter_memory -> the adapter view's mode
@@ -221,7 +256,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
     prompt / negative_prompt / duration: one value or one per batch item (seconds, <= the model's maximum).
     init_audio: (waveform, rate) or AUDIO dict for audio-to-audio, noised to `init_noise_level` (1 = ignore it).
     inpaint_audio + inpaint_regions: regenerate [(start_s, end_s), ...] of the source; continuation is a region from
-    the source's end to `duration`. paste_back puts the source latents back outside the regions after sampling.
+    the source's end to `duration`. paste_back puts the source back outside the regions after sampling: its latents
+    before decoding, then its own samples (`paste_source_audio`, a short crossfade inside each region's edges; with
+    inpaint_latents, which have no samples, the latents only).
     inpaint_latents: instead of inpaint_audio, the source's latents [latent_dim, T] (or [1, latent_dim, T]) at the
     model's latent rate, e.g. a dataset's: no encode (training demos inpaint what training sees).
     loras: [{"path", "strength", "interval": (lo, hi)}] or loaded adapters, applied in order (see adapters/).
@@ -300,7 +337,8 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
             raise ValueError(f"{model.source or 'this model'} has no inpainting input (its config has no "
                              "local_add_cond_dim; every SA3 pack has one): use init_audio (audio-to-audio) instead")
         if inpaint_latents is None:
-            z_source = encode_source(model, inpaint_audio, audio_samples, n).to(device)
+            source_wav, source_samples = source_waveform(model, inpaint_audio, audio_samples)
+            z_source = encode_source(model, inpaint_audio, audio_samples, n, wav=source_wav).to(device)
         else:  # zero-padded or cropped to the output's length, as encode_source does with the audio
             z_source = torch.zeros(n, cfg.latent_dim, n_latents, device=device)
             k = min(n_latents, inpaint_latents.shape[-1])
@@ -348,6 +386,9 @@ def generate(model, prompt: str | Sequence[str], negative_prompt: str | Sequence
                             "; the model's weights hold NaN/inf, or its precision overflowed (try fp32)"))
     audio_mask = padding_mask.cpu()[:, None].repeat_interleave(ratio, dim=-1)
     audio = audio[..., : audio_mask.shape[-1]] * audio_mask[..., : audio.shape[-1]]
+    if paste_back and inpaint_audio is not None:  # the source's own samples, not their autoencoder round trip
+        audio = paste_source_audio(audio, source_wav, source_samples, inpaint_regions, cfg.sample_rate) * \
+            audio_mask[..., : audio.shape[-1]]
     audio = audio.clamp(-1, 1)
     if truncate and len(set(durations)) == 1:
         audio = audio[..., : int(durations[0] * cfg.sample_rate)]

@@ -125,6 +125,32 @@ def test_inpainting_from_latents_equals_inpainting_the_audio_they_encode(models)
         model.generate("pad", inpaint_latents=latents[:3], **kw)
 
 
+def test_paste_back_keeps_the_sources_own_samples_outside_the_regions_whatever_the_seed(models):
+    """Not the autoencoder's round trip of them: a musician expects the untouched parts untouched; inside the
+    region the take, crossfaded in just inside its edges."""
+    from sa3_lora_studio.sa3.generate import PASTE_FADE_SECONDS
+
+    model = models["tiny-small"]
+    rate = model.sample_rate
+    source = (0.3 * torch.sin(torch.arange(8192) / rate * 2 * torch.pi * 220)).repeat(2, 1)
+    region = (0.004, 0.009)
+    kw = dict(duration=0.015, steps=2, inpaint_audio=(source, rate), inpaint_regions=[region], paste_back=True)
+    takes = [model.generate("pad", seed=seed, **kw)[0][0] for seed in (3, 4)]
+    start, end = (int(x * rate) for x in region)
+    fade = int(PASTE_FADE_SECONDS * rate)
+    n = takes[0].shape[-1]
+    for take in takes:
+        assert torch.equal(take[:, :start], source[:, :start]) and torch.equal(take[:, end:n], source[:, end:n])
+    f = min(fade, (end - start) // 2)  # a region shorter than two fades fades over its halves
+    middle = (start + end) // 2
+    for take in takes:  # the take at the region's middle; a blend of both near its edges
+        assert not torch.allclose(take[:, middle], source[:, middle], atol=1e-4)
+        assert (take[:, start:start + f] - source[:, start:start + f]).abs().max() > 0
+    assert not torch.allclose(takes[0][:, start:end], takes[1][:, start:end])  # the regenerated part is the take's
+    plain = model.generate("pad", seed=3, **{**kw, "paste_back": False})[0][0]
+    assert not torch.allclose(plain[:, :start], source[:, :start], atol=1e-3)  # without it: the model's own
+
+
 def test_nan_or_infinite_settings_and_regions_past_the_end_are_refused_by_name(models):
     model = models["tiny-small"]
     source = (0.3 * torch.sin(torch.arange(8192) / 44100 * 2 * torch.pi * 220)).repeat(2, 1)
