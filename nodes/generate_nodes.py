@@ -14,7 +14,7 @@ from ..sa3.generate import (
     parse_regions,
 )
 from .comfy_bridge import CATEGORY, progress_callback, say, with_notices
-from .model_nodes import DeviceOutOfMemory, retry_after_freeing, using
+from .model_nodes import CUSTOM, DeviceOutOfMemory, has_text_encoder, no_text_encoder_advice, retry_after_freeing, using
 
 SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
 
@@ -80,6 +80,8 @@ def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, ba
             cfg_scale=cfg or None, sampler=None if sampler == "auto" else sampler, batch_size=batch_size,
             loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=memory, **extra)
 
+    if not has_text_encoder(model):  # the conditioner's own message names Python calls, not the node's inputs
+        raise ValueError(f"SA3 generation: the model has {no_text_encoder_advice(model.pack or CUSTOM, model.variant or 'base')}")
     advice = (f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch {batch_size}). Try a shorter "
               "duration, batch 1, or a model loaded in bf16")
     with using(model), notices.collected() as found:  # model held while ComfyUI frees memory for a retry

@@ -142,6 +142,24 @@ def retry_after_freeing(fn, device, advice: str):
     raise DeviceOutOfMemory(f"{advice} ({first})")
 
 
+_NO_TEXT_ENCODER: set[tuple] = set()  # cache keys whose model loaded without its text encoder
+
+
+def has_text_encoder(model) -> bool:
+    """Whether the model's prompt conditioner has T5Gemma loaded (prompts need it; encoding audio does not)."""
+    conditioners = getattr(getattr(model, "conditioner", None), "conditioners", {})  # a stand-in model has none
+    prompt = conditioners["prompt"] if "prompt" in conditioners else None
+    return prompt is None or bool(getattr(prompt, "has_text_encoder", True))
+
+
+def no_text_encoder_advice(pack: str, variant: str) -> str:
+    """What SA3 Load Pack says of a model without its text encoder, in the node's own terms."""
+    where = ("choose text_encoder (t5gemma_b_b_ul2.safetensors in models/text_encoders)" if pack == CUSTOM else
+             f"its folder models/sa3/{pack}/{variant}/t5gemma-b-b-ul2 is missing (download_missing fetches it)")
+    return (f"no text encoder loaded: {where}. Generating and training need it (encoding audio does not); queue "
+            "again once it is there")
+
+
 class SA3LoadPack:
     """Load an SA3 pack (base or ARC) from ComfyUI's models/sa3 folder, or a ComfyUI checkpoint + text encoder."""
 
@@ -211,7 +229,21 @@ class SA3LoadPack:
                                         "sa3-medium), or device cpu")
         if found:
             _LOAD_NOTICES[key] = list(found)
-        return with_notices((model,), found or _LOAD_NOTICES.get(key, []))  # a cached model says them again
+        said = list(found or _LOAD_NOTICES.get(key, []))  # a cached model says them again
+        if not has_text_encoder(model):
+            said.append(no_text_encoder_advice(pack, variant))
+            with _LOCK:  # not kept: the next run loads again and finds an encoder added meanwhile
+                _CACHE.pop(key, None)
+                _NO_TEXT_ENCODER.add(key)
+        else:
+            _NO_TEXT_ENCODER.discard(key)
+        return with_notices((model,), said)
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        """Run again (ComfyUI's cache would hand out the same model) while a model loaded without a text encoder:
+        the user may have added it since."""
+        return float("nan") if _NO_TEXT_ENCODER else ""
 
 
 class SA3UnloadModels:

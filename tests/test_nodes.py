@@ -820,3 +820,26 @@ def test_node_errors_name_the_nodes_inputs_not_the_config_fields():
 def test_load_dataset_names_itself_in_its_errors(comfy, tmp_path):
     with pytest.raises(ValueError, match=r"^SA3 Load Dataset: .*nope: no such dataset folder"):
         run_node("SA3LoadDataset", path=str(tmp_path / "nope"))
+
+
+def test_a_pack_without_its_text_encoder_says_so_on_load_pack_and_loads_it_once_it_is_there(comfy, fixtures_dir):
+    """Encoding audio works without T5Gemma, so the pack loads, but the node says what is missing in its own terms,
+    generation names it too, and queueing again after adding the folder finds it (no restart, no cache to free)."""
+    from sa3_lora_studio.nodes.model_nodes import SA3LoadPack
+
+    folder = comfy.models_dir / "sa3" / "sa3-small-sfx" / "base"
+    shutil.copytree(fixtures_dir / "tiny-small", folder, ignore=shutil.ignore_patterns("t5gemma-b-b-ul2"))
+    load = dict(pack="sa3-small-sfx", variant="base", dtype="fp32", device="cpu")
+    (model,), shown = run_node_shown("SA3LoadPack", **load)
+    assert shown == ["warning: no text encoder loaded: its folder models/sa3/sa3-small-sfx/base/t5gemma-b-b-ul2 is "
+                     "missing (download_missing fetches it). Generating and training need it (encoding audio does "
+                     "not); queue again once it is there"]
+    assert SA3LoadPack.IS_CHANGED(**load) != SA3LoadPack.IS_CHANGED(**load)  # NaN: ComfyUI runs the node again
+    with pytest.raises(ValueError, match=r"^SA3 generation: the model has no text encoder loaded: its folder"):
+        run_node("SA3Generate", **gen_inputs(model))
+    shutil.copytree(fixtures_dir / "tiny-small" / "t5gemma-b-b-ul2", folder / "t5gemma-b-b-ul2")
+    (again,), shown = run_node_shown("SA3LoadPack", **load)
+    assert shown == [] and again is not model
+    assert SA3LoadPack.IS_CHANGED(**load) == ""
+    (audio,) = run_node("SA3Generate", **gen_inputs(again))
+    assert audio["waveform"].abs().sum() > 0
