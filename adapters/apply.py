@@ -61,7 +61,7 @@ from .maths import (
     svd_bases,
     tensor_names,
 )
-from .targets import TARGET_TYPES, expand_pattern, parse_layer_filter, resolve_patterns, select_targets
+from .targets import TARGET_TYPES, filter_matches, parse_layer_filter, resolve_patterns, runs_into_a_number, select_targets
 from .xs_bases import XsBasesSource, xs_bases_source_for
 
 MODES = ("merged", "parametrized", "factored")
@@ -533,8 +533,25 @@ class AdaptedModel:
             self.report.unmatched.append(unmatched)
         for full, slots in slots_by_path.items():
             self.layers[full] = AdaptedLayer(base_by_path[full], slots, mode, streamed)
+        self._check_layer_filters(slots_by_path)
         self.module = _view(tree, self.layers)
         self.update()
+
+    def _check_layer_filters(self, slots_by_path: dict[str, list[AdapterSlot]]) -> None:
+        """Say when a layer_filter pattern switches off none of its adapter's layers (a typo otherwise looks like a
+        filter that changes nothing)."""
+        for i, use in enumerate(self.uses):
+            gated = [self._gated[full] for full, slots in slots_by_path.items()
+                     if self._gated[full] and any(s.use_index == i for s in slots)]
+            name = use.adapter.name or f"adapter {i}"
+            for pattern in parse_layer_filter(use.layer_filter):
+                if gated and not any(filter_matches(g, pattern) for g in gated):
+                    self._warn(f"{name}: layer_filter {pattern!r} matches none of its layers, so it switches nothing "
+                               f"off (names look like {gated[0]!r})")
+                elif any(runs_into_a_number(g, pattern) for g in gated):
+                    self._warn(f"{name}: layer_filter {pattern!r} also switches off layers whose number goes on "
+                               f"(e.g. {next(g for g in gated if runs_into_a_number(g, pattern))!r}): it matches "
+                               f"as a substring, as the official filter does; end it with '.' for that one number")
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _find(self, tree: nn.Module, layer: str) -> tuple[str, nn.Module | None, Root]:
@@ -584,8 +601,8 @@ class AdaptedModel:
                 if gated_name is None:
                     s.enabled = True
                 else:
-                    s.enabled = use.active_at(sigma, step) and not any(
-                        p in gated_name for f in filters[i] for p in expand_pattern(f))
+                    s.enabled = use.active_at(sigma, step) and not any(filter_matches(gated_name, f)
+                                                                       for f in filters[i])
             changed += layer.remerge()
         return changed
 

@@ -56,6 +56,24 @@ def parse_layer_filter(text: str | None) -> list[str]:
     return [p.strip().lower() for p in (text or "").split(",") if p.strip()]
 
 
+def filter_matches(name: str, pattern: str) -> bool:
+    """Whether a layer_filter pattern (brackets expanded) switches off the layer `name`: a substring of it, as the
+    official filter takes it ("layers.1" is blocks 1 and 10-19; "layers.1." is block 1)."""
+    return any(p in name for p in expand_pattern(pattern))
+
+
+def runs_into_a_number(name: str, pattern: str) -> bool:
+    """Whether a pattern ending in a digit matches `name` where a longer number goes on ("layers.1" in
+    "layers.12."), which the user rarely means."""
+    for p in expand_pattern(pattern):
+        at = name.find(p)
+        while p[-1:].isdigit() and at >= 0:
+            if name[at + len(p):at + len(p) + 1].isdigit():
+                return True
+            at = name.find(p, at + 1)
+    return False
+
+
 def is_target(name: str, module: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
     """The reference rule: a Linear/Conv1d, matching include (if given) and no exclude pattern."""
     if not isinstance(module, TARGET_TYPES):

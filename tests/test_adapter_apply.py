@@ -194,6 +194,22 @@ def test_layer_filter_disables_matching_gated_layers_case_insensitively(tree):
                    "model.model.transformer.layers.1.self_attn.to_out", "model.model.transformer.layers.1.ff"}
 
 
+def test_a_layer_filter_that_switches_nothing_off_or_more_blocks_than_written_says_so(tree):
+    from sa3_lora_studio.adapters.targets import filter_matches, runs_into_a_number
+
+    a = trained(tree, "lora", 1)
+    with pytest.warns(UserWarning, match="layer_filter 'nonexistent_layer' matches none of its layers, so it "
+                                         "switches nothing off"):
+        am = AdaptedModel(tree, [AdapterUse(a, layer_filter="nonexistent_layer")], ROOTS)
+    assert all(layer.slots[0].enabled for layer in am.layers.values())
+    # the official substring rule stays ("layers.1" is blocks 1 and 10-19); what it also takes is pointed out
+    assert filter_matches("transformer.layers.12.ff", "layers.1")
+    assert runs_into_a_number("transformer.layers.12.ff", "layers.1")
+    assert not runs_into_a_number("transformer.layers.1.ff", "layers.1")
+    assert not runs_into_a_number("transformer.layers.12.ff", "layers.1.")
+    assert runs_into_a_number("transformer.layers.10.ff", "layers.[0-1]")
+
+
 def test_strength_is_per_adapter_and_lora_blends_linearly(tree, inputs):
     a = trained(tree, "lora", 1)
     am = AdaptedModel(tree, [a], ROOTS)
