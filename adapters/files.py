@@ -105,12 +105,37 @@ class LoadedAdapter:
                 "dit_layers": sum(1 for k in self.layers if k.startswith("model.")),
                 "conditioner_layers": sum(1 for k in self.layers if k.startswith("conditioners.")),
                 "include": self.config.get("include"), "exclude": self.config.get("exclude"),
+                "layers": grouped_layer_names(self.layers),
                 **{k: meta[k] for k in EXTRA_METADATA_KEYS if k in meta}}
 
     def state_dict(self, index: int = 0) -> dict[str, Tensor]:
         """Tensors under their official checkpoint keys (the U/V bases of -xs types are never included)."""
         return {f"{layer}.parametrizations.weight.{index}.{name}": t[name]
                 for layer, t in self.layers.items() for name in tensor_names(self.adapter_type)}
+
+
+def grouped_layer_names(names) -> list[str]:
+    """Layer paths with their block numbers gathered into ranges, in first-seen order:
+    ["model.transformer.layers.[0-19].self_attn.to_qkv", ...], each usable as a layer_filter or include pattern."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name in names:
+        m = re.match(r"^(.*?\.layers\.)(\d+)(\..*)$", name)
+        if m is None:
+            groups.setdefault((name, ""), [])
+        else:
+            groups.setdefault((m[1], m[3]), []).append(int(m[2]))
+    out = []
+    for (head, tail), numbers in groups.items():
+        if not numbers:
+            out.append(head)
+            continue
+        numbers = sorted(set(numbers))
+        start = numbers[0]
+        for a, b in zip(numbers, numbers[1:] + [None]):
+            if b != a + 1:  # one entry per run of numbers: a range the pattern syntax reads ([a-b], no commas)
+                out.append(f"{head}{start}{tail}" if start == a else f"{head}[{start}-{a}]{tail}")
+                start = b
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- parsing

@@ -16,7 +16,7 @@ from ..sa3.generate import (
 from .comfy_bridge import CATEGORY, progress_callback, say, with_notices
 from .model_nodes import CUSTOM, DeviceOutOfMemory, has_text_encoder, no_text_encoder_advice, retry_after_freeing, using
 
-SAMPLERS = ["auto", "euler", "pingpong", "dpmpp"]
+SAMPLERS = ["auto", "euler", "pingpong", "dpmpp", "rk4"]  # rk4: four model calls per step
 
 
 def audio_output(waveform: torch.Tensor, sample_rate: int) -> dict:

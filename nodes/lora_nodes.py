@@ -152,7 +152,8 @@ class SA3LoRAInfo:
 
         path = chosen_lora("SA3 LoRA Info", lora, lora_path)
         info = read_adapter_file(path).info()
-        text = "\n".join(f"{k}: {v}" for k, v in info.items() if v not in (None, "", []))
+        text = "\n".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in info.items()
+                         if v not in (None, "", []))
         return {"ui": {"text": [text]}, "result": (json.dumps(info, default=str, indent=1),)}
 
 

@@ -252,3 +252,17 @@ def test_underfits_step_epoch_and_base_model_in_lora_config_are_written_anew(tmp
     plain = adapter_from_state(state, {"rank": 2, "alpha": 2, "adapter_type": "lora"})
     write_adapter_file(tmp_path / "b.safetensors", plain, base_pack="sa3-medium", step=5, epoch=0)
     assert set(read_adapter_file(tmp_path / "b.safetensors").config) == {"rank", "alpha", "adapter_type"}
+
+
+def test_info_lists_the_adapted_layers_as_patterns_that_expand_back_to_them(fixtures_dir):
+    from sa3_lora_studio.adapters.files import grouped_layer_names
+    from sa3_lora_studio.adapters.targets import expand_pattern
+
+    names = ([f"model.transformer.layers.{i}.self_attn.to_qkv" for i in range(12)]
+             + [f"model.transformer.layers.{i}.ff" for i in (0, 1, 2, 5, 7, 8)] + ["model.to_timestep_embed"])
+    grouped = grouped_layer_names(names)
+    assert grouped == ["model.transformer.layers.[0-11].self_attn.to_qkv", "model.transformer.layers.[0-2].ff",
+                       "model.transformer.layers.5.ff", "model.transformer.layers.[7-8].ff", "model.to_timestep_embed"]
+    assert sorted(n for g in grouped for n in expand_pattern(g)) == sorted(names)
+    adapter = read_adapter_file(fixtures_dir / "golden" / "lora" / "lora.safetensors")
+    assert sorted(n for g in adapter.info()["layers"] for n in expand_pattern(g)) == sorted(adapter.layers)

@@ -843,3 +843,13 @@ def test_a_pack_without_its_text_encoder_says_so_on_load_pack_and_loads_it_once_
     assert SA3LoadPack.IS_CHANGED(**load) == ""
     (audio,) = run_node("SA3Generate", **gen_inputs(again))
     assert audio["waveform"].abs().sum() > 0
+
+
+def test_every_sampler_of_the_api_is_on_the_generation_nodes(comfy):
+    from sa3_lora_studio.nodes.generate_nodes import SAMPLERS
+    from sa3_lora_studio.sa3.samplers import SAMPLERS as ENGINE_SAMPLERS
+
+    assert set(SAMPLERS) == {"auto", *ENGINE_SAMPLERS} - {"dpmpp_2m"}  # dpmpp_2m: an alias of dpmpp
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    (audio,) = run_node("SA3Generate", **gen_inputs(model, sampler="rk4"))
+    assert torch.isfinite(audio["waveform"]).all() and audio["waveform"].abs().sum() > 0
