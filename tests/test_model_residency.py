@@ -120,7 +120,7 @@ def _comfy_model_management(free_bytes):
     return mm
 
 
-def test_comfyui_unload_and_free_memory_reach_sa3_models_once_wrapped(capsys):
+def test_comfyui_unload_and_free_memory_reach_sa3_models_once_wrapped(caplog):
     free_bytes = [8 << 30]
     mm = _comfy_model_management(free_bytes)
     seen = []
@@ -145,7 +145,7 @@ def test_comfyui_unload_and_free_memory_reach_sa3_models_once_wrapped(capsys):
     mm2 = _comfy_model_management(free_bytes)
     install_memory_hooks(broken, offload, mm2)
     mm2.unload_all_models()  # our failure is printed, never raised into ComfyUI's prompt worker
-    assert "freeing SA3 models for ComfyUI failed" in capsys.readouterr().out
+    assert "freeing SA3 models for ComfyUI failed" in caplog.text  # ComfyUI's log, as its own lines
 
 
 def test_the_hooks_are_installed_when_the_pack_loads_inside_comfyui(monkeypatch, tmp_path):
@@ -165,7 +165,7 @@ def test_the_hooks_are_installed_when_the_pack_loads_inside_comfyui(monkeypatch,
 
 
 def test_runs_a_restart_cut_off_are_marked_and_auto_resumed_as_the_pack_loads_without_any_request(
-        monkeypatch, tmp_path, dataset, fixtures_dir, capsys):
+        monkeypatch, tmp_path, dataset, fixtures_dir, caplog):
     """SA3_AUTO_RESUME=1 on a headless server: the run goes on as ComfyUI starts, not at the first page or call."""
     import sa3_lora_studio.nodes.routes as routes
     from sa3_lora_studio import nodes
@@ -189,9 +189,9 @@ def test_runs_a_restart_cut_off_are_marked_and_auto_resumed_as_the_pack_loads_wi
     finally:
         training_nodes.reset_manager()
     monkeypatch.setenv("SA3_RUNS_PER_DEVICE", "zero")  # a bad setting: said, the pack still loads
-    capsys.readouterr()
+    caplog.clear()
     nodes._register_routes()
-    assert "training runs not started: SA3_RUNS_PER_DEVICE='zero'" in capsys.readouterr().out
+    assert "training runs not started: SA3_RUNS_PER_DEVICE='zero'" in caplog.text
     training_nodes.reset_manager()
 
 
@@ -294,10 +294,10 @@ def test_training_on_a_gpu_asks_comfyui_for_the_room_it_estimates(comfy_env, dat
     assert asked == [(estimate["total"] - estimate["weights"] - estimate["text_encoder"], "cuda:0", 0)]
 
 
-def test_a_comfyui_without_the_functions_is_told_once_not_broken(capsys):
+def test_a_comfyui_without_the_functions_is_told_once_not_broken(caplog):
     mm = types.ModuleType("comfy.model_management")
     assert install_memory_hooks(lambda: None, lambda device: None, mm) is False
-    assert "will not free SA3 models" in capsys.readouterr().out and not hasattr(mm, "_sa3_memory_hooks")
+    assert "will not free SA3 models" in caplog.text and not hasattr(mm, "_sa3_memory_hooks")
 
 
 def test_the_unload_node_says_what_it_did_in_the_ui(comfy_env):
@@ -349,7 +349,7 @@ def test_bringing_a_model_back_retries_once_after_asking_comfyui_for_memory(fixt
 
 
 def test_a_generation_with_loras_that_never_fits_merged_falls_back_to_low_memory(fixtures_dir, cache, monkeypatch,
-                                                                                   tmp_path, capsys):
+                                                                                   tmp_path, caplog):
     from sa3_lora_studio.nodes.generate_nodes import SA3Generate
 
     monkeypatch.setattr(cache, "free_comfy_memory", lambda n, device: None)
@@ -369,7 +369,7 @@ def test_a_generation_with_loras_that_never_fits_merged_falls_back_to_low_memory
         warnings.simplefilter("ignore")
         (audio,) = SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1, loras=loras)["result"]
         assert memories == ["fast", "fast", "low"] and torch.isfinite(audio["waveform"]).all()
-        assert "generating with 'low'" in capsys.readouterr().out
+        assert "generating with 'low'" in caplog.text
         memories.clear()
         with pytest.raises(RuntimeError, match="SA3 generation: out of memory"):  # no LoRA: nothing to fall back on
             SA3Generate().generate(model, "a bell", "", seconds, 1, 2, 3.0, "auto", 1)
