@@ -187,8 +187,9 @@ def test_skip_first_steps_counts_steps_and_the_sigma_helper_matches_a_falling_sc
 
 def test_layer_filter_disables_matching_gated_layers_case_insensitively(tree):
     a = trained(tree, "lora", 1)
-    am = AdaptedModel(tree, [AdapterUse(a, layer_filter="transformer.layers.[1-1]., TO_TIMESTEP_EMBED, seconds")],
-                      ROOTS)
+    with pytest.warns(UserWarning, match="layer_filter 'seconds' matches none of its layers"):  # none in this tree
+        am = AdaptedModel(tree, [AdapterUse(a, layer_filter="transformer.layers.[1-1]., TO_TIMESTEP_EMBED, seconds")],
+                          ROOTS)
     off = {full for full, layer in am.layers.items() if not layer.slots[0].enabled}
     assert off == {"model.model.to_timestep_embed", "model.model.transformer.layers.1.self_attn.to_qkv",
                    "model.model.transformer.layers.1.self_attn.to_out", "model.model.transformer.layers.1.ff"}
