@@ -72,8 +72,18 @@ def _optional_inputs():
     }
 
 
-def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory="fast",
-         **extra):
+def _run(node: str, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+         lora_memory="fast", **extra):
+    """Generate for `node` (its name starts every error the engine raises, e.g. a region past a capped end)."""
+    try:
+        return _generate(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+                         lora_memory, **extra)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+
+
+def _generate(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras,
+              lora_memory="fast", **extra):
     def generate(memory: str):
         return model.generate(
             prompt, negative_prompt=negative_prompt or None, duration=duration, seed=seed, steps=steps or None,
@@ -81,7 +91,7 @@ def _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, ba
             loras=loras, callback=progress_callback(steps or model.default_steps), adapter_memory=memory, **extra)
 
     if not has_text_encoder(model):  # the conditioner's own message names Python calls, not the node's inputs
-        raise ValueError(f"SA3 generation: the model has {no_text_encoder_advice(model.pack or CUSTOM, model.variant or 'base')}")
+        raise ValueError(f"the model has {no_text_encoder_advice(model.pack or CUSTOM, model.variant or 'base')}")
     advice = (f"SA3 generation: out of memory on {model.device} ({duration:g} s, batch {batch_size}). Try a shorter "
               "duration, batch 1, or a model loaded in bf16")
     with using(model), notices.collected() as found:  # model held while ComfyUI frees memory for a retry
@@ -109,7 +119,8 @@ class SA3Generate:
 
     def generate(self, model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras=None,
                  lora_memory="fast"):
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory)
+        return _run("SA3 Generate", model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size,
+                    loras, lora_memory)
 
 
 class SA3AudioToAudio:
@@ -130,8 +141,8 @@ class SA3AudioToAudio:
                  noise_level, loras=None, lora_memory="fast"):
         init = audio_input(audio, "SA3 Audio to Audio")
         duration = output_seconds(duration, init, max_seconds=max_output_seconds(model))
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
-                    init_audio=init, init_noise_level=noise_level)
+        return _run("SA3 Audio to Audio", model, prompt, negative_prompt, duration, seed, steps, cfg, sampler,
+                    batch_size, loras, lora_memory, init_audio=init, init_noise_level=noise_level)
 
 
 class SA3Inpaint:
@@ -159,13 +170,14 @@ class SA3Inpaint:
         try:
             duration = output_seconds(duration, source, continuation, max_seconds=max_output_seconds(model))
             spans = [continuation_region(source, duration)] if continuation else parse_regions(regions)
-            check_regions_inside(spans, duration, from_source)
+            # against the length the model makes: a duration past its maximum is capped there
+            check_regions_inside(spans, min(duration, max_output_seconds(model)), from_source)
         except ValueError as e:
             raise ValueError(f"SA3 Inpaint: {e}") from None
         if not spans:
             raise ValueError("SA3 Inpaint: give at least one region, e.g. '4.0-8.0'")
-        return _run(model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size, loras, lora_memory,
-                    inpaint_audio=source, inpaint_regions=spans, paste_back=paste_back)
+        return _run("SA3 Inpaint", model, prompt, negative_prompt, duration, seed, steps, cfg, sampler, batch_size,
+                    loras, lora_memory, inpaint_audio=source, inpaint_regions=spans, paste_back=paste_back)
 
 
 class SA3Spectrogram:

@@ -835,7 +835,7 @@ def test_a_pack_without_its_text_encoder_says_so_on_load_pack_and_loads_it_once_
                      "missing (download_missing fetches it). Generating and training need it (encoding audio does "
                      "not); queue again once it is there"]
     assert SA3LoadPack.IS_CHANGED(**load) != SA3LoadPack.IS_CHANGED(**load)  # NaN: ComfyUI runs the node again
-    with pytest.raises(ValueError, match=r"^SA3 generation: the model has no text encoder loaded: its folder"):
+    with pytest.raises(ValueError, match=r"^SA3 Generate: the model has no text encoder loaded: its folder"):
         run_node("SA3Generate", **gen_inputs(model))
     shutil.copytree(fixtures_dir / "tiny-small" / "t5gemma-b-b-ul2", folder / "t5gemma-b-b-ul2")
     (again,), shown = run_node_shown("SA3LoadPack", **load)
@@ -853,3 +853,18 @@ def test_every_sampler_of_the_api_is_on_the_generation_nodes(comfy):
     (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
     (audio,) = run_node("SA3Generate", **gen_inputs(model, sampler="rk4"))
     assert torch.isfinite(audio["waveform"]).all() and audio["waveform"].abs().sum() > 0
+
+
+def test_an_inpaint_region_past_the_models_capped_length_is_named_by_the_node(comfy):
+    """A duration past the model's maximum is capped there by the engine: a region beyond the cap is refused by the
+    node itself, and any error the engine raises names the node (a workflow may hold several)."""
+    from sa3_lora_studio.sa3.generate import max_output_seconds
+
+    (model,) = run_node("SA3LoadPack", pack="sa3-small-music", variant="arc", dtype="fp32", device="cpu")
+    cap = max_output_seconds(model)
+    audio = {"waveform": torch.zeros(1, 2, 44100), "sample_rate": 44100}
+    with pytest.raises(ValueError, match=rf"^SA3 Inpaint: region {cap + 0.001:g}-"):
+        run_node("SA3Inpaint", **gen_inputs(model, audio=audio, duration=cap * 4, regions=f"{cap + 0.001:g}-{cap * 2:g}",
+                                            continuation=False, paste_back=False))
+    with pytest.raises(ValueError, match=r"^SA3 Generate: .*cfg"):
+        run_node("SA3Generate", **gen_inputs(model, cfg=float("nan")))
