@@ -256,7 +256,7 @@ def add_generate_parser(sub) -> None:
                    help="with --init-audio: how much of it is noised away (1 = ignore it)")
     p.add_argument("--inpaint", default=None, metavar="FILE", help="inpainting: the audio to repair or continue")
     p.add_argument("--regions", default=None, metavar="'4.0-8.0, 16-20'",
-                   help="with --inpaint: seconds to regenerate (the SA3 Inpaint node's syntax)")
+                   help="with --inpaint: seconds (or m:ss) to regenerate, the SA3 Inpaint node's syntax")
     p.add_argument("--continue", dest="continuation", action="store_true",
                    help="with --inpaint: extend the audio from its end up to --duration seconds")
     p.add_argument("--paste-back", action="store_true", help="with --inpaint: put the source's own audio back outside "

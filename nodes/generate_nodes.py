@@ -149,8 +149,8 @@ class SA3Inpaint:
     @classmethod
     def INPUT_TYPES(cls):
         req = _source_inputs("The source clip (a batch of clips gives one output per clip).")
-        req["regions"] = ("STRING", {"default": "4.0-8.0", "tooltip": "Seconds to regenerate, e.g. '4.0-8.0, 16-20'. "
-                                     "Ignored when continuation is on."})
+        req["regions"] = ("STRING", {"default": "4.0-8.0", "tooltip": "Seconds to regenerate, e.g. '4.0-8.0, 16-20' "
+                                     "or '1:04-1:08' (m:ss). Ignored when continuation is on."})
         req["continuation"] = ("BOOLEAN", {"default": False, "tooltip": "Continue the clip from its end up to "
                                            "`duration` seconds instead of regenerating regions."})
         req["paste_back"] = ("BOOLEAN", {"default": False, "tooltip": "Put the source's own audio back outside the "

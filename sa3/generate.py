@@ -36,20 +36,42 @@ def sampling_defaults(model) -> tuple[str, int, float]:
 
 
 def parse_regions(text: str) -> list[tuple[float, float]]:
-    """'4.0-8.0, 16-20' -> [(4.0, 8.0), (16.0, 20.0)] (seconds; each start < end)."""
+    """'4.0-8.0, 16-20' -> [(4.0, 8.0), (16.0, 20.0)] (seconds; each start < end).
+
+    Times may be seconds ('4.5', '4.5s') or minutes:seconds ('1:04.5', and h:mm:ss); '-' or '–' between start and
+    end. Regions are separated by ',' or ';'; with ';' a comma inside a time is a decimal comma ('1,5-2,5; 4-6')."""
+    decimal_comma = ";" in text
+    parts = [p.strip() for p in (text.split(";") if decimal_comma else text.split(",")) if p.strip()]
     regions = []
-    for part in [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]:
-        bits = part.split("-")
+    for part in parts:
+        bits = part.replace("–", "-").split("-")
         try:
             if len(bits) != 2:
                 raise ValueError
-            start, end = float(bits[0]), float(bits[1])
+            start, end = (_seconds(b.replace(",", ".") if decimal_comma else b) for b in bits)
         except ValueError:
-            raise ValueError(f"region {part!r} is not 'start-end' in seconds (e.g. '4.0-8.0, 16-20')") from None
+            hint = ("; a decimal comma? separate regions with ';' then, e.g. '1,5-2,5; 4-6'"
+                    if not decimal_comma and "-" not in part and part.replace(" ", "").isdigit() else "")
+            raise ValueError(f"region {part!r} is not 'start-end' in seconds or m:ss (e.g. '4.0-8.0, 1:16-1:20')"
+                             f"{hint}") from None
         if not 0 <= start < end < float("inf"):
             raise ValueError(f"region {part!r}: need 0 <= start < end, finite, in seconds")
         regions.append((start, end))
     return regions
+
+
+def _seconds(text: str) -> float:
+    """'4.5' / '4.5s' / '1:04.5' / '1:02:03' -> seconds; ValueError otherwise."""
+    text = text.strip().lower().removesuffix("s").strip()
+    fields = text.split(":")
+    if len(fields) > 3 or any(not f.strip() for f in fields):
+        raise ValueError(text)
+    seconds = 0.0
+    for field in fields:
+        seconds = seconds * 60 + float(field)
+    if len(fields) > 1 and not 0 <= float(fields[-1]) < 60:
+        raise ValueError(text)
+    return seconds
 
 
 def continuation_region(source, duration: float) -> tuple[float, float]:

@@ -214,3 +214,16 @@ def test_audio_that_is_not_finite_is_refused_with_what_to_do_not_written(models,
         model.generate("pad", duration=0.01, steps=2, loras=[lora])
     with pytest.raises(ValueError, match="not finite .*try fp32"):
         model.generate("pad", duration=0.01, steps=2)
+
+
+def test_regions_read_seconds_minutes_and_decimal_commas_and_name_what_they_cannot_read():
+    from sa3_lora_studio.sa3.generate import parse_regions
+
+    assert parse_regions("4.0-8.0, 16-20") == [(4.0, 8.0), (16.0, 20.0)]
+    assert parse_regions("1s-2.5s; 0:01:02-0:01:04") == [(1.0, 2.5), (62.0, 64.0)]
+    assert parse_regions("1:04-1:08.5, 4–6") == [(64.0, 68.5), (4.0, 6.0)]  # an en dash as typed on a Mac
+    assert parse_regions("1,5-2,5; 4-6") == [(1.5, 2.5), (4.0, 6.0)]  # ';' between regions: decimal commas
+    for text, said in (("1,0-1,5", "a decimal comma\\? separate regions with ';'"), ("0:61-1:10", "m:ss"),
+                       ("3-2", "need 0 <= start < end"), ("a-b", "is not 'start-end'")):
+        with pytest.raises(ValueError, match=said):
+            parse_regions(text)
