@@ -537,6 +537,14 @@ class AdaptedModel:
         self.module = _view(tree, self.layers)
         self.update()
 
+    def _layer_filter(self, use: AdapterUse) -> list[str]:
+        """The use's layer_filter patterns, relative to the gated root as the names they match are: a pattern
+        copied from a file's layer path (`model.transformer.layers.[0-3].`, as SA3 LoRA Info lists them) loses the
+        root's prefix too."""
+        strip = next((r.filter_strip for r in self.roots if r.gated and r.filter_strip), "")
+        return [p.removeprefix(strip) if strip and p.startswith(strip) and p != strip else p
+                for p in parse_layer_filter(use.layer_filter)]
+
     def _check_layer_filters(self, slots_by_path: dict[str, list[AdapterSlot]]) -> None:
         """Say when a layer_filter pattern switches off none of its adapter's layers (a typo otherwise looks like a
         filter that changes nothing)."""
@@ -544,10 +552,11 @@ class AdaptedModel:
             gated = [self._gated[full] for full, slots in slots_by_path.items()
                      if self._gated[full] and any(s.use_index == i for s in slots)]
             name = use.adapter.name or f"adapter {i}"
-            for pattern in parse_layer_filter(use.layer_filter):
+            example = next((g for g in gated if ".layers." in g), gated[0] if gated else "")  # a block's, if any
+            for pattern in self._layer_filter(use):
                 if gated and not any(filter_matches(g, pattern) for g in gated):
                     self._warn(f"{name}: layer_filter {pattern!r} matches none of its layers, so it switches nothing "
-                               f"off (names look like {gated[0]!r})")
+                               f"off (names look like {example!r})")
                 elif any(runs_into_a_number(g, pattern) for g in gated):
                     self._warn(f"{name}: layer_filter {pattern!r} also switches off layers whose number goes on "
                                f"(e.g. {next(g for g in gated if runs_into_a_number(g, pattern))!r}): it matches "
@@ -591,7 +600,7 @@ class AdaptedModel:
             return 0
         self._signature = signature
         changed = 0
-        filters = [parse_layer_filter(u.layer_filter) for u in self.uses]
+        filters = [self._layer_filter(u) for u in self.uses]
         for full, layer in self.layers.items():
             gated_name = self._gated[full]
             for s in layer.slots:

@@ -171,7 +171,8 @@ class SA3Inpaint:
             duration = output_seconds(duration, source, continuation, max_seconds=max_output_seconds(model))
             spans = [continuation_region(source, duration)] if continuation else parse_regions(regions)
             # against the length the model makes: a duration past its maximum is capped there
-            check_regions_inside(spans, min(duration, max_output_seconds(model)), from_source)
+            longest = max_output_seconds(model)
+            check_regions_inside(spans, min(duration, longest), from_source, capped=duration > longest)
         except ValueError as e:
             raise ValueError(f"SA3 Inpaint: {e}") from None
         if not spans:

@@ -7,11 +7,12 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..adapters import notices
-from ..sa3.packs import PACKS, get_pack
+from ..sa3.packs import PACKS, PackError, find_text_encoder, get_pack, pack_folder
 from ..sa3.residency import empty_device_cache, is_out_of_memory
 from ..training.trainer import usable_device
 from .comfy_bridge import CATEGORY, folder_file_path, folder_files, free_comfy_memory, models_dir, with_notices
@@ -142,7 +143,13 @@ def retry_after_freeing(fn, device, advice: str):
     raise DeviceOutOfMemory(f"{advice} ({first})")
 
 
-_NO_TEXT_ENCODER: set[tuple] = set()  # cache keys whose model loaded without its text encoder
+def pack_text_encoder(pack: str, variant: str) -> Path | None:
+    """The pack variant's T5Gemma folder in ComfyUI's models/sa3, or None (not there, or no such pack)."""
+    root = models_dir()
+    try:
+        return find_text_encoder(pack_folder(pack, variant, root / "sa3" if root else None))
+    except (PackError, TypeError):  # an unknown pack (named by load), or no local folder (the HF cache)
+        return None
 
 
 def has_text_encoder(model) -> bool:
@@ -229,21 +236,21 @@ class SA3LoadPack:
                                         "sa3-medium), or device cpu")
         if found:
             _LOAD_NOTICES[key] = list(found)
+        if not has_text_encoder(model) and pack != CUSTOM and pack_text_encoder(pack, variant):
+            with _LOCK:  # loaded before the pack's text encoder was put in place: load it again, with it
+                _CACHE.pop(key, None)
+            model = retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack}")
         said = list(found or _LOAD_NOTICES.get(key, []))  # a cached model says them again
         if not has_text_encoder(model):
             said.append(no_text_encoder_advice(pack, variant))
-            with _LOCK:  # not kept: the next run loads again and finds an encoder added meanwhile
-                _CACHE.pop(key, None)
-                _NO_TEXT_ENCODER.add(key)
-        else:
-            _NO_TEXT_ENCODER.discard(key)
         return with_notices((model,), said)
 
     @classmethod
-    def IS_CHANGED(cls, **inputs):
-        """Run again (ComfyUI's cache would hand out the same model) while a model loaded without a text encoder:
-        the user may have added it since."""
-        return float("nan") if _NO_TEXT_ENCODER else ""
+    def IS_CHANGED(cls, pack, variant, dtype, device, checkpoint=NO_FILE, text_encoder=NO_FILE,
+                   download_missing=False):
+        """Whether the pack's text encoder folder is there: ComfyUI runs the node again when it appears (its cache
+        would hand out the model loaded without it). A checkpoint file's text encoder is an input already."""
+        return "" if pack == CUSTOM else str(pack_text_encoder(pack, variant))
 
 
 class SA3UnloadModels:

@@ -117,11 +117,16 @@ def _up_to_ms(seconds: float) -> str:
     return f"{math.ceil(seconds * 1000 - 1e-6) / 1000:g}"
 
 
-def check_regions_inside(regions: Sequence[tuple[float, float]], duration: float, from_source: bool) -> None:
+def check_regions_inside(regions: Sequence[tuple[float, float]], duration: float, from_source: bool,
+                         capped: bool = False) -> None:
     """ValueError for an inpainting region that starts at or after the output's end; from_source: the duration
-    was taken from the source (none given), which the message says, since regions past it need one given."""
+    was taken from the source (none given), which the message says, since regions past it need one given; capped:
+    the duration is the model's maximum (a longer one was asked), which no duration can go past."""
     for start, end in regions:
         if start >= duration:
+            if capped:
+                raise ValueError(f"region {start:g}-{end:g} s starts after the output's end, {round(duration, 3):g} s "
+                                 "(the model's maximum length); set regions inside it")
             said = " (the source's length: no duration was given)" if from_source else ""
             raise ValueError(f"region {start:g}-{end:g} s starts after the output's end, {round(duration, 3):g} s"
                              f"{said}; set regions inside the clip, or a duration to regenerate past its end")

@@ -193,6 +193,18 @@ def test_layer_filter_disables_matching_gated_layers_case_insensitively(tree):
     off = {full for full, layer in am.layers.items() if not layer.slots[0].enabled}
     assert off == {"model.model.to_timestep_embed", "model.model.transformer.layers.1.self_attn.to_qkv",
                    "model.model.transformer.layers.1.self_attn.to_out", "model.model.transformer.layers.1.ff"}
+    # a pattern as SA3 LoRA Info lists the file's layers (with the DiT root's "model.") works the same
+    import warnings
+
+    from sa3_lora_studio.adapters.files import grouped_layer_names
+    from sa3_lora_studio.adapters.targets import expand_pattern
+
+    listed = next(g for g in grouped_layer_names(a.layers) if "self_attn.to_qkv" in g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "matches none" notice
+        copied = AdaptedModel(tree, [AdapterUse(a, layer_filter=listed)], ROOTS)
+    assert {full for full, layer in copied.layers.items() if not layer.slots[0].enabled} == {
+        f"model.{name}" for name in expand_pattern(listed)}
 
 
 def test_a_layer_filter_that_switches_nothing_off_or_more_blocks_than_written_says_so(tree):
