@@ -60,17 +60,23 @@ def resolve_lora(name: str) -> Path:
 def lora_file(node: str, input_name: str, text: str) -> Path:
     """A LoRA file given as text (a socket such as lora_path or continue_from): a path (absolute, relative to
     ComfyUI's working folder, or with ~), a file name in ComfyUI's loras folder, or a run checkpoint as the LoRA
-    list shows it (`sa3 runs/<run>/<file>`). ValueError naming the node, the input and what it accepts. A missing
-    absolute path comes back as it is: the reader's own error names it."""
+    list shows it (`sa3 runs/<run>/<file>`). ValueError naming the node, the input and what it accepts otherwise
+    (a folder, or nothing there)."""
     text = text.strip()
     path = Path(text).expanduser()
-    if path.is_absolute() or path.is_file():
+    if path.is_file():
         return path
-    try:
-        return resolve_lora(text)
-    except Exception:
-        raise ValueError(f"{node}: {input_name}: no file {text!r}; give a file path, a file name in ComfyUI's loras "
-                         "folder, or a run's checkpoint as SA3 Load LoRA lists it ('sa3 runs/<run>/<file>')") from None
+    found = None
+    if not path.is_absolute():
+        try:
+            found = resolve_lora(text)
+        except Exception:  # not in the loras folder, nor a run's checkpoint
+            found = None
+        if found is not None and found.is_file():
+            return found
+    folder = " (a folder)" if path.is_dir() or (found is not None and found.is_dir()) else ""
+    raise ValueError(f"{node}: {input_name}: no file {text!r}{folder}; give a file path, a file name in ComfyUI's "
+                     "loras folder, or a run's checkpoint as SA3 Load LoRA lists it ('sa3 runs/<run>/<file>')")
 
 
 def chosen_lora(node: str, lora: str, lora_path: str | None) -> Path:

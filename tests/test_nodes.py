@@ -478,7 +478,7 @@ def test_train_lora_refuses_bad_inputs_before_a_run_is_registered(comfy, tmp_pat
         (dict(dataset=str(tmp_path / "missing")), "^SA3 Train LoRA: dataset: .*missing"),
         (dict(dataset=str(tmp_path / "empty")), "^SA3 Train LoRA: dataset: .*empty: no .npy"),
         (dict(dataset=str(dataset), continue_from=str(tmp_path / "no.safetensors")),
-         f"^SA3 Train LoRA: continue_from: {re.escape(str(tmp_path / 'no.safetensors'))}: no such adapter file"),
+         f"^SA3 Train LoRA: continue_from: no file {re.escape(repr(str(tmp_path / 'no.safetensors')))}; give a file"),
         # the message names the node's inputs, not the config's fields (learning_rate is RunConfig.lr)
         (dict(dataset=str(dataset), learning_rate=-1.0), "^SA3 Train LoRA: learning_rate: -1.0 must be"),
         (dict(dataset=str(dataset), prompt_config={"caption_weight": "x"}), "PromptConfig.caption_weight"),
@@ -502,8 +502,10 @@ def test_load_lora_with_a_connected_but_empty_path_names_the_cause(comfy):
     load = dict(lora="(none)", strength=1.0, interval_start=0.0, interval_end=1.0, skip_first_steps=0, layer_filter="")
     (by_name,) = run_node("SA3LoadLoRA", **load, lora_path=" dora.safetensors ")
     assert by_name[0]["path"] == str(comfy.folders["loras"][0] / "dora.safetensors")
-    with pytest.raises(ValueError, match=r"^SA3 Load LoRA: lora_path: no file 'nope.safetensors'; give a file path"):
-        run_node("SA3LoadLoRA", **load, lora_path="nope.safetensors")
+    for text, said in (("nope.safetensors", "'nope.safetensors'"), ("~/nope.safetensors", "'~/nope.safetensors'"),
+                       (str(comfy.folders["loras"][0]), f"{re.escape(repr(str(comfy.folders['loras'][0])))} \\(a folder\\)")):
+        with pytest.raises(ValueError, match=rf"^SA3 Load LoRA: lora_path: no file {said}; give a file path"):
+            run_node("SA3LoadLoRA", **load, lora_path=text)
 
 
 def test_training_options_of_a_comfyui_process_come_from_its_environment(comfy):
