@@ -57,14 +57,15 @@ def resolve_lora(name: str) -> Path:
     return folder_file_path("loras", name)
 
 
-def lora_file(node: str, input_name: str, text: str) -> Path:
+def lora_file(node: str, input_name: str, text: str, missing_ok: bool = False) -> Path:
     """A LoRA file given as text (a socket such as lora_path or continue_from): a path (absolute, relative to
     ComfyUI's working folder, or with ~), a file name in ComfyUI's loras folder, or a run checkpoint as the LoRA
     list shows it (`sa3 runs/<run>/<file>`). ValueError naming the node, the input and what it accepts otherwise
-    (a folder, or nothing there)."""
+    (a folder, or nothing there). missing_ok: an absolute path to nothing comes back as it is (a run queued again
+    goes on from its own checkpoint when the file it started from is gone)."""
     text = text.strip()
     path = Path(text).expanduser()
-    if path.is_file():
+    if path.is_file() or (missing_ok and path.is_absolute() and not path.exists()):
         return path
     found = None
     if not path.is_absolute():

@@ -55,7 +55,7 @@ def continue_from_file(text: str | None) -> str | None:
         return None
     from .lora_nodes import lora_file
 
-    return str(lora_file("SA3 Train LoRA", "continue_from", text))
+    return str(lora_file("SA3 Train LoRA", "continue_from", text, missing_ok=True))  # the run's checks name it
 
 
 def _forward_event(event: dict) -> None:

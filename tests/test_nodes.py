@@ -478,7 +478,7 @@ def test_train_lora_refuses_bad_inputs_before_a_run_is_registered(comfy, tmp_pat
         (dict(dataset=str(tmp_path / "missing")), "^SA3 Train LoRA: dataset: .*missing"),
         (dict(dataset=str(tmp_path / "empty")), "^SA3 Train LoRA: dataset: .*empty: no .npy"),
         (dict(dataset=str(dataset), continue_from=str(tmp_path / "no.safetensors")),
-         f"^SA3 Train LoRA: continue_from: no file {re.escape(repr(str(tmp_path / 'no.safetensors')))}; give a file"),
+         f"^SA3 Train LoRA: continue_from: {re.escape(str(tmp_path / 'no.safetensors'))}: no such adapter file"),
         # the message names the node's inputs, not the config's fields (learning_rate is RunConfig.lr)
         (dict(dataset=str(dataset), learning_rate=-1.0), "^SA3 Train LoRA: learning_rate: -1.0 must be"),
         (dict(dataset=str(dataset), prompt_config={"caption_weight": "x"}), "PromptConfig.caption_weight"),
