@@ -554,13 +554,14 @@ class AdaptedModel:
             name = use.adapter.name or f"adapter {i}"
             example = next((g for g in gated if ".layers." in g), gated[0] if gated else "")  # a block's, if any
             for pattern in self._layer_filter(use):
+                longer = next((g for g in gated if runs_into_a_number(g, pattern)), None)
                 if gated and not any(filter_matches(g, pattern) for g in gated):
                     self._warn(f"{name}: layer_filter {pattern!r} matches none of its layers, so it switches nothing "
                                f"off (names look like {example!r})")
-                elif any(runs_into_a_number(g, pattern) for g in gated):
+                elif longer is not None:
                     self._warn(f"{name}: layer_filter {pattern!r} also switches off layers whose number goes on "
-                               f"(e.g. {next(g for g in gated if runs_into_a_number(g, pattern))!r}): it matches "
-                               f"as a substring, as the official filter does; end it with '.' for that one number")
+                               f"(e.g. {longer!r}): it matches as a substring, as the official filter does; end it "
+                               "with '.' for that one number")
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _find(self, tree: nn.Module, layer: str) -> tuple[str, nn.Module | None, Root]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -69,10 +70,8 @@ def lora_file(node: str, input_name: str, text: str, missing_ok: bool = False) -
         return path
     found = None
     if not path.is_absolute():
-        try:
+        with contextlib.suppress(Exception):  # not in the loras folder, nor a run's checkpoint
             found = resolve_lora(text)
-        except Exception:  # not in the loras folder, nor a run's checkpoint
-            found = None
         if found is not None and found.is_file():
             return found
     folder = " (a folder)" if path.is_dir() or (found is not None and found.is_dir()) else ""
@@ -191,8 +190,9 @@ class SA3ExportLoRAForComfyUI:
         src = chosen_lora("SA3 Export LoRA for ComfyUI", lora, lora_path)
         name = Path(filename).name.removesuffix(".safetensors") or "sa3_lora_comfy"
         out = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
-        if out.exists() and (out.resolve() == src.resolve() or not is_comfy_export(out)):
-            what = "is the LoRA being converted" if out.resolve() == src.resolve() else "exists and is no earlier export"
+        converted = out.exists() and out.resolve() == src.resolve()
+        if converted or (out.exists() and not is_comfy_export(out)):
+            what = "is the LoRA being converted" if converted else "exists and is no earlier export"
             raise ValueError(f"SA3 Export LoRA for ComfyUI: {out} {what}; give another filename (nothing was "
                              "overwritten: only an earlier export of this node is replaced)")
         from ..adapters.apply import model_xs_bases

@@ -147,9 +147,10 @@ def pack_text_encoder(pack: str, variant: str) -> Path | None:
     """The pack variant's T5Gemma folder in ComfyUI's models/sa3, or None (not there, or no such pack)."""
     root = models_dir()
     try:
-        return find_text_encoder(pack_folder(pack, variant, root / "sa3" if root else None))
-    except (PackError, TypeError):  # an unknown pack (named by load), or no local folder (the HF cache)
+        folder = pack_folder(pack, variant, root / "sa3" if root else None)
+    except PackError:  # an unknown pack: load names it
         return None
+    return None if folder is None else find_text_encoder(folder)  # None folder: the Hugging Face cache
 
 
 def has_text_encoder(model) -> bool:
@@ -230,16 +231,16 @@ class SA3LoadPack:
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs normal tensors
                 return get_or_load(key, loader)
 
+        cached = find_loaded(key)
+        if cached is not None and not has_text_encoder(cached) and pack != CUSTOM and pack_text_encoder(pack, variant):
+            with _LOCK:  # loaded before the pack's text encoder was put in place: load it again, with it
+                _CACHE.pop(key, None)
         with notices.collected() as found:  # e.g. a checkpoint whose config had to be guessed
             model = retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack} in {dtype} "
                                         f"on {dev}. Try dtype bf16 or fp16, a smaller pack (sa3-small-* instead of "
                                         "sa3-medium), or device cpu")
         if found:
             _LOAD_NOTICES[key] = list(found)
-        if not has_text_encoder(model) and pack != CUSTOM and pack_text_encoder(pack, variant):
-            with _LOCK:  # loaded before the pack's text encoder was put in place: load it again, with it
-                _CACHE.pop(key, None)
-            model = retry_after_freeing(load_shared, dev, f"SA3 Load Pack: out of memory loading {pack}")
         said = list(found or _LOAD_NOTICES.get(key, []))  # a cached model says them again
         if not has_text_encoder(model):
             said.append(no_text_encoder_advice(pack, variant))

@@ -146,7 +146,6 @@ class TrainingManager:
         if action == "restart":
             if started or queued:
                 raise RunConflict(f"run {run_id} is already {record['status']}")
-            before = self.registry.config(run_id), record.get("total_steps")
             config, changed = self.registry.amend(run_id, changes, more_steps, queue=True)  # a second: refused
             try:
                 total = self.registry.get(run_id).get("total_steps")
@@ -154,8 +153,7 @@ class TrainingManager:
                 self.event_log(run_id).emit("status", status="queued", total_steps=total, **extra)
                 self.worker.submit(run_id, device_key=device_key(config))
             except BaseException:  # not queued after all: never left "queued" with no worker to take it, nor with
-                if not self.registry.undo_amend(run_id):  # settings a retry would amend a second time
-                    self.registry.restore_config(run_id, *before)
+                self.registry.undo_amend(run_id)  # settings a retry would amend a second time
                 self.registry.update(run_id, status=record["status"])
                 raise
             return self.registry.get(run_id)
